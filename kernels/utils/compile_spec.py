@@ -1,0 +1,29 @@
+"""How a Triton kernel declares the builds the offline compile report makes of it.
+
+A kernel module exposes ``compile_specs() -> list[CompileSpec]``: one entry per
+(kernel, dtype, constexpr config) its launcher or autotuner may pick. ``tools/compile_report.py``
+compiles each with ``triton.compile`` for sm_90 and sm_80 (no GPU needed) and reads
+registers, spills, shared memory and matrix instructions from the cubin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """One ahead-of-time build of a ``@triton.jit`` function.
+
+    ``signature`` maps every argument name to a Triton type string (``"*bf16"``, ``"i32"``,
+    ``"fp32"``, or ``"constexpr"``); ``constexprs`` gives the value of each constexpr.
+    ``hot`` marks kernels on a training step's critical path: spills there fail CI.
+    """
+
+    name: str
+    fn: object
+    signature: dict[str, str]
+    constexprs: dict[str, object] = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 3
+    hot: bool = True

@@ -1,0 +1,5 @@
+import sys
+
+from qwenlong.cli import main
+
+sys.exit(main())

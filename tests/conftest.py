@@ -1,0 +1,47 @@
+"""Test set-up: without a GPU, Triton kernels run under the CPU interpreter.
+
+``TRITON_INTERPRET=1`` must be set before any ``@triton.jit`` function is defined, so it is
+set here, at import time, before tests import qwenlong.kernels. The interpreter's bf16
+arithmetic is wrong (it computes on the raw uint16 bits); the fix from
+``qwenlong.kernels.utils.interpreter`` is installed for the whole session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from qwenlong.kernels.utils.interpreter import install_bf16_fix  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    install_bf16_fix()
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> str:
+    """Where kernel tests put their tensors: 'cuda' with a GPU, else 'cpu' (interpreter)."""
+    return DEVICE
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A free loopback TCP port for a gloo process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
