@@ -1,0 +1,170 @@
+"""Phased curriculum and difficulty-aware retrospective sampling on scripted reward histories."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from qwenlong.curriculum import (
+    Phase,
+    RetrospectiveSampling,
+    RetrospectiveSelection,
+    RewardHistory,
+    examples_for_phase,
+    max_carried_examples,
+    select_retrospective,
+)
+
+PHASE_20K = Phase("20k", max_input_tokens=20_000, max_output_tokens=10_000, steps=100)
+PHASE_60K = Phase("60k", max_input_tokens=60_000, max_output_tokens=10_000, steps=100)
+
+
+def test_phase_validation_names_the_field():
+    with pytest.raises(ValueError, match="steps"):
+        Phase("p", 10, 10)
+    with pytest.raises(ValueError, match="steps"):
+        Phase("p", 10, 10, steps=5, epochs=1)
+    with pytest.raises(ValueError, match="max_input_tokens"):
+        Phase("p", 0, 10, steps=1)
+    with pytest.raises(ValueError, match="epochs"):
+        Phase("p", 10, 10, epochs=0)
+    with pytest.raises(ValueError, match="name"):
+        Phase("", 10, 10, steps=1)
+
+
+def test_examples_for_phase_keeps_fitting_prompts_in_order():
+    examples = [{"id": i, "tokens": n} for i, n in enumerate([100, 25_000, 20_000, 20_001, 5])]
+    kept = examples_for_phase(examples, PHASE_20K, lambda e: e["tokens"])
+    assert [e["id"] for e in kept] == [0, 2, 4]
+    assert len(examples_for_phase(examples, PHASE_60K, lambda e: e["tokens"])) == 5
+
+
+def test_reward_history_accumulates_and_round_trips_json():
+    history = RewardHistory()
+    history.record("a", [1.0, 0.0, 0.5, 1.0], response_tokens=[30, 0, 12, 7], phase="20k")
+    history.record("a", [0.0, 1.0], response_tokens=[40, 50], phase="60k")
+    history.record("b", [1.0, 1.0])
+    a = history["a"]
+    assert (a.rollouts, a.accurate, a.min_response_tokens, a.last_phase) == (6, 3, 0, "60k")
+    assert a.mean_reward == pytest.approx(3.5 / 6) and a.difficulty == pytest.approx(1 - 3.5 / 6)
+    assert history["b"].all_solved and not a.all_solved and history["b"].min_response_tokens is None
+    restored = RewardHistory.from_json(json.loads(json.dumps(history.to_json())))
+    assert list(restored) == ["a", "b"] and restored["a"] == a and restored["b"] == history["b"]
+    with pytest.raises(ValueError, match="example_id"):
+        history.record(3, [1.0])
+    with pytest.raises(ValueError, match="response_tokens"):
+        history.record("c", [1.0, 0.0], response_tokens=[4])
+    with pytest.raises(ValueError, match="version"):
+        RewardHistory.from_json({"version": 99, "examples": {}})
+
+
+def scripted_history() -> tuple[RewardHistory, dict[str, int]]:
+    history = RewardHistory()
+    history.record("solved", [1.0] * 8, [100] * 8)
+    history.record("easy", [1.0] * 5 + [0.0] * 3, [100] * 8)  # mean 0.625
+    history.record("borderline", [1.0] * 4 + [0.0] * 4, [100] * 8)  # mean 0.5: not below 0.5
+    history.record("hard", [1.0] + [0.0] * 7, [100] * 8)
+    history.record("unsolved", [0.0] * 8, [9_000] * 8)
+    history.record("long-prompt", [0.0] * 8, [100] * 8)
+    history.record("long-output", [0.0] * 8, [12_000] * 8)
+    history.record("in-next", [0.0] * 8, [100] * 8)
+    candidates = {name: 15_000 for name in history}
+    candidates["long-prompt"] = 70_000
+    candidates["never-rolled"] = 1_000
+    return history, candidates
+
+
+def test_select_retrospective_reasons_on_scripted_history():
+    history, candidates = scripted_history()
+    selection = select_retrospective(history, candidates, PHASE_60K, next_phase_size=100, exclude={"in-next"})
+    reasons = {d.example_id: d.reason.split(":")[0] for d in selection.decisions}
+    assert reasons == {
+        "solved": "all solved",
+        "easy": "easy",
+        "borderline": "easy",
+        "hard": "carried",
+        "unsolved": "carried",
+        "long-prompt": "input too long",
+        "long-output": "output too long",
+        "in-next": "already in next phase",
+        "never-rolled": "no rollouts",
+    }
+    assert sorted(selection.carried) == ["hard", "unsolved"]
+    assert {d.example_id for d in selection.decisions if d.carried} == {"hard", "unsolved"}
+    hard = next(d for d in selection.decisions if d.example_id == "hard")
+    assert hard.mean_reward == pytest.approx(1 / 8) and hard.difficulty == pytest.approx(7 / 8) and hard.rollouts == 8
+    assert selection.reason_counts()["easy"] == 2
+    restored = RetrospectiveSelection.from_json(json.loads(json.dumps(selection.to_json())))
+    assert restored == selection
+
+
+def test_select_retrospective_threshold_and_disabled():
+    history, candidates = scripted_history()
+    lenient = RetrospectiveSampling(max_mean_reward=0.7)
+    selection = select_retrospective(history, candidates, PHASE_60K, 100, lenient, exclude={"in-next"})
+    assert sorted(selection.carried) == ["borderline", "easy", "hard", "unsolved"]
+    off = select_retrospective(history, candidates, PHASE_60K, 100, RetrospectiveSampling(enabled=False))
+    assert off.carried == [] and off.max_carried == 0
+    assert all(not d.carried for d in off.decisions)
+    with pytest.raises(ValueError, match="max_fraction"):
+        RetrospectiveSampling(max_fraction=1.0)
+
+
+def test_max_carried_is_a_share_of_the_next_phase_data():
+    for size in range(0, 200):
+        for fraction in (0.0, 0.1, 0.3, 0.5, 0.9):
+            n = max_carried_examples(size, fraction)
+            assert n / max(size + n, 1) <= fraction + 1e-12
+            assert (n + 1) / (size + n + 1) > fraction
+    assert max_carried_examples(70, 0.3) == 30
+
+
+def test_select_retrospective_respects_rules_on_random_histories():
+    rng = random.Random(0)
+    settings = RetrospectiveSampling(max_mean_reward=0.5, max_fraction=0.3, seed=7)
+    for trial in range(20):
+        history, candidates = RewardHistory(), {}
+        for i in range(40):
+            example_id = f"ex{i}"
+            rewards = [float(rng.random() < rng.random()) for _ in range(rng.choice([1, 4, 8]))]
+            history.record(example_id, rewards, [rng.randint(1, 20_000) for _ in rewards])
+            candidates[example_id] = rng.randint(1, 80_000)
+        size = rng.randint(0, 60)
+        selection = select_retrospective(history, candidates, PHASE_60K, size, settings)
+        eligible = set()
+        for example_id, prompt_tokens in candidates.items():
+            record = history[example_id]
+            mean = record.reward_sum / record.rollouts
+            if (
+                record.accurate < record.rollouts
+                and mean < 0.5
+                and prompt_tokens <= 60_000
+                and record.min_response_tokens <= 10_000
+            ):
+                eligible.add(example_id)
+        cap = max_carried_examples(size, 0.3)
+        assert set(selection.carried) <= eligible, trial
+        assert len(selection.carried) == min(cap, len(eligible)) == len(set(selection.carried))
+        assert {d.example_id for d in selection.decisions} == set(candidates)
+        # same seed, same draw; the draw does not depend on the order candidates are given in
+        shuffled = dict(sorted(candidates.items(), key=lambda _: rng.random()))
+        assert select_retrospective(history, shuffled, PHASE_60K, size, settings).carried == selection.carried
+
+
+def test_select_retrospective_draws_proportionally_to_difficulty():
+    """With room for one example, each is picked with probability difficulty / total difficulty."""
+    history = RewardHistory()
+    history.record("d0.6", [1.0, 1.0, 0.0, 0.0, 0.0])  # mean 0.4
+    history.record("d0.8", [1.0, 0.0, 0.0, 0.0, 0.0])  # mean 0.2
+    history.record("d1.0", [0.0, 0.0, 0.0, 0.0, 0.0])  # mean 0.0
+    candidates = {name: 10 for name in history}
+    trials = 3000
+    counts = dict.fromkeys(candidates, 0)
+    for seed in range(trials):
+        selection = select_retrospective(history, candidates, PHASE_20K, 3, RetrospectiveSampling(seed=seed))
+        assert len(selection.carried) == 1
+        counts[selection.carried[0]] += 1
+    for name, difficulty in (("d0.6", 0.6), ("d0.8", 0.8), ("d1.0", 1.0)):
+        assert counts[name] / trials == pytest.approx(difficulty / 2.4, abs=0.03)
