@@ -1,0 +1,81 @@
+"""The method's prompt (method.md section 4) and its inverse.
+
+The document sits between ``<text>`` tags; the question follows ``</text>``; the prompt ends
+with the answer-format instruction. The LLM judge recovers the question as the text between
+``</text>`` and that instruction, so :func:`split_prompt` is the exact inverse of
+:func:`build_prompt`.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Any
+
+from qwenlong.data.records import DocQARecord
+
+FORMAT_INSTRUCTION = 'Format your response as follows: "Therefore, the answer is (insert answer here)".'
+_HEAD = "Please read the following text and answer the question below.\n\n<text>\n"
+_MIDDLE = "\n</text>\n\n"
+_TAIL = "\n\n" + FORMAT_INSTRUCTION
+CHOICE_LETTERS = string.ascii_uppercase
+
+
+def build_prompt(document: str, question: str) -> str:
+    """Render the method's prompt for one document and question."""
+    return f"{_HEAD}{document.strip()}{_MIDDLE}{question.strip()}{_TAIL}"
+
+
+def question_text(record: DocQARecord) -> str:
+    """The question, followed by lettered options for multiple-choice records."""
+    if not record.choices:
+        return record.question
+    if len(record.choices) > len(CHOICE_LETTERS):
+        raise ValueError(f"choices: at most {len(CHOICE_LETTERS)} options, got {len(record.choices)}")
+    options = "\n".join(f"({CHOICE_LETTERS[i]}) {c}" for i, c in enumerate(record.choices))
+    return f"{record.question}\n{options}"
+
+
+def record_prompt(record: DocQARecord, document: str | None = None) -> str:
+    """The prompt of a record; ``document`` replaces the record's (e.g. a truncated copy)."""
+    if record.prompt is not None:
+        return record.prompt
+    return build_prompt(record.document if document is None else document, question_text(record))
+
+
+def extract_question(prompt: str) -> str:
+    """The question of a rendered prompt: the text between ``</text>`` and the format line.
+
+    Falls back to the whole text when the prompt does not follow the template (the judge
+    then sees everything the policy saw, minus nothing).
+    """
+    start = prompt.rfind("</text>")
+    end = prompt.rfind("Format your response as follows:")
+    if start < 0 or end < start:
+        return prompt.strip()
+    return prompt[start + len("</text>"):end].strip()
+
+
+def split_prompt(prompt: str) -> tuple[str, str] | None:
+    """(document, question) of a prompt rendered by :func:`build_prompt`, or None."""
+    if not prompt.startswith(_HEAD) or _MIDDLE not in prompt or not prompt.endswith(_TAIL):
+        return None
+    document, _, rest = prompt[len(_HEAD):].rpartition(_MIDDLE)
+    return document, rest[: -len(_TAIL)]
+
+
+def chat_messages(prompt: str) -> list[dict[str, str]]:
+    """The prompt as a one-turn chat (the method uses no system prompt)."""
+    return [{"role": "user", "content": prompt}]
+
+
+def apply_chat_template(tokenizer: Any, prompt: str, *, tokenize: bool = False) -> Any:
+    """The prompt wrapped in the tokenizer's chat template, ready for generation.
+
+    Returns text (``tokenize=False``) or a list of token ids.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("tokenizer: has no chat_template; set one (see qwenlong.data.tokenizers.CHATML_TEMPLATE)")
+    out = tokenizer.apply_chat_template(chat_messages(prompt), tokenize=tokenize, add_generation_prompt=True)
+    if not isinstance(out, (str, list)):  # newer transformers return a BatchEncoding
+        out = list(out["input_ids"])
+    return out

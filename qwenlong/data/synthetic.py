@@ -1,0 +1,222 @@
+"""Deterministic synthetic long-document QA: the default data for tests and the CPU demo.
+
+A document is filler prose with a few *facts* spread through it; the question needs one or
+two of them. Tasks, from easiest to hardest for a tiny model trained from scratch:
+
+* ``copy_marked_fact``: one fact is marked (``[KEY FACT] The password is river.``); the
+  answer copies its value. Distractor facts are unmarked, so no key->value binding is needed.
+* ``retrieval``: 1 + ``num_distractor_facts`` facts ``The code of the amber falcon is river.``;
+  the question names one key (binding a key to its value among several).
+* ``multiple_choice``: retrieval with lettered options; the gold answer is a letter.
+* ``arithmetic``: two numeric facts about one company (DocMath-style); the answer is their
+  sum or difference.
+
+Everything is drawn from ``random.Random`` seeded per record, so record ``i`` of a seed is
+the same whatever the batch size. Document length is measured with the given tokenizer
+and lands within a few tokens of ``document_tokens``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from qwenlong.data.records import DocQARecord
+
+TASKS = ("copy_marked_fact", "retrieval", "multiple_choice", "arithmetic")
+DATA_SOURCES = {"copy_marked_fact": "synthetic_copy", "retrieval": "synthetic_retrieval",
+                "multiple_choice": "synthetic_choice", "arithmetic": "synthetic_arithmetic"}
+
+ANSWER_WORDS = ("river", "apple", "stone", "cloud", "maple", "tiger", "amber", "ocean", "lemon", "violet",
+                "copper", "falcon", "meadow", "silver", "harbor", "canyon", "pepper", "willow", "marble",
+                "comet", "garnet", "lantern", "orchid", "quartz", "saddle", "timber", "velvet", "walnut",
+                "zephyr", "basil", "cedar", "ember")
+_COLORS = ("amber", "azure", "crimson", "golden", "ivory", "jade", "scarlet", "silver", "teal", "violet")
+_ANIMALS = ("falcon", "otter", "lynx", "heron", "badger", "panther", "raven", "salmon", "walrus", "gecko")
+_COMPANIES = ("Northwind", "Bluepeak", "Redstone", "Greenfield", "Ironbay", "Lakeside", "Oakmont", "Silverline")
+_SUBJECTS = ("The committee", "A farmer", "The old clerk", "Our neighbor", "The engineer", "A traveler",
+             "The council", "The teacher", "A merchant", "The captain")
+_VERBS = ("reviewed", "painted", "carried", "described", "ignored", "repaired", "measured", "counted",
+          "visited", "borrowed")
+_OBJECTS = ("the wooden bridge", "a quiet garden", "the long report", "several boxes", "the narrow road",
+            "an empty barn", "the village map", "a heavy ledger", "the north tower", "some fresh bread")
+_TIMES = ("in the morning", "after lunch", "last winter", "before the storm", "on Tuesday", "at dusk",
+          "during the fair", "for an hour", "without a word", "with great care")
+_SHORT = ("It rained.", "Time passed.", "All was calm.", "Nobody spoke.", "Birds sang.")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """What to generate.
+
+    task: one of TASKS, or "mixed" to cycle through them record by record.
+    document_tokens: target document length in tokens of the tokenizer passed to the generator.
+    num_distractor_facts: facts that are not asked about (the difficulty knob).
+    answer_vocab_size: values are drawn from the first this-many ANSWER_WORDS.
+    num_choices: options per multiple-choice question.
+    fact_position: where the asked fact sits, as a fraction of the document; None = random.
+    """
+
+    task: str = "retrieval"
+    document_tokens: int = 512
+    num_distractor_facts: int = 3
+    answer_vocab_size: int = 16
+    num_choices: int = 4
+    fact_position: float | None = None
+
+    def __post_init__(self):
+        if self.task not in TASKS + ("mixed",):
+            raise ValueError(f"task: expected one of {TASKS + ('mixed',)}, got {self.task!r}")
+        if self.document_tokens < 64:
+            raise ValueError(f"document_tokens: must be >= 64, got {self.document_tokens}")
+        if self.num_distractor_facts < 0:
+            raise ValueError(f"num_distractor_facts: must be >= 0, got {self.num_distractor_facts}")
+        if not 2 <= self.answer_vocab_size <= len(ANSWER_WORDS):
+            raise ValueError(f"answer_vocab_size: must be in [2, {len(ANSWER_WORDS)}], got {self.answer_vocab_size}")
+        if not 2 <= self.num_choices <= self.answer_vocab_size:
+            raise ValueError(f"num_choices: must be in [2, answer_vocab_size], got {self.num_choices}")
+        if self.fact_position is not None and not 0.0 <= self.fact_position <= 1.0:
+            raise ValueError(f"fact_position: must be in [0, 1] or None, got {self.fact_position}")
+
+
+def _count(tokenizer: Any, texts: list[str]) -> list[int]:
+    """Token counts of texts; without a tokenizer, whitespace-separated words."""
+    if tokenizer is None:
+        return [len(t.split()) for t in texts]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _filler_sentence(rng: random.Random) -> str:
+    return f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TIMES)}."
+
+
+def _key(rng: random.Random, used: set[str]) -> str:
+    while True:
+        key = f"{rng.choice(_COLORS)} {rng.choice(_ANIMALS)}"
+        if key not in used:
+            used.add(key)
+            return key
+
+
+def _facts(task: str, config: SyntheticConfig, rng: random.Random) -> dict[str, Any]:
+    """The asked fact(s), distractors, question, answer and a short worked reasoning."""
+    vocab = ANSWER_WORDS[: config.answer_vocab_size]
+    keys: set[str] = set()
+    if task == "arithmetic":
+        company = rng.choice(_COMPANIES)
+        year = rng.randint(2001, 2020)
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        asked = [f"In {year}, {company} reported revenue of {a} million dollars.",
+                 f"In {year + 1}, {company} reported revenue of {b} million dollars."]
+        distractors = []
+        for _ in range(config.num_distractor_facts):
+            other = rng.choice([c for c in _COMPANIES if c != company])
+            distractors.append(f"In {rng.randint(2001, 2021)}, {other} reported revenue of "
+                               f"{rng.randint(100, 999)} million dollars.")
+        if rng.random() < 0.5:
+            question = f"What was the total revenue of {company} in {year} and {year + 1}, in million dollars?"
+            answer, reasoning = str(a + b), f"{a} + {b} = {a + b}"
+        else:
+            question = f"By how much did the revenue of {company} change from {year} to {year + 1}, in million dollars?"
+            answer, reasoning = str(b - a), f"{b} - {a} = {b - a}"
+        return {"asked": asked, "distractors": distractors, "question": question, "answers": (answer,),
+                "choices": (), "reasoning": reasoning}
+
+    values = rng.sample(vocab, min(len(vocab), 1 + config.num_distractor_facts))
+    values += [rng.choice(vocab) for _ in range(1 + config.num_distractor_facts - len(values))]
+    value = values[0]
+    distractors = [f"The code of the {_key(rng, keys)} is {v}." for v in values[1:]]
+    if task == "copy_marked_fact":
+        asked = [f"[KEY FACT] The password is {value}."]
+        question = "What is the password given in the key fact?"
+    else:
+        key = _key(rng, keys)
+        asked = [f"The code of the {key} is {value}."]
+        question = f"What is the code of the {key}?"
+    choices: tuple[str, ...] = ()
+    answers: tuple[str, ...] = (value,)
+    if task == "multiple_choice":
+        options = [value] + rng.sample([v for v in vocab if v != value], config.num_choices - 1)
+        rng.shuffle(options)
+        choices = tuple(options)
+        answers = ("ABCDEFGHIJKLMNOPQRSTUVWXYZ"[options.index(value)],)
+    return {"asked": asked, "distractors": distractors, "question": question, "answers": answers,
+            "choices": choices, "reasoning": f"The document says: {asked[0]}"}
+
+
+def _fill(tokenizer: Any, budget: int, rng: random.Random) -> list[str]:
+    """Filler sentences totalling about ``budget`` tokens (each counted with a leading space)."""
+    sentences: list[str] = []
+    remaining = budget
+    while True:
+        batch = [_filler_sentence(rng) for _ in range(max(1, remaining // 12 + 1))]
+        fitted = False
+        for sentence, n in zip(batch, _count(tokenizer, [" " + s for s in batch]), strict=True):
+            if n > remaining:
+                break
+            sentences.append(sentence)
+            remaining -= n
+            fitted = True
+        if not fitted:
+            break
+    for short, n in zip(_SHORT, _count(tokenizer, [" " + s for s in _SHORT]), strict=True):  # close the last gap
+        while n <= remaining:
+            sentences.append(short)
+            remaining -= n
+    rng.shuffle(sentences)
+    return sentences
+
+
+def make_record(index: int, config: SyntheticConfig, seed: int = 0, tokenizer: Any = None) -> DocQARecord:
+    """Record ``index`` of the stream for ``seed`` (independent of every other record)."""
+    rng = random.Random(f"qwenlong-synthetic:{seed}:{index}")
+    task = TASKS[index % len(TASKS)] if config.task == "mixed" else config.task
+    spec = _facts(task, config, rng)
+    facts = spec["asked"] + spec["distractors"]
+    fact_tokens = sum(_count(tokenizer, [" " + f for f in facts]))
+    filler = _fill(tokenizer, config.document_tokens - fact_tokens, rng)
+
+    # Insert facts at distinct positions; the asked fact(s) at fact_position when given.
+    positions = sorted(rng.sample(range(len(filler) + 1), k=min(len(facts), len(filler) + 1)))
+    rng.shuffle(positions)
+    if config.fact_position is not None:
+        target = round(config.fact_position * len(filler))
+        positions = [target] + [p for p in positions if p != target][: len(facts) - 1]
+    positions += [len(filler)] * (len(facts) - len(positions))
+    slots: dict[int, list[str]] = {}
+    for fact, position in zip(facts, positions, strict=True):
+        slots.setdefault(position, []).append(fact)
+    sentences: list[str] = []
+    for i in range(len(filler) + 1):
+        sentences.extend(slots.get(i, []))
+        if i < len(filler):
+            sentences.append(filler[i])
+    document = " ".join(sentences)
+    return DocQARecord(
+        id=f"synthetic-{seed}-{index}",
+        data_source=DATA_SOURCES[task],
+        document=document,
+        question=spec["question"],
+        answers=spec["answers"],
+        choices=spec["choices"],
+        metadata={"task": task, "evidence": spec["asked"], "reasoning": spec["reasoning"],
+                  "document_tokens": sum(_count(tokenizer, [document]))},
+    )
+
+
+def generate_records(num_records: int, config: SyntheticConfig | None = None, *, seed: int = 0,
+                     tokenizer: Any = None) -> Iterator[DocQARecord]:
+    """``num_records`` synthetic records (lengths measured with ``tokenizer``; words when None)."""
+    if num_records < 0:
+        raise ValueError(f"num_records: must be >= 0, got {num_records}")
+    config = config or SyntheticConfig()
+    for index in range(num_records):
+        yield make_record(index, config, seed, tokenizer)
+
+
+def reference_response(record: DocQARecord) -> str:
+    """A correct reasoning trace in the method's format, for warm-up SFT and reward tests."""
+    answer = f"({record.answer})" if record.choices else record.answer
+    return f"<think>\n{record.metadata.get('reasoning', '')}\n</think>\n\nTherefore, the answer is {answer}."

