@@ -1,0 +1,146 @@
+"""Typed YAML configs: presets load, bad keys and types name the key path, overrides apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qwenlong.config import (
+    Config,
+    ConfigError,
+    apply_override,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+from qwenlong.curriculum import Phase
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PRESETS = sorted(CONFIGS.glob("*.yaml"))
+
+MINIMAL = {
+    "model": {"tiny": {"hidden_size": 32}},
+    "data": {"synthetic": {"num_train": 10}},
+    "sft": {"steps": 3},
+    "rl": {"phases": [{"name": "a", "max_input_tokens": 64, "max_output_tokens": 16, "steps": 2},
+                      {"name": "b", "max_input_tokens": 128, "max_output_tokens": 16, "steps": 2}]},
+}
+
+
+def test_presets_exist():
+    assert {p.name for p in PRESETS} >= {"tiny-cpu.yaml", "qwenlong-l1-32b.yaml", "qwenlong-l1.5.yaml"}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_every_preset_loads_validates_and_round_trips(preset, tmp_path):
+    cfg = load_config(preset)
+    assert isinstance(cfg, Config) and cfg.rl.phases
+    assert all(isinstance(phase, Phase) for phase in cfg.rl.phases)
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_published_settings():
+    l1 = load_config(CONFIGS / "qwenlong-l1-32b.yaml")
+    assert [(p.max_input_tokens, p.max_output_tokens) for p in l1.rl.phases] == [(20000, 10000), (60000, 10000)]
+    rl = l1.rl
+    assert (rl.group_size, rl.gen_prompts_per_step, rl.train_prompts_per_step, rl.mini_batch_size) == (8, 384, 128, 32)
+    assert (rl.clip_low, rl.clip_high, rl.kl_coef, rl.lr, rl.temperature, rl.top_p) == (0.2, 0.2, 0.0, 2e-6, 0.7, 0.95)
+    assert (rl.dynamic_sampling.max_rounds, rl.overlong.buffer, l1.distributed.sp_size) == (10, 1000, 8)
+    l15 = load_config(CONFIGS / "qwenlong-l1.5.yaml")
+    budgets = [(p.max_input_tokens, p.max_output_tokens) for p in l15.rl.phases]
+    assert budgets == [(20000, 12000), (60000, 20000), (120000, 50000)]
+    assert l15.rl.advantage == "task-std" and l15.rl.kl_coef == 0.0
+    tiny = load_config(CONFIGS / "tiny-cpu.yaml")
+    assert tiny.model.tiny is not None and tiny.rollout.engine == "hf" and len(tiny.rl.phases) == 2
+
+
+def test_minimal_config_gets_defaults():
+    cfg = config_from_dict(MINIMAL)
+    assert cfg.model.tiny.hidden_size == 32 and cfg.model.tiny.num_hidden_layers == 2
+    assert cfg.rl.retrospective.max_mean_reward == 0.5 and cfg.rl.retrospective.max_fraction == 0.3
+    assert cfg.rl.loss_aggregation == "token-mean" and cfg.rollout.engine == "hf"
+
+
+def with_change(path: str, value):
+    """MINIMAL with one raw value replaced (no validation yet)."""
+    data = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    apply_override(data, f"{path}={yaml.safe_dump(value, default_flow_style=True).strip()}")
+    return data
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("rl.clip_hi", 0.3, r"^rl\.clip_hi: unknown key"),
+        ("rl.phases.1.max_input", 10, r"^rl\.phases\.1\.max_input: unknown key"),
+        ("sdf", {}, r"^sdf: unknown key"),
+        ("rl.phases.0.max_input_tokens", "20K", r"^rl\.phases\.0\.max_input_tokens: expected int, got str"),
+        ("rl.group_size", 8.5, r"^rl\.group_size: expected int, got float"),
+        ("rl.group_size", True, r"^rl\.group_size: expected int, got bool"),
+        ("rl.lr", "fast", r"^rl\.lr: expected float, got str"),
+        ("rl.loss_aggregation", "sum", r"^rl\.loss_aggregation: expected one of"),
+        ("rl.phases", {"name": "a"}, r"^rl\.phases: expected a list"),
+        ("rl.phases.1", {"name": "b", "max_output_tokens": 4, "steps": 1}, r"^rl\.phases\.1\.max_input_tokens: requ"),
+        ("rl.phases.1.steps", None, r"^rl\.phases\.1\.steps: set exactly one of steps and epochs"),
+        ("rl.dynamic_sampling", 3, r"^rl\.dynamic_sampling: expected a mapping"),
+        ("model.name", "some/model", r"^model\.name: set exactly one"),
+        ("sft.steps", None, r"^sft\.steps: set exactly one"),
+        ("rl.top_p", 1.5, r"^rl\.top_p: expected in \(0, 1\]"),
+        ("rl.group_size", 0, r"^rl\.group_size: expected >= 1"),
+        ("rl.clip_low", -0.1, r"^rl\.clip_low: expected >= 0"),
+        ("distributed.deepspeed_stage", 4, r"^distributed\.deepspeed_stage: expected 0, 1, 2 or 3"),
+        ("rl.mini_batch_size", 48, r"^rl\.mini_batch_size: must divide"),
+        ("rl.phases.1.name", "a", r"^rl\.phases\.1\.name: duplicate phase name"),
+        ("rl.overlong", {"enabled": True, "buffer": 17}, r"^rl\.overlong\.buffer: 17 exceeds rl\.phases\.0"),
+        ("reward.judge", "openai", r"^reward\.judge_endpoint: a judge needs"),
+        ("rl.phases", [], r"^rl\.phases: RL needs at least one phase"),
+    ],
+)
+def test_bad_values_name_the_key(path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(with_change(path, value))
+
+
+def test_load_error_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**MINIMAL, "rollout": {"engine": "sglang"}}))
+    with pytest.raises(ConfigError, match=r"bad\.yaml: rollout\.engine: expected one of \['hf', 'vllm'\]"):
+        load_config(bad)
+
+
+def test_overrides_apply_and_are_validated():
+    cfg = config_from_dict(
+        MINIMAL,
+        overrides=[
+            "rl.phases.0.max_input_tokens=4096",
+            "rl.lr=1e-5",  # YAML 1.1 reads this as a string; float fields accept it
+            "rl.dynamic_sampling.enabled=true",
+            "rl.retrospective.max_fraction=0.25",
+            "model.tiny.num_hidden_layers=3",
+            "data.eval_files=[a.parquet, b.parquet]",
+            "reward.judge_model=",
+        ],
+    )
+    assert cfg.rl.phases[0].max_input_tokens == 4096 and cfg.rl.phases[1].max_input_tokens == 128
+    assert cfg.rl.lr == 1e-5 and cfg.rl.dynamic_sampling.enabled and cfg.rl.retrospective.max_fraction == 0.25
+    assert cfg.model.tiny.num_hidden_layers == 3 and cfg.data.eval_files == ["a.parquet", "b.parquet"]
+    assert cfg.reward.judge_model is None
+    assert MINIMAL["rl"]["phases"][0]["max_input_tokens"] == 64  # the caller's dict is untouched
+    with pytest.raises(ConfigError, match=r"^rl\.phases\.5: no item 5 in a list of 2"):
+        config_from_dict(MINIMAL, ["rl.phases.5.steps=1"])
+    with pytest.raises(ConfigError, match=r"^rl\.phases\.0\.stepz: unknown key"):
+        config_from_dict(MINIMAL, ["rl.phases.0.stepz=1"])
+    with pytest.raises(ConfigError, match=r"^rl\.group_size: expected int, got str"):
+        config_from_dict(MINIMAL, ["rl.group_size=eight"])
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        config_from_dict(MINIMAL, ["rl.group_size"])
+
+
+def test_preset_with_override_from_file():
+    cfg = load_config(CONFIGS / "tiny-cpu.yaml", ["rl.phases.1.steps=5", "output.dir=/tmp/x"])
+    assert cfg.rl.phases[1].steps == 5 and cfg.output.dir == "/tmp/x"
