@@ -1,0 +1,109 @@
+"""The numeric rule (DocMath): parse a number from an answer and compare it with the gold.
+
+Numbers are parsed, never evaluated as code, into exact ``Fraction`` values, so the
+tolerance boundaries are exact. Two numbers match (method.md section 3) when any of:
+
+* they differ by an exact power of ten, 10**k for integer k >= 0 (units vs thousands, ...);
+* one is 100, 1000 or 100000 times the other within the tolerance (percent vs fraction);
+* they are equal after rounding up to 3 decimals;
+* ``|pred - gold| <= 0.0015 * |gold|``.
+
+The first three compare magnitudes, as the public release does, so a sign difference
+("a decrease of 5" vs "-5") is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+
+REL_TOL = Fraction(15, 10000)
+_SCALES = ((100, 50), (1000, 500), (100000, 50000))  # (factor, the smaller must be <= larger / this)
+
+_NUM = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+"
+_POWER = re.compile(rf"(?:({_NUM})\s*(?:x|×|\*|\\times|\\cdot)\s*)?10\s*\^\s*\{{?\s*([-+]?\d{{1,3}})\s*\}}?")
+_SCIENTIFIC = re.compile(rf"({_NUM})[eE]([-+]?\d{{1,3}})(?![\w.])")
+_FRACTION = re.compile(r"(?<![\d.,])(\d+)\s*/\s*(\d+)(?![\d.,])")
+_NUMBER = re.compile(_NUM)
+_LATEX_HINT = re.compile(r"\\(?:d?t?frac|sqrt|times|cdot|boxed|left|right|pi)")
+
+
+def _to_fraction(number: str) -> Fraction:
+    return Fraction(number.replace(",", ""))
+
+
+def _from_latex(text: str) -> Fraction | None:
+    """A number from a short LaTeX expression, through math-verify (no code evaluation)."""
+    if len(text) > 100 or text.count("^") > 1:  # keep sympy away from huge powers
+        return None
+    try:
+        import sympy
+        from math_verify import parse
+    except ImportError:
+        return None
+    for value in parse(f"${text}$", parsing_timeout=None):
+        if isinstance(value, sympy.Basic) and value.is_number and value.is_real:
+            try:
+                return Fraction(repr(float(value)))
+            except (TypeError, ValueError, OverflowError):
+                return None
+    return None
+
+
+def parse_number(text: str) -> Fraction | None:
+    """The number an answer states, or None.
+
+    Handles currency symbols and units (ignored), thousands separators, "%" (the number as
+    written: 12.5% -> 12.5), "approximately" and other words before the number, the value
+    after the last "=" or "≈", scientific and ``x 10^k`` notation, simple fractions, and
+    LaTeX through math-verify. The first number of what remains is the answer.
+    """
+    text = text.replace("−", "-").replace("–", "-").replace("$", " ").replace("`", "")
+    for sign in ("=", "≈"):
+        if sign in text:
+            text = text.rsplit(sign, 1)[1]
+    if _LATEX_HINT.search(text) and (value := _from_latex(text.strip())) is not None:
+        return value
+    candidates = []
+    for pattern in (_POWER, _SCIENTIFIC, _FRACTION, _NUMBER):
+        match = pattern.search(text)
+        if match:
+            candidates.append((match.start(), -len(match.group(0)), pattern, match))
+    if not candidates:
+        return None
+    _, _, pattern, match = min(candidates, key=lambda c: c[:2])  # earliest, then longest
+    if pattern is _POWER:
+        mantissa = _to_fraction(match.group(1)) if match.group(1) else Fraction(1)
+        return mantissa * Fraction(10) ** int(match.group(2))
+    if pattern is _SCIENTIFIC:
+        return _to_fraction(match.group(1)) * Fraction(10) ** int(match.group(2))
+    if pattern is _FRACTION:
+        denominator = int(match.group(2))
+        return Fraction(int(match.group(1)), denominator) if denominator else None
+    return _to_fraction(match.group(0))
+
+
+def _is_power_of_ten(ratio: Fraction) -> bool:
+    return ratio.denominator == 1 and re.fullmatch(r"10*", str(ratio.numerator)) is not None
+
+
+def _ceil3(value: Fraction) -> int:
+    return math.ceil(value * 1000)
+
+
+def within_tolerance(pred: Fraction, gold: Fraction, rel_tol: Fraction = REL_TOL) -> bool:
+    return abs(pred - gold) <= abs(gold) * rel_tol
+
+
+def numbers_match(pred: Fraction, gold: Fraction, rel_tol: Fraction = REL_TOL) -> bool:
+    """The method's numeric equivalence (see the module docstring)."""
+    large, small = max(abs(pred), abs(gold)), min(abs(pred), abs(gold))
+    if small != 0 and _is_power_of_ten(large / small):
+        return True
+    for factor, gap in _SCALES:
+        if small <= large / gap and within_tolerance(small * factor, large, rel_tol):
+            return True
+    if _ceil3(large) == _ceil3(small):
+        return True
+    return within_tolerance(pred, gold, rel_tol)
