@@ -13,6 +13,15 @@ import importlib
 # public name -> module (relative to this package) that defines it
 _EXPORTS: dict[str, str] = {
     "backend": ".backend",
+    "ulysses_attention": ".sequence_parallel",
+    "sp_linear_logprobs": ".sequence_parallel",
+    "sp_grpo_loss": ".sequence_parallel",
+    "shard_packed_batch": ".sequence_parallel",
+    "gather_per_token": ".sequence_parallel",
+    "next_token_labels": ".sequence_parallel",
+    "new_sequence_parallel_groups": ".sequence_parallel",
+    "ShardedBatch": ".sequence_parallel",
+    "sequence_parallel": ".sequence_parallel",
 }
 
 __all__ = sorted(_EXPORTS)

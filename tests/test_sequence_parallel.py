@@ -1,0 +1,293 @@
+"""Ulysses sequence parallelism on CPU: gloo groups of 2 and 4 processes started from pytest.
+
+Every rank builds the same random packed batch from a shared seed, runs its shard through the
+SP op and compares with the single-process op on the whole batch, computed in the same rank.
+Process start-up dominates the cost, so each spawned group runs many checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# Sequences of varied length, including empty ones, that straddle shard boundaries for P = 2 and 4.
+LENGTHS = [7, 0, 13, 1, 9, 4, 3]  # 37 tokens: padded to 38 (P=2) and 40 (P=4)
+FP32 = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def _spawn(check, world_size: int, port: int):
+    mp.spawn(_entry, args=(check, world_size, port), nprocs=world_size, join=True)
+
+
+def _entry(rank: int, check, world_size: int, port: int):
+    os.environ["QWENLONG_BACKEND"] = "torch"  # the batch-invariant PyTorch paths of the kernels
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+    )
+    try:
+        check()
+    finally:
+        dist.destroy_process_group()
+
+
+def _cu_seqlens(lengths) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _assert_close(actual, expected, what, **tol):
+    torch.testing.assert_close(actual, expected, msg=lambda m: f"rank {dist.get_rank()}: {what}: {m}", **(tol or FP32))
+
+
+# --- attention ------------------------------------------------------------------------------------------------
+
+
+def _check_attention(group, heads: int, kv_heads: int, seed: int, window_size=(-1, -1), head_dim: int = 8):
+    """Outputs, LSE and q/k/v gradients of ulysses_attention equal varlen_attention on the whole batch."""
+    from qwenlong.kernels import shard_packed_batch, ulysses_attention
+    from qwenlong.kernels.attention import varlen_attention
+
+    gen = torch.Generator().manual_seed(seed)
+    cu = _cu_seqlens(LENGTHS)
+    total, max_seqlen = int(cu[-1]), max(LENGTHS)
+    q = torch.randn(total, heads, head_dim, generator=gen)
+    k, v = (torch.randn(total, kv_heads, head_dim, generator=gen) for _ in range(2))
+    grad_out = torch.randn(total, heads, head_dim, generator=gen)
+
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = varlen_attention(*full, cu, cu, max_seqlen, max_seqlen, window_size=window_size, return_lse=True)
+    ref_out.backward(grad_out)
+
+    shard = shard_packed_batch(cu, group, q=q, k=k, v=v, grad_out=grad_out)
+    local = [shard[name].clone().requires_grad_() for name in ("q", "k", "v")]
+    out, lse = ulysses_attention(*local, shard.cu_seqlens, shard.max_seqlen, group, window_size=window_size,
+                                 return_lse=True)
+    out.backward(shard["grad_out"])
+
+    rows = shard.local_slice
+    real = slice(0, max(0, min(rows.stop, total) - rows.start))  # this rank's rows that are real tokens
+    what = f"heads={heads} kv_heads={kv_heads} P={dist.get_world_size(group)} window={window_size}"
+    assert out.shape == local[0].shape and lse.shape == (heads, local[0].shape[0])
+    _assert_close(out[real], ref_out.detach()[rows][real], f"out {what}")
+    _assert_close(lse[:, real], ref_lse[:, rows][:, real], f"lse {what}")
+    for name, mine, ref in zip("qkv", local, full, strict=True):
+        _assert_close(mine.grad[real], ref.grad[rows][real], f"d{name} {what}")
+        assert torch.all(mine.grad[real.stop :] == 0), f"padding leaked into d{name} {what}"
+
+
+def _check_head_errors(group):
+    from qwenlong.kernels import ulysses_attention
+
+    world = dist.get_world_size(group)
+    heads = world + 1
+    cu = _cu_seqlens([2 * world])
+    q = torch.randn(2, heads, 8)
+    with pytest.raises(ValueError, match=rf"\({heads}\).*\({world}\)"):
+        ulysses_attention(q, q, q, cu, 2 * world, group)
+    q = torch.randn(2, 2 * world, 8)
+    with pytest.raises(ValueError, match="cu_seqlens"):  # the local total, not the whole batch's
+        ulysses_attention(q, q, q, _cu_seqlens([2]), 2, group)
+
+
+# --- log-probs and loss ---------------------------------------------------------------------------------------
+
+
+def _lm_batch(seed: int, hidden_size: int = 16, vocab: int = 50):
+    """A packed batch with final hidden states, LM-head weight and GRPO inputs (whole batch, every rank)."""
+    from qwenlong.kernels import next_token_labels
+
+    gen = torch.Generator().manual_seed(seed)
+    cu = _cu_seqlens(LENGTHS)
+    total = int(cu[-1])
+    input_ids = torch.randint(0, vocab, (total,), generator=gen)
+    labels = next_token_labels(input_ids, cu)
+    per_sequence_adv = torch.randn(len(LENGTHS), generator=gen)
+    batch = {
+        "input_ids": input_ids,
+        "position_ids": torch.cat([torch.arange(n) for n in LENGTHS]),
+        "hidden": torch.randn(total, hidden_size, generator=gen),
+        "labels": labels,
+        "advantages": per_sequence_adv.repeat_interleave(torch.tensor(LENGTHS)),
+        "old_logprobs": -torch.rand(total, generator=gen) * 4,
+        "ref_logprobs": -torch.rand(total, generator=gen) * 4,
+        "mask": (torch.rand(total, generator=gen) > 0.2) & (labels != -100),
+    }
+    return cu, batch, torch.randn(vocab, hidden_size, generator=gen) * 0.3
+
+
+def _sequences_of_dp_rank(cu, batch, dp_group):
+    """Contiguous sequences of this data-parallel rank, repacked; and their rows in the whole batch."""
+    dp_size = 1 if dp_group is None else dp_group.size()
+    dp_rank = 0 if dp_group is None else dp_group.rank()
+    bounds = torch.linspace(0, len(LENGTHS), dp_size + 1).round().long().tolist()
+    first, last = bounds[dp_rank], bounds[dp_rank + 1]
+    rows = slice(int(cu[first]), int(cu[last]))
+    return _cu_seqlens(LENGTHS[first:last]), {name: t[rows] for name, t in batch.items()}, rows
+
+
+def _check_sp_logprobs_and_loss(sp_group, dp_group, seed: int):
+    """SP x DP log-probs/entropy are bitwise the single-process ones; loss and gradients agree to fp32 rounding."""
+    from qwenlong.kernels import shard_packed_batch, sp_grpo_loss, sp_linear_logprobs
+    from qwenlong.kernels.logprobs import grpo_loss, linear_logprobs
+
+    options = {"clip_low": 0.2, "clip_high": 0.28, "kl_coef": 0.05, "entropy_coef": 0.01}
+    cu, batch, weight = _lm_batch(seed)
+    what = f"SP={dist.get_world_size(sp_group)} DP={1 if dp_group is None else dp_group.size()}"
+
+    ref_hidden, ref_weight = batch["hidden"].clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_logp, ref_entropy = linear_logprobs(ref_hidden, ref_weight, batch["labels"], return_entropy=True)
+
+    my_cu, mine, rows = _sequences_of_dp_rank(cu, batch, dp_group)
+    shard = shard_packed_batch(my_cu, sp_group, **mine)
+    real = slice(0, max(0, min(shard.local_slice.stop, shard.num_tokens) - shard.local_slice.start))
+    hidden, my_weight = shard["hidden"].clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, entropy = sp_linear_logprobs(hidden, my_weight, shard["labels"], sp_group, num_tokens=shard.num_tokens,
+                                       return_entropy=True)
+    assert torch.equal(logp, ref_logp.detach()[rows]), f"{what}: log-probs differ from SP 1"
+    assert torch.equal(entropy, ref_entropy.detach()[rows]), f"{what}: entropies differ from SP 1"
+    # the gathered log-probs are replicated: back-propagating one function of them gives each rank its rows' grads
+    coefficients = torch.randn(len(LENGTHS), generator=torch.Generator().manual_seed(seed))
+    per_token = coefficients.repeat_interleave(torch.tensor(LENGTHS))
+    (logp * per_token[rows]).sum().backward()
+    (ref_logp * per_token).sum().backward()
+    _assert_close(hidden.grad[real], ref_hidden.grad[rows][shard.local_slice][real],
+                  f"d hidden of gathered log-probs {what}")
+    hidden.grad, ref_hidden.grad, my_weight.grad, ref_weight.grad = None, None, None, None
+
+    ref_loss, ref_metrics = grpo_loss(ref_hidden, ref_weight, batch["labels"], batch["advantages"],
+                                      batch["old_logprobs"], batch["mask"], ref_logprobs=batch["ref_logprobs"],
+                                      **options)
+    loss, metrics = sp_grpo_loss(hidden, my_weight, shard["labels"], shard["advantages"], shard["old_logprobs"],
+                                 shard["mask"], ref_logprobs=shard["ref_logprobs"], sp_group=sp_group,
+                                 dp_group=dp_group, **options)
+    loss.backward()
+    ref_loss.backward()
+    _assert_close(loss, ref_loss.detach(), f"loss {what}")
+    assert sorted(metrics) == sorted(ref_metrics)
+    for name in metrics:
+        _assert_close(metrics[name], ref_metrics[name], f"metric {name} {what}")
+
+    ref_rows = ref_hidden.grad[rows][shard.local_slice][real]
+    _assert_close(hidden.grad[real], ref_rows, f"d hidden {what}")
+    assert torch.all(hidden.grad[real.stop :] == 0), f"{what}: padding rows got a gradient"
+    dist.all_reduce(my_weight.grad)  # partial on each rank: sum over SP x DP (the whole world here)
+    _assert_close(my_weight.grad, ref_weight.grad, f"d weight {what}")
+
+
+# --- a Hugging Face model ------------------------------------------------------------------------------------
+
+
+def _check_qwen2(group, seed: int = 10):
+    """A tiny Qwen2 under SP gives the log-probs and gradients of the plain model run sequence by sequence."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwenlong.kernels import shard_packed_batch, sp_grpo_loss, sp_linear_logprobs
+    from qwenlong.kernels.logprobs import grpo_loss, linear_logprobs
+    from qwenlong.models import SequenceParallelCausalLM
+
+    config = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    reference = Qwen2ForCausalLM(config).eval()
+    reference.set_attn_implementation("eager")
+    sp_model = SequenceParallelCausalLM(copy.deepcopy(reference), group)
+    cu, batch, _ = _lm_batch(seed, hidden_size=32, vocab=50)
+    loss_inputs = ("labels", "advantages", "old_logprobs", "mask")
+    what = f"Qwen2 SP={dist.get_world_size(group)}"
+
+    ref_hidden = torch.cat([
+        reference.model(input_ids=batch["input_ids"][None, s:e], position_ids=batch["position_ids"][None, s:e])
+        .last_hidden_state[0]
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True) if e > s
+    ])
+    ref_weight = reference.get_output_embeddings().weight
+    ref_logp = linear_logprobs(ref_hidden.detach(), ref_weight.detach(), batch["labels"])
+    ref_loss, _ = grpo_loss(ref_hidden, ref_weight, *(batch[name] for name in loss_inputs))
+    ref_loss.backward()
+
+    shard = shard_packed_batch(cu, group, **{name: batch[name] for name in ("input_ids", "position_ids", *loss_inputs)})
+    hidden = sp_model(shard["input_ids"], shard["position_ids"], shard.cu_seqlens, shard.max_seqlen)
+    assert hidden.shape == (shard.local_tokens, config.hidden_size)
+    logp = sp_linear_logprobs(hidden, sp_model.lm_head_weight, shard["labels"], group, num_tokens=shard.num_tokens)
+    _assert_close(logp, ref_logp, f"log-probs {what}", rtol=1e-4, atol=1e-5)
+    loss, _ = sp_grpo_loss(hidden, sp_model.lm_head_weight, *(shard[name] for name in loss_inputs), sp_group=group)
+    loss.backward()
+    _assert_close(loss, ref_loss.detach(), f"loss {what}", rtol=1e-5, atol=1e-6)
+    for (name, ref_param), param in zip(reference.named_parameters(), sp_model.model.parameters(), strict=True):
+        dist.all_reduce(param.grad, group=group)  # partial per rank: sum over the SP group
+        _assert_close(param.grad, ref_param.grad, f"d {name} {what}", rtol=1e-4, atol=1e-6)
+
+
+# --- failures: bounded time, clear error ----------------------------------------------------------------------
+
+
+def _check_missing_peer_times_out():
+    """A rank that never joins the all-to-all makes the others raise within the group timeout."""
+    from qwenlong.kernels import ulysses_attention
+
+    group = dist.new_group([0, 1], timeout=timedelta(seconds=2))
+    if dist.get_rank() == 0:
+        q = torch.randn(4, 2, 8)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match="sequence-parallel all_to_all over 2 ranks failed"):
+            ulysses_attention(q, q, q, _cu_seqlens([8]), 8, group)
+        assert time.monotonic() - start < 20
+    dist.barrier()
+
+
+# --- workers ----------------------------------------------------------------------------------------------------
+
+
+def _two_ranks():
+    from qwenlong.kernels import new_sequence_parallel_groups
+
+    world = dist.group.WORLD
+    _check_attention(world, heads=4, kv_heads=4, seed=1)
+    _check_attention(world, heads=4, kv_heads=1, seed=2)  # GQA, kv_heads < P: KV heads repeated
+    _check_attention(world, heads=6, kv_heads=3, seed=3, window_size=(4, 0))  # P does not divide kv_heads
+    _check_head_errors(world)
+    _check_sp_logprobs_and_loss(world, None, seed=4)  # SP 2
+    sp_group, dp_group = new_sequence_parallel_groups(1)
+    _check_sp_logprobs_and_loss(sp_group, dp_group, seed=5)  # SP 1 x DP 2
+    _check_missing_peer_times_out()
+
+
+def _four_ranks():
+    from qwenlong.kernels import new_sequence_parallel_groups
+
+    world = dist.group.WORLD
+    _check_attention(world, heads=8, kv_heads=2, seed=6)  # GQA, kv_heads < P
+    _check_head_errors(world)
+    _check_sp_logprobs_and_loss(world, None, seed=7)  # SP 4
+    sp_group, dp_group = new_sequence_parallel_groups(2)
+    _check_attention(sp_group, heads=4, kv_heads=2, seed=8)
+    _check_sp_logprobs_and_loss(sp_group, dp_group, seed=9)  # SP 2 x DP 2
+    _check_qwen2(world)  # SP 4
+    _check_qwen2(sp_group)  # SP 2 (both pairs run the whole batch)
+
+
+def test_next_token_labels_stay_inside_sequences():
+    from qwenlong.kernels import next_token_labels
+
+    input_ids = torch.randint(0, 1000, (sum(LENGTHS),))
+    expected = []
+    for start, end in zip(_cu_seqlens(LENGTHS)[:-1].tolist(), _cu_seqlens(LENGTHS)[1:].tolist(), strict=True):
+        expected += input_ids[start + 1 : end].tolist() + ([-7] if end > start else [])
+    assert next_token_labels(input_ids, _cu_seqlens(LENGTHS), ignore_index=-7).tolist() == expected
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_two_ranks(free_port):
+    _spawn(_two_ranks, 2, free_port)
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_four_ranks(free_port):
+    _spawn(_four_ranks, 4, free_port)
