@@ -1,0 +1,212 @@
+"""varlen_attention (Triton kernels under the interpreter, and the blockwise PyTorch path)
+against a float64 reference with an explicit block-diagonal mask.
+
+Accuracy follows FlashAttention's rule: the error of our output, and of dq/dk/dv, against
+float64 must be at most twice (plus a small atol) the error of the same attention computed
+in plain PyTorch in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from qwenlong.kernels.attention import attention_reference, compile_specs, flash_attn_varlen_func, varlen_attention
+
+BACKENDS = ("triton", "torch")
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def _cu(lengths) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _inputs(lens_q, lens_k, heads, kv_heads, head_dim, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+
+    q = randn(sum(lens_q), heads, head_dim)
+    k = randn(sum(lens_k), kv_heads, head_dim)
+    v = randn(sum(lens_k), kv_heads, head_dim)
+    do = torch.randn(sum(lens_q), heads, head_dim, generator=gen).to(device=device, dtype=dtype)
+    return q, k, v, do, _cu(lens_q).to(device), _cu(lens_k).to(device)
+
+
+def _run(q, k, v, do, cu_q, cu_k, causal, window):
+    """Output, lse and gradients of our op."""
+    lens_q, lens_k = cu_q.diff(), cu_k.diff()
+    out, lse = varlen_attention(
+        q, k, v, cu_q, cu_k, int(lens_q.max()), int(lens_k.max()), causal=causal, window_size=window, return_lse=True
+    )
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    return out, lse, *grads
+
+
+def _plain(q, k, v, do, cu_q, cu_k, causal, window, dtype):
+    out, lse = attention_reference(q, k, v, cu_q, cu_k, causal=causal, window_size=window, dtype=dtype)
+    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+    return out, lse, *grads
+
+
+def _check_accuracy(lens_q, lens_k, heads, kv_heads, head_dim, dtype, causal, window, device, seed=0):
+    q, k, v, do, cu_q, cu_k = _inputs(lens_q, lens_k, heads, kv_heads, head_dim, dtype, device, seed)
+    ours = _run(q, k, v, do, cu_q, cu_k, causal, window)
+    truth = _plain(q, k, v, do, cu_q, cu_k, causal, window, torch.float64)
+    same_dtype = _plain(q, k, v, do, cu_q, cu_k, causal, window, dtype)
+
+    out, lse = ours[0], ours[1]
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == (heads, q.shape[0])
+    # lse: -inf exactly where a query sees no key, fp32-accurate elsewhere
+    assert torch.equal(torch.isneginf(lse).cpu(), torch.isneginf(truth[1]).cpu())
+    finite = torch.isfinite(truth[1])
+    torch.testing.assert_close(lse[finite].double(), truth[1][finite], atol=1e-4, rtol=0)
+
+    for name, ours_t, truth_t, plain_t in zip(("out", "lse", "dq", "dk", "dv"), ours, truth, same_dtype, strict=True):
+        if name == "lse":
+            continue
+        assert ours_t.dtype == dtype
+        assert not ours_t.isnan().any(), f"{name} has NaNs (an element left unwritten or a bad mask)"
+        error = (ours_t.double() - truth_t).abs().max().item() if ours_t.numel() else 0.0
+        plain_error = (plain_t.double() - truth_t).abs().max().item() if ours_t.numel() else 0.0
+        assert error <= 2 * plain_error + ATOL[dtype], f"{name}: error {error:.3g} vs plain {dtype} {plain_error:.3g}"
+
+
+# (lens_q, lens_k, heads, kv_heads, head_dim, dtype, causal, window)
+CASES = {
+    "bf16-d128-gqa2-causal-empty-and-single": (
+        [37, 0, 1, 130, 64], None, 4, 2, 128, torch.bfloat16, True, (-1, -1)),
+    "fp16-d64-mqa-noncausal-q-shorter": ([20, 1, 90], [70, 5, 90], 4, 1, 64, torch.float16, False, (-1, -1)),
+    "fp32-d96-causal-q-longer-and-shorter": ([40, 80, 3], [15, 130, 0], 2, 2, 96, torch.float32, True, (-1, -1)),
+    "bf16-d64-sliding-window-causal": ([200, 33], None, 2, 1, 64, torch.bfloat16, True, (24, 0)),
+    "fp16-d128-gqa4-window-both-sides": ([90, 17], [110, 17], 4, 1, 128, torch.float16, False, (16, 8)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_matches_reference(backend, case, device, monkeypatch):
+    monkeypatch.setenv("QWENLONG_BACKEND", backend)
+    lens_q, lens_k, heads, kv_heads, head_dim, dtype, causal, window = case
+    _check_accuracy(lens_q, lens_k or lens_q, heads, kv_heads, head_dim, dtype, causal, window, device)
+
+
+def _random_case(seed: int):
+    rng = random.Random(seed)
+    batch = rng.randint(2, 4)
+    lens_q = [rng.choice([0, 1, rng.randint(2, 300)]) for _ in range(batch)]
+    same = rng.random() < 0.5
+    lens_k = lens_q if same else [max(0, n + rng.randint(-20, 40)) for n in lens_q]
+    kv_heads = rng.choice([1, 2])
+    heads = kv_heads * rng.choice([1, 2])
+    head_dim = rng.choice([64, 96, 128])
+    dtype = rng.choice([torch.float16, torch.bfloat16, torch.float32])
+    window = rng.choice([(-1, -1), (rng.randint(0, 64), rng.randint(0, 64))])
+    return lens_q, lens_k, heads, kv_heads, head_dim, dtype, rng.random() < 0.5, window
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", [10, 19])
+def test_random_packed_batches(backend, seed, device, monkeypatch):
+    monkeypatch.setenv("QWENLONG_BACKEND", backend)
+    _check_accuracy(*_random_case(seed), device, seed=seed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_alone_or_packed_is_bitwise_identical(backend, device, monkeypatch):
+    """A sequence's output, lse and gradients do not depend on what is packed beside it."""
+    monkeypatch.setenv("QWENLONG_BACKEND", backend)
+    heads, kv_heads, head_dim, dtype = 2, 1, 64, torch.bfloat16
+    lens = [45, 140, 3, 0, 30]
+    target = 1  # the 140-token sequence, packed at an offset
+    q, k, v, do, cu, _ = _inputs(lens, lens, heads, kv_heads, head_dim, dtype, device, seed=3)
+    start, end = int(cu[target]), int(cu[target + 1])
+    packed = _run(q, k, v, do, cu, cu, True, (-1, -1))
+
+    alone_inputs = [t[start:end].detach().clone().requires_grad_() for t in (q, k, v)]
+    cu_alone = _cu([end - start]).to(device)
+    alone = _run(*alone_inputs, do[start:end].clone(), cu_alone, cu_alone, True, (-1, -1))
+
+    out, lse, dq, dk, dv = packed
+    for name, p, a in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), (alone[0], *alone[2:]), strict=True):
+        assert torch.equal(p[start:end], a), f"{name} changed when packed"
+    assert torch.equal(lse[:, start:end], alone[1])
+
+
+def test_backends_agree(device, monkeypatch):
+    """The Triton kernels and the blockwise PyTorch path compute the same function."""
+    args = _inputs([60, 0, 130], [60, 0, 130], 2, 1, 64, torch.float32, device, seed=5)
+    results = {}
+    for backend in BACKENDS:
+        monkeypatch.setenv("QWENLONG_BACKEND", backend)
+        results[backend] = _run(*args, True, (-1, -1))
+    for ours, theirs in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attn_compat(device, monkeypatch):
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")
+    q, k, v, _, cu_q, cu_k = _inputs([9, 23], [9, 23], 2, 2, 64, torch.float32, device)
+    out, lse, probs = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 23, 23, return_attn_probs=True)
+    truth, truth_lse = attention_reference(q, k, v, cu_q, cu_k, causal=False)  # FlashAttention's default
+    torch.testing.assert_close(out.double(), truth, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), truth_lse, atol=1e-5, rtol=0)
+    assert probs is None
+    for kwargs, name in (
+        ({"dropout_p": 0.1}, "dropout_p"),
+        ({"softcap": 30.0}, "softcap"),
+        ({"alibi_slopes": torch.ones(2)}, "alibi_slopes"),
+        ({"block_table": torch.zeros(2, 1, dtype=torch.int32)}, "block_table"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            flash_attn_varlen_func(q, k, v, cu_q, cu_k, 23, 23, **kwargs)
+
+
+def _bad_inputs():
+    q = torch.randn(10, 4, 64)
+    k = torch.randn(10, 2, 64)
+    cu = _cu([4, 6])
+    yield "cu_seqlens_q", dict(cu_seqlens_q=cu.long())
+    yield "cu_seqlens_q", dict(cu_seqlens_q=torch.tensor([0, 7, 5, 10], dtype=torch.int32))
+    yield "cu_seqlens_k", dict(cu_seqlens_k=_cu([4, 5]))
+    yield "cu_seqlens_q and cu_seqlens_k", dict(cu_seqlens_q=_cu([10]))
+    yield "k.shape", dict(k=torch.randn(10, 2, 32), v=torch.randn(10, 2, 32))
+    yield "v must have k's shape", dict(v=torch.randn(10, 1, 64))
+    yield "heads", dict(k=torch.randn(10, 3, 64), v=torch.randn(10, 3, 64))
+    yield "head_dim", dict(q=torch.randn(10, 4, 60), k=torch.randn(10, 2, 60), v=torch.randn(10, 2, 60))
+    yield "head_dim", dict(q=torch.randn(10, 4, 320), k=torch.randn(10, 2, 320), v=torch.randn(10, 2, 320))
+    yield "k is on meta", dict(k=torch.randn(10, 2, 64, device="meta"))
+    yield "q must have 3", dict(q=q[None])
+    yield "dtype", dict(q=q.double(), k=k.double(), v=k.double())
+    yield "share a dtype", dict(k=k.half())
+    yield "max_seqlen_q", dict(max_seqlen_q=5)
+    yield "window_size", dict(window_size=(-2, 0))
+
+
+@pytest.mark.parametrize("message,override", list(_bad_inputs()), ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_input_raises_value_error(message, override):
+    cu = _cu([4, 6])
+    args = dict(
+        q=torch.randn(10, 4, 64), k=torch.randn(10, 2, 64), v=torch.randn(10, 2, 64),
+        cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=6, max_seqlen_k=6,
+    )  # fmt: skip
+    args.update(override)
+    with pytest.raises(ValueError, match=message):
+        varlen_attention(**args)
+
+
+def test_compile_specs_cover_every_kernel_build():
+    specs = compile_specs()
+    names = {spec.name for spec in specs}
+    for kernel in ("fwd", "dkdv", "dq"):
+        for dtype in ("bf16", "fp16"):
+            for head_dim in (64, 96, 128):
+                assert f"attention_{kernel}_{dtype}_d{head_dim}" in names
+    for spec in specs:
+        assert list(spec.signature) == list(spec.fn.arg_names)
+        constexprs = {name for name, ty in spec.signature.items() if ty == "constexpr"}
+        assert constexprs == set(spec.constexprs)
