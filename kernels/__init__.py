@@ -13,6 +13,8 @@ import importlib
 # public name -> module (relative to this package) that defines it
 _EXPORTS: dict[str, str] = {
     "backend": ".backend",
+    "varlen_attention": ".attention",
+    "flash_attn_varlen_func": ".attention",
     "ulysses_attention": ".sequence_parallel",
     "sp_linear_logprobs": ".sequence_parallel",
     "sp_grpo_loss": ".sequence_parallel",
