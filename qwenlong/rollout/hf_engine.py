@@ -1,0 +1,109 @@
+"""Rollouts with Hugging Face ``generate``: the default engine, works on CPU.
+
+Prompts are left-padded into batches (position ids follow the attention mask, so a padded
+prompt is generated exactly like an unpadded one) and each sampled token's log-prob is
+recomputed from the raw logits generate returns: ``log_softmax(logits / temperature)``,
+the same quantity the trainer computes with a teacher-forced forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from qwenlong.rollout.engine import Completion, RolloutEngine, SamplingParams
+
+
+class HFGenerateEngine(RolloutEngine):
+    """Rollout engine around a ``transformers`` causal LM (``model.generate``).
+
+    Args:
+        model: the policy (or a copy of it). When it *is* the trained module, weight updates
+            are already visible and ``update_weights`` need not be called.
+        eos_token_id: end-of-sequence token id(s).
+        pad_token_id: id used for left padding (defaults to the first EOS id); never attended.
+        max_batch_size: most sequences (prompts x n) generated at once.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        eos_token_id: int | Sequence[int],
+        pad_token_id: int | None = None,
+        max_batch_size: int = 64,
+    ) -> None:
+        self.model = model
+        self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not self.eos_token_ids:
+            raise ValueError("eos_token_id: give at least one end-of-sequence id")
+        self.pad_token_id = self.eos_token_ids[0] if pad_token_id is None else pad_token_id
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size: expected >= 1, got {max_batch_size}")
+        self.max_batch_size = max_batch_size
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        if any(len(prompt) == 0 for prompt in prompts):
+            raise ValueError("prompts: every prompt needs at least one token")
+        # prompt i's samples are rows i*n .. i*n+n-1
+        rows = [list(prompt) for prompt in prompts for _ in range(params.n)]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                if params.seed is not None:
+                    torch.manual_seed(params.seed)
+                completions = []
+                for start in range(0, len(rows), self.max_batch_size):
+                    completions += self._generate_batch(rows[start : start + self.max_batch_size], params)
+        finally:
+            self.model.train(was_training)
+        return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    def _generate_batch(self, rows: list[list[int]], params: SamplingParams) -> list[Completion]:
+        device = next(self.model.parameters()).device
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row) :] = torch.tensor(row)
+            attention_mask[i, width - len(row) :] = 1
+        stop_ids = self.eos_token_ids + [t for t in params.stop_token_ids if t not in self.eos_token_ids]
+        out = self.model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            do_sample=True,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=0,  # no top-k unless asked: sampling must follow temperature and top_p only
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=stop_ids,
+            pad_token_id=self.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new_tokens = out.sequences[:, width:].cpu()
+        logits = torch.stack(out.logits, dim=1).float().cpu()  # [rows, new, vocab], raw
+        logprobs = torch.log_softmax(logits / params.temperature, dim=-1)
+        token_logprobs = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        completions = []
+        for tokens, token_lp in zip(new_tokens.tolist(), token_logprobs.tolist(), strict=True):
+            stop_at = next((t for t, token in enumerate(tokens) if token in stop_ids), None)
+            end = len(tokens) if stop_at is None else stop_at + 1
+            reason = "length" if stop_at is None else "stop"
+            completions.append(Completion(tokens[:end], token_lp[:end], reason))
+        return completions
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        targets = dict(self.model.named_parameters())
+        targets.update(self.model.named_buffers())
+        for name, tensor in named_tensors:
+            if name not in targets:
+                raise ValueError(f"named_tensors: the model has no parameter or buffer {name!r}")
+            if targets[name].shape != tensor.shape:
+                raise ValueError(
+                    f"named_tensors: {name!r} has shape {tuple(tensor.shape)}, expected {tuple(targets[name].shape)}"
+                )
+            targets[name].copy_(tensor)

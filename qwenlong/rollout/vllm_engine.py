@@ -1,0 +1,80 @@
+"""Rollouts with vLLM (GPU ``vllm``, or a CPU build of vllm). A thin adapter, imported lazily.
+
+Not exercised by the CPU test suite (vllm is an optional extra). What to know:
+
+- Log-probs: the engine runs with ``logprobs_mode="processed_logprobs"`` (vLLM >= 0.10.2),
+  i.e. after temperature *and* top-p. With ``top_p < 1`` they are renormalised over the
+  nucleus and differ from the trainer's temperature-only log-probs by the log of the nucleus
+  mass; ``logprob_mismatch`` makes that visible. The trainer recomputes old log-probs with
+  its own kernels, so training never depends on these values.
+- Weight sync: ``update_weights`` hands the (name, tensor) pairs to the model's own
+  ``load_weights`` inside the engine (``LLM.apply_model``). That needs the model in this
+  process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) or vLLM's insecure-serialisation switch for
+  worker processes; a collective (NCCL) weight transfer is the path for large models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from qwenlong.rollout.engine import Completion, RolloutEngine, SamplingParams
+
+
+class VLLMEngine(RolloutEngine):
+    """Rollout engine around ``vllm.LLM``.
+
+    Args:
+        model: name or path of the policy's initial weights (what ``vllm.LLM(model=...)`` takes).
+        tensor_parallel_size: GPUs per engine.
+        gpu_memory_utilization: share of GPU memory vLLM may take (the trainer needs the rest).
+        **engine_kwargs: passed on to ``vllm.LLM`` (e.g. ``max_model_len``, ``dtype``, ``seed``).
+    """
+
+    def __init__(
+        self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6, **engine_kwargs: Any
+    ) -> None:
+        try:
+            import vllm
+        except ImportError as error:
+            raise ImportError(
+                "VLLMEngine needs vllm: install qwenlong[vllm] (a CUDA build) or a CPU build of vllm, "
+                "or use the default engine (rollout.engine=hf)"
+            ) from error
+        self._vllm = vllm
+        engine_kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        self.llm = vllm.LLM(
+            model=model,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            **engine_kwargs,
+        )
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+        sampling = self._vllm.SamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_new_tokens,
+            stop_token_ids=list(params.stop_token_ids),
+            logprobs=0,  # only the sampled token's log-prob
+            seed=params.seed,
+        )
+        requests = [{"prompt_token_ids": list(prompt)} for prompt in prompts]
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        groups = []
+        for output in outputs:
+            group = []
+            for sample in output.outputs:
+                tokens = list(sample.token_ids)
+                logprobs = [step[token].logprob for token, step in zip(tokens, sample.logprobs, strict=True)]
+                reason = "stop" if sample.finish_reason == "stop" else "length"
+                group.append(Completion(tokens, logprobs, reason))
+            groups.append(group)
+        return groups
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        weights = list(named_tensors)
+        self.llm.apply_model(lambda model: model.load_weights(weights))

@@ -1,0 +1,157 @@
+"""Rollout engines on a tiny random Qwen2 model: shapes, seeds, log-probs, weight updates."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from qwenlong.rollout import Completion, HFGenerateEngine, SamplingParams, logprob_mismatch
+
+transformers = pytest.importorskip("transformers")
+
+EOS = 3
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [1]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: intra-op threads only add overhead (10x on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_qwen2(seed: int):
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(
+        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3, tie_word_embeddings=False,
+    )
+    return transformers.Qwen2ForCausalLM(config).float().eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_qwen2(seed=0)
+
+
+def teacher_forced_logprobs(model, prompt: list[int], response: list[int], temperature: float) -> torch.Tensor:
+    """The trainer's view: one unpadded forward pass over prompt + response."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    logprobs = torch.log_softmax(logits / temperature, dim=-1)
+    positions = torch.arange(len(prompt) - 1, len(prompt) + len(response) - 1)
+    return logprobs[positions, torch.tensor(response)]
+
+
+def test_shapes_and_stop_handling(model):
+    engine = HFGenerateEngine(model, eos_token_id=EOS, max_batch_size=4)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, n=3, stop_token_ids=[7], seed=0)
+    groups = engine.generate(PROMPTS, params)
+    assert len(groups) == len(PROMPTS) and all(len(group) == 3 for group in groups)
+    reasons = set()
+    for completion in (c for group in groups for c in group):
+        assert isinstance(completion, Completion)
+        assert 1 <= len(completion.token_ids) <= 12 and len(completion.logprobs) == len(completion.token_ids)
+        assert all(lp <= 0 for lp in completion.logprobs)
+        stops = [t for t in completion.token_ids if t in (EOS, 7)]
+        if completion.finish_reason == "stop":
+            assert stops == [completion.token_ids[-1]]  # ends at the first stop token, inclusive
+        else:
+            assert not stops and len(completion.token_ids) == 12
+        reasons.add(completion.finish_reason)
+    assert reasons == {"stop", "length"}  # this seed exercises both paths
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9)])
+def test_logprobs_match_teacher_forced_recomputation(model, temperature, top_p):
+    engine = HFGenerateEngine(model, eos_token_id=EOS, max_batch_size=16)
+    params = SamplingParams(max_new_tokens=10, temperature=temperature, top_p=top_p, n=2, seed=1)
+    engine_lp, trainer_lp = [], []
+    for prompt, group in zip(PROMPTS, engine.generate(PROMPTS, params), strict=True):
+        for completion in group:  # prompts of different lengths were left-padded together
+            engine_lp.append(torch.tensor(completion.logprobs))
+            trainer_lp.append(teacher_forced_logprobs(model, prompt, completion.token_ids, temperature))
+    engine_lp, trainer_lp = torch.cat(engine_lp), torch.cat(trainer_lp)
+    torch.testing.assert_close(engine_lp, trainer_lp, rtol=1e-4, atol=1e-4)
+    mismatch = logprob_mismatch(engine_lp, trainer_lp)
+    assert mismatch["logprob_abs_diff_max"] < 1e-4 and abs(mismatch["kl_k3"]) < 1e-6
+
+
+def test_same_seed_same_rollouts_and_global_rng_untouched(model):
+    engine = HFGenerateEngine(model, eos_token_id=EOS)
+    params = SamplingParams(max_new_tokens=8, n=4, seed=123)
+    torch.manual_seed(7)
+    first = engine.generate(PROMPTS, params)
+    after_first = torch.rand(1)
+    torch.manual_seed(7)
+    second = engine.generate(PROMPTS, params)
+    assert first == second and torch.equal(after_first, torch.rand(1))
+    other = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, n=4, seed=124))
+    assert [c.token_ids for g in other for c in g] != [c.token_ids for g in first for c in g]
+
+
+def test_update_weights_changes_outputs(model):
+    policy = tiny_qwen2(seed=0)
+    engine = HFGenerateEngine(policy, eos_token_id=EOS)
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, n=2, seed=5)
+    before = engine.generate(PROMPTS, params)
+    updated = tiny_qwen2(seed=1)
+    engine.update_weights(updated.state_dict().items())
+    after = engine.generate(PROMPTS, params)
+    assert [c.token_ids for g in after for c in g] != [c.token_ids for g in before for c in g]
+    for prompt, group in zip(PROMPTS, after, strict=True):  # sampled from the new weights, not the old
+        for completion in group:
+            new = teacher_forced_logprobs(updated, prompt, completion.token_ids, 1.0)
+            old = teacher_forced_logprobs(model, prompt, completion.token_ids, 1.0)
+            torch.testing.assert_close(torch.tensor(completion.logprobs), new, rtol=1e-4, atol=1e-4)
+            assert not torch.allclose(torch.tensor(completion.logprobs), old, atol=1e-2)
+    head = policy.lm_head.weight
+    with pytest.raises(ValueError, match="no parameter"):
+        engine.update_weights([("lm_head.bias", head)])
+    with pytest.raises(ValueError, match="shape"):
+        engine.update_weights([("lm_head.weight", head[:3])])
+
+
+def test_logprob_mismatch_against_formulas():
+    engine = torch.log(torch.tensor([0.5, 0.25, 0.1, 0.9]))
+    trainer = torch.log(torch.tensor([0.4, 0.25, 0.2, 0.1]))
+    mask = torch.tensor([True, True, True, False])
+    got = logprob_mismatch(engine, trainer, mask)
+    diffs = [abs(a - b) for a, b in zip(engine[:3].tolist(), trainer[:3].tolist(), strict=True)]
+    assert got["logprob_abs_diff_mean"] == pytest.approx(sum(diffs) / 3)
+    assert got["logprob_abs_diff_max"] == pytest.approx(max(diffs))
+    assert got["prob_abs_diff_mean"] == pytest.approx((0.1 + 0.0 + 0.1) / 3)
+    expected_k3 = sum(r - 1 - torch.log(torch.tensor(r)).item() for r in (0.4 / 0.5, 1.0, 0.2 / 0.1)) / 3
+    assert got["kl_k3"] == pytest.approx(expected_k3)
+    assert logprob_mismatch(engine, trainer, torch.zeros(4, dtype=torch.bool))["logprob_abs_diff_max"] == 0.0
+    with pytest.raises(ValueError, match="trainer_logprobs"):
+        logprob_mismatch(engine, trainer[:2])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(max_new_tokens=4, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(max_new_tokens=4, top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+
+
+def test_vllm_engine_without_vllm_says_how_to_fix(monkeypatch):
+    from qwenlong.rollout import VLLMEngine
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail even where it is installed
+    with pytest.raises(ImportError, match=r"VLLMEngine needs vllm.*rollout\.engine=hf"):
+        VLLMEngine("some/model")
+
+
+def test_vllm_engine_is_a_rollout_engine():
+    pytest.importorskip("vllm")
+    from qwenlong.rollout import RolloutEngine, VLLMEngine
+
+    assert issubclass(VLLMEngine, RolloutEngine)
