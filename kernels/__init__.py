@@ -13,6 +13,11 @@ import importlib
 # public name -> module (relative to this package) that defines it
 _EXPORTS: dict[str, str] = {
     "backend": ".backend",
+    "pack_by_token_budget": ".packing",
+    "balance_partitions": ".packing",
+    "balance_and_pack": ".packing",
+    "build_cu_seqlens": ".packing",
+    "build_position_ids": ".packing",
     "varlen_attention": ".attention",
     "flash_attn_varlen_func": ".attention",
     "ulysses_attention": ".sequence_parallel",
