@@ -51,9 +51,9 @@ class GroupCollector(Generic[Group]):
     max_rounds: int = 10
     enabled: bool = True
     atol: float = 0.0
-    rounds: int = 0
-    groups_seen: int = 0
-    _kept: list = field(default_factory=list, repr=False)
+    rounds: int = field(default=0, init=False)
+    groups_seen: int = field(default=0, init=False)
+    _kept: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.target_groups < 1:
