@@ -63,13 +63,27 @@ class ModelConfig:
 
 @dataclass
 class SyntheticDataConfig:
-    """Generated DocQA-style data (nothing downloaded); document lengths in tokens."""
+    """Generated DocQA-style data (``qwenlong.data.synthetic``, nothing downloaded).
 
+    Document lengths (tokens) are spread uniformly over [min_document_tokens, max_document_tokens];
+    ``num_distractor_facts`` is the difficulty knob (facts that are not asked about).
+    """
+
+    task: Literal["copy_marked_fact", "retrieval", "multiple_choice", "arithmetic", "mixed"] = "retrieval"
     num_train: int = 512
     num_eval: int = 128
     min_document_tokens: int = 64
     max_document_tokens: int = 1024
+    num_distractor_facts: int = 3
+    answer_vocab_size: int = 16
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 64 <= self.min_document_tokens <= self.max_document_tokens:
+            raise ValueError(
+                f"min_document_tokens: expected 64 <= min_document_tokens <= max_document_tokens, "
+                f"got {self.min_document_tokens} and {self.max_document_tokens}"
+            )
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,14 @@ def test_published_settings():
     assert tiny.model.tiny is not None and tiny.rollout.engine == "hf" and len(tiny.rl.phases) == 2
 
 
+def test_synthetic_tasks_match_the_data_generator():
+    from qwenlong.config import SyntheticDataConfig
+    from qwenlong.data.synthetic import TASKS
+
+    task_type = typing.get_type_hints(SyntheticDataConfig)["task"]
+    assert set(typing.get_args(task_type)) == {*TASKS, "mixed"}
+
+
 def test_minimal_config_gets_defaults():
     cfg = config_from_dict(MINIMAL)
     assert cfg.model.tiny.hidden_size == 32 and cfg.model.tiny.num_hidden_layers == 2
@@ -99,6 +108,8 @@ def with_change(path: str, value):
         ("rl.overlong", {"enabled": True, "buffer": 17}, r"^rl\.overlong\.buffer: 17 exceeds rl\.phases\.0"),
         ("reward.judge", "openai", r"^reward\.judge_endpoint: a judge needs"),
         ("rl.phases", [], r"^rl\.phases: RL needs at least one phase"),
+        ("data.synthetic.min_document_tokens", 32, r"^data\.synthetic\.min_document_tokens: expected 64 <="),
+        ("data.synthetic.task", "sorting", r"^data\.synthetic\.task: expected one of"),
     ],
 )
 def test_bad_values_name_the_key(path, value, message):
