@@ -1,0 +1,148 @@
+"""The PyTorch path of the fused LM-head statistics: chunks of tokens and of vocabulary.
+
+Same math as :mod:`.linear_logprobs` (see its docstring). Logits exist only one
+``TOKEN_CHUNK x VOCAB_CHUNK`` tile at a time, in fp32, so the extra memory is a few tiles
+plus O(T) per-token statistics, never T x V. The backward pass recomputes each tile.
+
+Batch invariance: every tile is the same matmul shape whatever T is. The token chunk is
+zero-padded to ``TOKEN_CHUNK`` rows, the vocabulary is cut at fixed offsets, and per-token
+statistics are combined over vocabulary chunks in a fixed order, so a token's outputs (and
+its hidden-state gradient) are bitwise the same alone or inside any batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TOKEN_CHUNK = 256
+VOCAB_CHUNK = 4096
+
+
+def _pad_rows(values: torch.Tensor, fill=0) -> torch.Tensor:
+    """``values`` with rows appended up to a multiple of ``TOKEN_CHUNK`` (filled with ``fill``)."""
+    padded_len = -(-values.shape[0] // TOKEN_CHUNK) * TOKEN_CHUNK
+    out = values.new_full((padded_len, *values.shape[1:]), fill)
+    out[: values.shape[0]] = values
+    return out
+
+
+def _token_chunks(hidden: torch.Tensor):
+    """Yield ``(rows, hidden_rows)``: a slice of ``TOKEN_CHUNK`` tokens and their fp32 hidden states."""
+    for start in range(0, hidden.shape[0], TOKEN_CHUNK):
+        rows = slice(start, start + TOKEN_CHUNK)
+        hidden_rows = hidden.new_zeros((TOKEN_CHUNK, hidden.shape[1]), dtype=torch.float32)
+        chunk = hidden[rows]
+        hidden_rows[: chunk.shape[0]] = chunk
+        yield rows, hidden_rows
+
+
+def _vocab_chunks(weight: torch.Tensor, inv_temperature: float):
+    """Yield ``(start, stop, weight_rows)``: one vocabulary chunk's fp32 weight rows divided by tau."""
+    for start in range(0, weight.shape[0], VOCAB_CHUNK):
+        stop = min(start + VOCAB_CHUNK, weight.shape[0])
+        yield start, stop, weight[start:stop].float() * inv_temperature  # a copy even for fp32
+
+
+def _target_columns(targets: torch.Tensor, v_start: int, v_stop: int):
+    """Column of each token's target inside vocab chunk [v_start, v_stop), and whether it is there."""
+    local = targets - v_start
+    inside = (local >= 0) & (local < v_stop - v_start)
+    return local.clamp(0, v_stop - v_start - 1), inside
+
+
+def chunked_forward(hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp):
+    """Per-token ``(logp, entropy | None, mean_logp | None, lse)`` in fp32; see the module docstring."""
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
+    inv_temperature = 1.0 / temperature
+    padded_targets = _pad_rows(targets, -1)
+    # per token: running max m, sum exp(z - m), sum exp(z - m) * (z - m), sum z, target logit
+    stats = hidden.new_zeros((5, padded_targets.shape[0]), dtype=torch.float32)
+    stats[0] = torch.finfo(torch.float32).min  # finite, so (m_old - m_new) * 0 stays 0 on the first chunk
+    running_max, sum_exp, shifted_sum, logit_sum, target_logit = stats
+    for v_start, v_stop, weight_rows in _vocab_chunks(weight, inv_temperature):
+        for rows, hidden_rows in _token_chunks(hidden):
+            logits = hidden_rows @ weight_rows.T
+            columns, inside = _target_columns(padded_targets[rows], v_start, v_stop)
+            target_logit[rows] += torch.where(inside, logits.gather(1, columns[:, None])[:, 0], 0.0)
+            if with_mean_logp:
+                logit_sum[rows] += logits.sum(dim=1)
+            m_old = running_max[rows]
+            m_new = torch.maximum(m_old, logits.amax(dim=1))
+            rescale = torch.exp(m_old - m_new)
+            shifted = logits.sub_(m_new[:, None])
+            exps = torch.exp(shifted)
+            if with_entropy:  # carry sum exp(z - m) * (z - m) over to the new max, then add this chunk
+                shifted_sum[rows] = rescale * (shifted_sum[rows] + (m_old - m_new) * sum_exp[rows])
+                shifted_sum[rows] += torch.linalg.vecdot(exps, shifted)
+            sum_exp[rows] = rescale * sum_exp[rows] + exps.sum(dim=1)
+            running_max[rows] = m_new
+    stats = stats[:, :num_tokens]
+    running_max, sum_exp, shifted_sum, logit_sum, target_logit = stats
+    valid = targets != ignore_index
+    lse = running_max + torch.log(sum_exp)
+    logp = torch.where(valid, target_logit - lse, 0.0)
+    entropy = torch.where(valid, torch.log(sum_exp) - shifted_sum / sum_exp, 0.0) if with_entropy else None
+    mean_logp = torch.where(valid, logit_sum / vocab - lse, 0.0) if with_mean_logp else None
+    return logp, entropy, mean_logp, lse
+
+
+def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature):
+    """fp32 gradients of hidden and weight; the output gradients must already be zero on ignored rows."""
+    vocab = weight.shape[0]
+    inv_temperature = 1.0 / temperature
+    targets, lse, grad_logp = _pad_rows(targets, -1), _pad_rows(lse), _pad_rows(grad_logp)
+    if grad_entropy is not None:
+        entropy, grad_entropy = _pad_rows(entropy), _pad_rows(grad_entropy)
+    if grad_mean_logp is not None:
+        grad_mean_logp = _pad_rows(grad_mean_logp)
+    grad_hidden = torch.zeros((targets.shape[0], hidden.shape[1]), dtype=torch.float32, device=hidden.device)
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    for v_start, v_stop, weight_rows in _vocab_chunks(weight, inv_temperature):
+        for rows, hidden_rows in _token_chunks(hidden):
+            log_probs = (hidden_rows @ weight_rows.T).sub_(lse[rows, None])
+            probs = torch.exp(log_probs)
+            # sum of every -p_j coefficient: d logp_t/dz = onehot(t) - p, d mean_j(log p_j)/dz = 1/V - p,
+            # dH/dz = -p (log p + H)
+            p_coef = grad_logp[rows]
+            if grad_mean_logp is not None:
+                p_coef = p_coef + grad_mean_logp[rows]
+            if grad_entropy is not None:
+                dlogits = log_probs.add_(entropy[rows, None]).mul_(grad_entropy[rows, None]).add_(p_coef[:, None])
+                dlogits.mul_(probs).neg_()
+            else:
+                dlogits = probs.mul_(-p_coef[:, None])
+            if grad_mean_logp is not None:
+                dlogits += grad_mean_logp[rows, None] / vocab
+            columns, inside = _target_columns(targets[rows], v_start, v_stop)
+            dlogits.scatter_add_(1, columns[:, None], torch.where(inside, grad_logp[rows], 0.0)[:, None])
+            grad_hidden[rows] += dlogits @ weight_rows  # weight_rows already carries 1/tau
+            grad_weight[v_start:v_stop] += (dlogits.T @ hidden_rows).mul_(inv_temperature)
+    return grad_hidden[: hidden.shape[0]], grad_weight
+
+
+class ChunkedLinearStats(torch.autograd.Function):
+    """Autograd wrapper: ``(logp, entropy | None, mean_logp | None)``, recomputing tiles in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp):
+        logp, entropy, mean_logp, lse = chunked_forward(
+            hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp
+        )
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        return logp, entropy, mean_logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, grad_mean_logp):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        valid = targets != ctx.ignore_index
+
+        def masked(grad):
+            return None if grad is None else torch.where(valid, grad.float(), 0.0)
+
+        grad_logp = masked(grad_logp) if grad_logp is not None else torch.zeros_like(lse)
+        grad_hidden, grad_weight = chunked_backward(
+            hidden, weight, targets, lse, entropy, grad_logp, masked(grad_entropy), masked(grad_mean_logp),
+            ctx.temperature,
+        )
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None

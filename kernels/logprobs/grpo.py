@@ -1,0 +1,84 @@
+"""GRPO / DAPO policy loss straight from the LM head's hidden states (method.md section 2).
+
+Log-probs (and the entropy, only when ``entropy_coef != 0``) come from the fused
+:func:`linear_logprobs`; the per-token math lives in :mod:`.policy_math`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..utils.checks import FLOAT_DTYPES, check_tensor
+from .linear_logprobs import linear_logprobs
+from .policy_math import aggregate_tokens, clip_fractions, k3_kl, masked_mean, policy_loss_per_token
+
+
+def _check_per_token(name, value, num_tokens, device, dtypes=FLOAT_DTYPES):
+    check_tensor(name, value, ndim=1, dtypes=dtypes)
+    if value.shape[0] != num_tokens:
+        raise ValueError(f"{name} must have one entry per token ({num_tokens}), got shape {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but hidden is on {device}")
+
+
+def _check_grpo_args(hidden, advantages, old_logprobs, mask, ref_logprobs, clip_low, clip_high, dual_clip,
+                     kl_coef, num_tokens):
+    check_tensor("hidden", hidden, ndim=2)
+    count, device = hidden.shape[0], hidden.device
+    _check_per_token("advantages", advantages, count, device)
+    _check_per_token("old_logprobs", old_logprobs, count, device)
+    _check_per_token("mask", mask, count, device, dtypes=(torch.bool, *FLOAT_DTYPES))
+    if ref_logprobs is not None:
+        _check_per_token("ref_logprobs", ref_logprobs, count, device)
+    elif kl_coef != 0:
+        raise ValueError(f"ref_logprobs must be given when kl_coef is not 0 (kl_coef={kl_coef})")
+    if not 0.0 <= clip_low < 1.0:
+        raise ValueError(f"clip_low must lie in [0, 1), got {clip_low}")
+    if not clip_high >= 0.0:
+        raise ValueError(f"clip_high must be >= 0, got {clip_high}")
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
+    if isinstance(num_tokens, torch.Tensor) and num_tokens.dim() > 0:
+        _check_per_token("num_tokens", num_tokens, count, device, dtypes=(torch.int32, torch.int64, *FLOAT_DTYPES))
+    elif num_tokens is not None and not float(num_tokens) > 0:
+        raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
+
+
+def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, ref_logprobs=None, clip_low=0.2,
+              clip_high=0.28, dual_clip=None, kl_coef=0.0, entropy_coef=0.0, temperature=1.0, num_tokens=None):
+    """Clipped-surrogate GRPO loss with optional dual clip, k3 KL and entropy bonus.
+
+    Per token (``mask`` selects response tokens; all per-token arguments are ``(T,)``):
+    ``l_t = pg_t + kl_coef * k3(ref_t, logp_t) - entropy_coef * H_t`` with ``pg_t`` from
+    :func:`policy_loss_per_token`. The loss is ``sum_t mask_t * l_t / n_t`` (see
+    :func:`aggregate_tokens`): ``num_tokens=None`` is the local token mean, a number is the
+    global token count over all ranks, a ``(T,)`` tensor of ``num_sequences * len(seq(t))``
+    gives the mean of per-sequence means.
+
+    Returns ``(loss, metrics)``; metrics are detached masked means over local tokens:
+    ``ratio_mean``, ``clip_frac_low``, ``clip_frac_high``, ``kl_mean`` (when ``ref_logprobs``
+    is given) and ``entropy_mean`` (when ``entropy_coef != 0``: entropy is computed only then).
+    """
+    _check_grpo_args(hidden, advantages, old_logprobs, mask, ref_logprobs, clip_low, clip_high, dual_clip,
+                     kl_coef, num_tokens)
+    with_entropy = entropy_coef != 0
+    logp = linear_logprobs(hidden, weight, targets, temperature, return_entropy=with_entropy)
+    if with_entropy:
+        logp, entropy = logp
+    advantages = advantages.float()
+    per_token, ratio = policy_loss_per_token(logp, old_logprobs.float(), advantages, clip_low, clip_high, dual_clip)
+    metrics = {}
+    if ref_logprobs is not None:
+        kl = k3_kl(logp, ref_logprobs.float())
+        if kl_coef != 0:
+            per_token = per_token + kl_coef * kl
+        metrics["kl_mean"] = masked_mean(kl.detach(), mask)
+    if with_entropy:
+        per_token = per_token - entropy_coef * entropy
+        metrics["entropy_mean"] = masked_mean(entropy.detach(), mask)
+    loss = aggregate_tokens(per_token, mask, num_tokens)
+    clipped_low, clipped_high = clip_fractions(ratio.detach(), advantages, clip_low, clip_high)
+    metrics["ratio_mean"] = masked_mean(ratio.detach(), mask)
+    metrics["clip_frac_low"] = masked_mean(clipped_low, mask)
+    metrics["clip_frac_high"] = masked_mean(clipped_high, mask)
+    return loss, metrics

@@ -1,0 +1,327 @@
+"""Fused LM head: per-token log-probs, entropy and mean log-prob without the T x V logits.
+
+For hidden states ``h`` (T, d), head weight ``W`` (V, d), temperature ``tau`` and target ``t``:
+
+    z = h W^T / tau                     logits, one (BLOCK_T, BLOCK_V) tile at a time, fp32
+    L = logsumexp_j z_j                 online over vocabulary tiles (running max m)
+    logp_t = z_t - L
+    H = -sum_j p_j log p_j = log s - a / s,   s = sum_j e^(z_j - m),  a = sum_j e^(z_j - m) (z_j - m)
+    mean_logp = (1/V) sum_j z_j - L     (label smoothing needs it)
+
+``a`` is carried relative to the running max (``a <- e^(m - m') (a + (m - m') s)``), so
+the entropy never subtracts two numbers of the logits' size: logits of 1e4 stay exact.
+
+Backward recomputes every tile and forms the logit gradient in fast memory:
+
+    dz_j = g_logp (1[j = t] - p_j)  -  g_H p_j (log p_j + H)  +  g_mean (1/V - p_j)
+    dh = (dz W) / tau,   dW = (dz^T h) / tau
+
+Determinism without atomics: d(hidden) comes from a kernel over token blocks and d(weight)
+from a kernel over vocabulary tiles. Each program owns the rows it writes and walks the
+other axis in a fixed order, so both gradients are bitwise reproducible. The price is one
+extra recompute of the logits (4 GEMM-sized passes in backward instead of 3); per-token-block
+partial d(weight) buffers would instead cost (T / BLOCK_T) x V x d floats, far too much at
+120K tokens. Tile sizes depend on d only, never on T, so a token's outputs are the same bits
+whatever else is in the batch. CPU tensors take the chunked PyTorch path (:mod:`.chunked`)
+unless the Triton interpreter is on.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backend import select_backend
+from ..utils.checks import FLOAT_DTYPES, check_same_device, check_tensor
+from ..utils.compile_spec import CompileSpec
+from .chunked import ChunkedLinearStats
+
+_TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@triton.jit
+def _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
+                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 (BLOCK_T, BLOCK_V) tile of h W^T / tau; masked rows and columns read as zero."""
+    acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        dim_in = dims < D
+        h = tl.load(hidden_ptr + rows[:, None] * D + dims[None, :], mask=row_in[:, None] & dim_in[None, :], other=0.0)
+        w = tl.load(weight_ptr + cols[:, None] * D + dims[None, :], mask=col_in[:, None] & dim_in[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
+    return acc * inv_temperature
+
+
+@triton.jit
+def _dlogits_tile(z, cols, col_in, target, lse, entropy, g_logp, g_entropy, g_mean, V,
+                  WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr):
+    """Gradient of the per-token outputs with respect to the (tempered) logits tile."""
+    log_p = z - lse[:, None]
+    p = tl.where(col_in[None, :], tl.exp(log_p), 0.0)
+    dz = tl.where(cols[None, :] == target[:, None], g_logp[:, None], 0.0) - g_logp[:, None] * p
+    if WITH_ENTROPY_GRAD:
+        dz -= g_entropy[:, None] * p * (log_p + entropy[:, None])
+    if WITH_MEAN_GRAD:
+        dz += g_mean[:, None] * (tl.where(col_in[None, :], 1.0 / V, 0.0) - p)
+    return dz
+
+
+@triton.jit
+def _forward_kernel(hidden_ptr, weight_ptr, targets_ptr, logp_ptr, entropy_ptr, mean_logp_ptr, lse_ptr,
+                    T, V, D, inv_temperature, ignore_index,
+                    WITH_ENTROPY: tl.constexpr, WITH_MEAN: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_in = rows < T
+    target = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index)
+    running_max = tl.full((BLOCK_T,), -3.0e38, dtype=tl.float32)  # finite: (m - m') * 0 stays 0
+    sum_exp = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    shifted_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    logit_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_in = cols < V
+        z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
+                         BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)
+        new_max = tl.maximum(running_max, tl.max(tl.where(col_in[None, :], z, -3.0e38), axis=1))
+        rescale = tl.exp(running_max - new_max)
+        shifted = z - new_max[:, None]
+        exps = tl.where(col_in[None, :], tl.exp(shifted), 0.0)
+        if WITH_ENTROPY:
+            shifted_sum = rescale * (shifted_sum + (running_max - new_max) * sum_exp) + tl.sum(exps * shifted, axis=1)
+        sum_exp = rescale * sum_exp + tl.sum(exps, axis=1)
+        running_max = new_max
+        if WITH_MEAN:
+            logit_sum += tl.sum(tl.where(col_in[None, :], z, 0.0), axis=1)
+        target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
+    valid = target != ignore_index
+    log_sum_exp = tl.log(sum_exp)
+    lse = running_max + log_sum_exp
+    tl.store(lse_ptr + rows, lse, mask=row_in)
+    tl.store(logp_ptr + rows, tl.where(valid, target_logit - lse, 0.0), mask=row_in)
+    if WITH_ENTROPY:
+        tl.store(entropy_ptr + rows, tl.where(valid, log_sum_exp - shifted_sum / sum_exp, 0.0), mask=row_in)
+    if WITH_MEAN:
+        tl.store(mean_logp_ptr + rows, tl.where(valid, logit_sum / V - lse, 0.0), mask=row_in)
+
+
+@triton.jit
+def _backward_hidden_kernel(hidden_ptr, weight_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr,
+                            grad_entropy_ptr, grad_mean_ptr, grad_hidden_ptr,
+                            T, V, D, inv_temperature, ignore_index,
+                            WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per token block: d(hidden) rows += dz W over every vocabulary tile, in order."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_in = rows < T
+    target = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index)
+    valid = row_in & (target != ignore_index)
+    lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+    g_logp = tl.load(grad_logp_ptr + rows, mask=valid, other=0.0) * inv_temperature
+    g_entropy = g_logp
+    entropy = g_logp
+    g_mean = g_logp
+    if WITH_ENTROPY_GRAD:
+        g_entropy = tl.load(grad_entropy_ptr + rows, mask=valid, other=0.0) * inv_temperature
+        entropy = tl.load(entropy_ptr + rows, mask=row_in, other=0.0)
+    if WITH_MEAN_GRAD:
+        g_mean = tl.load(grad_mean_ptr + rows, mask=valid, other=0.0) * inv_temperature
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_in = cols < V
+        z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
+                         BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)
+        dz = _dlogits_tile(z, cols, col_in, target, lse, entropy, g_logp, g_entropy, g_mean, V,
+                           WITH_ENTROPY_GRAD, WITH_MEAN_GRAD).to(weight_ptr.dtype.element_ty)
+        for d0 in range(0, D, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            dim_in = dims < D
+            w = tl.load(weight_ptr + cols[:, None] * D + dims[None, :], mask=col_in[:, None] & dim_in[None, :],
+                        other=0.0)
+            out = grad_hidden_ptr + rows[:, None] * D + dims[None, :]
+            out_mask = row_in[:, None] & dim_in[None, :]
+            acc = tl.load(out, mask=out_mask, other=0.0)
+            tl.store(out, tl.dot(dz, w, acc, input_precision=PRECISION), mask=out_mask)
+
+
+@triton.jit
+def _backward_weight_kernel(hidden_ptr, weight_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr,
+                            grad_entropy_ptr, grad_mean_ptr, grad_weight_ptr,
+                            T, V, D, inv_temperature, ignore_index,
+                            WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                            BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per vocabulary tile: d(weight) rows += dz^T h over every token block, in order."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_in = cols < V
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        row_in = rows < T
+        target = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index)
+        valid = row_in & (target != ignore_index)
+        lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+        g_logp = tl.load(grad_logp_ptr + rows, mask=valid, other=0.0) * inv_temperature
+        g_entropy = g_logp
+        entropy = g_logp
+        g_mean = g_logp
+        if WITH_ENTROPY_GRAD:
+            g_entropy = tl.load(grad_entropy_ptr + rows, mask=valid, other=0.0) * inv_temperature
+            entropy = tl.load(entropy_ptr + rows, mask=row_in, other=0.0)
+        if WITH_MEAN_GRAD:
+            g_mean = tl.load(grad_mean_ptr + rows, mask=valid, other=0.0) * inv_temperature
+        z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
+                         BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)
+        dz = _dlogits_tile(z, cols, col_in, target, lse, entropy, g_logp, g_entropy, g_mean, V,
+                           WITH_ENTROPY_GRAD, WITH_MEAN_GRAD).to(hidden_ptr.dtype.element_ty)
+        for d0 in range(0, D, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            dim_in = dims < D
+            h = tl.load(hidden_ptr + rows[:, None] * D + dims[None, :], mask=row_in[:, None] & dim_in[None, :],
+                        other=0.0)
+            out = grad_weight_ptr + cols[:, None] * D + dims[None, :]
+            out_mask = col_in[:, None] & dim_in[None, :]
+            acc = tl.load(out, mask=out_mask, other=0.0)
+            tl.store(out, tl.dot(tl.trans(dz), h, acc, input_precision=PRECISION), mask=out_mask)
+
+
+def block_config(dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and launch options for hidden size ``dim`` (never a function of T)."""
+    block_d = min(64, max(16, triton.next_power_of_2(dim)))
+    return {
+        "BLOCK_T": 64,
+        "BLOCK_V": 128,
+        "BLOCK_D": block_d if dtype != torch.float32 else min(block_d, 32),
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",  # fp32 inputs: no silent tf32 rounding
+        "num_warps": 8,
+        "num_stages": 3,
+    }
+
+
+def _launch_options(config: dict) -> tuple[dict, dict]:
+    constexprs = {k: config[k] for k in ("BLOCK_T", "BLOCK_V", "BLOCK_D", "PRECISION")}
+    launch = {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+    return constexprs, launch
+
+
+class _TritonLinearStats(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels: ``(logp, entropy | None, mean_logp | None)``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp):
+        num_tokens, dim = hidden.shape
+        vocab = weight.shape[0]
+        constexprs, launch = _launch_options(block_config(dim, hidden.dtype))
+        # NaN-filled, so a row the kernel failed to write cannot pass for a result
+        logp, entropy, mean_logp, lse = (
+            torch.full((num_tokens,), float("nan"), dtype=torch.float32, device=hidden.device) for _ in range(4)
+        )
+        grid = (triton.cdiv(num_tokens, constexprs["BLOCK_T"]),)
+        _forward_kernel[grid](
+            hidden, weight, targets, logp, entropy, mean_logp, lse,
+            num_tokens, vocab, dim, 1.0 / temperature, ignore_index,
+            WITH_ENTROPY=with_entropy, WITH_MEAN=with_mean_logp, **constexprs, **launch,
+        )
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        return logp, entropy if with_entropy else None, mean_logp if with_mean_logp else None
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, grad_mean_logp):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        num_tokens, dim = hidden.shape
+        vocab = weight.shape[0]
+        constexprs, launch = _launch_options(block_config(dim, hidden.dtype))
+        zeros = torch.zeros_like(lse)
+        grads = [zeros if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy, grad_mean_logp)]
+        common = (hidden, weight, targets, lse, entropy, *grads)
+        scalars = (num_tokens, vocab, dim, 1.0 / ctx.temperature, ctx.ignore_index)
+        flags = {"WITH_ENTROPY_GRAD": grad_entropy is not None, "WITH_MEAN_GRAD": grad_mean_logp is not None}
+        grad_hidden = torch.zeros((num_tokens, dim), dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=weight.device)
+        _backward_hidden_kernel[(triton.cdiv(num_tokens, constexprs["BLOCK_T"]),)](
+            *common, grad_hidden, *scalars, **flags, **constexprs, **launch
+        )
+        _backward_weight_kernel[(triton.cdiv(vocab, constexprs["BLOCK_V"]),)](
+            *common, grad_weight, *scalars, **flags, **constexprs, **launch
+        )
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None
+
+
+def check_logprob_inputs(hidden, weight, targets, temperature, ignore_index):
+    """Validate the shared inputs of the fused LM-head ops (ValueError naming the argument)."""
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("targets", targets, ndim=1, dtypes=(torch.int32, torch.int64))
+    check_same_device(hidden=hidden, weight=weight, targets=targets)
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight.shape[1] must equal hidden.shape[1] ({hidden.shape[1]}), got {tuple(weight.shape)}")
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"targets must have one entry per token ({hidden.shape[0]}), got {tuple(targets.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one vocabulary row, got shape (0, d)")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    in_use = targets != ignore_index
+    if bool(((targets < 0) | (targets >= weight.shape[0]))[in_use].any()):
+        bad = targets[in_use & ((targets < 0) | (targets >= weight.shape[0]))][:4].tolist()
+        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}, got {bad}")
+
+
+def fused_linear_stats(hidden, weight, targets, temperature=1.0, ignore_index=-100,
+                       with_entropy=False, with_mean_logp=False):
+    """``(logp, entropy | None, mean_logp | None)`` per token, fp32, from either backend.
+
+    All outputs are 0 (and pass no gradient) at rows whose target is ``ignore_index``.
+    """
+    check_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
+    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.to(torch.int64).contiguous()
+    args = (hidden, weight, targets, float(temperature), int(ignore_index), bool(with_entropy), bool(with_mean_logp))
+    if select_backend(hidden.device) == "triton":
+        return _TritonLinearStats.apply(*args)
+    return ChunkedLinearStats.apply(*args)
+
+
+def linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, ignore_index=-100):
+    """fp32 ``log softmax(hidden @ weight.T / temperature)[target]`` per token, without the logits.
+
+    hidden ``(T, d)``, weight ``(V, d)`` of the same float dtype, targets ``(T,)`` int. Returns
+    ``logp (T,)`` or, with ``return_entropy``, ``(logp, entropy)``; both are 0 at rows whose
+    target is ``ignore_index`` and differentiable with respect to hidden and weight.
+    """
+    logp, entropy, _ = fused_linear_stats(hidden, weight, targets, temperature, ignore_index, return_entropy)
+    return (logp, entropy) if return_entropy else logp
+
+
+def compile_specs() -> list[CompileSpec]:
+    """One build per kernel, input dtype and flag combination the launcher may pick (d = 3584, 5120)."""
+    specs = []
+    pointer_args = ("hidden_ptr", "weight_ptr")
+    scalars = {"T": "i32", "V": "i32", "D": "i32", "inv_temperature": "fp32", "ignore_index": "i32"}
+    for dtype, name in _TRITON_DTYPES.items():
+        constexprs, launch = _launch_options(block_config(4096, dtype))
+        for flag_a in (False, True):
+            for flag_b in (False, True):
+                fwd_sig = {p: f"*{name}" for p in pointer_args} | {"targets_ptr": "*i64"}
+                fwd_sig |= {p: "*fp32" for p in ("logp_ptr", "entropy_ptr", "mean_logp_ptr", "lse_ptr")}
+                fwd_sig |= scalars | {k: "constexpr" for k in ("WITH_ENTROPY", "WITH_MEAN", *constexprs)}
+                specs.append(CompileSpec(
+                    name=f"logprobs_fwd_{name}_ent{int(flag_a)}_mean{int(flag_b)}", fn=_forward_kernel,
+                    signature=fwd_sig, constexprs={"WITH_ENTROPY": flag_a, "WITH_MEAN": flag_b, **constexprs},
+                    **launch,
+                ))
+                for kernel, kind, out in ((_backward_hidden_kernel, "bwd_hidden", "grad_hidden_ptr"),
+                                          (_backward_weight_kernel, "bwd_weight", "grad_weight_ptr")):
+                    bwd_sig = {p: f"*{name}" for p in pointer_args} | {"targets_ptr": "*i64"}
+                    bwd_sig |= {p: "*fp32" for p in ("lse_ptr", "entropy_ptr", "grad_logp_ptr", "grad_entropy_ptr",
+                                                     "grad_mean_ptr", out)}
+                    bwd_sig |= scalars | {k: "constexpr" for k in ("WITH_ENTROPY_GRAD", "WITH_MEAN_GRAD", *constexprs)}
+                    specs.append(CompileSpec(
+                        name=f"logprobs_{kind}_{name}_ent{int(flag_a)}_mean{int(flag_b)}",
+                        fn=kernel, signature=bwd_sig,
+                        constexprs={"WITH_ENTROPY_GRAD": flag_a, "WITH_MEAN_GRAD": flag_b, **constexprs}, **launch,
+                    ))
+    return specs

@@ -1,0 +1,241 @@
+"""Fused linear log-probs, entropy and cross-entropy against float64 references on materialized logits.
+
+Both paths run: ``torch`` (the chunked PyTorch implementation, large T and V) and ``triton``
+(the kernels, under the CPU interpreter without a GPU, so small shapes there).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwenlong.kernels import linear_cross_entropy, linear_logprobs
+from qwenlong.kernels.logprobs import chunked
+from qwenlong.kernels.logprobs.linear_logprobs import (
+    _backward_hidden_kernel,
+    _backward_weight_kernel,
+    _forward_kernel,
+    compile_specs,
+    fused_linear_stats,
+)
+from qwenlong.kernels.logprobs.reference import (
+    reference_linear_cross_entropy,
+    reference_linear_logprobs,
+    reference_log_softmax,
+)
+
+IGNORE = -100
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# forward: absolute tolerance on log-probs / entropy; backward: max error relative to the largest gradient
+FWD_ATOL = {torch.float32: 1e-4, torch.bfloat16: 2e-3, torch.float16: 2e-3}
+BWD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+# (T, d, V): V never a multiple of a tile (Triton: 128, chunked: 4096)
+TORCH_SHAPES = [(1, 16, 100), (777, 24, 5003), (3000, 16, 4099)]
+TRITON_SHAPES = [(1, 16, 130), (37, 32, 700), (64, 64, 517)]
+LARGE_VOCAB = {"torch": (64, 8, 70001, torch.bfloat16), "triton": (2, 16, 66001, torch.float32)}
+TEMPERATURES = (1.0, 0.6, 1.5)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("QWENLONG_BACKEND", request.param)
+    return request.param
+
+
+def make_inputs(num_tokens, dim, vocab, dtype, seed, scale=1.0, ignore_frac=0.15, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(num_tokens, dim, generator=gen) * scale).to(device, dtype)
+    weight = (torch.randn(vocab, dim, generator=gen) / dim**0.5).to(device, dtype)
+    targets = torch.randint(0, vocab, (num_tokens,), generator=gen)
+    targets[torch.rand(num_tokens, generator=gen) < ignore_frac] = IGNORE
+    return hidden.requires_grad_(), weight.requires_grad_(), targets.to(device)
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+
+
+def shapes_for(backend):
+    return TORCH_SHAPES if backend == "torch" else TRITON_SHAPES
+
+
+def check_against_reference(num_tokens, dim, vocab, dtype, temperature, seed, device):
+    hidden, weight, targets = make_inputs(num_tokens, dim, vocab, dtype, seed, device=device)
+    logp, entropy = linear_logprobs(hidden, weight, targets, temperature, return_entropy=True, ignore_index=IGNORE)
+    ref_logp, ref_entropy = reference_linear_logprobs(hidden, weight, targets, temperature, True, IGNORE)
+    assert logp.dtype == entropy.dtype == torch.float32 and logp.shape == entropy.shape == (num_tokens,)
+    torch.testing.assert_close(logp.double(), ref_logp, atol=FWD_ATOL[dtype], rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=FWD_ATOL[dtype], rtol=1e-5)
+    ignored = targets == IGNORE
+    assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
+
+    gen = torch.Generator().manual_seed(seed + 7)
+    grad_logp, grad_entropy = torch.randn(2, num_tokens, generator=gen).to(device)
+    grads = torch.autograd.grad((logp * grad_logp + entropy * grad_entropy).sum(), (hidden, weight))
+    ref_grads = torch.autograd.grad((ref_logp * grad_logp + ref_entropy * grad_entropy).sum(), (hidden, weight))
+    for name, got, want in zip(("hidden", "weight"), grads, ref_grads, strict=True):
+        assert got.dtype == dtype and torch.isfinite(got).all(), name
+        assert relative_error(got, want) < BWD_RTOL[dtype], name
+
+
+@pytest.mark.parametrize("shape_index", range(3))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logprobs_and_entropy_match_reference(backend, shape_index, dtype, device):
+    num_tokens, dim, vocab = shapes_for(backend)[shape_index]
+    seed = 1000 * shape_index + DTYPES.index(dtype)
+    check_against_reference(num_tokens, dim, vocab, dtype, TEMPERATURES[shape_index], seed, device)
+
+
+def test_vocabulary_above_65536(backend, device):
+    num_tokens, dim, vocab, dtype = LARGE_VOCAB[backend]
+    check_against_reference(num_tokens, dim, vocab, dtype, 0.75, seed=99, device=device)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_logprobs_alone_skip_entropy_and_match(backend, dtype, device):
+    num_tokens, dim, vocab = shapes_for(backend)[1]
+    hidden, weight, targets = make_inputs(num_tokens, dim, vocab, dtype, seed=5, device=device)
+    logp, entropy, mean_logp = fused_linear_stats(hidden, weight, targets, 0.7, IGNORE)
+    assert entropy is None and mean_logp is None
+    ref_logp = reference_linear_logprobs(hidden, weight, targets, 0.7, ignore_index=IGNORE)
+    torch.testing.assert_close(logp.double(), ref_logp, atol=FWD_ATOL[dtype], rtol=1e-5)
+    grads = torch.autograd.grad(logp.sum(), (hidden, weight))
+    ref_grads = torch.autograd.grad(ref_logp.sum(), (hidden, weight))
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert relative_error(got, want) < BWD_RTOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_extreme_logits_stay_finite(backend, dtype, device):
+    """Hidden states that make logits of magnitude ~1e4: no overflow, still accurate."""
+    hidden, weight, targets = make_inputs(24, 16, 600, dtype, seed=11, scale=1e4, device=device)
+    logits = reference_log_softmax(hidden, weight)
+    assert logits.abs().max() > 1e4
+    logp, entropy = linear_logprobs(hidden, weight, targets, return_entropy=True)
+    ref_logp, ref_entropy = reference_linear_logprobs(hidden, weight, targets, return_entropy=True)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    torch.testing.assert_close(logp.double(), ref_logp, atol=0.05, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=1e-3, rtol=0)
+    grads = torch.autograd.grad((logp + entropy).sum(), (hidden, weight))
+    ref_grads = torch.autograd.grad((ref_logp + ref_entropy).sum(), (hidden, weight))
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(got).all()
+        assert relative_error(got, want) < BWD_RTOL[dtype]
+
+
+@pytest.mark.parametrize("label_smoothing", (0.0, 0.1))
+@pytest.mark.parametrize("reduction", ("mean", "sum", "none"))
+def test_cross_entropy_matches_torch(backend, reduction, label_smoothing, device):
+    num_tokens, dim, vocab = (500, 16, 3001) if backend == "torch" else (37, 32, 700)
+    hidden, weight, targets = make_inputs(num_tokens, dim, vocab, torch.float32, seed=21, device=device)
+    loss = linear_cross_entropy(hidden, weight, targets, IGNORE, reduction, label_smoothing)
+    ref = reference_linear_cross_entropy(hidden, weight, targets, IGNORE, reduction, label_smoothing)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-4, rtol=1e-5)
+    upstream = torch.ones_like(ref) if reduction != "none" else torch.linspace(-1, 1, num_tokens).double()
+    grads = torch.autograd.grad(loss, (hidden, weight), upstream.float())
+    ref_grads = torch.autograd.grad(ref, (hidden, weight), upstream)
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert relative_error(got, want) < 1e-4
+
+
+def test_cross_entropy_bf16_with_smoothing(backend, device):
+    hidden, weight, targets = make_inputs(40, 32, 700, torch.bfloat16, seed=31, device=device)
+    loss = linear_cross_entropy(hidden, weight, targets, label_smoothing=0.2)
+    ref = reference_linear_cross_entropy(hidden, weight, targets, label_smoothing=0.2)
+    torch.testing.assert_close(loss.double(), ref, atol=2e-3, rtol=1e-4)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert relative_error(got, want) < BWD_RTOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_batch_invariance(backend, dtype, device):
+    """A token's outputs and hidden gradient are the same bits alone and inside a larger batch."""
+    num_tokens = 1100 if backend == "torch" else 50  # torch: the token sits in the 2nd, partial chunk
+    position = 700 if backend == "torch" else 37
+    hidden, weight, targets = make_inputs(num_tokens, 32, 700, dtype, seed=41, ignore_frac=0.0, device=device)
+
+    def outputs(rows):
+        h = hidden.detach()[rows].clone().requires_grad_()
+        logp, entropy = linear_logprobs(h, weight.detach(), targets[rows], 0.8, return_entropy=True)
+        (grad_hidden,) = torch.autograd.grad((logp + entropy).sum(), h)
+        return logp, entropy, grad_hidden
+
+    batch = outputs(slice(None))
+    alone = outputs(slice(position, position + 1))
+    for in_batch, single in zip(batch, alone, strict=True):
+        assert torch.equal(in_batch[position : position + 1], single)
+
+
+def test_every_row_written_and_ignored_rows_pass_no_gradient(backend, device):
+    hidden, weight, targets = make_inputs(45, 16, 300, torch.float32, seed=51, ignore_frac=0.5, device=device)
+    logp, entropy = linear_logprobs(hidden, weight, targets, return_entropy=True)
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    (grad_hidden,) = torch.autograd.grad((logp + entropy).sum(), hidden)
+    ignored = targets == IGNORE
+    assert ignored.any() and (grad_hidden[ignored] == 0).all() and (grad_hidden[~ignored] != 0).any()
+
+
+def test_chunk_boundaries_on_torch_path(monkeypatch):
+    """Tiny chunk sizes: many partial token and vocabulary chunks still give the reference."""
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")
+    monkeypatch.setattr(chunked, "TOKEN_CHUNK", 7)
+    monkeypatch.setattr(chunked, "VOCAB_CHUNK", 13)
+    hidden, weight, targets = make_inputs(30, 8, 101, torch.float32, seed=61)
+    logp, entropy = linear_logprobs(hidden, weight, targets, 1.3, return_entropy=True)
+    ref_logp, ref_entropy = reference_linear_logprobs(hidden, weight, targets, 1.3, True)
+    torch.testing.assert_close(logp.double(), ref_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad((logp - 2 * entropy).sum(), (hidden, weight))
+    ref_grads = torch.autograd.grad((ref_logp - 2 * ref_entropy).sum(), (hidden, weight))
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert relative_error(got, want) < 1e-5
+
+
+def _bad_inputs():
+    hidden, weight, targets = make_inputs(6, 8, 20, torch.float32, seed=71, ignore_frac=0.0)
+    hidden, weight = hidden.detach(), weight.detach()
+    out_of_range = targets.clone()
+    out_of_range[2] = 20
+    negative = targets.clone()
+    negative[0] = -1
+    return [
+        ("hidden", dict(hidden=hidden[0])),
+        ("hidden", dict(hidden=hidden.long())),
+        ("weight", dict(weight=weight[:, :4])),
+        ("weight", dict(weight=weight.double())),
+        ("weight", dict(weight=weight.half())),
+        ("weight", dict(weight=weight.to("meta"))),
+        ("targets", dict(targets=targets[:5])),
+        ("targets", dict(targets=targets.float())),
+        ("targets", dict(targets=out_of_range)),
+        ("targets", dict(targets=negative)),
+        ("temperature", dict(temperature=0.0)),
+    ], dict(hidden=hidden, weight=weight, targets=targets)
+
+
+@pytest.mark.parametrize("case", range(11))
+def test_bad_input_names_the_argument(backend, case):
+    cases, good = _bad_inputs()
+    name, change = cases[case]
+    with pytest.raises(ValueError, match=name):
+        linear_logprobs(**(good | change))
+
+
+@pytest.mark.parametrize("change", [dict(reduction="avg"), dict(label_smoothing=1.5)])
+def test_cross_entropy_bad_options(change):
+    _, good = _bad_inputs()
+    with pytest.raises(ValueError, match=next(iter(change))):
+        linear_cross_entropy(**good, **change)
+
+
+def test_compile_specs_match_kernel_signatures():
+    specs = compile_specs()
+    kernels = {_forward_kernel, _backward_hidden_kernel, _backward_weight_kernel}
+    assert {spec.fn for spec in specs} == kernels
+    assert {spec.signature["hidden_ptr"] for spec in specs} == {"*bf16", "*fp16", "*fp32"}
+    for spec in specs:
+        assert list(spec.signature) == list(spec.fn.arg_names), spec.name
+        constexprs = {name for name, kind in spec.signature.items() if kind == "constexpr"}
+        assert constexprs == set(spec.constexprs), spec.name
