@@ -218,6 +218,7 @@ def tiny_chat_model():
     return Qwen2ForCausalLM(config).eval(), tokenizer
 
 
+@pytest.mark.slow  # imports transformers' Qwen2 model
 def test_local_hf_judge_plumbing(tiny_chat_model, monkeypatch):
     model, tokenizer = tiny_chat_model
     judge = LocalHFJudge(model, tokenizer, max_new_tokens=4)

@@ -9,6 +9,7 @@ instruction always survive intact; the result has the same token budget.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from qwenlong.data.prompt import apply_chat_template, record_prompt
@@ -44,9 +45,16 @@ def truncate_middle(tokenizer: Any, text: str, max_tokens: int) -> str:
     return tokenizer.decode(truncate_middle_ids(ids, max_tokens))
 
 
-def fit_prompt(tokenizer: Any, record: DocQARecord, max_input_tokens: int, *, chat: bool = True) -> str:
+@dataclass(frozen=True)
+class FittedPrompt:
+    text: str
+    num_tokens: int
+    truncated: bool
+
+
+def fit_prompt_report(tokenizer: Any, record: DocQARecord, max_input_tokens: int, *, chat: bool = True) -> FittedPrompt:
     """The record's prompt (chat-templated when ``chat``), its document cut in the middle so
-    the whole input is at most ``max_input_tokens`` tokens.
+    the whole input is at most ``max_input_tokens`` tokens; with its length and whether it was cut.
 
     Records that arrive as a rendered prompt (no separate document) are cut as a whole.
     """
@@ -57,9 +65,10 @@ def fit_prompt(tokenizer: Any, record: DocQARecord, max_input_tokens: int, *, ch
     full = render(None)
     total = count_tokens(tokenizer, full)
     if total <= max_input_tokens:
-        return full
+        return FittedPrompt(full, total, False)
     if record.prompt is not None:
-        return truncate_middle(tokenizer, full, max_input_tokens)
+        text = truncate_middle(tokenizer, full, max_input_tokens)
+        return FittedPrompt(text, count_tokens(tokenizer, text), True)
     overhead = count_tokens(tokenizer, render(""))
     doc_budget = max_input_tokens - overhead
     if doc_budget <= 0:
@@ -68,7 +77,12 @@ def fit_prompt(tokenizer: Any, record: DocQARecord, max_input_tokens: int, *, ch
     # Token counts are not exactly additive at the seams; shrink until the whole fits.
     while True:
         fitted = render(truncate_middle(tokenizer, record.document, doc_budget))
-        excess = count_tokens(tokenizer, fitted) - max_input_tokens
-        if excess <= 0:
-            return fitted
-        doc_budget -= excess
+        length = count_tokens(tokenizer, fitted)
+        if length <= max_input_tokens:
+            return FittedPrompt(fitted, length, True)
+        doc_budget -= length - max_input_tokens
+
+
+def fit_prompt(tokenizer: Any, record: DocQARecord, max_input_tokens: int, *, chat: bool = True) -> str:
+    """The text of :func:`fit_prompt_report`."""
+    return fit_prompt_report(tokenizer, record, max_input_tokens, chat=chat).text

@@ -1,0 +1,77 @@
+"""Generate functions for the evaluation: prompts in (the method's template, already fitted
+to the input budget), response texts out. One per way of running a model:
+
+* :func:`hf_generate_fn`: an in-process HF model through the rollout engine (CPU or GPU);
+* :func:`openai_generate_fn`: any OpenAI-compatible server (``vllm serve``, SGLang, an API),
+  which applies the model's chat template itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from qwenlong.data import apply_chat_template
+
+GenerateFn = Callable[[Sequence[str]], list[str]]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The evaluation protocol's sampling (method.md section 5)."""
+
+    max_new_tokens: int = 10_000
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int | None = 0
+
+
+def hf_generate_fn(model: Any, tokenizer: Any, sampling: Sampling = Sampling(), max_batch_size: int = 8) -> GenerateFn:
+    """Generate with a HF causal LM through :class:`qwenlong.rollout.HFGenerateEngine`."""
+    from qwenlong.rollout import HFGenerateEngine, SamplingParams
+
+    eos = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int)]
+    engine = HFGenerateEngine(model, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                              max_batch_size=max_batch_size)
+    params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                            top_p=sampling.top_p, seed=sampling.seed)
+
+    def generate(prompts: Sequence[str]) -> list[str]:
+        ids = [apply_chat_template(tokenizer, p, tokenize=True) for p in prompts]
+        groups = engine.generate(ids, params)
+        return [tokenizer.decode(group[0].token_ids, skip_special_tokens=True) for group in groups]
+
+    return generate
+
+
+def openai_generate_fn(base_url: str, model: str, *, api_key: str | None = None, sampling: Sampling = Sampling(),
+                       max_concurrency: int = 16, timeout: float = 3600.0) -> GenerateFn:
+    """Generate through an OpenAI-compatible ``/chat/completions`` endpoint (bounded concurrency)."""
+    import httpx
+
+    from qwenlong.rewards.judge import run_sync
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def one(client: httpx.AsyncClient, semaphore: asyncio.Semaphore, prompt: str) -> str:
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        async with semaphore:
+            response = await client.post("/chat/completions", json=body)
+        response.raise_for_status()
+        message = response.json()["choices"][0]["message"]
+        # servers with a reasoning parser split the thinking off; put it back where the reward expects it
+        if message.get("reasoning_content"):
+            return f"<think>\n{message['reasoning_content']}\n</think>\n\n{message.get('content') or ''}"
+        return message.get("content") or ""
+
+    async def batch(prompts: Sequence[str]) -> list[str]:
+        semaphore = asyncio.Semaphore(max_concurrency)
+        async with httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout) as client:
+            return list(await asyncio.gather(*(one(client, semaphore, p) for p in prompts)))
+
+    return lambda prompts: run_sync(batch(prompts))

@@ -1,0 +1,144 @@
+"""The DocQA evaluation harness: files -> fitted prompts -> generate -> hybrid reward -> table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from qwenlong.data import (
+    SyntheticConfig,
+    count_tokens,
+    extract_question,
+    generate_records,
+    load_qwen_tokenizer,
+    reference_response,
+    write_jsonl,
+    write_parquet,
+)
+from qwenlong.eval import BENCHMARKS, evaluate, find_benchmark_files, load_benchmark, openai_generate_fn
+from qwenlong.eval.generation import Sampling
+from qwenlong.rewards import HybridReward
+from qwenlong.rewards.judge import Judge
+from qwenlong.rewards.judge.server import ChatServer
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_qwen_tokenizer()
+
+
+def oracle(records, wrong_ids=(), paraphrase_ids=()):
+    """A generate function that answers from the records: right, wrong, or right in other words."""
+    def generate(prompts):
+        out = []
+        for prompt in prompts:  # the document's opening survives middle truncation
+            record = next(r for r in records if r.document[:100] in prompt)
+            if record.id in wrong_ids:
+                out.append("<think>\nguess\n</think>\n\nTherefore, the answer is 7777.")
+            elif record.id in paraphrase_ids:
+                out.append("<think>\nhmm\n</think>\n\nTherefore, the answer is the same as the gold.")
+            else:
+                out.append(reference_response(record))
+        return out
+
+    return generate
+
+
+def test_benchmark_files_to_table(tmp_path, qwen):
+    hotpot = list(generate_records(5, SyntheticConfig(task="retrieval", document_tokens=300), seed=1, tokenizer=qwen))
+    docmath = list(generate_records(4, SyntheticConfig(task="arithmetic", document_tokens=300), seed=2,
+                                    tokenizer=qwen))
+    write_jsonl(hotpot, tmp_path / "hotpotqa.jsonl")
+    write_parquet(docmath, tmp_path / "docmath.parquet")
+    files = find_benchmark_files(tmp_path)
+    assert set(files) == {"hotpotqa", "docmath"}
+    datasets = {BENCHMARKS[k].title: load_benchmark(k, p) for k, p in files.items()}
+    assert all(r.data_source == "docmath" for r in datasets["DocMath"])  # routed to the numeric rule
+
+    generate = oracle(hotpot + docmath, wrong_ids={hotpot[0].id, docmath[1].id, docmath[2].id})
+    report = evaluate(datasets, generate, qwen, batch_size=3, progress=False)
+    accuracy = {b.name: b.accuracy for b in report.benchmarks}
+    assert accuracy == {"HotpotQA": 80.0, "DocMath": 50.0}
+    assert report.average == 65.0
+    assert all(b.truncated == 0 and b.judge_rescued == 0 for b in report.benchmarks)
+
+    report.write(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["average"] == 65.0 and [b["name"] for b in saved["benchmarks"]] == ["DocMath", "HotpotQA"]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| DocMath | HotpotQA | avg |" in table and "| 50.0 | 80.0 | 65.0 |" in table  # the paper's order
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 9 and sum(r["score"] for r in rows) == 6
+
+
+def test_inputs_are_cut_to_the_budget(qwen):
+    records = list(generate_records(3, SyntheticConfig(task="retrieval", document_tokens=3000), seed=4,
+                                    tokenizer=qwen))
+    seen = []
+
+    def generate(prompts):
+        seen.extend(prompts)
+        return oracle(records)(prompts)
+
+    report = evaluate({"Musique": records}, generate, qwen, max_input_tokens=1000, progress=False)
+    assert all(count_tokens(qwen, p) <= 1000 for p in seen)
+    assert [extract_question(p) for p in seen] == [r.question for r in records]
+    (result,) = report.benchmarks
+    assert result.truncated == 3 and result.mean_input_tokens <= 1000
+
+
+class AgreeableJudge(Judge):
+    """An in-process judge that accepts one phrasing."""
+
+    async def _ask(self, session, messages):
+        return "[[YES]]" if "Answer 1: the same as the gold" in messages[-1]["content"] else "[[NO]]"
+
+
+def test_judge_rescues_count_as_accurate(qwen):
+    records = list(generate_records(4, SyntheticConfig(task="retrieval", document_tokens=200), seed=5,
+                                    tokenizer=qwen))
+    generate = oracle(records, wrong_ids={records[0].id}, paraphrase_ids={records[1].id})
+    report = evaluate({"Qasper": records}, generate, qwen, reward=HybridReward(AgreeableJudge()), progress=False)
+    (result,) = report.benchmarks
+    assert (result.accuracy, result.rule_accuracy, result.judge_rescued) == (75.0, 50.0, 1)
+    assert report.judge_metrics["yes"] == 1 and report.judge_metrics["no"] == 1
+
+
+def test_generate_must_return_one_response_per_prompt(qwen):
+    records = list(generate_records(2, SyntheticConfig(document_tokens=100), tokenizer=qwen))
+    with pytest.raises(ValueError, match="generate"):
+        evaluate({"x": records}, lambda prompts: ["only one"], qwen, progress=False)
+
+
+def test_openai_generate_sends_protocol_sampling():
+    seen = []
+
+    def reply(messages, params):
+        seen.append(params)
+        return "<think>x</think> Therefore, the answer is " + messages[-1]["content"][-3:]
+
+    with ChatServer(reply, model="policy") as server:
+        generate = openai_generate_fn(server.url, "policy", sampling=Sampling(max_new_tokens=100), max_concurrency=2)
+        responses = generate(["p-1", "p-2", "p-3"])
+    assert responses == [f"<think>x</think> Therefore, the answer is p-{i}" for i in (1, 2, 3)]
+    assert {(p["temperature"], p["top_p"], p["max_tokens"], p["model"]) for p in seen} == {(0.7, 0.95, 100, "policy")}
+
+
+@pytest.mark.slow
+def test_cli_synthetic_smoke_with_tiny_model(tmp_path):
+    from qwenlong.eval import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--synthetic", "1", "--max-new-tokens", "4", "--out", str(tmp_path), "--no-progress",
+                              "--no-judge"])
+    assert cli.run(args) == 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [b["name"] for b in saved["benchmarks"]] == ["synthetic_copy", "synthetic_retrieval", "synthetic_choice",
+                                                       "synthetic_arithmetic"]
+    assert all(b["num_items"] == 1 and 0 <= b["accuracy"] <= 100 for b in saved["benchmarks"])
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(ValueError, match="exactly one"):
+        cli.run(parser.parse_args(["--api-url", "http://127.0.0.1:1/v1", "--synthetic", "1"]))
