@@ -83,7 +83,9 @@ class ChatServer:
         return Handler
 
     def start(self) -> ChatServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="qwenlong-chat-server", daemon=True)
+        # a short poll interval so stop() returns quickly
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="qwenlong-chat-server",
+                                        daemon=True)
         self._thread.start()
         return self
 
