@@ -95,6 +95,18 @@ def test_same_seed_same_rollouts_and_global_rng_untouched(model):
     assert [c.token_ids for g in other for c in g] != [c.token_ids for g in first for c in g]
 
 
+def test_checkpoint_generation_defaults_do_not_change_sampling():
+    policy = tiny_qwen2(seed=0)
+    policy.generation_config.top_k = 1  # a shipped default that would make sampling greedy
+    policy.generation_config.repetition_penalty = 3.0
+    policy.train()
+    engine = HFGenerateEngine(policy, eos_token_id=EOS)
+    (group,) = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=6, n=8, seed=0))
+    assert len({tuple(c.token_ids) for c in group}) > 1
+    assert policy.generation_config.top_k == 1 and policy.generation_config.repetition_penalty == 3.0
+    assert policy.training  # the caller's mode is restored
+
+
 def test_update_weights_changes_outputs(model):
     policy = tiny_qwen2(seed=0)
     engine = HFGenerateEngine(policy, eos_token_id=EOS)

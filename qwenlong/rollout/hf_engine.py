@@ -4,6 +4,11 @@ Prompts are left-padded into batches (position ids follow the attention mask, so
 prompt is generated exactly like an unpadded one) and each sampled token's log-prob is
 recomputed from the raw logits generate returns: ``log_softmax(logits / temperature)``,
 the same quantity the trainer computes with a teacher-forced forward pass.
+
+Sampling follows temperature and top-p only: the checkpoint's own generation defaults
+(a repetition penalty or top-k shipped in ``generation_config.json``) would move the sampling
+distribution away from the one the trainer's log-probs describe, so they are set aside while
+generating.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+from transformers import GenerationConfig
 
 from qwenlong.rollout.engine import Completion, RolloutEngine, SamplingParams
 
@@ -48,8 +54,9 @@ class HFGenerateEngine(RolloutEngine):
             raise ValueError("prompts: every prompt needs at least one token")
         # prompt i's samples are rows i*n .. i*n+n-1
         rows = [list(prompt) for prompt in prompts for _ in range(params.n)]
-        was_training = self.model.training
+        was_training, own_defaults = self.model.training, self.model.generation_config
         self.model.eval()
+        self.model.generation_config = GenerationConfig()
         try:
             with torch.random.fork_rng(devices=[]):
                 if params.seed is not None:
@@ -59,6 +66,7 @@ class HFGenerateEngine(RolloutEngine):
                     completions += self._generate_batch(rows[start : start + self.max_batch_size], params)
         finally:
             self.model.train(was_training)
+            self.model.generation_config = own_defaults
         return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     def _generate_batch(self, rows: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -76,7 +84,7 @@ class HFGenerateEngine(RolloutEngine):
             do_sample=True,
             temperature=params.temperature,
             top_p=params.top_p,
-            top_k=0,  # no top-k unless asked: sampling must follow temperature and top_p only
+            top_k=0,
             max_new_tokens=params.max_new_tokens,
             eos_token_id=stop_ids,
             pad_token_id=self.pad_token_id,
