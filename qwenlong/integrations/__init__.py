@@ -1,0 +1,1 @@
+"""Bridges from third-party libraries (transformers, ...) to qwenlong kernels."""

@@ -1,0 +1,79 @@
+"""Our attention registered in transformers ("qwenlong") matches "sdpa" on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import qwenlong.integrations.hf_attention as hf_attention  # noqa: E402
+
+CONFIGS = {
+    "qwen2": transformers.Qwen2Config,
+    "qwen3": transformers.Qwen3Config,
+    "llama": transformers.LlamaConfig,
+}
+
+
+def _models(family: str):
+    """The same randomly initialised tiny model twice: with our attention and with sdpa."""
+    config = CONFIGS[family](
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="qwenlong").eval()
+    sdpa = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    assert ours.config._attn_implementation == "qwenlong" and sdpa.config._attn_implementation == "sdpa"
+    sdpa.load_state_dict(ours.state_dict())
+    return ours, sdpa
+
+
+@pytest.mark.parametrize(
+    "family,backend", [("qwen2", "triton"), ("qwen2", "torch"), ("qwen3", "torch"), ("llama", "torch")]
+)
+def test_packed_batch_matches_sdpa_per_sequence(family, backend, monkeypatch):
+    """position_ids restarting per sequence: each packed sequence attends only to itself."""
+    monkeypatch.setenv("QWENLONG_BACKEND", backend)
+    ours, sdpa = _models(family)
+    lengths = [7, 12, 1, 5]
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 128, (1, sum(lengths)), generator=gen)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    weights = torch.randn(1, sum(lengths), 128, generator=gen)
+
+    packed_logits = ours(input_ids=input_ids, position_ids=position_ids).logits
+    (packed_logits * weights).sum().backward()
+    separate = []
+    for ids, w in zip(input_ids.split(lengths, dim=1), weights.split(lengths, dim=1), strict=True):
+        logits = sdpa(input_ids=ids).logits
+        (logits * w).sum().backward()
+        separate.append(logits)
+    torch.testing.assert_close(packed_logits, torch.cat(separate, dim=1), atol=1e-5, rtol=1e-4)
+    for (name, p_ours), p_sdpa in zip(ours.named_parameters(), sdpa.parameters(), strict=True):
+        torch.testing.assert_close(p_ours.grad, p_sdpa.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_padded_batch_matches_sdpa(family, monkeypatch):
+    """An ordinary padded batch with attention_mask (right and left padding)."""
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")
+    ours, sdpa = _models(family)
+    input_ids = torch.randint(0, 128, (3, 10), generator=torch.Generator().manual_seed(2))
+    attention_mask = torch.ones(3, 10, dtype=torch.long)
+    attention_mask[0, 6:] = 0  # right padding
+    attention_mask[2, :3] = 0  # left padding
+    with torch.no_grad():
+        logits = ours(input_ids=input_ids, attention_mask=attention_mask).logits
+        expected = sdpa(input_ids=input_ids, attention_mask=attention_mask).logits
+    valid = attention_mask.bool()
+    torch.testing.assert_close(logits[valid], expected[valid], atol=1e-5, rtol=1e-4)
+
+
+def test_registration_is_idempotent():
+    hf_attention.register()
+    hf_attention.register()
+    assert transformers.AttentionInterface._global_mapping["qwenlong"] is hf_attention.qwenlong_attention_forward
