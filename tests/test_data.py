@@ -158,6 +158,8 @@ def test_synthetic_difficulty_knobs():
         SyntheticConfig(task="nope")
     with pytest.raises(ValueError, match="num_choices"):
         SyntheticConfig(num_choices=9, answer_vocab_size=4)
+    with pytest.raises(ValueError, match="document_tokens: 64 is too small for 21 facts"):
+        make_record(0, SyntheticConfig(document_tokens=64, num_distractor_facts=20))
 
 
 def test_reference_response_has_method_format():
@@ -206,6 +208,19 @@ def test_verl_row_with_foreign_prompt_keeps_rendered_prompt(tmp_path):
     (tmp_path / "f.jsonl").write_text(json.dumps(row) + "\n")
     (record,) = load_records(tmp_path / "f.jsonl").records
     assert record.prompt == "Q: 2+2?" and record_prompt(record) == "Q: 2+2?"
+
+
+def test_json_array_files_and_numeric_verl_ground_truth(tmp_path):
+    rows = [{"prompt": build_prompt("Revenue was 5.", "What was revenue?"), "data_source": "docmath",
+             "reward_model": {"ground_truth": 5.0}},
+            {"question": "q", "answers": ["x"], "context": "c", "dataset": "qasper"}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    verl, plain = load_records(tmp_path / "a.json").records
+    assert (verl.document, verl.question, verl.answers) == ("Revenue was 5.", "What was revenue?", ("5.0",))
+    assert plain.data_source == "qasper"
+    (tmp_path / "bad.json").write_text(json.dumps([rows[1], {"question": "q", "dataset": "qasper"}]))
+    with pytest.raises(ValueError, match=r"bad.json: item 1: answer"):
+        load_records(tmp_path / "bad.json")
 
 
 def test_benchmark_field_aliases(tmp_path):

@@ -3,12 +3,13 @@
 verl rows carry ``prompt`` (chat messages), ``data_source`` and
 ``reward_model.ground_truth``; their prompt is split back into document and question when it
 follows the method's template, else kept as a rendered prompt. A malformed row raises
-ValueError naming the file and row (1-based line for JSONL, 0-based row for Parquet), or,
+ValueError naming the file and row (1-based line for JSONL, 0-based item or row for JSON arrays and Parquet), or,
 with ``skip_malformed=True``, is skipped and counted in :attr:`LoadResult.skipped`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qwenlong.data.prompt import split_prompt
-from qwenlong.data.records import DocQARecord, record_from_mapping
+from qwenlong.data.records import DocQARecord, answer_tuple, record_from_mapping
 
 
 @dataclass
@@ -53,8 +54,7 @@ def record_from_verl_row(row: Mapping[str, Any], *, default_id: str) -> DocQARec
     if not row.get("data_source"):
         raise ValueError("data_source: missing")
     extra = dict(row.get("extra_info") or {})
-    ground_truth = reward_model["ground_truth"]
-    answers = (ground_truth,) if isinstance(ground_truth, str) else tuple(str(g) for g in ground_truth)
+    answers = answer_tuple(reward_model["ground_truth"])
     parts = split_prompt(prompt)
     return DocQARecord(
         id=str(extra.get("id", extra.get("index", default_id))),
@@ -87,6 +87,22 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"line {lineno}", ValueError(f"invalid JSON: {e.msg}")
 
 
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """A .json file: a JSON array of rows, or JSON Lines under a .json name."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if not head.startswith("["):
+        yield from _jsonl_rows(path)
+        return
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        yield f"line {e.lineno}", ValueError(f"invalid JSON: {e.msg}")
+        return
+    for index, row in enumerate(rows):
+        yield f"item {index}", row
+
+
 def _parquet_rows(path: Path, batch_size: int = 1024) -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
@@ -107,8 +123,10 @@ def load_records(path: str | os.PathLike, *, data_source: str | None = None,
     if not path.is_file():
         raise ValueError(f"path: {path} is not a file")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
+    if suffix == ".jsonl":
         rows: Iterable[tuple[str, Any]] = _jsonl_rows(path)
+    elif suffix == ".json":
+        rows = _json_rows(path)
     elif suffix == ".parquet":
         rows = _parquet_rows(path)
     else:
@@ -124,7 +142,7 @@ def load_records(path: str | os.PathLike, *, data_source: str | None = None,
             if isinstance(row, Mapping) and _is_verl_row(row):
                 record = record_from_verl_row(row, default_id=default_id)
                 if data_source:
-                    record = DocQARecord(**{**record.__dict__, "data_source": data_source})
+                    record = dataclasses.replace(record, data_source=data_source)
             else:
                 record = record_from_mapping(row, default_id=default_id, data_source=data_source)
         except ValueError as e:

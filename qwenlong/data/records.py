@@ -88,7 +88,8 @@ def _document_text(value: Any) -> str:
     raise ValueError(f"document: expected text or a list of paragraphs, got {type(value).__name__}")
 
 
-def _answer_tuple(value: Any) -> tuple[str, ...]:
+def answer_tuple(value: Any) -> tuple[str, ...]:
+    """Gold answer(s) as strings: a string, a number or a list of them."""
     if value is None:
         raise ValueError("answer: missing (looked for " + ", ".join(_ANSWER_KEYS) + ")")
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -128,7 +129,7 @@ def record_from_mapping(row: Mapping[str, Any], *, default_id: str, data_source:
         data_source=str(source),
         document=_document_text(_first(row, _DOCUMENT_KEYS)),
         question=question.strip(),
-        answers=_answer_tuple(_first(row, _ANSWER_KEYS)),
+        answers=answer_tuple(_first(row, _ANSWER_KEYS)),
         choices=tuple(choices),
         metadata=metadata,
         prompt=prompt,

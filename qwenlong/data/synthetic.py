@@ -176,6 +176,9 @@ def make_record(index: int, config: SyntheticConfig, seed: int = 0, tokenizer: A
     spec = _facts(task, config, rng)
     facts = spec["asked"] + spec["distractors"]
     fact_tokens = sum(_count(tokenizer, [" " + f for f in facts]))
+    if fact_tokens > config.document_tokens:
+        raise ValueError(f"document_tokens: {config.document_tokens} is too small for {len(facts)} facts "
+                         f"({fact_tokens} tokens); lower num_distractor_facts or raise document_tokens")
     filler = _fill(tokenizer, config.document_tokens - fact_tokens, rng)
 
     # Insert facts at distinct positions; the asked fact(s) at fact_position when given.

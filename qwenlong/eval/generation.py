@@ -32,7 +32,9 @@ def hf_generate_fn(model: Any, tokenizer: Any, sampling: Sampling = Sampling(), 
     """Generate with a HF causal LM through :class:`qwenlong.rollout.HFGenerateEngine`."""
     from qwenlong.rollout import HFGenerateEngine, SamplingParams
 
-    eos = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int)]
+    # stop at the tokenizer's EOS and at the end of the chat turn (ChatML models)
+    stops = {tokenizer.eos_token_id, tokenizer.get_vocab().get("<|im_end|>")}
+    eos = sorted(t for t in stops if isinstance(t, int))
     engine = HFGenerateEngine(model, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
                               max_batch_size=max_batch_size)
     params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
