@@ -200,6 +200,7 @@ def test_verl_parquet_rows(tmp_path):
     row = to_verl_row(records[0])
     assert row["reward_model"]["ground_truth"] == records[0].answer
     assert row["prompt"][0]["role"] == "user"
+    assert row["extra_info"] == {"id": records[0].id, "question": records[0].question}
 
 
 def test_verl_row_with_foreign_prompt_keeps_rendered_prompt(tmp_path):

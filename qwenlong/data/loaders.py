@@ -68,12 +68,15 @@ def record_from_verl_row(row: Mapping[str, Any], *, default_id: str) -> DocQARec
 
 
 def to_verl_row(record: DocQARecord) -> dict[str, Any]:
-    """The record as a verl training row (the inverse of :func:`record_from_verl_row`)."""
-    from qwenlong.data.prompt import chat_messages, record_prompt
+    """The record as a verl training row (the inverse of :func:`record_from_verl_row`).
+
+    ``extra_info.question`` reaches ``compute_score``, so the judge sees the question.
+    """
+    from qwenlong.data.prompt import chat_messages, question_text, record_prompt
 
     return {"data_source": record.data_source, "prompt": chat_messages(record_prompt(record)),
             "ability": "docqa", "reward_model": {"style": "rule", "ground_truth": record.answer},
-            "extra_info": {"id": record.id}}
+            "extra_info": {"id": record.id, "question": question_text(record)}}
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
