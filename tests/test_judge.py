@@ -109,6 +109,15 @@ def test_judge_request_content_and_hybrid_scoring(server, fake):
     assert reward.metrics()["yes"] == 1 and reward.metrics()["no"] == 1
 
 
+def test_async_and_sync_scoring_agree(server):
+    import asyncio
+
+    reward = HybridReward(OpenAIJudge(server.url, "fake-judge"))
+    items = [RewardItem("narrativeqa", said(p), "New York City", "q") for p in ("NYC", "Boston", "New York")]
+    assert asyncio.run(reward.ascore(items)) == reward.score(items)
+    assert [r.score for r in reward.score(items)] == [1.0, 0.0, 1.0]
+
+
 def test_cache_and_in_batch_deduplication(server, fake):
     judge = OpenAIJudge(server.url, "fake-judge")
     requests = [JudgeRequest("q", "42", "forty-two")] * 4 + [JudgeRequest("q", "42", "41")]

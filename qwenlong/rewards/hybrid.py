@@ -3,6 +3,7 @@
 The judge is asked only when the rule score is below 1 and an answer was extracted (a
 response without ``</think>`` or without "the answer is" has nothing to judge), and never
 for multiple-choice letters, which the rule decides exactly (as in the public release).
+With several gold answers, the judge compares against the first.
 When the judge fails, the rule score stands and the failure is counted.
 """
 
