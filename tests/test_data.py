@@ -147,6 +147,15 @@ def test_synthetic_answer_is_grounded_in_document(task):
         assert record.document.count(marker) == len(evidence) + 4 - (task == "copy_marked_fact")
 
 
+def test_synthetic_length_range_and_disjoint_splits():
+    records = list(generate_records(12, SyntheticConfig(), seed=1, document_tokens_range=(80, 400)))
+    lengths = [r.metadata["document_tokens"] for r in records]
+    assert all(78 <= n <= 408 for n in lengths) and len(set(lengths)) > 6
+    assert list(generate_records(4, SyntheticConfig(), seed=1, document_tokens_range=(80, 400), start=8)) == records[8:]
+    with pytest.raises(ValueError, match="document_tokens_range"):
+        next(generate_records(1, document_tokens_range=(10, 20)))
+
+
 def test_synthetic_difficulty_knobs():
     easy = make_record(0, SyntheticConfig(task="copy_marked_fact", num_distractor_facts=0, answer_vocab_size=4,
                                           document_tokens=100))

@@ -18,6 +18,7 @@ and lands within a few tokens of ``document_tokens``.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -210,13 +211,24 @@ def make_record(index: int, config: SyntheticConfig, seed: int = 0, tokenizer: A
 
 
 def generate_records(num_records: int, config: SyntheticConfig | None = None, *, seed: int = 0,
-                     tokenizer: Any = None) -> Iterator[DocQARecord]:
-    """``num_records`` synthetic records (lengths measured with ``tokenizer``; words when None)."""
+                     tokenizer: Any = None, document_tokens_range: tuple[int, int] | None = None,
+                     start: int = 0) -> Iterator[DocQARecord]:
+    """Records ``start .. start + num_records - 1`` (lengths measured with ``tokenizer``; words when None).
+
+    ``document_tokens_range=(lo, hi)`` draws each record's length uniformly from [lo, hi]
+    (reproducibly per index) instead of ``config.document_tokens``.
+    """
     if num_records < 0:
         raise ValueError(f"num_records: must be >= 0, got {num_records}")
     config = config or SyntheticConfig()
-    for index in range(num_records):
-        yield make_record(index, config, seed, tokenizer)
+    if document_tokens_range is not None and not 64 <= document_tokens_range[0] <= document_tokens_range[1]:
+        raise ValueError(f"document_tokens_range: expected 64 <= lo <= hi, got {document_tokens_range}")
+    for index in range(start, start + num_records):
+        if document_tokens_range is not None:
+            length = random.Random(f"qwenlong-synthetic-length:{seed}:{index}").randint(*document_tokens_range)
+            yield make_record(index, dataclasses.replace(config, document_tokens=length), seed, tokenizer)
+        else:
+            yield make_record(index, config, seed, tokenizer)
 
 
 def reference_response(record: DocQARecord) -> str:
