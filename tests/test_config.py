@@ -106,7 +106,8 @@ def with_change(path: str, value):
         ("rl.mini_batch_size", 48, r"^rl\.mini_batch_size: must divide"),
         ("rl.phases.1.name", "a", r"^rl\.phases\.1\.name: duplicate phase name"),
         ("rl.overlong", {"enabled": True, "buffer": 17}, r"^rl\.overlong\.buffer: 17 exceeds rl\.phases\.0"),
-        ("reward.judge", "openai", r"^reward\.judge_endpoint: a judge needs"),
+        ("reward.judge", "openai", r"^reward\.judge_endpoint: the openai judge needs"),
+        ("reward.judge", "local", r"^reward\.judge_model: the local judge needs"),
         ("rl.phases", [], r"^rl\.phases: RL needs at least one phase"),
         ("data.synthetic.min_document_tokens", 32, r"^data\.synthetic\.min_document_tokens: expected 64 <="),
         ("data.synthetic.task", "sorting", r"^data\.synthetic\.task: expected one of"),
@@ -150,6 +151,19 @@ def test_overrides_apply_and_are_validated():
         config_from_dict(MINIMAL, ["rl.group_size=eight"])
     with pytest.raises(ConfigError, match="dotted.key=value"):
         config_from_dict(MINIMAL, ["rl.group_size"])
+
+
+def test_judge_options_fit_make_judge(monkeypatch):
+    from qwenlong.rewards.judge import OpenAIJudge, make_judge
+
+    assert config_from_dict(MINIMAL).reward.judge_options() is None
+    monkeypatch.setenv("TEST_JUDGE_KEY", "k")
+    cfg = config_from_dict(MINIMAL, ["reward.judge=openai", "reward.judge_endpoint=http://127.0.0.1:9/v1",
+                                     "reward.judge_model=m", "reward.judge_api_key_env=TEST_JUDGE_KEY"])
+    judge = make_judge(cfg.reward.judge_options())  # builds the client; sends nothing
+    assert isinstance(judge, OpenAIJudge) and judge.model == "m" and judge.api_key == "k"
+    local = config_from_dict(MINIMAL, ["reward.judge=local", "reward.judge_model=some/path"]).reward
+    assert local.judge_options() == {"backend": "local", "model": "some/path"}
 
 
 def test_preset_with_override_from_file():

@@ -1,0 +1,240 @@
+"""The run configuration's sections as dataclasses with defaults (a YAML file states only what differs)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from qwenlong.curriculum import Phase, RetrospectiveSampling
+
+
+@dataclass
+class TinyModelConfig:
+    """A randomly initialised Qwen2-architecture model built from this config (CPU demos, tests)."""
+
+    vocab_size: int = 512
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """The policy: a pretrained checkpoint (``name``: hub id or local path) or a ``tiny`` one."""
+
+    name: str | None = None
+    tiny: TinyModelConfig | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    attention: Literal["qwenlong", "sdpa", "eager"] = "qwenlong"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.name is None) == (self.tiny is None):
+            raise ValueError("name: set exactly one of model.name and model.tiny")
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Generated DocQA-style data (``qwenlong.data.synthetic``, nothing downloaded).
+
+    Document lengths (tokens) are spread uniformly over [min_document_tokens, max_document_tokens];
+    ``num_distractor_facts`` is the difficulty knob (facts that are not asked about).
+    """
+
+    task: Literal["copy_marked_fact", "retrieval", "multiple_choice", "arithmetic", "mixed"] = "retrieval"
+    num_train: int = 512
+    num_eval: int = 128
+    min_document_tokens: int = 64
+    max_document_tokens: int = 1024
+    num_distractor_facts: int = 3
+    answer_vocab_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 64 <= self.min_document_tokens <= self.max_document_tokens:
+            raise ValueError(
+                f"min_document_tokens: expected 64 <= min_document_tokens <= max_document_tokens, "
+                f"got {self.min_document_tokens} and {self.max_document_tokens}"
+            )
+
+
+@dataclass
+class DataConfig:
+    """Where examples come from. Files are parquet/JSONL rows (prompt, data_source, ground truth)."""
+
+    train_files: list[str] = field(default_factory=list)
+    sft_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    synthetic: SyntheticDataConfig | None = None
+    tokenizer: str | None = None  # name or path; None: the model's own (or the synthetic task's)
+    task_balanced: bool = False  # QwenLong-L1.5: balance task types within each batch
+
+    def __post_init__(self) -> None:
+        if self.synthetic is None and not self.train_files:
+            raise ValueError("train_files: give training files or a synthetic section")
+
+
+@dataclass
+class SFTConfig:
+    """Warm-up supervised fine-tuning on packed sequences, loss on response tokens only."""
+
+    enabled: bool = True
+    steps: int | None = None  # exactly one of steps and epochs when enabled
+    epochs: float | None = None
+    lr: float = 1e-5
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    token_budget: int = 16384  # tokens per packed micro-batch (per GPU)
+    grad_accum_steps: int = 1
+    max_seq_len: int = 32768
+
+
+@dataclass
+class DynamicSamplingConfig:
+    """DAPO: drop groups whose rewards are all equal, regenerate up to ``max_rounds`` times."""
+
+    enabled: bool = False
+    max_rounds: int = 10
+
+
+@dataclass
+class OverlongConfig:
+    """DAPO soft overlong penalty over the last ``buffer`` tokens before the response limit."""
+
+    enabled: bool = False
+    buffer: int = 1000
+    penalty_factor: float = 1.0
+
+
+@dataclass
+class RLConfig:
+    """GRPO / DAPO (method.md section 2) and the phased curriculum (section 1)."""
+
+    enabled: bool = True
+    advantage: Literal["grpo", "mean-only", "task-std"] = "grpo"
+    advantage_eps: float = 1e-6
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    group_size: int = 8
+    gen_prompts_per_step: int = 128  # prompts generated per round
+    train_prompts_per_step: int = 128  # prompts (groups) trained on per step
+    mini_batch_size: int = 32  # prompts per optimizer update
+    ppo_epochs: int = 1
+    temperature: float = 0.7
+    top_p: float = 0.95
+    lr: float = 2e-6
+    lr_schedule: Literal["cosine", "constant"] = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_token_budget: int = 10000  # tokens per GPU; an SP group packs sp_size times this
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    phases: list[Phase] = field(default_factory=list)
+    retrospective: RetrospectiveSampling = field(default_factory=RetrospectiveSampling)
+
+
+@dataclass
+class RewardConfig:
+    """Hybrid reward: rule check, then an LLM judge when the rule score is below 1.
+
+    ``judge``: ``"openai"`` is any OpenAI-compatible server (a local vLLM server, a hosted API;
+    needs ``judge_endpoint`` and ``judge_model``), ``"local"`` a HF model loaded in-process
+    (``judge_model`` is its name or path), ``"none"`` rules only.
+    """
+
+    judge: Literal["none", "openai", "local"] = "none"
+    judge_endpoint: str | None = None
+    judge_model: str | None = None
+    judge_api_key_env: str | None = None  # name of the environment variable holding the key
+    judge_timeout_s: float = 60.0
+    judge_concurrency: int = 16
+
+    def __post_init__(self) -> None:
+        if self.judge == "openai" and self.judge_endpoint is None:
+            raise ValueError("judge_endpoint: the openai judge needs judge_endpoint and judge_model")
+        if self.judge != "none" and self.judge_model is None:
+            raise ValueError(f"judge_model: the {self.judge} judge needs judge_model")
+
+    def judge_options(self) -> dict | None:
+        """The options ``qwenlong.rewards.judge.make_judge`` takes; None when no judge is configured."""
+        if self.judge == "none":
+            return None
+        if self.judge == "local":
+            return {"backend": "local", "model": self.judge_model}
+        api_key = os.environ.get(self.judge_api_key_env) if self.judge_api_key_env else None
+        return {"backend": "openai", "base_url": self.judge_endpoint, "model": self.judge_model, "api_key": api_key,
+                "timeout": self.judge_timeout_s, "max_concurrency": self.judge_concurrency}
+
+
+@dataclass
+class RolloutConfig:
+    """Which engine generates responses; its log-probs are checked against the trainer's."""
+
+    engine: Literal["hf", "vllm"] = "hf"
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.6
+    check_logprobs: bool = True  # log the engine-vs-trainer log-prob mismatch
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (method.md section 5): before training, after SFT and after RL."""
+
+    enabled: bool = True
+    max_input_tokens: int = 120_000  # longer inputs are cut in the middle
+    max_output_tokens: int = 10_000
+    temperature: float = 0.7
+    top_p: float = 0.95
+    samples_per_prompt: int = 1
+    before_training: bool = True
+    after_each_phase: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    """Data parallel via DeepSpeed ZeRO (stage 0 = plain DDP) and Ulysses sequence parallel groups."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    sp_size: int = 1
+    deepspeed_stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass
+class OutputConfig:
+    """Run directory, checkpoints and logs."""
+
+    dir: str = "runs/default"
+    save_every_steps: int = 0  # 0: only at phase ends
+    log_every_steps: int = 1
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    """A whole run: warm-up SFT, phased RL and evaluation."""
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(tiny=TinyModelConfig()))
+    data: DataConfig = field(default_factory=lambda: DataConfig(synthetic=SyntheticDataConfig()))
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

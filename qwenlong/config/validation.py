@@ -1,0 +1,65 @@
+"""Range and cross-field checks of a loaded ``Config``; errors name the key path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qwenlong.config.schema import Config
+from qwenlong.config.typed import ConfigError
+
+_POSITIVE = ("sft.lr", "rl.lr", "sft.token_budget", "sft.max_seq_len", "rl.micro_batch_token_budget",
+             "rl.temperature", "eval.max_input_tokens", "eval.max_output_tokens", "reward.judge_timeout_s")
+_AT_LEAST_ONE = ("rl.group_size", "rl.gen_prompts_per_step", "rl.train_prompts_per_step", "rl.mini_batch_size",
+                 "rl.ppo_epochs", "rl.dynamic_sampling.max_rounds", "sft.grad_accum_steps", "distributed.sp_size",
+                 "rollout.tensor_parallel_size", "eval.samples_per_prompt", "reward.judge_concurrency",
+                 "output.log_every_steps")
+_NON_NEGATIVE = ("rl.clip_low", "rl.clip_high", "rl.kl_coef", "rl.entropy_coef", "rl.overlong.buffer",
+                 "rl.warmup_steps", "sft.warmup_steps", "output.save_every_steps", "eval.temperature")
+_PROBABILITY = ("rl.top_p", "eval.top_p", "rollout.gpu_memory_utilization")
+
+
+def _get(cfg: Config, path: str) -> Any:
+    value: Any = cfg
+    for key in path.split("."):
+        value = getattr(value, key)
+    return value
+
+
+def _check(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {message}")
+
+
+def validate(cfg: Config) -> Config:
+    """Range and cross-field checks that the types cannot express; returns ``cfg``."""
+    ranges = (
+        (_POSITIVE, lambda v: v > 0, "> 0"),
+        (_AT_LEAST_ONE, lambda v: v >= 1, ">= 1"),
+        (_NON_NEGATIVE, lambda v: v >= 0, ">= 0"),
+        (_PROBABILITY, lambda v: 0 < v <= 1, "in (0, 1]"),
+    )
+    for paths, ok, expected in ranges:
+        for path in paths:
+            value = _get(cfg, path)
+            _check(ok(value), path, f"expected {expected}, got {value}")
+    sft, rl, dist = cfg.sft, cfg.rl, cfg.distributed
+    if sft.enabled:
+        _check((sft.steps is None) != (sft.epochs is None), "sft.steps", "set exactly one of sft.steps and sft.epochs")
+    _check(rl.clip_low < 1, "rl.clip_low", f"expected < 1 (the ratio floor is 1 - clip_low), got {rl.clip_low}")
+    _check(dist.deepspeed_stage in (0, 1, 2, 3), "distributed.deepspeed_stage",
+           f"expected 0, 1, 2 or 3, got {dist.deepspeed_stage}")
+    _check(not dist.offload_params or dist.deepspeed_stage == 3, "distributed.offload_params",
+           "parameter offload needs deepspeed_stage 3")
+    _check(rl.gen_prompts_per_step >= rl.train_prompts_per_step or rl.dynamic_sampling.enabled,
+           "rl.gen_prompts_per_step", "without dynamic sampling, generate at least train_prompts_per_step prompts")
+    _check(rl.train_prompts_per_step % rl.mini_batch_size == 0, "rl.mini_batch_size",
+           f"must divide rl.train_prompts_per_step={rl.train_prompts_per_step}, got {rl.mini_batch_size}")
+    _check(not rl.dynamic_sampling.enabled or rl.group_size >= 2, "rl.group_size",
+           "dynamic sampling needs groups of at least 2 responses")
+    _check(not rl.enabled or bool(rl.phases), "rl.phases", "RL needs at least one phase")
+    names = [phase.name for phase in rl.phases]
+    for i, phase in enumerate(rl.phases):
+        _check(phase.name not in names[:i], f"rl.phases.{i}.name", f"duplicate phase name {phase.name!r}")
+        _check(not rl.overlong.enabled or rl.overlong.buffer <= phase.max_output_tokens, "rl.overlong.buffer",
+               f"{rl.overlong.buffer} exceeds rl.phases.{i}.max_output_tokens={phase.max_output_tokens}")
+    return cfg
