@@ -107,7 +107,7 @@ def test_select_retrospective_threshold_and_disabled():
     assert sorted(selection.carried) == ["borderline", "easy", "hard", "unsolved"]
     off = select_retrospective(history, candidates, PHASE_60K, 100, RetrospectiveSampling(enabled=False))
     assert off.carried == [] and off.max_carried == 0
-    assert all(not d.carried for d in off.decisions)
+    assert all(not d.carried and d.reason.startswith("disabled") for d in off.decisions)
     with pytest.raises(ValueError, match="max_fraction"):
         RetrospectiveSampling(max_fraction=1.0)
 

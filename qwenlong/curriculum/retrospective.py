@@ -22,7 +22,7 @@ import random
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 
-from qwenlong.curriculum.history import RewardHistory
+from qwenlong.curriculum.history import ExampleRecord, RewardHistory
 from qwenlong.curriculum.phase import Phase
 
 
@@ -90,6 +90,24 @@ def max_carried_examples(next_phase_size: int, max_fraction: float) -> int:
     return math.floor(max_fraction * next_phase_size / (1.0 - max_fraction) + 1e-9)
 
 
+def _reason_not_eligible(
+    record: ExampleRecord | None, prompt_tokens: int, next_phase: Phase, settings: RetrospectiveSampling
+) -> str | None:
+    """Why an example cannot be carried (None when it can); the text before ':' is the kind."""
+    if record is None or record.rollouts == 0:
+        return "no rollouts: nothing recorded for this example"
+    if record.all_solved:
+        return f"all solved: all {record.rollouts} rollouts were accurate"
+    if record.mean_reward >= settings.max_mean_reward:
+        return f"easy: mean reward {record.mean_reward:.3f} >= {settings.max_mean_reward}"
+    if not next_phase.fits(prompt_tokens):
+        return f"input too long: prompt {prompt_tokens} > {next_phase.max_input_tokens} tokens"
+    if record.min_response_tokens is not None and record.min_response_tokens > next_phase.max_output_tokens:
+        shortest = record.min_response_tokens
+        return f"output too long: shortest response {shortest} > {next_phase.max_output_tokens} tokens"
+    return None
+
+
 def select_retrospective(
     history: RewardHistory,
     candidates: Mapping[str, int],
@@ -108,51 +126,37 @@ def select_retrospective(
         settings: thresholds and seed (defaults: mean reward < 0.5, at most 30%).
         exclude: ids already in the next phase's data.
     Returns:
-        The carried ids and a ``CarryDecision`` for every candidate, in sorted id order.
+        The carried ids (in draw order) and a ``CarryDecision`` for every candidate, in sorted id order.
     """
     settings = settings or RetrospectiveSampling()
     if next_phase_size < 0:
         raise ValueError(f"next_phase_size: expected >= 0, got {next_phase_size}")
     max_carried = max_carried_examples(next_phase_size, settings.max_fraction) if settings.enabled else 0
-    selection = RetrospectiveSelection(next_phase.name, max_carried)
     decisions: dict[str, CarryDecision] = {}
     eligible: list[str] = []
     for example_id in sorted(candidates):
-        reason = None
         record = history[example_id] if example_id in history else None
-        stats = {}
-        if record is not None and record.rollouts:
-            stats = {"mean_reward": record.mean_reward, "difficulty": record.difficulty, "rollouts": record.rollouts}
         if example_id in exclude:
             reason = "already in next phase: the example is part of the next phase's own data"
-        elif record is None or record.rollouts == 0:
-            reason = "no rollouts: nothing recorded for this example"
-        elif record.all_solved:
-            reason = f"all solved: all {record.rollouts} rollouts were accurate"
-        elif record.mean_reward >= settings.max_mean_reward:
-            reason = f"easy: mean reward {record.mean_reward:.3f} >= {settings.max_mean_reward}"
-        elif not next_phase.fits(candidates[example_id]):
-            reason = f"input too long: prompt {candidates[example_id]} > {next_phase.max_input_tokens} tokens"
-        elif record.min_response_tokens is not None and record.min_response_tokens > next_phase.max_output_tokens:
-            reason = (
-                f"output too long: shortest response {record.min_response_tokens} > "
-                f"{next_phase.max_output_tokens} tokens"
-            )
+        elif not settings.enabled:
+            reason = "disabled: retrospective sampling is off"
+        else:
+            reason = _reason_not_eligible(record, candidates[example_id], next_phase, settings)
+        stats = (record.mean_reward, record.difficulty, record.rollouts) if record and record.rollouts else (None, None, 0)
+        decision = CarryDecision(example_id, False, reason or "", *stats)
         if reason is None:
             eligible.append(example_id)
-        decisions[example_id] = CarryDecision(example_id, False, reason or "", **stats)
+        decisions[example_id] = decision
 
     # Efraimidis-Spirakis: the k largest keys u^(1/w) are a weighted draw without replacement.
     rng = random.Random(settings.seed)
     keys = {i: math.log(1.0 - rng.random()) / max(decisions[i].difficulty, 1e-12) for i in eligible}
     drawn = sorted(eligible, key=keys.__getitem__, reverse=True)
-    selection.carried = drawn[:max_carried]
     for rank, example_id in enumerate(drawn):
         decision = decisions[example_id]
-        if rank < max_carried:
-            decision.carried = True
+        decision.carried = rank < max_carried
+        if decision.carried:
             decision.reason = f"carried: difficulty {decision.difficulty:.3f}, drawn {rank + 1} of {max_carried}"
         else:
             decision.reason = f"not drawn: difficulty {decision.difficulty:.3f}, cap of {max_carried} reached"
-    selection.decisions = list(decisions.values())
-    return selection
+    return RetrospectiveSelection(next_phase.name, max_carried, drawn[:max_carried], list(decisions.values()))
