@@ -2,12 +2,13 @@
 
 Every rank builds the same random packed batch from a shared seed, runs its shard through the
 SP op and compares with the single-process op on the whole batch, computed in the same rank.
-Process start-up dominates the cost, so each spawned group runs many checks.
+Process start-up dominates the cost, so each group runs many checks.
 """
 
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 import time
 from datetime import timedelta
@@ -23,7 +24,11 @@ FP32 = {"rtol": 1e-5, "atol": 1e-6}
 
 
 def _spawn(check, world_size: int, port: int):
-    mp.spawn(_entry, args=(check, world_size, port), nprocs=world_size, join=True)
+    # A fork server imports torch, transformers and the kernels once; each rank then forks from it (a clean,
+    # thread-free process) instead of paying the imports again.
+    multiprocessing.set_forkserver_preload(["torch", "transformers", "qwenlong.models", __name__])
+    mp.start_processes(_entry, args=(check, world_size, port), nprocs=world_size, join=True,
+                       start_method="forkserver")
 
 
 def _entry(rank: int, check, world_size: int, port: int):
@@ -46,11 +51,43 @@ def _assert_close(actual, expected, what, **tol):
     torch.testing.assert_close(actual, expected, msg=lambda m: f"rank {dist.get_rank()}: {what}: {m}", **(tol or FP32))
 
 
+# --- sharding -------------------------------------------------------------------------------------------------
+
+
+def _check_sharding(group):
+    """Contiguous equal shards that reassemble the batch; padding is its own ignored sequence."""
+    from qwenlong.kernels import gather_per_token, shard_packed_batch
+
+    world = dist.get_world_size(group)
+    cu = _cu_seqlens(LENGTHS)
+    total = int(cu[-1])
+    num_pad = -total % world
+    gen = torch.Generator().manual_seed(0)  # the same batch on every rank
+    batch = {"labels": torch.randint(0, 9, (total,), generator=gen),
+             "position_ids": torch.cat([torch.arange(n) for n in LENGTHS]),
+             "mask": torch.rand(total, generator=gen) > 0.5, "hidden": torch.randn(total, 3, generator=gen)}
+    shard = shard_packed_batch(cu, group, **batch)
+    expected_pad = {"labels": torch.full((num_pad,), -100), "position_ids": torch.arange(num_pad),
+                    "mask": torch.zeros(num_pad, dtype=torch.bool), "hidden": torch.zeros(num_pad, 3)}
+    for name, tensor in batch.items():
+        assert shard[name].shape == ((total + num_pad) // world, *tensor.shape[1:]), name
+        everything = gather_per_token(shard[name], group)
+        assert torch.equal(everything, torch.cat([tensor, expected_pad[name]])), name
+        assert torch.equal(gather_per_token(shard[name], group, num_tokens=total), tensor), name
+    expected_cu = cu.tolist() + ([total + num_pad] if num_pad else [])
+    assert shard.cu_seqlens.tolist() == expected_cu and shard.max_seqlen == max(LENGTHS)
+    with pytest.raises(ValueError, match="mask.shape"):
+        shard_packed_batch(cu, group, labels=batch["labels"], mask=batch["mask"][1:])
+
+
 # --- attention ------------------------------------------------------------------------------------------------
 
 
-def _check_attention(group, heads: int, kv_heads: int, seed: int, window_size=(-1, -1), head_dim: int = 8):
-    """Outputs, LSE and q/k/v gradients of ulysses_attention equal varlen_attention on the whole batch."""
+def _check_attention(group, heads: int, kv_heads: int, seed: int, causal=True, window_size=(-1, -1), head_dim=8):
+    """Outputs, LSE and q/k/v gradients of ulysses_attention equal varlen_attention on the whole batch.
+
+    The padding added by sharding gets random upstream gradients: if it attended real tokens, they would leak.
+    """
     from qwenlong.kernels import shard_packed_batch, ulysses_attention
     from qwenlong.kernels.attention import varlen_attention
 
@@ -62,24 +99,25 @@ def _check_attention(group, heads: int, kv_heads: int, seed: int, window_size=(-
     grad_out = torch.randn(total, heads, head_dim, generator=gen)
 
     full = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = varlen_attention(*full, cu, cu, max_seqlen, max_seqlen, window_size=window_size, return_lse=True)
+    ref_out, ref_lse = varlen_attention(*full, cu, cu, max_seqlen, max_seqlen, causal=causal, window_size=window_size,
+                                        return_lse=True)
     ref_out.backward(grad_out)
 
     shard = shard_packed_batch(cu, group, q=q, k=k, v=v, grad_out=grad_out)
-    local = [shard[name].clone().requires_grad_() for name in ("q", "k", "v")]
-    out, lse = ulysses_attention(*local, shard.cu_seqlens, shard.max_seqlen, group, window_size=window_size,
-                                 return_lse=True)
-    out.backward(shard["grad_out"])
-
     rows = shard.local_slice
     real = slice(0, max(0, min(rows.stop, total) - rows.start))  # this rank's rows that are real tokens
-    what = f"heads={heads} kv_heads={kv_heads} P={dist.get_world_size(group)} window={window_size}"
+    local = [shard[name].clone().requires_grad_() for name in ("q", "k", "v")]
+    out, lse = ulysses_attention(*local, shard.cu_seqlens, shard.max_seqlen, group, causal=causal,
+                                 window_size=window_size, return_lse=True)
+    local_grad_out = shard["grad_out"].clone()
+    local_grad_out[real.stop :] = torch.randn(local_grad_out[real.stop :].shape, generator=gen)
+    out.backward(local_grad_out)
+    what = f"heads={heads} kv_heads={kv_heads} P={dist.get_world_size(group)} causal={causal} window={window_size}"
     assert out.shape == local[0].shape and lse.shape == (heads, local[0].shape[0])
     _assert_close(out[real], ref_out.detach()[rows][real], f"out {what}")
     _assert_close(lse[:, real], ref_lse[:, rows][:, real], f"lse {what}")
     for name, mine, ref in zip("qkv", local, full, strict=True):
         _assert_close(mine.grad[real], ref.grad[rows][real], f"d{name} {what}")
-        assert torch.all(mine.grad[real.stop :] == 0), f"padding leaked into d{name} {what}"
 
 
 def _check_head_errors(group):
@@ -242,6 +280,21 @@ def _check_missing_peer_times_out():
     dist.barrier()
 
 
+def _check_dead_peer_raises():
+    """A rank that exits makes the others' next collective raise at once (the last check of a group)."""
+    from qwenlong.kernels import ulysses_attention
+
+    group = dist.new_group([0, 1], timeout=timedelta(seconds=30))
+    dist.barrier()
+    if dist.get_rank() == 1:
+        os._exit(0)
+    q = torch.randn(4, 2, 8)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="sequence-parallel all_to_all over 2 ranks failed"):
+        ulysses_attention(q, q, q, _cu_seqlens([8]), 8, group)
+    assert time.monotonic() - start < 20
+
+
 # --- workers ----------------------------------------------------------------------------------------------------
 
 
@@ -249,20 +302,23 @@ def _two_ranks():
     from qwenlong.kernels import new_sequence_parallel_groups
 
     world = dist.group.WORLD
+    _check_sharding(world)
     _check_attention(world, heads=4, kv_heads=4, seed=1)
-    _check_attention(world, heads=4, kv_heads=1, seed=2)  # GQA, kv_heads < P: KV heads repeated
+    _check_attention(world, heads=4, kv_heads=1, seed=2, causal=False)  # GQA, kv_heads < P: KV heads repeated
     _check_attention(world, heads=6, kv_heads=3, seed=3, window_size=(4, 0))  # P does not divide kv_heads
     _check_head_errors(world)
     _check_sp_logprobs_and_loss(world, None, seed=4)  # SP 2
     sp_group, dp_group = new_sequence_parallel_groups(1)
     _check_sp_logprobs_and_loss(sp_group, dp_group, seed=5)  # SP 1 x DP 2
     _check_missing_peer_times_out()
+    _check_dead_peer_raises()
 
 
 def _four_ranks():
     from qwenlong.kernels import new_sequence_parallel_groups
 
     world = dist.group.WORLD
+    _check_sharding(world)
     _check_attention(world, heads=8, kv_heads=2, seed=6)  # GQA, kv_heads < P
     _check_head_errors(world)
     _check_sp_logprobs_and_loss(world, None, seed=7)  # SP 4

@@ -81,7 +81,7 @@ class _AllGatherTokens(torch.autograd.Function):
         world = group_size(group)
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
         with _collective("all_gather", group):
-            dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+            dist.all_gather_single(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
