@@ -142,8 +142,10 @@ def select_retrospective(
             reason = "disabled: retrospective sampling is off"
         else:
             reason = _reason_not_eligible(record, candidates[example_id], next_phase, settings)
-        stats = (record.mean_reward, record.difficulty, record.rollouts) if record and record.rollouts else (None, None, 0)
-        decision = CarryDecision(example_id, False, reason or "", *stats)
+        decision = CarryDecision(example_id, False, reason or "")
+        if record is not None and record.rollouts:
+            decision.mean_reward, decision.difficulty = record.mean_reward, record.difficulty
+            decision.rollouts = record.rollouts
         if reason is None:
             eligible.append(example_id)
         decisions[example_id] = decision
