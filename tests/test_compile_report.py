@@ -1,0 +1,227 @@
+"""tools/compile_report.py: ahead-of-time builds for sm_90/sm_80 read back from the cubin.
+
+The end-to-end test runs the tool in its own process on the toy kernels below (this file is
+importable as a module: the tool imports it by name and calls ``compile_specs()``). The
+toolchain is real ptxas, so the asserts are about facts of the hardware, not of a version:
+a bf16 ``tl.dot`` is HMMA (mma.sync) on sm_80; on sm_90 with 4 warps (one warpgroup) and a
+64-row tile it is HGMMA (wgmma); a 64x128 fp32 accumulator held by one warp needs 256
+registers per thread, more than the 255 a thread can have, so it must spill.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+import triton.language as tl
+
+from qwenlong.kernels.utils.compile_spec import CompileSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOL = ROOT / "tools" / "compile_report.py"
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("compile_report", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = _load_tool()
+
+
+@triton.jit
+def tile_matmul(a_ptr, b_ptr, c_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C = A @ B for one row-major tile: A is BLOCK_M x BLOCK_K, B is BLOCK_K x BLOCK_N."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    inner = tl.arange(0, BLOCK_K)
+    a = tl.load(a_ptr + rows[:, None] * BLOCK_K + inner[None, :])
+    b = tl.load(b_ptr + inner[:, None] * BLOCK_N + cols[None, :])
+    tl.store(c_ptr + rows[:, None] * BLOCK_N + cols[None, :], tl.dot(a, b))
+
+
+def compile_specs() -> list[CompileSpec]:
+    signature = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32"}
+    signature |= dict.fromkeys(("BLOCK_M", "BLOCK_N", "BLOCK_K"), "constexpr")
+
+    def tile(m, n, k):
+        return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
+
+    return [
+        CompileSpec("matmul", tile_matmul, signature, tile(64, 64, 32), num_warps=4, num_stages=1),
+        CompileSpec("matmul_one_warp", tile_matmul, signature, tile(64, 128, 32), num_warps=1, num_stages=1),
+        # tl.dot needs K >= 16: this build must be reported as a compile error
+        CompileSpec("matmul_k8", tile_matmul, signature, tile(64, 64, 8), num_warps=4, num_stages=1),
+    ]
+
+
+def run_tool(*args: str, pythonpath: Path, interpret: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")]))
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"  # as under tests/conftest.py: the tool must drop it itself
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
+
+
+@pytest.mark.slow
+def test_report_on_toy_kernels(tmp_path):
+    out_md, out_json = tmp_path / "report.md", tmp_path / "report.json"
+    result = run_tool(
+        "--module", Path(__file__).stem, "--output", str(out_md), "--json", str(out_json), "--jobs", "2",
+        pythonpath=Path(__file__).parent,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "ignoring TRITON_INTERPRET" in result.stderr
+    rows = {(row["kernel"], row["arch"]): row for row in json.loads(out_json.read_text())}
+    assert set(rows) == {(name, arch) for name in ("matmul", "matmul_one_warp", "matmul_k8") for arch in (90, 80)}
+
+    for arch in (90, 80):
+        clean = rows["matmul", arch]
+        assert clean["status"] == "ok", clean
+        assert 0 < clean["registers"] <= 255 and clean["instructions"] > 0
+        assert clean["spill_stores"] == clean["spill_loads"] == clean["stack_bytes"] == clean["local_bytes"] == 0
+        assert clean["shared_bytes"] > 0  # the bf16 operand tiles are staged through shared memory
+        assert clean["config"] == "bf16/fp32 BLOCK_M=64 BLOCK_N=64 BLOCK_K=32"
+
+        spilled = rows["matmul_one_warp", arch]
+        assert spilled["spills"] and spilled["status"] == "SPILLS (hot)", spilled
+        assert f"FAIL {Path(__file__).stem}:matmul_one_warp on sm_{arch}" in result.stderr
+
+        broken = rows["matmul_k8", arch]
+        assert broken["status"] == "error" and broken["error"] and broken["registers"] is None
+
+    assert rows["matmul", 80]["hmma"] > 0 and rows["matmul", 80]["hgmma"] == 0
+    assert rows["matmul", 90]["hgmma"] > 0
+
+    report = out_md.read_text()
+    assert report.startswith(tool.TITLE) and "Toolchain: Triton " in report
+    assert report.count("| test_compile_report:") == 6
+    assert report in result.stdout
+
+
+def test_no_specs_is_not_an_error_unless_required(tmp_path):
+    package = tmp_path / "kernels_without_specs"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "ops.py").write_text("def add(x, y):\n    return x + y\n")
+    out_md = tmp_path / "report.md"
+    common = ("--package", package.name, "--output", str(out_md))
+
+    result = run_tool(*common, pythonpath=tmp_path, interpret=False)
+    assert result.returncode == 0, result.stderr
+    assert "exposes compile_specs(); nothing to compile" in result.stdout
+    assert "No kernel module exposes `compile_specs()` yet." in out_md.read_text()
+
+    result = run_tool(*common, "--require-specs", pythonpath=tmp_path, interpret=False)
+    assert result.returncode == 2 and "--require-specs" in result.stderr
+
+
+def test_discovery_compiles_a_reexported_compile_specs_once(tmp_path, monkeypatch):
+    package = tmp_path / "reexporting_kernels"
+    package.mkdir()
+    (package / "__init__.py").write_text("from .ops import compile_specs\n")
+    (package / "ops.py").write_text("def compile_specs():\n    return []\n")
+    (package / "plain.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert tool.discover_modules(package.name) == (["reexporting_kernels.ops"], [])
+
+
+def test_import_errors_are_reported(tmp_path):
+    package = tmp_path / "broken_kernels"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "bad.py").write_text("import not_a_module_anywhere\n")
+    result = run_tool("--package", package.name, "--output", str(tmp_path / "r.md"), pythonpath=tmp_path)
+    assert result.returncode == 1
+    assert "FAIL broken_kernels.bad:(import)" in result.stderr and "not_a_module_anywhere" in result.stderr
+
+
+RESOURCE_USAGE = """
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function tile_matmul:
+  REG:255 STACK:80 SHARED:1024 LOCAL:0 CONSTANT[0]:568 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function helper:
+  REG:12 STACK:0 SHARED:0 LOCAL:16 CONSTANT[0]:360 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+SASS = """
+\tcode for sm_90a
+\t\tFunction : tile_matmul
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                        /* 0x00000a00ff017b82 */
+                                                                                 /* 0x000fe20000000800 */
+        /*06d0*/                   HMMA.16816.F32.BF16 R4, R32, R8.reuse, RZ ;   /* 0x000000082004723c */
+        /*06e0*/              @!P0 HMMA.16816.F32.BF16 R12, R36, R8, RZ ;        /* 0x00000008240c723c */
+        /*0700*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ; /* 0x00e00000041879f0 */
+        /*0710*/                   STL.64 [R1+0x8], R4 ;                         /* 0x0000080401007387 */
+        /*0720*/               @P1 LDL R6, [R1+0x8] ;                            /* 0x0000080001067983 */
+        /*0730*/                   EXIT ;                                        /* 0x000000000000794d */
+"""
+
+
+def test_parse_resource_usage():
+    usage = tool.parse_resource_usage(RESOURCE_USAGE)
+    assert set(usage) == {"tile_matmul", "helper"}
+    assert usage["tile_matmul"]["REG"] == 255 and usage["tile_matmul"]["STACK"] == 80
+    assert usage["tile_matmul"]["SHARED"] == 1024 and usage["tile_matmul"]["CONSTANT[0]"] == 568
+    assert usage["helper"]["LOCAL"] == 16 and usage["helper"]["REG"] == 12
+
+
+def test_count_sass_reads_predicated_instructions_and_skips_encodings():
+    counts = tool.count_sass(SASS)
+    assert counts == {"LDC": 1, "HMMA": 2, "HGMMA": 1, "STL": 1, "LDL": 1, "EXIT": 1}
+
+
+def _row(**fields):
+    base = dict(module="m", kernel="k", arch=90, registers=128, stack_bytes=0, local_bytes=0)
+    return tool.Row(**(base | dict(spill_stores=0, spill_loads=0) | fields))
+
+
+@pytest.mark.parametrize(
+    "fields, status",
+    [
+        ({}, "ok"),
+        ({"stack_bytes": 80}, "SPILLS (hot)"),
+        ({"local_bytes": 16}, "SPILLS (hot)"),
+        ({"spill_stores": 3}, "SPILLS (hot)"),
+        ({"spill_loads": 1, "hot": False}, "spills"),
+        ({"error": "CompilationError: boom"}, "error"),
+    ],
+)
+def test_status_of_one_build(fields, status):
+    assert _row(**fields).status == status
+
+
+def test_exit_status():
+    ok, cold_spill, hot_spill = _row(), _row(stack_bytes=8, hot=False), _row(spill_stores=2)
+    error = _row(error="CompilationError: boom")
+    assert tool.exit_status([ok, cold_spill], allow_spills=False) == 0
+    assert tool.exit_status([ok, hot_spill], allow_spills=False) == 1
+    assert tool.exit_status([ok, hot_spill], allow_spills=True) == 0
+    assert tool.exit_status([ok, error], allow_spills=True) == 1
+    assert tool.exit_status([], allow_spills=False) == 0
+
+
+def test_check_detects_a_stale_report(tmp_path):
+    report = tool.markdown_report([_row()], "Triton 9.9, ptxas 1.0")
+    path = tmp_path / "compile_report.md"
+    assert tool.is_stale(path, report)  # missing
+    path.write_text(report)
+    assert not tool.is_stale(path, report)
+    path.write_text(report.replace("| 128 |", "| 96 |"))
+    assert tool.is_stale(path, report)
+    path.write_text(tool.markdown_report([_row(registers=96)], "Triton 1.0, ptxas 1.0"))
+    assert not tool.is_stale(path, report)  # another toolchain: register counts are not comparable
