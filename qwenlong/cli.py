@@ -1,5 +1,5 @@
-"""The ``qwenlong`` command. Each subcommand lives in its own module, which provides
-``add_arguments(parser)`` and ``run(args) -> int``; modules load only when chosen."""
+"""The ``qwenlong`` command. Each subcommand names a module providing ``add_arguments(parser)``
+and a runner ``(args) -> int`` (``run`` unless named); modules load only when chosen."""
 
 from __future__ import annotations
 
@@ -7,16 +7,23 @@ import argparse
 import importlib
 import sys
 
-# subcommand -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "env": ("qwenlong.env", "print versions and which backends are available"),
+# subcommand -> (module, runner, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "env": ("qwenlong.env", "run", "print versions and which backends are available"),
+    "pipeline": ("qwenlong.pipeline.commands", "run_pipeline_command",
+                 "warm-up SFT -> phased RL with retrospective sampling -> evaluation"),
+    "sft": ("qwenlong.pipeline.commands", "run_sft_command", "warm-up SFT only"),
+    "rl": ("qwenlong.pipeline.commands", "run_rl_command", "the RL phases only"),
+    "eval": ("qwenlong.eval.cli", "run", "evaluate a model on the DocQA benchmarks (or synthetic data)"),
+    "serve-judge": ("qwenlong.rewards.judge.server", "run",
+                    "serve a local HF model as an OpenAI-compatible judge endpoint"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qwenlong", description="Long-context reasoning RL toolkit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
+    for name, (_, _, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -27,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         parser.parse_args(argv or ["--help"])  # prints help / the error for unknown commands
         return 2
-    module_name, help_text = COMMANDS[argv[0]]
+    module_name, runner, help_text = COMMANDS[argv[0]]
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"qwenlong {argv[0]}", description=help_text)
     module.add_arguments(sub)
-    return int(module.run(sub.parse_args(argv[1:])) or 0)
+    return int(getattr(module, runner)(sub.parse_args(argv[1:])) or 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,120 @@
+"""Build what a run needs from its config: tokenizer, model, data, reward, engine."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenlong.config import Config
+from qwenlong.data import (
+    DocQARecord,
+    SyntheticConfig,
+    apply_chat_template,
+    load_records,
+    make_record,
+    record_prompt,
+    reference_response,
+    train_demo_tokenizer,
+)
+from qwenlong.data.prompt import question_text
+from qwenlong.trainers.grpo import PromptExample
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def synthetic_records(cfg: Config, split: str, tokenizer: Any = None) -> list[DocQARecord]:
+    """The synthetic train or eval split: document lengths spread over the configured range."""
+    synth = cfg.data.synthetic
+    count, seed = (synth.num_train, synth.seed) if split == "train" else (synth.num_eval, synth.seed + 1_000_003)
+    rng = random.Random(f"lengths:{seed}")
+    records = []
+    for index in range(count):
+        length = rng.randint(synth.min_document_tokens, synth.max_document_tokens)
+        config = SyntheticConfig(task=synth.task, document_tokens=length,
+                                 num_distractor_facts=synth.num_distractor_facts,
+                                 answer_vocab_size=synth.answer_vocab_size)
+        records.append(make_record(index, config, seed, tokenizer))
+    return records
+
+
+def load_split(cfg: Config, split: str, tokenizer: Any = None) -> list[DocQARecord]:
+    files = {"train": cfg.data.train_files, "sft": cfg.data.sft_files or cfg.data.train_files,
+             "eval": cfg.data.eval_files}[split]
+    if files:
+        return [record for path in files for record in load_records(path)]
+    if cfg.data.synthetic is None:
+        raise ValueError(f"data: no {split} files and no synthetic data configured")
+    return synthetic_records(cfg, "eval" if split == "eval" else "train", tokenizer)
+
+
+def build_tokenizer(cfg: Config, output_dir: Path) -> Any:
+    """The model's tokenizer; for a tiny model on synthetic data, a small BPE trained on it."""
+    if cfg.data.tokenizer is not None or cfg.model.name is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer or cfg.model.name)
+    else:
+        saved = output_dir / "tokenizer"
+        if (saved / "tokenizer.json").exists():
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(str(saved))
+        corpus = [record_prompt(r) + reference_response(r) for r in synthetic_records(cfg, "train")[:400]]
+        tokenizer = train_demo_tokenizer(corpus, vocab_size=cfg.model.tiny.vocab_size)
+        tokenizer.save_pretrained(str(saved))
+    return tokenizer
+
+
+def build_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
+    """The policy: a pretrained checkpoint, or a tiny Qwen2 built from the config (seeded)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    if cfg.model.attention == "qwenlong":
+        from qwenlong.integrations.hf_attention import register
+
+        register()
+    dtype = DTYPES[cfg.model.dtype]
+    if cfg.model.name is not None:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.name, dtype=dtype,
+                                                     attn_implementation=cfg.model.attention)
+    else:
+        tiny = cfg.model.tiny
+        config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=tiny.hidden_size,
+                             intermediate_size=tiny.intermediate_size, num_hidden_layers=tiny.num_hidden_layers,
+                             num_attention_heads=tiny.num_attention_heads,
+                             num_key_value_heads=tiny.num_key_value_heads,
+                             max_position_embeddings=tiny.max_position_embeddings, rope_theta=tiny.rope_theta,
+                             tie_word_embeddings=tiny.tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.model.attention)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def prompt_ids(tokenizer: Any, record: DocQARecord) -> list[int]:
+    return list(apply_chat_template(tokenizer, record_prompt(record), tokenize=True))
+
+
+def sft_examples(tokenizer: Any, records: list[DocQARecord]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reference response ids ending with EOS) pairs for warm-up SFT."""
+    out = []
+    for record in records:
+        response = reference_response(record) + tokenizer.eos_token
+        out.append((prompt_ids(tokenizer, record), tokenizer(response, add_special_tokens=False)["input_ids"]))
+    return out
+
+
+def rl_examples(tokenizer: Any, records: list[DocQARecord]) -> list[PromptExample]:
+    return [PromptExample(record.id, prompt_ids(tokenizer, record), record.data_source, list(record.answers),
+                          question_text(record)) for record in records]
+
+
+def eos_ids(tokenizer: Any) -> list[int]:
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    return sorted(i for i in ids if isinstance(i, int) and i >= 0)

@@ -1,0 +1,40 @@
+"""``qwenlong pipeline | sft | rl``: run the recipe or one stage of it from a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/tiny.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue the run in output.dir")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted config overrides, e.g. rl.phases.0.steps=5 output.dir=runs/x")
+
+
+def _load(args: argparse.Namespace):
+    from qwenlong.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def run_pipeline_command(args: argparse.Namespace) -> int:
+    from qwenlong.pipeline.run import run_pipeline
+
+    run = run_pipeline(_load(args), resume=args.resume)
+    print(f"report: {run.dir / 'report.md'}")
+    return 0
+
+
+def run_sft_command(args: argparse.Namespace) -> int:
+    from qwenlong.pipeline.run import run_sft
+
+    run_sft(_load(args), resume=args.resume)
+    return 0
+
+
+def run_rl_command(args: argparse.Namespace) -> int:
+    from qwenlong.pipeline.run import run_rl
+
+    run_rl(_load(args), resume=args.resume)
+    return 0

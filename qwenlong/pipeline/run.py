@@ -1,0 +1,154 @@
+"""Stages of a run and the pipeline that chains them.
+
+Each stage writes its outputs under ``output.dir`` and records itself in ``pipeline.json``;
+``resume=True`` skips finished stages and continues an unfinished one from its newest
+checkpoint, so a killed run loses at most ``save_every_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwenlong.config import Config, save_config
+from qwenlong.curriculum import RewardHistory, examples_for_phase, select_retrospective
+from qwenlong.eval import evaluate
+from qwenlong.eval.generation import Sampling, hf_generate_fn
+from qwenlong.pipeline import build
+from qwenlong.rewards import HybridReward
+from qwenlong.rollout import HFGenerateEngine
+from qwenlong.trainers import GRPOTrainer, SFTTrainer
+from qwenlong.trainers.checkpoint import latest_checkpoint, load_checkpoint
+from qwenlong.trainers.metrics_log import MetricsLogger
+
+
+class Run:
+    """Shared state of one run folder: config, tokenizer, model, logger and stage records."""
+
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg = cfg
+        self.dir = Path(cfg.output.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.dir / "config.yaml")
+        self.state_path = self.dir / "pipeline.json"
+        self.state: dict[str, Any] = {"done": [], "evals": {}, "carried": {}}
+        if resume and self.state_path.exists():
+            self.state = json.loads(self.state_path.read_text())
+        elif not resume and self.state_path.exists():
+            raise FileExistsError(f"output.dir: {self.dir} already holds a run; pass --resume or pick another dir")
+        torch.manual_seed(cfg.seed)
+        self.tokenizer = build.build_tokenizer(cfg, self.dir)
+        self.model = build.build_model(cfg, self.tokenizer)
+        self.logger = MetricsLogger(self.dir, tensorboard=cfg.output.tensorboard)
+        self.resume = resume
+        last = self.state.get("last_checkpoint")
+        if resume and last:
+            load_checkpoint(last, model=self.model, restore_rng=False)
+
+    def finish(self, stage: str, checkpoint: Path | None = None) -> None:
+        self.state["done"].append(stage)
+        if checkpoint is not None:
+            self.state["last_checkpoint"] = str(checkpoint)
+        self.state_path.write_text(json.dumps(self.state, indent=1))
+
+    def done(self, stage: str) -> bool:
+        return stage in self.state["done"]
+
+    def evaluate(self, label: str) -> float:
+        """Accuracy (percent) on the held-out split, recorded under ``label``."""
+        if self.done(f"eval:{label}"):
+            return self.state["evals"][label]["average"]
+        ev = self.cfg.eval
+        records = build.load_split(self.cfg, "eval", self.tokenizer)
+        generate = hf_generate_fn(self.model, self.tokenizer, Sampling(ev.max_output_tokens, ev.temperature, ev.top_p,
+                                                                       seed=self.cfg.seed))
+        report = evaluate({"heldout": records}, generate, self.tokenizer, reward=HybridReward(),
+                          max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True)
+        report.write(self.dir / "eval" / label)
+        self.state["evals"][label] = report.to_json()
+        self.logger.log("eval", len(self.state["evals"]), {"label": label, "accuracy": report.average})
+        self.finish(f"eval:{label}")
+        return report.average
+
+
+def _sft(run: Run) -> None:
+    cfg = run.cfg
+    if not cfg.sft.enabled or run.done("sft"):
+        return
+    records = build.load_split(cfg, "sft", run.tokenizer)
+    budget = min(cfg.sft.token_budget, cfg.sft.max_seq_len)
+    examples = [e for e in build.sft_examples(run.tokenizer, records) if len(e[0]) + len(e[1]) <= budget]
+    trainer = SFTTrainer(run.model, examples, cfg.sft, output_dir=run.dir, seed=cfg.seed, logger=run.logger,
+                         save_every_steps=cfg.output.save_every_steps)
+    if run.resume:
+        trainer.resume()
+    trainer.train()
+    run.finish("sft", trainer.save())
+
+
+def _rl(run: Run) -> None:
+    cfg = run.cfg
+    if not cfg.rl.enabled:
+        return
+    examples = build.rl_examples(run.tokenizer, build.load_split(cfg, "train", run.tokenizer))
+    by_id = {e.id: e for e in examples}
+    prompt_len = {e.id: len(e.prompt_ids) for e in examples}
+    history = RewardHistory.from_json(run.state["history"]) if "history" in run.state else RewardHistory()
+    engine = HFGenerateEngine(run.model, eos_token_id=build.eos_ids(run.tokenizer),
+                              pad_token_id=run.tokenizer.pad_token_id)
+    trainer = GRPOTrainer(run.model, engine, HybridReward(), cfg.rl, decode=lambda ids: run.tokenizer.decode(
+        ids, skip_special_tokens=True), output_dir=run.dir, seed=cfg.seed, logger=run.logger, history=history,
+        save_every_steps=cfg.output.save_every_steps)
+    seen: set[str] = set()
+    for index, phase in enumerate(cfg.rl.phases):
+        phase_examples = examples_for_phase(examples, phase, lambda e: prompt_len[e.id])
+        own = {e.id for e in phase_examples}
+        if index > 0:
+            candidates = {i: prompt_len[i] for i in seen - own}
+            selection = select_retrospective(trainer.history, candidates, phase, len(phase_examples),
+                                             cfg.rl.retrospective, exclude=own)
+            phase_examples += [by_id[i] for i in selection.carried]
+            run.state["carried"][phase.name] = selection.to_json()
+        seen |= own
+        stage = f"rl:{phase.name}"
+        if run.done(stage):
+            continue
+        trainer.train_phase(phase, phase_examples, resume=run.resume)
+        run.state["history"] = trainer.history.to_json()
+        run.finish(stage, latest_checkpoint(run.dir / "checkpoints", prefix=f"rl-{phase.name}-"))
+        if cfg.eval.enabled and cfg.eval.after_each_phase:
+            run.evaluate(f"after-{phase.name}")
+
+
+def run_sft(cfg: Config, resume: bool = False) -> Run:
+    run = Run(cfg, resume)
+    _sft(run)
+    return run
+
+
+def run_rl(cfg: Config, resume: bool = False) -> Run:
+    run = Run(cfg, resume)
+    _rl(run)
+    return run
+
+
+def run_pipeline(cfg: Config, resume: bool = False) -> Run:
+    """Untrained eval -> SFT -> eval -> RL phases (eval after each) -> report."""
+    from qwenlong.pipeline.report import write_report
+
+    start = time.time()
+    run = Run(cfg, resume)
+    if cfg.eval.enabled and cfg.eval.before_training:
+        run.evaluate("untrained")
+    _sft(run)
+    if cfg.eval.enabled and cfg.sft.enabled:
+        run.evaluate("after-sft")
+    _rl(run)
+    run.state["wall_time_s"] = run.state.get("wall_time_s", 0.0) + time.time() - start
+    run.state_path.write_text(json.dumps(run.state, indent=1))
+    write_report(run)
+    return run

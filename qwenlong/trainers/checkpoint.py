@@ -1,0 +1,79 @@
+"""Checkpoints that let a run continue exactly where it stopped.
+
+A checkpoint is a folder holding the model, optimizer and scheduler state, the RNG states
+and a JSON ``state`` (stage, step, phase, reward history, anything the trainer needs). It is
+written to a temporary folder and renamed into place, so a run killed mid-save never leaves a
+half checkpoint behind; ``latest`` finds the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.json"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    state: dict[str, Any]) -> Path:
+    """Write a checkpoint folder at ``path`` atomically; returns the path."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(model.state_dict(), tmp / "model.pt")
+    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": rng_state()}, tmp / "trainer.pt")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    restore_rng: bool = True) -> dict[str, Any]:
+    """Load a checkpoint into the given objects; returns its JSON state."""
+    path = Path(path)
+    if not (path / STATE_FILE).exists():
+        raise FileNotFoundError(f"path: {path} is not a complete checkpoint (no {STATE_FILE})")
+    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    if optimizer is not None and trainer["optimizer"] is not None:
+        optimizer.load_state_dict(trainer["optimizer"])
+    if scheduler is not None and trainer["scheduler"] is not None:
+        scheduler.load_state_dict(trainer["scheduler"])
+    if restore_rng:
+        set_rng_state(trainer["rng"])
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+
+
+def latest_checkpoint(directory: str | Path, prefix: str = "") -> Path | None:
+    """The most recently written complete checkpoint under ``directory`` whose name starts with ``prefix``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    complete = [p for p in directory.iterdir()
+                if p.is_dir() and p.name.startswith(prefix) and (p / STATE_FILE).exists()]
+    return max(complete, key=lambda p: (p / STATE_FILE).stat().st_mtime_ns, default=None)

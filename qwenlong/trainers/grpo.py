@@ -1,0 +1,233 @@
+"""One GRPO/DAPO phase: generate, score, compute advantages, update on packed mini-batches.
+
+Per step (method.md section 2): sample prompts, generate ``group_size`` responses each with
+the rollout engine, score them with the hybrid reward, keep informative groups (dynamic
+sampling, up to ``max_rounds`` generation rounds), add the overlong penalty, compute group
+advantages, recompute old log-probs with the fused kernel, then one optimizer update per
+mini-batch of groups with the fused GRPO loss, token-mean over the mini-batch's response
+tokens. Every random choice is keyed on (seed, phase, step), so a resumed run repeats the
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from qwenlong.algorithms import GroupCollector, group_accuracy_metrics, group_advantages, overlong_penalty
+from qwenlong.config import RLConfig
+from qwenlong.curriculum import Phase, RewardHistory
+from qwenlong.kernels import grpo_loss, linear_logprobs
+from qwenlong.rewards import HybridReward, RewardItem
+from qwenlong.rollout import RolloutEngine, SamplingParams, logprob_mismatch
+from qwenlong.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qwenlong.trainers.metrics_log import MetricsLogger
+from qwenlong.trainers.optim import build_optimizer, build_scheduler
+from qwenlong.trainers.packed import PackedBatch, forward_hidden, lm_head_weight, micro_batches, pack_sequences
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """A tokenised RL prompt with what the reward needs."""
+
+    id: str
+    prompt_ids: list[int]
+    data_source: str
+    ground_truth: Any
+    question: str = ""
+
+
+@dataclass
+class Group:
+    """One prompt's ``group_size`` responses and their rewards."""
+
+    example: PromptExample
+    responses: list[list[int]]
+    engine_logprobs: list[list[float]]
+    task_rewards: list[float]  # the hybrid reward: accuracy and the reward history use it
+    rewards: list[float]  # task reward plus any overlong penalty: advantages use it
+
+
+class GRPOTrainer:
+    """Runs the RL phases of a curriculum on one policy, keeping one reward history."""
+
+    def __init__(self, model: torch.nn.Module, engine: RolloutEngine, reward: HybridReward, cfg: RLConfig, *,
+                 decode, output_dir: str | Path, seed: int = 0, logger: MetricsLogger | None = None,
+                 history: RewardHistory | None = None, save_every_steps: int = 0):
+        self.model, self.engine, self.reward, self.cfg = model, engine, reward, cfg
+        self.decode = decode  # token ids -> text, for the reward
+        self.output_dir = Path(output_dir)
+        self.seed = seed
+        self.logger = logger or MetricsLogger(self.output_dir)
+        self.history = history if history is not None else RewardHistory()
+        self.save_every_steps = save_every_steps
+        self.device = next(model.parameters()).device
+
+    # ------------------------------------------------------------------ rollouts and rewards
+
+    def _generate_round(self, phase: Phase, examples: Sequence[PromptExample], rng: random.Random) -> list[Group]:
+        prompts = rng.sample(list(examples), k=min(self.cfg.gen_prompts_per_step, len(examples)))
+        params = SamplingParams(max_new_tokens=phase.max_output_tokens, temperature=self.cfg.temperature,
+                                top_p=self.cfg.top_p, n=self.cfg.group_size, seed=rng.randrange(2**31))
+        completions = self.engine.generate([p.prompt_ids for p in prompts], params)
+        items = [RewardItem(p.data_source, self.decode(c.token_ids), p.ground_truth, p.question)
+                 for p, group in zip(prompts, completions, strict=True) for c in group]
+        scores = [r.score for r in self.reward.score(items)]
+        groups = []
+        for i, (example, group) in enumerate(zip(prompts, completions, strict=True)):
+            task_rewards = scores[i * self.cfg.group_size:(i + 1) * self.cfg.group_size]
+            lengths = [len(c.token_ids) for c in group]
+            self.history.record(example.id, task_rewards, lengths, phase=phase.name)
+            rewards = torch.tensor(task_rewards, dtype=torch.float32)
+            if self.cfg.overlong.enabled:
+                rewards = rewards + overlong_penalty(torch.tensor(lengths), phase.max_output_tokens,
+                                                     self.cfg.overlong.buffer, self.cfg.overlong.penalty_factor)
+            groups.append(Group(example, [c.token_ids for c in group], [c.logprobs for c in group], task_rewards,
+                                rewards.tolist()))
+        return groups
+
+    def collect(self, phase: Phase, examples: Sequence[PromptExample], step: int) -> tuple[list[Group], dict]:
+        """Generate and score until the step's batch of groups is full (or rounds run out)."""
+        rng = random.Random(f"rl:{self.seed}:{phase.name}:{step}")
+        collector = GroupCollector(self.cfg.train_prompts_per_step, self.cfg.dynamic_sampling.max_rounds,
+                                   enabled=self.cfg.dynamic_sampling.enabled)
+        seen: list[Group] = []
+        while not collector.done:
+            groups = self._generate_round(phase, examples, rng)
+            seen += groups
+            # informative = accuracy differs within the group (DAPO): the overlong penalty alone
+            # must not make an all-wrong group count as signal
+            collector.add(groups, torch.tensor([g.task_rewards for g in groups]))
+            if not self.cfg.dynamic_sampling.enabled:
+                break
+        metrics = {**collector.metrics(), **group_accuracy_metrics(torch.tensor([g.task_rewards for g in seen])),
+                   "shaped_reward_mean": float(torch.tensor([g.rewards for g in seen]).mean()),
+                   "response_tokens_mean": float(torch.tensor(
+                       [len(r) for g in seen for r in g.responses], dtype=torch.float32).mean())}
+        return collector.batch(), metrics
+
+    # ------------------------------------------------------------------ policy update
+
+    def _sequences(self, groups: Sequence[Group]) -> tuple[list, list, dict, dict]:
+        advantages = group_advantages(torch.tensor([g.rewards for g in groups]),
+                                      normalize_std=self.cfg.advantage != "mean-only", eps=self.cfg.advantage_eps)
+        sequences, prompt_lengths, adv, engine_lp = [], [], [], []
+        for g, group_adv in zip(groups, advantages.tolist(), strict=True):
+            for response, logprobs, a in zip(g.responses, g.engine_logprobs, group_adv, strict=True):
+                sequences.append(g.example.prompt_ids + response)
+                prompt_lengths.append(len(g.example.prompt_ids))
+                adv.append(a)
+                engine_lp.append(logprobs)
+        return sequences, prompt_lengths, {"engine_logprobs": engine_lp}, {"advantages": adv}
+
+    def _micro_batches(self, sequences, prompt_lengths, response_values, sequence_values) -> list[PackedBatch]:
+        out = []
+        for ids in micro_batches([len(s) for s in sequences], self.cfg.micro_batch_token_budget):
+            out.append(pack_sequences([sequences[i] for i in ids], [prompt_lengths[i] for i in ids],
+                                      {k: [v[i] for i in ids] for k, v in response_values.items()},
+                                      {k: [v[i] for i in ids] for k, v in sequence_values.items()},
+                                      sequence_ids=ids).to(self.device))
+        return out
+
+    @torch.no_grad()
+    def _old_logprobs(self, batches: list[PackedBatch]) -> None:
+        """Old-policy log-probs of the sampled tokens, stored in each batch's token values."""
+        self.model.eval()
+        weight = lm_head_weight(self.model)
+        for batch in batches:
+            hidden = forward_hidden(self.model, batch)
+            logp = linear_logprobs(hidden, weight, batch.targets, temperature=self.cfg.temperature)
+            batch.token_values["old_logprobs"] = logp.float()
+        self.model.train()
+
+    def update(self, groups: Sequence[Group], optimizer, scheduler) -> dict[str, float]:
+        """One optimizer update per mini-batch of groups; returns averaged metrics."""
+        sums: dict[str, float] = {}
+        updates = 0
+        mini = self.cfg.mini_batch_size
+        for start in range(0, len(groups), mini):
+            batches = self._micro_batches(*self._sequences(groups[start:start + mini]))
+            self._old_logprobs(batches)
+            num_tokens = sum(int(b.mask.sum()) for b in batches)
+            mismatch = logprob_mismatch(torch.cat([b.token_values["engine_logprobs"] for b in batches]),
+                                        torch.cat([b.token_values["old_logprobs"] for b in batches]),
+                                        torch.cat([b.mask for b in batches]))
+            for _ in range(self.cfg.ppo_epochs):
+                step_metrics = self._optimizer_step(batches, num_tokens, optimizer, scheduler)
+                for key, value in {**step_metrics, **{f"engine_{k}": v for k, v in mismatch.items()}}.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                updates += 1
+        return {key: value / max(1, updates) for key, value in sums.items()}
+
+    def _optimizer_step(self, batches: list[PackedBatch], num_tokens: int, optimizer, scheduler) -> dict[str, float]:
+        weight = lm_head_weight(self.model)
+        loss_total, metric_sums = 0.0, {}
+        for batch in batches:
+            hidden = forward_hidden(self.model, batch)
+            values = batch.token_values
+            loss, metrics = grpo_loss(hidden, weight, batch.targets, values["advantages"], values["old_logprobs"],
+                                      batch.mask, clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
+                                      entropy_coef=self.cfg.entropy_coef, temperature=self.cfg.temperature,
+                                      num_tokens=max(1, num_tokens))
+            loss.backward()
+            loss_total += loss.item()
+            share = int(batch.mask.sum()) / max(1, num_tokens)  # token-weighted average of local means
+            for key, value in metrics.items():
+                metric_sums[key] = metric_sums.get(key, 0.0) + float(value) * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_total, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], **metric_sums}
+
+    # ------------------------------------------------------------------ phases
+
+    def _checkpoint_name(self, phase: Phase, step: int) -> str:
+        return f"rl-{phase.name}-step{step:06d}"
+
+    def train_phase(self, phase: Phase, examples: Sequence[PromptExample], *, resume: bool = False) -> list[dict]:
+        """Run ``phase.steps`` RL steps on ``examples`` (prompts that fit the phase)."""
+        if not examples:
+            raise ValueError(f"examples: phase {phase.name!r} has no prompt within {phase.max_input_tokens} tokens")
+        steps = phase.steps if phase.steps is not None else max(
+            1, round(phase.epochs * len(examples) / self.cfg.train_prompts_per_step))
+        optimizer = build_optimizer(self.model, self.cfg.lr, self.cfg.weight_decay)
+        updates_per_step = -(-self.cfg.train_prompts_per_step // self.cfg.mini_batch_size) * self.cfg.ppo_epochs
+        scheduler = build_scheduler(optimizer, steps * updates_per_step, self.cfg.warmup_steps, self.cfg.lr_schedule)
+        step = 0
+        checkpoints = self.output_dir / "checkpoints"
+        latest = latest_checkpoint(checkpoints, prefix=f"rl-{phase.name}-") if resume else None
+        if latest is not None:
+            state = load_checkpoint(latest, model=self.model, optimizer=optimizer, scheduler=scheduler)
+            step = state["step"]
+            self.history = RewardHistory.from_json(state["history"])
+        history = []
+        with tqdm(total=steps, initial=step, desc=f"rl {phase.name}", unit="step", dynamic_ncols=True) as bar:
+            while step < steps:
+                t0 = time.perf_counter()
+                groups, metrics = self.collect(phase, examples, step)
+                t1 = time.perf_counter()
+                if groups:
+                    metrics.update(self.update(groups, optimizer, scheduler))
+                t2 = time.perf_counter()
+                step += 1
+                tokens = sum(len(g.example.prompt_ids) + len(r) for g in groups for r in g.responses)
+                metrics.update({"time_generate_score": t1 - t0, "time_train": t2 - t1, "groups_trained": len(groups),
+                                "train_tokens_per_s": tokens / max(t2 - t1, 1e-9)})
+                self.logger.log(f"rl/{phase.name}", step, metrics)
+                history.append(metrics)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}")
+                bar.update(1)
+                if (self.save_every_steps and step % self.save_every_steps == 0) or step == steps:
+                    save_checkpoint(checkpoints / self._checkpoint_name(phase, step), model=self.model,
+                                    optimizer=optimizer, scheduler=scheduler,
+                                    state={"stage": "rl", "phase": phase.name, "step": step,
+                                           "history": self.history.to_json()})
+        return history
