@@ -32,7 +32,7 @@ MINIMAL = {
 
 
 def test_presets_exist():
-    assert {p.name for p in PRESETS} >= {"tiny-cpu.yaml", "qwenlong-l1-32b.yaml", "qwenlong-l1.5.yaml"}
+    assert {p.name for p in PRESETS} >= {"tiny.yaml", "qwenlong-l1-32b.yaml", "qwenlong-l1.5.yaml"}
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
@@ -56,7 +56,7 @@ def test_published_settings():
     budgets = [(p.max_input_tokens, p.max_output_tokens) for p in l15.rl.phases]
     assert budgets == [(20000, 12000), (60000, 20000), (120000, 50000)]
     assert l15.rl.advantage == "task-std" and l15.rl.kl_coef == 0.0
-    tiny = load_config(CONFIGS / "tiny-cpu.yaml")
+    tiny = load_config(CONFIGS / "tiny.yaml")
     assert tiny.model.tiny is not None and tiny.rollout.engine == "hf" and len(tiny.rl.phases) == 2
 
 
@@ -167,5 +167,5 @@ def test_judge_options_fit_make_judge(monkeypatch):
 
 
 def test_preset_with_override_from_file():
-    cfg = load_config(CONFIGS / "tiny-cpu.yaml", ["rl.phases.1.steps=5", "output.dir=/tmp/x"])
+    cfg = load_config(CONFIGS / "tiny.yaml", ["rl.phases.1.steps=5", "output.dir=/tmp/x"])
     assert cfg.rl.phases[1].steps == 5 and cfg.output.dir == "/tmp/x"

@@ -1,6 +1,6 @@
 """Typed run configuration: dataclasses loaded from YAML, with errors that name the bad key.
 
-    cfg = load_config("configs/tiny-cpu.yaml", overrides=["rl.phases.0.max_input_tokens=4096"])
+    cfg = load_config("configs/tiny.yaml", overrides=["rl.phases.0.max_input_tokens=4096"])
 
 Every section is a dataclass with defaults (``schema.py``), so a YAML file only states what
 differs. Loading rejects unknown keys and wrong types with a ``ConfigError`` naming the key path
