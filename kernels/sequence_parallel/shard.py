@@ -96,12 +96,14 @@ def shard_packed_batch(
             raise ValueError(f"{name}.shape[0] must equal the number of packed tokens ({total}), got {tuple(tensor.shape)}")
     padded_cu, num_pad = pad_cu_seqlens(cu_seqlens, world)
     local = (total + num_pad) // world
-    shard = slice(rank * local, (rank + 1) * local)
+    start, stop = rank * local, (rank + 1) * local
     tensors = {}
     for name, tensor in per_token.items():
-        if num_pad:
-            tensor = torch.cat([tensor, _padding_for(name, tensor, num_pad, ignore_index)])
-        tensors[name] = tensor[shard]
+        shard = tensor[start:stop]  # a view: only a rank whose slice reaches into the padding copies
+        if stop > total:
+            padding = _padding_for(name, tensor, num_pad, ignore_index)[max(start, total) - total : stop - total]
+            shard = torch.cat([shard, padding])
+        tensors[name] = shard
     lengths = padded_cu[1:] - padded_cu[:-1]
     max_seqlen = int(lengths.max()) if lengths.numel() else 0
     return ShardedBatch(tensors, padded_cu, max_seqlen, total, num_pad, rank, world)
