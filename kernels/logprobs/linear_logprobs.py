@@ -69,6 +69,25 @@ def _dlogits_tile(z, cols, col_in, target, lse, entropy, g_logp, g_entropy, g_me
 
 
 @triton.jit
+def _load_row_grads(rows, row_in, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr,
+                    inv_temperature, ignore_index, WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr):
+    """Per-row inputs of the backward pass; output gradients are zero on ignored rows and carry 1/tau."""
+    target = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index)
+    valid = row_in & (target != ignore_index)
+    lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+    g_logp = tl.load(grad_logp_ptr + rows, mask=valid, other=0.0) * inv_temperature
+    entropy = tl.zeros_like(lse)
+    g_entropy = tl.zeros_like(lse)
+    g_mean = tl.zeros_like(lse)
+    if WITH_ENTROPY_GRAD:
+        entropy = tl.load(entropy_ptr + rows, mask=row_in, other=0.0)
+        g_entropy = tl.load(grad_entropy_ptr + rows, mask=valid, other=0.0) * inv_temperature
+    if WITH_MEAN_GRAD:
+        g_mean = tl.load(grad_mean_ptr + rows, mask=valid, other=0.0) * inv_temperature
+    return target, lse, entropy, g_logp, g_entropy, g_mean
+
+
+@triton.jit
 def _forward_kernel(hidden_ptr, weight_ptr, targets_ptr, logp_ptr, entropy_ptr, mean_logp_ptr, lse_ptr,
                     T, V, D, inv_temperature, ignore_index,
                     WITH_ENTROPY: tl.constexpr, WITH_MEAN: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -117,18 +136,9 @@ def _backward_hidden_kernel(hidden_ptr, weight_ptr, targets_ptr, lse_ptr, entrop
     """One program per token block: d(hidden) rows += dz W over every vocabulary tile, in order."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_in = rows < T
-    target = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index)
-    valid = row_in & (target != ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
-    g_logp = tl.load(grad_logp_ptr + rows, mask=valid, other=0.0) * inv_temperature
-    g_entropy = g_logp
-    entropy = g_logp
-    g_mean = g_logp
-    if WITH_ENTROPY_GRAD:
-        g_entropy = tl.load(grad_entropy_ptr + rows, mask=valid, other=0.0) * inv_temperature
-        entropy = tl.load(entropy_ptr + rows, mask=row_in, other=0.0)
-    if WITH_MEAN_GRAD:
-        g_mean = tl.load(grad_mean_ptr + rows, mask=valid, other=0.0) * inv_temperature
+    target, lse, entropy, g_logp, g_entropy, g_mean = _load_row_grads(
+        rows, row_in, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr,
+        inv_temperature, ignore_index, WITH_ENTROPY_GRAD, WITH_MEAN_GRAD)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_in = cols < V
@@ -159,18 +169,9 @@ def _backward_weight_kernel(hidden_ptr, weight_ptr, targets_ptr, lse_ptr, entrop
     for t0 in range(0, T, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         row_in = rows < T
-        target = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index)
-        valid = row_in & (target != ignore_index)
-        lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
-        g_logp = tl.load(grad_logp_ptr + rows, mask=valid, other=0.0) * inv_temperature
-        g_entropy = g_logp
-        entropy = g_logp
-        g_mean = g_logp
-        if WITH_ENTROPY_GRAD:
-            g_entropy = tl.load(grad_entropy_ptr + rows, mask=valid, other=0.0) * inv_temperature
-            entropy = tl.load(entropy_ptr + rows, mask=row_in, other=0.0)
-        if WITH_MEAN_GRAD:
-            g_mean = tl.load(grad_mean_ptr + rows, mask=valid, other=0.0) * inv_temperature
+        target, lse, entropy, g_logp, g_entropy, g_mean = _load_row_grads(
+            rows, row_in, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr,
+            inv_temperature, ignore_index, WITH_ENTROPY_GRAD, WITH_MEAN_GRAD)
         z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
                          BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)
         dz = _dlogits_tile(z, cols, col_in, target, lse, entropy, g_logp, g_entropy, g_mean, V,
