@@ -176,11 +176,11 @@ def compile_row(module_name: str, index: int, arch: int) -> Row:
             cubin.write_bytes(compiled.asm["cubin"])
             usage = parse_resource_usage(_cuobjdump("--dump-resource-usage", cubin))
             sass = count_sass(_cuobjdump("--dump-sass", cubin))
+        kernel_usage = usage[compiled.metadata.name]
     except Exception as exc:  # a compile error is a result to report, not a crash
-        row.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         print(f"error compiling {module_name}:{spec.name} for sm_{arch}:\n{traceback.format_exc()}", file=sys.stderr)
+        row.error = _summary(exc)
         return row
-    kernel_usage = usage.get(compiled.metadata.name) or next(iter(usage.values()))
     row.registers = kernel_usage["REG"]
     row.stack_bytes = kernel_usage["STACK"]
     row.local_bytes = kernel_usage["LOCAL"]
@@ -239,9 +239,15 @@ def collect_jobs(modules: list[str], archs: list[int]) -> tuple[list[tuple[str, 
 
 
 def _last_exception() -> str:
+    """Print the exception being handled in full; return its one-line summary."""
     print(traceback.format_exc(), file=sys.stderr)
-    exc = sys.exc_info()[1]
-    return f"{type(exc).__name__}: {exc}"
+    return _summary(sys.exc_info()[1])
+
+
+def _summary(exc: BaseException) -> str:
+    """'CompilationError: <last line of the message>': Triton puts the reason last."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[-1]}" if lines else type(exc).__name__
 
 
 def compile_all(jobs: list[tuple[str, int, int]], processes: int) -> list[Row]:
