@@ -224,23 +224,30 @@ def _check_sp_logprobs_and_loss(sp_group, dp_group, seed: int):
 # --- a Hugging Face model ------------------------------------------------------------------------------------
 
 
-def _check_qwen2(group, seed: int = 10):
-    """A tiny Qwen2 under SP gives the log-probs and gradients of the plain model run sequence by sequence."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def _check_hf_model(group, family: str = "qwen2", gradient_checkpointing: bool = False, seed: int = 10):
+    """A tiny HF causal LM under SP gives the log-probs and gradients of the plain model run sequence by sequence."""
+    import transformers
 
     from qwenlong.kernels import shard_packed_batch, sp_grpo_loss, sp_linear_logprobs
     from qwenlong.kernels.logprobs import grpo_loss, linear_logprobs
     from qwenlong.models import SequenceParallelCausalLM
 
-    config = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config_class, model_class = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    }[family]
+    config = config_class(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
     torch.manual_seed(seed)
-    reference = Qwen2ForCausalLM(config).eval()
+    reference = model_class(config)
     reference.set_attn_implementation("eager")
     sp_model = SequenceParallelCausalLM(copy.deepcopy(reference), group)
+    if gradient_checkpointing:  # layers recomputed in backward: the all-to-alls run again, in the same order
+        sp_model.model.gradient_checkpointing_enable()
     cu, batch, _ = _lm_batch(seed, hidden_size=32, vocab=50)
     loss_inputs = ("labels", "advantages", "old_logprobs", "mask")
-    what = f"Qwen2 SP={dist.get_world_size(group)}"
+    what = f"{family} SP={dist.get_world_size(group)} checkpointing={gradient_checkpointing}"
 
     ref_hidden = torch.cat([
         reference.model(input_ids=batch["input_ids"][None, s:e], position_ids=batch["position_ids"][None, s:e])
@@ -312,6 +319,8 @@ def _two_ranks():
     _check_sp_logprobs_and_loss(world, None, seed=4)  # SP 2
     sp_group, dp_group = new_sequence_parallel_groups(1)
     _check_sp_logprobs_and_loss(sp_group, dp_group, seed=5)  # SP 1 x DP 2
+    _check_hf_model(world, "qwen3")
+    _check_hf_model(world, "llama", gradient_checkpointing=True)
     _check_missing_peer_times_out()
     _check_dead_peer_raises()
 
@@ -328,8 +337,8 @@ def _four_ranks():
     sp_group, dp_group = new_sequence_parallel_groups(2)
     _check_attention(sp_group, heads=4, kv_heads=2, seed=8, dtype=torch.bfloat16)
     _check_sp_logprobs_and_loss(sp_group, dp_group, seed=9)  # SP 2 x DP 2
-    _check_qwen2(world)  # SP 4
-    _check_qwen2(sp_group)  # SP 2 (both pairs run the whole batch)
+    _check_hf_model(world)  # Qwen2, SP 4
+    _check_hf_model(sp_group)  # Qwen2, SP 2 (both pairs run the whole batch)
 
 
 def test_next_token_labels_stay_inside_sequences():
