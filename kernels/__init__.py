@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "balance_and_pack": ".packing",
     "build_cu_seqlens": ".packing",
     "build_position_ids": ".packing",
+    "apply_rotary_packed": ".rotary",
     "varlen_attention": ".attention",
     "flash_attn_varlen_func": ".attention",
     "linear_logprobs": ".logprobs",
