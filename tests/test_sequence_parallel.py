@@ -351,6 +351,27 @@ def test_next_token_labels_stay_inside_sequences():
     assert next_token_labels(input_ids, _cu_seqlens(LENGTHS), ignore_index=-7).tolist() == expected
 
 
+def test_single_process_is_a_group_of_one(monkeypatch):
+    """Without torch.distributed the SP ops are the plain ops: same outputs, bitwise."""
+    from qwenlong.kernels import shard_packed_batch, sp_grpo_loss, sp_linear_logprobs, ulysses_attention
+    from qwenlong.kernels.attention import varlen_attention
+    from qwenlong.kernels.logprobs import grpo_loss, linear_logprobs
+
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")
+    assert not dist.is_initialized()
+    cu, batch, weight = _lm_batch(seed=11)
+    shard = shard_packed_batch(cu, **batch)
+    assert shard.num_pad == 0 and all(torch.equal(shard[name], batch[name]) for name in batch)
+    q, k, v = torch.randn(3, int(cu[-1]), 4, 8).unbind()
+    assert torch.equal(ulysses_attention(q, k, v, cu, max(LENGTHS)), varlen_attention(q, k, v, cu, cu, max(LENGTHS),
+                                                                                        max(LENGTHS)))
+    assert torch.equal(sp_linear_logprobs(batch["hidden"], weight, batch["labels"]),
+                       linear_logprobs(batch["hidden"], weight, batch["labels"]))
+    inputs = [batch[name] for name in ("labels", "advantages", "old_logprobs", "mask")]
+    loss, _ = sp_grpo_loss(batch["hidden"], weight, *inputs)
+    assert torch.equal(loss, grpo_loss(batch["hidden"], weight, *inputs)[0])
+
+
 @pytest.mark.distributed
 def test_sequence_parallel_two_ranks(free_port):
     _spawn(_two_ranks, 2, free_port)

@@ -25,10 +25,15 @@ import torch.distributed as dist
 
 
 def group_size(group) -> int:
+    """Ranks in ``group``; without an initialized process group, a single process is a group of one."""
+    if group is None and not dist.is_initialized():
+        return 1
     return dist.get_world_size(group)
 
 
 def group_rank(group) -> int:
+    if group is None and not dist.is_initialized():
+        return 0
     return dist.get_rank(group)
 
 

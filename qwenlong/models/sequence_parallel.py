@@ -64,7 +64,11 @@ AttentionInterface.register(ATTENTION_NAME, ulysses_attention_forward)
 
 
 class SequenceParallelCausalLM(nn.Module):
-    """An HF causal LM whose forward takes one rank's token shard and returns its final hidden states."""
+    """An HF causal LM whose forward takes one rank's token shard and returns its final hidden states.
+
+    Switches the wrapped model's attention to ``"qwenlong_ulysses"``; to generate with it, switch back
+    (``model.set_attn_implementation("sdpa")``).
+    """
 
     def __init__(self, model: nn.Module, group=None):
         super().__init__()
