@@ -329,6 +329,8 @@ def _four_ranks():
     from qwenlong.kernels import new_sequence_parallel_groups
 
     world = dist.group.WORLD
+    with pytest.raises(ValueError, match="sp_size must divide the world size 4, got 3"):
+        new_sequence_parallel_groups(3)
     _check_sharding(world)
     _check_sharding(world, lengths=[1, 0])  # fewer tokens than ranks: the padding spans three ranks
     _check_attention(world, heads=8, kv_heads=2, seed=6)  # GQA, kv_heads < P
@@ -370,6 +372,8 @@ def test_single_process_is_a_group_of_one(monkeypatch):
     inputs = [batch[name] for name in ("labels", "advantages", "old_logprobs", "mask")]
     loss, _ = sp_grpo_loss(batch["hidden"], weight, *inputs)
     assert torch.equal(loss, grpo_loss(batch["hidden"], weight, *inputs)[0])
+    with pytest.raises(ValueError, match="num_tokens"):
+        sp_grpo_loss(batch["hidden"], weight, *inputs, num_tokens=5)
 
 
 @pytest.mark.distributed
