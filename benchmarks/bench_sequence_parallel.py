@@ -9,8 +9,8 @@ the all-to-all bandwidth measured on the target machine, e.g. with nccl-tests).
 
 CPU (``--device cpu``): real gloo process groups of P = 1, 2, 4 on this machine at a small size:
 wall time of ``ulysses_attention`` forward+backward per token, and the time spent inside its
-all-to-alls (timed around every collective). The machine's cores are shared by all ranks, so
-this shows the mechanism and the communication share, not GPU scaling.
+all-to-alls (timed around every collective, so it includes waiting for the slowest rank). The
+machine's cores are shared by all ranks, so this shows the mechanism, not GPU scaling.
 
 Both modes also print the paper estimate for the target (120K tokens, 8 GPUs, a Qwen2.5-32B layer)
 from published H100 rates; its assumptions are printed with it.
