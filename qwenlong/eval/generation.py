@@ -28,7 +28,8 @@ class Sampling:
     seed: int | None = 0
 
 
-def hf_generate_fn(model: Any, tokenizer: Any, sampling: Sampling = Sampling(), max_batch_size: int = 8) -> GenerateFn:
+def hf_generate_fn(model: Any, tokenizer: Any, sampling: Sampling = Sampling(), max_batch_size: int = 8,
+                   generation_attention: str | None = None) -> GenerateFn:
     """Generate with a HF causal LM through :class:`qwenlong.rollout.HFGenerateEngine`."""
     from qwenlong.rollout import HFGenerateEngine, SamplingParams
 
@@ -36,7 +37,7 @@ def hf_generate_fn(model: Any, tokenizer: Any, sampling: Sampling = Sampling(), 
     stops = {tokenizer.eos_token_id, tokenizer.get_vocab().get("<|im_end|>")}
     eos = sorted(t for t in stops if isinstance(t, int))
     engine = HFGenerateEngine(model, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                              max_batch_size=max_batch_size)
+                              max_batch_size=max_batch_size, generation_attention=generation_attention)
     params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                             top_p=sampling.top_p, seed=sampling.seed)
 

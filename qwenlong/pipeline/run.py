@@ -25,6 +25,10 @@ from qwenlong.trainers import GRPOTrainer, SFTTrainer
 from qwenlong.trainers.checkpoint import latest_checkpoint, load_checkpoint
 from qwenlong.trainers.metrics_log import MetricsLogger
 
+# HF generate decodes through the KV cache one token at a time: SDPA is the fast path there,
+# while training runs packed sequences through our varlen attention.
+GENERATION_ATTENTION = "sdpa"
+
 
 class Run:
     """Shared state of one run folder: config, tokenizer, model, logger and stage records."""
@@ -64,8 +68,9 @@ class Run:
             return self.state["evals"][label]["average"]
         ev = self.cfg.eval
         records = build.load_split(self.cfg, "eval", self.tokenizer)
-        generate = hf_generate_fn(self.model, self.tokenizer, Sampling(ev.max_output_tokens, ev.temperature, ev.top_p,
-                                                                       seed=self.cfg.seed))
+        sampling = Sampling(ev.max_output_tokens, ev.temperature, ev.top_p, seed=self.cfg.seed)
+        generate = hf_generate_fn(self.model, self.tokenizer, sampling, max_batch_size=64,
+                                  generation_attention=GENERATION_ATTENTION)
         report = evaluate({"heldout": records}, generate, self.tokenizer, reward=HybridReward(),
                           max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True)
         report.write(self.dir / "eval" / label)
@@ -99,13 +104,18 @@ def _rl(run: Run) -> None:
     prompt_len = {e.id: len(e.prompt_ids) for e in examples}
     history = RewardHistory.from_json(run.state["history"]) if "history" in run.state else RewardHistory()
     engine = HFGenerateEngine(run.model, eos_token_id=build.eos_ids(run.tokenizer),
-                              pad_token_id=run.tokenizer.pad_token_id)
+                              pad_token_id=run.tokenizer.pad_token_id, generation_attention=GENERATION_ATTENTION)
     trainer = GRPOTrainer(run.model, engine, HybridReward(), cfg.rl, decode=lambda ids: run.tokenizer.decode(
         ids, skip_special_tokens=True), output_dir=run.dir, seed=cfg.seed, logger=run.logger, history=history,
         save_every_steps=cfg.output.save_every_steps)
     seen: set[str] = set()
+    shorter_budget = 0
     for index, phase in enumerate(cfg.rl.phases):
-        phase_examples = examples_for_phase(examples, phase, lambda e: prompt_len[e.id])
+        # a phase's own data is the prompts that fit it but not the phase before: each phase
+        # reads longer documents, and earlier examples return only through retrospective sampling
+        phase_examples = [e for e in examples_for_phase(examples, phase, lambda e: prompt_len[e.id])
+                          if prompt_len[e.id] > shorter_budget]
+        shorter_budget = phase.max_input_tokens
         own = {e.id for e in phase_examples}
         if index > 0:
             candidates = {i: prompt_len[i] for i in seen - own}

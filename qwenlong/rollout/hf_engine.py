@@ -30,6 +30,9 @@ class HFGenerateEngine(RolloutEngine):
         eos_token_id: end-of-sequence token id(s).
         pad_token_id: id used for left padding (defaults to the first EOS id); never attended.
         max_batch_size: most sequences (prompts x n) generated at once.
+        generation_attention: attention implementation to generate with (e.g. ``"sdpa"``, whose
+            KV-cache decode path is fast on CPU), restored afterwards; None keeps the model's own.
+            Training keeps its packed-sequence attention either way.
     """
 
     def __init__(
@@ -38,8 +41,10 @@ class HFGenerateEngine(RolloutEngine):
         eos_token_id: int | Sequence[int],
         pad_token_id: int | None = None,
         max_batch_size: int = 64,
+        generation_attention: str | None = None,
     ) -> None:
         self.model = model
+        self.generation_attention = generation_attention
         self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         if not self.eos_token_ids:
             raise ValueError("eos_token_id: give at least one end-of-sequence id")
@@ -55,8 +60,11 @@ class HFGenerateEngine(RolloutEngine):
         # prompt i's samples are rows i*n .. i*n+n-1
         rows = [list(prompt) for prompt in prompts for _ in range(params.n)]
         was_training, own_defaults = self.model.training, self.model.generation_config
+        own_attention = self.model.config._attn_implementation
         self.model.eval()
         self.model.generation_config = GenerationConfig()
+        if self.generation_attention is not None:
+            self.model.set_attn_implementation(self.generation_attention)
         try:
             with torch.random.fork_rng(devices=[]):
                 if params.seed is not None:
@@ -67,6 +75,8 @@ class HFGenerateEngine(RolloutEngine):
         finally:
             self.model.train(was_training)
             self.model.generation_config = own_defaults
+            if self.generation_attention is not None:
+                self.model.set_attn_implementation(own_attention)
         return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
     def _generate_batch(self, rows: list[list[int]], params: SamplingParams) -> list[Completion]:
