@@ -20,7 +20,8 @@ from qwenlong.eval import evaluate
 from qwenlong.eval.generation import Sampling, hf_generate_fn
 from qwenlong.pipeline import build
 from qwenlong.rewards import HybridReward
-from qwenlong.rollout import HFGenerateEngine
+from qwenlong.rewards.judge import make_judge
+from qwenlong.rollout import HFGenerateEngine, RolloutEngine
 from qwenlong.trainers import GRPOTrainer, SFTTrainer
 from qwenlong.trainers.checkpoint import latest_checkpoint, load_checkpoint
 from qwenlong.trainers.metrics_log import MetricsLogger
@@ -71,13 +72,32 @@ class Run:
         sampling = Sampling(ev.max_output_tokens, ev.temperature, ev.top_p, seed=self.cfg.seed)
         generate = hf_generate_fn(self.model, self.tokenizer, sampling, max_batch_size=64,
                                   generation_attention=GENERATION_ATTENTION)
-        report = evaluate({"heldout": records}, generate, self.tokenizer, reward=HybridReward(),
+        report = evaluate({"heldout": records}, generate, self.tokenizer, reward=build_reward(self.cfg),
                           max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True)
         report.write(self.dir / "eval" / label)
         self.state["evals"][label] = report.to_json()
         self.logger.log("eval", len(self.state["evals"]), {"label": label, "accuracy": report.average})
         self.finish(f"eval:{label}")
         return report.average
+
+
+def build_reward(cfg: Config) -> HybridReward:
+    options = cfg.reward.judge_options()
+    return HybridReward(judge=make_judge(options) if options is not None else None)
+
+
+def build_engine(run: Run) -> RolloutEngine:
+    """HF ``generate`` on the policy itself, or vLLM on a saved copy that is re-synced after each update."""
+    if run.cfg.rollout.engine == "vllm":
+        from qwenlong.rollout import VLLMEngine
+
+        path = run.dir / "policy-for-vllm"
+        run.model.save_pretrained(path)
+        run.tokenizer.save_pretrained(path)
+        return VLLMEngine(str(path), tensor_parallel_size=run.cfg.rollout.tensor_parallel_size,
+                          gpu_memory_utilization=run.cfg.rollout.gpu_memory_utilization)
+    return HFGenerateEngine(run.model, eos_token_id=build.eos_ids(run.tokenizer),
+                            pad_token_id=run.tokenizer.pad_token_id, generation_attention=GENERATION_ATTENTION)
 
 
 def _sft(run: Run) -> None:
@@ -103,11 +123,12 @@ def _rl(run: Run) -> None:
     by_id = {e.id: e for e in examples}
     prompt_len = {e.id: len(e.prompt_ids) for e in examples}
     history = RewardHistory.from_json(run.state["history"]) if "history" in run.state else RewardHistory()
-    engine = HFGenerateEngine(run.model, eos_token_id=build.eos_ids(run.tokenizer),
-                              pad_token_id=run.tokenizer.pad_token_id, generation_attention=GENERATION_ATTENTION)
-    trainer = GRPOTrainer(run.model, engine, HybridReward(), cfg.rl, decode=lambda ids: run.tokenizer.decode(
-        ids, skip_special_tokens=True), output_dir=run.dir, seed=cfg.seed, logger=run.logger, history=history,
-        save_every_steps=cfg.output.save_every_steps)
+    def decode(ids: list[int]) -> str:
+        return run.tokenizer.decode(ids, skip_special_tokens=True)
+
+    trainer = GRPOTrainer(run.model, build_engine(run), build_reward(cfg), cfg.rl, decode=decode, output_dir=run.dir,
+                          seed=cfg.seed, logger=run.logger, history=history,
+                          save_every_steps=cfg.output.save_every_steps)
     seen: set[str] = set()
     shorter_budget = 0
     for index, phase in enumerate(cfg.rl.phases):

@@ -216,6 +216,8 @@ class GRPOTrainer:
                 t1 = time.perf_counter()
                 if groups:
                     metrics.update(self.update(groups, optimizer, scheduler))
+                    if getattr(self.engine, "model", None) is not self.model:  # the engine holds its own copy
+                        self.engine.update_weights(self.model.named_parameters())
                 t2 = time.perf_counter()
                 step += 1
                 tokens = sum(len(g.example.prompt_ids) + len(r) for g in groups for r in g.responses)
