@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"qwenlong {argv[0]}", description=help_text)
     module.add_arguments(sub)
-    return int(getattr(module, runner)(sub.parse_args(argv[1:])) or 0)
+    return int(getattr(module, runner)(sub.parse_intermixed_args(argv[1:])) or 0)
 
 
 if __name__ == "__main__":
