@@ -137,3 +137,123 @@ def test_apply_qwenlong_errors():
         token_logprobs(model, ids, None, ids)
     with pytest.raises(ValueError, match="targets"):
         token_logprobs(apply_qwenlong(model), ids, None, ids[:, :3])
+
+
+# --------------------------------------------------------------------------------------------- TRL
+
+
+def _trl_config(tmp_path, **overrides):
+    from trl import GRPOConfig
+
+    settings = dict(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+                    per_device_train_batch_size=4, num_generations=4, max_completion_length=6, max_steps=2,
+                    logging_steps=1, learning_rate=1e-2, beta=0.05, use_bias_correction_kl=False,
+                    gradient_checkpointing=False)
+    return GRPOConfig(**(settings | overrides))
+
+
+def _length_reward(prompts, completions, **columns):
+    """A reward with spread inside each group, so advantages (and gradients) are not all zero."""
+    return [len(set(completion)) / 10 for completion in completions]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny Qwen2 and a byte-level tokenizer saved together (TRL loads the reference model from the path)."""
+    from qwenlong.data.tokenizers import train_demo_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_qwen2")
+    tokenizer = train_demo_tokenizer(["What is two plus two? The answer is four."] * 4, vocab_size=300)
+    model = _tiny_model("qwen2", vocab=320, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
+def _prompts():
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": ["What is two plus two?", "Say four.", "The answer is", "two plus"]})
+
+
+@pytest.fixture(scope="module")
+def grpo_trainer(tiny_checkpoint, tmp_path_factory):
+    from qwenlong.integrations.trl import QwenlongGRPOTrainer
+
+    path, tokenizer = tiny_checkpoint
+    args = _trl_config(tmp_path_factory.mktemp("trl"), delta=1.5)
+    return QwenlongGRPOTrainer(model=str(path), reward_funcs=_length_reward, args=args, train_dataset=_prompts(),
+                               processing_class=tokenizer)
+
+
+def _grpo_batch(vocab: int):
+    """Left-padded prompts, right-padded completions, off-policy old log-probs (so clipping is active)."""
+    torch.manual_seed(3)
+    batch, prompt_len, completion_len = 4, 5, 6
+    prompt_mask = torch.ones(batch, prompt_len, dtype=torch.long)
+    prompt_mask[2, :2] = 0
+    completion_mask = torch.ones(batch, completion_len, dtype=torch.long)
+    completion_mask[1, 4:] = 0
+    completion_mask[3, 2:] = 0
+    return {
+        "prompt_ids": torch.randint(0, vocab, (batch, prompt_len)), "prompt_mask": prompt_mask,
+        "completion_ids": torch.randint(0, vocab, (batch, completion_len)), "completion_mask": completion_mask,
+        "advantages": torch.tensor([1.0, -0.5, 0.3, -1.2]),
+        "old_per_token_logps": -torch.rand(batch, completion_len) * 2 - 4.0,
+        "ref_per_token_logps": -torch.rand(batch, completion_len) * 2 - 4.0,
+        "num_items_in_batch": completion_mask.sum().float(),
+    }
+
+
+@pytest.mark.parametrize("loss_type,entropy_coef", [("grpo", 0.0), ("bnpo", 0.01), ("dr_grpo", 0.0), ("dapo", 0.0)])
+def test_trl_loss_and_grads_equal_trl_own_loss(grpo_trainer, loss_type, entropy_coef):
+    from trl import GRPOTrainer
+
+    trainer, model = grpo_trainer, grpo_trainer.model
+    trainer.loss_type, trainer.entropy_coef, trainer._entropy_bonus_enabled = loss_type, entropy_coef, entropy_coef != 0
+    trainer.current_gradient_accumulation_steps = 2
+    model.train()
+    inputs = _grpo_batch(model.config.vocab_size)
+    losses, grads = [], []
+    for compute_loss in (GRPOTrainer._compute_loss, type(trainer)._compute_loss):  # TRL's, then ours
+        model.zero_grad()
+        loss = compute_loss(trainer, model, inputs)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
+    for ours, theirs in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # the batch does exercise the clip
+
+
+def test_trl_grpo_trains_a_few_steps(tiny_checkpoint, tmp_path):
+    from qwenlong.integrations.trl import QwenlongGRPOTrainer
+
+    path, tokenizer = tiny_checkpoint
+    args = _trl_config(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, loss_type="grpo")
+    trainer = QwenlongGRPOTrainer(model=str(path), reward_funcs=_length_reward, args=args, train_dataset=_prompts(),
+                                  processing_class=tokenizer)
+    assert trainer.model.config._attn_implementation == "qwenlong"
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2 and all(torch.isfinite(torch.tensor(e["loss"])) for e in logged)
+    assert "kl" in logged[-1] and "clip_ratio/region_mean" in logged[-1]
+    assert any(not torch.equal(p, q) for p, q in zip(before, trainer.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("setting,match", [
+    ({"loss_type": "sapo"}, "loss_type"),
+    ({"importance_sampling_level": "sequence", "loss_type": "grpo"}, "importance_sampling_level"),
+    ({"delta": 1.1}, "delta"),
+    ({"use_bias_correction_kl": True}, "use_bias_correction_kl"),
+    ({"entropy_coef": 0.01, "loss_type": "dapo"}, "entropy_coef"),
+    ({"top_entropy_quantile": 0.5}, "top_entropy_quantile"),
+])
+def test_trl_unsupported_settings_raise(tmp_path, setting, match):
+    from qwenlong.integrations.trl import check_supported_config
+
+    check_supported_config(_trl_config(tmp_path), vllm_is_correction=False)
+    with pytest.raises(ValueError, match=match):
+        check_supported_config(_trl_config(tmp_path, **setting), vllm_is_correction=False)
