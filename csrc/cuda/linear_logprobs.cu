@@ -1,0 +1,272 @@
+// Fused LM-head statistics on CUDA: cuBLAS GEMM per tile, fused epilogue per tile.
+//
+// Tokens are cut into chunks of kTokenChunk rows (the last one zero-padded, so every GEMM
+// has the same shape whatever the batch: a token's results do not depend on its batch), the
+// vocabulary into chunks of kVocabChunk at fixed offsets. For each (vocabulary, token) chunk:
+//
+//   forward:  Z = H_c W_c^T / tau (fp32 out, fp32 accumulate), then one pass over each row
+//             of Z merges (max m, s = sum e^(z-m), a = sum e^(z-m)(z-m)) into the running
+//             per-token state, adds sum z and picks the target logit. At the end
+//             lse = m + log s, logp = z_t - lse, H = log s - a/s, mean_logp = sum z / V - lse.
+//             a is kept relative to the running max, so logits of 1e4 lose nothing.
+//   backward: recompute Z, overwrite it in place with the logit gradient
+//             dz = g_mean/V - p (g_logp + g_mean + g_H (log p + H)) + g_logp [j = t],
+//             then dH_c += dZ W_c / tau and dW_c += dZ^T H_c / tau (cuBLAS, fp32 accumulators).
+//
+// Every accumulation runs in a fixed order, so results are reproducible bit for bit.
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cublas_v2.h>
+
+#include <cfloat>
+
+#include "linear_logprobs.h"
+
+namespace qwenlong::cuda {
+namespace {
+
+constexpr int64_t kTokenChunk = 512;
+constexpr int64_t kVocabChunk = 16384;
+constexpr int kThreads = 256;
+
+// Softmax statistics of a set of logits, relative to their max.
+struct SoftmaxStats {
+  float max;      // m
+  float sum;      // s = sum e^(z - m)
+  float shifted;  // a = sum e^(z - m) (z - m)
+};
+
+// Both sides moved to the larger max: e^(m1-m) scales s1 and a1 + (m1 - m) s1. An empty
+// side (max -FLT_MAX, sums 0) contributes exactly 0.
+__device__ __forceinline__ SoftmaxStats merge(const SoftmaxStats& x, const SoftmaxStats& y) {
+  const float m = fmaxf(x.max, y.max);
+  const float ex = __expf(x.max - m), ey = __expf(y.max - m);
+  return {m, x.sum * ex + y.sum * ey,
+          ex * (x.shifted + (x.max - m) * x.sum) + ey * (y.shifted + (y.max - m) * y.sum)};
+}
+
+__device__ __forceinline__ SoftmaxStats shuffle_down(const SoftmaxStats& v, int offset) {
+  return {__shfl_down_sync(0xffffffffu, v.max, offset), __shfl_down_sync(0xffffffffu, v.sum, offset),
+          __shfl_down_sync(0xffffffffu, v.shifted, offset)};
+}
+
+// One block per token row of the tile: merges the row's statistics into the running state.
+__global__ void logits_stats_kernel(const float* __restrict__ tile, int64_t ld, int64_t columns,
+                                    const int64_t* __restrict__ targets, int64_t vocab_start,
+                                    float* __restrict__ running_max, float* __restrict__ running_sum,
+                                    float* __restrict__ running_shifted, float* __restrict__ logit_sum,
+                                    float* __restrict__ target_logit) {
+  const int64_t row = blockIdx.x;
+  const float* z = tile + row * ld;
+  const int64_t target = targets[row] - vocab_start;
+  SoftmaxStats stats{-FLT_MAX, 0.0f, 0.0f};
+  float total = 0.0f;
+  for (int64_t j = threadIdx.x; j < columns; j += blockDim.x) {
+    const float value = z[j];
+    total += value;
+    if (j == target) target_logit[row] += value;  // one thread of one vocabulary chunk
+    if (value <= stats.max) {
+      const float e = __expf(value - stats.max);
+      stats.sum += e;
+      stats.shifted += e * (value - stats.max);
+    } else {  // a new max: move the state onto it (first column: the state is empty, stays 0)
+      const float rescale = __expf(stats.max - value);
+      stats.shifted = rescale * (stats.shifted + (stats.max - value) * stats.sum);
+      stats.sum = rescale * stats.sum + 1.0f;
+      stats.max = value;
+    }
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    stats = merge(stats, shuffle_down(stats, offset));
+    total += __shfl_down_sync(0xffffffffu, total, offset);
+  }
+  __shared__ SoftmaxStats warp_stats[kThreads / 32];
+  __shared__ float warp_totals[kThreads / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    warp_stats[warp] = stats;
+    warp_totals[warp] = total;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    SoftmaxStats row_stats{running_max[row], running_sum[row], running_shifted[row]};
+    float row_total = 0.0f;
+    for (int w = 0; w < kThreads / 32; ++w) {
+      row_stats = merge(row_stats, warp_stats[w]);
+      row_total += warp_totals[w];
+    }
+    running_max[row] = row_stats.max;
+    running_sum[row] = row_stats.sum;
+    running_shifted[row] = row_stats.shifted;
+    logit_sum[row] += row_total;
+  }
+}
+
+// One block per token row: overwrites the logits tile with d(outputs)/d(tempered logits).
+// Rows at or past `rows` are padding and get 0. entropy / grad_entropy / grad_mean may be null.
+__global__ void dlogits_kernel(float* __restrict__ tile, int64_t ld, int64_t columns, int64_t rows,
+                               const int64_t* __restrict__ targets, int64_t vocab_start,
+                               const float* __restrict__ lse, const float* __restrict__ entropy,
+                               const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy,
+                               const float* __restrict__ grad_mean, float inv_vocab) {
+  const int64_t row = blockIdx.x;
+  float* z = tile + row * ld;
+  if (row >= rows) {
+    for (int64_t j = threadIdx.x; j < columns; j += blockDim.x) z[j] = 0.0f;
+    return;
+  }
+  const float g_logp = grad_logp[row];
+  const float g_entropy = grad_entropy ? grad_entropy[row] : 0.0f;
+  const float g_mean = grad_mean ? grad_mean[row] : 0.0f;
+  const float row_entropy = entropy ? entropy[row] : 0.0f;
+  const float row_lse = lse[row];
+  const int64_t target = targets[row] - vocab_start;
+  for (int64_t j = threadIdx.x; j < columns; j += blockDim.x) {
+    const float log_p = z[j] - row_lse;
+    const float p = __expf(log_p);
+    float dz = g_mean * inv_vocab - p * (g_logp + g_mean + g_entropy * (log_p + row_entropy));
+    if (j == target) dz += g_logp;
+    z[j] = dz;
+  }
+}
+
+cudaDataType_t cublas_type(at::ScalarType type) {
+  TORCH_CHECK(type == at::kFloat || type == at::kHalf || type == at::kBFloat16,
+              "hidden and weight must be fp32, fp16 or bf16, got ", type);
+  return type == at::kFloat ? CUDA_R_32F : type == at::kHalf ? CUDA_R_16F : CUDA_R_16BF;
+}
+
+// Column-major C (m x n, fp32) = alpha op(A) op(B) + beta C, with A and B of `type` and fp32
+// accumulation (no TF32). Row-major callers pass their matrices transposed.
+void gemm(cublasOperation_t op_a, cublasOperation_t op_b, int64_t m, int64_t n, int64_t k, float alpha,
+          const void* a, int64_t lda, const void* b, int64_t ldb, float beta, float* c, int64_t ldc,
+          cudaDataType_t type) {
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(at::cuda::getCurrentCUDABlasHandle(), op_a, op_b, m, n, k, &alpha, a, type, lda,
+                                    b, type, ldb, &beta, c, CUDA_R_32F, ldc, CUBLAS_COMPUTE_32F,
+                                    CUBLAS_GEMM_DEFAULT));
+}
+
+const void* rows_of(const torch::Tensor& matrix, int64_t row) {
+  return static_cast<const char*>(matrix.data_ptr()) + row * matrix.stride(0) * matrix.element_size();
+}
+
+// hidden zero-padded to a multiple of kTokenChunk rows (contiguous), and the checked shapes.
+torch::Tensor padded_hidden(const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& targets) {
+  TORCH_CHECK(hidden.is_cuda() && weight.device() == hidden.device() && targets.device() == hidden.device(),
+              "hidden, weight and targets must be on one CUDA device");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "hidden (T, d) and weight (V, d) must share d, got ", hidden.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "hidden and weight must share a dtype");
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0) && targets.scalar_type() == at::kLong,
+              "targets must be int64 (T,)");
+  const int64_t tokens = hidden.size(0);
+  const int64_t padded = (tokens + kTokenChunk - 1) / kTokenChunk * kTokenChunk;
+  auto out = at::zeros({padded, hidden.size(1)}, hidden.options());
+  out.narrow(0, 0, tokens).copy_(hidden);
+  return out;
+}
+
+// Z = H_c W_c^T / tau for token chunk t0 and vocabulary chunk [v0, v0 + columns), into `tile`
+// (kTokenChunk x kVocabChunk, row-major; only the first `columns` columns are written).
+void logits_tile(const torch::Tensor& hidden, const torch::Tensor& weight, int64_t t0, int64_t v0, int64_t columns,
+                 float inv_temperature, torch::Tensor& tile) {
+  const int64_t d = hidden.size(1);
+  gemm(CUBLAS_OP_T, CUBLAS_OP_N, columns, kTokenChunk, d, inv_temperature, rows_of(weight, v0), d,
+       rows_of(hidden, t0), d, 0.0f, tile.data_ptr<float>(), kVocabChunk, cublas_type(hidden.scalar_type()));
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> linear_logprobs_forward(const torch::Tensor& hidden_in, const torch::Tensor& weight_in,
+                                                   const torch::Tensor& targets_in, double temperature,
+                                                   int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(hidden_in.device());
+  const auto targets = targets_in.contiguous();
+  const auto hidden = padded_hidden(hidden_in, weight_in, targets);
+  const auto weight = weight_in.contiguous();
+  const int64_t tokens = targets.size(0), vocab = weight.size(0);
+  const auto fp32 = hidden.options().dtype(at::kFloat);
+  // running max, sum e^(z - m), sum e^(z - m)(z - m), sum z, target logit
+  auto stats = at::zeros({5, std::max<int64_t>(tokens, 1)}, fp32);
+  stats[0].fill_(-FLT_MAX);
+  auto tile = at::empty({kTokenChunk, kVocabChunk}, fp32);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const float inv_temperature = static_cast<float>(1.0 / temperature);
+  for (int64_t v0 = 0; v0 < vocab; v0 += kVocabChunk) {
+    const int64_t columns = std::min(kVocabChunk, vocab - v0);
+    for (int64_t t0 = 0; t0 < tokens; t0 += kTokenChunk) {
+      logits_tile(hidden, weight, t0, v0, columns, inv_temperature, tile);
+      const int64_t rows = std::min(kTokenChunk, tokens - t0);
+      float* s = stats.data_ptr<float>() + t0;
+      const int64_t stride = stats.stride(0);
+      logits_stats_kernel<<<rows, kThreads, 0, stream>>>(tile.data_ptr<float>(), kVocabChunk, columns,
+                                                         targets.data_ptr<int64_t>() + t0, v0, s, s + stride,
+                                                         s + 2 * stride, s + 3 * stride, s + 4 * stride);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  stats = stats.narrow(1, 0, tokens);
+  const auto valid = targets.ne(ignore_index);
+  const auto log_sum = stats[1].log();
+  const auto lse = stats[0] + log_sum;
+  const auto zero = at::zeros({}, fp32);
+  return {at::where(valid, stats[4] - lse, zero), at::where(valid, log_sum - stats[2] / stats[1], zero),
+          at::where(valid, stats[3] / static_cast<double>(vocab) - lse, zero), lse};
+}
+
+std::vector<torch::Tensor> linear_logprobs_backward(const torch::Tensor& hidden_in, const torch::Tensor& weight_in,
+                                                    const torch::Tensor& targets_in, const torch::Tensor& lse_in,
+                                                    const std::optional<torch::Tensor>& entropy_in,
+                                                    const torch::Tensor& grad_logp_in,
+                                                    const std::optional<torch::Tensor>& grad_entropy_in,
+                                                    const std::optional<torch::Tensor>& grad_mean_in,
+                                                    double temperature) {
+  const c10::cuda::CUDAGuard guard(hidden_in.device());
+  const auto targets = targets_in.contiguous();
+  const auto hidden = padded_hidden(hidden_in, weight_in, targets);
+  const auto weight = weight_in.contiguous();
+  const int64_t tokens = targets.size(0), vocab = weight.size(0), d = hidden.size(1);
+  TORCH_CHECK(!grad_entropy_in || entropy_in, "grad_entropy needs entropy");
+  const auto per_token = [&](const torch::Tensor& x, const char* name) {
+    TORCH_CHECK(x.dim() == 1 && x.size(0) == tokens && x.device() == hidden.device(), name, " must be (T,) on ",
+                hidden.device());
+    return x.to(at::kFloat).contiguous();
+  };
+  const auto lse = per_token(lse_in, "lse");
+  const auto grad_logp = per_token(grad_logp_in, "grad_logp");
+  const auto entropy = entropy_in ? per_token(*entropy_in, "entropy") : torch::Tensor();
+  const auto grad_entropy = grad_entropy_in ? per_token(*grad_entropy_in, "grad_entropy") : torch::Tensor();
+  const auto grad_mean = grad_mean_in ? per_token(*grad_mean_in, "grad_mean_logp") : torch::Tensor();
+  const auto at_row = [](const torch::Tensor& x, int64_t t0) {
+    return x.defined() ? x.data_ptr<float>() + t0 : nullptr;
+  };
+
+  const auto fp32 = hidden.options().dtype(at::kFloat);
+  auto grad_hidden = at::zeros({hidden.size(0), d}, fp32);  // padded rows, sliced at the end
+  auto grad_weight = at::zeros({vocab, d}, fp32);
+  auto tile = at::empty({kTokenChunk, kVocabChunk}, fp32);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto type = cublas_type(hidden.scalar_type());
+  const float inv_temperature = static_cast<float>(1.0 / temperature);
+  for (int64_t v0 = 0; v0 < vocab; v0 += kVocabChunk) {
+    const int64_t columns = std::min(kVocabChunk, vocab - v0);
+    for (int64_t t0 = 0; t0 < tokens; t0 += kTokenChunk) {
+      logits_tile(hidden, weight, t0, v0, columns, inv_temperature, tile);
+      dlogits_kernel<<<kTokenChunk, kThreads, 0, stream>>>(
+          tile.data_ptr<float>(), kVocabChunk, columns, std::min(kTokenChunk, tokens - t0),
+          targets.data_ptr<int64_t>() + t0, v0, at_row(lse, t0), at_row(entropy, t0), at_row(grad_logp, t0),
+          at_row(grad_entropy, t0), at_row(grad_mean, t0), static_cast<float>(1.0 / vocab));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // cuBLAS wants both operands in one type: the gradient tile goes down to the inputs' dtype
+      const auto dlogits = hidden.scalar_type() == at::kFloat ? tile : tile.to(hidden.scalar_type());
+      gemm(CUBLAS_OP_N, CUBLAS_OP_N, d, kTokenChunk, columns, inv_temperature, rows_of(weight, v0), d,
+           dlogits.data_ptr(), kVocabChunk, 1.0f, grad_hidden.data_ptr<float>() + t0 * d, d, type);
+      gemm(CUBLAS_OP_N, CUBLAS_OP_T, d, columns, kTokenChunk, inv_temperature, rows_of(hidden, t0), d,
+           dlogits.data_ptr(), kVocabChunk, 1.0f, grad_weight.data_ptr<float>() + v0 * d, d, type);
+    }
+  }
+  return {grad_hidden.narrow(0, 0, tokens), grad_weight};
+}
+
+}  // namespace qwenlong::cuda

@@ -1,0 +1,34 @@
+"""The CUDA-extension backend of the fused LM-head statistics (``csrc/cuda/linear_logprobs.cu``).
+
+cuBLAS computes each fp32 logits tile (fp32 accumulation), and a fused epilogue consumes it
+in one pass: forward merges the running max, sum of exponentials, entropy term, logit sum
+and target logit; backward overwrites the tile with d(logits) in place before two more
+cuBLAS GEMMs form d(hidden) and d(weight). Same math and the same contracts as
+:func:`.chunked.chunked_forward` / :func:`.chunked.chunked_backward`, so an autograd wrapper
+can take either pair.
+"""
+
+from __future__ import annotations
+
+from qwenlong import _C
+
+
+def available() -> bool:
+    """True when ``qwenlong._C._cuda`` was built with the log-prob ops."""
+    return _C.cuda is not None and hasattr(_C.cuda, "linear_logprobs_forward")
+
+
+def cuda_forward(hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp):
+    """Per-token ``(logp, entropy | None, mean_logp | None, lse)`` in fp32, as ``chunked_forward``."""
+    logp, entropy, mean_logp, lse = _C.cuda.linear_logprobs_forward(
+        hidden, weight, targets.long(), float(temperature), int(ignore_index)
+    )
+    return logp, entropy if with_entropy else None, mean_logp if with_mean_logp else None, lse
+
+
+def cuda_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature):
+    """fp32 ``(grad_hidden, grad_weight)``, as ``chunked_backward`` (output gradients zero on ignored rows)."""
+    grad_hidden, grad_weight = _C.cuda.linear_logprobs_backward(
+        hidden, weight, targets.long(), lse, entropy, grad_logp, grad_entropy, grad_mean_logp, float(temperature)
+    )
+    return grad_hidden, grad_weight

@@ -1,0 +1,62 @@
+"""The CUDA-extension backend of the LM-head statistics against the chunked PyTorch path,
+values and gradients (GPU only: skipped without a GPU or without the CUDA extension)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwenlong import _C
+from qwenlong.kernels.logprobs import chunked, cuda_backend
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not cuda_backend.available(), reason=f"qwenlong._C._cuda has no log-prob ops: {_C.cuda_error}"),
+]
+TOL = {torch.float32: 2e-4, torch.bfloat16: 2e-2}
+
+
+def _problem(dtype, tokens=700, vocab=20_000, dim=64, logit_scale=1.0, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = (torch.randn(tokens, dim, device="cuda", generator=gen) * logit_scale).to(dtype)
+    weight = (torch.randn(vocab, dim, device="cuda", generator=gen) / dim**0.5).to(dtype)
+    targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=gen)
+    targets[::7] = -100  # ignored rows
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("logit_scale", [1.0, 300.0])  # 300: logits in the thousands
+def test_forward_matches_chunked(dtype, logit_scale):
+    hidden, weight, targets = _problem(dtype, logit_scale=logit_scale)
+    got = cuda_backend.cuda_forward(hidden, weight, targets, 0.7, -100, True, True)
+    expected = chunked.chunked_forward(hidden, weight, targets, 0.7, -100, True, True)
+    for name, g, e in zip(("logp", "entropy", "mean_logp", "lse"), got, expected, strict=True):
+        assert torch.isfinite(g).all(), name
+        scale = 1.0 if name != "lse" and name != "mean_logp" else logit_scale
+        torch.testing.assert_close(g, e, atol=TOL[dtype] * scale, rtol=TOL[dtype], msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_entropy_grad", [False, True])
+def test_backward_matches_chunked(dtype, with_entropy_grad):
+    hidden, weight, targets = _problem(dtype, seed=1)
+    logp, entropy, _, lse = chunked.chunked_forward(hidden, weight, targets, 0.7, -100, True, True)
+    valid = targets != -100
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    grads = [torch.where(valid, torch.randn(targets.shape, device="cuda", generator=gen), 0.0) for _ in range(3)]
+    grad_entropy = grads[1] if with_entropy_grad else None
+    args = (hidden, weight, targets, lse, entropy, grads[0], grad_entropy, grads[2], 0.7)
+    got = cuda_backend.cuda_backward(*args)
+    expected = chunked.chunked_backward(*args)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == torch.float32 and torch.isfinite(g).all()
+        torch.testing.assert_close(g, e, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_empty_batch():
+    hidden, weight, _ = _problem(torch.float32, tokens=0)
+    logp, entropy, mean_logp, lse = cuda_backend.cuda_forward(
+        hidden, weight, torch.zeros(0, dtype=torch.long, device="cuda"), 1.0, -100, True, True
+    )
+    assert logp.shape == entropy.shape == mean_logp.shape == lse.shape == (0,)

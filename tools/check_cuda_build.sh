@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Compiles qwenlong's CUDA extension (qwenlong._C._cuda) against a CUDA build of torch and
+# checks that the wheel ships it. No GPU needed: only nvcc and the CUDA torch wheel.
+#
+#   tools/check_cuda_build.sh [VENV]
+#
+# VENV (default $QWENLONG_CUDA_VENV, else /tmp/qwenlong-cuda-venv) is reused when it already
+# holds torch==$TORCH_VERSION built for CUDA, else created/filled with torch, pybind11,
+# setuptools, wheel, ninja and numpy. The build runs on a copy of the source tree, so the
+# checkout's in-place extensions and build/ stay untouched.
+#
+# Environment: TORCH_VERSION (2.14.1), TORCH_CUDA_ARCH_LIST ("8.0;9.0"), MAX_JOBS (2),
+# WHEEL_DIR (a fresh temporary folder); CPATH is extended with the CUDA headers that ship
+# inside the torch wheels (nvidia/*/include: cuBLAS and friends, which a bare toolkit lacks).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${1:-${QWENLONG_CUDA_VENV:-/tmp/qwenlong-cuda-venv}}
+TORCH_VERSION=${TORCH_VERSION:-2.14.1}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+export MAX_JOBS=${MAX_JOBS:-2}
+WHEEL_DIR=${WHEEL_DIR:-$(mktemp -d /tmp/qwenlong-cuda-wheel.XXXXXX)}
+start=$SECONDS
+say() { echo "[check_cuda_build $((SECONDS - start))s] $*"; }
+fail() { echo "[check_cuda_build] FAILED: $*" >&2; exit 1; }
+
+# torch takes CUDA_HOME from nvcc's folder; a wrapper such as /usr/local/bin/nvcc makes that
+# /usr/local, where libcudart is missing and the link fails: find the toolkit that has it.
+if [ -z "${CUDA_HOME:-}" ]; then
+  command -v nvcc >/dev/null || fail "nvcc is not on PATH and CUDA_HOME is not set"
+  for candidate in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" /usr/local/cuda; do
+    if [ -e "$candidate/lib64/libcudart.so" ] || [ -e "$candidate/lib/libcudart.so" ]; then
+      CUDA_HOME=$candidate
+      break
+    fi
+  done
+fi
+[ -x "${CUDA_HOME:-}/bin/nvcc" ] || fail "no CUDA toolkit with bin/nvcc and libcudart.so found: set CUDA_HOME"
+export CUDA_HOME
+say "CUDA_HOME=$CUDA_HOME, $("$CUDA_HOME/bin/nvcc" --version | tail -1)"
+
+[ -x "$VENV/bin/python" ] || { say "creating $VENV"; python3 -m venv "$VENV"; }
+# prints "torch <version> CUDA <version>" when the venv is ready, fails otherwise
+describe_venv() {
+  "$VENV/bin/python" - "$TORCH_VERSION" <<'EOF' 2>/dev/null
+import sys
+
+import ninja, numpy, pybind11, setuptools, torch, wheel  # noqa: F401
+
+if torch.__version__.split("+")[0] != sys.argv[1] or not torch.version.cuda:
+    sys.exit(1)
+print("torch", torch.__version__, "CUDA", torch.version.cuda)
+EOF
+}
+if ! description=$(describe_venv); then
+  say "installing torch==$TORCH_VERSION pybind11 setuptools wheel ninja numpy into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" pybind11 setuptools wheel ninja numpy
+  description=$(describe_venv) || fail "torch in $VENV is not a CUDA build of $TORCH_VERSION"
+fi
+say "$description"
+
+SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+for include in "$SITE"/nvidia/*/include; do
+  [ -d "$include" ] && CPATH="$include${CPATH:+:$CPATH}"
+done
+export CPATH=${CPATH:-}
+
+SRC=$(mktemp -d /tmp/qwenlong-cuda-src.XXXXXX)
+trap 'rm -rf "$SRC"' EXIT
+tar -C "$ROOT" --exclude=./.git --exclude='./.venv*' --exclude=./build --exclude='*.so' \
+  --exclude='*.egg-info' --exclude=__pycache__ -cf - . | tar -C "$SRC" -xf -
+
+say "building the wheel (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS) into $WHEEL_DIR"
+QWENLONG_BUILD_CUDA=1 "$VENV/bin/pip" wheel -q --disable-pip-version-check --no-deps --no-build-isolation \
+  -w "$WHEEL_DIR" "$SRC"
+
+wheel=$(ls -t "$WHEEL_DIR"/qwenlong-*.whl 2>/dev/null | head -1)
+[ -n "$wheel" ] || fail "no qwenlong wheel in $WHEEL_DIR"
+"$VENV/bin/python" -m zipfile -l "$wheel" | grep -E 'qwenlong/_C/_cuda[^/]*\.so' ||
+  fail "$wheel has no qwenlong/_C/_cuda*.so"
+"$VENV/bin/python" -m zipfile -l "$wheel" | grep -E 'qwenlong/_C/_host[^/]*\.so' ||
+  fail "$wheel has no qwenlong/_C/_host*.so"
+say "OK: $wheel"
