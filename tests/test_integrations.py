@@ -257,3 +257,167 @@ def test_trl_unsupported_settings_raise(tmp_path, setting, match):
     check_supported_config(_trl_config(tmp_path), vllm_is_correction=False)
     with pytest.raises(ValueError, match=match):
         check_supported_config(_trl_config(tmp_path, **setting), vllm_is_correction=False)
+
+
+# -------------------------------------------------------------------------------------------- verl
+
+
+def _verl_reference_logprobs_entropy(hidden, weight, labels, temperature):
+    """verl's ``logprobs_from_logits`` and ``entropy_from_logits`` on materialized float64 logits."""
+    logits = hidden.double() @ weight.double().T / temperature
+    logp = logits.log_softmax(-1).gather(-1, labels[..., None])[..., 0]
+    entropy = torch.logsumexp(logits, -1) - (logits.softmax(-1) * logits).sum(-1)
+    return logp, entropy
+
+
+@pytest.mark.parametrize("shape", [(7,), (2, 5)])
+def test_verl_linear_cross_entropy_matches_reference(shape):
+    from qwenlong.integrations.verl import linear_cross_entropy
+
+    torch.manual_seed(4)
+    hidden = torch.randn(*shape, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 40, shape)
+    logp, entropy = linear_cross_entropy(hidden, weight, labels, temperature=0.8)
+    ref_logp, ref_entropy = _verl_reference_logprobs_entropy(hidden, weight, labels, 0.8)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn(2, *shape, dtype=torch.float64)
+    grads = torch.autograd.grad((logp * upstream[0] + entropy * upstream[1]).sum(), (hidden, weight))
+    ref_grads = torch.autograd.grad((ref_logp * upstream[0] + ref_entropy * upstream[1]).sum(), (hidden, weight))
+    for got, expected in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-5)
+    total, _ = linear_cross_entropy(hidden, weight, labels, temperature=0.8, reduction="sum")
+    mean, _ = linear_cross_entropy(hidden, weight, labels, temperature=0.8, reduction="mean")
+    torch.testing.assert_close(total.double(), ref_logp.sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean.double(), ref_logp.mean(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="dist_process_group"):
+        linear_cross_entropy(hidden, weight, labels, dist_process_group=object())
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(hidden, weight, labels, reduction="max")
+
+
+def test_verl_fused_linear_for_ppo_keeps_the_hidden_dtype():
+    from qwenlong.integrations.verl import FusedLinearForPPO
+
+    torch.manual_seed(5)
+    hidden, weight = torch.randn(2, 6, 16, dtype=torch.bfloat16), torch.randn(40, 16, dtype=torch.bfloat16)
+    input_ids = torch.randint(0, 40, (2, 6))
+    logp, entropy = FusedLinearForPPO()(hidden, weight, input_ids, temperature=1.3)
+    assert logp.dtype == entropy.dtype == torch.bfloat16 and logp.shape == entropy.shape == (2, 6)
+    ref_logp, ref_entropy = _verl_reference_logprobs_entropy(hidden, weight, input_ids, 1.3)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(entropy.double(), ref_entropy, rtol=2e-2, atol=2e-2)
+
+
+def _verl_reference_policy_loss(old_log_prob, log_prob, advantages, mask, low, high, clip_ratio_c, agg):
+    """verl's ``compute_policy_loss`` as documented: clamped log-ratio, PPO clip, dual clip for A < 0."""
+    log_ratio = torch.clamp(log_prob - old_log_prob, -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - low, 1 + high)
+    ppo = torch.maximum(unclipped, clipped)
+    dual = torch.min(-advantages * clip_ratio_c, ppo)
+    losses = torch.where(advantages < 0, dual, ppo)
+
+    def masked_mean(x):
+        return (x * mask).sum() / mask.sum()
+
+    per_sequence_sum = (losses * mask).sum(-1)
+    pg_loss = {
+        "token-mean": masked_mean(losses),
+        "seq-mean-token-sum": per_sequence_sum.mean(),
+        "seq-mean-token-mean": (per_sequence_sum / mask.sum(-1)).mean(),
+        "seq-mean-token-sum-norm": per_sequence_sum.sum() / mask.shape[-1],
+    }[agg]
+    lower = masked_mean((ppo > -advantages * clip_ratio_c).double() * (advantages < 0).double())
+    return pg_loss, masked_mean((clipped > unclipped).double()), masked_mean(-log_ratio), lower
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_verl_compute_policy_loss_matches_reference(agg):
+    from qwenlong.integrations.verl import compute_policy_loss
+
+    torch.manual_seed(6)
+    old_log_prob = -torch.rand(4, 8, dtype=torch.float64) * 3
+    log_prob = (old_log_prob + torch.randn(4, 8, dtype=torch.float64) * 0.6).requires_grad_()
+    with torch.no_grad():
+        log_prob[0, 0], log_prob[1, 1] = old_log_prob[0, 0] + 25.0, old_log_prob[1, 1] + 2.0  # clamp, dual clip
+    advantages = torch.tensor([0.5, -1.0, 1.5, -0.3], dtype=torch.float64)[:, None].expand(4, 8)
+    mask = torch.ones(4, 8, dtype=torch.float64)
+    mask[2, 5:] = 0
+    mask[3, 1:] = 0
+    got = compute_policy_loss(old_log_prob, log_prob, advantages, mask, cliprange=0.2, cliprange_high=0.28,
+                              clip_ratio_c=3.0, loss_agg_mode=agg)
+    expected = _verl_reference_policy_loss(old_log_prob, log_prob, advantages, mask, 0.2, 0.28, 3.0, agg)
+    for name, a, b in zip(("pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"), got, expected, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-10, atol=1e-12, msg=name)
+    assert 0 < got[1] < 1 and got[3] > 0  # both clips are exercised
+    grad, = torch.autograd.grad(got[0], log_prob)
+    expected_grad, = torch.autograd.grad(expected[0], log_prob)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_verl_compute_policy_loss_errors_and_reward():
+    from qwenlong.integrations import verl
+    from qwenlong.rewards import compute_score
+
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        verl.compute_policy_loss(x, x, x, x, cliprange=0.2, clip_ratio_c=1.0)
+    with pytest.raises(ValueError, match="cliprange"):
+        verl.compute_policy_loss(x, x, x, x)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        verl.agg_loss(x, x, "token-sum")
+    assert verl.compute_score is compute_score
+
+
+# ---------------------------------------------------------------------------------------- OpenRLHF
+
+
+def _openrlhf_reference(model, sequences, attention_mask, action_mask, temperature):
+    """OpenRLHF ``Actor.forward`` as documented: cumsum positions, tempered log-softmax of the rolled tokens."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    logits = model(sequences, attention_mask=attention_mask, position_ids=position_ids).logits.double()
+    entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)[:, :-1]  # untempered, as OpenRLHF
+    rolled = torch.roll(sequences, shifts=-1, dims=1)
+    log_probs = (logits / temperature).log_softmax(-1).gather(-1, rolled[..., None])[..., 0][:, :-1]
+    return log_probs[:, -action_mask.shape[1]:] * action_mask, entropy
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_openrlhf_actor_matches_reference(temperature):
+    from qwenlong.integrations.openrlhf import QwenlongActor
+
+    reference = _tiny_model("qwen3")
+    actor = QwenlongActor(copy.deepcopy(reference), temperature=temperature)
+    torch.manual_seed(7)
+    sequences = torch.randint(0, VOCAB, (3, 11))
+    attention_mask = torch.ones_like(sequences)
+    attention_mask[1, :3] = 0  # left-padded prompt
+    attention_mask[2, 9:] = 0  # right-padded response
+    action_mask = attention_mask[:, -6:].clone()
+    action_mask[2, -3:] = 0
+    got, output = actor(sequences, action_mask, attention_mask, return_output=True, return_entropy=True)
+    expected, expected_entropy = _openrlhf_reference(reference, sequences, attention_mask, action_mask, temperature)
+    assert output.logits is None
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    real = attention_mask[:, :-1].bool()
+    torch.testing.assert_close(output.entropy.double()[real], expected_entropy[real], rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    expected.sum().backward()
+    assert _max_grad_difference(reference, actor.model) < 1e-5
+    all_log_probs = actor(sequences, attention_mask=attention_mask, return_logprobs=True)
+    assert all_log_probs.shape == (3, 10)
+
+
+def test_openrlhf_actor_errors():
+    from qwenlong.integrations.openrlhf import QwenlongActor
+
+    actor = QwenlongActor(_tiny_model("llama"))
+    sequences = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="ring_attn_group"):
+        actor(sequences, torch.ones(1, 2), ring_attn_group=object())
+    with pytest.raises(ValueError, match="logits"):
+        actor(sequences, return_output=True)
+    with pytest.raises(ValueError, match="return_output"):
+        actor(sequences, torch.ones(1, 2), return_entropy=True)
