@@ -64,7 +64,8 @@ def test_balance_matches_reference(lengths, k, cost):
     assert len(got) == k
     assert_partition_of(got, len(lengths))
     totals = [float(weights[g].sum()) if g else 0.0 for g in got]
-    assert totals == sorted(totals, reverse=True)
+    slack = 1e-9 * max(totals, default=0.0)  # numpy sums in another order than Karmarkar-Karp
+    assert all(a >= b - slack for a, b in itertools.pairwise(totals)), "groups come heaviest first"
     # Karmarkar-Karp never leaves a spread above the largest single weight.
     if lengths:
         assert max(totals) - min(totals) <= weights.max() * (1 + 1e-12)
