@@ -7,6 +7,7 @@ verl's and OpenRLHF's documented formulas written out here in float64).
 from __future__ import annotations
 
 import copy
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -421,3 +422,35 @@ def test_openrlhf_actor_errors():
         actor(sequences, return_output=True)
     with pytest.raises(ValueError, match="return_output"):
         actor(sequences, torch.ones(1, 2), return_entropy=True)
+
+
+# ---------------------------------------------------------------------------------------- examples
+
+
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_hf_fused_loss():
+    losses = _example("hf_fused_loss").main(steps=3, lengths=(12, 7, 9))
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_example_trl_grpo(tmp_path):
+    logs = _example("trl_grpo").main(max_steps=1, output_dir=str(tmp_path))
+    assert len(logs) == 1 and {"loss", "reward", "kl"} <= set(logs[0])
+
+
+def test_example_verl_functions():
+    results = _example("verl_functions").main(batch=2, length=10)
+    assert all(torch.isfinite(torch.tensor(value)) for value in results.values())
+    assert results["score"] == 1.0 and results["lm_head_grad_norm"] > 0
+
+
+def test_example_openrlhf_logprobs():
+    results = _example("openrlhf_logprobs").main(prompt_len=6, response_len=6)
+    assert all(torch.isfinite(torch.tensor(value)) for value in results.values())
+    assert results["mean_action_log_prob"] < 0 < results["mean_entropy"]
