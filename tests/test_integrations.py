@@ -96,10 +96,17 @@ def test_apply_qwenlong_without_fused_loss_returns_hf_loss():
     reference = _tiny_model("llama")
     patched = apply_qwenlong(copy.deepcopy(reference), fused_loss=False)
     input_ids, attention_mask, labels = _padded_batch()
+    expected = reference(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True)
     got = patched(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     assert got.logits is not None
-    torch.testing.assert_close(got.loss, reference(input_ids=input_ids, attention_mask=attention_mask,
-                                                   labels=labels).loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    with_hidden = patched(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                          return_last_hidden_state=True)
+    assert with_hidden.logits is None
+    torch.testing.assert_close(with_hidden.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    real = attention_mask.bool()
+    torch.testing.assert_close(with_hidden.last_hidden_state[real], expected.hidden_states[-1][real],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_token_logprobs_on_a_packed_row_match_each_sequence_alone():
@@ -271,9 +278,11 @@ def _verl_reference_logprobs_entropy(hidden, weight, labels, temperature):
     return logp, entropy
 
 
-@pytest.mark.parametrize("shape", [(7,), (2, 5)])
-def test_verl_linear_cross_entropy_matches_reference(shape):
+@pytest.mark.parametrize("shape,backend", [((7,), "torch"), ((2, 5), "torch"), ((2, 5), "triton")])
+def test_verl_linear_cross_entropy_matches_reference(shape, backend, monkeypatch):
     from qwenlong.integrations.verl import linear_cross_entropy
+
+    monkeypatch.setenv("QWENLONG_BACKEND", backend)  # triton: the interpreter on CPU (conftest), tiny shapes
 
     torch.manual_seed(4)
     hidden = torch.randn(*shape, 16, requires_grad=True)
