@@ -65,7 +65,8 @@ def compile_specs() -> list[CompileSpec]:
 
 
 def run_tool(*args: str, pythonpath: Path, interpret: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pythonpath), os.environ.get("PYTHONPATH", "")]))
+    paths = [str(pythonpath), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     if interpret:
         env["TRITON_INTERPRET"] = "1"  # as under tests/conftest.py: the tool must drop it itself
     else:
