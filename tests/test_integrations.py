@@ -70,6 +70,9 @@ def test_apply_qwenlong_loss_and_grads_match_unpatched(family, num_items_in_batc
     got = patched(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **extra)
     assert got.logits is None
     torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    torch.testing.assert_close(patched(input_ids=input_ids, attention_mask=attention_mask, shift_labels=shifted,
+                                       **extra).loss, expected.loss, rtol=1e-5, atol=1e-6)
     expected.loss.backward()
     got.loss.backward()
     assert _max_grad_difference(reference, patched) < 1e-5
@@ -213,8 +216,11 @@ def _grpo_batch(vocab: int):
     }
 
 
-@pytest.mark.parametrize("loss_type,entropy_coef", [("grpo", 0.0), ("bnpo", 0.01), ("dr_grpo", 0.0), ("dapo", 0.0)])
-def test_trl_loss_and_grads_equal_trl_own_loss(grpo_trainer, loss_type, entropy_coef):
+@pytest.mark.parametrize("loss_type,entropy_coef,on_policy", [
+    ("grpo", 0.0, False), ("bnpo", 0.01, False), ("dr_grpo", 0.0, False), ("dapo", 0.0, False), ("dapo", 0.0, True),
+])
+def test_trl_loss_and_grads_equal_trl_own_loss(grpo_trainer, loss_type, entropy_coef, on_policy):
+    """on_policy: no old log-probs in the batch, so both sides take the current ones (ratio exactly 1)."""
     from trl import GRPOTrainer
 
     trainer, model = grpo_trainer, grpo_trainer.model
@@ -222,6 +228,8 @@ def test_trl_loss_and_grads_equal_trl_own_loss(grpo_trainer, loss_type, entropy_
     trainer.current_gradient_accumulation_steps = 2
     model.train()
     inputs = _grpo_batch(model.config.vocab_size)
+    if on_policy:
+        del inputs["old_per_token_logps"]
     losses, grads = [], []
     for compute_loss in (GRPOTrainer._compute_loss, type(trainer)._compute_loss):  # TRL's, then ours
         model.zero_grad()
@@ -232,7 +240,8 @@ def test_trl_loss_and_grads_equal_trl_own_loss(grpo_trainer, loss_type, entropy_
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-7)
     for ours, theirs in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
-    assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # the batch does exercise the clip
+    clipped = trainer._metrics["train"]["clip_ratio/region_mean"][-1]
+    assert clipped == 0 if on_policy else clipped > 0  # the off-policy batch does exercise the clip
 
 
 def test_trl_grpo_trains_a_few_steps(tiny_checkpoint, tmp_path):
