@@ -62,19 +62,37 @@ def _allowed(rows, cols, q_len, k_len, window_left, window_right):
 
 
 @triton.jit
-def _key_range(first_row, last_row, q_len, k_len, window_left, window_right, BLOCK_N: tl.constexpr):
-    """Key blocks ``[start, end)`` that rows ``first_row..last_row`` may see; start is block aligned."""
-    start = tl.maximum(first_row + (k_len - q_len) - window_left, 0)
-    end = tl.minimum(last_row + (k_len - q_len) + window_right + 1, k_len)
-    return (start // BLOCK_N) * BLOCK_N, end
+def _unmasked_span(start, end, full_start, full_end, BLOCK: tl.constexpr):
+    """The whole blocks of ``[full_start, full_end)`` (where no mask applies), clamped into ``[start, end)``."""
+    full_start = tl.cdiv(tl.maximum(full_start, 0), BLOCK) * BLOCK
+    full_end = (tl.maximum(full_end, 0) // BLOCK) * BLOCK
+    span_start = tl.minimum(tl.maximum(full_start, start), end)
+    return span_start, tl.maximum(tl.minimum(full_end, end), span_start)
 
 
 @triton.jit
-def _query_range(first_col, last_col, q_len, k_len, window_left, window_right, BLOCK_M: tl.constexpr):
-    """Query blocks ``[start, end)`` whose rows may see keys ``first_col..last_col``."""
-    start = tl.maximum(first_col - (k_len - q_len) - window_right, 0)
-    end = tl.minimum(last_col - (k_len - q_len) + window_left + 1, q_len)
-    return (start // BLOCK_M) * BLOCK_M, end
+def _key_ranges(first_row, last_row, q_len, k_len, window_left, window_right, BLOCK_N: tl.constexpr):
+    """Key blocks that rows ``first_row..last_row`` see, ``[lo, hi)`` (lo block aligned), and the
+    blocks ``[full_lo, full_hi)`` inside it that need no mask: every row of the tile sees
+    every key of such a block. Blocks outside ``[lo, hi)`` are fully masked and never visited.
+    """
+    position = k_len - q_len  # key position of query row 0 (bottom-right alignment)
+    lo = (tl.maximum(first_row + position - window_left, 0) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(last_row + position + window_right + 1, k_len)
+    full_end = tl.minimum(first_row + position + window_right + 1, k_len)
+    full_lo, full_hi = _unmasked_span(lo, hi, last_row + position - window_left, full_end, BLOCK_N)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_ranges(first_col, last_col, q_len, k_len, window_left, window_right, BLOCK_M: tl.constexpr):
+    """Query blocks that see keys ``first_col..last_col``, split like :func:`_key_ranges`."""
+    position = k_len - q_len
+    lo = (tl.maximum(first_col - position - window_right, 0) // BLOCK_M) * BLOCK_M
+    hi = tl.minimum(last_col - position + window_left + 1, q_len)
+    full_end = tl.minimum(first_col - position + window_left + 1, q_len)
+    full_lo, full_hi = _unmasked_span(lo, hi, last_col - position - window_right, full_end, BLOCK_M)
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
@@ -96,37 +114,42 @@ def _attn_fwd(
     kv_head = head // group
 
     rows = first_row + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM  # BLOCK_D pads head dims that are not a power of two
-    q_ptrs = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh + rows[:, None] * stride_qt + dims[None, :]
-    kt_ptrs = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh + offs_n[None, :] * stride_kt + dims[:, None]
-    v_ptrs = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh + offs_n[:, None] * stride_vt + dims[None, :]
-    q = tl.load(q_ptrs, mask=(rows[:, None] < q_len) & dim_ok[None, :], other=0.0)
+    tile_mask = (rows[:, None] < q_len) & (dims[None, :] < HEAD_DIM)
+    q_offsets = rows[:, None] * stride_qt + dims[None, :]
+    q = tl.load(Q + q_start.to(tl.int64) * stride_qt + head * stride_qh + q_offsets, mask=tile_mask, other=0.0)
+    # sequence bases as scalars, tile offsets in int32: no 64-bit pointer tiles held across the loop
+    K_seq = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+    V_seq = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
 
+    offs_n = tl.arange(0, BLOCK_N)
+    dim_ok = dims < HEAD_DIM  # BLOCK_D pads head dims that are not a power of two
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of s, in log2 units
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     last_row = tl.minimum(first_row + BLOCK_M, q_len) - 1
-    lo, hi = _key_range(first_row, last_row, q_len, k_len, window_left, window_right, BLOCK_N)
+    lo, full_lo, full_hi, hi = _key_ranges(first_row, last_row, q_len, k_len, window_left, window_right, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kt = tl.load(kt_ptrs + start_n * stride_kt, mask=dim_ok[:, None] & (cols[None, :] < k_len), other=0.0)
+        key_ok = cols < k_len
+        kt = tl.load(K_seq + cols[None, :] * stride_kt + dims[:, None], mask=dim_ok[:, None] & key_ok[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
-        s = tl.where(_allowed(rows[:, None], cols[None, :], q_len, k_len, window_left, window_right), s, float("-inf"))
+        if (start_n < full_lo) | (start_n >= full_hi):  # a block on the causal/window edge or the sequence end
+            s = tl.where(_allowed(rows[:, None], cols[None, :], q_len, k_len, window_left, window_right), s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
         # a row with nothing allowed yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         p = tl.math.exp2(s - shift[:, None])
         rescale = tl.math.exp2(row_max - shift)
         row_sum = row_sum * rescale + tl.sum(p, 1)
-        v = tl.load(v_ptrs + start_n * stride_vt, mask=(cols[:, None] < k_len) & dim_ok[None, :], other=0.0)
+        v = tl.load(V_seq + cols[:, None] * stride_vt + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         row_max = new_max
 
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
-    o_ptrs = Out + q_start.to(tl.int64) * stride_ot + head * stride_oh + rows[:, None] * stride_ot + dims[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=(rows[:, None] < q_len) & dim_ok[None, :])
+    o_offsets = rows[:, None] * stride_ot + dims[None, :]
+    tl.store(Out + q_start.to(tl.int64) * stride_ot + head * stride_oh + o_offsets, out.to(Out.dtype.element_ty),
+             mask=tile_mask)  # fmt: skip
     lse = (row_max + tl.math.log2(tl.where(row_sum == 0.0, 1.0, row_sum))) / 1.4426950408889634  # empty: -inf
     tl.store(Lse + head * stride_lh + q_start + rows, lse, mask=rows < q_len)
 
@@ -167,41 +190,46 @@ def _attn_bwd_dkdv(
     q_len = tl.load(cu_seqlens_q + seq + 1) - q_start
 
     cols = first_col + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
-    kv_mask = (cols[:, None] < k_len) & dim_ok[None, :]
-    k_ptrs = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh + cols[:, None] * stride_kt + dims[None, :]
-    v_ptrs = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh + cols[:, None] * stride_vt + dims[None, :]
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    tile_mask = (cols[:, None] < k_len) & (dims[None, :] < HEAD_DIM)
+    k_offsets = cols[:, None] * stride_kt + dims[None, :]
+    v_offsets = cols[:, None] * stride_vt + dims[None, :]
+    k = tl.load(K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh + k_offsets, mask=tile_mask, other=0.0)
+    v = tl.load(V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh + v_offsets, mask=tile_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
     last_col = tl.minimum(first_col + BLOCK_N, k_len) - 1
-    lo, hi = _query_range(first_col, last_col, q_len, k_len, window_left, window_right, BLOCK_M)
+    lo, full_lo, full_hi, hi = _query_ranges(first_col, last_col, q_len, k_len, window_left, window_right, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    dim_ok = dims < HEAD_DIM
     for head in range(kv_head * group, (kv_head + 1) * group):
-        qt_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh + offs_m[None, :] * stride_qt + dims[:, None]
-        do_base = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh + offs_m[:, None] * stride_dot + dims[None, :]
+        Q_seq = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
+        DO_seq = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
         for start_m in range(lo, hi, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < q_len
-            qt = tl.load(qt_base + start_m * stride_qt, mask=dim_ok[:, None] & row_ok[None, :], other=0.0)
-            do = tl.load(do_base + start_m * stride_dot, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+            qt = tl.load(Q_seq + rows[None, :] * stride_qt + dims[:, None], mask=dim_ok[:, None] & row_ok[None, :],
+                         other=0.0)  # fmt: skip
+            do = tl.load(DO_seq + rows[:, None] * stride_dot + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
+                         other=0.0)  # fmt: skip
             lse_log2 = tl.load(Lse + head * stride_lh + q_start + rows, mask=row_ok, other=0.0) * 1.4426950408889634
             delta = tl.load(Delta + head * stride_lh + q_start + rows, mask=row_ok, other=0.0)
             st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_N, BLOCK_M): s transposed
-            allowed = _allowed(rows[None, :], cols[:, None], q_len, k_len, window_left, window_right)
-            pt = tl.where(allowed, tl.math.exp2(st - lse_log2[None, :]), 0.0)  # where: rows with lse=-inf give 0
+            pt = tl.math.exp2(st - lse_log2[None, :])
+            if (start_m < full_lo) | (start_m >= full_hi):  # where, not -inf scores: rows with lse=-inf give 0
+                pt = tl.where(_allowed(rows[None, :], cols[:, None], q_len, k_len, window_left, window_right), pt, 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
 
-    dk_ptrs = DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh + cols[:, None] * stride_dkt + dims[None, :]
-    dv_ptrs = DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh + cols[:, None] * stride_dvt + dims[None, :]
-    tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    dk_offsets = cols[:, None] * stride_dkt + dims[None, :]
+    dv_offsets = cols[:, None] * stride_dvt + dims[None, :]
+    tl.store(DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh + dk_offsets,
+             (dk * softmax_scale).to(DK.dtype.element_ty), mask=tile_mask)  # fmt: skip
+    tl.store(DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh + dv_offsets,
+             dv.to(DV.dtype.element_ty), mask=tile_mask)  # fmt: skip
 
 
 @triton.jit
@@ -225,36 +253,38 @@ def _attn_bwd_dq(
     kv_head = head // group
 
     rows = first_row + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
-    row_mask = (rows[:, None] < q_len) & dim_ok[None, :]
-    q_ptrs = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh + rows[:, None] * stride_qt + dims[None, :]
-    do_ptrs = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh + rows[:, None] * stride_dot + dims[None, :]
-    q = tl.load(q_ptrs, mask=row_mask, other=0.0)
-    do = tl.load(do_ptrs, mask=row_mask, other=0.0)
+    tile_mask = (rows[:, None] < q_len) & (dims[None, :] < HEAD_DIM)
+    q = tl.load(Q + q_start.to(tl.int64) * stride_qt + head * stride_qh + rows[:, None] * stride_qt + dims[None, :],
+                mask=tile_mask, other=0.0)  # fmt: skip
+    do = tl.load(DO + q_start.to(tl.int64) * stride_dot + head * stride_doh + rows[:, None] * stride_dot + dims[None, :],
+                 mask=tile_mask, other=0.0)  # fmt: skip
     lse_log2 = tl.load(Lse + head * stride_lh + q_start + rows, mask=rows < q_len, other=0.0) * 1.4426950408889634
     delta = tl.load(Delta + head * stride_lh + q_start + rows, mask=rows < q_len, other=0.0)
-    kt_ptrs = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh + offs_n[None, :] * stride_kt + dims[:, None]
-    vt_ptrs = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh + offs_n[None, :] * stride_vt + dims[:, None]
+    K_seq = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+    V_seq = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     last_row = tl.minimum(first_row + BLOCK_M, q_len) - 1
-    lo, hi = _key_range(first_row, last_row, q_len, k_len, window_left, window_right, BLOCK_N)
+    lo, full_lo, full_hi, hi = _key_ranges(first_row, last_row, q_len, k_len, window_left, window_right, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    dim_ok = dims < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_mask = dim_ok[:, None] & (cols[None, :] < k_len)
-        kt = tl.load(kt_ptrs + start_n * stride_kt, mask=kv_mask, other=0.0)
-        vt = tl.load(vt_ptrs + start_n * stride_vt, mask=kv_mask, other=0.0)
+        kt = tl.load(K_seq + cols[None, :] * stride_kt + dims[:, None], mask=kv_mask, other=0.0)
+        vt = tl.load(V_seq + cols[None, :] * stride_vt + dims[:, None], mask=kv_mask, other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
-        allowed = _allowed(rows[:, None], cols[None, :], q_len, k_len, window_left, window_right)
-        p = tl.where(allowed, tl.math.exp2(s - lse_log2[:, None]), 0.0)
+        p = tl.math.exp2(s - lse_log2[:, None])
+        if (start_n < full_lo) | (start_n >= full_hi):
+            p = tl.where(_allowed(rows[:, None], cols[None, :], q_len, k_len, window_left, window_right), p, 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
 
-    dq_ptrs = DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh + rows[:, None] * stride_dqt + dims[None, :]
-    tl.store(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty), mask=row_mask)
+    dq_offsets = rows[:, None] * stride_dqt + dims[None, :]
+    tl.store(DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh + dq_offsets,
+             (dq * softmax_scale).to(DQ.dtype.element_ty), mask=tile_mask)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- configs
@@ -265,20 +295,23 @@ def _block_d(head_dim: int) -> int:
 
 
 def _configs(head_dim: int, dtype: torch.dtype) -> dict[str, dict[str, int]]:
-    """Tile shapes per kernel, keyed on head_dim and dtype only (never on sequence lengths)."""
+    """Tile shapes per kernel, keyed on head_dim and dtype only (never on sequence lengths).
+
+    (BLOCK_M, BLOCK_N, num_warps, num_stages): the largest tiles that compile without register
+    spills for both sm_90 and sm_80 (see tools/compile_report.py); not yet tuned on a GPU.
+    """
     block_d = _block_d(head_dim)
     if block_d <= 64:
-        fwd, dkdv, dq = (128, 64, 4), (32, 64, 4), (64, 32, 4)
+        fwd, dkdv, dq = (128, 64, 8, 3), (16, 64, 4, 3), (64, 32, 4, 3)
     elif block_d <= 128:
-        fwd, dkdv, dq = (128, 64, 8), (32, 64, 8), (64, 32, 8)
+        fwd, dkdv, dq = (128, 32, 8, 3), (16, 64, 8, 3), (32, 32, 4, 3)
     else:
-        fwd, dkdv, dq = (64, 32, 4), (16, 32, 4), (32, 16, 4)
+        fwd, dkdv, dq = (64, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)
     if dtype == torch.float32:  # fp32 tiles take twice the registers
-        fwd, dkdv, dq = ((max(16, m // 2), max(16, n // 2), w) for m, n, w in (fwd, dkdv, dq))
-    stages = 2 if block_d > 128 else 3
+        fwd, dkdv, dq = ((max(16, m // 2), max(16, n // 2), w, st) for m, n, w, st in (fwd, dkdv, dq))
     return {
-        name: {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": stages}
-        for name, (m, n, w) in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq))
+        name: {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
+        for name, (m, n, w, st) in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq))
     }
 
 
