@@ -86,8 +86,9 @@ def chunked_forward(hidden, weight, targets, temperature, ignore_index, with_ent
     return logp, entropy, mean_logp, lse
 
 
-def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature):
-    """fp32 gradients of hidden and weight; the output gradients must already be zero on ignored rows."""
+def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature,
+                     needs_hidden=True, needs_weight=True):
+    """fp32 gradients of hidden and weight (None when not needed); output gradients must be 0 on ignored rows."""
     vocab = weight.shape[0]
     inv_temperature = 1.0 / temperature
     targets, lse, grad_logp = _pad_rows(targets, -1), _pad_rows(lse), _pad_rows(grad_logp)
@@ -96,7 +97,8 @@ def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entr
     if grad_mean_logp is not None:
         grad_mean_logp = _pad_rows(grad_mean_logp)
     grad_hidden = torch.zeros((targets.shape[0], hidden.shape[1]), dtype=torch.float32, device=hidden.device)
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    grad_hidden = grad_hidden if needs_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
     for v_start, v_stop, weight_rows in _vocab_chunks(weight, inv_temperature):
         for rows, hidden_rows in _token_chunks(hidden):
             log_probs = (hidden_rows @ weight_rows.T).sub_(lse[rows, None])
@@ -115,9 +117,11 @@ def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entr
                 dlogits += grad_mean_logp[rows, None] / vocab
             columns, inside = _target_columns(targets[rows], v_start, v_stop)
             dlogits.scatter_add_(1, columns[:, None], torch.where(inside, grad_logp[rows], 0.0)[:, None])
-            grad_hidden[rows] += dlogits @ weight_rows  # weight_rows already carries 1/tau
-            grad_weight[v_start:v_stop] += (dlogits.T @ hidden_rows).mul_(inv_temperature)
-    return grad_hidden[: hidden.shape[0]], grad_weight
+            if needs_hidden:
+                grad_hidden[rows] += dlogits @ weight_rows  # weight_rows already carries 1/tau
+            if needs_weight:
+                grad_weight[v_start:v_stop] += (dlogits.T @ hidden_rows).mul_(inv_temperature)
+    return (grad_hidden[: hidden.shape[0]] if needs_hidden else None), grad_weight
 
 
 class ChunkedLinearStats(torch.autograd.Function):
@@ -143,6 +147,8 @@ class ChunkedLinearStats(torch.autograd.Function):
         grad_logp = masked(grad_logp) if grad_logp is not None else torch.zeros_like(lse)
         grad_hidden, grad_weight = chunked_backward(
             hidden, weight, targets, lse, entropy, grad_logp, masked(grad_entropy), masked(grad_mean_logp),
-            ctx.temperature,
+            ctx.temperature, *ctx.needs_input_grad[:2],
         )
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None
+        grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None

@@ -246,15 +246,20 @@ class _TritonLinearStats(torch.autograd.Function):
         common = (hidden, weight, targets, lse, entropy, *grads)
         scalars = (num_tokens, vocab, dim, 1.0 / ctx.temperature, ctx.ignore_index)
         flags = {"WITH_ENTROPY_GRAD": grad_entropy is not None, "WITH_MEAN_GRAD": grad_mean_logp is not None}
-        grad_hidden = torch.zeros((num_tokens, dim), dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=weight.device)
-        _backward_hidden_kernel[(triton.cdiv(num_tokens, constexprs["BLOCK_T"]),)](
-            *common, grad_hidden, *scalars, **flags, **constexprs, **launch
-        )
-        _backward_weight_kernel[(triton.cdiv(vocab, constexprs["BLOCK_V"]),)](
-            *common, grad_weight, *scalars, **flags, **constexprs, **launch
-        )
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None
+        grad_hidden = grad_weight = None  # each kernel runs only when its gradient is needed
+        if ctx.needs_input_grad[0]:
+            grad_hidden = torch.zeros((num_tokens, dim), dtype=torch.float32, device=hidden.device)
+            _backward_hidden_kernel[(triton.cdiv(num_tokens, constexprs["BLOCK_T"]),)](
+                *common, grad_hidden, *scalars, **flags, **constexprs, **launch
+            )
+            grad_hidden = grad_hidden.to(hidden.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=weight.device)
+            _backward_weight_kernel[(triton.cdiv(vocab, constexprs["BLOCK_V"]),)](
+                *common, grad_weight, *scalars, **flags, **constexprs, **launch
+            )
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def check_logprob_inputs(hidden, weight, targets, temperature, ignore_index):
