@@ -9,7 +9,7 @@ For hidden states ``h`` (T, d), head weight ``W`` (V, d), temperature ``tau`` an
     mean_logp = (1/V) sum_j z_j - L     (label smoothing needs it)
 
 ``a`` is carried relative to the running max (``a <- e^(m - m') (a + (m - m') s)``), so
-the entropy never subtracts two numbers of the logits' size: logits of 1e4 stay exact.
+the entropy never subtracts two numbers of the logits' size: logits of 1e4 stay accurate.
 
 Backward recomputes every tile and forms the logit gradient in fast memory:
 
@@ -21,8 +21,9 @@ from a kernel over vocabulary tiles. Each program owns the rows it writes and wa
 other axis in a fixed order, so both gradients are bitwise reproducible. The price is one
 extra recompute of the logits (4 GEMM-sized passes in backward instead of 3); per-token-block
 partial d(weight) buffers would instead cost (T / BLOCK_T) x V x d floats, far too much at
-120K tokens. Tile sizes depend on d and dtype only, never on T, so a token's outputs are the same bits
-whatever else is in the batch. CPU tensors take the chunked PyTorch path (:mod:`.chunked`)
+120K tokens. Both gradients accumulate in fp32 buffers (d(weight): V x d x 4 bytes) that
+are cast to the input dtype at the end. Tile sizes depend on d and dtype only, never on T, so
+a token's outputs are the same bits whatever else is in the batch. CPU tensors take the chunked PyTorch path (:mod:`.chunked`)
 unless the Triton interpreter is on.
 """
 
