@@ -76,7 +76,7 @@ def _cuda_extension():
         "qwenlong._C._cuda",
         sources,
         include_dirs=[os.path.join(ROOT, "csrc", "cuda")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-std=c++20", "--use_fast_math",
                                                                     "-lineinfo"]},
     )
 
