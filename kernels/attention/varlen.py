@@ -14,8 +14,9 @@ Allowed keys follow FlashAttention: query ``i`` sits at key position ``i + k_len
 that sees no key gets ``o_i = 0`` and ``lse_i = -inf``.
 
 Forward: one program per (query block, head, sequence); it streams the key blocks its rows
-may see (blocks outside the causal/window band are never visited) with an online softmax
-in base 2 (``exp2`` with ``log2(e)`` folded into the scale), accumulating in fp32.
+may see with an online softmax in base 2 (``exp2`` with ``log2(e)`` folded into the scale),
+accumulating in fp32. Blocks outside the causal/window band are never visited, and only
+the blocks on its edges (or at the sequence end) evaluate the mask.
 
 Backward (recompute, nothing of size ``T x T`` is stored), with ``dO`` the output gradient::
 
@@ -35,6 +36,7 @@ query head ``h`` reads kv head ``h // (heads // kv_heads)``.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import triton
@@ -428,7 +430,11 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         )
     for name, cu, given in (("max_seqlen_q", cu_seqlens_q, max_seqlen_q), ("max_seqlen_k", cu_seqlens_k, max_seqlen_k)):
         longest = int(cu.diff().max()) if cu.numel() > 1 else 0
-        if not isinstance(given, int) or given < longest:
+        try:
+            too_short = operator.index(given) < longest  # ints, numpy ints and 0-d integer tensors
+        except TypeError:
+            too_short = True
+        if too_short:
             raise ValueError(f"{name} must be an int >= the longest sequence ({longest}), got {given!r}")
     if len(window_size) != 2 or not all(isinstance(w, int) and w >= -1 for w in window_size):
         raise ValueError(f"window_size must be two ints >= -1 (-1: unbounded), got {window_size!r}")
@@ -457,6 +463,7 @@ def varlen_attention(
     blockwise PyTorch implementation (or the kernels under ``TRITON_INTERPRET=1``).
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size)
+    max_seqlen_q, max_seqlen_k = operator.index(max_seqlen_q), operator.index(max_seqlen_k)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
     left, right = window_size
     window_left = left if left >= 0 else UNBOUNDED
