@@ -77,3 +77,14 @@ def test_registration_is_idempotent():
     hf_attention.register()
     hf_attention.register()
     assert transformers.AttentionInterface._global_mapping["qwenlong"] is hf_attention.qwenlong_attention_forward
+
+
+def test_greedy_generation_with_cache_matches_sdpa(monkeypatch):
+    """Decoding with a KV cache and a left-padded batch (queries shorter than keys)."""
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")
+    ours, sdpa = _models("qwen2")
+    input_ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(3))
+    attention_mask = torch.ones(2, 8, dtype=torch.long)
+    attention_mask[1, :3] = 0
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(**kwargs), sdpa.generate(**kwargs))
