@@ -88,3 +88,25 @@ def test_greedy_generation_with_cache_matches_sdpa(monkeypatch):
     attention_mask[1, :3] = 0
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(**kwargs), sdpa.generate(**kwargs))
+
+
+def test_autocast_with_fp32_weights_runs_in_the_autocast_dtype():
+    """fp32 weights under bf16 autocast (TRL's bf16=True on an fp32 checkpoint): q/k come out of
+    rotary in fp32 while v is bf16; the attention must run them in one dtype."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from qwenlong.integrations.hf_attention import register
+
+    register()
+    config = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    ours = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="qwenlong")
+    reference = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa")
+    assert ours.config._attn_implementation == "qwenlong"
+    reference.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours(input_ids=ids).logits.float()
+        expected = reference(input_ids=ids).logits.float()
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)

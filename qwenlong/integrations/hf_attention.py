@@ -81,7 +81,10 @@ def qwenlong_attention_forward(
     batch, heads, q_len, head_dim = query.shape
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = (sliding_window - 1, sliding_window - 1) if sliding_window else (-1, -1)  # as transformers' FA path
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # (batch, length, heads, d)
+    # Under autocast, rotary leaves q/k in fp32 while v is in the autocast dtype: one dtype for all three.
+    device_type = query.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else value.dtype
+    q, k, v = (x.transpose(1, 2).to(dtype) for x in (query, key, value))  # (batch, length, heads, d)
 
     if attention_mask is not None:
         k, v = k[:, : attention_mask.shape[1]], v[:, : attention_mask.shape[1]]  # a static cache may be longer
