@@ -9,6 +9,7 @@ import pytest
 
 from qwenlong.data import (
     SyntheticConfig,
+    apply_chat_template,
     count_tokens,
     extract_question,
     generate_records,
@@ -87,6 +88,24 @@ def test_inputs_are_cut_to_the_budget(qwen):
     assert [extract_question(p) for p in seen] == [r.question for r in records]
     (result,) = report.benchmarks
     assert result.truncated == 3 and result.mean_input_tokens <= 1000
+
+
+def test_chat_template_in_budget_keeps_prompts_raw(qwen):
+    """generate() applies the chat template itself: prompts arrive raw, and with the template
+    counted the templated input still fits the budget."""
+    records = list(generate_records(2, SyntheticConfig(task="retrieval", document_tokens=3000), seed=6,
+                                    tokenizer=qwen))
+    seen = []
+
+    def generate(prompts):
+        seen.extend(prompts)
+        return oracle(records)(prompts)
+
+    evaluate({"Musique": records}, generate, qwen, max_input_tokens=1000, chat_template_in_budget=True,
+             progress=False)
+    assert seen and all("<|im_start|>" not in p for p in seen)
+    assert all(count_tokens(qwen, apply_chat_template(qwen, p)) <= 1000 for p in seen)
+    assert [extract_question(p) for p in seen] == [r.question for r in records]
 
 
 class AgreeableJudge(Judge):

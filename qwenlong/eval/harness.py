@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from qwenlong.data import DocQARecord, fit_prompt_report
+from qwenlong.data import DocQARecord, apply_chat_template, count_tokens, fit_prompt_report
 from qwenlong.data.prompt import question_text
 from qwenlong.eval.generation import GenerateFn
 from qwenlong.rewards import HybridReward, RewardItem
@@ -81,6 +81,10 @@ def evaluate(datasets: Mapping[str, Sequence[DocQARecord]], generate: GenerateFn
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     reward = reward or HybridReward()
+    # generate() applies the chat template itself, so prompts stay raw; the template's own
+    # tokens are taken off the budget instead when they must count
+    template_tokens = count_tokens(tokenizer, apply_chat_template(tokenizer, "")) if chat_template_in_budget else 0
+    budget = max_input_tokens - template_tokens
     report = EvalReport(benchmarks=[])
     total = sum(len(records) for records in datasets.values())
     bar = tqdm(total=total, desc="eval", unit="item", disable=not progress)
@@ -88,7 +92,7 @@ def evaluate(datasets: Mapping[str, Sequence[DocQARecord]], generate: GenerateFn
         accurate = rule_accurate = rescued = truncated = input_tokens = 0
         for start in range(0, len(records), batch_size):
             batch = records[start:start + batch_size]
-            fitted = [fit_prompt_report(tokenizer, r, max_input_tokens, chat=chat_template_in_budget) for r in batch]
+            fitted = [fit_prompt_report(tokenizer, r, budget, chat=False) for r in batch]
             responses = generate([f.text for f in fitted])
             if len(responses) != len(batch):
                 raise ValueError(f"generate: returned {len(responses)} responses for {len(batch)} prompts")
