@@ -255,3 +255,11 @@ def test_gradient_of_one_input_only(backend, frozen, device):
     (got,) = torch.autograd.grad((logp - entropy).sum(), wanted)
     (want,) = torch.autograd.grad((ref_logp - ref_entropy).sum(), wanted)
     assert relative_error(got, want) < BWD_RTOL[torch.float32]
+
+
+def test_cuda_backend_on_cpu_tensors_is_refused(monkeypatch):
+    from qwenlong.kernels import linear_logprobs
+
+    monkeypatch.setenv("QWENLONG_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cuda"):
+        linear_logprobs(torch.randn(3, 8), torch.randn(11, 8), torch.tensor([1, 2, 3]))

@@ -125,15 +125,24 @@ def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entr
 
 
 class ChunkedLinearStats(torch.autograd.Function):
-    """Autograd wrapper: ``(logp, entropy | None, mean_logp | None)``, recomputing tiles in backward."""
+    """Autograd wrapper: ``(logp, entropy | None, mean_logp | None)``, recomputing tiles in backward.
+
+    ``use_cuda`` runs the same chunked algorithm in the CUDA extension (cuBLAS tiles with a
+    fused epilogue, :mod:`.cuda_backend`) instead of PyTorch ops.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp):
-        logp, entropy, mean_logp, lse = chunked_forward(
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp,
+                use_cuda=False):
+        if use_cuda:
+            from .cuda_backend import cuda_forward as forward_impl
+        else:
+            forward_impl = chunked_forward
+        logp, entropy, mean_logp, lse = forward_impl(
             hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp
         )
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.temperature, ctx.ignore_index, ctx.use_cuda = temperature, ignore_index, use_cuda
         return logp, entropy, mean_logp
 
     @staticmethod
@@ -145,10 +154,16 @@ class ChunkedLinearStats(torch.autograd.Function):
             return None if grad is None else torch.where(valid, grad.float(), 0.0)
 
         grad_logp = masked(grad_logp) if grad_logp is not None else torch.zeros_like(lse)
-        grad_hidden, grad_weight = chunked_backward(
-            hidden, weight, targets, lse, entropy, grad_logp, masked(grad_entropy), masked(grad_mean_logp),
-            ctx.temperature, *ctx.needs_input_grad[:2],
-        )
+        grads = (grad_logp, masked(grad_entropy), masked(grad_mean_logp), ctx.temperature)
+        needs_hidden, needs_weight = ctx.needs_input_grad[:2]
+        if ctx.use_cuda:
+            from .cuda_backend import cuda_backward
+
+            grad_hidden, grad_weight = cuda_backward(hidden, weight, targets, lse, entropy, *grads)
+            grad_hidden, grad_weight = (grad_hidden if needs_hidden else None), (grad_weight if needs_weight else None)
+        else:
+            grad_hidden, grad_weight = chunked_backward(hidden, weight, targets, lse, entropy, *grads,
+                                                        needs_hidden, needs_weight)
         grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None

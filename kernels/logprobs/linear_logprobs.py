@@ -36,6 +36,7 @@ import triton.language as tl
 from ..backend import select_backend
 from ..utils.checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..utils.compile_spec import CompileSpec
+from . import cuda_backend
 from .chunked import ChunkedLinearStats
 
 _TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -294,9 +295,11 @@ def fused_linear_stats(hidden, weight, targets, temperature=1.0, ignore_index=-1
     check_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.to(torch.int64).contiguous()
     args = (hidden, weight, targets, float(temperature), int(ignore_index), bool(with_entropy), bool(with_mean_logp))
-    if select_backend(hidden.device) == "triton":
+    # QWENLONG_BACKEND=cuda picks the CUDA-extension epilogue (cuBLAS tiles) where it was built
+    backend = select_backend(hidden.device, has_cuda_op=cuda_backend.available())
+    if backend == "triton":
         return _TritonLinearStats.apply(*args)
-    return ChunkedLinearStats.apply(*args)
+    return ChunkedLinearStats.apply(*args, backend == "cuda")
 
 
 def linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, ignore_index=-100):
