@@ -116,30 +116,48 @@ def _grpo_groups(seed: int) -> list[Group]:
     return groups
 
 
-def test_grpo_update_matches_plain_pytorch(tmp_path):
+@pytest.mark.parametrize("aggregation,kl_coef", [("token-mean", 0.0), ("seq-mean-token-mean", 0.3),
+                                                  ("seq-mean-token-sum", 0.0)])
+def test_grpo_update_matches_plain_pytorch(tmp_path, aggregation, kl_coef):
     groups = _grpo_groups(seed=3)
     model = tiny_model(seed=1)
     reference = copy.deepcopy(model)
     reference.set_attn_implementation("sdpa")
     cfg = RLConfig(group_size=4, gen_prompts_per_step=3, train_prompts_per_step=3, mini_batch_size=3,
                    temperature=0.8, clip_low=0.2, clip_high=0.28, micro_batch_token_budget=48, lr=1e-3,
-                   grad_clip=1e9, phases=[Phase("p", 64, 8, steps=1)])
+                   grad_clip=1e9, loss_aggregation=aggregation, kl_coef=kl_coef, phases=[Phase("p", 64, 8, steps=1)])
     trainer = GRPOTrainer(model, engine=None, reward=None, cfg=cfg, decode=str, output_dir=tmp_path)
+    ref_policy = None
+    if kl_coef:
+        trainer.reference = tiny_model(seed=7).requires_grad_(False)  # a policy other than the current one
+        ref_policy = copy.deepcopy(trainer.reference)
+        ref_policy.set_attn_implementation("sdpa")
 
     # plain PyTorch: per-sequence logits, log_softmax(logits / T), clipped surrogate, token mean
     rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
     advantages = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + cfg.advantage_eps)
-    losses, count = [], 0
+    def response_logprobs(policy, prompt, response):
+        logits = policy(torch.tensor([prompt + response])).logits[0].double() / cfg.temperature
+        return torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(1, torch.tensor(response)[:, None])[:, 0]
+
+    per_sequence = []
     for g, group_adv in zip(groups, advantages, strict=True):
         for response, adv in zip(g.responses, group_adv, strict=True):
             prompt = g.example.prompt_ids
-            logits = reference(torch.tensor([prompt + response])).logits[0].double() / cfg.temperature
-            logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(1, torch.tensor(response)[:, None])[:, 0]
+            logp = response_logprobs(reference, prompt, response)
             ratio = torch.exp(logp - logp.detach())  # old policy = current policy before the update
             clipped = torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high)
-            losses.append(-torch.minimum(ratio * adv, clipped * adv).sum())
-            count += len(response)
-    reference_loss = torch.stack(losses).sum() / count
+            token_loss = -torch.minimum(ratio * adv, clipped * adv)
+            if kl_coef:
+                log_ratio = response_logprobs(ref_policy, prompt, response).detach() - logp
+                token_loss = token_loss + kl_coef * (torch.exp(log_ratio) - log_ratio - 1)
+            per_sequence.append(token_loss)
+    if aggregation == "token-mean":
+        reference_loss = torch.cat(per_sequence).sum() / sum(len(t) for t in per_sequence)
+    elif aggregation == "seq-mean-token-mean":
+        reference_loss = torch.stack([t.mean() for t in per_sequence]).mean()
+    else:
+        reference_loss = torch.stack([t.sum() for t in per_sequence]).mean()
     reference_loss.backward()
 
     batches = trainer._micro_batches(*trainer._sequences(groups))
@@ -148,7 +166,7 @@ def test_grpo_update_matches_plain_pytorch(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     optimizer.zero_grad = lambda set_to_none=True: None  # keep the gradients for the comparison
-    metrics = trainer._optimizer_step(batches, num_tokens, optimizer, scheduler)
+    metrics = trainer._optimizer_step(batches, num_tokens, len(per_sequence), optimizer, scheduler)
     assert metrics["loss"] == pytest.approx(float(reference_loss), abs=1e-6)
     assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):

@@ -124,7 +124,7 @@ class RLConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     kl_coef: float = 0.0
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: Literal["k3"] = "k3"  # the loss uses k3 (method.md); k1/k2 exist as metrics (kl_estimate)
     entropy_coef: float = 0.0
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     group_size: int = 8

@@ -11,6 +11,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from collections.abc import Sequence
@@ -69,6 +70,10 @@ class GRPOTrainer:
         self.history = history if history is not None else RewardHistory()
         self.save_every_steps = save_every_steps
         self.device = next(model.parameters()).device
+        # KL is measured against the policy the RL run starts from (the SFT model), frozen
+        self.reference = None
+        if cfg.kl_coef > 0:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ rollouts and rewards
 
@@ -125,7 +130,9 @@ class GRPOTrainer:
                 prompt_lengths.append(len(g.example.prompt_ids))
                 adv.append(a)
                 engine_lp.append(logprobs)
-        return sequences, prompt_lengths, {"engine_logprobs": engine_lp}, {"advantages": adv}
+        response_tokens = [len(seq) - n for seq, n in zip(sequences, prompt_lengths, strict=True)]
+        return (sequences, prompt_lengths, {"engine_logprobs": engine_lp},
+                {"advantages": adv, "response_tokens": response_tokens})
 
     def _micro_batches(self, sequences, prompt_lengths, response_values, sequence_values) -> list[PackedBatch]:
         out = []
@@ -138,14 +145,32 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _old_logprobs(self, batches: list[PackedBatch]) -> None:
-        """Old-policy log-probs of the sampled tokens, stored in each batch's token values."""
+        """Old-policy (and reference-policy) log-probs of the sampled tokens, in each batch's token values."""
         self.model.eval()
-        weight = lm_head_weight(self.model)
-        for batch in batches:
-            hidden = forward_hidden(self.model, batch)
-            logp = linear_logprobs(hidden, weight, batch.targets, temperature=self.cfg.temperature)
-            batch.token_values["old_logprobs"] = logp.float()
+        policies = {"old_logprobs": self.model, "ref_logprobs": self.reference}
+        for name, policy in policies.items():
+            if policy is None:
+                continue
+            weight = lm_head_weight(policy)
+            for batch in batches:
+                hidden = forward_hidden(policy, batch)
+                batch.token_values[name] = linear_logprobs(hidden, weight, batch.targets,
+                                                           temperature=self.cfg.temperature).float()
         self.model.train()
+
+    def _normalizer(self, batch: PackedBatch, num_tokens: int, num_sequences: int):
+        """What ``grpo_loss`` divides by, per ``rl.loss_aggregation`` (method.md section 2).
+
+        token-mean: every response token of the mini-batch counts once (DAPO); seq-mean-token-mean:
+        the mean over sequences of each sequence's token mean; seq-mean-token-sum: the mean over
+        sequences of each sequence's token sum.
+        """
+        mode = self.cfg.loss_aggregation
+        if mode == "token-mean":
+            return max(1, num_tokens)
+        if mode == "seq-mean-token-mean":
+            return num_sequences * batch.token_values["response_tokens"].clamp(min=1.0)
+        return torch.full_like(batch.token_values["response_tokens"], float(num_sequences))
 
     def update(self, groups: Sequence[Group], optimizer, scheduler) -> dict[str, float]:
         """One optimizer update per mini-batch of groups; returns averaged metrics."""
@@ -159,23 +184,26 @@ class GRPOTrainer:
             mismatch = logprob_mismatch(torch.cat([b.token_values["engine_logprobs"] for b in batches]),
                                         torch.cat([b.token_values["old_logprobs"] for b in batches]),
                                         torch.cat([b.mask for b in batches]))
+            num_sequences = sum(len(b.sequence_ids) for b in batches)
             for _ in range(self.cfg.ppo_epochs):
-                step_metrics = self._optimizer_step(batches, num_tokens, optimizer, scheduler)
+                step_metrics = self._optimizer_step(batches, num_tokens, num_sequences, optimizer, scheduler)
                 for key, value in {**step_metrics, **{f"engine_{k}": v for k, v in mismatch.items()}}.items():
                     sums[key] = sums.get(key, 0.0) + value
                 updates += 1
         return {key: value / max(1, updates) for key, value in sums.items()}
 
-    def _optimizer_step(self, batches: list[PackedBatch], num_tokens: int, optimizer, scheduler) -> dict[str, float]:
+    def _optimizer_step(self, batches: list[PackedBatch], num_tokens: int, num_sequences: int, optimizer,
+                        scheduler) -> dict[str, float]:
         weight = lm_head_weight(self.model)
         loss_total, metric_sums = 0.0, {}
         for batch in batches:
             hidden = forward_hidden(self.model, batch)
             values = batch.token_values
             loss, metrics = grpo_loss(hidden, weight, batch.targets, values["advantages"], values["old_logprobs"],
-                                      batch.mask, clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
+                                      batch.mask, ref_logprobs=values.get("ref_logprobs"), kl_coef=self.cfg.kl_coef,
+                                      clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
                                       entropy_coef=self.cfg.entropy_coef, temperature=self.cfg.temperature,
-                                      num_tokens=max(1, num_tokens))
+                                      num_tokens=self._normalizer(batch, num_tokens, num_sequences))
             loss.backward()
             loss_total += loss.item()
             share = int(batch.mask.sum()) / max(1, num_tokens)  # token-weighted average of local means
