@@ -77,7 +77,7 @@ class Run:
         generate = hf_generate_fn(self.model, self.tokenizer, sampling, max_batch_size=64,
                                   generation_attention=GENERATION_ATTENTION)
         report = evaluate({"heldout": records}, generate, self.tokenizer, reward=build_reward(self.cfg),
-                          max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True)
+                          max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True, batch_size=64)
         report.write(self.dir / "eval" / label)
         self.state["evals"][label] = report.to_json()
         self.logger.log("eval", len(self.state["evals"]), {"label": label, "accuracy": report.average})
