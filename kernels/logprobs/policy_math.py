@@ -52,7 +52,7 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     Non-negative, unbiased for samples drawn from the policy, and zero where the two agree.
     """
     log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1.0
+    return torch.expm1(log_ratio) - log_ratio  # exp(d) - 1 - d without cancellation for small d
 
 
 def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, num_tokens=None) -> torch.Tensor:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from qwenlong.kernels.logprobs.policy_math import k3_kl
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
@@ -26,5 +28,5 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3
     if estimator == "k2":
         return 0.5 * log_ratio.square()
     if estimator == "k3":
-        return torch.expm1(log_ratio) - log_ratio  # exp(d) - 1 - d, accurate for small d
+        return k3_kl(logp, ref_logp)  # the loss term of grpo_loss, one definition for both
     raise ValueError(f"estimator: expected one of {KL_ESTIMATORS}, got {estimator!r}")
