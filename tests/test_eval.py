@@ -47,6 +47,17 @@ def oracle(records, wrong_ids=(), paraphrase_ids=()):
     return generate
 
 
+def recording_oracle(records):
+    """The oracle, plus the list of prompts it was given."""
+    seen = []
+
+    def generate(prompts):
+        seen.extend(prompts)
+        return oracle(records)(prompts)
+
+    return generate, seen
+
+
 def test_benchmark_files_to_table(tmp_path, qwen):
     hotpot = list(generate_records(5, SyntheticConfig(task="retrieval", document_tokens=300), seed=1, tokenizer=qwen))
     docmath = list(generate_records(4, SyntheticConfig(task="arithmetic", document_tokens=300), seed=2,
@@ -77,12 +88,7 @@ def test_benchmark_files_to_table(tmp_path, qwen):
 def test_inputs_are_cut_to_the_budget(qwen):
     records = list(generate_records(3, SyntheticConfig(task="retrieval", document_tokens=3000), seed=4,
                                     tokenizer=qwen))
-    seen = []
-
-    def generate(prompts):
-        seen.extend(prompts)
-        return oracle(records)(prompts)
-
+    generate, seen = recording_oracle(records)
     report = evaluate({"Musique": records}, generate, qwen, max_input_tokens=1000, progress=False)
     assert all(count_tokens(qwen, p) <= 1000 for p in seen)
     assert [extract_question(p) for p in seen] == [r.question for r in records]
@@ -95,12 +101,7 @@ def test_chat_template_in_budget_keeps_prompts_raw(qwen):
     counted the templated input still fits the budget."""
     records = list(generate_records(2, SyntheticConfig(task="retrieval", document_tokens=3000), seed=6,
                                     tokenizer=qwen))
-    seen = []
-
-    def generate(prompts):
-        seen.extend(prompts)
-        return oracle(records)(prompts)
-
+    generate, seen = recording_oracle(records)
     evaluate({"Musique": records}, generate, qwen, max_input_tokens=1000, chat_template_in_budget=True,
              progress=False)
     assert seen and all("<|im_start|>" not in p for p in seen)
