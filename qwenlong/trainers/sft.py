@@ -44,6 +44,7 @@ class SFTTrainer:
         self.logger = logger or MetricsLogger(self.output_dir)
         self.save_every_steps = save_every_steps
         self.device = next(model.parameters()).device
+        self._packed: list[list[int]] | None = None
         per_epoch = math.ceil(len(self._epoch_micro_batches(0)) / cfg.grad_accum_steps)
         self.total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
         self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -51,19 +52,19 @@ class SFTTrainer:
         self.step = 0
 
     def _epoch_micro_batches(self, epoch: int) -> list[list[int]]:
-        lengths = [len(p) + len(r) for p, r in self.examples]
-        batches = micro_batches(lengths, self.cfg.token_budget)
+        """Micro-batches of ``epoch``, packed once per run and shuffled per epoch."""
+        if self._packed is None:
+            self._packed = micro_batches([len(p) + len(r) for p, r in self.examples], self.cfg.token_budget)
+        batches = list(self._packed)
         random.Random(f"sft:{self.seed}:{epoch}").shuffle(batches)
         return batches
 
     def _step_micro_batches(self, step: int) -> list[list[int]]:
         accum = self.cfg.grad_accum_steps
         per_epoch = len(self._epoch_micro_batches(0))
-        out = []
-        for k in range(step * accum, (step + 1) * accum):
-            epoch, index = divmod(k, per_epoch)
-            out.append(self._epoch_micro_batches(epoch)[index])
-        return out
+        epochs = {k: divmod(k, per_epoch) for k in range(step * accum, (step + 1) * accum)}
+        orders = {epoch: self._epoch_micro_batches(epoch) for epoch, _ in epochs.values()}
+        return [orders[epoch][index] for epoch, index in epochs.values()]
 
     def _pack(self, indices: list[int]):
         pairs = [self.examples[i] for i in indices]
