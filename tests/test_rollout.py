@@ -82,6 +82,51 @@ def test_logprobs_match_teacher_forced_recomputation(model, temperature, top_p):
     assert mismatch["logprob_abs_diff_max"] < 1e-4 and abs(mismatch["kl_k3"]) < 1e-6
 
 
+def stored_logits_reference(model, prompts, params: SamplingParams):
+    """The plain way: keep generate's raw logits for every step, then gather the sampled tokens."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[EOS] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(params.seed)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                         temperature=params.temperature, top_p=params.top_p, top_k=0,
+                         max_new_tokens=params.max_new_tokens, eos_token_id=EOS, pad_token_id=EOS,
+                         output_logits=True, return_dict_in_generate=True,
+                         generation_config=transformers.GenerationConfig())
+    tokens = out.sequences[:, width:]
+    logits = torch.stack(out.logits, dim=1).double()  # [rows, new, vocab]
+    logprobs = torch.log_softmax(logits / params.temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.6, 0.8)])
+def test_logprobs_equal_the_stored_logits_reference(model, temperature, top_p):
+    params = SamplingParams(max_new_tokens=9, temperature=temperature, top_p=top_p, seed=3)
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [1], [20, 21]]
+    tokens, reference = stored_logits_reference(model, prompts, params)
+    engine = HFGenerateEngine(model, eos_token_id=EOS, max_batch_size=len(prompts))
+    for row, (completion,) in enumerate(engine.generate(prompts, params)):
+        n = len(completion.token_ids)
+        assert completion.token_ids == tokens[row, :n].tolist()
+        torch.testing.assert_close(torch.tensor(completion.logprobs, dtype=torch.float64), reference[row, :n],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_decoding_at_temperature_zero(model):
+    engine = HFGenerateEngine(model, eos_token_id=EOS, max_batch_size=2)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, n=2, seed=None)
+    groups = engine.generate(PROMPTS, params)
+    for prompt, group in zip(PROMPTS, groups, strict=True):
+        assert group[0] == group[1]  # no sampling: every sample is the same
+        completion = group[0]
+        ids = torch.tensor([prompt + completion.token_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].double()
+        assert completion.token_ids == logits.argmax(-1).tolist()
+        torch.testing.assert_close(torch.tensor(completion.logprobs, dtype=torch.float64),
+                                   torch.log_softmax(logits, -1).max(-1).values, rtol=1e-5, atol=1e-5)
+
+
 def test_same_seed_same_rollouts_and_global_rng_untouched(model):
     engine = HFGenerateEngine(model, eos_token_id=EOS)
     params = SamplingParams(max_new_tokens=8, n=4, seed=123)
@@ -146,7 +191,7 @@ def test_logprob_mismatch_against_formulas():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="temperature"):
-        SamplingParams(max_new_tokens=4, temperature=0.0)
+        SamplingParams(max_new_tokens=4, temperature=-0.5)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(max_new_tokens=4, top_p=0.0)
     with pytest.raises(ValueError, match="max_new_tokens"):

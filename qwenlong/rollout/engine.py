@@ -24,7 +24,7 @@ class SamplingParams:
     """How to sample. ``n`` responses per prompt form one GRPO group."""
 
     max_new_tokens: int
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0: greedy decoding, log-probs of the untempered distribution
     top_p: float = 1.0
     n: int = 1
     stop_token_ids: list[int] = field(default_factory=list)  # stop after any of these, besides EOS
@@ -33,8 +33,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature: expected > 0 (log-probs need sampling), got {self.temperature}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: expected >= 0 (0 decodes greedily), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")
         if self.n < 1:

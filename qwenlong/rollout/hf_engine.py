@@ -1,9 +1,15 @@
 """Rollouts with Hugging Face ``generate``: the default engine, works on CPU.
 
 Prompts are left-padded into batches (position ids follow the attention mask, so a padded
-prompt is generated exactly like an unpadded one) and each sampled token's log-prob is
-recomputed from the raw logits generate returns: ``log_softmax(logits / temperature)``,
-the same quantity the trainer computes with a teacher-forced forward pass.
+prompt is generated exactly like an unpadded one). Each sampled token's log-prob,
+``log_softmax(logits / temperature)`` of the raw logits it was sampled from (the quantity the
+trainer computes with a teacher-forced forward pass), is taken one decoding step at a time by
+:class:`SampledTokenLogprobs`: only the chosen token's value is kept, never the
+``[rows, new_tokens, vocab]`` logits (at a 152K vocabulary and 10K new tokens that would be
+~6 GB per sequence).
+
+``temperature=0`` decodes greedily; the log-probs are then those of the untempered
+distribution (temperature 1).
 
 Sampling follows temperature and top-p only: the checkpoint's own generation defaults
 (a repetition penalty or top-k shipped in ``generation_config.json``) would move the sampling
@@ -16,9 +22,42 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from qwenlong.rollout.engine import Completion, RolloutEngine, SamplingParams
+
+
+class SampledTokenLogprobs(LogitsProcessor):
+    """Records ``log_softmax(raw_logits / temperature)`` at each sampled token, one step at a time.
+
+    A logits processor sees step k's raw logits (generate puts caller processors before its
+    temperature and top-p warpers) and, in ``input_ids``, the tokens chosen at steps < k. So it
+    keeps step k's log-probabilities until step k+1 reveals the token drawn from them, and keeps
+    only that token's value: memory is one ``[rows, vocab]`` step, not the whole generation.
+    The scores pass through unchanged.
+    """
+
+    def __init__(self, prompt_width: int, temperature: float) -> None:
+        self.prompt_width = prompt_width
+        self.temperature = temperature
+        self.steps: list[torch.Tensor] = []  # [rows] log-prob of the token sampled at each step
+        self.pending: torch.Tensor | None = None  # [rows, vocab] of the step whose token is not known yet
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] != self.prompt_width + len(self.steps) + (self.pending is not None):
+            raise RuntimeError("SampledTokenLogprobs: generate skipped or repeated a step; use a fresh processor")
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def token_logprobs(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """``[rows, new]`` log-probs of ``new_tokens`` (the generated part of the sequences)."""
+        steps = self.steps[: new_tokens.shape[1]]
+        if len(steps) < new_tokens.shape[1]:  # the last token was never fed back
+            last = new_tokens[:, len(steps) : len(steps) + 1].to(self.pending.device)
+            steps = [*steps, self.pending.gather(-1, last).squeeze(-1)]
+        return torch.stack(steps, dim=1)
 
 
 class HFGenerateEngine(RolloutEngine):
@@ -88,23 +127,22 @@ class HFGenerateEngine(RolloutEngine):
             input_ids[i, width - len(row) :] = torch.tensor(row)
             attention_mask[i, width - len(row) :] = 1
         stop_ids = self.eos_token_ids + [t for t in params.stop_token_ids if t not in self.eos_token_ids]
-        out = self.model.generate(
+        greedy = params.temperature == 0
+        recorder = SampledTokenLogprobs(width, 1.0 if greedy else params.temperature)
+        sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": params.temperature,
+                                                        "top_p": params.top_p, "top_k": 0}
+        sequences = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
-            do_sample=True,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=0,
+            **sampling,
             max_new_tokens=params.max_new_tokens,
             eos_token_id=stop_ids,
             pad_token_id=self.pad_token_id,
-            output_logits=True,
-            return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList([recorder]),
         )
-        new_tokens = out.sequences[:, width:].cpu()
-        logits = torch.stack(out.logits, dim=1).float().cpu()  # [rows, new, vocab], raw
-        logprobs = torch.log_softmax(logits / params.temperature, dim=-1)
-        token_logprobs = logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        new_tokens = sequences[:, width:]
+        token_logprobs = recorder.token_logprobs(new_tokens).cpu()
+        new_tokens = new_tokens.cpu()
         completions = []
         for tokens, token_lp in zip(new_tokens.tolist(), token_logprobs.tolist(), strict=True):
             stop_at = next((t for t, token in enumerate(tokens) if token in stop_ids), None)
