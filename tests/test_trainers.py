@@ -163,10 +163,7 @@ def test_grpo_update_matches_plain_pytorch(tmp_path, aggregation, kl_coef):
     batches = trainer._micro_batches(*trainer._sequences(groups))
     trainer._old_logprobs(batches)
     num_tokens = sum(int(b.mask.sum()) for b in batches)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    optimizer.zero_grad = lambda set_to_none=True: None  # keep the gradients for the comparison
-    metrics = trainer._optimizer_step(batches, num_tokens, len(per_sequence), optimizer, scheduler)
+    metrics = trainer.accumulate(batches, num_tokens, len(per_sequence))  # gradients before any update
     assert metrics["loss"] == pytest.approx(float(reference_loss), abs=1e-6)
     assert metrics["ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):

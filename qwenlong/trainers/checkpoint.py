@@ -34,31 +34,49 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
-                    state: dict[str, Any]) -> Path:
-    """Write a checkpoint folder at ``path`` atomically; returns the path."""
+def staging_dir(path: str | Path) -> Path:
+    """An empty temporary folder next to ``path`` to write a checkpoint into."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save(model.state_dict(), tmp / "model.pt")
-    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": rng_state()}, tmp / "trainer.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+    return tmp
+
+
+def write_checkpoint(folder: Path, model_state: dict, optimizer_state: dict | None, scheduler_state: dict | None,
+                     state: dict[str, Any]) -> None:
+    torch.save(model_state, folder / "model.pt")
+    torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()},
+               folder / "trainer.pt")
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+
+
+def commit_checkpoint(tmp: Path, path: str | Path) -> Path:
+    """Rename a fully written staging folder into place."""
+    path = Path(path)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
 
 
-def load_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None, scheduler=None,
+                    state: dict[str, Any]) -> Path:
+    """Write a checkpoint folder at ``path`` atomically; returns the path."""
+    tmp = staging_dir(path)
+    write_checkpoint(tmp, model.state_dict(), optimizer.state_dict() if optimizer is not None else None,
+                     scheduler.state_dict() if scheduler is not None else None, state)
+    return commit_checkpoint(tmp, path)
+
+
+def load_checkpoint(path: str | Path, *, model: torch.nn.Module | None, optimizer=None, scheduler=None,
                     restore_rng: bool = True) -> dict[str, Any]:
-    """Load a checkpoint into the given objects; returns its JSON state."""
+    """Load a checkpoint into the given objects (``model`` None: not the weights); returns its JSON state."""
     path = Path(path)
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"path: {path} is not a complete checkpoint (no {STATE_FILE})")
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    if model is not None:
+        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
     trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     if optimizer is not None and trainer["optimizer"] is not None:
         optimizer.load_state_dict(trainer["optimizer"])

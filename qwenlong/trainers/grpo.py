@@ -7,11 +7,17 @@ advantages, recompute old log-probs with the fused kernel, then one optimizer up
 mini-batch of groups with the fused GRPO loss, token-mean over the mini-batch's response
 tokens. Every random choice is keyed on (seed, phase, step), so a resumed run repeats the
 uninterrupted one.
+
+Several processes (``backend.ctx``): every rank draws the same prompts; data-parallel rank d
+generates and scores prompts ``d::dp_size`` (within a sequence-parallel group only SP rank 0
+generates, its peers wait) and all groups are gathered to every rank, so the reward history,
+dynamic sampling and advantages are the same everywhere. Each mini-batch's micro-batches are
+then split round-robin over the data-parallel ranks; the token-mean divides by the whole
+mini-batch's response tokens, which every rank knows, and the backend sums the gradients.
 """
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from collections.abc import Sequence
@@ -25,13 +31,24 @@ from tqdm.auto import tqdm
 from qwenlong.algorithms import GroupCollector, group_accuracy_metrics, group_advantages, overlong_penalty
 from qwenlong.config import RLConfig
 from qwenlong.curriculum import Phase, RewardHistory
-from qwenlong.kernels import grpo_loss, linear_logprobs
+from qwenlong.distributed.backend import TrainingBackend
+from qwenlong.kernels import grpo_loss, linear_logprobs, sp_linear_logprobs
 from qwenlong.rewards import HybridReward, RewardItem
 from qwenlong.rollout import RolloutEngine, SamplingParams, logprob_mismatch
-from qwenlong.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qwenlong.trainers.checkpoint import latest_checkpoint
 from qwenlong.trainers.metrics_log import MetricsLogger
-from qwenlong.trainers.optim import build_optimizer, build_scheduler
-from qwenlong.trainers.packed import PackedBatch, forward_hidden, lm_head_weight, micro_batches, pack_sequences
+from qwenlong.trainers.packed import (
+    PackedBatch,
+    empty_batch,
+    lm_head_weight,
+    micro_batches,
+    pack_sequences,
+    policy_hidden,
+    rank_share,
+)
+
+RESPONSE_VALUES = ("engine_logprobs",)
+SEQUENCE_VALUES = ("advantages", "response_tokens")
 
 
 @dataclass(frozen=True)
@@ -61,8 +78,11 @@ class GRPOTrainer:
 
     def __init__(self, model: torch.nn.Module, engine: RolloutEngine, reward: HybridReward, cfg: RLConfig, *,
                  decode, output_dir: str | Path, seed: int = 0, logger: MetricsLogger | None = None,
-                 history: RewardHistory | None = None, save_every_steps: int = 0):
+                 history: RewardHistory | None = None, save_every_steps: int = 0,
+                 backend: TrainingBackend | None = None):
         self.model, self.engine, self.reward, self.cfg = model, engine, reward, cfg
+        self.backend = backend or TrainingBackend(model)
+        self.ctx = self.backend.ctx
         self.decode = decode  # token ids -> text, for the reward
         self.output_dir = Path(output_dir)
         self.seed = seed
@@ -73,7 +93,7 @@ class GRPOTrainer:
         # KL is measured against the policy the RL run starts from (the SFT model), frozen
         self.reference = None
         if cfg.kl_coef > 0:
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            self.reference = self.backend.frozen_copy()
 
     # ------------------------------------------------------------------ rollouts and rewards
 
@@ -81,10 +101,7 @@ class GRPOTrainer:
         prompts = rng.sample(list(examples), k=min(self.cfg.gen_prompts_per_step, len(examples)))
         params = SamplingParams(max_new_tokens=phase.max_output_tokens, temperature=self.cfg.temperature,
                                 top_p=self.cfg.top_p, n=self.cfg.group_size, seed=rng.randrange(2**31))
-        completions = self.engine.generate([p.prompt_ids for p in prompts], params)
-        items = [RewardItem(p.data_source, self.decode(c.token_ids), p.ground_truth, p.question)
-                 for p, group in zip(prompts, completions, strict=True) for c in group]
-        scores = [r.score for r in self.reward.score(items)]
+        completions, scores = self._generate_and_score(prompts, params)
         groups = []
         for i, (example, group) in enumerate(zip(prompts, completions, strict=True)):
             task_rewards = scores[i * self.cfg.group_size:(i + 1) * self.cfg.group_size]
@@ -97,6 +114,26 @@ class GRPOTrainer:
             groups.append(Group(example, [c.token_ids for c in group], [c.logprobs for c in group], task_rewards,
                                 rewards.tolist()))
         return groups
+
+    def _generate_and_score(self, prompts: list[PromptExample], params: SamplingParams) -> tuple[list, list[float]]:
+        """Completions per prompt and the flat list of their scores, this rank's share gathered from all."""
+        ctx = self.ctx
+        mine = prompts[ctx.dp_rank::ctx.dp_size] if ctx.sp_rank == 0 else []
+        completions, scores = [], []
+        if mine:
+            completions = self.engine.generate([p.prompt_ids for p in mine], params)
+            items = [RewardItem(p.data_source, self.decode(c.token_ids), p.ground_truth, p.question)
+                     for p, group in zip(mine, completions, strict=True) for c in group]
+            scores = [r.score for r in self.reward.score(items)]
+        if ctx.world_size == 1:
+            return completions, scores
+        shares = ctx.gather((completions, scores))[::ctx.sp_size]  # SP rank 0 of every data-parallel rank
+        by_prompt = [None] * len(prompts)
+        for dp_rank, (share_completions, share_scores) in enumerate(shares):
+            for k, group in enumerate(share_completions):
+                index = dp_rank + k * ctx.dp_size
+                by_prompt[index] = (group, share_scores[k * params.n:(k + 1) * params.n])
+        return [c for c, _ in by_prompt], [score for _, s in by_prompt for score in s]
 
     def collect(self, phase: Phase, examples: Sequence[PromptExample], step: int) -> tuple[list[Group], dict]:
         """Generate and score until the step's batch of groups is full (or rounds run out)."""
@@ -135,8 +172,15 @@ class GRPOTrainer:
                 {"advantages": adv, "response_tokens": response_tokens})
 
     def _micro_batches(self, sequences, prompt_lengths, response_values, sequence_values) -> list[PackedBatch]:
+        """This rank's share of the micro-batches (all of them in a single process), packed to the
+        token budget of its sequence-parallel group."""
+        budget = self.cfg.micro_batch_token_budget * self.ctx.sp_size
+        groups = micro_batches([len(s) for s in sequences], budget)
         out = []
-        for ids in micro_batches([len(s) for s in sequences], self.cfg.micro_batch_token_budget):
+        for ids in rank_share(groups, self.ctx.dp_rank, self.ctx.dp_size, pad=list):
+            if not ids:
+                out.append(empty_batch(RESPONSE_VALUES, SEQUENCE_VALUES).to(self.device))
+                continue
             out.append(pack_sequences([sequences[i] for i in ids], [prompt_lengths[i] for i in ids],
                                       {k: [v[i] for i in ids] for k, v in response_values.items()},
                                       {k: [v[i] for i in ids] for k, v in sequence_values.items()},
@@ -148,14 +192,19 @@ class GRPOTrainer:
         """Old-policy (and reference-policy) log-probs of the sampled tokens, in each batch's token values."""
         self.model.eval()
         policies = {"old_logprobs": self.model, "ref_logprobs": self.reference}
+        sp_group = self.ctx.sp_group
         for name, policy in policies.items():
             if policy is None:
                 continue
             weight = lm_head_weight(policy)
             for batch in batches:
-                hidden = forward_hidden(policy, batch)
-                batch.token_values[name] = linear_logprobs(hidden, weight, batch.targets,
-                                                           temperature=self.cfg.temperature).float()
+                hidden, local = policy_hidden(policy, batch, sp_group)
+                if sp_group is None:
+                    logp = linear_logprobs(hidden, weight, batch.targets, temperature=self.cfg.temperature)
+                else:  # every SP rank gets the whole batch's log-probs; the loss shards them again
+                    logp = sp_linear_logprobs(hidden, weight, local.targets, sp_group, num_tokens=batch.num_tokens,
+                                              temperature=self.cfg.temperature)
+                batch.token_values[name] = logp.float()
         self.model.train()
 
     def _normalizer(self, batch: PackedBatch, num_tokens: int, num_sequences: int):
@@ -172,48 +221,56 @@ class GRPOTrainer:
             return num_sequences * batch.token_values["response_tokens"].clamp(min=1.0)
         return torch.full_like(batch.token_values["response_tokens"], float(num_sequences))
 
-    def update(self, groups: Sequence[Group], optimizer, scheduler) -> dict[str, float]:
+    def update(self, groups: Sequence[Group]) -> dict[str, float]:
         """One optimizer update per mini-batch of groups; returns averaged metrics."""
         sums: dict[str, float] = {}
         updates = 0
         mini = self.cfg.mini_batch_size
         for start in range(0, len(groups), mini):
-            batches = self._micro_batches(*self._sequences(groups[start:start + mini]))
+            sequences = self._sequences(groups[start:start + mini])
+            batches = self._micro_batches(*sequences)
             self._old_logprobs(batches)
-            num_tokens = sum(int(b.mask.sum()) for b in batches)
+            # the whole mini-batch's counts, over every rank's micro-batches
+            num_tokens = sum(sequences[3]["response_tokens"])
+            num_sequences = len(sequences[0])
+            # this rank's micro-batches (rank 0's are what gets logged)
             mismatch = logprob_mismatch(torch.cat([b.token_values["engine_logprobs"] for b in batches]),
                                         torch.cat([b.token_values["old_logprobs"] for b in batches]),
                                         torch.cat([b.mask for b in batches]))
-            num_sequences = sum(len(b.sequence_ids) for b in batches)
             for _ in range(self.cfg.ppo_epochs):
-                step_metrics = self._optimizer_step(batches, num_tokens, num_sequences, optimizer, scheduler)
+                step_metrics = self._optimizer_step(batches, num_tokens, num_sequences)
                 for key, value in {**step_metrics, **{f"engine_{k}": v for k, v in mismatch.items()}}.items():
                     sums[key] = sums.get(key, 0.0) + value
                 updates += 1
         return {key: value / max(1, updates) for key, value in sums.items()}
 
-    def _optimizer_step(self, batches: list[PackedBatch], num_tokens: int, num_sequences: int, optimizer,
-                        scheduler) -> dict[str, float]:
+    def accumulate(self, batches: list[PackedBatch], num_tokens: int, num_sequences: int) -> dict[str, float]:
+        """Forward and backward of this rank's micro-batches (gradients accumulate); returns the loss and
+        the token-weighted loss metrics, each summed over every rank."""
         weight = lm_head_weight(self.model)
         loss_total, metric_sums = 0.0, {}
         for batch in batches:
-            hidden = forward_hidden(self.model, batch)
-            values = batch.token_values
-            loss, metrics = grpo_loss(hidden, weight, batch.targets, values["advantages"], values["old_logprobs"],
-                                      batch.mask, ref_logprobs=values.get("ref_logprobs"), kl_coef=self.cfg.kl_coef,
+            hidden, local = policy_hidden(self.model, batch, self.ctx.sp_group)
+            values = local.token_values
+            loss, metrics = grpo_loss(hidden, weight, local.targets, values["advantages"], values["old_logprobs"],
+                                      local.mask, ref_logprobs=values.get("ref_logprobs"), kl_coef=self.cfg.kl_coef,
                                       clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
                                       entropy_coef=self.cfg.entropy_coef, temperature=self.cfg.temperature,
-                                      num_tokens=self._normalizer(batch, num_tokens, num_sequences))
-            loss.backward()
+                                      num_tokens=self._normalizer(local, num_tokens, num_sequences))
+            self.backend.backward(loss)
             loss_total += loss.item()
-            share = int(batch.mask.sum()) / max(1, num_tokens)  # token-weighted average of local means
+            count = int(local.mask.sum())
+            if count == 0:  # no loss tokens here (padding, or a shard of prompt tokens): the means are empty
+                continue
+            share = count / max(1, num_tokens)  # token-weighted average of local means
             for key, value in metrics.items():
                 metric_sums[key] = metric_sums.get(key, 0.0) + float(value) * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_total, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], **metric_sums}
+        return self.ctx.sum({"loss": loss_total, **metric_sums})
+
+    def _optimizer_step(self, batches: list[PackedBatch], num_tokens: int, num_sequences: int) -> dict[str, float]:
+        metrics = self.accumulate(batches, num_tokens, num_sequences)
+        grad_norm = self.backend.step()
+        return {"loss": metrics.pop("loss"), "grad_norm": grad_norm, "lr": self.backend.lr, **metrics}
 
     # ------------------------------------------------------------------ phases
 
@@ -226,38 +283,40 @@ class GRPOTrainer:
             raise ValueError(f"examples: phase {phase.name!r} has no prompt within {phase.max_input_tokens} tokens")
         steps = phase.steps if phase.steps is not None else max(
             1, round(phase.epochs * len(examples) / self.cfg.train_prompts_per_step))
-        optimizer = build_optimizer(self.model, self.cfg.lr, self.cfg.weight_decay)
         updates_per_step = -(-self.cfg.train_prompts_per_step // self.cfg.mini_batch_size) * self.cfg.ppo_epochs
-        scheduler = build_scheduler(optimizer, steps * updates_per_step, self.cfg.warmup_steps, self.cfg.lr_schedule)
+        self.backend.start(lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, total_steps=steps * updates_per_step,
+                           warmup_steps=self.cfg.warmup_steps, schedule=self.cfg.lr_schedule,
+                           grad_clip=self.cfg.grad_clip)
         step = 0
         checkpoints = self.output_dir / "checkpoints"
         latest = latest_checkpoint(checkpoints, prefix=f"rl-{phase.name}-") if resume else None
         if latest is not None:
-            state = load_checkpoint(latest, model=self.model, optimizer=optimizer, scheduler=scheduler)
+            state = self.backend.load(latest)
             step = state["step"]
             self.history = RewardHistory.from_json(state["history"])
         history = []
-        with tqdm(total=steps, initial=step, desc=f"rl {phase.name}", unit="step", dynamic_ncols=True) as bar:
+        with tqdm(total=steps, initial=step, desc=f"rl {phase.name}", unit="step", dynamic_ncols=True,
+                  disable=not self.ctx.is_main) as bar:
             while step < steps:
                 t0 = time.perf_counter()
                 groups, metrics = self.collect(phase, examples, step)
                 t1 = time.perf_counter()
                 if groups:
-                    metrics.update(self.update(groups, optimizer, scheduler))
+                    metrics.update(self.update(groups))
                     if getattr(self.engine, "model", None) is not self.model:  # the engine holds its own copy
-                        self.engine.update_weights(self.model.named_parameters())
+                        self.engine.update_weights(self.backend.full_parameters())
                 t2 = time.perf_counter()
                 step += 1
                 tokens = sum(len(g.example.prompt_ids) + len(r) for g in groups for r in g.responses)
                 metrics.update({"time_generate_score": t1 - t0, "time_train": t2 - t1, "groups_trained": len(groups),
                                 "train_tokens_per_s": tokens / max(t2 - t1, 1e-9)})
-                self.logger.log(f"rl/{phase.name}", step, metrics)
+                if self.ctx.is_main:
+                    self.logger.log(f"rl/{phase.name}", step, metrics)
                 history.append(metrics)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}")
                 bar.update(1)
                 if (self.save_every_steps and step % self.save_every_steps == 0) or step == steps:
-                    save_checkpoint(checkpoints / self._checkpoint_name(phase, step), model=self.model,
-                                    optimizer=optimizer, scheduler=scheduler,
-                                    state={"stage": "rl", "phase": phase.name, "step": step,
-                                           "history": self.history.to_json()})
+                    self.backend.save(checkpoints / self._checkpoint_name(phase, step),
+                                      state={"stage": "rl", "phase": phase.name, "step": step,
+                                             "history": self.history.to_json()})
         return history

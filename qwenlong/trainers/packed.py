@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qwenlong.kernels import build_cu_seqlens, build_position_ids, pack_by_token_budget
+from qwenlong.kernels import build_cu_seqlens, build_position_ids, pack_by_token_budget, shard_packed_batch
 
 IGNORE_INDEX = -100
 
@@ -88,6 +88,21 @@ def pack_sequences(
     return PackedBatch(input_ids, position_ids, cu_seqlens, targets, targets != IGNORE_INDEX, values, ids)
 
 
+def empty_batch(response_values: Sequence[str] = (), sequence_values: Sequence[str] = ()) -> PackedBatch:
+    """A one-token batch with no loss tokens: what a data-parallel rank runs when it has fewer
+    micro-batches than its peers, so every rank makes the same collective calls."""
+    return pack_sequences([[0]], [1], {name: [[]] for name in response_values},
+                          {name: [0.0] for name in sequence_values}, sequence_ids=[])
+
+
+def rank_share(items: Sequence, rank: int, world: int, pad) -> list:
+    """Round-robin share ``items[rank::world]`` of one data-parallel rank, padded with ``pad()`` to
+    the largest share so every rank runs the same number of micro-batches."""
+    per_rank = -(-len(items) // world) if items else 1
+    share = list(items[rank::world])
+    return share + [pad() for _ in range(per_rank - len(share))]
+
+
 def micro_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     """Indices of sequences grouped into micro-batches of at most ``token_budget`` tokens.
 
@@ -106,6 +121,28 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     decoder = getattr(model, model.base_model_prefix)
     out = decoder(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False)
     return out.last_hidden_state[0]
+
+
+def policy_hidden(model: torch.nn.Module, batch: PackedBatch, sp_group=None) -> tuple[torch.Tensor, PackedBatch]:
+    """Final hidden states of ``batch`` and the batch they belong to.
+
+    Without sequence parallelism, the whole batch. With an SP group, this rank's contiguous
+    token shard (``shard_packed_batch``: the total padded to a multiple of the group size with
+    a loss-free sequence) run through ``SequenceParallelCausalLM``; the returned batch holds
+    the shard of every per-token tensor, so the losses apply to it unchanged.
+    """
+    if sp_group is None:
+        return forward_hidden(model, batch), batch
+    from qwenlong.models import SequenceParallelCausalLM
+
+    shard = shard_packed_batch(batch.cu_seqlens, sp_group, ignore_index=IGNORE_INDEX, input_ids=batch.input_ids,
+                               position_ids=batch.position_ids, labels=batch.targets, **batch.token_values)
+    local = PackedBatch(shard["input_ids"], shard["position_ids"], shard.cu_seqlens, shard["labels"],
+                        shard["labels"] != IGNORE_INDEX, {k: shard[k] for k in batch.token_values},
+                        batch.sequence_ids)
+    hidden = SequenceParallelCausalLM(model, sp_group)(local.input_ids, local.position_ids, shard.cu_seqlens,
+                                                        shard.max_seqlen)
+    return hidden, local
 
 
 def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:

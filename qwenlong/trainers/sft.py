@@ -1,8 +1,11 @@
 """Warm-up SFT on packed batches: loss only on response tokens, through the fused kernel.
 
-Per optimizer step, ``grad_accum_steps`` micro-batches (each packed to ``token_budget``
-tokens) contribute ``sum(CE over response tokens) / (response tokens in the step)``: a
-token-level mean over the whole step, whatever the packing.
+Per optimizer step, ``grad_accum_steps`` micro-batches per data-parallel rank (each packed to
+``token_budget`` tokens per device, ``sp_size`` times that per sequence-parallel group)
+contribute ``sum(CE over response tokens) / (response tokens in the step)``: a token-level mean
+over the whole step, whatever the packing and however many ranks share it. Every rank knows the
+whole step's schedule, so the global token count needs no communication; each rank's loss is its
+share and the backend sums the gradients.
 """
 
 from __future__ import annotations
@@ -16,11 +19,18 @@ import torch
 from tqdm.auto import tqdm
 
 from qwenlong.config import SFTConfig
+from qwenlong.distributed.backend import TrainingBackend
 from qwenlong.kernels import linear_cross_entropy
-from qwenlong.trainers.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from qwenlong.trainers.checkpoint import latest_checkpoint
 from qwenlong.trainers.metrics_log import MetricsLogger
-from qwenlong.trainers.optim import build_optimizer, build_scheduler
-from qwenlong.trainers.packed import forward_hidden, lm_head_weight, micro_batches, pack_sequences
+from qwenlong.trainers.packed import (
+    empty_batch,
+    lm_head_weight,
+    micro_batches,
+    pack_sequences,
+    policy_hidden,
+    rank_share,
+)
 
 
 class SFTTrainer:
@@ -32,35 +42,41 @@ class SFTTrainer:
 
     def __init__(self, model: torch.nn.Module, examples: Sequence[tuple[list[int], list[int]]], cfg: SFTConfig,
                  *, output_dir: str | Path, seed: int = 0, logger: MetricsLogger | None = None,
-                 save_every_steps: int = 0):
+                 save_every_steps: int = 0, backend: TrainingBackend | None = None):
         if not examples:
             raise ValueError("examples: SFT needs at least one (prompt, response) pair")
-        too_long = [i for i, (p, r) in enumerate(examples) if len(p) + len(r) > min(cfg.token_budget, cfg.max_seq_len)]
+        self.backend = backend or TrainingBackend(model)
+        self.ctx = self.backend.ctx
+        self.token_budget = cfg.token_budget * self.ctx.sp_size  # an SP group packs its devices' budgets
+        limit = min(self.token_budget, cfg.max_seq_len)
+        too_long = [i for i, (p, r) in enumerate(examples) if len(p) + len(r) > limit]
         if too_long:
-            raise ValueError(f"examples: {len(too_long)} sequences exceed min(token_budget, max_seq_len)="
-                             f"{min(cfg.token_budget, cfg.max_seq_len)} tokens (first: index {too_long[0]})")
+            raise ValueError(f"examples: {len(too_long)} sequences exceed min(token_budget * sp_size, max_seq_len)="
+                             f"{limit} tokens (first: index {too_long[0]})")
         self.model, self.examples, self.cfg, self.seed = model, list(examples), cfg, seed
         self.output_dir = Path(output_dir)
         self.logger = logger or MetricsLogger(self.output_dir)
         self.save_every_steps = save_every_steps
         self.device = next(model.parameters()).device
         self._packed: list[list[int]] | None = None
-        per_epoch = math.ceil(len(self._epoch_micro_batches(0)) / cfg.grad_accum_steps)
+        self.batches_per_step = cfg.grad_accum_steps * self.ctx.dp_size  # over all data-parallel ranks
+        per_epoch = math.ceil(len(self._epoch_micro_batches(0)) / self.batches_per_step)
         self.total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
-        self.optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, self.total_steps, cfg.warmup_steps, cfg.lr_schedule)
+        self.backend.start(lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=self.total_steps,
+                           warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule, grad_clip=cfg.grad_clip)
         self.step = 0
 
     def _epoch_micro_batches(self, epoch: int) -> list[list[int]]:
         """Micro-batches of ``epoch``, packed once per run and shuffled per epoch."""
         if self._packed is None:
-            self._packed = micro_batches([len(p) + len(r) for p, r in self.examples], self.cfg.token_budget)
+            self._packed = micro_batches([len(p) + len(r) for p, r in self.examples], self.token_budget)
         batches = list(self._packed)
         random.Random(f"sft:{self.seed}:{epoch}").shuffle(batches)
         return batches
 
     def _step_micro_batches(self, step: int) -> list[list[int]]:
-        accum = self.cfg.grad_accum_steps
+        """The step's micro-batches over all data-parallel ranks; rank r trains on ``[r::dp_size]``."""
+        accum = self.batches_per_step
         per_epoch = len(self._epoch_micro_batches(0))
         epochs = {k: divmod(k, per_epoch) for k in range(step * accum, (step + 1) * accum)}
         orders = {epoch: self._epoch_micro_batches(epoch) for epoch, _ in epochs.values()}
@@ -70,50 +86,55 @@ class SFTTrainer:
         pairs = [self.examples[i] for i in indices]
         return pack_sequences([p + r for p, r in pairs], [len(p) for p, _ in pairs]).to(self.device)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step; returns its metrics."""
-        self.model.train()
-        batches = [self._pack(ids) for ids in self._step_micro_batches(self.step)]
-        num_targets = sum(int(b.mask.sum()) for b in batches)
+    def accumulate(self, step_batches: list[list[int]]) -> dict[str, float]:
+        """Forward and backward of this rank's share of one step's micro-batches (gradients accumulate)."""
+        num_targets = sum(len(self.examples[i][1]) for ids in step_batches for i in ids)  # the whole step's
+        mine = rank_share(step_batches, self.ctx.dp_rank, self.ctx.dp_size, pad=list)
         weight = lm_head_weight(self.model)
-        total = 0.0
-        for batch in batches:
-            hidden = forward_hidden(self.model, batch)
-            loss = linear_cross_entropy(hidden, weight, batch.targets, reduction="sum") / max(1, num_targets)
-            loss.backward()
+        total, tokens = 0.0, 0
+        for ids in mine:
+            batch = self._pack(ids) if ids else empty_batch().to(self.device)
+            hidden, local = policy_hidden(self.model, batch, self.ctx.sp_group)
+            loss = linear_cross_entropy(hidden, weight, local.targets, reduction="sum") / max(1, num_targets)
+            self.backend.backward(loss)
             total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            tokens += local.num_tokens
+        return {"loss": total, "tokens": tokens, "target_tokens": num_targets}
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns its metrics (loss and tokens summed over ranks)."""
+        self.model.train()
+        metrics = self.accumulate(self._step_micro_batches(self.step))
+        metrics.update(self.ctx.sum({"loss": metrics["loss"], "tokens": metrics["tokens"]}))
+        grad_norm = self.backend.step()
         self.step += 1
-        return {"loss": total, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
-                "tokens": sum(b.num_tokens for b in batches), "target_tokens": num_targets}
+        return {"loss": metrics["loss"], "grad_norm": grad_norm, "lr": self.backend.lr,
+                "tokens": metrics["tokens"], "target_tokens": metrics["target_tokens"]}
 
     def checkpoint_dir(self) -> Path:
         return self.output_dir / "checkpoints"
 
     def save(self) -> Path:
-        return save_checkpoint(self.checkpoint_dir() / f"sft-step{self.step:06d}", model=self.model,
-                               optimizer=self.optimizer, scheduler=self.scheduler,
-                               state={"stage": "sft", "step": self.step})
+        return self.backend.save(self.checkpoint_dir() / f"sft-step{self.step:06d}",
+                                 state={"stage": "sft", "step": self.step})
 
     def resume(self) -> bool:
         """Continue from the newest SFT checkpoint in the output folder, if any."""
         path = latest_checkpoint(self.checkpoint_dir(), prefix="sft-")
         if path is None:
             return False
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        self.step = state["step"]
+        self.step = self.backend.load(path)["step"]
         return True
 
     def train(self) -> list[dict[str, float]]:
         history = []
-        with tqdm(total=self.total_steps, initial=self.step, desc="sft", unit="step", dynamic_ncols=True) as bar:
+        with tqdm(total=self.total_steps, initial=self.step, desc="sft", unit="step", dynamic_ncols=True,
+                  disable=not self.ctx.is_main) as bar:
             while self.step < self.total_steps:
                 metrics = self.train_step()
                 history.append(metrics)
-                self.logger.log("sft", self.step, metrics)
+                if self.ctx.is_main:
+                    self.logger.log("sft", self.step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
                 bar.update(1)
                 if self.save_every_steps and self.step % self.save_every_steps == 0:

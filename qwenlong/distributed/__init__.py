@@ -1,0 +1,26 @@
+"""Multi-process training: process groups from the launcher and the backends that update the policy.
+
+    ctx = init_distributed(cfg.distributed)          # torchrun / deepspeed env vars, SP groups
+    backend = build_backend(model, ctx, cfg.distributed)
+    SFTTrainer(model, examples, cfg.sft, backend=backend, ...)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qwenlong.config.schema import DistributedConfig
+from qwenlong.distributed.backend import TrainingBackend
+from qwenlong.distributed.context import DistributedContext, init_distributed
+
+
+def build_backend(model: torch.nn.Module, ctx: DistributedContext, cfg: DistributedConfig) -> TrainingBackend:
+    """DeepSpeed ZeRO when ``deepspeed_stage`` > 0, else plain PyTorch (one process or summed gradients)."""
+    if cfg.deepspeed_stage > 0:
+        from qwenlong.distributed.zero import DeepSpeedBackend
+
+        return DeepSpeedBackend(model, ctx, cfg)
+    return TrainingBackend(model, ctx)
+
+
+__all__ = ["DistributedContext", "TrainingBackend", "build_backend", "init_distributed"]
