@@ -83,6 +83,8 @@ def test_benchmark_files_to_table(tmp_path, qwen):
     assert "| DocMath | HotpotQA | avg |" in table and "| 50.0 | 80.0 | 65.0 |" in table  # the paper's order
     rows = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 9 and sum(r["score"] for r in rows) == 6
+    wrong = {hotpot[0].id, docmath[1].id, docmath[2].id}
+    assert {r["id"] for r in rows if not r["accurate"]} == wrong  # per item, for paired comparisons
 
 
 def test_inputs_are_cut_to_the_budget(qwen):
@@ -162,3 +164,62 @@ def test_cli_synthetic_smoke_with_tiny_model(tmp_path):
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 4
     with pytest.raises(ValueError, match="exactly one"):
         cli.run(parser.parse_args(["--api-url", "http://127.0.0.1:1/v1", "--synthetic", "1"]))
+
+
+def _pairs(improved: int, regressed: int, both_right: int, both_wrong: int):
+    before = [False] * improved + [True] * regressed + [True] * both_right + [False] * both_wrong
+    after = [True] * improved + [False] * regressed + [True] * both_right + [False] * both_wrong
+    return before, after
+
+
+def test_paired_gain_exact_mcnemar_by_hand():
+    from qwenlong.eval.stats import paired_gain
+
+    # 8 improved, 2 regressed of 20: P(X <= 2 | Bin(10, 1/2)) = (1 + 10 + 45) / 1024, doubled
+    got = paired_gain(*_pairs(8, 2, 5, 5))
+    assert (got.num_items, got.improved, got.regressed) == (20, 8, 2)
+    assert got.before == pytest.approx(35.0) and got.after == pytest.approx(65.0) and got.gain == pytest.approx(30.0)
+    assert got.p_value == pytest.approx(112 / 1024)
+    assert got.ci_low < 0 < got.gain < got.ci_high < 50  # p > 0.05: the interval reaches below zero
+    # 5 improved, none regressed: p = 2 / 2^5; Clopper-Pearson on 5/5 is [0.025^(1/5), 1]
+    got = paired_gain(*_pairs(5, 0, 10, 5))
+    assert got.p_value == pytest.approx(0.0625)
+    assert got.ci_low == pytest.approx(100 * 5 * (2 * 0.025 ** 0.2 - 1) / 20) and got.ci_high == pytest.approx(25.0)
+    # nothing changed: no evidence either way
+    got = paired_gain(*_pairs(0, 0, 3, 4))
+    assert (got.gain, got.ci_low, got.ci_high, got.p_value) == (0.0, 0.0, 0.0, 1.0)
+    # a clear gain: 30 improved, 3 regressed of 64
+    got = paired_gain(*_pairs(30, 3, 20, 11))
+    assert got.gain == pytest.approx(100 * 27 / 64)
+    assert got.p_value < 1e-5 and 0 < got.ci_low < got.gain < got.ci_high
+
+
+def test_clopper_pearson_ends_leave_the_stated_tail():
+    from qwenlong.eval.stats import binomial_tail, clopper_pearson
+
+    low, high = clopper_pearson(5, 10)
+    assert low == pytest.approx(0.187086, abs=1e-6) and high == pytest.approx(0.812914, abs=1e-6)  # tabulated
+    for successes, trials in [(3, 17), (0, 9), (9, 9), (40, 64)]:
+        low, high = clopper_pearson(successes, trials, confidence=0.9)
+        if successes > 0:  # P(X >= s | low) = 0.05
+            assert 1 - binomial_tail(successes - 1, trials, low) == pytest.approx(0.05, abs=1e-9)
+        else:
+            assert low == 0.0
+        if successes < trials:  # P(X <= s | high) = 0.05
+            assert binomial_tail(successes, trials, high) == pytest.approx(0.05, abs=1e-9)
+        else:
+            assert high == 1.0
+    assert clopper_pearson(0, 9)[1] == pytest.approx(1 - 0.025 ** (1 / 9))  # 95%: 2.5% in the tail
+
+
+def test_paired_gain_bad_input():
+    from qwenlong.eval.stats import clopper_pearson, paired_gain
+
+    with pytest.raises(ValueError, match="after"):
+        paired_gain([True, False], [True])
+    with pytest.raises(ValueError, match="before"):
+        paired_gain([], [])
+    with pytest.raises(ValueError, match="successes"):
+        clopper_pearson(4, 3)
+    with pytest.raises(ValueError, match="confidence"):
+        clopper_pearson(1, 3, confidence=1.0)

@@ -44,7 +44,18 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path):
     assert {"sft", "rl:short-docs", "rl:long-docs"} <= set(state["done"])
     assert "long-docs" in state["carried"]  # retrospective sampling decided on every earlier example
     report = (out / "report.md").read_text()
-    assert "Held-out accuracy" in report and "after-long-docs" in report
+    assert "Held-out accuracy" in report and "after-long-docs" in report and "Gains between stages" in report
+    gains = json.loads((out / "gains.json").read_text())
+    assert [(g["from"], g["to"]) for g in gains] == [
+        ("untrained", "after-sft"), ("after-sft", "after-short-docs"), ("after-short-docs", "after-long-docs"),
+        ("after-sft", "after-long-docs")]
+    for gain in gains:  # each is the paired difference of the per-item outcomes the evaluations wrote
+        before, after = ([json.loads(line)["accurate"] for line in
+                          (out / "eval" / label / "predictions.jsonl").read_text().splitlines()]
+                         for label in (gain["from"], gain["to"]))
+        assert gain["num_items"] == len(before) == 4
+        assert gain["gain"] == pytest.approx(100 * (sum(after) - sum(before)) / 4)
+        assert gain["ci_low"] <= gain["gain"] <= gain["ci_high"] and 0 < gain["p_value"] <= 1
     stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
     assert {"sft", "rl/short-docs", "rl/long-docs", "eval"} <= stages
     # a second run into the same folder must not overwrite it silently

@@ -59,7 +59,8 @@ class EvalReport:
                 "judge_metrics": self.judge_metrics}
 
     def write(self, directory: str | os.PathLike) -> None:
-        """``results.json``, ``results.md`` and ``predictions.jsonl`` in ``directory``."""
+        """``results.json``, ``results.md`` and ``predictions.jsonl`` (one line per item, with ``accurate``:
+        what paired comparisons between stages read) in ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "results.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -105,6 +106,7 @@ def evaluate(datasets: Mapping[str, Sequence[DocQARecord]], generate: GenerateFn
                 truncated += fit.truncated
                 input_tokens += fit.num_tokens
                 report.predictions.append({"benchmark": name, "id": record.id, "answers": list(record.answers),
+                                           "accurate": bool(result.accurate),
                                            "prediction": result.prediction, "score": result.score,
                                            "rule_score": result.rule_score, "judge_score": result.judge_score,
                                            "input_tokens": fit.num_tokens, "response": response})

@@ -1,0 +1,101 @@
+"""Is one stage's held-out accuracy really higher than another's? A paired comparison.
+
+Both stages answer the same items, so only the items whose outcome changed carry evidence:
+``improved`` (wrong before, right after) and ``regressed`` (right before, wrong after). With
+``m = improved + regressed`` such items and ``n`` items in all,
+
+    gain = (improved - regressed) / n
+
+Under "no change" each changed item is equally likely to have improved or regressed, so
+``improved ~ Binomial(m, 1/2)``: the exact two-sided McNemar (sign) test gives the p-value
+
+    p = min(1, 2 * P(X <= min(improved, regressed))),  X ~ Binomial(m, 1/2)
+
+and the exact (Clopper-Pearson) interval ``[q_lo, q_hi]`` on ``q = P(improved | changed)``
+maps to an interval on the gain, ``m * (2q - 1) / n``. Both are exact at any sample size
+(no normal approximation, which fails for the few changed items of a small eval).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from math import comb
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PairedGain:
+    """Accuracies in percent, gain and its interval in percentage points."""
+
+    num_items: int
+    before: float
+    after: float
+    gain: float
+    ci_low: float
+    ci_high: float
+    improved: int
+    regressed: int
+    p_value: float
+    confidence: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def binomial_tail(k: int, m: int, q: float) -> float:
+    """``P(X <= k)`` for ``X ~ Binomial(m, q)``, summed exactly."""
+    return sum(comb(m, i) * q**i * (1 - q) ** (m - i) for i in range(0, min(k, m) + 1))
+
+
+def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact interval on a binomial proportion: each end leaves ``(1 - confidence) / 2`` in its tail.
+
+    The lower end solves ``P(X >= successes | q) = alpha/2``, the upper ``P(X <= successes | q) = alpha/2``;
+    both tails are monotone in ``q``, so bisection finds them to float precision.
+    """
+    if trials < 0 or not 0 <= successes <= trials:
+        raise ValueError(f"successes: expected 0 <= successes <= trials, got {successes} of {trials}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence: expected in (0, 1), got {confidence}")
+    tail = (1 - confidence) / 2
+
+    def solve(too_low) -> float:  # too_low(q) is True below the answer, False above
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if too_low(mid) else (lo, mid)
+        return (lo + hi) / 2
+
+    low = 0.0 if successes == 0 else solve(lambda q: 1 - binomial_tail(successes - 1, trials, q) < tail)
+    high = 1.0 if successes == trials else solve(lambda q: binomial_tail(successes, trials, q) > tail)
+    return low, high
+
+
+def paired_gain(before: Sequence[bool], after: Sequence[bool], confidence: float = 0.95) -> PairedGain:
+    """Compare per-item correctness of two stages on the same items (same order).
+
+    Returns accuracies, the gain with its exact ``confidence`` interval, the changed-item counts
+    and the exact two-sided McNemar p-value (see the module docstring).
+    """
+    if len(before) != len(after):
+        raise ValueError(f"after: {len(after)} items, but before has {len(before)}; pair the same items")
+    if not before:
+        raise ValueError("before: no items to compare")
+    n = len(before)
+    improved = sum(1 for b, a in zip(before, after, strict=True) if a and not b)
+    regressed = sum(1 for b, a in zip(before, after, strict=True) if b and not a)
+    changed = improved + regressed
+    if changed:
+        q_low, q_high = clopper_pearson(improved, changed, confidence)
+        p_value = min(1.0, 2 * binomial_tail(min(improved, regressed), changed, 0.5))
+    else:
+        q_low = q_high = 0.5
+        p_value = 1.0
+
+    def points(q: float) -> float:
+        return 100.0 * changed * (2 * q - 1) / n
+
+    return PairedGain(num_items=n, before=100.0 * sum(map(bool, before)) / n, after=100.0 * sum(map(bool, after)) / n,
+                      gain=100.0 * (improved - regressed) / n, ci_low=points(q_low), ci_high=points(q_high),
+                      improved=improved, regressed=regressed, p_value=p_value, confidence=confidence)
