@@ -19,6 +19,11 @@ What changes (on this model instance only; Liger patches the classes instead):
   the last norm) without the LM head; :func:`token_logprobs` builds per-token log-probs (and
   entropies) on it with ``linear_logprobs``. Going through ``model(...)`` keeps DDP/FSDP
   wrappers in the loop.
+- ``sequence_parallel_group=group``: each rank of the group runs its token shard of one packed
+  row (Ulysses attention); the loss and :func:`token_logprobs` are the whole row's:
+
+      apply_qwenlong(model, sequence_parallel_group=sp_group)
+      out = model(**shard_for_sequence_parallel(ids, sp_group, position_ids=pos, labels=labels))
 """
 
 from __future__ import annotations
@@ -28,13 +33,29 @@ import types
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from transformers.utils import ModelOutput
 
+from qwenlong.integrations import hf_attention, hf_sequence_parallel, hf_ulysses
+from qwenlong.integrations.hf_sequence_parallel import shard_for_sequence_parallel
 from qwenlong.kernels import linear_cross_entropy, linear_logprobs
-from qwenlong.trainers.packed import IGNORE_INDEX, lm_head_weight
+from qwenlong.kernels.sequence_parallel import all_reduce_sum, global_token_count, kv_head_repeats
+
+__all__ = ["FusedCausalLMOutput", "apply_qwenlong", "lm_head_weight", "shard_for_sequence_parallel",
+           "token_logprobs"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+IGNORE_INDEX = -100
 _ORIGINAL_FORWARD = "_qwenlong_original_forward"
+_SEQUENCE_PARALLEL_GROUP = "_qwenlong_sequence_parallel_group"
+
+
+def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The ``(V, d)`` weight the fused losses multiply hidden states with."""
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("model: LM heads with a bias are not supported by the fused losses")
+    return head.weight
 
 
 @dataclass
@@ -64,6 +85,15 @@ def _check_supported(model: torch.nn.Module) -> None:
     lm_head_weight(model)  # raises for a biased head, which the fused ops cannot express
 
 
+def _check_sequence_parallel(model: torch.nn.Module, group, attention: bool, fused_loss: bool) -> None:
+    if not (attention and fused_loss):
+        raise ValueError(f"sequence_parallel_group needs attention=True and fused_loss=True (Ulysses attention and "
+                         f"the whole row's loss), got attention={attention}, fused_loss={fused_loss}")
+    config = model.config
+    heads = config.num_attention_heads
+    kv_head_repeats(heads, getattr(config, "num_key_value_heads", None) or heads, dist.get_world_size(group))
+
+
 def _shifted_labels(labels: torch.Tensor | None, shift_labels: torch.Tensor | None) -> torch.Tensor:
     """Targets aligned with the hidden states: position t predicts label t + 1 (as transformers shifts)."""
     if shift_labels is not None:
@@ -71,19 +101,33 @@ def _shifted_labels(labels: torch.Tensor | None, shift_labels: torch.Tensor | No
     return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
 
 
-def _causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_items_in_batch):
-    """transformers' ``ForCausalLMLoss`` (sum over labels / ``num_items_in_batch``, else mean) without logits."""
+def _causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_items_in_batch,
+                    sequence_parallel_group=None):
+    """transformers' ``ForCausalLMLoss`` (sum over labels / ``num_items_in_batch``, else mean) without logits.
+
+    Under sequence parallelism each rank holds a shard of the row: the sum and the label count
+    (unless ``num_items_in_batch``, then the whole row's count) are taken over the group.
+    """
     hidden = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
     targets = targets.reshape(-1).to(hidden.device)
-    if num_items_in_batch is None:
-        return linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="mean")
     total = linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / torch.as_tensor(num_items_in_batch, device=total.device)
+    if num_items_in_batch is None:
+        has_label = targets != IGNORE_INDEX
+        num_items_in_batch = (has_label.sum() if sequence_parallel_group is None
+                              else global_token_count(has_label, sequence_parallel_group))
+    share = total / torch.as_tensor(num_items_in_batch, device=total.device)
+    return share if sequence_parallel_group is None else all_reduce_sum(share, sequence_parallel_group)
 
 
-def _patched_forward(original_forward, fused_loss: bool):
+def _patched_forward(original_forward, fused_loss: bool, sequence_parallel_group=None):
     def forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=None, return_last_hidden_state=False,
                 **kwargs):
+        if sequence_parallel_group is not None:
+            if labels is not None:
+                raise ValueError("labels: a sequence-parallel rank holds a shard of the row, so labels shifted inside "
+                                 "it would lose each shard's last label; pass shift_labels, shifted on the whole row "
+                                 "(shard_for_sequence_parallel(..., labels=labels) makes them)")
+            kwargs = hf_sequence_parallel.sequence_parallel_kwargs(sequence_parallel_group, args, kwargs)
         wants_loss = fused_loss and (labels is not None or shift_labels is not None)
         if not (wants_loss or return_last_hidden_state):
             extra = {"labels": labels, "shift_labels": shift_labels, "num_items_in_batch": num_items_in_batch}
@@ -96,7 +140,7 @@ def _patched_forward(original_forward, fused_loss: bool):
         loss = None
         if wants_loss:
             loss = _causal_lm_loss(hidden, lm_head_weight(self), _shifted_labels(labels, shift_labels),
-                                   num_items_in_batch)
+                                   num_items_in_batch, sequence_parallel_group)
         elif labels is not None or shift_labels is not None:  # fused_loss=False: the original loss on logits
             logits = self.get_output_embeddings()(hidden)
             loss = self.loss_function(logits=logits, labels=labels, shift_labels=shift_labels,
@@ -113,25 +157,26 @@ def apply_qwenlong(model: torch.nn.Module, *, attention: bool = True, fused_loss
                    sequence_parallel_group=None) -> torch.nn.Module:
     """Patch ``model`` (a loaded Qwen2 / Qwen3 / Llama / Mistral ``*ForCausalLM``) in place; returns it.
 
-    Applying twice re-patches from the original forward. ``sequence_parallel_group`` is not
-    supported here: a sequence-parallel rank must receive its shard of the packed tokens and the
-    whole batch's ``cu_seqlens``, which a plain HF forward call does not carry; use
-    :class:`qwenlong.models.SequenceParallelCausalLM` with ``shard_packed_batch`` and ``sp_grpo_loss``.
-    """
-    if sequence_parallel_group is not None:
-        raise NotImplementedError(
-            "apply_qwenlong(sequence_parallel_group=...): a plain HF forward has no way to pass each rank's "
-            "token shard with the whole batch's cu_seqlens; wrap the model in "
-            "qwenlong.models.SequenceParallelCausalLM and compute the loss with qwenlong.kernels.sp_grpo_loss")
-    _check_supported(model)
-    if attention:
-        from qwenlong.integrations import hf_attention
+    Applying twice re-patches from the original forward (pass the same arguments again).
 
+    ``sequence_parallel_group``: a ``torch.distributed`` group over which each packed row is
+    split into contiguous token shards, one per rank (Ulysses). The model then takes this rank's
+    shard, its attention is ``"qwenlong_ulysses"`` and its loss is the whole row's (see
+    :mod:`.hf_sequence_parallel` and :func:`shard_for_sequence_parallel`); parameter gradients
+    on each rank are that rank's share, to be summed over the group. It needs ``attention`` and
+    ``fused_loss``; to ``generate``, patch again without the group.
+    """
+    _check_supported(model)
+    if sequence_parallel_group is not None:
+        _check_sequence_parallel(model, sequence_parallel_group, attention, fused_loss)
+        model.set_attn_implementation(hf_ulysses.ATTENTION_NAME)
+    elif attention:
         model.set_attn_implementation(hf_attention.NAME)
+    setattr(model, _SEQUENCE_PARALLEL_GROUP, sequence_parallel_group)
     original = getattr(model, _ORIGINAL_FORWARD, model.forward)
     setattr(model, _ORIGINAL_FORWARD, original)
     # keep the class forward's signature: generate() validates its model kwargs against it
-    forward = functools.wraps(type(model).forward)(_patched_forward(original, fused_loss))
+    forward = functools.wraps(type(model).forward)(_patched_forward(original, fused_loss, sequence_parallel_group))
     model.forward = types.MethodType(forward, model)
     return model
 
@@ -150,16 +195,27 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids
     ``(length,)`` (positions restarting at 0 for each sequence); ``targets[t]`` is the token that
     position ``t`` predicts, ``ignore_index`` where none (log-prob and entropy 0 there).
     Returns fp32 log-probs shaped like ``targets`` [and the entropies].
+
+    Under sequence parallelism every rank passes the *whole* packed row (one row, no
+    ``attention_mask``), runs the model on its shard and gets the whole row's results,
+    differentiable into its own shard.
     """
     if not hasattr(getattr(model, "module", model), _ORIGINAL_FORWARD):
         raise ValueError("model: call apply_qwenlong(model) before token_logprobs")
     if targets.shape != input_ids.shape:
         raise ValueError(f"targets must have the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(targets.shape)}")
+    inner = getattr(model, "module", model)
+    weight = lm_head_weight(inner)
+    group = getattr(inner, _SEQUENCE_PARALLEL_GROUP, None)
+    if group is not None:
+        if attention_mask is not None:
+            raise ValueError("attention_mask: under sequence parallelism pass one packed row with position_ids")
+        return hf_sequence_parallel.sequence_parallel_token_logprobs(
+            model, weight, group, input_ids, position_ids, targets, temperature, return_entropy, ignore_index)
     hidden = model(input_ids=_as_rows(input_ids), position_ids=_as_rows(position_ids),
                    attention_mask=_as_rows(attention_mask),
                    use_cache=False, return_last_hidden_state=True).last_hidden_state
-    weight = lm_head_weight(getattr(model, "module", model))
     result = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight, targets.reshape(-1),
                              temperature, return_entropy=return_entropy, ignore_index=ignore_index)
     if return_entropy:

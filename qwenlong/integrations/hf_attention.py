@@ -35,7 +35,7 @@ def _row_layout(batch: int, length: int, device) -> tuple[torch.Tensor, int]:
     return torch.arange(0, (batch + 1) * length, length, dtype=torch.int32, device=device), length
 
 
-def _position_layout(position_ids: torch.Tensor, batch: int, length: int) -> tuple[torch.Tensor, int]:
+def position_layout(position_ids: torch.Tensor, batch: int, length: int) -> tuple[torch.Tensor, int]:
     """Sequences start at each row start and wherever the position stops increasing."""
     positions = position_ids.expand(batch, length).reshape(-1)
     starts = torch.ones_like(positions, dtype=torch.bool)
@@ -112,7 +112,7 @@ def qwenlong_attention_forward(
         cu_q, cu_k = cu_seq_lens_q.to(torch.int32), cu_seq_lens_k.to(torch.int32)
         max_q, max_k = int(max_length_q), int(max_length_k)
     elif position_ids is not None and position_ids.dim() == 2 and q_len == kv_len:
-        cu_q, max_q = _position_layout(position_ids.to(q.device), batch, q_len)
+        cu_q, max_q = position_layout(position_ids.to(q.device), batch, q_len)
         cu_k, max_k = cu_q, max_q
     else:
         cu_q, max_q = _row_layout(batch, q_len, q.device)

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import ModelOutput
 
-from qwenlong.integrations.hf import apply_qwenlong
+from qwenlong.integrations.hf import apply_qwenlong, lm_head_weight
 from qwenlong.kernels import linear_logprobs
-from qwenlong.trainers.packed import lm_head_weight
 
 
 @dataclass

@@ -29,9 +29,8 @@ from __future__ import annotations
 import torch
 from trl import GRPOTrainer
 
-from qwenlong.integrations.hf import apply_qwenlong
+from qwenlong.integrations.hf import apply_qwenlong, lm_head_weight
 from qwenlong.kernels import grpo_loss, linear_logprobs
-from qwenlong.trainers.packed import lm_head_weight
 
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 

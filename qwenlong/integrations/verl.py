@@ -23,12 +23,21 @@ import torch
 
 from qwenlong.kernels import linear_logprobs
 from qwenlong.kernels.logprobs.policy_math import aggregate_tokens, clip_fractions, masked_mean, policy_loss_per_token
-from qwenlong.rewards import compute_score
 
-__all__ = ["FusedLinearForPPO", "agg_loss", "compute_policy_loss", "compute_score", "linear_cross_entropy"]
+__all__ = ["FusedLinearForPPO", "agg_loss", "compute_policy_loss", "compute_score", "linear_cross_entropy"]  # noqa: F822
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOG_RATIO_LIMIT = 20.0  # verl clamps log(pi / pi_old) to +-20 before exponentiating
+
+
+def __getattr__(name: str):
+    # The reward belongs to the training layer (qwenlong.rewards): import it only when asked for, so the
+    # kernel drop-ins of this module load without it.
+    if name == "compute_score":
+        from qwenlong.rewards import compute_score
+
+        return compute_score
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _flat_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float):

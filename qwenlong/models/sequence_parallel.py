@@ -2,8 +2,8 @@
 
 Each rank feeds its contiguous shard of the packed tokens (from ``shard_packed_batch``) with
 the matching shard of position ids, so rotary embeddings see true positions. Every attention
-layer goes through ``ulysses_attention`` (registered with transformers' ``AttentionInterface``
-under ``"qwenlong_ulysses"``); everything else in a decoder layer is per token and runs on the
+layer goes through ``ulysses_attention`` (transformers attention ``"qwenlong_ulysses"``, defined in
+:mod:`qwenlong.integrations.hf_ulysses`); everything else in a decoder layer is per token and runs on the
 shard unchanged. The model returns the final hidden states of the shard, never logits: the
 loss comes from the fused ``sp_grpo_loss`` / ``sp_linear_logprobs`` against the LM-head weight.
 
@@ -20,47 +20,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AttentionInterface
 
-from qwenlong.kernels import ulysses_attention
+from qwenlong.integrations.hf_ulysses import ATTENTION_NAME, ulysses_attention_forward
 
-ATTENTION_NAME = "qwenlong_ulysses"
-
-
-def ulysses_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    sliding_window: int | None = None,
-    **kwargs,
-):
-    """transformers attention function: ``(1, heads, local_tokens, d)`` in, ``(1, local_tokens, heads, d)`` out.
-
-    Needs the keyword arguments ``sp_group``, ``cu_seq_lens_q`` and ``max_length_q`` of the whole
-    packed batch, which ``SequenceParallelCausalLM`` passes through the model's forward.
-    """
-    if attention_mask is not None:
-        raise ValueError("ulysses attention takes packed sequences described by cu_seqlens, not an attention_mask")
-    if dropout > 0.0:
-        raise ValueError(f"ulysses attention has no attention dropout, got dropout={dropout}")
-    if query.shape[0] != 1:
-        raise ValueError(f"packed sequences must come as a batch of one, got query shape {tuple(query.shape)}")
-    if "sp_group" not in kwargs or "cu_seq_lens_q" not in kwargs:
-        raise ValueError("call the model through SequenceParallelCausalLM, which passes sp_group and cu_seqlens")
-    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (local_tokens, heads, d)
-    out = ulysses_attention(
-        q, k, v, kwargs["cu_seq_lens_q"], kwargs["max_length_q"], kwargs["sp_group"],
-        causal=kwargs.get("is_causal", getattr(module, "is_causal", True)), softmax_scale=scaling, window_size=window,
-    )
-    return out.unsqueeze(0), None
-
-
-AttentionInterface.register(ATTENTION_NAME, ulysses_attention_forward)
+__all__ = ["ATTENTION_NAME", "SequenceParallelCausalLM", "ulysses_attention_forward"]
 
 
 class SequenceParallelCausalLM(nn.Module):

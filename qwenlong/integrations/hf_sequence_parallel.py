@@ -1,0 +1,140 @@
+"""Ulysses sequence parallelism for a model patched by ``apply_qwenlong(model, sequence_parallel_group=group)``.
+
+Every rank of the group calls the model the HF way on its contiguous shard of one packed row
+(positions restarting at 0 per sequence), together with the *whole* padded row's
+``cu_seq_lens_q`` / ``max_length_q`` (transformers' flash-attention keyword names):
+
+    inputs = shard_for_sequence_parallel(input_ids, group, position_ids=pos, labels=labels)
+    out = model(**inputs)       # this rank's (1, L) input_ids / position_ids / shift_labels + the row's layout
+    out.loss.backward()         # the whole row's loss, the same number on every rank; out.logits is None
+
+Labels are shifted on the whole row before sharding (``shift_labels``, as transformers names
+pre-shifted labels): a rank's last token predicts the first token of the next rank's shard.
+Without ``cu_seq_lens_q`` the ranks all-gather their ``position_ids`` (one small collective per
+forward) and read the layout from where positions restart, which is how verl's Ulysses path
+calls a model (padded shards of input ids and position ids only).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from qwenlong.integrations.hf_attention import position_layout
+from qwenlong.kernels import build_position_ids, next_token_labels, shard_packed_batch, sp_linear_logprobs
+from qwenlong.kernels.sequence_parallel import all_gather_tokens
+
+
+def _packed_row(name: str, x: torch.Tensor | None) -> torch.Tensor | None:
+    """A packed row ``(T,)`` or ``(1, T)`` as ``(T,)``."""
+    if x is None or x.dim() == 1:
+        return x
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"{name} must be one packed row, (total_tokens,) or (1, total_tokens), got {tuple(x.shape)}")
+    return x[0]
+
+
+def _packed_layout(input_ids, position_ids, cu_seqlens):
+    """``(input_ids, position_ids, cu_seqlens)`` of one packed row, positions and ``cu_seqlens`` each built
+    from the other where missing."""
+    input_ids, position_ids = _packed_row("input_ids", input_ids), _packed_row("position_ids", position_ids)
+    if cu_seqlens is None:
+        if position_ids is None:
+            raise ValueError("position_ids or cu_seqlens is needed to tell where the packed sequences start")
+        cu_seqlens, _ = position_layout(position_ids[None], 1, position_ids.numel())
+    elif position_ids is None:
+        position_ids = build_position_ids(cu_seqlens.diff(), device=input_ids.device)
+    return input_ids, position_ids, cu_seqlens
+
+
+def shard_for_sequence_parallel(input_ids: torch.Tensor, group, *, position_ids: torch.Tensor | None = None,
+                                cu_seqlens: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                                ignore_index: int = -100) -> dict:
+    """This rank's keyword arguments for a sequence-parallel patched model, from one whole packed row.
+
+    ``input_ids`` (and ``position_ids`` / ``labels``): ``(T,)`` or ``(1, T)``; the sequences are
+    given by ``cu_seqlens`` or by ``position_ids`` restarting at 0 (either builds the other).
+    ``labels`` are HF's unshifted labels (``ignore_index`` where no loss); each token's label is
+    taken from the next token of the same sequence *before* sharding. The row is padded to a
+    multiple of the group size with a sequence of its own that no loss sees.
+
+    Returns ``input_ids``, ``position_ids`` [, ``shift_labels``] ``(1, T_pad / P)`` and the whole
+    padded row's ``cu_seq_lens_q`` / ``max_length_q``.
+    """
+    input_ids, position_ids, cu_seqlens = _packed_layout(input_ids, position_ids, cu_seqlens)
+    per_token = {"input_ids": input_ids, "position_ids": position_ids}
+    if labels is not None:
+        per_token["labels"] = next_token_labels(_packed_row("labels", labels), cu_seqlens, ignore_index)
+    shard = shard_packed_batch(cu_seqlens, group, ignore_index=ignore_index, **per_token)
+    inputs = {"input_ids": shard["input_ids"][None], "position_ids": shard["position_ids"][None],
+              "cu_seq_lens_q": shard.cu_seqlens, "max_length_q": shard.max_seqlen}
+    if labels is not None:
+        inputs["shift_labels"] = shard["labels"][None]
+    return inputs
+
+
+def _local_tokens(args: tuple, kwargs: dict) -> int:
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None or tokens.dim() < 2 or tokens.shape[0] != 1:
+        shape = None if tokens is None else tuple(tokens.shape)
+        raise ValueError(f"input_ids must be this rank's shard of one packed row, (1, local_tokens), got {shape}")
+    return tokens.shape[1]
+
+
+def sequence_parallel_kwargs(group, args: tuple, kwargs: dict) -> dict:
+    """Check one rank's call of a sequence-parallel model; return the keyword arguments for its backbone
+    (with ``sp_group`` and the row's ``cu_seq_lens_q`` / ``max_length_q`` that the attention layers read)."""
+    if kwargs.get("attention_mask") is not None:
+        raise ValueError("attention_mask: a sequence-parallel model takes one packed row described by position_ids "
+                         "or cu_seq_lens_q, not a padding mask")
+    if len(args) > 1:
+        raise ValueError("the arguments after input_ids must be passed by keyword to a sequence-parallel model")
+    local = _local_tokens(args, kwargs)
+    positions = kwargs.get("position_ids")
+    if positions is None or positions.shape != (1, local):
+        raise ValueError(f"position_ids must be this rank's shard of the row's positions, shaped (1, {local}), "
+                         f"got {None if positions is None else tuple(positions.shape)}")
+    world = dist.get_world_size(group)
+    cu_seqlens = kwargs.get("cu_seq_lens_q")
+    if cu_seqlens is None:
+        cu_seqlens, max_seqlen = _layout_from_positions(positions[0], group)
+    else:
+        if int(cu_seqlens[-1]) != world * local:
+            raise ValueError(f"cu_seq_lens_q covers {int(cu_seqlens[-1])} tokens, but this rank's shard has {local} "
+                             f"tokens x {world} ranks = {world * local}: pass each rank's equal shard of the "
+                             f"padded row (shard_for_sequence_parallel)")
+        max_seqlen = kwargs.get("max_length_q")
+        if max_seqlen is None:
+            max_seqlen = int(cu_seqlens.diff().max())
+    return {**kwargs, "sp_group": group, "cu_seq_lens_q": cu_seqlens, "max_length_q": int(max_seqlen)}
+
+
+def _layout_from_positions(positions: torch.Tensor, group) -> tuple[torch.Tensor, int]:
+    """The whole row's ``cu_seqlens`` from every rank's position ids (sequences start where positions restart)."""
+    lengths = all_gather_tokens(torch.tensor([positions.numel()], device=positions.device), group)
+    if not (lengths == lengths[0]).all():
+        raise ValueError(f"input_ids: every rank's shard must have the same length, got {lengths.tolist()}")
+    row = all_gather_tokens(positions.contiguous(), group)
+    return position_layout(row[None], 1, row.numel())
+
+
+def sequence_parallel_token_logprobs(model: torch.nn.Module, weight: torch.Tensor, group, input_ids, position_ids,
+                                     targets, temperature: float, return_entropy: bool, ignore_index: int):
+    """Per-token log-probs [and entropies] of a whole packed row, the same on every rank.
+
+    Each rank runs the model on its shard; only the fp32 per-token results are all-gathered
+    (differentiable: each rank back-propagates into its own shard).
+    """
+    input_ids, position_ids, cu_seqlens = _packed_layout(input_ids, position_ids, None)
+    shard = shard_packed_batch(cu_seqlens, group, ignore_index=ignore_index, input_ids=input_ids,
+                               position_ids=position_ids, labels=_packed_row("targets", targets))
+    hidden = model(input_ids=shard["input_ids"][None], position_ids=shard["position_ids"][None],
+                   cu_seq_lens_q=shard.cu_seqlens, max_length_q=shard.max_seqlen, use_cache=False,
+                   return_last_hidden_state=True).last_hidden_state[0]
+    result = sp_linear_logprobs(hidden.to(weight.dtype), weight, shard["labels"], group, num_tokens=shard.num_tokens,
+                                temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index)
+    if return_entropy:
+        return tuple(x.view(targets.shape) for x in result)
+    return result.view(targets.shape)
