@@ -8,10 +8,18 @@ a tiny Qwen2 built from a config; the advantages are GRPO's group-normalized rew
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from qwenlong.integrations.verl import FusedLinearForPPO, compute_policy_loss, compute_score, linear_cross_entropy
+from qwenlong.integrations.verl import (
+    FusedLinearForPPO,
+    compute_policy_loss,
+    compute_policy_loss_vanilla,
+    compute_score,
+    linear_cross_entropy,
+)
 
 
 def main(batch: int = 4, length: int = 24, seed: int = 0) -> dict[str, float]:
@@ -37,13 +45,18 @@ def main(batch: int = 4, length: int = 24, seed: int = 0) -> dict[str, float]:
         old_log_prob, log_prob[:, response], advantages, mask, cliprange=0.2, cliprange_high=0.28,
         loss_agg_mode="token-mean")
     pg_loss.backward()
+    # the same loss through verl's policy-loss registry signature (clip settings from the actor config)
+    actor_config = SimpleNamespace(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28, clip_ratio_c=3.0)
+    registry_loss, _ = compute_policy_loss_vanilla(old_log_prob, log_prob[:, response].detach(), advantages, mask,
+                                                   "token-mean", actor_config)
 
     # verl's custom_reward_function: compute_score(data_source, solution_str, ground_truth, extra_info)
     score = compute_score("synthetic_arithmetic", "<think>2 + 2 = 4</think> Therefore, the answer is 4.", "4")
     results = {
         "mean_log_prob": log_prob.mean().item(), "mean_log_prob_bf16": log_prob_bf16.float().mean().item(),
         "mean_entropy": entropy.mean().item(), "pg_loss": pg_loss.item(), "pg_clipfrac": pg_clipfrac.item(),
-        "ppo_kl": ppo_kl.item(), "pg_clipfrac_lower": pg_clipfrac_lower.item(), "score": score,
+        "ppo_kl": ppo_kl.item(), "pg_clipfrac_lower": pg_clipfrac_lower.item(),
+        "registry_pg_loss": registry_loss.item(), "score": score,
         "lm_head_grad_norm": model.lm_head.weight.grad.norm().item(),
     }
     for name, value in results.items():

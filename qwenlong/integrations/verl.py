@@ -13,7 +13,8 @@ documented formulas.
   and ``verl.utils.experimental.torch_functional.FusedLinearForPPO`` in each worker swaps them
   in (untested here: verl is not installed).
 - :func:`compute_policy_loss`: verl's PPO clipped loss with dual clip (``core_algos``), built
-  from our per-token policy math; :func:`agg_loss` its ``loss_agg_mode`` reductions.
+  from our per-token policy math; :func:`compute_policy_loss_vanilla` the same with the
+  signature of verl's policy-loss registry; :func:`agg_loss` its ``loss_agg_mode`` reductions.
 - :func:`compute_score`: our hybrid reward with verl's ``custom_reward_function`` signature.
 """
 
@@ -24,7 +25,10 @@ import torch
 from qwenlong.kernels import linear_logprobs
 from qwenlong.kernels.logprobs.policy_math import aggregate_tokens, clip_fractions, masked_mean, policy_loss_per_token
 
-__all__ = ["FusedLinearForPPO", "agg_loss", "compute_policy_loss", "compute_score", "linear_cross_entropy"]  # noqa: F822
+__all__ = [  # noqa: F822 (compute_score is a lazy module attribute)
+    "FusedLinearForPPO", "agg_loss", "compute_policy_loss", "compute_policy_loss_vanilla", "compute_score",
+    "linear_cross_entropy",
+]
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOG_RATIO_LIMIT = 20.0  # verl clamps log(pi / pi_old) to +-20 before exponentiating
@@ -109,6 +113,24 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
     return aggregate_tokens(loss_mat, loss_mask, (num_sequences * lengths).expand_as(loss_mat))
 
 
+def _dual_clip_losses(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, clip_ratio_c):
+    """verl's per-token PPO loss with dual clip, and its metrics ``(pg_clipfrac, ppo_kl, pg_clipfrac_lower)``."""
+    if not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip PPO), got {clip_ratio_c}")
+    if clip_low is None or clip_high is None:
+        raise ValueError("cliprange (or both cliprange_low and cliprange_high) must be given")
+    log_ratio = torch.clamp(log_prob - old_log_prob, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    # the clamped log-ratio against a zero baseline: the same ratio, and no gradient where clamped, as in verl
+    per_token, ratio = policy_loss_per_token(log_ratio, torch.zeros_like(log_ratio), advantages, clip_low, clip_high,
+                                             dual_clip=clip_ratio_c)
+    ratio = ratio.detach()
+    low, high = clip_fractions(ratio, advantages, clip_low, clip_high)
+    dual_clipped = (advantages < 0) & (ratio > clip_ratio_c)
+    clipfrac = masked_mean((low + high).to(ratio.dtype), response_mask)
+    ppo_kl = masked_mean(-log_ratio.detach(), response_mask)
+    return per_token, clipfrac, ppo_kl, masked_mean(dual_clipped.to(ratio.dtype), response_mask)
+
+
 def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange=None, cliprange_low=None,
                         cliprange_high=None, clip_ratio_c=3.0, loss_agg_mode="token-mean"):
     """verl's ``compute_policy_loss``: PPO's clipped surrogate with dual clip ``clip_ratio_c``.
@@ -119,20 +141,37 @@ def compute_policy_loss(old_log_prob, log_prob, advantages, response_mask, clipr
     fraction of tokens where the clipped branch is taken, the mean of ``old - logp``, and the
     fraction where the dual clip is taken.
     """
-    if not clip_ratio_c > 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip PPO), got {clip_ratio_c}")
     clip_low = cliprange if cliprange_low is None else cliprange_low
     clip_high = cliprange if cliprange_high is None else cliprange_high
-    if clip_low is None or clip_high is None:
-        raise ValueError("cliprange (or both cliprange_low and cliprange_high) must be given")
-    log_ratio = torch.clamp(log_prob - old_log_prob, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
-    # the clamped log-ratio against a zero baseline: the same ratio, and no gradient where clamped, as in verl
-    per_token, ratio = policy_loss_per_token(log_ratio, torch.zeros_like(log_ratio), advantages, clip_low, clip_high,
-                                             dual_clip=clip_ratio_c)
-    pg_loss = agg_loss(per_token, response_mask, loss_agg_mode)
-    ratio = ratio.detach()
-    low, high = clip_fractions(ratio, advantages, clip_low, clip_high)
-    dual_clipped = (advantages < 0) & (ratio > clip_ratio_c)
-    ppo_kl = masked_mean(-log_ratio.detach(), response_mask)
-    clipfrac = masked_mean((low + high).to(ratio.dtype), response_mask)
-    return pg_loss, clipfrac, ppo_kl, masked_mean(dual_clipped.to(ratio.dtype), response_mask)
+    per_token, *metrics = _dual_clip_losses(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high,
+                                            clip_ratio_c)
+    return agg_loss(per_token, response_mask, loss_agg_mode), *metrics
+
+
+def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
+                                config=None, rollout_is_weights=None):
+    """verl's registered ``"vanilla"`` policy loss, with the signature of ``core_algos.register_policy_loss``.
+
+    The loss of :func:`compute_policy_loss` with the clip settings of verl's actor ``config``
+    (``clip_ratio``, ``clip_ratio_low`` / ``clip_ratio_high`` when set, ``clip_ratio_c``, default
+    3.0) and the per-token losses multiplied by ``rollout_is_weights`` (verl's rollout correction)
+    when given. Returns ``(pg_loss, metrics)`` with verl's metric names. In a verl worker,
+    ``register_policy_loss("qwenlong")(compute_policy_loss_vanilla)`` and
+    ``actor.policy_loss.loss_mode=qwenlong`` select it. The reductions are over the micro batch,
+    as in verl's legacy engines; a non-empty ``config.global_batch_info`` (the new engine's
+    normalization over the global batch) raises ``NotImplementedError``.
+    """
+    if config is None:
+        raise ValueError("config: verl's actor config (clip_ratio, clip_ratio_low, clip_ratio_high) is needed")
+    if getattr(config, "global_batch_info", None):
+        raise NotImplementedError("config.global_batch_info: normalizing over the global batch (verl's new model "
+                                  "engine) is not supported; the loss is reduced over the micro batch")
+    clip_low = config.clip_ratio if getattr(config, "clip_ratio_low", None) is None else config.clip_ratio_low
+    clip_high = config.clip_ratio if getattr(config, "clip_ratio_high", None) is None else config.clip_ratio_high
+    per_token, clipfrac, ppo_kl, clipfrac_lower = _dual_clip_losses(
+        old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, getattr(config, "clip_ratio_c", 3.0))
+    if rollout_is_weights is not None:
+        per_token = per_token * rollout_is_weights
+    metrics = {"actor/pg_clipfrac": clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
+               "actor/pg_clipfrac_lower": clipfrac_lower.item()}
+    return agg_loss(per_token, response_mask, loss_agg_mode), metrics
