@@ -6,6 +6,7 @@ verl's and OpenRLHF's documented formulas written out here in float64).
 
 from __future__ import annotations
 
+import ast
 import copy
 import importlib.util
 from pathlib import Path
@@ -146,6 +147,36 @@ def test_apply_qwenlong_errors():
         token_logprobs(model, ids, None, ids)
     with pytest.raises(ValueError, match="targets"):
         token_logprobs(apply_qwenlong(model), ids, None, ids[:, :3])
+
+
+def _import_time_modules(tree: ast.Module):
+    """Absolute module names a file imports when it is imported (function bodies import lazily, later)."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                yield node.module
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def test_integrations_do_not_import_the_training_layer():
+    """Users import the drop-ins into their own stack: qwenlong.integrations reaches only itself and the kernels
+    (whose own layering test_foundation checks), never trainers, rewards, data... Checked on the source, since a
+    process that imported the training layer earlier would hide it in sys.modules."""
+    allowed = ("qwenlong.integrations", "qwenlong.kernels")
+    offending = {
+        f"{path.name}: {module}"
+        for path in (ROOT / "qwenlong" / "integrations").glob("*.py")
+        for module in _import_time_modules(ast.parse(path.read_text()))
+        if module.split(".")[0] == "qwenlong" and not module.startswith(allowed)
+    }
+    assert not offending, sorted(offending)
 
 
 # --------------------------------------------------------------------------------------------- TRL
