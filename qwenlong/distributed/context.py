@@ -87,7 +87,7 @@ def init_distributed(cfg: DistributedConfig, timeout: timedelta = timedelta(minu
         if cfg.sp_size > 1 or cfg.deepspeed_stage > 0:
             raise ValueError(f"distributed: sp_size={cfg.sp_size} / deepspeed_stage={cfg.deepspeed_stage} need "
                              "several processes: launch with torchrun, e.g. torchrun --nproc-per-node 2 -m qwenlong")
-        return DistributedContext(device=torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        return DistributedContext()  # the model stays where it was built
     if world_size % cfg.sp_size != 0:
         raise ValueError(f"distributed.sp_size: must divide the number of processes ({world_size}), got {cfg.sp_size}")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -3,6 +3,10 @@
 Each stage writes its outputs under ``output.dir`` and records itself in ``pipeline.json``;
 ``resume=True`` skips finished stages and continues an unfinished one from its newest
 checkpoint, so a killed run loses at most ``save_every_steps`` steps.
+
+Under ``torchrun`` every rank runs the same stages in lockstep (``qwenlong.distributed``); rank 0
+alone writes the run's shared files (config, tokenizer, ``pipeline.json``, metrics, evals,
+report) while the others wait at barriers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 
 from qwenlong.config import Config, save_config
 from qwenlong.curriculum import RewardHistory, examples_for_phase, select_retrospective
+from qwenlong.distributed import build_backend, init_distributed
 from qwenlong.eval import evaluate
 from qwenlong.eval.generation import Sampling, hf_generate_fn
 from qwenlong.pipeline import build
@@ -35,24 +40,27 @@ class Run:
     """Shared state of one run folder: config, tokenizer, model, logger and stage records."""
 
     def __init__(self, cfg: Config, resume: bool = False):
-        if cfg.distributed.sp_size > 1 or cfg.distributed.deepspeed_stage > 0:
-            raise NotImplementedError(
-                "distributed.sp_size > 1 and distributed.deepspeed_stage > 0 are not wired into the trainers yet: "
-                "the kernels (qwenlong.kernels.sequence_parallel) support SP, the single-process trainers do not")
         self.cfg = cfg
+        self.ctx = init_distributed(cfg.distributed)
         self.dir = Path(cfg.output.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.dir / "config.yaml")
         self.state_path = self.dir / "pipeline.json"
         self.state: dict[str, Any] = {"done": [], "evals": {}, "carried": {}}
         if resume and self.state_path.exists():
             self.state = json.loads(self.state_path.read_text())
         elif not resume and self.state_path.exists():
             raise FileExistsError(f"output.dir: {self.dir} already holds a run; pass --resume or pick another dir")
+        self.ctx.barrier()  # every rank has read the folder before rank 0 writes to it
+        if self.ctx.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.dir / "config.yaml")
         torch.manual_seed(cfg.seed)
-        self.tokenizer = build.build_tokenizer(cfg, self.dir)
-        self.model = build.build_model(cfg, self.tokenizer)
-        self.logger = MetricsLogger(self.dir, tensorboard=cfg.output.tensorboard)
+        # a demo tokenizer is trained once, by rank 0, and saved; the other ranks load it
+        tokenizer = build.build_tokenizer(cfg, self.dir) if self.ctx.is_main else None
+        self.ctx.barrier()
+        self.tokenizer = tokenizer if tokenizer is not None else build.build_tokenizer(cfg, self.dir)
+        self.model = build.build_model(cfg, self.tokenizer).to(self.ctx.device)
+        self.backend = build_backend(self.model, self.ctx, cfg.distributed)
+        self.logger = MetricsLogger(self.dir, tensorboard=cfg.output.tensorboard and self.ctx.is_main)
         self.resume = resume
         last = self.state.get("last_checkpoint")
         if resume and last:
@@ -62,7 +70,20 @@ class Run:
         self.state["done"].append(stage)
         if checkpoint is not None:
             self.state["last_checkpoint"] = str(checkpoint)
-        self.state_path.write_text(json.dumps(self.state, indent=1))
+        self.save_state()
+
+    def save_state(self) -> None:
+        if self.ctx.is_main:
+            self.state_path.write_text(json.dumps(self.state, indent=1))
+
+    def generation_model(self) -> torch.nn.Module:
+        """The policy with whole weights, to generate with: itself, or under ZeRO-3 (partitioned
+        weights) a copy built from the gathered weights (every rank calls this)."""
+        if self.cfg.distributed.deepspeed_stage < 3:
+            return self.model
+        model = build.build_model(self.cfg, self.tokenizer).to(self.ctx.device)
+        model.load_state_dict(self.backend.state_dict())
+        return model
 
     def done(self, stage: str) -> bool:
         return stage in self.state["done"]
@@ -71,18 +92,22 @@ class Run:
         """Accuracy (percent) on the held-out split, recorded under ``label``."""
         if self.done(f"eval:{label}"):
             return self.state["evals"][label]["average"]
-        ev = self.cfg.eval
-        records = build.load_split(self.cfg, "eval", self.tokenizer)
-        sampling = Sampling(ev.max_output_tokens, ev.temperature, ev.top_p, seed=self.cfg.seed)
-        generate = hf_generate_fn(self.model, self.tokenizer, sampling, max_batch_size=64,
-                                  generation_attention=GENERATION_ATTENTION)
-        report = evaluate({"heldout": records}, generate, self.tokenizer, reward=build_reward(self.cfg),
-                          max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True, batch_size=64)
-        report.write(self.dir / "eval" / label)
-        self.state["evals"][label] = report.to_json()
-        self.logger.log("eval", len(self.state["evals"]), {"label": label, "accuracy": report.average})
+        model = self.generation_model()
+        result = None
+        if self.ctx.is_main:  # rank 0 evaluates, the others wait for its result
+            ev = self.cfg.eval
+            records = build.load_split(self.cfg, "eval", self.tokenizer)
+            sampling = Sampling(ev.max_output_tokens, ev.temperature, ev.top_p, seed=self.cfg.seed)
+            generate = hf_generate_fn(model, self.tokenizer, sampling, max_batch_size=64,
+                                      generation_attention=GENERATION_ATTENTION)
+            report = evaluate({"heldout": records}, generate, self.tokenizer, reward=build_reward(self.cfg),
+                              max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True, batch_size=64)
+            report.write(self.dir / "eval" / label)
+            result = report.to_json()
+            self.logger.log("eval", len(self.state["evals"]) + 1, {"label": label, "accuracy": report.average})
+        self.state["evals"][label] = self.ctx.broadcast(result)
         self.finish(f"eval:{label}")
-        return report.average
+        return self.state["evals"][label]["average"]
 
 
 def build_reward(cfg: Config) -> HybridReward:
@@ -91,16 +116,17 @@ def build_reward(cfg: Config) -> HybridReward:
 
 
 def build_engine(run: Run) -> RolloutEngine:
-    """HF ``generate`` on the policy itself, or vLLM on a saved copy that is re-synced after each update."""
+    """HF ``generate`` on the policy itself (under ZeRO-3 on a whole-weight copy), or vLLM on a saved copy;
+    copies are re-synced after each update."""
     if run.cfg.rollout.engine == "vllm":
         from qwenlong.rollout import VLLMEngine
 
-        path = run.dir / "policy-for-vllm"
-        run.model.save_pretrained(path)
+        path = run.dir / f"policy-for-vllm-rank{run.ctx.rank}"
+        run.generation_model().save_pretrained(path)
         run.tokenizer.save_pretrained(path)
         return VLLMEngine(str(path), tensor_parallel_size=run.cfg.rollout.tensor_parallel_size,
                           gpu_memory_utilization=run.cfg.rollout.gpu_memory_utilization)
-    return HFGenerateEngine(run.model, eos_token_id=build.eos_ids(run.tokenizer),
+    return HFGenerateEngine(run.generation_model(), eos_token_id=build.eos_ids(run.tokenizer),
                             pad_token_id=run.tokenizer.pad_token_id, generation_attention=GENERATION_ATTENTION)
 
 
@@ -109,10 +135,10 @@ def _sft(run: Run) -> None:
     if not cfg.sft.enabled or run.done("sft"):
         return
     records = build.load_split(cfg, "sft", run.tokenizer)
-    budget = min(cfg.sft.token_budget, cfg.sft.max_seq_len)
+    budget = min(cfg.sft.token_budget * cfg.distributed.sp_size, cfg.sft.max_seq_len)
     examples = [e for e in build.sft_examples(run.tokenizer, records) if len(e[0]) + len(e[1]) <= budget]
     trainer = SFTTrainer(run.model, examples, cfg.sft, output_dir=run.dir, seed=cfg.seed, logger=run.logger,
-                         save_every_steps=cfg.output.save_every_steps)
+                         save_every_steps=cfg.output.save_every_steps, backend=run.backend)
     if run.resume:
         trainer.resume()
     trainer.train()
@@ -132,7 +158,7 @@ def _rl(run: Run) -> None:
 
     trainer = GRPOTrainer(run.model, build_engine(run), build_reward(cfg), cfg.rl, decode=decode, output_dir=run.dir,
                           seed=cfg.seed, logger=run.logger, history=history,
-                          save_every_steps=cfg.output.save_every_steps)
+                          save_every_steps=cfg.output.save_every_steps, backend=run.backend)
     seen: set[str] = set()
     shorter_budget = 0
     for index, phase in enumerate(cfg.rl.phases):
@@ -184,6 +210,8 @@ def run_pipeline(cfg: Config, resume: bool = False) -> Run:
         run.evaluate("after-sft")
     _rl(run)
     run.state["wall_time_s"] = run.state.get("wall_time_s", 0.0) + time.time() - start
-    run.state_path.write_text(json.dumps(run.state, indent=1))
-    write_report(run)
+    run.save_state()
+    if run.ctx.is_main:
+        write_report(run)
+    run.ctx.barrier()
     return run

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from qwenlong.algorithms import GroupCollector, group_accuracy_metrics, group_advantages, overlong_penalty
 from qwenlong.config import RLConfig
 from qwenlong.curriculum import Phase, RewardHistory
-from qwenlong.distributed.backend import TrainingBackend
 from qwenlong.kernels import grpo_loss, linear_logprobs, sp_linear_logprobs
 from qwenlong.rewards import HybridReward, RewardItem
 from qwenlong.rollout import RolloutEngine, SamplingParams, logprob_mismatch
@@ -46,6 +45,9 @@ from qwenlong.trainers.packed import (
     policy_hidden,
     rank_share,
 )
+
+if TYPE_CHECKING:  # qwenlong.distributed builds on this package's checkpoint and optimizer modules
+    from qwenlong.distributed.backend import TrainingBackend
 
 RESPONSE_VALUES = ("engine_logprobs",)
 SEQUENCE_VALUES = ("advantages", "response_tokens")
@@ -81,7 +83,11 @@ class GRPOTrainer:
                  history: RewardHistory | None = None, save_every_steps: int = 0,
                  backend: TrainingBackend | None = None):
         self.model, self.engine, self.reward, self.cfg = model, engine, reward, cfg
-        self.backend = backend or TrainingBackend(model)
+        if backend is None:
+            from qwenlong.distributed.backend import TrainingBackend
+
+            backend = TrainingBackend(model)
+        self.backend = backend
         self.ctx = self.backend.ctx
         self.decode = decode  # token ids -> text, for the reward
         self.output_dir = Path(output_dir)

@@ -14,12 +14,12 @@ import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from qwenlong.config import SFTConfig
-from qwenlong.distributed.backend import TrainingBackend
 from qwenlong.kernels import linear_cross_entropy
 from qwenlong.trainers.checkpoint import latest_checkpoint
 from qwenlong.trainers.metrics_log import MetricsLogger
@@ -31,6 +31,9 @@ from qwenlong.trainers.packed import (
     policy_hidden,
     rank_share,
 )
+
+if TYPE_CHECKING:  # qwenlong.distributed builds on this package's checkpoint and optimizer modules
+    from qwenlong.distributed.backend import TrainingBackend
 
 
 class SFTTrainer:
@@ -45,7 +48,11 @@ class SFTTrainer:
                  save_every_steps: int = 0, backend: TrainingBackend | None = None):
         if not examples:
             raise ValueError("examples: SFT needs at least one (prompt, response) pair")
-        self.backend = backend or TrainingBackend(model)
+        if backend is None:
+            from qwenlong.distributed.backend import TrainingBackend
+
+            backend = TrainingBackend(model)
+        self.backend = backend
         self.ctx = self.backend.ctx
         self.token_budget = cfg.token_budget * self.ctx.sp_size  # an SP group packs its devices' budgets
         limit = min(self.token_budget, cfg.max_seq_len)

@@ -1,0 +1,212 @@
+"""The trainers on two gloo processes started from pytest: data parallel (plain and DeepSpeed ZeRO)
+and sequence parallel give the single-process results on the same global batch.
+
+Every rank builds the same tiny model and data from shared seeds and also runs the single-process
+reference itself, so each rank checks its own numbers. Process start-up (and DeepSpeed's
+initialization) dominates the cost, so one pair of processes runs all the checks.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_trainers import _grpo_groups, random_pairs, tiny_model
+
+FP32 = {"rtol": 1e-5, "atol": 1e-6}
+# Weights after Adam steps at lr 1e-2: Adam divides by sqrt(v), so near-zero gradient entries turn fp32
+# summation-order differences into ~1e-6 weight differences. Adam is also blind to a global gradient scale,
+# so every check also compares the loss and the gradient norm.
+ADAM_WEIGHTS = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def _spawn(check, port: int):
+    multiprocessing.set_forkserver_preload(["torch", "transformers", "qwenlong.trainers", __name__])
+    mp.start_processes(_entry, args=(check, port), nprocs=2, join=True, start_method="forkserver")
+
+
+def _entry(rank: int, check, port: int):
+    os.environ["QWENLONG_BACKEND"] = "torch"  # the batch-invariant PyTorch paths of the kernels
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=90))
+    try:
+        check()
+    finally:
+        dist.destroy_process_group()
+
+
+def _context(sp_size: int = 1, deepspeed_stage: int = 0):
+    from qwenlong.config.schema import DistributedConfig
+    from qwenlong.distributed import init_distributed
+
+    cfg = DistributedConfig(backend="gloo", sp_size=sp_size, deepspeed_stage=deepspeed_stage)
+    return init_distributed(cfg, timeout=timedelta(seconds=90)), cfg
+
+
+def _assert_same_weights(actual: dict, expected: dict, what: str, **tol):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=lambda m, n=name: f"{what} {n}: {m}",
+                                   **(tol or FP32))
+
+
+def _rl_config(**overrides):
+    from qwenlong.config import RLConfig
+    from qwenlong.curriculum import Phase
+
+    options = dict(group_size=4, gen_prompts_per_step=3, train_prompts_per_step=3, mini_batch_size=3,
+                   temperature=0.8, micro_batch_token_budget=24, lr=1e-2, grad_clip=0.5, ppo_epochs=2,
+                   phases=[Phase("p", 64, 8, steps=1)])
+    return RLConfig(**{**options, **overrides})
+
+
+# --- data parallel: plain gradient all-reduce ----------------------------------------------------------------
+
+
+def _check_plain_dp_grpo_update(tmp):
+    """Two ranks, each with its share of the micro-batches, make the single-process update (two optimizer
+    steps: ppo_epochs 2, with clipping) on the same groups."""
+    from qwenlong.distributed import TrainingBackend
+    from qwenlong.trainers import GRPOTrainer
+
+    ctx, _ = _context()
+    groups = _grpo_groups(seed=11)
+    results = {}
+    for name, backend_ctx in (("single", None), ("dp", ctx)):
+        model = tiny_model(seed=4)
+        trainer = GRPOTrainer(model, engine=None, reward=None, cfg=_rl_config(), decode=str, output_dir=tmp,
+                              backend=TrainingBackend(model, backend_ctx))
+        trainer.backend.start(lr=1e-2, weight_decay=0.0, total_steps=4, warmup_steps=0, schedule="constant",
+                              grad_clip=0.5)
+        if name == "dp":  # the micro-batches really are split: each rank packs only its share
+            assert len(trainer._micro_batches(*trainer._sequences(groups))) < len(results["single_batches"])
+        else:
+            results["single_batches"] = trainer._micro_batches(*trainer._sequences(groups))
+        results[name] = (trainer.update(groups), {k: v.clone() for k, v in model.state_dict().items()})
+    single, dp = results["single"], results["dp"]
+    _assert_same_weights(dp[1], single[1], "DP GRPO weights", **ADAM_WEIGHTS)
+    for key in ("loss", "grad_norm", "ratio_mean", "clip_fraction"):
+        if key in single[0]:
+            assert dp[0][key] == pytest.approx(single[0][key], rel=1e-5, abs=1e-7), key
+
+
+# --- sequence parallel ---------------------------------------------------------------------------------------
+
+
+def _summed_grads(model, group) -> dict[str, torch.Tensor]:
+    grads = {}
+    for name, p in model.named_parameters():
+        grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        if group is not None:
+            dist.all_reduce(grad, group=group)
+        grads[name] = grad
+    return grads
+
+
+def _check_sequence_parallel_steps(tmp):
+    """SP = 2 (every rank a token shard of every micro-batch) gives the SP = 1 loss and gradients of an SFT
+    step and of a GRPO mini-batch (log-probs of the old policy included)."""
+    from qwenlong.config import SFTConfig
+    from qwenlong.distributed import TrainingBackend
+    from qwenlong.trainers import GRPOTrainer, SFTTrainer
+
+    ctx, _ = _context(sp_size=2)
+    assert ctx.sp_size == 2 and ctx.dp_size == 1
+    pairs = random_pairs(12, seed=12)
+    cfg = SFTConfig(steps=1, lr=1e-3, token_budget=40, max_seq_len=64)
+    sft = {}
+    for name, backend_ctx in (("sp1", None), ("sp2", ctx)):
+        model = tiny_model(seed=5)
+        trainer = SFTTrainer(model, pairs, cfg, output_dir=tmp, backend=TrainingBackend(model, backend_ctx))
+        step_batches = [list(range(0, 5)), list(range(5, 12))]  # the same micro-batches for both
+        metrics = trainer.accumulate(step_batches)
+        sft[name] = (trainer.ctx.sum({"loss": metrics["loss"]})["loss"], _summed_grads(model, backend_ctx and
+                                                                                       backend_ctx.sp_group))
+    assert sft["sp2"][0] == pytest.approx(sft["sp1"][0], rel=1e-5)
+    _assert_same_weights(sft["sp2"][1], sft["sp1"][1], "SP SFT grad", rtol=1e-4, atol=1e-6)
+
+    groups = _grpo_groups(seed=13)
+    grpo = {}
+    for name, backend_ctx in (("sp1", None), ("sp2", ctx)):
+        model = tiny_model(seed=6)
+        trainer = GRPOTrainer(model, engine=None, reward=None, cfg=_rl_config(kl_coef=0.1, ppo_epochs=1),
+                              decode=str, output_dir=tmp, backend=TrainingBackend(model, backend_ctx))
+        trainer.reference = tiny_model(seed=8).requires_grad_(False)  # a policy other than the current one
+        sequences = trainer._sequences(groups)
+        batches = trainer._micro_batches(*sequences)
+        trainer._old_logprobs(batches)
+        for batch in batches:  # an off-policy old policy, so the ratios are not all 1
+            batch.token_values["old_logprobs"] -= 0.1 * batch.mask
+        metrics = trainer.accumulate(batches, sum(sequences[3]["response_tokens"]), len(sequences[0]))
+        grpo[name] = (metrics, _summed_grads(model, backend_ctx and backend_ctx.sp_group))
+    for key, value in grpo["sp1"][0].items():
+        assert grpo["sp2"][0][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    _assert_same_weights(grpo["sp2"][1], grpo["sp1"][1], "SP GRPO grad", rtol=1e-4, atol=1e-6)
+
+
+# --- DeepSpeed ZeRO -----------------------------------------------------------------------------------------
+
+
+def _sft_run(tmp, backend_factory, steps: int, grad_accum_steps: int, resume: bool = False):
+    from qwenlong.config import SFTConfig
+    from qwenlong.trainers import SFTTrainer
+
+    cfg = SFTConfig(steps=steps, lr=3e-3, token_budget=40, max_seq_len=64, warmup_steps=1, grad_clip=0.5,
+                    grad_accum_steps=grad_accum_steps)
+    model = tiny_model(seed=7 if not resume else 99)
+    trainer = SFTTrainer(model, random_pairs(24, seed=14), cfg, output_dir=tmp, backend=backend_factory(model))
+    if resume:
+        assert trainer.resume()
+    return trainer
+
+
+def _check_deepspeed_sft(own, shared, stage: int):
+    """ZeRO-``stage`` SFT on two ranks (one micro-batch each per step) ends with the weights of a single
+    process accumulating both micro-batches; a DeepSpeed checkpoint resumes exactly."""
+    from qwenlong.distributed import TrainingBackend, build_backend
+
+    ctx, cfg = _context(deepspeed_stage=stage)
+    single = _sft_run(own / "single", TrainingBackend, steps=3, grad_accum_steps=2)
+    expected_metrics = single.train()
+    expected = single.backend.state_dict()
+
+    def deepspeed_backend(model):
+        return build_backend(model, ctx, cfg)
+
+    straight = _sft_run(shared / f"zero{stage}", deepspeed_backend, steps=3, grad_accum_steps=1)
+    assert type(straight.backend).__name__ == "DeepSpeedBackend"
+    metrics = [straight.train_step() for _ in range(2)]
+    straight.save()
+    metrics.append(straight.train_step())
+    for step, (actual, reference) in enumerate(zip(metrics, expected_metrics, strict=True)):
+        for key in ("loss", "grad_norm", "lr", "target_tokens"):
+            assert actual[key] == pytest.approx(reference[key], rel=1e-5), f"ZeRO-{stage} step {step} {key}"
+    _assert_same_weights(straight.backend.state_dict(), expected, f"ZeRO-{stage} SFT weights", **ADAM_WEIGHTS)
+
+    resumed = _sft_run(shared / f"zero{stage}", deepspeed_backend, steps=3, grad_accum_steps=1, resume=True)
+    assert resumed.step == 2
+    resumed.train_step()
+    actual = resumed.backend.state_dict()
+    for name, value in straight.backend.state_dict().items():
+        assert torch.equal(actual[name], value), f"ZeRO-{stage} resumed {name}"
+
+
+def _all_checks(tmp: str):
+    own, shared = Path(tmp) / f"rank{dist.get_rank()}", Path(tmp) / "shared"
+    _check_plain_dp_grpo_update(own)
+    _check_sequence_parallel_steps(own)
+    _check_deepspeed_sft(own, shared, stage=2)
+
+
+@pytest.mark.distributed
+def test_two_processes_match_one(tmp_path, free_port):
+    _spawn(functools.partial(_all_checks, str(tmp_path)), free_port)

@@ -1,0 +1,48 @@
+"""An RL phase killed with SIGKILL mid-phase and resumed with --resume ends with the weights of an
+uninterrupted run (rollouts, rewards, reward history, optimizer and schedule all continue exactly)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from test_pipeline import SMALL, TINY, _env
+
+pytest.importorskip("transformers")
+
+ARGS = [*SMALL, "rl.phases.0.steps=4", "output.save_every_steps=1", "eval.enabled=false"]
+FINAL = ("checkpoints", "rl-long-docs-step000001", "model.pt")
+
+
+def _rl(out, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "qwenlong", "rl", "--config", TINY, *ARGS, *extra, f"output.dir={out}"]
+
+
+@pytest.mark.slow
+def test_rl_killed_mid_phase_and_resumed_matches_uninterrupted(tmp_path):
+    straight = tmp_path / "straight"
+    result = subprocess.run(_rl(straight), capture_output=True, text=True, env=_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_rl(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + 600
+    while not (killed / "checkpoints" / "rl-short-docs-step000002" / "state.json").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "checkpoints" / "rl-short-docs-step000004").exists(), "killed too late: not mid-phase"
+
+    result = subprocess.run(_rl(killed, "--resume"), capture_output=True, text=True, env=_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    a = torch.load(straight.joinpath(*FINAL), weights_only=True)
+    b = torch.load(killed.joinpath(*FINAL), weights_only=True)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
