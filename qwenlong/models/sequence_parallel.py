@@ -12,6 +12,9 @@ loss comes from the fused ``sp_grpo_loss`` / ``sp_linear_logprobs`` against the 
     hidden = model(shard["input_ids"], shard["position_ids"], shard.cu_seqlens, shard.max_seqlen)
     loss, metrics = sp_grpo_loss(hidden, model.lm_head_weight, shard["labels"], ..., sp_group=sp_group)
 
+To call an HF model the HF way instead (``model(**inputs).loss``, ``shift_labels``, ``token_logprobs``),
+patch it with ``qwenlong.integrations.hf.apply_qwenlong(model, sequence_parallel_group=sp_group)``.
+
 Parameters are replicated over the SP group and receive partial gradients on each rank: sum
 them over the SP and data-parallel ranks (a sum all-reduce; with DDP's mean, scale by the world size).
 """
