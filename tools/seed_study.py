@@ -34,8 +34,10 @@ def run_seed(config: str, seed: int, runs_dir: Path, overrides: list[str], threa
         env["OMP_NUM_THREADS"] = str(threads)
     command = [sys.executable, "-m", "qwenlong", "pipeline", "--config", config, f"seed={seed}",
                f"data.synthetic.seed={seed}", *overrides, f"output.dir={out}"]
-    if not (out / "report.md").exists():  # a finished run (e.g. of an interrupted study) is read, not rerun
-        with open(runs_dir / f"seed{seed}.log", "w") as log:
+    if (out / "pipeline.json").exists():  # a run of an interrupted study: read it when finished, else resume it
+        command.append("--resume")
+    if not (out / "report.md").exists():
+        with open(runs_dir / f"seed{seed}.log", "a") as log:
             subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
     state = json.loads((out / "pipeline.json").read_text())
     return {"seed": seed, "wall_s": state["wall_time_s"], "load_avg_1m_at_end": os.getloadavg()[0],
