@@ -65,7 +65,8 @@ class QwenlongActor(torch.nn.Module):
         """
         if ring_attn_group is not None:
             raise NotImplementedError("ring_attn_group: ring attention is not supported; qwenlong's sequence "
-                                      "parallelism is Ulysses (qwenlong.models.SequenceParallelCausalLM)")
+                                      "parallelism is Ulysses: apply_qwenlong(model, sequence_parallel_group=...) "
+                                      "with token_logprobs")
         if allgather_logits or (action_mask is None and not return_logprobs):
             raise ValueError("QwenlongActor never builds logits: ask for log-probs with action_mask or "
                              "return_logprobs=True (allgather_logits is not supported)")
