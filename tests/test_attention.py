@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from qwenlong.kernels.attention import attention_reference, compile_specs, flash_attn_varlen_func, varlen_attention
+from qwenlong.kernels.attention import varlen as varlen_module
 
 BACKENDS = ("triton", "torch")
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
@@ -95,6 +96,35 @@ def test_matches_reference(backend, case, device, monkeypatch):
     _check_accuracy(lens_q, lens_k or lens_q, heads, kv_heads, head_dim, dtype, causal, window, device)
 
 
+# The sm_90 tile table (wgmma-shaped tiles) under the interpreter: one case per row of TILES[90],
+# lengths that leave partial tiles at 128/64/32 rows, and the padded head_dim 96.
+SM90_CASES = {
+    "d64-bf16-gqa2-causal-empty-and-single": ([150, 1, 0, 70], None, 2, 1, 64, torch.bfloat16, True, (-1, -1)),
+    "d96-fp16-noncausal-window": ([130, 40], [100, 70], 2, 1, 96, torch.float16, False, (40, 20)),
+    "d128-bf16-causal-q-shorter": ([70, 129], [90, 200], 2, 2, 128, torch.bfloat16, True, (-1, -1)),
+    "d256-fp16-gqa2-causal": ([100, 3], None, 2, 1, 256, torch.float16, True, (-1, -1)),
+}  # fmt: skip
+
+
+def _use_tile_table(table, device, monkeypatch) -> list:
+    """Make the launchers pick ``TILES[table]``; returns the list of devices they asked about."""
+    if device == "cuda" and varlen_module.tile_table(torch.device(device)) != table:
+        pytest.skip(f"the sm_{table} tiles are sized for that GPU's shared memory")
+    asked = []
+    monkeypatch.setattr(varlen_module, "tile_table", lambda device: asked.append(device) or table)
+    return asked
+
+
+@pytest.mark.parametrize("case", list(SM90_CASES.values()), ids=list(SM90_CASES))
+def test_sm90_tiles_match_reference(case, device, monkeypatch):
+    """The launchers with the sm_90 tile table, whatever runs them (the interpreter here)."""
+    monkeypatch.setenv("QWENLONG_BACKEND", "triton")
+    asked = _use_tile_table(90, device, monkeypatch)
+    lens_q, lens_k, heads, kv_heads, head_dim, dtype, causal, window = case
+    _check_accuracy(lens_q, lens_k or lens_q, heads, kv_heads, head_dim, dtype, causal, window, device)
+    assert len(asked) == 2, "forward and backward must pick their tiles from the device's table"
+
+
 def _random_case(seed: int):
     rng = random.Random(seed)
     batch = rng.randint(2, 4)
@@ -116,10 +146,12 @@ def test_random_packed_batches(backend, seed, device, monkeypatch):
     _check_accuracy(*_random_case(seed), device, seed=seed)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sequence_alone_or_packed_is_bitwise_identical(backend, device, monkeypatch):
+@pytest.mark.parametrize("backend,table", [("triton", 80), ("triton", 90), ("torch", None)])
+def test_sequence_alone_or_packed_is_bitwise_identical(backend, table, device, monkeypatch):
     """A sequence's output, lse and gradients do not depend on what is packed beside it."""
     monkeypatch.setenv("QWENLONG_BACKEND", backend)
+    if table is not None:
+        _use_tile_table(table, device, monkeypatch)
     heads, kv_heads, head_dim, dtype = 2, 1, 64, torch.bfloat16
     lens = [45, 140, 3, 0, 30]
     target = 1  # the 140-token sequence, packed at an offset
@@ -200,13 +232,24 @@ def test_bad_input_raises_value_error(message, override):
 
 
 def test_compile_specs_cover_every_kernel_build():
+    """Each config a launcher picks, for each tile table, is a spec the report compiles for that arch."""
     specs = compile_specs()
-    names = {spec.name for spec in specs}
-    for kernel in ("fwd", "dkdv", "dq"):
-        for dtype in ("bf16", "fp16"):
-            for head_dim in (64, 96, 128):
-                assert f"attention_{kernel}_{dtype}_d{head_dim}" in names
+    built = {}
     for spec in specs:
         assert list(spec.signature) == list(spec.fn.arg_names)
         constexprs = {name for name, ty in spec.signature.items() if ty == "constexpr"}
         assert constexprs == set(spec.constexprs)
+        assert spec.aligned and all(spec.signature[name] != "constexpr" for name in spec.aligned)
+        for arch in spec.archs:
+            assert (spec.name, arch) not in built, f"two builds of {spec.name} for sm_{arch}"
+            built[spec.name, arch] = spec
+    for table in varlen_module.TILES:
+        for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+            for head_dim in (64, 96, 128, 256):
+                configs = varlen_module._configs(head_dim, dtype, table)
+                for kernel in varlen_module.KERNELS:
+                    spec = built[f"attention_{kernel}_{ty}_d{head_dim}", table]
+                    config = configs[kernel]
+                    assert (spec.num_warps, spec.num_stages) == (config["num_warps"], config["num_stages"])
+                    assert (spec.constexprs["BLOCK_M"], spec.constexprs["BLOCK_N"]) == (
+                        config["BLOCK_M"], config["BLOCK_N"])  # fmt: skip

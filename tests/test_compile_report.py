@@ -59,6 +59,17 @@ def compile_specs() -> list[CompileSpec]:
     return [
         CompileSpec("matmul", tile_matmul, signature, tile(64, 64, 32), num_warps=4, num_stages=1),
         CompileSpec("matmul_one_warp", tile_matmul, signature, tile(64, 128, 32), num_warps=1, num_stages=1),
+        # as the JIT builds it for 16-byte aligned tensors, and only for sm_90
+        CompileSpec(
+            "matmul_aligned",
+            tile_matmul,
+            signature,
+            tile(64, 64, 32),
+            num_warps=4,
+            num_stages=1,
+            archs=(90,),
+            aligned=("a_ptr", "b_ptr", "c_ptr"),
+        ),
         # tl.dot needs K >= 16: this build must be reported as a compile error
         CompileSpec("matmul_k8", tile_matmul, signature, tile(64, 64, 8), num_warps=4, num_stages=1),
     ]
@@ -86,7 +97,8 @@ def test_report_on_toy_kernels(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "ignoring TRITON_INTERPRET" in result.stderr
     rows = {(row["kernel"], row["arch"]): row for row in json.loads(out_json.read_text())}
-    assert set(rows) == {(name, arch) for name in ("matmul", "matmul_one_warp", "matmul_k8") for arch in (90, 80)}
+    names = ("matmul", "matmul_one_warp", "matmul_k8")
+    assert set(rows) == {(name, arch) for name in names for arch in (90, 80)} | {("matmul_aligned", 90)}
 
     for arch in (90, 80):
         clean = rows["matmul", arch]
@@ -105,11 +117,34 @@ def test_report_on_toy_kernels(tmp_path):
 
     assert rows["matmul", 80]["hmma"] > 0 and rows["matmul", 80]["hgmma"] == 0
     assert rows["matmul", 90]["hgmma"] > 0
+    # 16-byte aligned operands load in vector instructions: the same tile takes fewer instructions
+    aligned = rows["matmul_aligned", 90]
+    assert aligned["status"] == "ok" and aligned["hgmma"] > 0
+    assert aligned["instructions"] < rows["matmul", 90]["instructions"]
 
     report = out_md.read_text()
     assert report.startswith(tool.TITLE) and "Toolchain: Triton " in report
-    assert report.count("| test_compile_report:") == 6
+    assert report.count("| test_compile_report:") == 7
     assert report in result.stdout
+
+
+def test_each_spec_is_compiled_for_its_archs_with_its_alignment_hints(monkeypatch):
+    specs = compile_specs()
+    monkeypatch.setitem(sys.modules, "toy_kernels", type(sys)("toy_kernels"))
+    sys.modules["toy_kernels"].compile_specs = lambda: specs
+    jobs, errors = tool.collect_jobs(["toy_kernels"], [90, 80])
+    aligned = next(index for index, spec in enumerate(specs) if spec.name == "matmul_aligned")
+    assert not errors and len(jobs) == 2 * len(specs) - 1
+    assert ("toy_kernels", aligned, 90) in jobs and ("toy_kernels", aligned, 80) not in jobs
+    assert tool.divisibility_hints(specs[aligned]) == {(index,): [["tt.divisibility", 16]] for index in (0, 1, 2)}
+    assert tool.divisibility_hints(specs[0]) == {}
+
+
+def test_aligned_must_name_runtime_arguments():
+    signature = {"a_ptr": "*bf16", "b_ptr": "*bf16", "c_ptr": "*fp32", "BLOCK_M": "constexpr"}
+    for wrong in ("BLOCK_M", "d_ptr"):
+        with pytest.raises(ValueError, match="aligned"):
+            CompileSpec("matmul", tile_matmul, signature, {"BLOCK_M": 64}, aligned=(wrong,))
 
 
 def test_no_specs_is_not_an_error_unless_required(tmp_path):

@@ -28,8 +28,9 @@ Backward (recompute, nothing of size ``T x T`` is stored), with ``dO`` the outpu
 query heads of its group and the query blocks that see it; ``dq`` from a second pass over
 (query block, head, sequence). No atomics, so gradients are deterministic.
 
-Tiles never span two sequences and tile shapes depend only on ``head_dim`` and dtype, so a
-sequence's outputs and gradients are bitwise the same alone or packed with others. GQA:
+Tiles never span two sequences and tile shapes depend only on ``head_dim``, dtype and the GPU
+generation (a table for sm_90's wgmma, one for the others), so a sequence's outputs and
+gradients are bitwise the same alone or packed with others. GQA:
 query head ``h`` reads kv head ``h // (heads // kv_heads)``.
 """
 
@@ -296,24 +297,44 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _configs(head_dim: int, dtype: torch.dtype) -> dict[str, dict[str, int]]:
-    """Tile shapes per kernel, keyed on head_dim and dtype only (never on sequence lengths).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed on the padded head_dim (BLOCK_D) and the
+# GPU's tile table, never on sequence lengths: tiles that compile without register spills
+# (tools/compile_report.py, docs/compile_report.md), not yet timed on a GPU.
+# sm_90 tiles are shaped for wgmma (HGMMA): Triton issues it for a dot whose result has a multiple
+# of 64 rows and of 8 columns, with warps in whole warpgroups (num_warps % 4 == 0). The rows are
+# BLOCK_M in fwd and dq and BLOCK_N in dkdv (its dots produce key-major tiles).
+TILES = {
+    80: {  # mma.sync (HMMA): sm_80 and every GPU other than sm_90
+        64: {"fwd": (128, 64, 8, 3), "dkdv": (16, 64, 4, 3), "dq": (64, 32, 4, 3)},
+        128: {"fwd": (128, 32, 8, 3), "dkdv": (16, 64, 8, 3), "dq": (32, 32, 4, 3)},
+        256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (32, 16, 8, 2)},
+    },
+    90: {  # wgmma (HGMMA)
+        64: {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (64, 64, 4, 3)},
+        128: {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 8, 3), "dq": (64, 64, 8, 2)},
+        # dkdv: 64-key tiles spill at head_dim 256 (two 64x256 fp32 accumulators), so it keeps mma.sync
+        256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (64, 32, 8, 2)},
+    },
+}
+KERNELS = ("fwd", "dkdv", "dq")
 
-    (BLOCK_M, BLOCK_N, num_warps, num_stages): the largest tiles that compile without register
-    spills for both sm_90 and sm_80 (see tools/compile_report.py); not yet tuned on a GPU.
-    """
+
+def tile_table(device: torch.device) -> int:
+    """Which ``TILES`` table the GPU of ``device`` uses: 90 on sm_90, else 80 (also the interpreter's)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return 90
+    return 80
+
+
+def _configs(head_dim: int, dtype: torch.dtype, table: int) -> dict[str, dict[str, int]]:
+    """Launch configs per kernel from ``TILES[table]`` for head_dim and dtype."""
     block_d = _block_d(head_dim)
-    if block_d <= 64:
-        fwd, dkdv, dq = (128, 64, 8, 3), (16, 64, 4, 3), (64, 32, 4, 3)
-    elif block_d <= 128:
-        fwd, dkdv, dq = (128, 32, 8, 3), (16, 64, 8, 3), (32, 32, 4, 3)
-    else:
-        fwd, dkdv, dq = (64, 32, 8, 2), (16, 32, 8, 2), (32, 16, 8, 2)
+    tiles = TILES[80 if dtype == torch.float32 else table]  # fp32 runs ieee dots: no wgmma to shape for
+    configs = tiles[min(size for size in tiles if size >= block_d)]
     if dtype == torch.float32:  # fp32 tiles take twice the registers
-        fwd, dkdv, dq = ((max(16, m // 2), max(16, n // 2), w, st) for m, n, w, st in (fwd, dkdv, dq))
+        configs = {name: (max(16, m // 2), max(16, n // 2), w, st) for name, (m, n, w, st) in configs.items()}
     return {
-        name: {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st}
-        for name, (m, n, w, st) in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq))
+        name: {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": st} for name, (m, n, w, st) in configs.items()
     }
 
 
@@ -332,7 +353,7 @@ def _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, wi
     batch = cu_seqlens_q.numel() - 1
     out = torch.empty_like(q)
     lse = torch.empty(heads, total_q, device=q.device, dtype=torch.float32)
-    cfg = _configs(head_dim, q.dtype)["fwd"]
+    cfg = _configs(head_dim, q.dtype, tile_table(q.device))["fwd"]
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), heads, batch)
     if batch > 0 and max_seqlen_q > 0:
         _attn_fwd[grid](
@@ -351,7 +372,7 @@ def _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seql
     batch = cu_seqlens_q.numel() - 1
     block_d = _block_d(head_dim)
     precision = _dot_precision(q.dtype)
-    cfgs = _configs(head_dim, q.dtype)
+    cfgs = _configs(head_dim, q.dtype, tile_table(q.device))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
     if total_q > 0:
@@ -481,11 +502,16 @@ def varlen_attention(
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every (kernel, dtype, head_dim) build the launchers may pick, for the compile report."""
+    """Every (kernel, dtype, head_dim) build the launchers may pick on sm_90 and sm_80, for the compile report.
+
+    A config both tile tables share is one spec for both targets. Pointers and the token/head
+    strides (multiples of head_dim, so of 16 here) are declared aligned, as the Triton JIT
+    specializes them at launch: without that hint the loads are neither vectorized nor pipelined.
+    """
     specs = []
     for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         for head_dim in (64, 96, 128, 256):
-            cfgs = _configs(head_dim, dtype)
+            by_table = {table: _configs(head_dim, dtype, table) for table in sorted(TILES, reverse=True)}
             shared = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
             dot = {"DOT_PRECISION": _dot_precision(dtype)}
             for name, fn, pointers in (
@@ -493,31 +519,50 @@ def compile_specs() -> list[CompileSpec]:
                 ("dkdv", _attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV")),
                 ("dq", _attn_bwd_dq, ("Q", "K", "V", "DO", "DQ")),
             ):
-                cfg = dict(cfgs[name])
-                warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                constexprs = {**shared, **cfg, **dot}
-                specs.append(
-                    CompileSpec(
-                        name=f"attention_{name}_{ty}_d{head_dim}",
-                        fn=fn,
-                        signature=_signature(fn, pointers, ty, constexprs),
-                        constexprs=constexprs,
-                        num_warps=warps,
-                        num_stages=stages,
+                archs_of_config = {}
+                for table, cfgs in by_table.items():
+                    archs_of_config.setdefault(tuple(cfgs[name].items()), []).append(table)
+                for config, archs in archs_of_config.items():
+                    cfg = dict(config)
+                    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+                    constexprs = {**shared, **cfg, **dot}
+                    signature = _signature(fn, pointers, ty, constexprs)
+                    specs.append(
+                        CompileSpec(
+                            name=f"attention_{name}_{ty}_d{head_dim}",
+                            fn=fn,
+                            signature=signature,
+                            constexprs=constexprs,
+                            num_warps=warps,
+                            num_stages=stages,
+                            archs=tuple(archs),
+                            aligned=_aligned(signature),
+                        )
                     )
-                )
+            constexprs = {**shared, "BLOCK_M": DELTA_BLOCK_M}
+            signature = _signature(_attn_bwd_delta, ("Out", "DO"), ty, constexprs)
             specs.append(
                 CompileSpec(
                     name=f"attention_delta_{ty}_d{head_dim}",
                     fn=_attn_bwd_delta,
-                    signature=_signature(_attn_bwd_delta, ("Out", "DO"), ty, {**shared, "BLOCK_M": DELTA_BLOCK_M}),
-                    constexprs={**shared, "BLOCK_M": DELTA_BLOCK_M},
+                    signature=signature,
+                    constexprs=constexprs,
                     num_warps=4,
                     num_stages=1,
                     hot=False,
+                    aligned=_aligned(signature),
                 )
             )
     return specs
+
+
+def _aligned(signature: dict[str, str]) -> tuple[str, ...]:
+    """Pointers and token/head strides (multiples of head_dim); lse/delta rows are strided by total_q."""
+    return tuple(
+        name
+        for name, ty in signature.items()
+        if ty.startswith("*") or (name.startswith("stride_") and name not in ("stride_lh", "stride_dh"))
+    )
 
 
 def _signature(fn, data_pointers, ty: str, constexprs: dict) -> dict[str, str]:
