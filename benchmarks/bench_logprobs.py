@@ -7,32 +7,39 @@ PyTorch path, our Triton kernels, Liger-Kernel's fused linear cross-entropy and 
 Cross-Entropy when they import ("not available" otherwise). An out-of-memory run is recorded
 as "OOM", never estimated.
 
-CPU (``--device cpu``): peak extra memory of the fused (chunked) path against the
-materialized logits at T = 16K (``--quick``: 2K), V = 152,064, d = 128, fp32. Each variant
-runs in a fresh subprocess and reports its peak resident set (``VmHWM``) minus its resident
-set just before the op. The materialized variant is the leanest possible one: the logits
-tensor plus a row-chunked log-softmax (HF's loss would also allocate a second T x V copy),
-so the ratio is a lower bound.
+CPU (``--device cpu``): peak extra memory (``benchmarks.common.PeakMemory``) of the fused
+(chunked) path against the materialized logits at T = 2K, 4K and 16K, V = 152,064, d = 128,
+fp32 (with backward up to ``--backward-max-tokens``), one run each (its seconds reported
+too). The materialized variant is the leanest possible one: the logits tensor plus a
+row-chunked log-softmax (HF's loss would also allocate a second T x V copy), so the ratio is
+a lower bound. ``--quick``: T = 256 and 512, V = 32,768.
 
-Results: a markdown table on stdout and JSON + markdown under ``benchmarks/results/``.
+Results: JSON + markdown + a plot (peak memory and tokens/s vs T) under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import itertools
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import (
+    NOT_AVAILABLE,
+    OOM,
+    RESULTS_DIR,
+    PeakMemory,
+    environment,
+    memory_method,
+    time_ms,
+    write_results,
+)
+
 VOCAB = 152_064
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ----------------------------------------------------------------------------- variants
@@ -93,153 +100,121 @@ def gpu_variants():
     }
 
 
-# ----------------------------------------------------------------------------- GPU
-def make_inputs(tokens, dim, dtype, device, seed=0):
+# ----------------------------------------------------------------------------- measurement
+def make_inputs(tokens, dim, vocab, dtype, device, requires_grad, seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    hidden = (torch.randn(tokens, dim, generator=gen) * 0.5).to(device, dtype).requires_grad_()
-    weight = (torch.randn(VOCAB, dim, generator=gen) / dim**0.5).to(device, dtype).requires_grad_()
-    targets = torch.randint(0, VOCAB, (tokens,), generator=gen).to(device)
+    hidden = (torch.randn(tokens, dim, generator=gen) * 0.5).to(device, dtype).requires_grad_(requires_grad)
+    weight = (torch.randn(vocab, dim, generator=gen) / dim**0.5).to(device, dtype).requires_grad_(requires_grad)
+    targets = torch.randint(0, vocab, (tokens,), generator=gen).to(device)
     return hidden, weight, targets
 
 
-def time_cuda(fn, repeats):
-    fn()  # warm-up (compiles kernels)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return sorted(times)[len(times) // 2]
+def measure_gpu(run, tokens, dim, repeats, backward: bool) -> tuple[float, float]:
+    """Peak extra MiB of one run, then the median ms over fresh inputs (forward, or forward+backward)."""
+    seeds = itertools.count(1)
+
+    def fresh():
+        return make_inputs(tokens, dim, VOCAB, torch.bfloat16, "cuda", backward, seed=next(seeds))
+
+    def step(hidden, weight, targets):
+        loss = run(hidden, weight, targets)
+        if backward:
+            loss.backward()
+
+    step(*fresh())  # warm-up: kernel compilation
+    inputs = fresh()
+    with PeakMemory("cuda") as peak:
+        step(*inputs)
+    del inputs
+    return peak.mib, round(time_ms(step, setup=fresh, device="cuda", warmup=0, repeats=repeats), 2)
 
 
-def measure_gpu(run, tokens, dim, repeats):
-    hidden, weight, targets = make_inputs(tokens, dim, torch.bfloat16, "cuda")
-    row = {}
-    for mode in ("forward", "forward+backward"):
-        def step(backward=mode == "forward+backward"):
-            hidden.grad = weight.grad = None
-            loss = run(hidden, weight, targets)
-            if backward:
-                loss.backward()
-
-        try:
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            row[f"{mode} peak extra GiB"] = round((torch.cuda.max_memory_allocated() - base) / 2**30, 3)
-            row[f"{mode} ms"] = round(time_cuda(step, repeats), 2)
-        except torch.cuda.OutOfMemoryError:
-            row[f"{mode} peak extra GiB"] = row[f"{mode} ms"] = "OOM"
-        hidden.grad = weight.grad = None
-        torch.cuda.empty_cache()
-    return row
-
-
-def run_gpu(args):
+def run_gpu(args) -> list[dict]:
     rows = []
     sizes = [(8192, 3584)] if args.quick else [(t, d) for t in (8192, 32768, 122880) for d in (3584, 5120)]
     for name, run in gpu_variants().items():
         for tokens, dim in sizes:
             row = {"variant": name, "T": tokens, "d": dim, "V": VOCAB, "dtype": "bf16"}
-            row |= measure_gpu(run, tokens, dim, args.repeats) if run is not None else {"status": "not available"}
+            for mode in ("forward", "forward+backward"):
+                if run is None:
+                    row["status"] = NOT_AVAILABLE
+                    break
+                try:
+                    row[f"{mode} peak MiB"], row[f"{mode} ms"] = measure_gpu(run, tokens, dim, args.repeats,
+                                                                             backward=mode != "forward")
+                except torch.OutOfMemoryError:
+                    row[f"{mode} peak MiB"] = row[f"{mode} ms"] = OOM
+                torch.cuda.empty_cache()
+            if isinstance(row.get("forward+backward ms"), float):
+                row["forward+backward tokens/s"] = round(tokens / (row["forward+backward ms"] * 1e-3))
             rows.append(row)
             print(row, flush=True)
-    return {"device": torch.cuda.get_device_name(), "rows": rows}
+    return rows
 
 
-# ----------------------------------------------------------------------------- CPU memory
-def _rss_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def cpu_child(variant, tokens, dim):
-    """Run one variant in this (fresh) process and print its peak extra memory as JSON."""
+def run_cpu(args) -> list[dict]:
+    """One run per variant and T, in this process: peak extra memory and seconds."""
+    os.environ["QWENLONG_BACKEND"] = "torch"
     import qwenlong.kernels.logprobs  # noqa: F401  (imports are not the op's memory)
 
-    torch.manual_seed(0)
-    hidden = torch.randn(tokens, dim) * 0.5
-    weight = torch.randn(VOCAB, dim) / dim**0.5
-    targets = torch.randint(0, VOCAB, (tokens,))
-    backward = variant.endswith("+backward")
-    hidden.requires_grad_(backward)
-    weight.requires_grad_(backward)
-    run = lean_materialized_cross_entropy if variant.startswith("materialized") else ours("torch")
-    before = _rss_kib("VmRSS")
-    start = time.perf_counter()
-    loss = run(hidden, weight, targets)
-    if backward:
-        loss.backward()
-    seconds = time.perf_counter() - start
-    peak = _rss_kib("VmHWM")
-    print(json.dumps({"variant": variant, "peak_extra_mib": round((peak - before) / 1024, 1),
-                      "seconds": round(seconds, 1), "loss": float(loss)}))
-
-
-def run_cpu(args):
-    tokens = 2048 if args.quick else 16384
-    dim = 128
+    vocab, dim = (32_768 if args.quick else VOCAB), 128
     rows = []
-    for variant in ("materialized logits (lean)", "fused chunked (ours)", "fused chunked (ours) +backward"):
-        cmd = [sys.executable, __file__, "--cpu-child", variant, "--tokens", str(tokens), "--dim", str(dim)]
-        env = os.environ | {"TRITON_INTERPRET": "0"}
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-        row = {"T": tokens, "d": dim, "V": VOCAB, "dtype": "fp32"} | json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(row, flush=True)
-    by_name = {row["variant"]: row for row in rows}
-    logits_mib = tokens * VOCAB * 4 / 2**20
-    ratio = by_name["materialized logits (lean)"]["peak_extra_mib"] / by_name["fused chunked (ours)"]["peak_extra_mib"]
-    return {"device": "cpu", "logits_tensor_mib": round(logits_mib, 1), "forward_memory_ratio": round(ratio, 1),
-            "rows": rows}
+    for tokens in args.tokens or ([256, 512] if args.quick else [2048, 4096, 16384]):
+        for variant in ("materialized logits (lean)", "fused chunked (ours)", "fused chunked (ours) +backward"):
+            backward = variant.endswith("+backward")
+            if backward and tokens > args.backward_max_tokens:
+                continue
+            run = lean_materialized_cross_entropy if variant.startswith("materialized") else ours("torch")
+            hidden, weight, targets = make_inputs(tokens, dim, vocab, torch.float32, "cpu", backward)
+            with PeakMemory("cpu") as peak:
+                start = time.perf_counter()
+                loss = run(hidden, weight, targets)
+                if backward:
+                    loss.backward()
+                seconds = time.perf_counter() - start
+            del hidden, weight
+            row = {"variant": variant, "T": tokens, "d": dim, "V": vocab, "dtype": "fp32", "peak MiB": peak.mib,
+                   "seconds": round(seconds, 2), "tokens/s": round(tokens / seconds), "loss": round(float(loss), 5),
+                   "logits tensor MiB": round(tokens * vocab * 4 / 2**20, 1)}
+            rows.append(row)
+            print(row, flush=True)
+    return rows
 
 
-# ----------------------------------------------------------------------------- output
-def markdown(result):
-    rows = result["rows"]
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = [f"device: {result['device']}", "", "| " + " | ".join(columns) + " |",
-             "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    extra = {k: v for k, v in result.items() if k not in ("rows", "device")}
-    if extra:
-        lines += ["", ", ".join(f"{k}: {v}" for k, v in extra.items())]
-    return "\n".join(lines) + "\n"
+def forward_memory_ratios(rows: list[dict]) -> list[str]:
+    """Materialized over fused peak memory (forward) per T, as notes."""
+    by_key = {(row["variant"], row["T"]): row["peak MiB"] for row in rows}
+    return [f"T={t}: materialized / fused forward peak memory = "
+            f"{by_key[('materialized logits (lean)', t)] / by_key[('fused chunked (ours)', t)]:.1f}x"
+            for t in sorted({row["T"] for row in rows})]
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--quick", action="store_true", help="one small size only")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="GPU: one size; CPU: T 256/512, V 32K")
+    parser.add_argument("--tokens", type=int, nargs="+", help="CPU: the T values")
+    parser.add_argument("--backward-max-tokens", type=int, default=4096, help="CPU: largest T run with backward")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    parser.add_argument("--cpu-child", help=argparse.SUPPRESS)
-    parser.add_argument("--tokens", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--dim", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
     args = parser.parse_args(argv)
-    if args.cpu_child:
-        cpu_child(args.cpu_child, args.tokens, args.dim)
-        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: use --device cpu")
-    result = run_cpu(args) if args.device == "cpu" else run_gpu(args)
-    table = markdown(result)
-    print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    kind = "quick" if args.quick else "memory" if args.device == "cpu" else "speed"
-    stem = f"{args.device}-{datetime.date.today().isoformat()}-logprobs-{kind}"
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out_dir / f"{stem}.md").write_text(table)
+    if args.device == "cpu":
+        rows = run_cpu(args)
+        notes = forward_memory_ratios(rows)
+        plot = {"x": "T", "series": ["variant"], "metrics": ["peak MiB", "tokens/s"]}
+        setup = {"mode": "memory: one run per variant and T", "peak memory": memory_method("cpu")}
+    else:
+        rows = run_gpu(args)
+        notes = []
+        plot = {"x": "T", "series": ["variant", "d"], "metrics": ["forward+backward tokens/s",
+                                                                 "forward+backward peak MiB"]}
+        setup = {"mode": "speed and memory", "timing": f"median of {args.repeats} runs on fresh inputs after a "
+                 "warm-up", "peak memory": memory_method("cuda")}
+    bench = "logprobs-memory" if args.device == "cpu" else "logprobs"
+    write_results(bench, "Fused LM-head cross-entropy", rows, setup=setup, out_dir=args.out, env=environment(),
+                  notes=notes, plot=plot)
     return 0
 
 

@@ -5,28 +5,23 @@ included) on long-tailed sequence lengths; the Python reference runs on a smalle
 Quality: micro-batch count against the bound ``ceil(sum / budget)`` and the heaviest rank
 against the perfect share ``ceil(sum / k)`` (for the attention cost, against sum(L^2) / k).
 
-    python benchmarks/bench_packing.py            # 1,000,000 lengths, reference on 20,000
-    python benchmarks/bench_packing.py --quick    # 100,000 lengths, reference on 2,000
+    python -m benchmarks.bench_packing            # 1,000,000 lengths, reference on 20,000
+    python -m benchmarks.bench_packing --quick    # 100,000 lengths, reference on 2,000
 
-Writes benchmarks/results/packing_cpu.json and .md (``--out`` to change the stem).
+Results: JSON + markdown under ``--out`` (``benchmarks/common.write_results``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import RESULTS_DIR, environment, write_results
 from qwenlong import _C
 from qwenlong.kernels.packing import api, reference
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def rollout_lengths(n: int, max_len: int, seed: int = 0) -> np.ndarray:
@@ -60,7 +55,7 @@ def balance_quality(groups, weights) -> dict:
             "imbalance_pct": 100.0 * (max(totals) - perfect) / perfect}
 
 
-def run(n: int, n_reference: int, k: int, budget: int, max_len: int, repeats: int) -> dict:
+def run(n: int, n_reference: int, k: int, budget: int, max_len: int, repeats: int) -> list[dict]:
     if _C.host is None:
         raise SystemExit(f"qwenlong._C._host is not built: {_C.host_error}")
     lengths = rollout_lengths(n, max_len)
@@ -93,52 +88,30 @@ def run(n: int, n_reference: int, k: int, budget: int, max_len: int, repeats: in
     case(f"balance_and_pack k={k}", lambda x: api.balance_and_pack(x, k, budget),
          lambda x: reference.balance_and_pack(x.tolist(), x.astype(np.float64).tolist(), k, budget, True),
          pack_and_balance_quality)
-    return {"config": {"n": n, "n_reference": n_reference, "k": k, "budget": budget, "max_len": max_len,
-                       "lengths": "lognormal(log 2000, 1) clipped to [16, max_len]", "repeats": repeats},
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "python": platform.python_version()},
-            "rows": rows}
+    return rows
 
 
-def to_markdown(report: dict) -> str:
-    c = report["config"]
-    lines = [f"# Packing and balancing (CPU, {report['machine']['cores']} cores)", "",
-             f"{c['n']:,} lengths ({c['lengths']}, max_len {c['max_len']}), budget {c['budget']}, k {c['k']}; "
-             f"best of {c['repeats']}. Python reference on the first {c['n_reference']:,}.", "",
-             "CPU seconds of the process (wall time in brackets; other jobs shared the cores).", "",
-             "| op | C++ time (n) | C++ / reference, CPU (small n) | quality |", "|---|---|---|---|"]
-    for r in report["rows"]:
-        if "excess_pct" in r:
-            quality = f"{r['micro_batches']} micro-batches, bound {r['lower_bound']} (+{r['excess_pct']:.3f}%)"
-        else:
-            quality = (f"heaviest rank {r['heaviest']:.0f} vs perfect share {r['perfect_share']} "
-                       f"(+{r['imbalance_pct']:.2e}%)")
-            if "micro_batches_per_rank" in r:
-                quality += f"; {r['micro_batches_per_rank']} micro-batches/rank, bound {r['micro_batches_lower_bound']}"
-        lines.append(f"| {r['op']} | {r['cpp_cpu_s'] * 1e3:.0f} ms ({r['cpp_wall_s'] * 1e3:.0f} ms) | "
-                     f"{r['cpp_small_s'] * 1e3:.1f} ms / "
-                     f"{r['reference_small_s'] * 1e3:.0f} ms ({r['speedup']:.0f}x) | {quality} |")
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100k lengths instead of 1M")
     parser.add_argument("--k", type=int, default=8, help="data-parallel ranks")
     parser.add_argument("--budget", type=int, default=65536, help="tokens per micro-batch")
     parser.add_argument("--max-len", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default="packing_cpu", help="file stem under benchmarks/results/")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
     args = parser.parse_args(argv)
     n, n_reference = (100_000, 2_000) if args.quick else (1_000_000, 20_000)
-    report = run(n, n_reference, args.k, args.budget, args.max_len, args.repeats)
-    markdown = to_markdown(report)
-    print(markdown)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"{args.out}.md").write_text(markdown)
-    return report
+    rows = run(n, n_reference, args.k, args.budget, args.max_len, args.repeats)
+    setup = {"lengths": f"{n:,} lengths, lognormal(log 2000, 1) clipped to [16, {args.max_len}]",
+             "budget": f"{args.budget} tokens per micro-batch", "k": f"{args.k} ranks",
+             "reference": f"the Python reference on the first {n_reference:,} lengths",
+             "timing": f"best of {args.repeats}; cpp_cpu_s is CPU time of the process (the work is "
+                       "single-threaded), cpp_wall_s wall time (other jobs may share the cores)"}
+    notes = ["quality: micro_batches vs lower_bound ceil(sum / budget); heaviest rank vs perfect_share ceil(sum / k)"]
+    write_results("packing", "Packing and balancing (C++ vs Python reference)", rows, setup=setup, out_dir=args.out,
+                  env=environment(), notes=notes)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

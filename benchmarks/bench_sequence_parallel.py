@@ -15,13 +15,14 @@ machine's cores are shared by all ranks, so this shows the mechanism, not GPU sc
 Both modes also print the paper estimate for the target (120K tokens, 8 GPUs, a Qwen2.5-32B layer)
 from published H100 rates; its assumptions are printed with it.
 
-Results: a markdown table on stdout and JSON + markdown under ``benchmarks/results/``.
+``--quick``: the CPU mode at 512 tokens, P = 1, 2, one timed step.
+
+Results: JSON + markdown under ``--out`` (``benchmarks/common.write_results``).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import multiprocessing
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS_DIR, environment, time_ms, write_results
 
 # A Qwen2.5-32B decoder layer and the published H100 rates used by the paper estimate.
 PAPER = {
@@ -72,18 +73,6 @@ def paper_estimate(p=PAPER) -> dict:
 
 
 # ----------------------------------------------------------------------------- GPU (simulated ranks)
-def _cuda_ms(fn, repeat: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeat):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeat
-
-
 def _attention_ms(tokens: int, heads: int, kv_heads: int, head_dim: int) -> float:
     """Forward + backward of causal attention over one ``tokens``-long sequence, bf16."""
     from qwenlong.kernels import varlen_attention
@@ -93,7 +82,7 @@ def _attention_ms(tokens: int, heads: int, kv_heads: int, head_dim: int) -> floa
             for _ in "kv")
     cu = torch.tensor([0, tokens], device="cuda", dtype=torch.int32)
     grad = torch.ones_like(q)
-    return _cuda_ms(lambda: varlen_attention(q, k, v, cu, cu, tokens, tokens).backward(grad))
+    return time_ms(lambda: varlen_attention(q, k, v, cu, cu, tokens, tokens).backward(grad), device="cuda")
 
 
 def _logprobs_ms(tokens: int, weight: torch.Tensor) -> float:
@@ -102,7 +91,7 @@ def _logprobs_ms(tokens: int, weight: torch.Tensor) -> float:
 
     hidden = torch.randn(tokens, weight.shape[1], device="cuda", dtype=weight.dtype, requires_grad=True)
     targets = torch.randint(0, weight.shape[0], (tokens,), device="cuda")
-    return _cuda_ms(lambda: linear_logprobs(hidden, weight, targets).sum().backward())
+    return time_ms(lambda: linear_logprobs(hidden, weight, targets).sum().backward(), device="cuda")
 
 
 def run_gpu(args) -> list[dict]:
@@ -182,37 +171,30 @@ def run_cpu(args) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- report
-def markdown(mode: str, rows: list[dict], paper: dict, args) -> str:
-    lines = [f"# Ulysses sequence parallelism ({mode})", ""]
-    if mode == "gpu":
-        lines += [f"One GPU simulating P ranks: {args.tokens} tokens, {args.heads}/{args.kv_heads} heads, "
-                  f"d={args.head_dim}, log-probs d={args.hidden} V={args.vocab}, bf16. "
-                  f"All-to-all *not measured*: bytes / {args.a2a_gbps} GB/s.",
-                  "", "| P | attention fwd+bwd ms (us/token) | log-probs fwd+bwd ms (us/token) | all-to-all ms | "
-                  "all-to-all share of attention step |", "|---|---|---|---|---|"]
-        lines += [f"| {r['sp']} | {r['attention_ms']:.1f} ({r['attention_us_per_token']:.3f}) | {r['logprobs_ms']:.1f} "
-                  f"({r['logprobs_us_per_token']:.3f}) | {r['a2a_ms_at_given_bandwidth']:.2f} | "
-                  f"{100 * r['a2a_share_of_attention_step']:.1f}% |" for r in rows]
-    else:
-        lines += [f"gloo on CPU ({os.cpu_count()} cores shared by all ranks): {args.tokens} tokens in "
-                  f"{args.sequences} sequences, {args.heads}/{args.kv_heads} heads, d={args.head_dim}, fp32, "
-                  "PyTorch attention path.", "",
-                  "| P | ulysses_attention fwd+bwd ms | us/token | inside all-to-all ms | all-to-all share |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['sp']} | {r['step_ms']:.1f} | {r['us_per_token']:.2f} | {r['a2a_ms']:.1f} | "
-                  f"{100 * r['a2a_share']:.1f}% |" for r in rows]
+def describe(gpu: bool, args) -> dict:
+    if gpu:
+        return {"mode": f"one GPU simulating P ranks: {args.tokens} tokens, {args.heads}/{args.kv_heads} heads, "
+                        f"d={args.head_dim}, log-probs d={args.hidden} V={args.vocab}, bf16",
+                "all-to-all": f"not measured: bytes one rank sends / {args.a2a_gbps} GB/s"}
+    return {"mode": f"gloo on CPU ({os.cpu_count()} cores shared by all ranks): {args.tokens} tokens in "
+                    f"{args.sequences} sequences, {args.heads}/{args.kv_heads} heads, d={args.head_dim}, fp32, "
+                    "PyTorch attention path",
+            "timing": f"mean of {args.repeat} ulysses_attention fwd+bwd steps after one warm-up step"}
+
+
+def paper_note(paper: dict) -> str:
     p = paper["assumptions"]
-    lines += ["", f"Paper estimate, one {p['tokens']}-token sequence on {p['sp']} GPUs, Qwen2.5-32B layer "
-              f"(attention at FA3's {p['attn_fwd_tflops']:.0f}/{p['attn_bwd_tflops']:.0f} TFLOP/s, matmuls at "
-              f"{p['matmul_tflops']:.0f}, all-to-all at {p['a2a_gbps']:.0f} GB/s): per layer and rank, "
-              f"forward+backward, attention {paper['attention_ms']:.1f} ms, linear layers {paper['linear_ms']:.1f} ms, "
-              f"all-to-all {paper['a2a_ms']:.2f} ms = **{100 * paper['a2a_share']:.1f}% of the step** (target < 15%)."]
-    return "\n".join(lines) + "\n"
+    return (f"Paper estimate (not measured), one {p['tokens']}-token sequence on {p['sp']} GPUs, Qwen2.5-32B layer "
+            f"(attention at FA3's {p['attn_fwd_tflops']:.0f}/{p['attn_bwd_tflops']:.0f} TFLOP/s, matmuls at "
+            f"{p['matmul_tflops']:.0f}, all-to-all at {p['a2a_gbps']:.0f} GB/s): per layer and rank, "
+            f"forward+backward, attention {paper['attention_ms']:.1f} ms, linear layers {paper['linear_ms']:.1f} ms, "
+            f"all-to-all {paper['a2a_ms']:.2f} ms = {100 * paper['a2a_share']:.1f}% of the step (target < 15%).")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="CPU smoke: 512 tokens, P = 1 2, one timed step")
     parser.add_argument("--sp", type=int, nargs="+", default=None, help="SP degrees (GPU: 1 2 4 8, CPU: 1 2 4)")
     parser.add_argument("--tokens", type=int, default=None, help="packed tokens (GPU: 122880, CPU: 4096)")
     parser.add_argument("--sequences", type=int, default=4, help="CPU: equal-length sequences in the batch")
@@ -223,7 +205,10 @@ def main(argv=None):
     parser.add_argument("--vocab", type=int, default=152_064, help="GPU: vocabulary of the log-prob op")
     parser.add_argument("--a2a-gbps", type=float, default=PAPER["a2a_gbps"], help="GPU: all-to-all GB/s per rank")
     parser.add_argument("--repeat", type=int, default=3, help="CPU: timed steps")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.device, args.sp, args.tokens, args.repeat = "cpu", args.sp or [1, 2], args.tokens or 512, 1
     gpu = args.device == "cuda"
     defaults = {"sp": [1, 2, 4, 8] if gpu else [1, 2, 4], "tokens": 122_880 if gpu else 4096,
                 "heads": 40 if gpu else 8, "kv_heads": 8 if gpu else 2, "head_dim": 128 if gpu else 64}
@@ -232,16 +217,10 @@ def main(argv=None):
             setattr(args, name, value)
     rows = run_gpu(args) if gpu else run_cpu(args)
     paper = paper_estimate()
-    mode = "gpu" if gpu else "cpu"
-    report = markdown(mode, rows, paper, args)
-    print(report)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    name = f"sequence_parallel_{mode}"
-    device = torch.cuda.get_device_name() if gpu else f"cpu x{os.cpu_count()}"
-    Path(RESULTS, f"{name}.json").write_text(json.dumps(
-        {"date": stamp, "device": device, "args": vars(args), "rows": rows, "paper": paper}, indent=2))
-    Path(RESULTS, f"{name}.md").write_text(report)
+    write_results("sequence-parallel", "Ulysses sequence parallelism", rows, setup=describe(gpu, args),
+                  out_dir=args.out, env=environment(), notes=[paper_note(paper)],
+                  tables={"Paper estimate inputs (not measured)": [paper["assumptions"]]})
+    return 0
 
 
 if __name__ == "__main__":

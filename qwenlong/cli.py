@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # subcommand -> (module, runner, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -17,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("qwenlong.eval.cli", "run", "evaluate a model on the DocQA benchmarks (or synthetic data)"),
     "serve-judge": ("qwenlong.rewards.judge.server", "run",
                     "serve a local HF model as an OpenAI-compatible judge endpoint"),
+    "bench": ("benchmarks.__main__", "run", "run the benchmarks (from a source checkout), write results and plots"),
 }
 
 
@@ -28,6 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _checkout_on_path() -> None:
+    """``benchmarks/`` sits beside the package in a source checkout and is not installed: make it importable."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        raise SystemExit("qwenlong bench: the benchmarks ship with the source checkout, not the installed package; "
+                         "run it from an editable install (pip install -e .)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -35,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv or ["--help"])  # prints help / the error for unknown commands
         return 2
     module_name, runner, help_text = COMMANDS[argv[0]]
+    if module_name.startswith("benchmarks."):
+        _checkout_on_path()
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"qwenlong {argv[0]}", description=help_text)
     module.add_arguments(sub)
