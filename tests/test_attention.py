@@ -244,7 +244,7 @@ def test_compile_specs_cover_every_kernel_build():
             assert (spec.name, arch) not in built, f"two builds of {spec.name} for sm_{arch}"
             built[spec.name, arch] = spec
     for table in varlen_module.TILES:
-        for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
             for head_dim in (64, 96, 128, 256):
                 configs = varlen_module._configs(head_dim, dtype, table)
                 for kernel in varlen_module.KERNELS:

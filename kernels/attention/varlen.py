@@ -509,7 +509,8 @@ def compile_specs() -> list[CompileSpec]:
     specializes them at launch: without that hint the loads are neither vectorized nor pipelined.
     """
     specs = []
-    for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+    for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
+        hot = dtype != torch.float32  # training runs bf16/fp16; fp32 is the exact-but-slow path
         for head_dim in (64, 96, 128, 256):
             by_table = {table: _configs(head_dim, dtype, table) for table in sorted(TILES, reverse=True)}
             shared = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
@@ -535,6 +536,7 @@ def compile_specs() -> list[CompileSpec]:
                             constexprs=constexprs,
                             num_warps=warps,
                             num_stages=stages,
+                            hot=hot,
                             archs=tuple(archs),
                             aligned=_aligned(signature),
                         )
