@@ -106,6 +106,14 @@ SM90_CASES = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("capability,table", [((9, 0), 90), ((8, 0), 80), ((8, 9), 80), ((10, 0), 80)])
+def test_tile_table_follows_the_gpu_generation(capability, table, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert varlen_module.tile_table(torch.device("cuda", 0)) == table
+    assert varlen_module.tile_table(torch.device("cpu")) == 80  # the interpreter
+
+
 def _use_tile_table(table, device, monkeypatch) -> list:
     """Make the launchers pick ``TILES[table]``; returns the list of devices they asked about."""
     if device == "cuda" and varlen_module.tile_table(torch.device(device)) != table:

@@ -321,7 +321,8 @@ KERNELS = ("fwd", "dkdv", "dq")
 
 def tile_table(device: torch.device) -> int:
     """Which ``TILES`` table the GPU of ``device`` uses: 90 on sm_90, else 80 (also the interpreter's)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+    # ROCm builds report their own gfx versions as capabilities (MI300 is "9.4"): not sm_90
+    if device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] == 9:
         return 90
     return 80
 
