@@ -72,9 +72,10 @@ def _rl_config(**overrides):
 # --- data parallel: plain gradient all-reduce ----------------------------------------------------------------
 
 
-def _check_plain_dp_grpo_update(tmp):
+def _check_plain_dp_grpo_update(tmp, budget: int):
     """Two ranks, each with its share of the micro-batches, make the single-process update (two optimizer
-    steps: ppo_epochs 2, with clipping) on the same groups."""
+    steps: ppo_epochs 2, with clipping) on the same groups. Budget 24 packs 7 micro-batches (rank 1 pads
+    its share with a loss-free batch), a large one packs 1 (rank 1 has nothing else to run)."""
     from qwenlong.distributed import TrainingBackend
     from qwenlong.trainers import GRPOTrainer
 
@@ -83,14 +84,17 @@ def _check_plain_dp_grpo_update(tmp):
     results = {}
     for name, backend_ctx in (("single", None), ("dp", ctx)):
         model = tiny_model(seed=4)
-        trainer = GRPOTrainer(model, engine=None, reward=None, cfg=_rl_config(), decode=str, output_dir=tmp,
+        trainer = GRPOTrainer(model, engine=None, reward=None, cfg=_rl_config(micro_batch_token_budget=budget),
+                              decode=str, output_dir=tmp,
                               backend=TrainingBackend(model, backend_ctx))
         trainer.backend.start(lr=1e-2, weight_decay=0.0, total_steps=4, warmup_steps=0, schedule="constant",
                               grad_clip=0.5)
-        if name == "dp":  # the micro-batches really are split: each rank packs only its share
-            assert len(trainer._micro_batches(*trainer._sequences(groups))) < len(results["single_batches"])
+        batches = trainer._micro_batches(*trainer._sequences(groups))
+        if name == "dp":  # the micro-batches really are split: each rank packs only its (padded) share
+            assert len(batches) == -(-results["single_batches"] // 2)
+            assert ctx.sum({"sequences": sum(len(b.sequence_ids) for b in batches)})["sequences"] == 12
         else:
-            results["single_batches"] = trainer._micro_batches(*trainer._sequences(groups))
+            results["single_batches"] = len(batches)
         results[name] = (trainer.update(groups), {k: v.clone() for k, v in model.state_dict().items()})
     single, dp = results["single"], results["dp"]
     _assert_same_weights(dp[1], single[1], "DP GRPO weights", **ADAM_WEIGHTS)
@@ -202,9 +206,11 @@ def _check_deepspeed_sft(own, shared, stage: int):
 
 def _all_checks(tmp: str):
     own, shared = Path(tmp) / f"rank{dist.get_rank()}", Path(tmp) / "shared"
-    _check_plain_dp_grpo_update(own)
+    _check_plain_dp_grpo_update(own, budget=24)
+    _check_plain_dp_grpo_update(own, budget=1000)
     _check_sequence_parallel_steps(own)
     _check_deepspeed_sft(own, shared, stage=2)
+    _check_deepspeed_sft(own, shared, stage=3)
 
 
 @pytest.mark.distributed

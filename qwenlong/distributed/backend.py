@@ -10,7 +10,8 @@ differ in how gradients meet and where optimizer state lives.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from qwenlong.trainers.checkpoint import (
     write_checkpoint,
 )
 from qwenlong.trainers.optim import build_optimizer, build_scheduler
+from qwenlong.trainers.packed import lm_head_weight
 
 
 class TrainingBackend:
@@ -63,6 +65,12 @@ class TrainingBackend:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
+
+    @contextmanager
+    def output_weight(self, model: torch.nn.Module) -> Iterator[torch.Tensor]:
+        """The LM-head weight the fused losses multiply hidden states with, whole while the context is
+        open: forward *and* backward of the losses go inside it."""
+        yield lm_head_weight(model)
 
     @property
     def lr(self) -> float:

@@ -16,7 +16,8 @@ which is what a fresh optimizer would start from.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from qwenlong.config.schema import DistributedConfig
 from qwenlong.distributed.backend import TrainingBackend
 from qwenlong.distributed.context import DistributedContext
 from qwenlong.trainers.optim import build_optimizer, build_scheduler
+from qwenlong.trainers.packed import lm_head_weight
 
 CHECKPOINT_TAG = "deepspeed"  # the sub-folder of our checkpoint folder that DeepSpeed writes
 
@@ -103,6 +105,15 @@ class DeepSpeedBackend(TrainingBackend):
     def _gathered(self):
         """Context in which every parameter is whole on every rank (ZeRO-3 partitions them)."""
         return self.deepspeed.zero.GatheredParameters(list(self.model.parameters()), enabled=self.zero3)
+
+    @contextmanager
+    def output_weight(self, model: torch.nn.Module) -> Iterator[torch.Tensor]:
+        """Under ZeRO-3 the LM head is partitioned and the fused losses use its weight without calling the
+        module (so DeepSpeed's hooks never gather it): gather it for the forward and backward of the losses;
+        its gradient is reduced and partitioned like any other."""
+        weight = lm_head_weight(model)
+        with self.deepspeed.zero.GatheredParameters([weight], enabled=self.zero3 and model is self.model):
+            yield weight
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         with self._gathered():

@@ -39,7 +39,6 @@ from qwenlong.trainers.metrics_log import MetricsLogger
 from qwenlong.trainers.packed import (
     PackedBatch,
     empty_batch,
-    lm_head_weight,
     micro_batches,
     pack_sequences,
     policy_hidden,
@@ -202,15 +201,15 @@ class GRPOTrainer:
         for name, policy in policies.items():
             if policy is None:
                 continue
-            weight = lm_head_weight(policy)
-            for batch in batches:
-                hidden, local = policy_hidden(policy, batch, sp_group)
-                if sp_group is None:
-                    logp = linear_logprobs(hidden, weight, batch.targets, temperature=self.cfg.temperature)
-                else:  # every SP rank gets the whole batch's log-probs; the loss shards them again
-                    logp = sp_linear_logprobs(hidden, weight, local.targets, sp_group, num_tokens=batch.num_tokens,
-                                              temperature=self.cfg.temperature)
-                batch.token_values[name] = logp.float()
+            with self.backend.output_weight(policy) as weight:
+                for batch in batches:
+                    hidden, local = policy_hidden(policy, batch, sp_group)
+                    if sp_group is None:
+                        logp = linear_logprobs(hidden, weight, batch.targets, temperature=self.cfg.temperature)
+                    else:  # every SP rank gets the whole batch's log-probs; the loss shards them again
+                        logp = sp_linear_logprobs(hidden, weight, local.targets, sp_group,
+                                                  num_tokens=batch.num_tokens, temperature=self.cfg.temperature)
+                    batch.token_values[name] = logp.float()
         self.model.train()
 
     def _normalizer(self, batch: PackedBatch, num_tokens: int, num_sequences: int):
@@ -253,24 +252,23 @@ class GRPOTrainer:
     def accumulate(self, batches: list[PackedBatch], num_tokens: int, num_sequences: int) -> dict[str, float]:
         """Forward and backward of this rank's micro-batches (gradients accumulate); returns the loss and
         the token-weighted loss metrics, each summed over every rank."""
-        weight = lm_head_weight(self.model)
         loss_total, metric_sums = 0.0, {}
-        for batch in batches:
-            hidden, local = policy_hidden(self.model, batch, self.ctx.sp_group)
-            values = local.token_values
-            loss, metrics = grpo_loss(hidden, weight, local.targets, values["advantages"], values["old_logprobs"],
-                                      local.mask, ref_logprobs=values.get("ref_logprobs"), kl_coef=self.cfg.kl_coef,
-                                      clip_low=self.cfg.clip_low, clip_high=self.cfg.clip_high,
-                                      entropy_coef=self.cfg.entropy_coef, temperature=self.cfg.temperature,
-                                      num_tokens=self._normalizer(local, num_tokens, num_sequences))
-            self.backend.backward(loss)
-            loss_total += loss.item()
-            count = int(local.mask.sum())
-            if count == 0:  # no loss tokens here (padding, or a shard of prompt tokens): the means are empty
-                continue
-            share = count / max(1, num_tokens)  # token-weighted average of local means
-            for key, value in metrics.items():
-                metric_sums[key] = metric_sums.get(key, 0.0) + float(value) * share
+        with self.backend.output_weight(self.model) as weight:
+            for batch in batches:
+                hidden, local = policy_hidden(self.model, batch, self.ctx.sp_group)
+                values = local.token_values
+                loss, metrics = grpo_loss(hidden, weight, local.targets, values["advantages"], values["old_logprobs"],
+                                          local.mask, ref_logprobs=values.get("ref_logprobs"),
+                                          kl_coef=self.cfg.kl_coef, clip_low=self.cfg.clip_low,
+                                          clip_high=self.cfg.clip_high, entropy_coef=self.cfg.entropy_coef,
+                                          temperature=self.cfg.temperature,
+                                          num_tokens=self._normalizer(local, num_tokens, num_sequences))
+                self.backend.backward(loss)
+                loss_total += loss.item()
+                count = int(local.mask.sum())
+                share = count / max(1, num_tokens)  # token-weighted average of local means
+                for key, value in metrics.items():  # every rank sums the same keys (no loss tokens: empty means)
+                    metric_sums[key] = metric_sums.get(key, 0.0) + (float(value) * share if count else 0.0)
         return self.ctx.sum({"loss": loss_total, **metric_sums})
 
     def _optimizer_step(self, batches: list[PackedBatch], num_tokens: int, num_sequences: int) -> dict[str, float]:

@@ -25,7 +25,6 @@ from qwenlong.trainers.checkpoint import latest_checkpoint
 from qwenlong.trainers.metrics_log import MetricsLogger
 from qwenlong.trainers.packed import (
     empty_batch,
-    lm_head_weight,
     micro_batches,
     pack_sequences,
     policy_hidden,
@@ -97,15 +96,15 @@ class SFTTrainer:
         """Forward and backward of this rank's share of one step's micro-batches (gradients accumulate)."""
         num_targets = sum(len(self.examples[i][1]) for ids in step_batches for i in ids)  # the whole step's
         mine = rank_share(step_batches, self.ctx.dp_rank, self.ctx.dp_size, pad=list)
-        weight = lm_head_weight(self.model)
         total, tokens = 0.0, 0
-        for ids in mine:
-            batch = self._pack(ids) if ids else empty_batch().to(self.device)
-            hidden, local = policy_hidden(self.model, batch, self.ctx.sp_group)
-            loss = linear_cross_entropy(hidden, weight, local.targets, reduction="sum") / max(1, num_targets)
-            self.backend.backward(loss)
-            total += loss.item()
-            tokens += local.num_tokens
+        with self.backend.output_weight(self.model) as weight:
+            for ids in mine:
+                batch = self._pack(ids) if ids else empty_batch().to(self.device)
+                hidden, local = policy_hidden(self.model, batch, self.ctx.sp_group)
+                loss = linear_cross_entropy(hidden, weight, local.targets, reduction="sum") / max(1, num_targets)
+                self.backend.backward(loss)
+                total += loss.item()
+                tokens += local.num_tokens
         return {"loss": total, "tokens": tokens, "target_tokens": num_targets}
 
     def train_step(self) -> dict[str, float]:
