@@ -147,6 +147,15 @@ def test_aligned_must_name_runtime_arguments():
             CompileSpec("matmul", tile_matmul, signature, {"BLOCK_M": 64}, aligned=(wrong,))
 
 
+def test_only_a_full_run_writes_the_committed_report(tmp_path):
+    assert tool.report_path(tool.parse_args([])) == tool.DEFAULT_OUTPUT
+    assert tool.report_path(tool.parse_args(["--check"])) == tool.DEFAULT_OUTPUT
+    assert tool.report_path(tool.parse_args(["--module", "m"])) is None
+    assert tool.report_path(tool.parse_args(["--arch", "90"])) is None
+    assert tool.report_path(tool.parse_args(["--package", "other_kernels"])) is None
+    assert tool.report_path(tool.parse_args(["--arch", "90", "--output", str(tmp_path / "r.md")])) == tmp_path / "r.md"
+
+
 def test_no_specs_is_not_an_error_unless_required(tmp_path):
     package = tmp_path / "kernels_without_specs"
     package.mkdir()

@@ -10,13 +10,14 @@ Triton's package):
 - ``--dump-sass`` gives the instructions: HGMMA (sm_90 warpgroup MMA, wgmma), HMMA
   (warp MMA, mma.sync), and STL/LDL, the local-memory stores and loads register spills become.
 
-The table goes to stdout and to ``--output`` (markdown, committed as docs/compile_report.md),
-the rows optionally to ``--json``. The exit status is 1 on a compile error or on spills in a
-spec marked ``hot`` (unless ``--allow-spills``), 2 when ``--require-specs`` finds none, and 1
-when ``--check`` finds the committed report out of date.
+The table goes to stdout and to ``--output`` (markdown; by default docs/compile_report.md, the
+committed report, which only a full run writes), the rows optionally to ``--json``. The exit
+status is 1 on a compile error or on spills in a spec marked ``hot`` (unless ``--allow-spills``),
+2 when ``--require-specs`` finds none, and 1 when ``--check`` finds the committed report out of date.
 
     python tools/compile_report.py                 # compile, print, write docs/compile_report.md
     python tools/compile_report.py --check         # CI: also fail if the committed report is stale
+    python tools/compile_report.py --module qwenlong.kernels.attention.varlen --arch 90   # explore: print only
 """
 
 from __future__ import annotations
@@ -373,13 +374,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="compute capability (repeatable)")
     parser.add_argument("--package", default=DEFAULT_PACKAGE, help="package searched for compile_specs()")
     parser.add_argument("--module", action="append", help="compile only this module's specs (repeatable)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="markdown report path")
+    default = DEFAULT_OUTPUT.relative_to(ROOT)
+    parser.add_argument("--output", type=Path, help=f"markdown report path (default: {default}, on full runs only)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     parser.add_argument("--check", action="store_true", help="do not write --output; fail if it is out of date")
     parser.add_argument("--allow-spills", action="store_true", help="report spills in hot kernels without failing")
     parser.add_argument("--require-specs", action="store_true", help="fail when no module exposes compile_specs()")
     return parser.parse_args(argv)
+
+
+def report_path(args: argparse.Namespace) -> Path | None:
+    """Where the report goes: ``--output``, else the committed report, which only a run over every
+    module and arch of the default package may write or check (narrower runs just print)."""
+    if args.output is not None:
+        return args.output
+    return None if args.module or args.arch or args.package != DEFAULT_PACKAGE else DEFAULT_OUTPUT
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,12 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         records = [dataclasses.asdict(row) | {"status": row.status, "spills": row.spills} for row in rows]
         args.json.write_text(json.dumps(records, indent=2) + "\n")
-    stale = False
-    if args.check:
-        stale = is_stale(args.output, report)
+    stale, output = False, report_path(args)
+    if output is None:
+        print(f"note: a partial run (--module/--arch/--package) leaves {DEFAULT_OUTPUT} alone", file=sys.stderr)
+    elif args.check:
+        stale = is_stale(output, report)
     else:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(report)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report)
     explain_failures(rows, args.allow_spills)
     return exit_status(rows, args.allow_spills) or int(stale)
 
