@@ -205,7 +205,14 @@ class EvalConfig:
 
 @dataclass
 class DistributedConfig:
-    """Data parallel via DeepSpeed ZeRO (stage 0 = plain DDP) and Ulysses sequence parallel groups."""
+    """Multi-process training, launched with ``torchrun --nproc-per-node N -m qwenlong ...`` (one process
+    per device; a plain ``python -m qwenlong`` is one process).
+
+    Ranks form sequence-parallel groups of ``sp_size`` consecutive ranks (Ulysses: each rank a token shard
+    of every micro-batch) and ``world / sp_size`` data-parallel groups (each its own micro-batches).
+    ``deepspeed_stage`` 0: plain PyTorch, gradients summed over ranks; 1-3: DeepSpeed ZeRO, with optional
+    CPU offload of optimizer state (stages 1-3) and parameters (stage 3).
+    """
 
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     sp_size: int = 1

@@ -50,6 +50,8 @@ def validate(cfg: Config) -> Config:
            f"expected 0, 1, 2 or 3, got {dist.deepspeed_stage}")
     _check(not dist.offload_params or dist.deepspeed_stage == 3, "distributed.offload_params",
            "parameter offload needs deepspeed_stage 3")
+    _check(not dist.offload_optimizer or dist.deepspeed_stage > 0, "distributed.offload_optimizer",
+           "optimizer offload needs deepspeed_stage 1, 2 or 3")
     _check(rl.gen_prompts_per_step >= rl.train_prompts_per_step or rl.dynamic_sampling.enabled,
            "rl.gen_prompts_per_step", "without dynamic sampling, generate at least train_prompts_per_step prompts")
     _check(rl.train_prompts_per_step % rl.mini_batch_size == 0, "rl.mini_batch_size",

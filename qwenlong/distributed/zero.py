@@ -69,6 +69,10 @@ class DeepSpeedBackend(TrainingBackend):
         super().__init__(model, ctx)
         if cfg.deepspeed_stage not in (1, 2, 3):
             raise ValueError(f"distributed.deepspeed_stage: expected 1, 2 or 3, got {cfg.deepspeed_stage}")
+        if cfg.deepspeed_stage == 3 and lm_head_weight(model) is model.get_input_embeddings().weight:
+            # the embedding layer's hooks would re-partition the weight the fused losses hold gathered
+            raise ValueError("distributed.deepspeed_stage: ZeRO-3 needs an LM head that is not tied to the input "
+                             "embeddings (for the tiny model: model.tiny.tie_word_embeddings=false)")
         self.cfg = cfg
         self.deepspeed = import_deepspeed()
         self.deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
