@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import random
 from datetime import timedelta
 from pathlib import Path
 
@@ -101,6 +102,74 @@ def _check_plain_dp_grpo_update(tmp, budget: int):
     for key in ("loss", "grad_norm", "ratio_mean", "clip_fraction"):
         if key in single[0]:
             assert dp[0][key] == pytest.approx(single[0][key], rel=1e-5, abs=1e-7), key
+
+
+# --- rollouts split over ranks ------------------------------------------------------------------------------
+
+
+class _ScriptedEngine:
+    """Responses that depend on (prompt, seed, sample index) only; records which prompts it generated."""
+
+    def __init__(self):
+        self.generated: list[list[int]] = []
+
+    def generate(self, prompts, params):
+        from qwenlong.rollout.engine import Completion
+
+        self.generated += [list(p) for p in prompts]
+        out = []
+        for prompt in prompts:
+            rng = random.Random(f"{prompt}:{params.seed}")
+            group = []
+            for _ in range(params.n):
+                tokens = [rng.randrange(61) for _ in range(rng.randint(1, params.max_new_tokens))]
+                group.append(Completion(tokens, [-rng.random() for _ in tokens], "length"))
+            out.append(group)
+        return out
+
+
+class _ScriptedReward:
+    """Score 1 for responses whose first token is a multiple of 5: most groups are all 0, so dynamic
+    sampling needs several rounds."""
+
+    def score(self, items):
+        from qwenlong.rewards.hybrid import RewardResult
+
+        return [RewardResult(float(int(item.response.split(",")[0]) % 5 == 0), 0.0, None, None) for item in items]
+
+
+def _check_rollouts_split_and_gathered(tmp, sp_size: int):
+    """Every rank ends a step's collection (dynamic sampling over several rounds) with the groups, rewards and
+    reward history of one process; data-parallel ranks each generate their share of the prompts, and in a
+    sequence-parallel group only SP rank 0 generates."""
+    from qwenlong.config.schema import DynamicSamplingConfig
+    from qwenlong.curriculum import Phase
+    from qwenlong.distributed import TrainingBackend
+    from qwenlong.trainers import GRPOTrainer
+    from qwenlong.trainers.grpo import PromptExample
+
+    ctx, _ = _context(sp_size=sp_size)
+    rng = random.Random(15)
+    examples = [PromptExample(f"ex{i}", [rng.randrange(61) for _ in range(rng.randint(2, 9))], "synthetic_copy", [])
+                for i in range(9)]
+    cfg = _rl_config(gen_prompts_per_step=5, train_prompts_per_step=4, mini_batch_size=4, group_size=3,
+                     dynamic_sampling=DynamicSamplingConfig(enabled=True, max_rounds=3))
+    phase = Phase("p", 64, 6, steps=1)
+    collected = {}
+    for name, backend_ctx in (("single", None), ("split", ctx)):
+        engine = _ScriptedEngine()
+        model = tiny_model(seed=9)
+        trainer = GRPOTrainer(model, engine, _ScriptedReward(), cfg, decode=lambda ids: ",".join(map(str, ids)),
+                              output_dir=tmp, backend=TrainingBackend(model, backend_ctx))
+        groups, metrics = trainer.collect(phase, examples, step=0)
+        collected[name] = ([(g.example.id, g.responses, g.engine_logprobs, g.rewards) for g in groups], metrics,
+                           trainer.history.to_json(), engine.generated)
+    single, split = collected["single"], collected["split"]
+    assert split[:3] == single[:3]
+    rounds = [single[3][start:start + 5] for start in range(0, len(single[3]), 5)]
+    assert len(rounds) > 1, "dynamic sampling should need more than one round here"
+    share = [prompt for prompts in rounds for prompt in prompts[ctx.dp_rank::ctx.dp_size]]
+    assert split[3] == (share if ctx.sp_rank == 0 else [])  # its share of every round's prompts, in order
 
 
 # --- sequence parallel ---------------------------------------------------------------------------------------
@@ -207,6 +276,8 @@ def _check_deepspeed_sft(own, shared, stage: int):
 def _all_checks(tmp: str):
     own, shared = Path(tmp) / f"rank{dist.get_rank()}", Path(tmp) / "shared"
     _check_plain_dp_grpo_update(own, budget=24)
+    _check_rollouts_split_and_gathered(own, sp_size=1)
+    _check_rollouts_split_and_gathered(own, sp_size=2)
     _check_plain_dp_grpo_update(own, budget=1000)
     _check_sequence_parallel_steps(own)
     _check_deepspeed_sft(own, shared, stage=2)
