@@ -287,3 +287,30 @@ def _all_checks(tmp: str):
 @pytest.mark.distributed
 def test_two_processes_match_one(tmp_path, free_port):
     _spawn(functools.partial(_all_checks, str(tmp_path)), free_port)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_torchrun_sft_cli_matches_one_process(tmp_path, free_port):
+    """``torchrun -m qwenlong sft`` with ZeRO-2 on two CPU processes: one micro-batch per rank per step ends
+    with the weights of one process accumulating two; only rank 0 writes the run's metrics."""
+    import subprocess
+    import sys
+
+    from test_pipeline import SMALL, TINY, _env
+
+    args = ["sft", "--config", TINY, *SMALL, "eval.enabled=false"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port)]
+    two = subprocess.run([*launcher, "-m", "qwenlong", *args, "distributed.deepspeed_stage=2",
+                          f"output.dir={tmp_path / 'two'}"], capture_output=True, text=True, env=_env(), timeout=600)
+    assert two.returncode == 0, two.stderr[-4000:]
+    one = subprocess.run([sys.executable, "-m", "qwenlong", *args, "sft.grad_accum_steps=2",
+                          f"output.dir={tmp_path / 'one'}"], capture_output=True, text=True, env=_env(), timeout=600)
+    assert one.returncode == 0, one.stderr[-4000:]
+    final = [torch.load(tmp_path.joinpath(run, "checkpoints", "sft-step000003", "model.pt"), weights_only=True)
+             for run in ("two", "one")]
+    _assert_same_weights(*final, "torchrun SFT", **ADAM_WEIGHTS)
+    for run in ("one", "two"):
+        steps = [line for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if '"sft"' in line]
+        assert len(steps) == 3, run
