@@ -56,6 +56,7 @@ SHAPES = {  # hidden, heads, kv heads, intermediate, vocab
     "32b": (5120, 40, 8, 27648, VOCAB),
     "tiny": (64, 4, 2, 128, 2048),  # --quick: CPU smoke test
 }
+SHAPE_TITLES = {"7b": "Qwen2.5-7B layer shape", "32b": "Qwen2.5-32B layer shape", "tiny": "tiny shape (CPU)"}
 IGNORE_INDEX = -100
 OVER_CAP = "over the memory cap"  # CPU: the search's stand-in for out of memory
 
@@ -121,7 +122,7 @@ def flex_unavailable(device: str) -> str | None:
     try:
         flex_attention(q, q, q).sum().backward()
     except (NotImplementedError, RuntimeError) as exc:
-        return f"{NOT_AVAILABLE} ({str(exc).splitlines()[0][:90]})"
+        return f"{NOT_AVAILABLE} ({str(exc).splitlines()[0].split('. ')[0][:100]})"
     return None
 
 
@@ -305,7 +306,7 @@ def main(argv=None) -> int:
                         + (f"{args.max_memory_gib:g} GiB peak memory" if device == "cpu" else "out of memory"))
              if args.search else "skipped"}
     notes = [f"{stack.name}: {stack.what}" for stack in STACKS]
-    write_results(f"train-step-{args.shape}", f"Training step, Qwen2.5-{args.shape} layer shape", rows, setup=setup,
+    write_results(f"train-step-{args.shape}", f"Training step, {SHAPE_TITLES[args.shape]}", rows, setup=setup,
                   out_dir=args.out, env=environment(), notes=notes,
                   tables={"Largest context that fits": largest} if largest else None,
                   plot={"x": "total tokens", "series": ["stack"], "metrics": ["tokens/s", "peak MiB"]})

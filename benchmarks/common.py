@@ -60,7 +60,8 @@ def _version(module: str) -> str:
 
 
 def environment() -> dict:
-    """Card (``"cpu"`` without a GPU), driver, library versions, machine and UTC time of the run."""
+    """Card (``"cpu"`` without a GPU), driver, library versions, machine (with its 1-minute load average
+    when the results are written) and UTC time of the run."""
     gpu = torch.cuda.is_available()
     return {
         "card": torch.cuda.get_device_name() if gpu else "cpu",
@@ -72,6 +73,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "cpu cores": os.cpu_count(),
         "torch threads": torch.get_num_threads(),
+        "load average": round(os.getloadavg()[0], 2),  # other jobs on the machine: CPU timings depend on it
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -203,8 +205,8 @@ def to_markdown(result: dict) -> str:
     env = result["environment"]
     lines = [f"# {result['title']}", "",
              f"{env['card']} (driver {env['driver']}, CUDA {env['cuda']}), torch {env['torch']}, "
-             f"triton {env['triton']}, transformers {env['transformers']}, {env['cpu cores']} CPU cores, "
-             f"{env['date']}", ""]
+             f"triton {env['triton']}, transformers {env['transformers']}, {env['cpu cores']} CPU cores"
+             + (f" (load average {env['load average']})" if "load average" in env else "") + f", {env['date']}", ""]
     lines += [f"- {key}: {value}" for key, value in result["setup"].items()]
     lines += ["", markdown_table(result["rows"], result.get("columns"))]
     for name, table in result.get("tables", {}).items():
