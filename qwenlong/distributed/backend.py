@@ -25,6 +25,7 @@ from qwenlong.trainers.checkpoint import (
     rng_state,
     set_rng_state,
     staging_dir,
+    staging_path,
     write_checkpoint,
 )
 from qwenlong.trainers.optim import build_optimizer, build_scheduler
@@ -102,7 +103,7 @@ class TrainingBackend:
         """Write a checkpoint atomically; every rank calls it. Rank 0 writes the shared files, each
         rank its own RNG state."""
         path = Path(path)
-        tmp = staging_dir(path) if self.ctx.is_main else path.with_name(path.name + ".tmp")
+        tmp = staging_dir(path) if self.ctx.is_main else staging_path(path)
         self.ctx.barrier()
         self._save_engine_state(tmp)
         model_state = self.state_dict()

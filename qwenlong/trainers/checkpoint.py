@@ -34,10 +34,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def staging_path(path: str | Path) -> Path:
+    """Where the checkpoint for ``path`` is written before it is renamed into place."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
 def staging_dir(path: str | Path) -> Path:
     """An empty temporary folder next to ``path`` to write a checkpoint into."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = staging_path(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
