@@ -1,5 +1,13 @@
 """Multi-process training: process groups from the launcher and the backends that update the policy.
 
+Launch one process per device with either launcher (``distributed.*`` in the config picks the strategy):
+
+    torchrun --nproc-per-node 8 -m qwenlong pipeline --config configs/qwenlong-l1-32b.yaml
+    deepspeed --num_gpus 8 --no_local_rank --module qwenlong pipeline --config configs/qwenlong-l1-32b.yaml
+
+On CPU both run on gloo (``DS_ACCELERATOR=cpu`` is set for DeepSpeed when no GPU is present).
+In code:
+
     ctx = init_distributed(cfg.distributed)          # torchrun / deepspeed env vars, SP groups
     backend = build_backend(model, ctx, cfg.distributed)
     SFTTrainer(model, examples, cfg.sft, backend=backend, ...)
