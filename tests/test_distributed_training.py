@@ -272,6 +272,23 @@ def _check_deepspeed_sft(own, shared, stage: int):
     for name, value in straight.backend.state_dict().items():
         assert torch.equal(actual[name], value), f"ZeRO-{stage} resumed {name}"
 
+    # a second stage on the same engine starts from fresh Adam state and its own schedule, like a new optimizer
+    from qwenlong.config import SFTConfig
+    from qwenlong.trainers import SFTTrainer
+
+    pairs = random_pairs(24, seed=16)
+    after = {}
+    for name, first, accum, folder in (("single", single, 2, own / "single-2"),
+                                       ("zero", straight, 1, shared / f"zero{stage}-2")):
+        cfg = SFTConfig(steps=2, lr=1e-2, lr_schedule="cosine", token_budget=40, max_seq_len=64, weight_decay=0.1,
+                        grad_clip=0.5, grad_accum_steps=accum)
+        trainer = SFTTrainer(first.model, pairs, cfg, output_dir=folder, backend=first.backend)
+        after[name] = ([trainer.train_step() for _ in range(2)], trainer.backend.state_dict())
+    for actual, reference in zip(after["zero"][0], after["single"][0], strict=True):
+        for key in ("loss", "grad_norm", "lr"):
+            assert actual[key] == pytest.approx(reference[key], rel=1e-4), f"ZeRO-{stage} second stage {key}"
+    _assert_same_weights(after["zero"][1], after["single"][1], f"ZeRO-{stage} second stage", **ADAM_WEIGHTS)
+
 
 def _all_checks(tmp: str):
     own, shared = Path(tmp) / f"rank{dist.get_rank()}", Path(tmp) / "shared"
