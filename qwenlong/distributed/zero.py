@@ -65,6 +65,9 @@ def import_deepspeed():
 
 
 class DeepSpeedBackend(TrainingBackend):
+    """ZeRO partitions optimizer state (1), gradients (2) and parameters (3) over all ranks; DeepSpeed
+    reduces the gradients, clips by the global norm and updates; checkpoints add DeepSpeed's own folder."""
+
     def __init__(self, model: torch.nn.Module, ctx: DistributedContext, cfg: DistributedConfig):
         super().__init__(model, ctx)
         if cfg.deepspeed_stage not in (1, 2, 3):
