@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from qwenlong.distributed.context import DistributedContext
+from qwenlong.integrations.hf import lm_head_weight
 from qwenlong.trainers.checkpoint import (
     commit_checkpoint,
     load_checkpoint,
@@ -29,7 +30,6 @@ from qwenlong.trainers.checkpoint import (
     write_checkpoint,
 )
 from qwenlong.trainers.optim import build_optimizer, build_scheduler
-from qwenlong.trainers.packed import lm_head_weight
 
 
 class TrainingBackend:

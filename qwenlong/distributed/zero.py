@@ -26,8 +26,8 @@ import torch
 from qwenlong.config.schema import DistributedConfig
 from qwenlong.distributed.backend import TrainingBackend
 from qwenlong.distributed.context import DistributedContext
+from qwenlong.integrations.hf import lm_head_weight
 from qwenlong.trainers.optim import build_optimizer, build_scheduler
-from qwenlong.trainers.packed import lm_head_weight
 
 CHECKPOINT_TAG = "deepspeed"  # the sub-folder of our checkpoint folder that DeepSpeed writes
 

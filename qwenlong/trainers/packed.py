@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from qwenlong.integrations.hf import IGNORE_INDEX, lm_head_weight
 from qwenlong.kernels import build_cu_seqlens, build_position_ids, pack_by_token_budget, shard_packed_batch
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "PackedBatch", "forward_hidden", "lm_head_weight", "pack_sequences"]
 
 
 @dataclass
@@ -143,11 +144,3 @@ def policy_hidden(model: torch.nn.Module, batch: PackedBatch, sp_group=None) -> 
     hidden = SequenceParallelCausalLM(model, sp_group)(local.input_ids, local.position_ids, shard.cu_seqlens,
                                                         shard.max_seqlen)
     return hidden, local
-
-
-def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
-    """The ``(V, d)`` weight the fused losses multiply hidden states with."""
-    head = model.get_output_embeddings()
-    if getattr(head, "bias", None) is not None:
-        raise ValueError("model: LM heads with a bias are not supported by the fused losses")
-    return head.weight
