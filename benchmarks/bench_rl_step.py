@@ -130,10 +130,11 @@ def build(args, device: str):
     return trainer, model, watch, vocab
 
 
-def one_step(trainer, watch: Stopwatch, spans: dict, phase, examples, step: int) -> dict:
+def one_step(trainer, watch: Stopwatch, spans: dict, phase, examples, step: int) -> tuple[dict, float]:
+    """Seconds per part of one step, and the mean response length the engine produced."""
     watch.seconds = dict.fromkeys(PARTS, 0.0)
     start = watch.now()
-    groups, _ = trainer.collect(phase, examples, step)
+    groups, metrics = trainer.collect(phase, examples, step)
     collected = watch.now()
     spans["seconds"] = 0.0
     trainer.update(groups)
@@ -142,7 +143,7 @@ def one_step(trainer, watch: Stopwatch, spans: dict, phase, examples, step: int)
     parts["other"] = (collected - start) - parts["generate"] - parts["score"]
     parts["old log-probs"] = spans["seconds"]
     parts["update"] = (done - collected) - spans["seconds"]
-    return parts
+    return parts, metrics["response_tokens_mean"]
 
 
 def run(args) -> list[dict]:
@@ -166,10 +167,10 @@ def run(args) -> list[dict]:
         steps = [one_step(trainer, watch, spans, phase, examples, s) for s in range(repeats)]
         if index == 0:
             continue
-        parts = {part: statistics.median(s[part] for s in steps) for part in PARTS}
+        parts = {part: statistics.median(s[part] for s, _ in steps) for part in PARTS}
         total = sum(parts.values())
         row = {"prompt tokens": length, "sequences": args.prompts * args.group_size,
-               "response tokens": args.response_tokens, "step s": round(total, 3)}
+               "response tokens (mean)": round(statistics.mean(n for _, n in steps), 1), "step s": round(total, 3)}
         row |= {f"{part} s": round(seconds, 3) for part, seconds in parts.items()}
         row |= {f"{part} %": round(100 * seconds / total, 1) for part, seconds in parts.items()}
         if parts["old log-probs"] == 0.0:
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     hidden, layers, heads, kv_heads, intermediate, vocab = SHAPES[args.shape]
     setup = {"model": f"random Qwen2, {args.shape}: hidden {hidden}, {layers} layers, heads {heads}/{kv_heads}, "
                       f"intermediate {intermediate}, vocab {vocab}, {'bf16' if device == 'cuda' else 'fp32'}",
-             "step": f"{args.prompts} prompts x {args.group_size} responses of {args.response_tokens} tokens, "
+             "step": f"{args.prompts} prompts x {args.group_size} responses of up to {args.response_tokens} tokens, "
                      f"one update, micro-batches of {max(args.micro_batch_tokens, 0)} tokens",
              "engine": "HFGenerateEngine (sdpa while generating); reward: HybridReward, rules only",
              "timing": f"median of {args.repeats} steps per length after one warm-up step"}
