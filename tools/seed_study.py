@@ -8,8 +8,8 @@ Each run's own paired intervals (report.md) cover the held-out items only; this 
         --runs-dir /tmp/seed-study --out benchmarks/results/tiny-pipeline-seeds-cpu-2026-11-26
 
 writes ``<out>.json`` and ``<out>.md``. Extra ``key=value`` overrides go to every run. Wall times
-are measured per run; with ``--jobs > 1`` (one torch thread each) or other load on the machine
-they are longer than a run alone, and the load average is recorded next to them.
+are each run's own (``pipeline.json``); with ``--jobs > 1`` (one torch thread each) or other load
+on the machine they are longer than a run alone: say so with ``--note``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def run_seed(config: str, seed: int, runs_dir: Path, overrides: list[str], threa
         with open(runs_dir / f"seed{seed}.log", "a") as log:
             subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
     state = json.loads((out / "pipeline.json").read_text())
-    return {"seed": seed, "wall_s": state["wall_time_s"], "load_avg_1m_at_end": os.getloadavg()[0],
+    return {"seed": seed, "wall_s": state["wall_time_s"],
             "accuracy": {label: result["average"] for label, result in state["evals"].items()},
             "gains": json.loads((out / "gains.json").read_text())}
 
@@ -68,14 +68,14 @@ def to_markdown(study: dict) -> str:
     runs, summary = study["runs"], study["summary"]
     labels = list(summary["accuracy"])
     lines = [f"# Tiny pipeline seed study ({study['date']}, {study['machine']})", "",
-             f"Config: `{study['config']}` {' '.join(study['overrides'])}; seeds {study['seeds']} "
-             f"(training and data seed); {study['jobs']} run(s) at a time.", "",
-             "## Held-out accuracy (%) per seed", "", "| seed | " + " | ".join(labels) + " | wall (min) | load (1m) |",
-             "|---|" + "---|" * (len(labels) + 2)]
+             f"Config: `{' '.join([study['config'], *study['overrides']])}`; seeds {study['seeds']} "
+             f"(training and data seed); {study['jobs']} run(s) at a time. {study['note']}", "",
+             "## Held-out accuracy (%) per seed", "", "| seed | " + " | ".join(labels) + " | wall (min) |",
+             "|---|" + "---|" * (len(labels) + 1)]
     lines += [f"| {r['seed']} | " + " | ".join(f"{r['accuracy'][label]:.1f}" for label in labels) +
-              f" | {r['wall_s'] / 60:.1f} | {r['load_avg_1m_at_end']:.1f} |" for r in runs]
+              f" | {r['wall_s'] / 60:.1f} |" for r in runs]
     lines += ["| mean +- std | " + " | ".join(f"{summary['accuracy'][label]['mean']:.1f} +- "
-                                             f"{summary['accuracy'][label]['std']:.1f}" for label in labels) + " | | |",
+                                             f"{summary['accuracy'][label]['std']:.1f}" for label in labels) + " | |",
               "", "## Gains (points): paired within each run, spread across seeds", "",
               "| from | to | " + " | ".join(f"seed {r['seed']}: gain [95% interval], p" for r in runs) +
               " | mean +- std over seeds | min over seeds |", "|---|---|" + "---|" * (len(runs) + 2)]
@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each then gets one torch thread)")
     parser.add_argument("--runs-dir", type=Path, required=True, help="where the run folders go (not committed)")
     parser.add_argument("--out", type=Path, required=True, help="path prefix of the .json and .md results")
+    parser.add_argument("--note", default="", help="conditions of the measurement (other load on the machine)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = parser.parse_args()
     args.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -102,7 +103,7 @@ def main() -> None:
         runs = list(pool.map(lambda s: run_seed(args.config, s, args.runs_dir, args.overrides, threads), args.seeds))
     study = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
              "config": args.config, "overrides": args.overrides, "seeds": args.seeds, "jobs": args.jobs,
-             "runs": runs, "summary": summarize(runs)}
+             "note": args.note, "runs": runs, "summary": summarize(runs)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(study, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(to_markdown(study))
