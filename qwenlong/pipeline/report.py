@@ -71,8 +71,8 @@ def stage_gains(run_dir: Path, labels: list[str]) -> dict[tuple[str, str], Paire
 
 
 def _gain_lines(gains: dict[tuple[str, str], PairedGain], eval_cfg) -> list[str]:
-    decoding = "greedy decoding" if eval_cfg.temperature == 0 else \
-        f"sampling at temperature {eval_cfg.temperature}, top-p {eval_cfg.top_p}"
+    decoding = "greedy" if eval_cfg.temperature == 0 else \
+        f"sampled at temperature {eval_cfg.temperature}, top-p {eval_cfg.top_p}"
     lines = ["", "## Gains between stages (paired, same held-out items)", "",
              f"Decoding: {decoding}. The interval is exact (Clopper-Pearson on the items whose outcome changed), "
              "the p-value the exact two-sided McNemar test; both cover the choice of held-out items, "
