@@ -33,6 +33,18 @@ def _env() -> dict[str, str]:
     return env
 
 
+def kill_once_written(command: list[str], marker: Path, timeout: float = 600) -> None:
+    """Start ``command`` and SIGKILL it as soon as ``marker`` exists (a checkpoint it writes)."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 def test_tiny_pipeline_runs_end_to_end(tmp_path):
     out = tmp_path / "run"
@@ -73,15 +85,8 @@ def test_sft_killed_and_resumed_matches_uninterrupted(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "qwenlong", "sft", "--config", TINY, *args, f"output.dir={killed}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "sft-step000004" / "state.json").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_written([sys.executable, "-m", "qwenlong", "sft", "--config", TINY, *args, f"output.dir={killed}"],
+                      killed / "checkpoints" / "sft-step000004" / "state.json")
     assert not (killed / "checkpoints" / "sft-step000008").exists()
 
     result = subprocess.run([sys.executable, "-m", "qwenlong", "sft", "--config", TINY, *args, "--resume",

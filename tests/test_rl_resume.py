@@ -3,14 +3,12 @@ uninterrupted run (rollouts, rewards, reward history, optimizer and schedule all
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from test_pipeline import SMALL, TINY, _env
+from test_pipeline import SMALL, TINY, _env, kill_once_written
 
 pytest.importorskip("transformers")
 
@@ -29,14 +27,7 @@ def test_rl_killed_mid_phase_and_resumed_matches_uninterrupted(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_rl(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "rl-short-docs-step000002" / "state.json").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_once_written(_rl(killed), killed / "checkpoints" / "rl-short-docs-step000002" / "state.json")
     assert not (killed / "checkpoints" / "rl-short-docs-step000004").exists(), "killed too late: not mid-phase"
 
     result = subprocess.run(_rl(killed, "--resume"), capture_output=True, text=True, env=_env(), timeout=600)
