@@ -56,11 +56,7 @@ class TrainingBackend:
     def step(self) -> float:
         """All-reduce (sum) the gradients, clip, update, advance the schedule; returns the gradient norm."""
         if self.ctx.world_size > 1:
-            for p in self.model.parameters():
-                if p.requires_grad:
-                    if p.grad is None:  # a rank whose micro-batches never reached this parameter
-                        p.grad = torch.zeros_like(p)
-                    dist.all_reduce(p.grad)
+            _sum_gradients([p for p in self.model.parameters() if p.requires_grad])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -128,3 +124,19 @@ class TrainingBackend:
         if self.ctx.world_size > 1:
             set_rng_state(torch.load(path / f"rng-rank{self.ctx.rank}.pt", weights_only=False))
         return state
+
+
+def _sum_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum-all-reduce the gradients of ``params`` in one collective per dtype (one per parameter
+    would pay the collective's latency hundreds of times per step)."""
+    for p in params:
+        if p.grad is None:  # a rank whose micro-batches never reached this parameter
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for g, reduced in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(reduced.view_as(g))
