@@ -22,6 +22,7 @@ from qwenlong.data import (
     record_prompt,
     reference_response,
     split_prompt,
+    teacher_response,
     to_verl_row,
     train_demo_tokenizer,
     truncate_middle,
@@ -176,6 +177,35 @@ def test_reference_response_has_method_format():
     response = reference_response(record)
     assert response.startswith("<think>\n") and "</think>" in response
     assert response.endswith(f"Therefore, the answer is ({record.answer}).")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_teacher_response_is_right_with_the_given_probability(task):
+    from qwenlong.rewards import HybridReward, RewardItem
+
+    records = list(generate_records(300, SyntheticConfig(task=task, document_tokens=160, num_distractor_facts=2),
+                                    seed=random.randrange(1000)))
+    reward = HybridReward()
+
+    def accurate(responses):
+        items = [RewardItem(r.data_source, text, list(r.answers), r.question)
+                 for r, text in zip(records, responses, strict=True)]
+        return [result.accurate for result in reward.score(items)]
+
+    assert all(accurate([teacher_response(r, 1.0) for r in records]))
+    assert [teacher_response(r, 1.0) for r in records] == [reference_response(r) for r in records]
+    wrong = [teacher_response(r, 0.0) for r in records]
+    assert not any(accurate(wrong))
+    if task != "arithmetic":  # a wrong trace quotes a distractor that is really in the document
+        for record, text in zip(records, wrong, strict=True):
+            quoted = text.split("The document says: ")[1].split("\n")[0]
+            assert quoted in record.document and quoted not in record.metadata["evidence"]
+    half = [teacher_response(r, 0.5, seed=3) for r in records]
+    assert half == [teacher_response(r, 0.5, seed=3) for r in records]  # reproducible per record
+    assert half != [teacher_response(r, 0.5, seed=4) for r in records]
+    assert 0.40 <= sum(accurate(half)) / len(records) <= 0.60  # 300 draws: outside this band p < 1e-3
+    with pytest.raises(ValueError, match="accuracy"):
+        teacher_response(records[0], 1.5)
 
 
 def test_demo_tokenizer_round_trips_synthetic_text():

@@ -45,6 +45,8 @@ class SyntheticDataConfig:
 
     Document lengths (tokens) are spread uniformly over [min_document_tokens, max_document_tokens];
     ``num_distractor_facts`` is the difficulty knob (facts that are not asked about).
+    ``teacher_accuracy``: the fraction of warm-up SFT traces that are right; the others follow a
+    distractor, as some traces of a distilling teacher do (``qwenlong.data.synthetic.teacher_response``).
     """
 
     task: Literal["copy_marked_fact", "retrieval", "multiple_choice", "arithmetic", "mixed"] = "retrieval"
@@ -54,9 +56,12 @@ class SyntheticDataConfig:
     max_document_tokens: int = 1024
     num_distractor_facts: int = 3
     answer_vocab_size: int = 16
+    teacher_accuracy: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.teacher_accuracy <= 1.0:
+            raise ValueError(f"teacher_accuracy: must be in [0, 1], got {self.teacher_accuracy}")
         if not 64 <= self.min_document_tokens <= self.max_document_tokens:
             raise ValueError(
                 f"min_document_tokens: expected 64 <= min_document_tokens <= max_document_tokens, "

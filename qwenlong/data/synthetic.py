@@ -14,6 +14,10 @@ two of them. Tasks, from easiest to hardest for a tiny model trained from scratc
 Everything is drawn from ``random.Random`` seeded per record, so record ``i`` of a seed is
 the same whatever the batch size. Document length is measured with the given tokenizer
 and lands within a few tokens of ``document_tokens``.
+
+``teacher_response`` writes warm-up SFT traces as a distilling teacher would, right only with a
+given probability: a wrong trace follows a distractor (quotes it and answers its value) or, for
+arithmetic, applies the wrong operation. ``reference_response`` is the always-right teacher.
 """
 
 from __future__ import annotations
@@ -116,14 +120,16 @@ def _facts(task: str, config: SyntheticConfig, rng: random.Random) -> dict[str, 
             other = rng.choice([c for c in _COMPANIES if c != company])
             distractors.append(f"In {rng.randint(2001, 2021)}, {other} reported revenue of "
                                f"{rng.randint(100, 999)} million dollars.")
+        total, change = (str(a + b), f"{a} + {b} = {a + b}"), (str(b - a), f"{b} - {a} = {b - a}")
         if rng.random() < 0.5:
             question = f"What was the total revenue of {company} in {year} and {year + 1}, in million dollars?"
-            answer, reasoning = str(a + b), f"{a} + {b} = {a + b}"
+            (answer, reasoning), wrong = total, change
         else:
             question = f"By how much did the revenue of {company} change from {year} to {year + 1}, in million dollars?"
-            answer, reasoning = str(b - a), f"{b} - {a} = {b - a}"
+            (answer, reasoning), wrong = change, total
         return {"asked": asked, "distractors": distractors, "question": question, "answers": (answer,),
-                "choices": (), "reasoning": reasoning}
+                "choices": (), "reasoning": reasoning,
+                "wrong_traces": [{"reasoning": wrong[1], "answer": wrong[0]}]}
 
     values = rng.sample(vocab, min(len(vocab), 1 + config.num_distractor_facts))
     values += [rng.choice(vocab) for _ in range(1 + config.num_distractor_facts - len(values))]
@@ -138,13 +144,19 @@ def _facts(task: str, config: SyntheticConfig, rng: random.Random) -> dict[str, 
         question = f"What is the code of the {key}?"
     choices: tuple[str, ...] = ()
     answers: tuple[str, ...] = (value,)
+    wrong = [(f"The document says: {fact}", v) for fact, v in zip(distractors, values[1:], strict=True) if v != value]
     if task == "multiple_choice":
         options = [value] + rng.sample([v for v in vocab if v != value], config.num_choices - 1)
         rng.shuffle(options)
         choices = tuple(options)
-        answers = ("ABCDEFGHIJKLMNOPQRSTUVWXYZ"[options.index(value)],)
+        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        answers = (letters[options.index(value)],)
+        # a teacher misled by a distractor picks the option naming its value, else the first wrong one
+        first_wrong = letters[next(i for i, option in enumerate(options) if option != value)]
+        wrong = [(reasoning, letters[options.index(v)] if v in options else first_wrong) for reasoning, v in wrong]
     return {"asked": asked, "distractors": distractors, "question": question, "answers": answers,
-            "choices": choices, "reasoning": f"The document says: {asked[0]}"}
+            "choices": choices, "reasoning": f"The document says: {asked[0]}",
+            "wrong_traces": [{"reasoning": reasoning, "answer": answer} for reasoning, answer in wrong]}
 
 
 def _fill(tokenizer: Any, budget: int, rng: random.Random) -> list[str]:
@@ -206,7 +218,7 @@ def make_record(index: int, config: SyntheticConfig, seed: int = 0, tokenizer: A
         answers=spec["answers"],
         choices=spec["choices"],
         metadata={"task": task, "evidence": spec["asked"], "reasoning": spec["reasoning"],
-                  "document_tokens": sum(_count(tokenizer, [document]))},
+                  "wrong_traces": spec["wrong_traces"], "document_tokens": sum(_count(tokenizer, [document]))},
     )
 
 
@@ -231,7 +243,29 @@ def generate_records(num_records: int, config: SyntheticConfig | None = None, *,
             yield make_record(index, config, seed, tokenizer)
 
 
+def _trace(record: DocQARecord, reasoning: str, answer: str) -> str:
+    answer = f"({answer})" if record.choices else answer
+    return f"<think>\n{reasoning}\n</think>\n\nTherefore, the answer is {answer}."
+
+
 def reference_response(record: DocQARecord) -> str:
     """A correct reasoning trace in the method's format, for warm-up SFT and reward tests."""
-    answer = f"({record.answer})" if record.choices else record.answer
-    return f"<think>\n{record.metadata.get('reasoning', '')}\n</think>\n\nTherefore, the answer is {answer}."
+    return _trace(record, record.metadata.get("reasoning", ""), record.answer)
+
+
+def teacher_response(record: DocQARecord, accuracy: float = 1.0, seed: int = 0) -> str:
+    """A warm-up SFT trace from a teacher that is right with probability ``accuracy``.
+
+    Distilled warm-up data is not all correct, and imitation copies the teacher's mistakes along
+    with its skill; removing them is what RL on a verifiable reward is for. A wrong trace is one
+    of the record's ``wrong_traces`` (following a distractor fact, or the wrong operation). The
+    draw is reproducible per (seed, record id); records without a wrong trace are always right.
+    """
+    if not 0.0 <= accuracy <= 1.0:
+        raise ValueError(f"accuracy: must be in [0, 1], got {accuracy}")
+    rng = random.Random(f"qwenlong-teacher:{seed}:{record.id}")
+    wrong = record.metadata.get("wrong_traces") or []
+    if rng.random() < accuracy or not wrong:
+        return reference_response(record)
+    trace = rng.choice(wrong)
+    return _trace(record, trace["reasoning"], trace["answer"])

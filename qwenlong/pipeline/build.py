@@ -17,6 +17,7 @@ from qwenlong.data import (
     make_record,
     record_prompt,
     reference_response,
+    teacher_response,
     train_demo_tokenizer,
 )
 from qwenlong.data.prompt import question_text
@@ -101,11 +102,13 @@ def prompt_ids(tokenizer: Any, record: DocQARecord) -> list[int]:
     return list(apply_chat_template(tokenizer, record_prompt(record), tokenize=True))
 
 
-def sft_examples(tokenizer: Any, records: list[DocQARecord]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, reference response ids ending with EOS) pairs for warm-up SFT."""
+def sft_examples(tokenizer: Any, records: list[DocQARecord], teacher_accuracy: float = 1.0,
+                 seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids ending with EOS) pairs for warm-up SFT, from a teacher right with
+    probability ``teacher_accuracy`` (1: the reference traces)."""
     out = []
     for record in records:
-        response = reference_response(record) + tokenizer.eos_token
+        response = teacher_response(record, teacher_accuracy, seed) + tokenizer.eos_token
         out.append((prompt_ids(tokenizer, record), tokenizer(response, add_special_tokens=False)["input_ids"]))
     return out
 
