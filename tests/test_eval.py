@@ -87,6 +87,32 @@ def test_benchmark_files_to_table(tmp_path, qwen):
     assert {r["id"] for r in rows if not r["accurate"]} == wrong  # per item, for paired comparisons
 
 
+def test_several_answers_per_item_average_and_stay_paired(qwen):
+    records = list(generate_records(5, SyntheticConfig(task="retrieval", document_tokens=200), seed=8, tokenizer=qwen))
+    calls = []
+
+    def generate(prompts):  # item i's sample j (counted within the call) is right when j < i
+        calls.append(prompts)
+        out, seen = [], {}
+        for prompt in prompts:
+            i = next(n for n, r in enumerate(records) if r.document[:100] in prompt)
+            j = seen[i] = seen.get(i, -1) + 1
+            out.append(reference_response(records[i]) if j < i else "Therefore, the answer is 7777.")
+        return out
+
+    report = evaluate({"Musique": records}, generate, qwen, batch_size=2, samples_per_prompt=3, progress=False)
+    assert [len(c) for c in calls] == [6, 6, 3]  # 2 items x 3 answers per call, the rest last
+    assert all(c[k] == c[k - k % 3] for c in calls for k in range(len(c)))  # an item's answers are adjacent
+    (result,) = report.benchmarks
+    expected = sum(min(i, 3) for i in range(5)) / 15
+    assert result.num_items == 5 and result.samples_per_item == 3
+    assert result.accuracy == pytest.approx(100 * expected)
+    rows = report.predictions
+    assert [(r["id"], r["sample"]) for r in rows] == [(rec.id, j) for rec in records for j in range(3)]
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        evaluate({"Musique": records}, generate, qwen, samples_per_prompt=0, progress=False)
+
+
 def test_inputs_are_cut_to_the_budget(qwen):
     records = list(generate_records(3, SyntheticConfig(task="retrieval", document_tokens=3000), seed=4,
                                     tokenizer=qwen))
@@ -192,6 +218,30 @@ def test_paired_gain_exact_mcnemar_by_hand():
     got = paired_gain(*_pairs(30, 3, 20, 11))
     assert got.gain == pytest.approx(100 * 27 / 64)
     assert got.p_value < 1e-5 and 0 < got.ci_low < got.gain < got.ci_high
+
+
+def test_paired_gain_on_fractional_scores_against_a_plain_computation():
+    import random
+    import statistics
+
+    from qwenlong.eval.stats import binomial_tail, paired_gain
+
+    rng = random.Random()
+    k, n = 4, 300
+    before = [rng.randint(0, k) / k for _ in range(n)]
+    after = [min(1.0, b + rng.choice([-1, 0, 0, 1, 1, 2]) / k) if b > 0 else rng.randint(0, 1) / k for b in before]
+    got = paired_gain(before, after)
+    diffs = [a - b for a, b in zip(after, before, strict=True)]
+    up, down = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    assert (got.improved, got.regressed) == (up, down)
+    assert got.gain == pytest.approx(100 * statistics.fmean(diffs))
+    assert got.before == pytest.approx(100 * statistics.fmean(before))
+    half = 1.959964 * statistics.stdev(diffs) / n ** 0.5
+    assert got.ci_low == pytest.approx(100 * (statistics.fmean(diffs) - half), abs=1e-4)
+    assert got.ci_high == pytest.approx(100 * (statistics.fmean(diffs) + half), abs=1e-4)
+    assert got.p_value == pytest.approx(min(1.0, 2 * binomial_tail(min(up, down), up + down, 0.5)))
+    with pytest.raises(ValueError, match="scores"):
+        paired_gain([0.5, 1.2], [0.0, 1.0])
 
 
 def test_clopper_pearson_ends_leave_the_stated_tail():

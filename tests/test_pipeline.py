@@ -61,12 +61,15 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path):
     assert [(g["from"], g["to"]) for g in gains] == [
         ("untrained", "after-sft"), ("after-sft", "after-short-docs"), ("after-short-docs", "after-long-docs"),
         ("after-sft", "after-long-docs")]
-    for gain in gains:  # each is the paired difference of the per-item outcomes the evaluations wrote
-        before, after = ([json.loads(line)["accurate"] for line in
+    answers = json.loads((out / "pipeline.json").read_text())["evals"]["after-sft"]["benchmarks"][0]
+    for gain in gains:  # each is the paired difference of the per-item scores the evaluations wrote
+        before, after = ([json.loads(line) for line in
                           (out / "eval" / label / "predictions.jsonl").read_text().splitlines()]
                          for label in (gain["from"], gain["to"]))
-        assert gain["num_items"] == len(before) == 4
-        assert gain["gain"] == pytest.approx(100 * (sum(after) - sum(before)) / 4)
+        assert len(before) == len(after) == 4 * answers["samples_per_item"]
+        assert gain["num_items"] == 4
+        change = sum(a["accurate"] for a in after) - sum(b["accurate"] for b in before)
+        assert gain["gain"] == pytest.approx(100 * change / len(before))
         assert gain["ci_low"] <= gain["gain"] <= gain["ci_high"] and 0 < gain["p_value"] <= 1
     stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
     assert {"sft", "rl/short-docs", "rl/long-docs", "eval"} <= stages

@@ -59,6 +59,8 @@ def validate(cfg: Config) -> Config:
     _check(not rl.dynamic_sampling.enabled or rl.group_size >= 2, "rl.group_size",
            "dynamic sampling needs groups of at least 2 responses")
     _check(not rl.enabled or bool(rl.phases), "rl.phases", "RL needs at least one phase")
+    _check(cfg.eval.samples_per_prompt == 1 or cfg.eval.temperature > 0, "eval.samples_per_prompt",
+           "several answers per item need sampled decoding (eval.temperature > 0); greedy repeats one answer")
     names = [phase.name for phase in rl.phases]
     for i, phase in enumerate(rl.phases):
         _check(phase.name not in names[:i], f"rl.phases.{i}.name", f"duplicate phase name {phase.name!r}")

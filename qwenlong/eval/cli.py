@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     protocol.add_argument("--temperature", type=float, default=0.7)
     protocol.add_argument("--top-p", type=float, default=0.95)
     protocol.add_argument("--seed", type=int, default=0)
+    protocol.add_argument("--samples", type=int, default=1, metavar="K",
+                          help="answers per item; accuracy is their mean (avg@K)")
     protocol.add_argument("--batch-size", type=int, default=8)
 
     judge = parser.add_argument_group("judge (default: QWENLONG_JUDGE_URL / _MODEL / _API_KEY when set)")
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if not datasets:
         raise ValueError("no data: give --data KEY=PATH, --data-dir DIR or --synthetic N")
     report = evaluate(datasets, generate, tokenizer, reward=_reward(args), max_input_tokens=args.max_input_tokens,
-                      batch_size=args.batch_size, progress=not args.no_progress)
+                      batch_size=args.batch_size, progress=not args.no_progress, samples_per_prompt=args.samples)
     report.write(args.out)
     print(report.to_markdown())
     if report.judge_metrics:

@@ -2,7 +2,9 @@
 document in the middle, generate, score with max(rule, judge), report accuracy.
 
 A response is accurate when its reward is 1.0. The average is the mean of the per-benchmark
-accuracies, as in the paper's table.
+accuracies, as in the paper's table. With ``samples_per_prompt = k > 1`` each item is answered
+k times and its accuracy is the mean over them (avg@k): sampled decoding's own noise shrinks by
+about sqrt(k), which the paired comparisons between stages need.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from qwenlong.rewards import HybridReward, RewardItem
 class BenchmarkResult:
     name: str
     num_items: int
-    accuracy: float  # percent of items whose reward is 1.0
+    accuracy: float  # percent of answers whose reward is 1.0 (over every sample of every item)
     rule_accuracy: float  # percent accurate by the rules alone
-    judge_rescued: int  # items the judge turned from wrong to right
+    judge_rescued: int  # answers the judge turned from wrong to right
     truncated: int  # inputs cut to the budget
     mean_input_tokens: float
+    samples_per_item: int = 1
 
 
 @dataclass
@@ -48,10 +51,11 @@ class EvalReport:
         titles = [b.name for b in self.benchmarks] + ["avg"]
         values = [f"{b.accuracy:.1f}" for b in self.benchmarks] + [f"{self.average:.1f}"]
         lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles), "| " + " | ".join(values) + " |", "",
-                 "| benchmark | items | accuracy | rules only | judge rescued | truncated | mean input tokens |",
-                 "|---|---|---|---|---|---|---|"]
-        lines += [f"| {b.name} | {b.num_items} | {b.accuracy:.1f} | {b.rule_accuracy:.1f} | {b.judge_rescued} | "
-                  f"{b.truncated} | {b.mean_input_tokens:.0f} |" for b in self.benchmarks]
+                 "| benchmark | items | answers per item | accuracy | rules only | judge rescued | truncated "
+                 "| mean input tokens |",
+                 "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {b.name} | {b.num_items} | {b.samples_per_item} | {b.accuracy:.1f} | {b.rule_accuracy:.1f} | "
+                  f"{b.judge_rescued} | {b.truncated} | {b.mean_input_tokens:.0f} |" for b in self.benchmarks]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -59,8 +63,8 @@ class EvalReport:
                 "judge_metrics": self.judge_metrics}
 
     def write(self, directory: str | os.PathLike) -> None:
-        """``results.json``, ``results.md`` and ``predictions.jsonl`` (one line per item, with ``accurate``:
-        what paired comparisons between stages read) in ``directory``."""
+        """``results.json``, ``results.md`` and ``predictions.jsonl`` (one line per answer, with ``id``,
+        ``sample`` and ``accurate``: what paired comparisons between stages read) in ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "results.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -72,15 +76,20 @@ class EvalReport:
 
 def evaluate(datasets: Mapping[str, Sequence[DocQARecord]], generate: GenerateFn, tokenizer: Any, *,
              reward: HybridReward | None = None, max_input_tokens: int = 120_000, batch_size: int = 8,
-             chat_template_in_budget: bool = False, progress: bool = True) -> EvalReport:
+             chat_template_in_budget: bool = False, progress: bool = True,
+             samples_per_prompt: int = 1) -> EvalReport:
     """Evaluate ``generate`` on each named dataset.
 
     tokenizer: the model's tokenizer, which measures the input budget.
+    batch_size: items per ``generate`` call (each repeated ``samples_per_prompt`` times in it).
     chat_template_in_budget: count the chat template's tokens against the budget too (the
         release counts the raw prompt only).
+    samples_per_prompt: answers per item (k of avg@k); more than 1 needs sampled decoding.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt: must be >= 1, got {samples_per_prompt}")
     reward = reward or HybridReward()
     # generate() applies the chat template itself, so prompts stay raw; the template's own
     # tokens are taken off the budget instead when they must count
@@ -94,27 +103,29 @@ def evaluate(datasets: Mapping[str, Sequence[DocQARecord]], generate: GenerateFn
         for start in range(0, len(records), batch_size):
             batch = records[start:start + batch_size]
             fitted = [fit_prompt_report(tokenizer, r, budget, chat=False) for r in batch]
-            responses = generate([f.text for f in fitted])
-            if len(responses) != len(batch):
-                raise ValueError(f"generate: returned {len(responses)} responses for {len(batch)} prompts")
+            truncated += sum(f.truncated for f in fitted)
+            input_tokens += sum(f.num_tokens for f in fitted)
+            # sample j of every item, item by item: answers[i * k + j]
+            asked = [(r, f, j) for r, f in zip(batch, fitted, strict=True) for j in range(samples_per_prompt)]
+            responses = generate([f.text for _, f, _ in asked])
+            if len(responses) != len(asked):
+                raise ValueError(f"generate: returned {len(responses)} responses for {len(asked)} prompts")
             items = [RewardItem(r.data_source, response, list(r.answers), question_text(r))
-                     for r, response in zip(batch, responses, strict=True)]
-            for record, response, result, fit in zip(batch, responses, reward.score(items), fitted, strict=True):
+                     for (r, _, _), response in zip(asked, responses, strict=True)]
+            for (record, fit, sample), response, result in zip(asked, responses, reward.score(items), strict=True):
                 accurate += result.accurate
                 rule_accurate += result.rule_score == 1.0
                 rescued += result.accurate and result.rule_score < 1.0
-                truncated += fit.truncated
-                input_tokens += fit.num_tokens
-                report.predictions.append({"benchmark": name, "id": record.id, "answers": list(record.answers),
-                                           "accurate": bool(result.accurate),
+                report.predictions.append({"benchmark": name, "id": record.id, "sample": sample,
+                                           "answers": list(record.answers), "accurate": bool(result.accurate),
                                            "prediction": result.prediction, "score": result.score,
                                            "rule_score": result.rule_score, "judge_score": result.judge_score,
                                            "input_tokens": fit.num_tokens, "response": response})
             bar.update(len(batch))
-        count = max(len(records), 1)
-        report.benchmarks.append(BenchmarkResult(name, len(records), 100.0 * accurate / count,
-                                                 100.0 * rule_accurate / count, rescued, truncated,
-                                                 input_tokens / count))
+        count, answers = max(len(records), 1), max(len(records) * samples_per_prompt, 1)
+        report.benchmarks.append(BenchmarkResult(name, len(records), 100.0 * accurate / answers,
+                                                 100.0 * rule_accurate / answers, rescued, truncated,
+                                                 input_tokens / count, samples_per_prompt))
     bar.close()
     report.judge_metrics = reward.metrics()
     return report

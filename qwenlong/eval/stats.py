@@ -14,13 +14,19 @@ Under "no change" each changed item is equally likely to have improved or regres
 and the exact (Clopper-Pearson) interval ``[q_lo, q_hi]`` on ``q = P(improved | changed)``
 maps to an interval on the gain, ``m * (2q - 1) / n``. Both are exact at any sample size
 (no normal approximation, which fails for the few changed items of a small eval).
+
+With several sampled answers per item (avg@k), an item's score is its fraction of accurate
+answers and ``gain = mean(after - before)``. The sign test above stays exact (improved: the
+item's score rose); the interval is then the normal one on the mean paired difference,
+``gain +- z * sd(after - before) / sqrt(n)``, sound for the hundreds of items a report uses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from math import comb
+from math import comb, sqrt
+from statistics import NormalDist, stdev
 from typing import Any
 
 
@@ -72,30 +78,34 @@ def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tu
     return low, high
 
 
-def paired_gain(before: Sequence[bool], after: Sequence[bool], confidence: float = 0.95) -> PairedGain:
-    """Compare per-item correctness of two stages on the same items (same order).
+def paired_gain(before: Sequence[float], after: Sequence[float], confidence: float = 0.95) -> PairedGain:
+    """Compare per-item scores of two stages on the same items (same order).
 
-    Returns accuracies, the gain with its exact ``confidence`` interval, the changed-item counts
-    and the exact two-sided McNemar p-value (see the module docstring).
+    A score is an item's correctness (bool, or 0/1) or, with several answers per item, its
+    fraction of accurate answers in [0, 1]. Returns accuracies, the gain with its ``confidence``
+    interval (exact for 0/1 scores), the changed-item counts and the exact two-sided sign
+    (McNemar) p-value (see the module docstring).
     """
     if len(before) != len(after):
         raise ValueError(f"after: {len(after)} items, but before has {len(before)}; pair the same items")
     if not before:
         raise ValueError("before: no items to compare")
+    if not all(0.0 <= float(x) <= 1.0 for x in (*before, *after)):
+        raise ValueError("before: scores must lie in [0, 1] (correctness, or the fraction of accurate answers)")
     n = len(before)
-    improved = sum(1 for b, a in zip(before, after, strict=True) if a and not b)
-    regressed = sum(1 for b, a in zip(before, after, strict=True) if b and not a)
+    diffs = [float(a) - float(b) for b, a in zip(before, after, strict=True)]
+    improved = sum(1 for d in diffs if d > 0)
+    regressed = sum(1 for d in diffs if d < 0)
     changed = improved + regressed
-    if changed:
-        q_low, q_high = clopper_pearson(improved, changed, confidence)
-        p_value = min(1.0, 2 * binomial_tail(min(improved, regressed), changed, 0.5))
+    p_value = min(1.0, 2 * binomial_tail(min(improved, regressed), changed, 0.5)) if changed else 1.0
+    gain = sum(diffs) / n
+    if all(float(x) in (0.0, 1.0) for x in (*before, *after)):
+        q_low, q_high = clopper_pearson(improved, changed, confidence) if changed else (0.5, 0.5)
+        low, high = changed * (2 * q_low - 1) / n, changed * (2 * q_high - 1) / n
     else:
-        q_low = q_high = 0.5
-        p_value = 1.0
-
-    def points(q: float) -> float:
-        return 100.0 * changed * (2 * q - 1) / n
-
-    return PairedGain(num_items=n, before=100.0 * sum(map(bool, before)) / n, after=100.0 * sum(map(bool, after)) / n,
-                      gain=100.0 * (improved - regressed) / n, ci_low=points(q_low), ci_high=points(q_high),
-                      improved=improved, regressed=regressed, p_value=p_value, confidence=confidence)
+        half = NormalDist().inv_cdf(0.5 + confidence / 2) * stdev(diffs) / sqrt(n) if n > 1 else float("inf")
+        low, high = gain - half, gain + half
+    return PairedGain(num_items=n, before=100.0 * sum(map(float, before)) / n,
+                      after=100.0 * sum(map(float, after)) / n, gain=100.0 * gain, ci_low=100.0 * low,
+                      ci_high=100.0 * high, improved=improved, regressed=regressed, p_value=p_value,
+                      confidence=confidence)

@@ -55,14 +55,18 @@ def compared_stages(labels: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _item_outcomes(run_dir: Path, label: str) -> dict[tuple[str, str], bool]:
-    rows = (json.loads(line) for line in (run_dir / "eval" / label / "predictions.jsonl").read_text().splitlines())
-    return {(row["benchmark"], row["id"]): row["accurate"] for row in rows}
+def _item_scores(run_dir: Path, label: str) -> dict[tuple[str, str], float]:
+    """Each item's fraction of accurate answers (its correctness when it has one answer)."""
+    answers: dict[tuple[str, str], list[bool]] = {}
+    for line in (run_dir / "eval" / label / "predictions.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        answers.setdefault((row["benchmark"], row["id"]), []).append(row["accurate"])
+    return {item: sum(outcomes) / len(outcomes) for item, outcomes in answers.items()}
 
 
 def stage_gains(run_dir: Path, labels: list[str]) -> dict[tuple[str, str], PairedGain]:
     """Paired gain of each compared pair of evaluations, on the items both answered."""
-    outcomes = {label: _item_outcomes(run_dir, label) for label in labels}
+    outcomes = {label: _item_scores(run_dir, label) for label in labels}
     gains = {}
     for before, after in compared_stages(labels):
         items = sorted(outcomes[before].keys() & outcomes[after].keys())
@@ -73,9 +77,16 @@ def stage_gains(run_dir: Path, labels: list[str]) -> dict[tuple[str, str], Paire
 def _gain_lines(gains: dict[tuple[str, str], PairedGain], eval_cfg) -> list[str]:
     decoding = "greedy" if eval_cfg.temperature == 0 else \
         f"sampled at temperature {eval_cfg.temperature}, top-p {eval_cfg.top_p}"
+    k = eval_cfg.samples_per_prompt
+    if k == 1:
+        method = ("The interval is exact (Clopper-Pearson on the items whose outcome changed), the p-value the "
+                  "exact two-sided McNemar test")
+    else:
+        decoding += f", {k} answers per item (an item scores its fraction of accurate answers)"
+        method = ("The interval is the normal one on the mean paired difference, the p-value the exact "
+                  "two-sided sign test on the items whose score changed")
     lines = ["", "## Gains between stages (paired, same held-out items)", "",
-             f"Decoding: {decoding}. The interval is exact (Clopper-Pearson on the items whose outcome changed), "
-             "the p-value the exact two-sided McNemar test; both cover the choice of held-out items, "
+             f"Decoding: {decoding}. {method}; both cover the choice of held-out items and sampling, "
              "not the training seed (see the seed study in the README).", "",
              "| from | to | items | accuracy before | after | gain (points) | 95% interval | improved / regressed "
              "| p |",

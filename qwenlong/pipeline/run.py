@@ -101,7 +101,8 @@ class Run:
             generate = hf_generate_fn(model, self.tokenizer, sampling, max_batch_size=64,
                                       generation_attention=GENERATION_ATTENTION)
             report = evaluate({"heldout": records}, generate, self.tokenizer, reward=build_reward(self.cfg),
-                              max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True, batch_size=64)
+                              max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True, batch_size=64,
+                              samples_per_prompt=ev.samples_per_prompt)
             report.write(self.dir / "eval" / label)
             result = report.to_json()
             self.logger.log("eval", len(self.state["evals"]) + 1, {"label": label, "accuracy": report.average})
