@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_trainers import _grpo_groups, random_pairs, tiny_model
+from test_trainers import VOCAB, _grpo_groups, random_pairs, tiny_model
 
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
 # Weights after Adam steps at lr 1e-2: Adam divides by sqrt(v), so near-zero gradient entries turn fp32
@@ -229,48 +229,68 @@ def _check_sequence_parallel_steps(tmp):
 # --- DeepSpeed ZeRO -----------------------------------------------------------------------------------------
 
 
-def _sft_run(tmp, backend_factory, steps: int, grad_accum_steps: int, resume: bool = False):
+def _tied_tiny_model(seed: int):
+    """``tiny_model`` with its LM head tied to the input embeddings (as small Qwen checkpoints ship)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_model().config
+    config.tie_word_embeddings = True
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="qwenlong", dtype=torch.float32)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    return model
+
+
+def _sft_run(tmp, backend_factory, steps: int, grad_accum_steps: int, resume: bool = False, tied: bool = False):
     from qwenlong.config import SFTConfig
     from qwenlong.trainers import SFTTrainer
 
     cfg = SFTConfig(steps=steps, lr=3e-3, token_budget=40, max_seq_len=64, warmup_steps=1, grad_clip=0.5,
                     grad_accum_steps=grad_accum_steps)
-    model = tiny_model(seed=7 if not resume else 99)
+    model = (_tied_tiny_model if tied else tiny_model)(seed=7 if not resume else 99)
     trainer = SFTTrainer(model, random_pairs(24, seed=14), cfg, output_dir=tmp, backend=backend_factory(model))
     if resume:
         assert trainer.resume()
     return trainer
 
 
-def _check_deepspeed_sft(own, shared, stage: int):
+def _check_deepspeed_sft(own, shared, stage: int, tied: bool = False):
     """ZeRO-``stage`` SFT on two ranks (one micro-batch each per step) ends with the weights of a single
-    process accumulating both micro-batches; a DeepSpeed checkpoint resumes exactly."""
+    process accumulating both micro-batches, and so does the ``model.pt`` it saves; a DeepSpeed checkpoint
+    resumes exactly. Returns the DeepSpeed backend."""
     from qwenlong.distributed import TrainingBackend, build_backend
 
     ctx, cfg = _context(deepspeed_stage=stage)
-    single = _sft_run(own / "single", TrainingBackend, steps=3, grad_accum_steps=2)
+    run = f"zero{stage}" + ("-tied" if tied else "")
+    own, shared = own / run, shared / run
+    single = _sft_run(own / "single", TrainingBackend, steps=3, grad_accum_steps=2, tied=tied)
     expected_metrics = single.train()
     expected = single.backend.state_dict()
 
     def deepspeed_backend(model):
         return build_backend(model, ctx, cfg)
 
-    straight = _sft_run(shared / f"zero{stage}", deepspeed_backend, steps=3, grad_accum_steps=1)
+    straight = _sft_run(shared, deepspeed_backend, steps=3, grad_accum_steps=1, tied=tied)
     assert type(straight.backend).__name__ == "DeepSpeedBackend"
     metrics = [straight.train_step() for _ in range(2)]
     straight.save()
     metrics.append(straight.train_step())
     for step, (actual, reference) in enumerate(zip(metrics, expected_metrics, strict=True)):
         for key in ("loss", "grad_norm", "lr", "target_tokens"):
-            assert actual[key] == pytest.approx(reference[key], rel=1e-5), f"ZeRO-{stage} step {step} {key}"
-    _assert_same_weights(straight.backend.state_dict(), expected, f"ZeRO-{stage} SFT weights", **ADAM_WEIGHTS)
+            assert actual[key] == pytest.approx(reference[key], rel=1e-5), f"{run} step {step} {key}"
+    weights = straight.backend.state_dict()
+    _assert_same_weights(weights, expected, f"{run} SFT weights", **ADAM_WEIGHTS)
+    saved = torch.load(straight.backend.save(shared / "final", state={}) / "model.pt", weights_only=True)
+    _assert_same_weights(saved, weights, f"{run} model.pt", rtol=0, atol=0)
+    if tied:  # one tensor under both names, as torch.save writes a tied model
+        assert saved["lm_head.weight"] is saved["model.embed_tokens.weight"]
 
-    resumed = _sft_run(shared / f"zero{stage}", deepspeed_backend, steps=3, grad_accum_steps=1, resume=True)
+    resumed = _sft_run(shared, deepspeed_backend, steps=3, grad_accum_steps=1, resume=True, tied=tied)
     assert resumed.step == 2
     resumed.train_step()
     actual = resumed.backend.state_dict()
     for name, value in straight.backend.state_dict().items():
-        assert torch.equal(actual[name], value), f"ZeRO-{stage} resumed {name}"
+        assert torch.equal(actual[name], value), f"{run} resumed {name}"
 
     # a second stage on the same engine starts from fresh Adam state and its own schedule, like a new optimizer
     from qwenlong.config import SFTConfig
@@ -279,15 +299,45 @@ def _check_deepspeed_sft(own, shared, stage: int):
     pairs = random_pairs(24, seed=16)
     after = {}
     for name, first, accum, folder in (("single", single, 2, own / "single-2"),
-                                       ("zero", straight, 1, shared / f"zero{stage}-2")):
+                                       ("zero", straight, 1, shared / "second")):
         cfg = SFTConfig(steps=2, lr=1e-2, lr_schedule="cosine", token_budget=40, max_seq_len=64, weight_decay=0.1,
                         grad_clip=0.5, grad_accum_steps=accum)
         trainer = SFTTrainer(first.model, pairs, cfg, output_dir=folder, backend=first.backend)
         after[name] = ([trainer.train_step() for _ in range(2)], trainer.backend.state_dict())
     for actual, reference in zip(after["zero"][0], after["single"][0], strict=True):
         for key in ("loss", "grad_norm", "lr"):
-            assert actual[key] == pytest.approx(reference[key], rel=1e-4), f"ZeRO-{stage} second stage {key}"
-    _assert_same_weights(after["zero"][1], after["single"][1], f"ZeRO-{stage} second stage", **ADAM_WEIGHTS)
+            assert actual[key] == pytest.approx(reference[key], rel=1e-4), f"{run} second stage {key}"
+    _assert_same_weights(after["zero"][1], after["single"][1], f"{run} second stage", **ADAM_WEIGHTS)
+    return straight.backend
+
+
+def _check_zero3_generation(backend):
+    """The HF engine generates with the ZeRO-3 partitioned policy itself, every rank in lockstep on its own
+    prompts (other counts, lengths and numbers of batches, early stops, or none at all), and gives the tokens
+    and log-probs that a whole copy of the same weights gives in one process: greedy and seeded sampling."""
+    from qwenlong.rollout import HFGenerateEngine, SamplingParams
+
+    whole = _tied_tiny_model(seed=0)
+    whole.load_state_dict(backend.state_dict())
+    rank = dist.get_rank()
+    rng = random.Random(17 + rank)
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(2, 9))] for _ in range((5, 2)[rank])]
+    greedy = SamplingParams(max_new_tokens=6, temperature=0)
+    cases = [(prompts, greedy), (prompts, SamplingParams(max_new_tokens=6, temperature=0.9, top_p=0.9, n=2, seed=3)),
+             (prompts if rank == 0 else [], greedy)]
+    stop_ids = list(range(0, VOCAB, 4))  # some rows stop early, some run to the length limit
+    reasons = set()
+    for case, (ranks_prompts, params) in enumerate(cases):
+        engines = [HFGenerateEngine(model, eos_token_id=stop_ids, max_batch_size=3, generation_attention="sdpa",
+                                    synced=synced) for model, synced in ((whole, False), (backend.model, True))]
+        expected, actual = (engine.generate(ranks_prompts, params) for engine in engines)
+        assert len(actual) == len(expected) == len(ranks_prompts)
+        for want_group, got_group in zip(expected, actual, strict=True):
+            for want, got in zip(want_group, got_group, strict=True):
+                assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason), f"case {case}"
+                torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), **FP32)
+                reasons.add(want.finish_reason)
+    assert reasons == {"stop", "length"}
 
 
 def _all_checks(tmp: str):
@@ -299,6 +349,7 @@ def _all_checks(tmp: str):
     _check_sequence_parallel_steps(own)
     _check_deepspeed_sft(own, shared, stage=2)
     _check_deepspeed_sft(own, shared, stage=3)
+    _check_zero3_generation(_check_deepspeed_sft(own, shared, stage=3, tied=True))
 
 
 @pytest.mark.distributed

@@ -79,6 +79,11 @@ class TrainingBackend:
         """The full model weights (on every rank)."""
         return self.model.state_dict()
 
+    def main_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The full model weights on rank 0 (None on the others), for the checkpoint's ``model.pt``;
+        every rank calls it."""
+        return self.state_dict() if self.ctx.is_main else None
+
     def full_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
         """(name, full tensor) of every parameter, to sync a rollout engine that holds its own copy."""
         return self.model.named_parameters()
@@ -102,7 +107,7 @@ class TrainingBackend:
         tmp = staging_dir(path) if self.ctx.is_main else staging_path(path)
         self.ctx.barrier()
         self._save_engine_state(tmp)
-        model_state = self.state_dict()
+        model_state = self.main_state_dict()
         if self.ctx.world_size > 1:
             torch.save(rng_state(), tmp / f"rng-rank{self.ctx.rank}.pt")
         if self.ctx.is_main:

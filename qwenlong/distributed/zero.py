@@ -72,10 +72,6 @@ class DeepSpeedBackend(TrainingBackend):
         super().__init__(model, ctx)
         if cfg.deepspeed_stage not in (1, 2, 3):
             raise ValueError(f"distributed.deepspeed_stage: expected 1, 2 or 3, got {cfg.deepspeed_stage}")
-        if cfg.deepspeed_stage == 3 and lm_head_weight(model) is model.get_input_embeddings().weight:
-            # the embedding layer's hooks would re-partition the weight the fused losses hold gathered
-            raise ValueError("distributed.deepspeed_stage: ZeRO-3 needs an LM head that is not tied to the input "
-                             "embeddings (for the tiny model: model.tiny.tie_word_embeddings=false)")
         self.cfg = cfg
         self.deepspeed = import_deepspeed()
         self.deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
@@ -109,28 +105,58 @@ class DeepSpeedBackend(TrainingBackend):
         self.scheduler.step()
         return float(self.engine.get_global_grad_norm())
 
-    def _gathered(self):
-        """Context in which every parameter is whole on every rank (ZeRO-3 partitions them)."""
-        return self.deepspeed.zero.GatheredParameters(list(self.model.parameters()), enabled=self.zero3)
-
     @contextmanager
     def output_weight(self, model: torch.nn.Module) -> Iterator[torch.Tensor]:
         """Under ZeRO-3 the LM head is partitioned and the fused losses use its weight without calling the
         module (so DeepSpeed's hooks never gather it): gather it for the forward and backward of the losses;
-        its gradient is reduced and partitioned like any other."""
+        its gradient is reduced and partitioned like any other.
+
+        A head tied to the input embeddings is one parameter that the embedding module also uses, and
+        that module's hooks partition its parameters after each of its forwards and backwards, which
+        would free the weight the losses still hold. So while the context is open the weight carries
+        DeepSpeed's ``is_external_param`` mark, the one it gives a parameter used outside its module
+        (such parameters are left to whoever gathered them): this context partitions it on exit."""
         weight = lm_head_weight(model)
-        with self.deepspeed.zero.GatheredParameters([weight], enabled=self.zero3 and model is self.model):
+        if not (self.zero3 and model is self.model):
+            yield weight
+            return
+        with self.deepspeed.zero.GatheredParameters([weight]), _held_by_caller(weight):
             yield weight
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        with self._gathered():
+        if not self.zero3:
             return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        return self._gathered_state_dict(keep=True)
+
+    def main_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if not self.zero3:
+            return super().main_state_dict()
+        return self._gathered_state_dict(keep=self.ctx.is_main)
+
+    def _gathered_state_dict(self, keep: bool) -> dict[str, torch.Tensor] | None:
+        """ZeRO-3: the model's state dict on CPU where ``keep`` (else None), gathering one parameter at a
+        time, so a rank holds at most one whole parameter besides its partitions. Every rank calls it;
+        a tied parameter is gathered once and stays one tensor under both names, as in ``torch.save``."""
+        state: dict[str, torch.Tensor] = {}
+        copies: dict[int, torch.Tensor | None] = {}
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            if id(tensor) not in copies:
+                with self.deepspeed.zero.GatheredParameters([tensor]):  # a no-op for buffers
+                    copies[id(tensor)] = tensor.detach().to("cpu", copy=True) if keep else None
+            state[name] = copies[id(tensor)]
+        return state if keep else None
 
     def full_parameters(self) -> Iterable[tuple[str, torch.Tensor]]:
         if not self.zero3:
             return self.model.named_parameters()
-        with self._gathered():
-            return [(name, p.detach().clone()) for name, p in self.model.named_parameters()]
+        return self._streamed_parameters()
+
+    def _streamed_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """ZeRO-3: (name, whole copy) of one parameter at a time; every rank must consume all of them, in order."""
+        for name, param in self.model.named_parameters():
+            with self.deepspeed.zero.GatheredParameters([param]):
+                whole = param.detach().clone()
+            yield name, whole
 
     def frozen_copy(self) -> torch.nn.Module:
         if self.zero3 and self.engine is not None:
@@ -147,3 +173,14 @@ class DeepSpeedBackend(TrainingBackend):
     def _load_engine_state(self, path: Path) -> None:
         self.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                     load_lr_scheduler_states=False)
+
+
+@contextmanager
+def _held_by_caller(param: torch.nn.Parameter) -> Iterator[None]:
+    """Keep DeepSpeed's module hooks from partitioning ``param`` while the caller holds it gathered."""
+    marked = param.is_external_param
+    param.is_external_param = True
+    try:
+        yield
+    finally:
+        param.is_external_param = marked

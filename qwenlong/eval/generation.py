@@ -29,15 +29,16 @@ class Sampling:
 
 
 def hf_generate_fn(model: Any, tokenizer: Any, sampling: Sampling = Sampling(), max_batch_size: int = 8,
-                   generation_attention: str | None = None) -> GenerateFn:
-    """Generate with a HF causal LM through :class:`qwenlong.rollout.HFGenerateEngine`."""
+                   generation_attention: str | None = None, synced: bool = False) -> GenerateFn:
+    """Generate with a HF causal LM through :class:`qwenlong.rollout.HFGenerateEngine`; ``synced``: every
+    rank calls the function together (a ZeRO-3 partitioned model, see the engine)."""
     from qwenlong.rollout import HFGenerateEngine, SamplingParams
 
     # stop at the tokenizer's EOS and at the end of the chat turn (ChatML models)
     stops = {tokenizer.eos_token_id, tokenizer.get_vocab().get("<|im_end|>")}
     eos = sorted(t for t in stops if isinstance(t, int))
     engine = HFGenerateEngine(model, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                              max_batch_size=max_batch_size, generation_attention=generation_attention)
+                              max_batch_size=max_batch_size, generation_attention=generation_attention, synced=synced)
     params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                             top_p=sampling.top_p, seed=sampling.seed)
 

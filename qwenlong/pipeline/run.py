@@ -76,14 +76,11 @@ class Run:
         if self.ctx.is_main:
             self.state_path.write_text(json.dumps(self.state, indent=1))
 
-    def generation_model(self) -> torch.nn.Module:
-        """The policy with whole weights, to generate with: itself, or under ZeRO-3 (partitioned
-        weights) a copy built from the gathered weights (every rank calls this)."""
-        if self.cfg.distributed.deepspeed_stage < 3:
-            return self.model
-        model = build.build_model(self.cfg, self.tokenizer).to(self.ctx.device)
-        model.load_state_dict(self.backend.state_dict())
-        return model
+    @property
+    def synced_generation(self) -> bool:
+        """ZeRO-3 partitions the weights, so no rank holds a whole copy to generate with: every rank
+        generates with the policy itself, in lockstep (each forward gathers one layer at a time)."""
+        return self.cfg.distributed.deepspeed_stage == 3
 
     def done(self, stage: str) -> bool:
         return stage in self.state["done"]
@@ -92,17 +89,18 @@ class Run:
         """Accuracy (percent) on the held-out split, recorded under ``label``."""
         if self.done(f"eval:{label}"):
             return self.state["evals"][label]["average"]
-        model = self.generation_model()
+        synced = self.synced_generation
         result = None
-        if self.ctx.is_main:  # rank 0 evaluates, the others wait for its result
+        if self.ctx.is_main or synced:  # rank 0 evaluates (under ZeRO-3 all ranks, the same prompts), the others wait
             ev = self.cfg.eval
             records = build.load_split(self.cfg, "eval", self.tokenizer)
             sampling = Sampling(ev.max_output_tokens, ev.temperature, ev.top_p, seed=self.cfg.seed)
-            generate = hf_generate_fn(model, self.tokenizer, sampling, max_batch_size=64,
-                                      generation_attention=GENERATION_ATTENTION)
+            generate = hf_generate_fn(self.model, self.tokenizer, sampling, max_batch_size=64,
+                                      generation_attention=GENERATION_ATTENTION, synced=synced)
             report = evaluate({"heldout": records}, generate, self.tokenizer, reward=build_reward(self.cfg),
                               max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True, batch_size=64,
-                              samples_per_prompt=ev.samples_per_prompt)
+                              samples_per_prompt=ev.samples_per_prompt, progress=self.ctx.is_main)
+        if self.ctx.is_main:
             report.write(self.dir / "eval" / label)
             result = report.to_json()
             self.logger.log("eval", len(self.state["evals"]) + 1, {"label": label, "accuracy": report.average})
@@ -117,18 +115,34 @@ def build_reward(cfg: Config) -> HybridReward:
 
 
 def build_engine(run: Run) -> RolloutEngine:
-    """HF ``generate`` on the policy itself (under ZeRO-3 on a whole-weight copy), or vLLM on a saved copy;
-    copies are re-synced after each update."""
+    """HF ``generate`` on the policy itself (under ZeRO-3 every rank in lockstep), or vLLM on a saved copy,
+    re-synced after each update."""
     if run.cfg.rollout.engine == "vllm":
         from qwenlong.rollout import VLLMEngine
 
-        path = run.dir / f"policy-for-vllm-rank{run.ctx.rank}"
-        run.generation_model().save_pretrained(path)
-        run.tokenizer.save_pretrained(path)
-        return VLLMEngine(str(path), tensor_parallel_size=run.cfg.rollout.tensor_parallel_size,
+        return VLLMEngine(str(save_policy_folder(run)), tensor_parallel_size=run.cfg.rollout.tensor_parallel_size,
                           gpu_memory_utilization=run.cfg.rollout.gpu_memory_utilization)
-    return HFGenerateEngine(run.generation_model(), eos_token_id=build.eos_ids(run.tokenizer),
-                            pad_token_id=run.tokenizer.pad_token_id, generation_attention=GENERATION_ATTENTION)
+    return HFGenerateEngine(run.model, eos_token_id=build.eos_ids(run.tokenizer),
+                            pad_token_id=run.tokenizer.pad_token_id, generation_attention=GENERATION_ATTENTION,
+                            synced=run.synced_generation)
+
+
+def save_policy_folder(run: Run) -> Path:
+    """The policy as a HF folder (weights, config, tokenizer) for an engine to load; every rank calls it.
+    Each rank writes its own, except under ZeRO-3: rank 0 writes one from weights gathered one parameter
+    at a time."""
+    if not run.synced_generation:
+        path = run.dir / f"policy-for-vllm-rank{run.ctx.rank}"
+        run.model.save_pretrained(path)
+        run.tokenizer.save_pretrained(path)
+        return path
+    path = run.dir / "policy-for-vllm"
+    state = run.backend.main_state_dict()
+    if run.ctx.is_main:
+        run.model.save_pretrained(path, state_dict=state)
+        run.tokenizer.save_pretrained(path)
+    run.ctx.barrier()
+    return path
 
 
 def _sft(run: Run) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from qwenlong.rollout.engine import Completion, RolloutEngine, SamplingParams
@@ -72,6 +73,12 @@ class HFGenerateEngine(RolloutEngine):
         generation_attention: attention implementation to generate with (e.g. ``"sdpa"``, whose
             KV-cache decode path is fast on CPU), restored afterwards; None keeps the model's own.
             Training keeps its packed-sequence attention either way.
+        synced: every rank of the default process group calls ``generate`` together (each with its
+            own prompts, possibly none) on a model whose forward needs all ranks, e.g. ZeRO-3
+            partitioned weights that each layer gathers from every rank. Ranks then run the same
+            number of ``model.generate`` calls (one with fewer batches decodes a one-token
+            placeholder for the missing ones) and each keeps stepping until all are done
+            (``synced_gpus``).
     """
 
     def __init__(
@@ -81,8 +88,10 @@ class HFGenerateEngine(RolloutEngine):
         pad_token_id: int | None = None,
         max_batch_size: int = 64,
         generation_attention: str | None = None,
+        synced: bool = False,
     ) -> None:
         self.model = model
+        self.synced = synced
         self.generation_attention = generation_attention
         self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         if not self.eos_token_ids:
@@ -108,15 +117,26 @@ class HFGenerateEngine(RolloutEngine):
             with torch.random.fork_rng(devices=[]):
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
+                missing = self._missing_batches(-(-len(rows) // self.max_batch_size))
                 completions = []
                 for start in range(0, len(rows), self.max_batch_size):
                     completions += self._generate_batch(rows[start : start + self.max_batch_size], params)
+                for _ in range(missing):
+                    self._generate_batch([[self.pad_token_id]], params)  # lockstep only; after ours, so RNG-neutral
         finally:
             self.model.train(was_training)
             self.model.generation_config = own_defaults
             if self.generation_attention is not None:
                 self.model.set_attn_implementation(own_attention)
         return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    def _missing_batches(self, count: int) -> int:
+        """How many fewer batches than the busiest rank this rank has (0 unless ``synced``)."""
+        if not self.synced:
+            return 0
+        most = torch.tensor(count, device=next(self.model.parameters()).device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        return int(most) - count
 
     def _generate_batch(self, rows: list[list[int]], params: SamplingParams) -> list[Completion]:
         device = next(self.model.parameters()).device
@@ -139,6 +159,7 @@ class HFGenerateEngine(RolloutEngine):
             eos_token_id=stop_ids,
             pad_token_id=self.pad_token_id,
             logits_processor=LogitsProcessorList([recorder]),
+            synced_gpus=self.synced,
         )
         new_tokens = sequences[:, width:]
         token_logprobs = recorder.token_logprobs(new_tokens).cpu()
