@@ -9,6 +9,7 @@ initialization) dominates the cost, so one pair of processes runs all the checks
 from __future__ import annotations
 
 import functools
+import json
 import multiprocessing
 import os
 import random
@@ -340,6 +341,45 @@ def _check_zero3_generation(backend):
     assert reasons == {"stop", "length"}
 
 
+def _check_zero3_run(tmp):
+    """A ZeRO-3 run generates with its partitioned (tied) policy, every rank in lockstep: its held-out answers
+    and its first RL step's rollouts are those of a run with whole weights on every rank (deepspeed_stage 0,
+    where rank 0 alone evaluates); the HF folder it saves for vLLM holds its weights."""
+    from test_pipeline import SMALL, TINY
+    from transformers import AutoModelForCausalLM
+
+    from qwenlong.config import load_config
+    from qwenlong.pipeline.run import Run, _rl, save_policy_folder
+
+    results = {}
+    for stage in (0, 3):
+        folder = Path(tmp) / f"run-zero{stage}"
+        run = Run(load_config(TINY, [*SMALL, f"output.dir={folder}", f"distributed.deepspeed_stage={stage}"]))
+        with torch.no_grad():  # far from the initialisation, whose greedy answers are all alike
+            generator = torch.Generator().manual_seed(5)
+            for param in run.model.parameters():
+                param.normal_(0.0, 0.5, generator=generator)
+        if stage == 3:  # DeepSpeed partitions the weights (as SFT's start would)
+            run.backend.start(lr=1e-3, weight_decay=0.0, total_steps=1, warmup_steps=0, schedule="constant",
+                              grad_clip=1.0)
+            assert run.model.get_output_embeddings().weight.numel() == 0
+        run.evaluate("untrained")
+        _rl(run)
+        answers = [json.loads(line)["response"]
+                   for line in (folder / "eval" / "untrained" / "predictions.jsonl").read_text().splitlines()]
+        steps = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        results[stage] = answers, next(step for step in steps if step["stage"].startswith("rl/"))
+    assert results[3][0] == results[0][0] and len(results[0][0]) == 4 and len(set(results[0][0])) > 1
+    for key in ("reward_mean", "response_tokens_mean", "groups_trained"):
+        assert results[3][1][key] == results[0][1][key], key
+    # engine log-probs against the trainer's recomputation: the same sampled tokens and numbers in both runs
+    assert results[3][1]["engine_logprob_abs_diff_mean"] == pytest.approx(
+        results[0][1]["engine_logprob_abs_diff_mean"], abs=1e-7)
+
+    saved = AutoModelForCausalLM.from_pretrained(save_policy_folder(run), dtype=torch.float32)
+    assert saved.get_output_embeddings().weight is saved.get_input_embeddings().weight
+    _assert_same_weights(saved.state_dict(), run.backend.state_dict(), "ZeRO-3 HF folder", rtol=0, atol=0)
+
 def _all_checks(tmp: str):
     own, shared = Path(tmp) / f"rank{dist.get_rank()}", Path(tmp) / "shared"
     _check_plain_dp_grpo_update(own, budget=24)
@@ -350,6 +390,7 @@ def _all_checks(tmp: str):
     _check_deepspeed_sft(own, shared, stage=2)
     _check_deepspeed_sft(own, shared, stage=3)
     _check_zero3_generation(_check_deepspeed_sft(own, shared, stage=3, tied=True))
+    _check_zero3_run(shared)
 
 
 @pytest.mark.distributed
