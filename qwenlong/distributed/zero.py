@@ -11,6 +11,11 @@ loss, so ``backward`` scales the loss by the world size to turn that mean into t
 One engine wraps the model for the whole run (DeepSpeed cannot wrap a module twice); a new
 stage (SFT, each RL phase) clears the Adam moments and step counts and installs a new schedule,
 which is what a fresh optimizer would start from.
+
+Under ZeRO-3 no rank ever holds the whole model: ``model.pt`` is written from weights gathered one
+parameter at a time (rank 0 copies each to CPU), a rollout engine with its own copy receives them
+one at a time too, and generation runs on the partitioned policy itself, every rank in lockstep
+(``HFGenerateEngine(synced=True)``).
 """
 
 from __future__ import annotations
@@ -117,7 +122,7 @@ class DeepSpeedBackend(TrainingBackend):
         DeepSpeed's ``is_external_param`` mark, the one it gives a parameter used outside its module
         (such parameters are left to whoever gathered them): this context partitions it on exit."""
         weight = lm_head_weight(model)
-        if not (self.zero3 and model is self.model):
+        if not (self.zero3 and self.engine is not None and model is self.model):  # whole weights
             yield weight
             return
         with self.deepspeed.zero.GatheredParameters([weight]), _held_by_caller(weight):
