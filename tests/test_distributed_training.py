@@ -1,5 +1,6 @@
 """The trainers on two gloo processes started from pytest: data parallel (plain and DeepSpeed ZeRO)
-and sequence parallel give the single-process results on the same global batch.
+and sequence parallel give the single-process results on the same global batch; under ZeRO-3 (tied LM
+head included) the saved weights, rollouts and evaluation answers are those of whole weights.
 
 Every rank builds the same tiny model and data from shared seeds and also runs the single-process
 reference itself, so each rank checks its own numbers. Process start-up (and DeepSpeed's
@@ -374,11 +375,12 @@ def _check_zero3_run(tmp):
         assert results[3][1][key] == results[0][1][key], key
     # engine log-probs against the trainer's recomputation: the same sampled tokens and numbers in both runs
     assert results[3][1]["engine_logprob_abs_diff_mean"] == pytest.approx(
-        results[0][1]["engine_logprob_abs_diff_mean"], abs=1e-7)
+        results[0][1]["engine_logprob_abs_diff_mean"], rel=1e-3)
 
     saved = AutoModelForCausalLM.from_pretrained(save_policy_folder(run), dtype=torch.float32)
     assert saved.get_output_embeddings().weight is saved.get_input_embeddings().weight
     _assert_same_weights(saved.state_dict(), run.backend.state_dict(), "ZeRO-3 HF folder", rtol=0, atol=0)
+
 
 def _all_checks(tmp: str):
     own, shared = Path(tmp) / f"rank{dist.get_rank()}", Path(tmp) / "shared"
