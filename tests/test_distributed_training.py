@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_trainers import VOCAB, _grpo_groups, random_pairs, tiny_model
 
+from qwenlong.rollout.engine import RolloutEngine
+
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
 # Weights after Adam steps at lr 1e-2: Adam divides by sqrt(v), so near-zero gradient entries turn fp32
 # summation-order differences into ~1e-6 weight differences. Adam is also blind to a global gradient scale,
@@ -109,7 +111,7 @@ def _check_plain_dp_grpo_update(tmp, budget: int):
 # --- rollouts split over ranks ------------------------------------------------------------------------------
 
 
-class _ScriptedEngine:
+class _ScriptedEngine(RolloutEngine):
     """Responses that depend on (prompt, seed, sample index) only; records which prompts it generated."""
 
     def __init__(self):
@@ -128,6 +130,9 @@ class _ScriptedEngine:
                 group.append(Completion(tokens, [-rng.random() for _ in tokens], "length"))
             out.append(group)
         return out
+
+    def update_weights(self, named_tensors):
+        raise AssertionError("the scripted engine has no weights to update")
 
 
 class _ScriptedReward:
@@ -355,7 +360,10 @@ def _check_zero3_run(tmp):
     results = {}
     for stage in (0, 3):
         folder = Path(tmp) / f"run-zero{stage}"
-        run = Run(load_config(TINY, [*SMALL, f"output.dir={folder}", f"distributed.deepspeed_stage={stage}"]))
+        # one prompt per RL step: rank 1 has none of its own, yet must generate in lockstep under ZeRO-3
+        one_prompt = ["rl.gen_prompts_per_step=1", "rl.train_prompts_per_step=1", "rl.mini_batch_size=1"]
+        run = Run(load_config(TINY, [*SMALL, *one_prompt, f"output.dir={folder}",
+                                     f"distributed.deepspeed_stage={stage}"]))
         with torch.no_grad():  # far from the initialisation, whose greedy answers are all alike
             generator = torch.Generator().manual_seed(5)
             for param in run.model.parameters():

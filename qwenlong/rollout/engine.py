@@ -59,6 +59,10 @@ class Completion:
 class RolloutEngine(ABC):
     """Generates responses for the trainer; implemented by HF ``generate`` and vLLM."""
 
+    # True when every rank must call ``generate`` together, even with no prompts of its own
+    # (generation on ZeRO-3-partitioned weights gathers each layer from all ranks)
+    synced: bool = False
+
     @abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
         """Sample ``params.n`` responses for each prompt (token ids, no padding).

@@ -125,7 +125,7 @@ class GRPOTrainer:
         ctx = self.ctx
         mine = prompts[ctx.dp_rank::ctx.dp_size] if ctx.sp_rank == 0 else []
         completions, scores = [], []
-        if mine:
+        if mine or self.engine.synced:
             completions = self.engine.generate([p.prompt_ids for p in mine], params)
             items = [RewardItem(p.data_source, self.decode(c.token_ids), p.ground_truth, p.question)
                      for p, group in zip(mine, completions, strict=True) for c in group]
