@@ -22,7 +22,8 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
     from qwenlong.pipeline.run import run_pipeline
 
     run = run_pipeline(_load(args), resume=args.resume)
-    print(f"report: {run.dir / 'report.md'}")
+    if run.ctx.is_main:  # rank 0 wrote it
+        print(f"report: {run.dir / 'report.md'}")
     return 0
 
 
