@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sys
 
 import pytest
@@ -204,6 +205,32 @@ def test_vllm_engine_without_vllm_says_how_to_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail even where it is installed
     with pytest.raises(ImportError, match=r"VLLMEngine needs vllm.*rollout\.engine=hf"):
         VLLMEngine("some/model")
+
+
+def test_vllm_weight_sync_streams_in_bounded_chunks():
+    from qwenlong.rollout.vllm_engine import weight_chunks
+
+    sizes = [random.randint(1, 40) for _ in range(30)] + [100]  # the last is larger than a chunk on its own
+    pulled = []
+
+    def stream():  # records how far the consumer has pulled
+        for i, n in enumerate(sizes):
+            pulled.append(i)
+            yield f"p{i}", torch.zeros(n, dtype=torch.float32)
+
+    limit = 64 * 4  # bytes: 64 fp32 values
+    seen = []
+    for chunk in weight_chunks(stream(), limit):
+        names = [name for name, _ in chunk]
+        assert pulled[-1] <= int(names[-1][1:]) + 1  # nothing read beyond the next pair
+        total = sum(t.numel() * 4 for _, t in chunk)
+        assert total <= limit or len(chunk) == 1
+        seen += names
+    assert seen == [f"p{i}" for i in range(len(sizes))]  # every pair once, in order
+    with pytest.raises(ValueError, match="weight_chunk_bytes"):
+        from qwenlong.rollout import VLLMEngine
+
+        VLLMEngine("some/model", weight_chunk_bytes=0)
 
 
 def test_vllm_engine_is_a_rollout_engine():

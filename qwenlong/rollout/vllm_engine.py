@@ -8,14 +8,16 @@ Not exercised by the CPU test suite (vllm is an optional extra). What to know:
   mass; ``logprob_mismatch`` makes that visible. The trainer recomputes old log-probs with
   its own kernels, so training never depends on these values.
 - Weight sync: ``update_weights`` hands the (name, tensor) pairs to the model's own
-  ``load_weights`` inside the engine (``LLM.apply_model``). That needs the model in this
-  process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) or vLLM's insecure-serialisation switch for
-  worker processes; a collective (NCCL) weight transfer is the path for large models.
+  ``load_weights`` inside the engine (``LLM.apply_model``), in chunks of at most
+  ``weight_chunk_bytes``, so a policy streamed one parameter at a time (ZeRO-3) is never held
+  whole. That needs the model in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) or vLLM's
+  insecure-serialisation switch for worker processes; a collective (NCCL) weight transfer is
+  the path for large models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,12 +32,17 @@ class VLLMEngine(RolloutEngine):
         model: name or path of the policy's initial weights (what ``vllm.LLM(model=...)`` takes).
         tensor_parallel_size: GPUs per engine.
         gpu_memory_utilization: share of GPU memory vLLM may take (the trainer needs the rest).
+        weight_chunk_bytes: most bytes of weights loaded per ``load_weights`` call in ``update_weights``.
         **engine_kwargs: passed on to ``vllm.LLM`` (e.g. ``max_model_len``, ``dtype``, ``seed``).
     """
 
     def __init__(
-        self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6, **engine_kwargs: Any
+        self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6,
+        weight_chunk_bytes: int = 1 << 30, **engine_kwargs: Any
     ) -> None:
+        if weight_chunk_bytes < 1:
+            raise ValueError(f"weight_chunk_bytes: must be >= 1, got {weight_chunk_bytes}")
+        self.weight_chunk_bytes = weight_chunk_bytes
         try:
             import vllm
         except ImportError as error:
@@ -76,5 +83,22 @@ class VLLMEngine(RolloutEngine):
         return groups
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        weights = list(named_tensors)
-        self.llm.apply_model(lambda model: model.load_weights(weights))
+        for chunk in weight_chunks(named_tensors, self.weight_chunk_bytes):
+            self.llm.apply_model(lambda model, chunk=chunk: model.load_weights(chunk))
+
+
+def weight_chunks(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                  max_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive (name, tensor) pairs grouped into lists of at most ``max_bytes`` (a larger tensor alone),
+    consuming the input lazily: at most one chunk is held at a time."""
+    chunk: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if chunk and size + nbytes > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append((name, tensor))
+        size += nbytes
+    if chunk:
+        yield chunk
