@@ -200,12 +200,21 @@ def test_teacher_response_is_right_with_the_given_probability(task):
         for record, text in zip(records, wrong, strict=True):
             quoted = text.split("The document says: ")[1].split("\n")[0]
             assert quoted in record.document and quoted not in record.metadata["evidence"]
+    # a wrong conclusion: the right reasoning, then the answer the evidence-following error gives
+    concluded = [teacher_response(r, 0.0, error="conclusion") for r in records]
+    assert not any(accurate(concluded))
+    for record, text, evidence_error in zip(records, concluded, wrong, strict=True):
+        thinking, answer = text.split("</think>")
+        assert thinking == reference_response(record).split("</think>")[0]
+        assert answer == evidence_error.split("</think>")[1]
     half = [teacher_response(r, 0.5, seed=3) for r in records]
     assert half == [teacher_response(r, 0.5, seed=3) for r in records]  # reproducible per record
     assert half != [teacher_response(r, 0.5, seed=4) for r in records]
     assert 0.40 <= sum(accurate(half)) / len(records) <= 0.60  # 300 draws: outside this band p < 1e-3
     with pytest.raises(ValueError, match="accuracy"):
         teacher_response(records[0], 1.5)
+    with pytest.raises(ValueError, match="error"):
+        teacher_response(records[0], 0.5, error="typo")
 
 
 def test_demo_tokenizer_round_trips_synthetic_text():

@@ -45,8 +45,10 @@ class SyntheticDataConfig:
 
     Document lengths (tokens) are spread uniformly over [min_document_tokens, max_document_tokens];
     ``num_distractor_facts`` is the difficulty knob (facts that are not asked about).
-    ``teacher_accuracy``: the fraction of warm-up SFT traces that are right; the others follow a
-    distractor, as some traces of a distilling teacher do (``qwenlong.data.synthetic.teacher_response``).
+    ``teacher_accuracy``: the fraction of warm-up SFT traces that are right; the others go wrong as
+    ``teacher_error`` says (``evidence``: follow a distractor throughout; ``conclusion``: quote the right
+    evidence, then answer a distractor's value), as some traces of a distilling teacher do
+    (``qwenlong.data.synthetic.teacher_response``).
     """
 
     task: Literal["copy_marked_fact", "retrieval", "multiple_choice", "arithmetic", "mixed"] = "retrieval"
@@ -57,6 +59,7 @@ class SyntheticDataConfig:
     num_distractor_facts: int = 3
     answer_vocab_size: int = 16
     teacher_accuracy: float = 1.0
+    teacher_error: Literal["evidence", "conclusion"] = "evidence"
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -16,8 +16,10 @@ the same whatever the batch size. Document length is measured with the given tok
 and lands within a few tokens of ``document_tokens``.
 
 ``teacher_response`` writes warm-up SFT traces as a distilling teacher would, right only with a
-given probability: a wrong trace follows a distractor (quotes it and answers its value) or, for
-arithmetic, applies the wrong operation. ``reference_response`` is the always-right teacher.
+given probability. A wrong trace either follows a distractor from the start (``evidence``: quotes
+it and answers its value; for arithmetic, applies the wrong operation) or quotes the right
+evidence and then concludes with a distractor's answer anyway (``conclusion``).
+``reference_response`` is the always-right teacher.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 from qwenlong.data.records import DocQARecord
 
 TASKS = ("copy_marked_fact", "retrieval", "multiple_choice", "arithmetic")
+TEACHER_ERRORS = ("evidence", "conclusion")
 DATA_SOURCES = {"copy_marked_fact": "synthetic_copy", "retrieval": "synthetic_retrieval",
                 "multiple_choice": "synthetic_choice", "arithmetic": "synthetic_arithmetic"}
 
@@ -253,19 +256,23 @@ def reference_response(record: DocQARecord) -> str:
     return _trace(record, record.metadata.get("reasoning", ""), record.answer)
 
 
-def teacher_response(record: DocQARecord, accuracy: float = 1.0, seed: int = 0) -> str:
+def teacher_response(record: DocQARecord, accuracy: float = 1.0, seed: int = 0, error: str = "evidence") -> str:
     """A warm-up SFT trace from a teacher that is right with probability ``accuracy``.
 
     Distilled warm-up data is not all correct, and imitation copies the teacher's mistakes along
-    with its skill; removing them is what RL on a verifiable reward is for. A wrong trace is one
-    of the record's ``wrong_traces`` (following a distractor fact, or the wrong operation). The
-    draw is reproducible per (seed, record id); records without a wrong trace are always right.
+    with its skill; removing them is what RL on a verifiable reward is for. A wrong trace takes
+    one of the record's ``wrong_traces`` (a distractor, or the wrong operation): all of it for
+    ``error="evidence"``, only its final answer after the right reasoning for ``"conclusion"``.
+    The draw is reproducible per (seed, record id); records without a wrong trace are always right.
     """
     if not 0.0 <= accuracy <= 1.0:
         raise ValueError(f"accuracy: must be in [0, 1], got {accuracy}")
+    if error not in TEACHER_ERRORS:
+        raise ValueError(f"error: expected one of {TEACHER_ERRORS}, got {error!r}")
     rng = random.Random(f"qwenlong-teacher:{seed}:{record.id}")
     wrong = record.metadata.get("wrong_traces") or []
     if rng.random() < accuracy or not wrong:
         return reference_response(record)
     trace = rng.choice(wrong)
-    return _trace(record, trace["reasoning"], trace["answer"])
+    reasoning = trace["reasoning"] if error == "evidence" else record.metadata.get("reasoning", "")
+    return _trace(record, reasoning, trace["answer"])

@@ -102,13 +102,13 @@ def prompt_ids(tokenizer: Any, record: DocQARecord) -> list[int]:
     return list(apply_chat_template(tokenizer, record_prompt(record), tokenize=True))
 
 
-def sft_examples(tokenizer: Any, records: list[DocQARecord], teacher_accuracy: float = 1.0,
-                 seed: int = 0) -> list[tuple[list[int], list[int]]]:
+def sft_examples(tokenizer: Any, records: list[DocQARecord], teacher_accuracy: float = 1.0, seed: int = 0,
+                 teacher_error: str = "evidence") -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids ending with EOS) pairs for warm-up SFT, from a teacher right with
-    probability ``teacher_accuracy`` (1: the reference traces)."""
+    probability ``teacher_accuracy`` (1: the reference traces; ``teacher_response`` says how it errs)."""
     out = []
     for record in records:
-        response = teacher_response(record, teacher_accuracy, seed) + tokenizer.eos_token
+        response = teacher_response(record, teacher_accuracy, seed, teacher_error) + tokenizer.eos_token
         out.append((prompt_ids(tokenizer, record), tokenizer(response, add_special_tokens=False)["input_ids"]))
     return out
 
