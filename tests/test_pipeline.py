@@ -100,3 +100,24 @@ def test_sft_killed_and_resumed_matches_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_sft_teacher_accuracy_falls_linearly_with_document_length():
+    from qwenlong.config import load_config
+    from qwenlong.data import reference_response
+    from qwenlong.pipeline import build
+
+    cfg = load_config(TINY, ["data.synthetic.num_train=600", "data.synthetic.min_document_tokens=64",
+                             "data.synthetic.max_document_tokens=264", "data.synthetic.teacher_accuracy=0.0",
+                             "data.synthetic.teacher_accuracy_shortest=1.0"])
+    records = build.synthetic_records(cfg, "train")  # lengths in words without a tokenizer: the span is a guide
+    respond = build.sft_teacher(cfg)
+    position = [(r.metadata["document_tokens"] - 64) / 200 for r in records]
+    right = [respond(r) == reference_response(r) for r in records]
+    for low, high, expected in [(-1, 0.15, 0.925), (0.4, 0.6, 0.5), (0.85, 2, 0.075)]:
+        picked = [ok for ok, p in zip(right, position, strict=True) if low <= p < high]
+        assert len(picked) > 40 and abs(sum(picked) / len(picked) - expected) < 0.2, (low, high)
+    assert all(ok for ok, p in zip(right, position, strict=True) if p <= 0)  # accuracy 1 at the shortest
+    assert not any(ok for ok, p in zip(right, position, strict=True) if p >= 1)  # and 0 at the longest
+    constant = build.sft_teacher(load_config(TINY, ["data.synthetic.teacher_accuracy=1.0"]))
+    assert all(constant(r) == reference_response(r) for r in records[:50])

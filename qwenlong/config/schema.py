@@ -48,7 +48,9 @@ class SyntheticDataConfig:
     ``teacher_accuracy``: the fraction of warm-up SFT traces that are right; the others go wrong as
     ``teacher_error`` says (``evidence``: follow a distractor throughout; ``conclusion``: quote the right
     evidence, then answer a distractor's value), as some traces of a distilling teacher do
-    (``qwenlong.data.synthetic.teacher_response``).
+    (``qwenlong.data.synthetic.teacher_response``). With ``teacher_accuracy_shortest`` set, the
+    teacher's accuracy falls linearly with document length, from that value at the shortest
+    documents to ``teacher_accuracy`` at the longest (a teacher that loses track in long inputs).
     """
 
     task: Literal["copy_marked_fact", "retrieval", "multiple_choice", "arithmetic", "mixed"] = "retrieval"
@@ -59,12 +61,15 @@ class SyntheticDataConfig:
     num_distractor_facts: int = 3
     answer_vocab_size: int = 16
     teacher_accuracy: float = 1.0
+    teacher_accuracy_shortest: float | None = None
     teacher_error: Literal["evidence", "conclusion"] = "evidence"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.teacher_accuracy <= 1.0:
-            raise ValueError(f"teacher_accuracy: must be in [0, 1], got {self.teacher_accuracy}")
+        for key in ("teacher_accuracy", "teacher_accuracy_shortest"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"{key}: must be in [0, 1], got {value}")
         if not 64 <= self.min_document_tokens <= self.max_document_tokens:
             raise ValueError(
                 f"min_document_tokens: expected 64 <= min_document_tokens <= max_document_tokens, "

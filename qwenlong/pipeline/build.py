@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,15 +103,32 @@ def prompt_ids(tokenizer: Any, record: DocQARecord) -> list[int]:
     return list(apply_chat_template(tokenizer, record_prompt(record), tokenize=True))
 
 
-def sft_examples(tokenizer: Any, records: list[DocQARecord], teacher_accuracy: float = 1.0, seed: int = 0,
-                 teacher_error: str = "evidence") -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids ending with EOS) pairs for warm-up SFT, from a teacher right with
-    probability ``teacher_accuracy`` (1: the reference traces; ``teacher_response`` says how it errs)."""
+def sft_examples(tokenizer: Any, records: list[DocQARecord],
+                 respond: Callable[[DocQARecord], str] = reference_response) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids ending with EOS) pairs for warm-up SFT, responses written by ``respond``."""
     out = []
     for record in records:
-        response = teacher_response(record, teacher_accuracy, seed, teacher_error) + tokenizer.eos_token
+        response = respond(record) + tokenizer.eos_token
         out.append((prompt_ids(tokenizer, record), tokenizer(response, add_special_tokens=False)["input_ids"]))
     return out
+
+
+def sft_teacher(cfg: Config) -> Callable[[DocQARecord], str]:
+    """Who writes the warm-up traces: the reference, or for synthetic data the configured imperfect
+    teacher, whose accuracy may fall linearly with document length (``teacher_accuracy_shortest`` at the
+    shortest documents, ``teacher_accuracy`` at the longest)."""
+    synth = cfg.data.synthetic
+    if synth is None or cfg.data.sft_files:
+        return reference_response
+    shortest = synth.teacher_accuracy if synth.teacher_accuracy_shortest is None else synth.teacher_accuracy_shortest
+    span = max(synth.max_document_tokens - synth.min_document_tokens, 1)
+
+    def respond(record: DocQARecord) -> str:
+        position = min(max((record.metadata["document_tokens"] - synth.min_document_tokens) / span, 0.0), 1.0)
+        accuracy = shortest + (synth.teacher_accuracy - shortest) * position
+        return teacher_response(record, accuracy, cfg.seed, synth.teacher_error)
+
+    return respond
 
 
 def rl_examples(tokenizer: Any, records: list[DocQARecord]) -> list[PromptExample]:

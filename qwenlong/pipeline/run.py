@@ -151,10 +151,7 @@ def _sft(run: Run) -> None:
         return
     records = build.load_split(cfg, "sft", run.tokenizer)
     budget = min(cfg.sft.token_budget * cfg.distributed.sp_size, cfg.sft.max_seq_len)
-    synth = cfg.data.synthetic
-    teacher = (synth.teacher_accuracy, synth.teacher_error) if synth is not None and not cfg.data.sft_files \
-        else (1.0, "evidence")
-    examples = [e for e in build.sft_examples(run.tokenizer, records, teacher[0], cfg.seed, teacher[1])
+    examples = [e for e in build.sft_examples(run.tokenizer, records, build.sft_teacher(cfg))
                 if len(e[0]) + len(e[1]) <= budget]
     trainer = SFTTrainer(run.model, examples, cfg.sft, output_dir=run.dir, seed=cfg.seed, logger=run.logger,
                          save_every_steps=cfg.output.save_every_steps, backend=run.backend)
