@@ -57,6 +57,7 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path):
     assert "long-docs" in state["carried"]  # retrospective sampling decided on every earlier example
     report = (out / "report.md").read_text()
     assert "Held-out accuracy" in report and "after-long-docs" in report and "Gains between stages" in report
+    assert "Accuracy by input length" in report
     gains = json.loads((out / "gains.json").read_text())
     assert [(g["from"], g["to"]) for g in gains] == [
         ("untrained", "after-sft"), ("after-sft", "after-short-docs"), ("after-short-docs", "after-long-docs"),
@@ -121,3 +122,29 @@ def test_sft_teacher_accuracy_falls_linearly_with_document_length():
     assert not any(ok for ok, p in zip(right, position, strict=True) if p >= 1)  # and 0 at the longest
     constant = build.sft_teacher(load_config(TINY, ["data.synthetic.teacher_accuracy=1.0"]))
     assert all(constant(r) == reference_response(r) for r in records[:50])
+
+
+def test_length_table_splits_items_into_equal_thirds_by_input_length(tmp_path):
+    import random
+
+    from qwenlong.pipeline.report import length_table
+
+    rng = random.Random()
+    items = [(f"id{i}", rng.randint(50, 500)) for i in range(30)]
+    truth = {}
+    for label in ("before", "after"):
+        rows = []
+        for item, tokens in items:
+            for sample in range(2):
+                truth[label, item, sample] = rng.random() < 0.5
+                rows.append({"benchmark": "b", "id": item, "sample": sample, "input_tokens": tokens,
+                             "accurate": truth[label, item, sample]})
+        (tmp_path / "eval" / label).mkdir(parents=True)
+        (tmp_path / "eval" / label / "predictions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    header, _, *body = length_table(tmp_path, ["before", "after"])
+    ordered = sorted(items, key=lambda x: (x[1], ("b", x[0])))
+    thirds = [ordered[:10], ordered[10:20], ordered[20:]]
+    assert header.count("(10 items)") == 3 and f"{thirds[0][0][1]}-{thirds[0][-1][1]} tokens" in header
+    for label, row in zip(("before", "after"), body, strict=True):
+        expected = [100 * sum(truth[label, i, s] for i, _ in third for s in range(2)) / 20 for third in thirds]
+        assert row == f"| {label} | " + " | ".join(f"{e:.1f}" for e in expected) + " |"

@@ -1,6 +1,6 @@
-"""The run report: markdown with the evaluation table, the paired gains between stages, the
-phases, what retrospective sampling carried, and PNG plots of reward, accuracy and response
-length per step."""
+"""The run report: markdown with the evaluation table, accuracy by input length, the paired gains
+between stages, the phases, what retrospective sampling carried, and PNG plots of reward,
+accuracy and response length per step."""
 
 from __future__ import annotations
 
@@ -55,13 +55,32 @@ def compared_stages(labels: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+def _predictions(run_dir: Path, label: str) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "eval" / label / "predictions.jsonl").read_text().splitlines()]
+
+
 def _item_scores(run_dir: Path, label: str) -> dict[tuple[str, str], float]:
     """Each item's fraction of accurate answers (its correctness when it has one answer)."""
     answers: dict[tuple[str, str], list[bool]] = {}
-    for line in (run_dir / "eval" / label / "predictions.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in _predictions(run_dir, label):
         answers.setdefault((row["benchmark"], row["id"]), []).append(row["accurate"])
     return {item: sum(outcomes) / len(outcomes) for item, outcomes in answers.items()}
+
+
+def length_table(run_dir: Path, labels: list[str], bins: int = 3) -> list[str]:
+    """Markdown rows: each stage's accuracy (percent) on the held-out items split into ``bins``
+    equal-count groups by input length, shortest first (where along the curriculum a stage helps)."""
+    lengths = {(row["benchmark"], row["id"]): row["input_tokens"] for row in _predictions(run_dir, labels[0])}
+    ordered = sorted(lengths, key=lambda item: (lengths[item], item))
+    groups = [ordered[len(ordered) * b // bins: len(ordered) * (b + 1) // bins] for b in range(bins)]
+    groups = [g for g in groups if g]
+    titles = [f"{lengths[g[0]]}-{lengths[g[-1]]} tokens ({len(g)} items)" for g in groups]
+    lines = ["| stage | " + " | ".join(titles) + " |", "|---|" + "---|" * len(groups)]
+    for label in labels:
+        scores = _item_scores(run_dir, label)
+        cells = [f"{100.0 * sum(scores[i] for i in g) / len(g):.1f}" for g in groups]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def stage_gains(run_dir: Path, labels: list[str]) -> dict[tuple[str, str], PairedGain]:
@@ -103,6 +122,9 @@ def write_report(run) -> Path:
     lines = [f"# qwenlong run: {run.dir}", "", f"Wall time: {state.get('wall_time_s', 0.0) / 60:.1f} min", "",
              "## Held-out accuracy", "", "| stage | accuracy (%) |", "|---|---|"]
     lines += [f"| {label} | {result['average']:.1f} |" for label, result in state["evals"].items()]
+    if state["evals"]:
+        lines += ["", "## Accuracy by input length (held-out items in equal thirds)", "",
+                  *length_table(run.dir, list(state["evals"]))]
     gains = stage_gains(run.dir, list(state["evals"]))
     if gains:
         lines += _gain_lines(gains, cfg.eval)
