@@ -17,8 +17,8 @@ and lands within a few tokens of ``document_tokens``.
 
 ``teacher_response`` writes warm-up SFT traces as a distilling teacher would, right only with a
 given probability. A wrong trace either follows a distractor from the start (``evidence``: quotes
-it and answers its value; for arithmetic, applies the wrong operation) or quotes the right
-evidence and then concludes with a distractor's answer anyway (``conclusion``).
+it and answers its value; for arithmetic, misreads a number) or quotes the right evidence and
+then concludes with a distractor's answer anyway (``conclusion``).
 ``reference_response`` is the always-right teacher.
 """
 
@@ -123,16 +123,19 @@ def _facts(task: str, config: SyntheticConfig, rng: random.Random) -> dict[str, 
             other = rng.choice([c for c in _COMPANIES if c != company])
             distractors.append(f"In {rng.randint(2001, 2021)}, {other} reported revenue of "
                                f"{rng.randint(100, 999)} million dollars.")
-        total, change = (str(a + b), f"{a} + {b} = {a + b}"), (str(b - a), f"{b} - {a} = {b - a}")
+        # a wrong trace misreads one number by 100, in the direction that moves the result away from
+        # the gold (a sign flip or a factor of ten would pass the numeric rule)
         if rng.random() < 0.5:
             question = f"What was the total revenue of {company} in {year} and {year + 1}, in million dollars?"
-            (answer, reasoning), wrong = total, change
+            answer, reasoning = str(a + b), f"{a} + {b} = {a + b}"
+            wrong = {"reasoning": f"{a + 100} + {b} = {a + b + 100}", "answer": str(a + b + 100)}
         else:
             question = f"By how much did the revenue of {company} change from {year} to {year + 1}, in million dollars?"
-            (answer, reasoning), wrong = change, total
+            answer, reasoning = str(b - a), f"{b} - {a} = {b - a}"
+            wrong = ({"reasoning": f"{b + 100} - {a} = {b - a + 100}", "answer": str(b - a + 100)} if b >= a
+                     else {"reasoning": f"{b} - {a + 100} = {b - a - 100}", "answer": str(b - a - 100)})
         return {"asked": asked, "distractors": distractors, "question": question, "answers": (answer,),
-                "choices": (), "reasoning": reasoning,
-                "wrong_traces": [{"reasoning": wrong[1], "answer": wrong[0]}]}
+                "choices": (), "reasoning": reasoning, "wrong_traces": [wrong]}
 
     values = rng.sample(vocab, min(len(vocab), 1 + config.num_distractor_facts))
     values += [rng.choice(vocab) for _ in range(1 + config.num_distractor_facts - len(values))]
@@ -261,7 +264,7 @@ def teacher_response(record: DocQARecord, accuracy: float = 1.0, seed: int = 0, 
 
     Distilled warm-up data is not all correct, and imitation copies the teacher's mistakes along
     with its skill; removing them is what RL on a verifiable reward is for. A wrong trace takes
-    one of the record's ``wrong_traces`` (a distractor, or the wrong operation): all of it for
+    one of the record's ``wrong_traces`` (a distractor, or a misread number): all of it for
     ``error="evidence"``, only its final answer after the right reasoning for ``"conclusion"``.
     The draw is reproducible per (seed, record id); records without a wrong trace are always right.
     """
