@@ -104,8 +104,9 @@ def _gain_lines(gains: dict[tuple[str, str], PairedGain], eval_cfg) -> list[str]
         decoding += f", {k} answers per item (an item scores its fraction of accurate answers)"
         method = ("The interval is the normal one on the mean paired difference, the p-value the exact "
                   "two-sided sign test on the items whose score changed")
+    covered = "the choice of held-out items" + (" and the sampling" if eval_cfg.temperature > 0 else "")
     lines = ["", "## Gains between stages (paired, same held-out items)", "",
-             f"Decoding: {decoding}. {method}; both cover the choice of held-out items and sampling, "
+             f"Decoding: {decoding}. {method}; both cover {covered}, "
              "not the training seed (see the seed study in the README).", "",
              "| from | to | items | accuracy before | after | gain (points) | 95% interval | improved / regressed "
              "| p |",
