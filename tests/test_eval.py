@@ -174,6 +174,19 @@ def test_openai_generate_sends_protocol_sampling():
     assert {(p["temperature"], p["top_p"], p["max_tokens"], p["model"]) for p in seen} == {(0.7, 0.95, 100, "policy")}
 
 
+def test_openai_generate_gives_repeated_prompts_their_own_seeds():
+    seen = []
+
+    def reply(messages, params):
+        seen.append((messages[-1]["content"], params["seed"]))
+        return "Therefore, the answer is x."
+
+    with ChatServer(reply, model="policy") as server:
+        generate = openai_generate_fn(server.url, "policy", sampling=Sampling(max_new_tokens=8, seed=5))
+        generate(["a", "a", "b", "a"])
+    assert sorted(seen) == [("a", 5), ("a", 6), ("a", 7), ("b", 5)]
+
+
 @pytest.mark.slow
 def test_cli_synthetic_smoke_with_tiny_model(tmp_path):
     from qwenlong.eval import cli

@@ -59,11 +59,11 @@ def openai_generate_fn(base_url: str, model: str, *, api_key: str | None = None,
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    async def one(client: httpx.AsyncClient, semaphore: asyncio.Semaphore, prompt: str) -> str:
+    async def one(client: httpx.AsyncClient, semaphore: asyncio.Semaphore, prompt: str, repeat: int) -> str:
         body = {"model": model, "messages": [{"role": "user", "content": prompt}],
                 "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
-        if sampling.seed is not None:
-            body["seed"] = sampling.seed
+        if sampling.seed is not None:  # the same seed would give a repeated prompt the same answer
+            body["seed"] = sampling.seed + repeat
         async with semaphore:
             response = await client.post("/chat/completions", json=body)
         response.raise_for_status()
@@ -76,6 +76,7 @@ def openai_generate_fn(base_url: str, model: str, *, api_key: str | None = None,
     async def batch(prompts: Sequence[str]) -> list[str]:
         semaphore = asyncio.Semaphore(max_concurrency)
         async with httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout) as client:
-            return list(await asyncio.gather(*(one(client, semaphore, p) for p in prompts)))
+            return list(await asyncio.gather(*(one(client, semaphore, p, prompts[:i].count(p))
+                                               for i, p in enumerate(prompts))))
 
     return lambda prompts: run_sync(batch(prompts))
