@@ -9,6 +9,7 @@ to the input budget), response texts out. One per way of running a model:
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,7 +77,11 @@ def openai_generate_fn(base_url: str, model: str, *, api_key: str | None = None,
     async def batch(prompts: Sequence[str]) -> list[str]:
         semaphore = asyncio.Semaphore(max_concurrency)
         async with httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout) as client:
-            return list(await asyncio.gather(*(one(client, semaphore, p, prompts[:i].count(p))
-                                               for i, p in enumerate(prompts))))
+            seen: Counter[str] = Counter()
+            calls = []
+            for p in prompts:  # each call learns how often its prompt came before (avg@k repeats prompts)
+                calls.append(one(client, semaphore, p, seen[p]))
+                seen[p] += 1
+            return list(await asyncio.gather(*calls))
 
     return lambda prompts: run_sync(batch(prompts))
