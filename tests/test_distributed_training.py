@@ -349,21 +349,25 @@ def _check_zero3_generation(backend):
 
 def _check_zero3_run(tmp):
     """A ZeRO-3 run generates with its partitioned (tied) policy, every rank in lockstep: its held-out answers
-    and its first RL step's rollouts are those of a run with whole weights on every rank (deepspeed_stage 0,
-    where rank 0 alone evaluates); the HF folder it saves for vLLM holds its weights."""
+    and its first RL step's rollouts are those of a run with whole weights on every rank (deepspeed_stage 0);
+    in both, each rank answers its share of the held-out prompts, and the answers are those of one process
+    answering them all. The HF folder it saves for vLLM holds its weights."""
     from test_pipeline import SMALL, TINY
     from transformers import AutoModelForCausalLM
 
     from qwenlong.config import load_config
-    from qwenlong.pipeline.run import Run, _rl, save_policy_folder
+    from qwenlong.eval import evaluate, hf_generate_fn
+    from qwenlong.eval.generation import Sampling
+    from qwenlong.pipeline import build
+    from qwenlong.pipeline.run import GENERATION_ATTENTION, Run, _rl, save_policy_folder
 
     results = {}
     for stage in (0, 3):
         folder = Path(tmp) / f"run-zero{stage}"
         # one prompt per RL step: rank 1 has none of its own, yet must generate in lockstep under ZeRO-3
         one_prompt = ["rl.gen_prompts_per_step=1", "rl.train_prompts_per_step=1", "rl.mini_batch_size=1"]
-        run = Run(load_config(TINY, [*SMALL, *one_prompt, f"output.dir={folder}",
-                                     f"distributed.deepspeed_stage={stage}"]))
+        run = Run(load_config(TINY, [*SMALL, *one_prompt, f"output.dir={folder}", "eval.temperature=0.0",
+                                     "eval.samples_per_prompt=1", f"distributed.deepspeed_stage={stage}"]))
         with torch.no_grad():  # far from the initialisation, whose greedy answers are all alike
             generator = torch.Generator().manual_seed(5)
             for param in run.model.parameters():
@@ -373,9 +377,18 @@ def _check_zero3_run(tmp):
                               grad_clip=1.0)
             assert run.model.get_output_embeddings().weight.numel() == 0
         run.evaluate("untrained")
-        _rl(run)
         answers = [json.loads(line)["response"]
                    for line in (folder / "eval" / "untrained" / "predictions.jsonl").read_text().splitlines()]
+        if stage == 0:  # whole weights on each rank: one process can answer every prompt alone
+            ev = run.cfg.eval
+            one_process = evaluate({"heldout": build.load_split(run.cfg, "eval", run.tokenizer)},
+                                   hf_generate_fn(run.model, run.tokenizer, Sampling(ev.max_output_tokens, seed=0,
+                                                                                      temperature=0.0),
+                                                  max_batch_size=64, generation_attention=GENERATION_ATTENTION),
+                                   run.tokenizer, max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True,
+                                   batch_size=64, progress=False)
+            assert answers == [row["response"] for row in one_process.predictions]
+        _rl(run)
         steps = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         results[stage] = answers, next(step for step in steps if step["stage"].startswith("rl/"))
     assert results[3][0] == results[0][0] and len(results[0][0]) == 4 and len(set(results[0][0])) > 1

@@ -18,7 +18,14 @@ from qwenlong.data import (
     write_jsonl,
     write_parquet,
 )
-from qwenlong.eval import BENCHMARKS, evaluate, find_benchmark_files, load_benchmark, openai_generate_fn
+from qwenlong.eval import (
+    BENCHMARKS,
+    evaluate,
+    find_benchmark_files,
+    load_benchmark,
+    openai_generate_fn,
+    sharded_generate_fn,
+)
 from qwenlong.eval.generation import Sampling
 from qwenlong.rewards import HybridReward
 from qwenlong.rewards.judge import Judge
@@ -158,6 +165,29 @@ def test_generate_must_return_one_response_per_prompt(qwen):
     records = list(generate_records(2, SyntheticConfig(document_tokens=100), tokenizer=qwen))
     with pytest.raises(ValueError, match="generate"):
         evaluate({"x": records}, lambda prompts: ["only one"], qwen, progress=False)
+
+
+@pytest.mark.parametrize("num_prompts", [0, 2, 7, 12])
+def test_sharded_generate_answers_each_prompt_once_in_order(num_prompts):
+    """Three ranks, simulated: each generates only its share, and every rank gets all answers in order."""
+    import random
+
+    prompts = [f"prompt {random.random():.6f} #{i}" for i in range(num_prompts)]
+    world, asked = 3, {}
+
+    def generate_on(rank):
+        def generate(share):
+            asked[rank] = list(share)
+            return [f"answer to {p} by {rank}" for p in share]
+        return generate
+
+    shares = [generate_on(rank)(prompts[rank::world]) for rank in range(world)]
+    for rank in range(world):
+        answers = sharded_generate_fn(generate_on(rank), rank, world, lambda mine: shares)(prompts)
+        assert answers == [f"answer to {p} by {i % world}" for i, p in enumerate(prompts)]
+        assert asked[rank] == prompts[rank::world]
+    with pytest.raises(ValueError, match="rank"):
+        sharded_generate_fn(generate_on(0), 3, world, lambda mine: shares)
 
 
 def test_openai_generate_sends_protocol_sampling():

@@ -4,6 +4,8 @@ to the input budget), response texts out. One per way of running a model:
 * :func:`hf_generate_fn`: an in-process HF model through the rollout engine (CPU or GPU);
 * :func:`openai_generate_fn`: any OpenAI-compatible server (``vllm serve``, SGLang, an API),
   which applies the model's chat template itself.
+
+:func:`sharded_generate_fn` splits each call over the ranks of a multi-process run.
 """
 
 from __future__ import annotations
@@ -49,6 +51,24 @@ def hf_generate_fn(model: Any, tokenizer: Any, sampling: Sampling = Sampling(), 
         return [tokenizer.decode(group[0].token_ids, skip_special_tokens=True) for group in groups]
 
     return generate
+
+
+def sharded_generate_fn(generate: GenerateFn, rank: int, world_size: int,
+                        gather: Callable[[Any], list[Any]]) -> GenerateFn:
+    """``generate`` with each call's prompts split over ``world_size`` ranks: rank r answers prompts
+    r, r + world_size, ..., and ``gather`` (every rank's object, in rank order) gives every rank all the
+    answers in prompt order. Every rank calls it together, with the same prompts."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+
+    def generate_share(prompts: Sequence[str]) -> list[str]:
+        shares = gather(generate(list(prompts[rank::world_size])))
+        answers: list[str] = [""] * len(prompts)
+        for owner, share in enumerate(shares):
+            answers[owner::world_size] = share
+        return answers
+
+    return generate_share
 
 
 def openai_generate_fn(base_url: str, model: str, *, api_key: str | None = None, sampling: Sampling = Sampling(),

@@ -22,7 +22,7 @@ from qwenlong.config import Config, save_config
 from qwenlong.curriculum import RewardHistory, examples_for_phase, select_retrospective
 from qwenlong.distributed import build_backend, init_distributed
 from qwenlong.eval import evaluate
-from qwenlong.eval.generation import Sampling, hf_generate_fn
+from qwenlong.eval.generation import Sampling, hf_generate_fn, sharded_generate_fn
 from qwenlong.pipeline import build
 from qwenlong.rewards import HybridReward
 from qwenlong.rewards.judge import make_judge
@@ -86,20 +86,23 @@ class Run:
         return stage in self.state["done"]
 
     def evaluate(self, label: str) -> float:
-        """Accuracy (percent) on the held-out split, recorded under ``label``."""
+        """Accuracy (percent) on the held-out split, recorded under ``label``. Every rank answers its share
+        of the prompts (under ZeRO-3 in lockstep); rank 0 scores all the answers and writes the report."""
         if self.done(f"eval:{label}"):
             return self.state["evals"][label]["average"]
-        synced = self.synced_generation
+        ev = self.cfg.eval
+        records = build.load_split(self.cfg, "eval", self.tokenizer)
+        sampling = Sampling(ev.max_output_tokens, ev.temperature, ev.top_p, seed=self.cfg.seed)
+        generate = hf_generate_fn(self.model, self.tokenizer, sampling, max_batch_size=64,
+                                  generation_attention=GENERATION_ATTENTION, synced=self.synced_generation)
+        if self.ctx.world_size > 1:
+            generate = sharded_generate_fn(generate, self.ctx.rank, self.ctx.world_size, self.ctx.gather)
+        # the other ranks' reports are dropped: they score by rule only, so a judge is asked once per answer
+        reward = build_reward(self.cfg) if self.ctx.is_main else HybridReward()
+        report = evaluate({"heldout": records}, generate, self.tokenizer, reward=reward,
+                          max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True, batch_size=64,
+                          samples_per_prompt=ev.samples_per_prompt, progress=self.ctx.is_main)
         result = None
-        if self.ctx.is_main or synced:  # rank 0 evaluates (under ZeRO-3 all ranks, the same prompts), the others wait
-            ev = self.cfg.eval
-            records = build.load_split(self.cfg, "eval", self.tokenizer)
-            sampling = Sampling(ev.max_output_tokens, ev.temperature, ev.top_p, seed=self.cfg.seed)
-            generate = hf_generate_fn(self.model, self.tokenizer, sampling, max_batch_size=64,
-                                      generation_attention=GENERATION_ATTENTION, synced=synced)
-            report = evaluate({"heldout": records}, generate, self.tokenizer, reward=build_reward(self.cfg),
-                              max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True, batch_size=64,
-                              samples_per_prompt=ev.samples_per_prompt, progress=self.ctx.is_main)
         if self.ctx.is_main:
             report.write(self.dir / "eval" / label)
             result = report.to_json()
