@@ -172,6 +172,34 @@ def test_synthetic_difficulty_knobs():
         make_record(0, SyntheticConfig(document_tokens=64, num_distractor_facts=20))
 
 
+@pytest.mark.parametrize("task", ["copy_marked_fact", "retrieval", "multiple_choice"])
+def test_synthetic_distractor_values_from_other_words(task):
+    """With distractor_values="other", no distractor fact holds an answer word, so the document's only
+    answer word is the answer; "shared" draws them from the answer words."""
+    from qwenlong.data.synthetic import ANSWER_WORDS
+
+    seed = random.randrange(1000)
+    vocab = 12
+    for mode in ("other", "shared"):
+        config = SyntheticConfig(task=task, document_tokens=200, num_distractor_facts=4, answer_vocab_size=vocab,
+                                 distractor_values=mode)
+        records = list(generate_records(200, config, seed=seed))
+        distractors = [[fact for fact in r.document.replace(". ", ".|").split("|")
+                        if fact.startswith("The code of") and fact != r.metadata["evidence"][0]] for r in records]
+        assert all(len(facts) == 4 for facts in distractors)
+        distractor_words = {fact[:-1].split(" is ")[1] for facts in distractors for fact in facts}
+        if mode == "other":
+            assert distractor_words <= set(ANSWER_WORDS[vocab:]) and len(distractor_words) > 10
+            for record in records:  # a wrong trace names a word that is never an answer
+                assert all(t["answer"] not in record.answers for t in record.metadata["wrong_traces"])
+        else:
+            assert distractor_words <= set(ANSWER_WORDS[:vocab])
+    with pytest.raises(ValueError, match="distractor_values"):
+        SyntheticConfig(distractor_values="nope")
+    with pytest.raises(ValueError, match="answer_vocab_size"):
+        SyntheticConfig(distractor_values="other", answer_vocab_size=len(ANSWER_WORDS))
+
+
 def test_reference_response_has_method_format():
     record = make_record(0, SyntheticConfig(task="multiple_choice"))
     response = reference_response(record)

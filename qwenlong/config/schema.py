@@ -44,7 +44,9 @@ class SyntheticDataConfig:
     """Generated DocQA-style data (``qwenlong.data.synthetic``, nothing downloaded).
 
     Document lengths (tokens) are spread uniformly over [min_document_tokens, max_document_tokens];
-    ``num_distractor_facts`` is the difficulty knob (facts that are not asked about).
+    ``num_distractor_facts`` is the difficulty knob (facts that are not asked about);
+    ``distractor_values`` says whether their values are answer words too (``shared``: the reader must
+    bind the asked key to its value) or never are (``other``: see ``qwenlong.data.SyntheticConfig``).
     ``teacher_accuracy``: the fraction of warm-up SFT traces that are right; the others go wrong as
     ``teacher_error`` says (``evidence``: follow a distractor throughout; ``conclusion``: quote the right
     evidence, then answer a distractor's value), as some traces of a distilling teacher do
@@ -60,6 +62,7 @@ class SyntheticDataConfig:
     max_document_tokens: int = 1024
     num_distractor_facts: int = 3
     answer_vocab_size: int = 16
+    distractor_values: Literal["shared", "other"] = "shared"
     teacher_accuracy: float = 1.0
     teacher_accuracy_shortest: float | None = None
     teacher_error: Literal["evidence", "conclusion"] = "evidence"

@@ -34,6 +34,7 @@ from qwenlong.data.records import DocQARecord
 
 TASKS = ("copy_marked_fact", "retrieval", "multiple_choice", "arithmetic")
 TEACHER_ERRORS = ("evidence", "conclusion")
+DISTRACTOR_VALUES = ("shared", "other")
 DATA_SOURCES = {"copy_marked_fact": "synthetic_copy", "retrieval": "synthetic_retrieval",
                 "multiple_choice": "synthetic_choice", "arithmetic": "synthetic_arithmetic"}
 
@@ -65,6 +66,10 @@ class SyntheticConfig:
     answer_vocab_size: values are drawn from the first this-many ANSWER_WORDS.
     num_choices: options per multiple-choice question.
     fact_position: where the asked fact sits, as a fraction of the document; None = random.
+    distractor_values: "shared": distractor facts draw their values from the answer words too, so
+        a reader must tell which fact holds the answer (for ``copy_marked_fact``, the marked one: a
+        key->value binding a tiny model learns slowly); "other": from the remaining ANSWER_WORDS,
+        never an answer, so copying the one answer word of the document is enough.
     """
 
     task: str = "retrieval"
@@ -73,6 +78,7 @@ class SyntheticConfig:
     answer_vocab_size: int = 16
     num_choices: int = 4
     fact_position: float | None = None
+    distractor_values: str = "shared"
 
     def __post_init__(self):
         if self.task not in TASKS + ("mixed",):
@@ -87,6 +93,11 @@ class SyntheticConfig:
             raise ValueError(f"num_choices: must be in [2, answer_vocab_size], got {self.num_choices}")
         if self.fact_position is not None and not 0.0 <= self.fact_position <= 1.0:
             raise ValueError(f"fact_position: must be in [0, 1] or None, got {self.fact_position}")
+        if self.distractor_values not in DISTRACTOR_VALUES:
+            raise ValueError(f"distractor_values: expected one of {DISTRACTOR_VALUES}, got {self.distractor_values!r}")
+        if self.distractor_values == "other" and self.answer_vocab_size == len(ANSWER_WORDS):
+            raise ValueError(f"answer_vocab_size: must be below {len(ANSWER_WORDS)} to leave words for "
+                             "distractor_values='other'")
 
 
 def _count(tokenizer: Any, texts: list[str]) -> list[int]:
@@ -137,8 +148,12 @@ def _facts(task: str, config: SyntheticConfig, rng: random.Random) -> dict[str, 
         return {"asked": asked, "distractors": distractors, "question": question, "answers": (answer,),
                 "choices": (), "reasoning": reasoning, "wrong_traces": [wrong]}
 
-    values = rng.sample(vocab, min(len(vocab), 1 + config.num_distractor_facts))
-    values += [rng.choice(vocab) for _ in range(1 + config.num_distractor_facts - len(values))]
+    if config.distractor_values == "other":
+        others = ANSWER_WORDS[config.answer_vocab_size:]
+        values = [rng.choice(vocab)] + [rng.choice(others) for _ in range(config.num_distractor_facts)]
+    else:
+        values = rng.sample(vocab, min(len(vocab), 1 + config.num_distractor_facts))
+        values += [rng.choice(vocab) for _ in range(1 + config.num_distractor_facts - len(values))]
     value = values[0]
     distractors = [f"The code of the {_key(rng, keys)} is {v}." for v in values[1:]]
     if task == "copy_marked_fact":

@@ -37,7 +37,8 @@ def synthetic_records(cfg: Config, split: str, tokenizer: Any = None) -> list[Do
         length = rng.randint(synth.min_document_tokens, synth.max_document_tokens)
         config = SyntheticConfig(task=synth.task, document_tokens=length,
                                  num_distractor_facts=synth.num_distractor_facts,
-                                 answer_vocab_size=synth.answer_vocab_size)
+                                 answer_vocab_size=synth.answer_vocab_size,
+                                 distractor_values=synth.distractor_values)
         records.append(make_record(index, config, seed, tokenizer))
     return records
 
