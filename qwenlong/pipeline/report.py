@@ -56,7 +56,9 @@ def compared_stages(labels: list[str]) -> list[tuple[str, str]]:
 
 
 def _predictions(run_dir: Path, label: str) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "eval" / label / "predictions.jsonl").read_text().splitlines()]
+    # rows end at "\n" only: a response may hold characters that str.splitlines() also breaks at (U+2028, NEL)
+    text = (run_dir / "eval" / label / "predictions.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.split("\n") if line]
 
 
 def _item_scores(run_dir: Path, label: str) -> dict[tuple[str, str], float]:
