@@ -148,3 +148,45 @@ def test_length_table_splits_items_into_equal_thirds_by_input_length(tmp_path):
     for label, row in zip(("before", "after"), body, strict=True):
         expected = [100 * sum(truth[label, i, s] for i, _ in third for s in range(2)) / 20 for third in thirds]
         assert row == f"| {label} | " + " | ".join(f"{e:.1f}" for e in expected) + " |"
+
+
+def test_sft_probe_reads_the_answer_word_where_the_trace_writes_it(tmp_path):
+    """tools/sft_probe.py: the probe positions hold the answer word (quote, then final answer), and a short
+    SFT run logs fractions of the probed items."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from sft_probe import answer_positions
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    from transformers import AutoTokenizer
+
+    from qwenlong.config import load_config
+    from qwenlong.pipeline import build
+
+    out = tmp_path / "probe"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "sft_probe.py"), "--out", str(out), "--every", "1",
+                    "--items", "3", *SMALL, "sft.steps=2"], check=True, env=_env(), cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lines = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert all(line["quote"] in (0, 1 / 3, 2 / 3, 1) and line["answer"] in (0, 1 / 3, 2 / 3, 1) for line in lines)
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    records = build.load_split(load_config(TINY, SMALL), "eval", tokenizer)
+    for record, (ids, positions, answer) in zip(records, answer_positions(tokenizer, records), strict=True):
+        assert len(positions) == 2 and all(ids[p] == answer for p in positions)
+        assert tokenizer.decode([answer]).strip() == record.answer
+        assert positions[0] > len(build.prompt_ids(tokenizer, record))
+
+
+def test_report_reads_predictions_whose_responses_hold_line_separators(tmp_path):
+    """An untrained model's answers can hold any character: U+2028 and NEL, which str.splitlines() breaks at."""
+    from qwenlong.eval import EvalReport
+    from qwenlong.pipeline.report import length_table
+
+    odd = ["a\u2028b", "c\x85d", "e\u2029f\x1cg", "plain"]
+    for label in ("before", "after"):
+        rows = [{"benchmark": "b", "id": f"id{i}", "sample": 0, "input_tokens": 10 + i, "accurate": label == "after",
+                 "response": text} for i, text in enumerate(odd)]
+        EvalReport(benchmarks=[], predictions=rows).write(tmp_path / "eval" / label)
+    header, _, before, after = length_table(tmp_path, ["before", "after"])
+    assert before == "| before | 0.0 | 0.0 | 0.0 |" and after == "| after | 100.0 | 100.0 | 100.0 |"
