@@ -10,6 +10,7 @@ the module (start-up is the slow part); the weight-sync test puts the original w
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,7 +100,8 @@ def policy(tmp_path_factory):
 def engine(policy):
     folder = policy[0]
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: update_weights needs it
+        # the engine in this process unless asked otherwise (update_weights runs functions on the model)
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"))
         # vLLM's CPU worker turns torch.set_num_threads into a no-op for the whole process: put it back after
         # this module, for the tests that follow
         env.setattr(torch, "set_num_threads", torch.set_num_threads)
@@ -216,6 +218,16 @@ def test_update_weights_switches_to_the_new_weights(engine, policy, chunk_bytes)
         engine.update_weights(model.named_parameters())
         engine.weight_chunk_bytes = 1 << 30
     assert_same_completions(engine.generate(prompts, params), before, model, prompts, 1.0)
+
+
+def test_update_weights_reaches_an_engine_in_its_own_process():
+    """The weight-sync test again with vLLM's default engine process: the functions update_weights
+    runs on the model travel pickled, which vLLM allows with VLLM_ALLOW_INSECURE_SERIALIZATION=1."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
+    result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+                             "-k", "test_update_weights_switches_to_the_new_weights"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-4000:]
 
 
 def test_rl_pipeline_syncs_the_vllm_engine_after_each_update(tmp_path):

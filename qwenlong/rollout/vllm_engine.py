@@ -28,6 +28,7 @@ Tested against a real engine by tests/test_rollout_vllm.py wherever vllm is inst
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -93,15 +94,26 @@ class VLLMEngine(RolloutEngine):
         return groups
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        model_config = self.llm.llm_engine.model_config
+        # module-level functions: an engine in its own process gets them pickled by reference
         self.llm.apply_model(initialize_layerwise_reload)
         for chunk in weight_chunks(named_tensors, self.weight_chunk_bytes):
-            self.llm.apply_model(lambda model, chunk=chunk: model.load_weights(chunk))
-        self.llm.apply_model(lambda model: finalize_layerwise_reload(model, model_config))
-        self.llm.apply_model(reprocess_tied_layers)
+            self.llm.apply_model(partial(load_weights, weights=chunk))
+        self.llm.apply_model(partial(finish_reload, model_config=self.llm.llm_engine.model_config))
         self.llm.reset_prefix_cache()
+
+
+def load_weights(model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> None:
+    model.load_weights(weights)
+
+
+def finish_reload(model: torch.nn.Module, model_config: Any) -> None:
+    """Process the layers still waiting for weights, then the tied ones."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    finalize_layerwise_reload(model, model_config)
+    reprocess_tied_layers(model)
 
 
 def reprocess_tied_layers(model: torch.nn.Module) -> None:
