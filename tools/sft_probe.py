@@ -62,8 +62,8 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, [*args.overrides, f"output.dir={args.out}", "eval.enabled=false"])
     run = Run(cfg)
-    examples = build.sft_examples(run.tokenizer, build.load_split(cfg, "sft", run.tokenizer), build.sft_teacher(cfg))
-    trainer = SFTTrainer(run.model, examples, cfg.sft, output_dir=run.dir, seed=cfg.seed, logger=run.logger)
+    trainer = SFTTrainer(run.model, build.sft_training_examples(cfg, run.tokenizer), cfg.sft, output_dir=run.dir,
+                         seed=cfg.seed, logger=run.logger)
     items = answer_positions(run.tokenizer, build.load_split(cfg, "eval", run.tokenizer)[: args.items])
     start = time.time()
     with open(args.out / "probe.jsonl", "w") as log:

@@ -114,6 +114,14 @@ def sft_examples(tokenizer: Any, records: list[DocQARecord],
     return out
 
 
+def sft_training_examples(cfg: Config, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
+    """The warm-up examples a run trains on: the SFT split's traces from the configured teacher, keeping
+    those whose prompt and response fit ``min(sft.token_budget * sp_size, sft.max_seq_len)`` tokens."""
+    budget = min(cfg.sft.token_budget * cfg.distributed.sp_size, cfg.sft.max_seq_len)
+    return [e for e in sft_examples(tokenizer, load_split(cfg, "sft", tokenizer), sft_teacher(cfg))
+            if len(e[0]) + len(e[1]) <= budget]
+
+
 def sft_teacher(cfg: Config) -> Callable[[DocQARecord], str]:
     """Who writes the warm-up traces: the reference, or for synthetic data the configured imperfect
     teacher, whose accuracy may fall linearly with document length (``teacher_accuracy_shortest`` at the

@@ -124,7 +124,8 @@ def build_engine(run: Run) -> RolloutEngine:
         from qwenlong.rollout import VLLMEngine
 
         return VLLMEngine(str(save_policy_folder(run)), tensor_parallel_size=run.cfg.rollout.tensor_parallel_size,
-                          gpu_memory_utilization=run.cfg.rollout.gpu_memory_utilization)
+                          gpu_memory_utilization=run.cfg.rollout.gpu_memory_utilization,
+                          dtype=run.cfg.model.dtype, seed=run.cfg.seed)
     return HFGenerateEngine(run.model, eos_token_id=build.eos_ids(run.tokenizer),
                             pad_token_id=run.tokenizer.pad_token_id, generation_attention=GENERATION_ATTENTION,
                             synced=run.synced_generation)
@@ -152,12 +153,9 @@ def _sft(run: Run) -> None:
     cfg = run.cfg
     if not cfg.sft.enabled or run.done("sft"):
         return
-    records = build.load_split(cfg, "sft", run.tokenizer)
-    budget = min(cfg.sft.token_budget * cfg.distributed.sp_size, cfg.sft.max_seq_len)
-    examples = [e for e in build.sft_examples(run.tokenizer, records, build.sft_teacher(cfg))
-                if len(e[0]) + len(e[1]) <= budget]
-    trainer = SFTTrainer(run.model, examples, cfg.sft, output_dir=run.dir, seed=cfg.seed, logger=run.logger,
-                         save_every_steps=cfg.output.save_every_steps, backend=run.backend)
+    trainer = SFTTrainer(run.model, build.sft_training_examples(cfg, run.tokenizer), cfg.sft, output_dir=run.dir,
+                         seed=cfg.seed, logger=run.logger, save_every_steps=cfg.output.save_every_steps,
+                         backend=run.backend)
     if run.resume:
         trainer.resume()
     trainer.train()
