@@ -25,6 +25,9 @@ def test_rl_killed_mid_phase_and_resumed_matches_uninterrupted(tmp_path):
     straight = tmp_path / "straight"
     result = subprocess.run(_rl(straight), capture_output=True, text=True, env=_env(), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+    # output.keep_checkpoints (default 2): the newest two of each phase's series stay
+    assert sorted(p.name for p in (straight / "checkpoints").iterdir()) == [
+        "rl-long-docs-step000001", "rl-short-docs-step000003", "rl-short-docs-step000004"]
 
     killed = tmp_path / "killed"
     kill_once_written(_rl(killed), killed / "checkpoints" / "rl-short-docs-step000002" / "state.json")

@@ -207,3 +207,13 @@ def test_sft_resume_is_exact(tmp_path):
     resumed.train()
     for (name, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+def test_sft_keeps_the_newest_checkpoints(tmp_path):
+    cfg = SFTConfig(steps=7, lr=3e-3, token_budget=48, max_seq_len=64)
+    trainer = SFTTrainer(tiny_model(seed=3), random_pairs(20, seed=5), cfg, output_dir=tmp_path, save_every_steps=2,
+                         keep_checkpoints=2)
+    trainer.train()
+    assert sorted(p.name for p in trainer.checkpoint_dir().iterdir()) == ["sft-step000006", "sft-step000007"]
+    resumed = SFTTrainer(tiny_model(seed=99), random_pairs(20, seed=5), cfg, output_dir=tmp_path)
+    assert resumed.resume() and resumed.step == 7

@@ -243,6 +243,7 @@ class OutputConfig:
 
     dir: str = "runs/default"
     save_every_steps: int = 0  # 0: only at phase ends
+    keep_checkpoints: int = 2  # per stage or phase, the newest N are kept; 0: all
     log_every_steps: int = 1
     tensorboard: bool = True
 

@@ -14,7 +14,8 @@ _AT_LEAST_ONE = ("rl.group_size", "rl.gen_prompts_per_step", "rl.train_prompts_p
                  "rollout.tensor_parallel_size", "eval.samples_per_prompt", "reward.judge_concurrency",
                  "output.log_every_steps")
 _NON_NEGATIVE = ("rl.clip_low", "rl.clip_high", "rl.kl_coef", "rl.entropy_coef", "rl.overlong.buffer",
-                 "rl.warmup_steps", "sft.warmup_steps", "output.save_every_steps", "eval.temperature")
+                 "rl.warmup_steps", "sft.warmup_steps", "output.save_every_steps",
+                 "output.keep_checkpoints", "eval.temperature")
 _PROBABILITY = ("rl.top_p", "eval.top_p", "rollout.gpu_memory_utilization")
 
 

@@ -23,6 +23,7 @@ from qwenlong.integrations.hf import lm_head_weight
 from qwenlong.trainers.checkpoint import (
     commit_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     rng_state,
     set_rng_state,
     staging_dir,
@@ -100,9 +101,10 @@ class TrainingBackend:
     def _optimizer_state(self) -> dict[str, Any] | None:
         return self.optimizer.state_dict()
 
-    def save(self, path: str | Path, state: dict[str, Any]) -> Path:
+    def save(self, path: str | Path, state: dict[str, Any], keep: int = 0) -> Path:
         """Write a checkpoint atomically; every rank calls it. Rank 0 writes the shared files, each
-        rank its own RNG state."""
+        rank its own RNG state, then deletes all but the newest ``keep`` of the checkpoint's series
+        (``prune_checkpoints``; 0 keeps all)."""
         path = Path(path)
         tmp = staging_dir(path) if self.ctx.is_main else staging_path(path)
         self.ctx.barrier()
@@ -115,6 +117,7 @@ class TrainingBackend:
         self.ctx.barrier()
         if self.ctx.is_main:
             commit_checkpoint(tmp, path)
+            prune_checkpoints(path, keep)
         self.ctx.barrier()
         return path
 

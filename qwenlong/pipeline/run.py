@@ -155,7 +155,7 @@ def _sft(run: Run) -> None:
         return
     trainer = SFTTrainer(run.model, build.sft_training_examples(cfg, run.tokenizer), cfg.sft, output_dir=run.dir,
                          seed=cfg.seed, logger=run.logger, save_every_steps=cfg.output.save_every_steps,
-                         backend=run.backend)
+                         keep_checkpoints=cfg.output.keep_checkpoints, backend=run.backend)
     if run.resume:
         trainer.resume()
     trainer.train()
@@ -175,7 +175,8 @@ def _rl(run: Run) -> None:
 
     trainer = GRPOTrainer(run.model, build_engine(run), build_reward(cfg), cfg.rl, decode=decode, output_dir=run.dir,
                           seed=cfg.seed, logger=run.logger, history=history,
-                          save_every_steps=cfg.output.save_every_steps, backend=run.backend)
+                          save_every_steps=cfg.output.save_every_steps,
+                          keep_checkpoints=cfg.output.keep_checkpoints, backend=run.backend)
     seen: set[str] = set()
     shorter_budget = 0
     for index, phase in enumerate(cfg.rl.phases):

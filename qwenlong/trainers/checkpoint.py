@@ -3,7 +3,9 @@
 A checkpoint is a folder holding the model, optimizer and scheduler state, the RNG states
 and a JSON ``state`` (stage, step, phase, reward history, anything the trainer needs). It is
 written to a temporary folder and renamed into place, so a run killed mid-save never leaves a
-half checkpoint behind; ``latest`` finds the newest complete one.
+half checkpoint behind; ``latest`` finds the newest complete one. Checkpoints whose names differ
+only in a trailing step number (``sft-step000010``, ``sft-step000020``) form a series, of which
+``prune_checkpoints`` keeps the newest few.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "state.json"
+STAGING_SUFFIX = ".tmp"
 
 
 def rng_state() -> dict[str, Any]:
@@ -37,7 +41,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def staging_path(path: str | Path) -> Path:
     """Where the checkpoint for ``path`` is written before it is renamed into place."""
     path = Path(path)
-    return path.with_name(path.name + ".tmp")
+    return path.with_name(path.name + STAGING_SUFFIX)
 
 
 def staging_dir(path: str | Path) -> Path:
@@ -92,11 +96,38 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module | None, optimize
     return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
 
 
-def latest_checkpoint(directory: str | Path, prefix: str = "") -> Path | None:
-    """The most recently written complete checkpoint under ``directory`` whose name starts with ``prefix``."""
+def complete_checkpoints(directory: str | Path, prefix: str = "") -> list[Path]:
+    """The complete checkpoints under ``directory`` whose names start with ``prefix``, oldest first
+    (staging folders of saves that never committed are not among them)."""
     directory = Path(directory)
     if not directory.is_dir():
-        return None
-    complete = [p for p in directory.iterdir()
-                if p.is_dir() and p.name.startswith(prefix) and (p / STATE_FILE).exists()]
-    return max(complete, key=lambda p: (p / STATE_FILE).stat().st_mtime_ns, default=None)
+        return []
+    complete = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(prefix)
+                and not p.name.endswith(STAGING_SUFFIX) and (p / STATE_FILE).exists()]
+    return sorted(complete, key=lambda p: (p / STATE_FILE).stat().st_mtime_ns)
+
+
+def latest_checkpoint(directory: str | Path, prefix: str = "") -> Path | None:
+    """The most recently written complete checkpoint under ``directory`` whose name starts with ``prefix``."""
+    complete = complete_checkpoints(directory, prefix)
+    return complete[-1] if complete else None
+
+
+def prune_checkpoints(path: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints of ``path``'s series (its siblings named like it
+    up to a trailing step number); ``keep`` 0 deletes nothing. Returns the deleted paths.
+
+    A checkpoint's state file goes first, so a run killed mid-delete leaves an incomplete folder
+    that ``latest_checkpoint`` never picks."""
+    if keep < 0:
+        raise ValueError(f"keep: must be >= 0 (0 keeps every checkpoint), got {keep}")
+    path = Path(path)
+    series = re.sub(r"\d+$", "", path.name)
+    if keep == 0 or series == path.name:
+        return []
+    stale = [p for p in complete_checkpoints(path.parent, series)
+             if re.fullmatch(re.escape(series) + r"\d+", p.name)][:-keep]
+    for p in stale:
+        (p / STATE_FILE).unlink()
+        shutil.rmtree(p)
+    return stale

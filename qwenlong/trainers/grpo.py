@@ -79,7 +79,7 @@ class GRPOTrainer:
 
     def __init__(self, model: torch.nn.Module, engine: RolloutEngine, reward: HybridReward, cfg: RLConfig, *,
                  decode, output_dir: str | Path, seed: int = 0, logger: MetricsLogger | None = None,
-                 history: RewardHistory | None = None, save_every_steps: int = 0,
+                 history: RewardHistory | None = None, save_every_steps: int = 0, keep_checkpoints: int = 0,
                  backend: TrainingBackend | None = None):
         self.model, self.engine, self.reward, self.cfg = model, engine, reward, cfg
         if backend is None:
@@ -93,7 +93,7 @@ class GRPOTrainer:
         self.seed = seed
         self.logger = logger or MetricsLogger(self.output_dir)
         self.history = history if history is not None else RewardHistory()
-        self.save_every_steps = save_every_steps
+        self.save_every_steps, self.keep_checkpoints = save_every_steps, keep_checkpoints
         self.device = next(model.parameters()).device
         # KL is measured against the policy the RL run starts from (the SFT model), frozen
         self.reference = None
@@ -322,5 +322,5 @@ class GRPOTrainer:
                 if (self.save_every_steps and step % self.save_every_steps == 0) or step == steps:
                     self.backend.save(checkpoints / self._checkpoint_name(phase, step),
                                       state={"stage": "rl", "phase": phase.name, "step": step,
-                                             "history": self.history.to_json()})
+                                             "history": self.history.to_json()}, keep=self.keep_checkpoints)
         return history

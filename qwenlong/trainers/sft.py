@@ -44,7 +44,7 @@ class SFTTrainer:
 
     def __init__(self, model: torch.nn.Module, examples: Sequence[tuple[list[int], list[int]]], cfg: SFTConfig,
                  *, output_dir: str | Path, seed: int = 0, logger: MetricsLogger | None = None,
-                 save_every_steps: int = 0, backend: TrainingBackend | None = None):
+                 save_every_steps: int = 0, keep_checkpoints: int = 0, backend: TrainingBackend | None = None):
         if not examples:
             raise ValueError("examples: SFT needs at least one (prompt, response) pair")
         if backend is None:
@@ -62,7 +62,7 @@ class SFTTrainer:
         self.model, self.examples, self.cfg, self.seed = model, list(examples), cfg, seed
         self.output_dir = Path(output_dir)
         self.logger = logger or MetricsLogger(self.output_dir)
-        self.save_every_steps = save_every_steps
+        self.save_every_steps, self.keep_checkpoints = save_every_steps, keep_checkpoints
         self.device = next(model.parameters()).device
         self._packed: list[list[int]] | None = None
         self.batches_per_step = cfg.grad_accum_steps * self.ctx.dp_size  # over all data-parallel ranks
@@ -122,7 +122,7 @@ class SFTTrainer:
 
     def save(self) -> Path:
         return self.backend.save(self.checkpoint_dir() / f"sft-step{self.step:06d}",
-                                 state={"stage": "sft", "step": self.step})
+                                 state={"stage": "sft", "step": self.step}, keep=self.keep_checkpoints)
 
     def resume(self) -> bool:
         """Continue from the newest SFT checkpoint in the output folder, if any."""

@@ -1,0 +1,53 @@
+"""Checkpoint retention: ``prune_checkpoints`` keeps the newest few of one series and nothing else."""
+
+import json
+import os
+
+import pytest
+
+from qwenlong.trainers.checkpoint import STATE_FILE, latest_checkpoint, prune_checkpoints
+
+
+def make(directory, name, mtime, complete=True):
+    folder = directory / name
+    folder.mkdir()
+    (folder / "model.pt").write_bytes(os.urandom(16))
+    if complete:
+        (folder / STATE_FILE).write_text(json.dumps({"step": mtime}))
+        os.utime(folder / STATE_FILE, ns=(mtime * 10**9, mtime * 10**9))
+    return folder
+
+
+def test_prune_keeps_the_newest_of_one_series(tmp_path):
+    # written out of name order: retention follows write time, as latest_checkpoint does
+    for name, mtime in [("sft-step000010", 1), ("sft-step000030", 3), ("sft-step000020", 2), ("sft-step000040", 4)]:
+        make(tmp_path, name, mtime)
+    others = [make(tmp_path, "rl-short-step000010", 5), make(tmp_path, "rl-short-step000020", 6),
+              make(tmp_path, "sft-step000050-best", 7), make(tmp_path, "sft-step000060", 8, complete=False)]
+
+    deleted = prune_checkpoints(tmp_path / "sft-step000040", keep=2)
+
+    assert sorted(p.name for p in deleted) == ["sft-step000010", "sft-step000020"]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["sft-step000030", "sft-step000040"] + [p.name for p in others])
+    assert latest_checkpoint(tmp_path, prefix="sft-step") == tmp_path / "sft-step000050-best"
+
+
+def test_prune_keep_zero_and_bad_keep(tmp_path):
+    for i in range(3):
+        make(tmp_path, f"rl-a-step{i:06d}", i + 1)
+    assert prune_checkpoints(tmp_path / "rl-a-step000002", keep=0) == []
+    assert prune_checkpoints(tmp_path / "rl-a-step000002", keep=5) == []
+    assert len(list(tmp_path.iterdir())) == 3
+    with pytest.raises(ValueError, match="keep"):
+        prune_checkpoints(tmp_path / "rl-a-step000002", keep=-1)
+    assert [p.name for p in prune_checkpoints(tmp_path / "rl-a-step000002", keep=1)] == [
+        "rl-a-step000000", "rl-a-step000001"]
+    assert [p.name for p in tmp_path.iterdir()] == ["rl-a-step000002"]
+
+
+def test_half_deleted_and_uncommitted_checkpoints_are_never_latest(tmp_path):
+    make(tmp_path, "sft-step000001", 1)
+    make(tmp_path, "sft-step000002", 9, complete=False)  # killed while prune_checkpoints deleted it
+    make(tmp_path, "sft-step000003.tmp", 10)  # killed after writing, before the rename into place
+    assert latest_checkpoint(tmp_path, prefix="sft-") == tmp_path / "sft-step000001"
