@@ -9,6 +9,9 @@
 # setuptools, wheel, ninja and numpy. The build runs on a copy of the source tree, so the
 # checkout's in-place extensions and build/ stay untouched.
 #
+# Filling the venv needs about NEEDED_GB (6) GiB of free disk; with less, the check says SKIPPED
+# and exits 0, or 1 when QWENLONG_REQUIRE_CUDA_BUILD=1.
+#
 # Environment: TORCH_VERSION (2.14.1), TORCH_CUDA_ARCH_LIST ("8.0;9.0"), MAX_JOBS (2),
 # WHEEL_DIR (a fresh temporary folder); CPATH is extended with the CUDA headers that ship
 # inside the torch wheels (nvidia/*/include: cuBLAS and friends, which a bare toolkit lacks).
@@ -17,6 +20,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${1:-${QWENLONG_CUDA_VENV:-/tmp/qwenlong-cuda-venv}}
 TORCH_VERSION=${TORCH_VERSION:-2.14.1}
+NEEDED_GB=${NEEDED_GB:-6}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 WHEEL_DIR=${WHEEL_DIR:-$(mktemp -d /tmp/qwenlong-cuda-wheel.XXXXXX)}
@@ -53,8 +57,21 @@ print("torch", torch.__version__, "CUDA", torch.version.cuda)
 EOF
 }
 if ! description=$(describe_venv); then
-  say "installing torch==$TORCH_VERSION pybind11 setuptools wheel ninja numpy into $VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" pybind11 setuptools wheel ninja numpy
+  # torch's own requirements but triton (0.9 GB that the build never imports); what the CUDA
+  # libraries need stays, since importing a CUDA build of torch loads them all
+  available=$(df -Pk "$(dirname "$VENV")" | awk 'NR == 2 {print int($4 / 1048576)}')
+  if [ "$available" -lt "$NEEDED_GB" ]; then
+    echo "[check_cuda_build] SKIPPED: $available GiB free next to $VENV; the CUDA build of torch needs $NEEDED_GB GiB." >&2
+    [ "${QWENLONG_REQUIRE_CUDA_BUILD:-0}" = 1 ] && exit 1
+    exit 0
+  fi
+  say "installing torch==$TORCH_VERSION (without triton) pybind11 setuptools wheel ninja numpy into $VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "torch==$TORCH_VERSION"
+  requirements=$(mktemp /tmp/qwenlong-cuda-requirements.XXXXXX)
+  "$VENV/bin/python" -c "from importlib.metadata import requires
+print('\n'.join(r for r in requires('torch') if not r.startswith('triton')))" >"$requirements"
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-warn-conflicts -r "$requirements" pybind11 setuptools wheel ninja numpy
+  rm -f "$requirements"
   description=$(describe_venv) || fail "torch in $VENV is not a CUDA build of $TORCH_VERSION"
 fi
 say "$description"
