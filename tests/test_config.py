@@ -118,6 +118,14 @@ def test_bad_values_name_the_key(path, value, message):
         config_from_dict(with_change(path, value))
 
 
+def test_float16_under_deepspeed_is_refused():
+    data = with_change("distributed.deepspeed_stage", 2)
+    config_from_dict(data)  # bfloat16 (the default) is fine
+    data["model"]["dtype"] = "float16"
+    with pytest.raises(ConfigError, match=r"^model\.dtype: float16 under DeepSpeed would need loss scaling"):
+        config_from_dict(data)
+
+
 def test_load_error_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**MINIMAL, "rollout": {"engine": "sglang"}}))

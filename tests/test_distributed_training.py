@@ -347,6 +347,45 @@ def _check_zero3_generation(backend):
     assert reasons == {"stop", "length"}
 
 
+def _load_far_weights(run, folder: Path) -> None:
+    """Load weights far from the initialisation (whose greedy answers are all alike) as a checkpoint's
+    ``model.pt``: under ZeRO-3, rank 0 reads them and scatters them one parameter at a time."""
+    generator = torch.Generator().manual_seed(5)
+    state, drawn = {}, {}
+    for name, tensor in run.model.state_dict(keep_vars=True).items():
+        if id(tensor) not in drawn:  # a tied weight is one tensor under two names
+            drawn[id(tensor)] = torch.empty(getattr(tensor, "ds_shape", tensor.shape)).normal_(0.0, 0.5,
+                                                                                               generator=generator)
+        state[name] = drawn[id(tensor)]
+    if run.ctx.is_main:
+        folder.mkdir(parents=True)
+        torch.save(state, folder / "model.pt")
+    run.ctx.barrier()
+    run.backend.load_weights(folder)
+    _assert_same_weights(run.backend.state_dict(), state, "loaded weights", rtol=0, atol=0)
+
+
+def _check_zero3_pretrained_load(policy: Path, tmp: Path):
+    """ZeRO-3 with a pretrained policy (``model.name``): every parameter is partitioned as it is created,
+    before any engine exists, and the partitions hold the checkpoint's weights exactly."""
+    from test_pipeline import SMALL, TINY
+    from transformers import AutoModelForCausalLM
+
+    from qwenlong.config import load_config
+    from qwenlong.distributed import build_backend, init_distributed
+    from qwenlong.pipeline import build
+
+    cfg = load_config(TINY, [*SMALL, f"model.name={policy}", "model.tiny=null", "distributed.deepspeed_stage=3",
+                             f"output.dir={tmp / 'run-pretrained'}"])
+    ctx = init_distributed(cfg.distributed)
+    model = build.build_model(cfg, build.build_tokenizer(cfg, tmp), ctx.rank)
+    for name, param in model.named_parameters():
+        assert param.numel() == 0 and 0 < param.ds_tensor.numel() < param.ds_numel, name
+    whole = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).state_dict()
+    _assert_same_weights(build_backend(model, ctx, cfg.distributed).state_dict(), whole, "ZeRO-3 pretrained",
+                         rtol=0, atol=0)
+
+
 def _check_zero3_run(tmp):
     """A ZeRO-3 run generates with its partitioned (tied) policy, every rank in lockstep: its held-out answers
     and its first RL step's rollouts are those of a run with whole weights on every rank (deepspeed_stage 0);
@@ -368,14 +407,9 @@ def _check_zero3_run(tmp):
         one_prompt = ["rl.gen_prompts_per_step=1", "rl.train_prompts_per_step=1", "rl.mini_batch_size=1"]
         run = Run(load_config(TINY, [*SMALL, *one_prompt, f"output.dir={folder}", "eval.temperature=0.0",
                                      "eval.samples_per_prompt=1", f"distributed.deepspeed_stage={stage}"]))
-        with torch.no_grad():  # far from the initialisation, whose greedy answers are all alike
-            generator = torch.Generator().manual_seed(5)
-            for param in run.model.parameters():
-                param.normal_(0.0, 0.5, generator=generator)
-        if stage == 3:  # DeepSpeed partitions the weights (as SFT's start would)
-            run.backend.start(lr=1e-3, weight_decay=0.0, total_steps=1, warmup_steps=0, schedule="constant",
-                              grad_clip=1.0)
+        if stage == 3:  # DeepSpeed partitions the weights from the backend's construction on
             assert run.model.get_output_embeddings().weight.numel() == 0
+        _load_far_weights(run, folder / "far")
         run.evaluate("untrained")
         answers = [json.loads(line)["response"]
                    for line in (folder / "eval" / "untrained" / "predictions.jsonl").read_text().splitlines()]
@@ -398,9 +432,11 @@ def _check_zero3_run(tmp):
     assert results[3][1]["engine_logprob_abs_diff_mean"] == pytest.approx(
         results[0][1]["engine_logprob_abs_diff_mean"], rel=1e-3)
 
-    saved = AutoModelForCausalLM.from_pretrained(save_policy_folder(run), dtype=torch.float32)
+    policy = save_policy_folder(run)
+    saved = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
     assert saved.get_output_embeddings().weight is saved.get_input_embeddings().weight
     _assert_same_weights(saved.state_dict(), run.backend.state_dict(), "ZeRO-3 HF folder", rtol=0, atol=0)
+    return policy
 
 
 def _all_checks(tmp: str):
@@ -413,7 +449,7 @@ def _all_checks(tmp: str):
     _check_deepspeed_sft(own, shared, stage=2)
     _check_deepspeed_sft(own, shared, stage=3)
     _check_zero3_generation(_check_deepspeed_sft(own, shared, stage=3, tied=True))
-    _check_zero3_run(shared)
+    _check_zero3_pretrained_load(_check_zero3_run(shared), shared)
 
 
 @pytest.mark.distributed

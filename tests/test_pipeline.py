@@ -34,14 +34,16 @@ def _env() -> dict[str, str]:
 
 
 def kill_once_written(command: list[str], marker: Path, timeout: float = 600) -> None:
-    """Start ``command`` and SIGKILL it as soon as ``marker`` exists (a checkpoint it writes)."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    """Start ``command`` and SIGKILL it, with every process it started (torchrun's workers), as soon as
+    ``marker`` exists (a checkpoint it writes)."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
+                            start_new_session=True)
     deadline = time.time() + timeout
     while not marker.exists():
         assert proc.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 

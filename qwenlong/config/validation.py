@@ -53,6 +53,8 @@ def validate(cfg: Config) -> Config:
            "parameter offload needs deepspeed_stage 3")
     _check(not dist.offload_optimizer or dist.deepspeed_stage > 0, "distributed.offload_optimizer",
            "optimizer offload needs deepspeed_stage 1, 2 or 3")
+    _check(cfg.model.dtype != "float16" or dist.deepspeed_stage == 0, "model.dtype",
+           "float16 under DeepSpeed would need loss scaling, which qwenlong does not configure: use bfloat16")
     _check(rl.gen_prompts_per_step >= rl.train_prompts_per_step or rl.dynamic_sampling.enabled,
            "rl.gen_prompts_per_step", "without dynamic sampling, generate at least train_prompts_per_step prompts")
     _check(rl.train_prompts_per_step % rl.mini_batch_size == 0, "rl.mini_batch_size",

@@ -124,6 +124,11 @@ class TrainingBackend:
     def _load_engine_state(self, path: Path) -> None:
         load_checkpoint(path, model=self.model, optimizer=self.optimizer, restore_rng=False)
 
+    def load_weights(self, path: str | Path) -> None:
+        """Only the weights of ``save``'s folder (its ``model.pt``), as a new stage starts from; every rank
+        calls it."""
+        self.model.load_state_dict(torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True))
+
     def load(self, path: str | Path) -> dict[str, Any]:
         """Restore weights, optimizer, schedule and this rank's RNG from ``save``'s folder; returns its state."""
         path = Path(path)

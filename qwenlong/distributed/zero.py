@@ -8,20 +8,25 @@ backend uses, so both give the same updates; DeepSpeed's fused and CPU Adam need
 DeepSpeed averages gradients over ranks while each rank's loss is its share of the global
 loss, so ``backward`` scales the loss by the world size to turn that mean into the sum.
 
-One engine wraps the model for the whole run (DeepSpeed cannot wrap a module twice); a new
-stage (SFT, each RL phase) clears the Adam moments and step counts and installs a new schedule,
-which is what a fresh optimizer would start from.
+One engine wraps the model for the whole run, from the backend's construction (DeepSpeed cannot
+wrap a module twice, and a model partitioned at creation runs only inside it); each stage (SFT,
+each RL phase) clears the Adam moments and step counts and installs its learning rate, weight
+decay, clipping and schedule, which is what a fresh optimizer would start from.
 
-Under ZeRO-3 no rank ever holds the whole model: ``model.pt`` is written from weights gathered one
-parameter at a time (rank 0 copies each to CPU), a rollout engine with its own copy receives them
-one at a time too, and generation runs on the partitioned policy itself, every rank in lockstep
-(``HFGenerateEngine(synced=True)``).
+Under ZeRO-3 no rank ever holds the whole model: a pretrained policy is created partitioned
+(``deepspeed.zero.Init``) and its weights arrive one tensor at a time (``load_pretrained_partitioned``);
+``model.pt`` is written from weights gathered one parameter at a time (rank 0 copies each to CPU),
+and read back the same way; a rollout engine with its own copy receives them one at a time too; and
+generation runs on the partitioned policy itself, every rank in lockstep
+(``HFGenerateEngine(synced=True)``). A tiny policy built from a config is small enough to be built
+whole and partitioned by ``deepspeed.initialize``, which keeps its seeded initialisation.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -80,7 +85,11 @@ class DeepSpeedBackend(TrainingBackend):
         self.cfg = cfg
         self.deepspeed = import_deepspeed()
         self.deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
-        self.engine = None
+        # start() sets the real learning rate, weight decay and clipping of each stage
+        self.optimizer = build_optimizer(self.model, lr=0.0, weight_decay=0.0)
+        bf16 = next(self.model.parameters()).dtype == torch.bfloat16
+        self.engine, *_ = self.deepspeed.initialize(model=self.model, optimizer=self.optimizer,
+                                                    config=deepspeed_config(cfg, grad_clip=0.0, bf16=bf16))
 
     @property
     def zero3(self) -> bool:
@@ -88,17 +97,11 @@ class DeepSpeedBackend(TrainingBackend):
 
     def start(self, *, lr: float, weight_decay: float, total_steps: int, warmup_steps: int, schedule: str,
               grad_clip: float) -> None:
-        if self.engine is None:
-            self.optimizer = build_optimizer(self.model, lr, weight_decay)
-            bf16 = next(self.model.parameters()).dtype == torch.bfloat16
-            self.engine, *_ = self.deepspeed.initialize(model=self.model, optimizer=self.optimizer,
-                                                        config=deepspeed_config(self.cfg, grad_clip, bf16))
-        else:
-            self.optimizer.state.clear()  # AdamW creates moments and step counts lazily, as for a new optimizer
-            for group, decay in zip(self.optimizer.param_groups, (weight_decay, 0.0), strict=True):
-                group.update(lr=lr, weight_decay=decay)
-                group.pop("initial_lr", None)  # so the new schedule starts from this stage's lr
-            self.engine.optimizer.clip_grad = grad_clip
+        self.optimizer.state.clear()  # AdamW creates moments and step counts lazily, as for a new optimizer
+        for group, decay in zip(self.optimizer.param_groups, (weight_decay, 0.0), strict=True):
+            group.update(lr=lr, weight_decay=decay)
+            group.pop("initial_lr", None)  # so the new schedule starts from this stage's lr
+        self.engine.optimizer.clip_grad = grad_clip  # DeepSpeed's ZeRO optimizers read it at each step
         self.scheduler = build_scheduler(self.optimizer, total_steps, warmup_steps, schedule)
         self.grad_clip = grad_clip
 
@@ -122,7 +125,7 @@ class DeepSpeedBackend(TrainingBackend):
         DeepSpeed's ``is_external_param`` mark, the one it gives a parameter used outside its module
         (such parameters are left to whoever gathered them): this context partitions it on exit."""
         weight = lm_head_weight(model)
-        if not (self.zero3 and self.engine is not None and model is self.model):  # whole weights
+        if not (self.zero3 and model is self.model):  # whole weights
             yield weight
             return
         with self.deepspeed.zero.GatheredParameters([weight]), _held_by_caller(weight):
@@ -164,7 +167,7 @@ class DeepSpeedBackend(TrainingBackend):
             yield name, whole
 
     def frozen_copy(self) -> torch.nn.Module:
-        if self.zero3 and self.engine is not None:
+        if self.zero3:
             raise ValueError("rl.kl_coef: a KL reference policy under ZeRO-3 would need its own partitioned engine; "
                              "use kl_coef 0 (the QwenLong-L1 recipe) or deepspeed_stage <= 2")
         return super().frozen_copy()
@@ -178,6 +181,91 @@ class DeepSpeedBackend(TrainingBackend):
     def _load_engine_state(self, path: Path) -> None:
         self.engine.load_checkpoint(str(path), tag=CHECKPOINT_TAG, load_optimizer_states=True,
                                     load_lr_scheduler_states=False)
+
+    def load_weights(self, path: str | Path) -> None:
+        if not self.zero3:
+            return super().load_weights(path)
+        state = None
+        if self.ctx.is_main:  # mapped, not read whole: each tensor is read as it is scattered
+            state = torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+        scatter_whole_weights(self.model, state.__getitem__ if state is not None else None)
+
+
+def scatter_whole_weights(model: torch.nn.Module, read: Callable[[str], torch.Tensor] | None) -> None:
+    """ZeRO-3: set each parameter of a partitioned ``model`` from a whole tensor that rank 0 alone reads
+    (``read(name)``; None on the other ranks), one parameter at a time; every rank calls it. A tied
+    parameter is set once, under its first name (the input embeddings')."""
+    deepspeed = import_deepspeed()
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if read is not None:
+                whole = read(name)
+                if whole.shape != param.shape:
+                    raise ValueError(f"weights: {name} has shape {tuple(whole.shape)}, the model's is "
+                                     f"{tuple(param.shape)}")
+                param.data.copy_(whole)
+
+
+def load_pretrained_partitioned(name: str, *, dtype: torch.dtype, attn_implementation: str,
+                                cfg: DistributedConfig, rank: int) -> torch.nn.Module:
+    """A pretrained causal LM (a local folder or a hub id with safetensors weights) under ZeRO-3 without
+    any rank ever holding it whole: every parameter is partitioned as it is created
+    (``deepspeed.zero.Init``), then rank 0 reads the checkpoint one tensor at a time and each is
+    scattered to its partitions. The process group must be up; every rank calls it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+
+    deepspeed = import_deepspeed()
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+    ds_config = deepspeed_config(cfg, grad_clip=0.0, bf16=dtype == torch.bfloat16)
+    # no random init: it would write into parameters already partitioned, and the checkpoint replaces it.
+    # zero.Init takes the dtype from the config's bf16 flag (an explicit dtype= is mangled on CPU)
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+    model.tie_weights()  # skipped with the init, as from_pretrained ties after loading
+    buffers = set(model.state_dict()) - {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    if buffers:
+        raise ValueError(f"model.name: {name} has persistent buffers ({', '.join(sorted(buffers))}), which ZeRO-3 "
+                         "loading does not read; use deepspeed_stage 2")
+    scatter_whole_weights(model, safetensors_reader(name) if rank == 0 else None)
+    return model
+
+
+def safetensors_reader(name: str) -> Callable[[str], torch.Tensor]:
+    """``read(key)``: one tensor of a pretrained checkpoint's safetensors files (sharded or not), read
+    when asked for."""
+    from safetensors import safe_open
+
+    folder = Path(name)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    elif (folder / "model.safetensors").exists():
+        with safe_open(folder / "model.safetensors", framework="pt") as single:
+            weight_map = dict.fromkeys(single.keys(), "model.safetensors")
+    else:
+        raise FileNotFoundError(f"model.name: {name} has no model.safetensors(.index.json); ZeRO-3 loading "
+                                "reads safetensors checkpoints only")
+    files: dict[str, Any] = {}
+
+    def read(key: str) -> torch.Tensor:
+        if key not in weight_map:
+            raise KeyError(f"model.name: {name} has no weight {key!r}")
+        file = weight_map[key]
+        if file not in files:
+            files[file] = safe_open(folder / file, framework="pt")
+        return files[file].get_tensor(key)
+
+    return read
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from qwenlong.rewards import HybridReward
 from qwenlong.rewards.judge import make_judge
 from qwenlong.rollout import HFGenerateEngine, RolloutEngine
 from qwenlong.trainers import GRPOTrainer, SFTTrainer
-from qwenlong.trainers.checkpoint import latest_checkpoint, load_checkpoint
+from qwenlong.trainers.checkpoint import latest_checkpoint
 from qwenlong.trainers.metrics_log import MetricsLogger
 
 # HF generate decodes through the KV cache one token at a time: SDPA is the fast path there,
@@ -58,13 +58,15 @@ class Run:
         tokenizer = build.build_tokenizer(cfg, self.dir) if self.ctx.is_main else None
         self.ctx.barrier()
         self.tokenizer = tokenizer if tokenizer is not None else build.build_tokenizer(cfg, self.dir)
-        self.model = build.build_model(cfg, self.tokenizer).to(self.ctx.device)
+        self.model = build.build_model(cfg, self.tokenizer, self.ctx.rank)
+        if not hasattr(next(self.model.parameters()), "ds_id"):  # partitioned at creation: already placed
+            self.model.to(self.ctx.device)
         self.backend = build_backend(self.model, self.ctx, cfg.distributed)
         self.logger = MetricsLogger(self.dir, tensorboard=cfg.output.tensorboard and self.ctx.is_main)
         self.resume = resume
         last = self.state.get("last_checkpoint")
         if resume and last:
-            load_checkpoint(last, model=self.model, restore_rng=False)
+            self.backend.load_weights(last)
 
     def finish(self, stage: str, checkpoint: Path | None = None) -> None:
         self.state["done"].append(stage)
