@@ -117,8 +117,8 @@ class _ScriptedEngine(RolloutEngine):
     def __init__(self):
         self.generated: list[list[int]] = []
 
-    def generate(self, prompts, params):
-        from qwenlong.rollout.engine import Completion
+    def generate(self, prompts, params, on_complete=None):
+        from qwenlong.rollout.engine import Completion, report_all
 
         self.generated += [list(p) for p in prompts]
         out = []
@@ -129,7 +129,7 @@ class _ScriptedEngine(RolloutEngine):
                 tokens = [rng.randrange(61) for _ in range(rng.randint(1, params.max_new_tokens))]
                 group.append(Completion(tokens, [-rng.random() for _ in tokens], "length"))
             out.append(group)
-        return out
+        return report_all(out, on_complete)
 
     def update_weights(self, named_tensors):
         raise AssertionError("the scripted engine has no weights to update")

@@ -74,8 +74,12 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path):
         change = sum(a["accurate"] for a in after) - sum(b["accurate"] for b in before)
         assert gain["gain"] == pytest.approx(100 * change / len(before))
         assert gain["ci_low"] <= gain["gain"] <= gain["ci_high"] and 0 < gain["p_value"] <= 1
-    stages = {json.loads(line)["stage"] for line in (out / "metrics.jsonl").read_text().splitlines()}
-    assert {"sft", "rl/short-docs", "rl/long-docs", "eval"} <= stages
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"sft", "rl/short-docs", "rl/long-docs", "eval"} <= {row["stage"] for row in rows}
+    for row in (row for row in rows if row["stage"].startswith("rl/")):  # the time split of each RL step
+        times = {key: row[key] for key in ("time_generate", "time_score", "time_score_wait", "time_train")}
+        assert all(seconds >= 0 for seconds in times.values()) and times["time_generate"] > 0, times
+        assert row["time_rollout"] >= times["time_generate"] + times["time_score_wait"], row
     # a second run into the same folder must not overwrite it silently
     again = subprocess.run([sys.executable, "-m", "qwenlong", "sft", "--config", TINY, *SMALL, f"output.dir={out}"],
                            capture_output=True, text=True, env=_env(), timeout=300)

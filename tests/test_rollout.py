@@ -238,3 +238,22 @@ def test_vllm_engine_is_a_rollout_engine():
     from qwenlong.rollout import RolloutEngine, VLLMEngine
 
     assert issubclass(VLLMEngine, RolloutEngine)
+
+
+def test_hf_engine_reports_each_group_once_its_batch_is_done(model):
+    """Batches of 4 rows with n=3: a group split over two batches is reported after the second; each group
+    is reported once, in prompt order, equal to what generate returns, before generate returns."""
+    engine = HFGenerateEngine(model, eos_token_id=EOS, max_batch_size=4)
+    batches_done = []
+    generate_batch = engine._generate_batch
+    engine._generate_batch = lambda rows, params: batches_done.append(len(rows)) or generate_batch(rows, params)
+    reports = []
+    prompts = [*PROMPTS, [4, 5]]
+    params = SamplingParams(max_new_tokens=5, temperature=1.0, n=3, seed=2)
+    groups = engine.generate(prompts, params, on_complete=lambda i, g: reports.append((i, g, len(batches_done))))
+    assert [i for i, _, _ in reports] == [0, 1, 2, 3]
+    assert [g for _, g, _ in reports] == groups
+    # prompt i's rows are 3i..3i+2: batch 1 (rows 0-3) completes prompt 0, batch 2 (rows 4-7) prompt 1,
+    # batch 3 (rows 8-11) prompts 2 and 3
+    assert [batches for _, _, batches in reports] == [1, 2, 3, 3]
+    assert groups == HFGenerateEngine(model, eos_token_id=EOS, max_batch_size=4).generate(prompts, params)

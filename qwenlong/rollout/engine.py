@@ -10,7 +10,7 @@ renormalisation), so they can be compared with the trainer's own recomputation
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -56,6 +56,18 @@ class Completion:
     finish_reason: Literal["stop", "length"]
 
 
+OnComplete = Callable[[int, list[Completion]], None]
+
+
+def report_all(groups: list[list[Completion]], on_complete: OnComplete | None) -> list[list[Completion]]:
+    """``on_complete`` for every group, in prompt order, for an engine that finishes all prompts at once;
+    returns ``groups``."""
+    if on_complete is not None:
+        for index, group in enumerate(groups):
+            on_complete(index, group)
+    return groups
+
+
 class RolloutEngine(ABC):
     """Generates responses for the trainer; implemented by HF ``generate`` and vLLM."""
 
@@ -64,10 +76,14 @@ class RolloutEngine(ABC):
     synced: bool = False
 
     @abstractmethod
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 on_complete: OnComplete | None = None) -> list[list[Completion]]:
         """Sample ``params.n`` responses for each prompt (token ids, no padding).
 
-        Returns one list of ``n`` completions per prompt, in prompt order.
+        Returns one list of ``n`` completions per prompt, in prompt order. ``on_complete(i, group)``
+        is called once per prompt, from the calling thread, as soon as prompt ``i``'s group is ready
+        (an engine that finishes all prompts at once calls it for each at the end), so that scoring
+        can overlap the rest of the generation.
         """
 
     @abstractmethod

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
-from qwenlong.rollout.engine import Completion, RolloutEngine, SamplingParams
+from qwenlong.rollout.engine import Completion, OnComplete, RolloutEngine, SamplingParams
 
 
 class SampledTokenLogprobs(LogitsProcessor):
@@ -102,7 +102,8 @@ class HFGenerateEngine(RolloutEngine):
         self.max_batch_size = max_batch_size
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 on_complete: OnComplete | None = None) -> list[list[Completion]]:
         if any(len(prompt) == 0 for prompt in prompts):
             raise ValueError("prompts: every prompt needs at least one token")
         # prompt i's samples are rows i*n .. i*n+n-1
@@ -118,9 +119,13 @@ class HFGenerateEngine(RolloutEngine):
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
                 missing = self._missing_batches(-(-len(rows) // self.max_batch_size))
-                completions = []
+                completions: list[Completion] = []
                 for start in range(0, len(rows), self.max_batch_size):
+                    done_before = len(completions) // params.n
                     completions += self._generate_batch(rows[start : start + self.max_batch_size], params)
+                    if on_complete is not None:  # the groups this batch completed
+                        for i in range(done_before, len(completions) // params.n):
+                            on_complete(i, completions[i * params.n : (i + 1) * params.n])
                 for _ in range(missing):
                     self._generate_batch([[self.pad_token_id]], params)  # lockstep only; after ours, so RNG-neutral
         finally:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from qwenlong.rollout.engine import Completion, RolloutEngine, SamplingParams
+from qwenlong.rollout.engine import Completion, OnComplete, RolloutEngine, SamplingParams, report_all
 
 
 class VLLMEngine(RolloutEngine):
@@ -70,7 +70,8 @@ class VLLMEngine(RolloutEngine):
             **engine_kwargs,
         )
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 on_complete: OnComplete | None = None) -> list[list[Completion]]:
         sampling = self._vllm.SamplingParams(
             n=params.n,
             temperature=params.temperature,
@@ -91,7 +92,7 @@ class VLLMEngine(RolloutEngine):
                 reason = "stop" if sample.finish_reason == "stop" else "length"
                 group.append(Completion(tokens, logprobs, reason))
             groups.append(group)
-        return groups
+        return report_all(groups, on_complete)  # one batched call: every group completes at its end
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload

@@ -32,7 +32,7 @@ from qwenlong.algorithms import GroupCollector, group_accuracy_metrics, group_ad
 from qwenlong.config import RLConfig
 from qwenlong.curriculum import Phase, RewardHistory
 from qwenlong.kernels import grpo_loss, linear_logprobs, sp_linear_logprobs
-from qwenlong.rewards import HybridReward, RewardItem
+from qwenlong.rewards import HybridReward
 from qwenlong.rollout import RolloutEngine, SamplingParams, logprob_mismatch
 from qwenlong.trainers.checkpoint import latest_checkpoint
 from qwenlong.trainers.metrics_log import MetricsLogger
@@ -44,6 +44,7 @@ from qwenlong.trainers.packed import (
     policy_hidden,
     rank_share,
 )
+from qwenlong.trainers.scoring import generate_and_score
 
 if TYPE_CHECKING:  # qwenlong.distributed builds on this package's checkpoint and optimizer modules
     from qwenlong.distributed.backend import TrainingBackend
@@ -94,6 +95,7 @@ class GRPOTrainer:
         self.logger = logger or MetricsLogger(self.output_dir)
         self.history = history if history is not None else RewardHistory()
         self.save_every_steps, self.keep_checkpoints = save_every_steps, keep_checkpoints
+        self._timings: dict[str, float] = {}  # this rank's generation and scoring seconds in the current step
         self.device = next(model.parameters()).device
         # KL is measured against the policy the RL run starts from (the SFT model), frozen
         self.reference = None
@@ -126,10 +128,9 @@ class GRPOTrainer:
         mine = prompts[ctx.dp_rank::ctx.dp_size] if ctx.sp_rank == 0 else []
         completions, scores = [], []
         if mine or self.engine.synced:
-            completions = self.engine.generate([p.prompt_ids for p in mine], params)
-            items = [RewardItem(p.data_source, self.decode(c.token_ids), p.ground_truth, p.question)
-                     for p, group in zip(mine, completions, strict=True) for c in group]
-            scores = [r.score for r in self.reward.score(items)]
+            completions, scores, timings = generate_and_score(self.engine, self.reward, self.decode, mine, params)
+            for key, seconds in timings.items():
+                self._timings[key] = self._timings.get(key, 0.0) + seconds
         if ctx.world_size == 1:
             return completions, scores
         shares = ctx.gather((completions, scores))[::ctx.sp_size]  # SP rank 0 of every data-parallel rank
@@ -145,6 +146,7 @@ class GRPOTrainer:
         rng = random.Random(f"rl:{self.seed}:{phase.name}:{step}")
         collector = GroupCollector(self.cfg.train_prompts_per_step, self.cfg.dynamic_sampling.max_rounds,
                                    enabled=self.cfg.dynamic_sampling.enabled)
+        self._timings = dict.fromkeys(("time_generate", "time_score", "time_score_wait"), 0.0)  # over all rounds
         seen: list[Group] = []
         while not collector.done:
             groups = self._generate_round(phase, examples, rng)
@@ -157,7 +159,7 @@ class GRPOTrainer:
         metrics = {**collector.metrics(), **group_accuracy_metrics(torch.tensor([g.task_rewards for g in seen])),
                    "shaped_reward_mean": float(torch.tensor([g.rewards for g in seen]).mean()),
                    "response_tokens_mean": float(torch.tensor(
-                       [len(r) for g in seen for r in g.responses], dtype=torch.float32).mean())}
+                       [len(r) for g in seen for r in g.responses], dtype=torch.float32).mean()), **self._timings}
         return collector.batch(), metrics
 
     # ------------------------------------------------------------------ policy update
@@ -312,7 +314,7 @@ class GRPOTrainer:
                 t2 = time.perf_counter()
                 step += 1
                 tokens = sum(len(g.example.prompt_ids) + len(r) for g in groups for r in g.responses)
-                metrics.update({"time_generate_score": t1 - t0, "time_train": t2 - t1, "groups_trained": len(groups),
+                metrics.update({"time_rollout": t1 - t0, "time_train": t2 - t1, "groups_trained": len(groups),
                                 "train_tokens_per_s": tokens / max(t2 - t1, 1e-9)})
                 if self.ctx.is_main:
                     self.logger.log(f"rl/{phase.name}", step, metrics)

@@ -1,0 +1,105 @@
+"""Rollouts scored while they are generated: right scores in prompt order, real overlap, clear failures."""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+
+import pytest
+
+from qwenlong.rewards import HybridReward
+from qwenlong.rollout.engine import Completion, RolloutEngine, SamplingParams, report_all
+from qwenlong.trainers.scoring import generate_and_score
+
+
+@dataclass
+class Prompt:
+    prompt_ids: list[int]
+    ground_truth: str
+    data_source: str = "hotpotqa"
+    question: str = "q"
+
+
+def decode(ids: list[int]) -> str:
+    return f"</think> The answer is {ids[0]}."
+
+
+class BatchedEngine(RolloutEngine):
+    """Completes prompts in batches of ``batch`` and reports each batch's groups; before batch k > 0 it can
+    wait until scoring of batch k-1 has started, which only happens if scoring overlaps generation."""
+
+    def __init__(self, batch: int, scoring_started: threading.Event | None = None, report: bool = True):
+        self.batch, self.scoring_started, self.report = batch, scoring_started, report
+
+    def generate(self, prompts, params, on_complete=None):
+        groups = []
+        for start in range(0, len(prompts), self.batch):
+            if start and self.scoring_started is not None:
+                assert self.scoring_started.wait(timeout=30), "nothing was scored while generating"
+            for i in range(start, min(start + self.batch, len(prompts))):
+                rng = random.Random(f"{prompts[i]}:{params.seed}")
+                groups.append([Completion([rng.randrange(4)], [-0.5], "stop") for _ in range(params.n)])
+                if on_complete is not None and self.report:
+                    on_complete(i, groups[i])
+        return groups
+
+    def update_weights(self, named_tensors):
+        raise AssertionError("not used")
+
+
+class RecordingReward(HybridReward):
+    def __init__(self, started: threading.Event | None = None):
+        super().__init__()
+        self.started, self.threads = started, set()
+
+    def score(self, items):
+        self.threads.add(threading.current_thread().name)
+        if self.started is not None:
+            self.started.set()
+        return super().score(items)
+
+
+def test_scores_follow_prompt_order_and_match_scoring_afterwards():
+    prompts = [Prompt([i, i + 1], str(i % 4)) for i in range(7)]
+    params = SamplingParams(max_new_tokens=4, n=3, seed=5)
+    engine = BatchedEngine(batch=2)
+    completions, scores, timings = generate_and_score(engine, HybridReward(), decode, prompts, params)
+    assert completions == engine.generate([p.prompt_ids for p in prompts], params)
+    expected = [HybridReward().score_one("hotpotqa", decode(c.token_ids), p.ground_truth).score
+                for p, group in zip(prompts, completions, strict=True) for c in group]
+    assert scores == expected and 0 < sum(scores) < len(scores)
+    assert set(timings) == {"time_generate", "time_score", "time_score_wait"}
+    assert all(seconds >= 0 for seconds in timings.values())
+
+
+def test_scoring_runs_in_the_background_while_the_engine_generates():
+    started = threading.Event()
+    reward = RecordingReward(started)
+    prompts = [Prompt([i], "1") for i in range(6)]
+    generate_and_score(BatchedEngine(batch=2, scoring_started=started), reward, decode, prompts,
+                       SamplingParams(max_new_tokens=2, n=2, seed=0))
+    assert reward.threads and all(name.startswith("qwenlong-score") for name in reward.threads)
+
+
+def test_an_engine_that_never_reports_a_prompt_is_an_error():
+    with pytest.raises(RuntimeError, match=r"never reported prompts \[0, 1, 2\]"):
+        generate_and_score(BatchedEngine(batch=2, report=False), HybridReward(), decode,
+                           [Prompt([i], "1") for i in range(3)], SamplingParams(max_new_tokens=2, seed=0))
+
+
+def test_a_scoring_error_reaches_the_caller():
+    class Broken(HybridReward):
+        def score(self, items):
+            raise ValueError("judge exploded")
+
+    with pytest.raises(ValueError, match="judge exploded"):
+        generate_and_score(BatchedEngine(batch=2), Broken(), decode, [Prompt([i], "1") for i in range(3)],
+                           SamplingParams(max_new_tokens=2, seed=0))
+
+
+def test_report_all_reports_every_group_in_order():
+    seen = []
+    groups = [[Completion([1], [-1.0], "stop")], [Completion([2], [-1.0], "length")]]
+    assert report_all(groups, lambda i, g: seen.append((i, g))) is groups
+    assert seen == list(enumerate(groups))
