@@ -101,6 +101,7 @@ def with_change(path: str, value):
         ("sft.steps", None, r"^sft\.steps: set exactly one"),
         ("rl.top_p", 1.5, r"^rl\.top_p: expected in \(0, 1\]"),
         ("rl.group_size", 0, r"^rl\.group_size: expected >= 1"),
+        ("rollout.kv_cache_memory_bytes", 0, r"^rollout\.kv_cache_memory_bytes: expected > 0 or null, got 0"),
         ("rl.clip_low", -0.1, r"^rl\.clip_low: expected >= 0"),
         ("distributed.deepspeed_stage", 4, r"^distributed\.deepspeed_stage: expected 0, 1, 2 or 3"),
         ("rl.mini_batch_size", 48, r"^rl\.mini_batch_size: must divide"),

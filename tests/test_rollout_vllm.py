@@ -236,9 +236,10 @@ def test_rl_pipeline_syncs_the_vllm_engine_after_each_update(tmp_path):
     match the trainer's only if the engine got the new weights (without the sync: max ~0.9)."""
     from test_pipeline import ROOT, SMALL, TINY, _env
 
-    env = {**_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}  # 1 GiB KV on CPU
+    env = {**_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     overrides = [*SMALL, "model.tiny.hidden_size=64", "model.tiny.num_attention_heads=2",  # head size 32
-                 "rollout.engine=vllm", "eval.enabled=false", "rl.lr=0.05", "rl.entropy_coef=0.1",
+                 "rollout.engine=vllm", f"rollout.kv_cache_memory_bytes={64 << 20}",  # no VLLM_CPU_KVCACHE_SPACE
+                 "eval.enabled=false", "rl.lr=0.05", "rl.entropy_coef=0.1",
                  f"output.dir={tmp_path}"]
     result = subprocess.run([sys.executable, "-m", "qwenlong", "rl", "--config", TINY, *overrides], env=env,
                             cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -202,6 +202,9 @@ class RolloutConfig:
     engine: Literal["hf", "vllm"] = "hf"
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.6
+    # vLLM's KV cache size; None: its own choice (from gpu_memory_utilization; on a CPU build, from the
+    # VLLM_CPU_KVCACHE_SPACE variable or most of the RAM)
+    kv_cache_memory_bytes: int | None = None
     check_logprobs: bool = True  # log the engine-vs-trainer log-prob mismatch
 
 

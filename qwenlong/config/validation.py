@@ -43,6 +43,8 @@ def validate(cfg: Config) -> Config:
         for path in paths:
             value = _get(cfg, path)
             _check(ok(value), path, f"expected {expected}, got {value}")
+    kv_bytes = cfg.rollout.kv_cache_memory_bytes
+    _check(kv_bytes is None or kv_bytes > 0, "rollout.kv_cache_memory_bytes", f"expected > 0 or null, got {kv_bytes}")
     sft, rl, dist = cfg.sft, cfg.rl, cfg.distributed
     if sft.enabled:
         _check((sft.steps is None) != (sft.epochs is None), "sft.steps", "set exactly one of sft.steps and sft.epochs")

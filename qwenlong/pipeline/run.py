@@ -125,9 +125,12 @@ def build_engine(run: Run) -> RolloutEngine:
     if run.cfg.rollout.engine == "vllm":
         from qwenlong.rollout import VLLMEngine
 
-        return VLLMEngine(str(save_policy_folder(run)), tensor_parallel_size=run.cfg.rollout.tensor_parallel_size,
-                          gpu_memory_utilization=run.cfg.rollout.gpu_memory_utilization,
-                          dtype=run.cfg.model.dtype, seed=run.cfg.seed)
+        rollout = run.cfg.rollout
+        kv_bytes = rollout.kv_cache_memory_bytes
+        sizing = {} if kv_bytes is None else {"kv_cache_memory_bytes": kv_bytes}
+        return VLLMEngine(str(save_policy_folder(run)), tensor_parallel_size=rollout.tensor_parallel_size,
+                          gpu_memory_utilization=rollout.gpu_memory_utilization, dtype=run.cfg.model.dtype,
+                          seed=run.cfg.seed, **sizing)
     return HFGenerateEngine(run.model, eos_token_id=build.eos_ids(run.tokenizer),
                             pad_token_id=run.tokenizer.pad_token_id, generation_attention=GENERATION_ATTENTION,
                             synced=run.synced_generation)
