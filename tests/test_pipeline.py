@@ -80,6 +80,9 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path):
         times = {key: row[key] for key in ("time_generate", "time_score", "time_score_wait", "time_train")}
         assert all(seconds >= 0 for seconds in times.values()) and times["time_generate"] > 0, times
         assert row["time_rollout"] >= times["time_generate"] + times["time_score_wait"], row
+    phase_rows = [line for line in report.splitlines() if line.startswith("| short-docs |")]
+    generate = sum(row["time_generate"] for row in rows if row["stage"] == "rl/short-docs")
+    assert len(phase_rows) == 1 and phase_rows[0].split(" | ")[5] == f"{generate:.1f}", phase_rows
     # a second run into the same folder must not overwrite it silently
     again = subprocess.run([sys.executable, "-m", "qwenlong", "sft", "--config", TINY, *SMALL, f"output.dir={out}"],
                            capture_output=True, text=True, env=_env(), timeout=300)

@@ -133,12 +133,17 @@ def write_report(run) -> Path:
         lines += _gain_lines(gains, cfg.eval)
         (run.dir / "gains.json").write_text(json.dumps(
             [{"from": before, "to": after, **g.to_json()} for (before, after), g in gains.items()], indent=1) + "\n")
-    lines += ["", "## RL phases", "", "| phase | max input | max output | steps | carried in |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## RL phases", "", "Seconds summed over each phase's steps (rank 0); scoring overlaps generation, "
+              "and score wait is the part it did not hide.", "",
+              "| phase | max input | max output | steps | carried in | generate (s) | score (s) | score wait (s) "
+              "| train (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for phase in cfg.rl.phases:
         carried = len(state["carried"].get(phase.name, {}).get("carried", []))
+        steps = {row["step"]: row for row in run.logger.records(f"rl/{phase.name}")}  # a resumed step counts once
+        seconds = " | ".join(f"{sum(row.get(key, 0.0) for row in steps.values()):.1f}"
+                             for key in ("time_generate", "time_score", "time_score_wait", "time_train"))
         lines.append(f"| {phase.name} | {phase.max_input_tokens} | {phase.max_output_tokens} | {phase.steps} | "
-                     f"{carried} |")
+                     f"{carried} | {seconds} |")
     for phase_name, selection in state["carried"].items():
         counts: dict[str, int] = {}
         for decision in selection["decisions"]:

@@ -1,7 +1,8 @@
 """One GRPO/DAPO phase: generate, score, compute advantages, update on packed mini-batches.
 
 Per step (method.md section 2): sample prompts, generate ``group_size`` responses each with
-the rollout engine, score them with the hybrid reward, keep informative groups (dynamic
+the rollout engine, score them with the hybrid reward (each group as soon as the engine
+completes it, overlapping the rest of the generation: ``scoring``), keep informative groups (dynamic
 sampling, up to ``max_rounds`` generation rounds), add the overlong penalty, compute group
 advantages, recompute old log-probs with the fused kernel, then one optimizer update per
 mini-batch of groups with the fused GRPO loss, token-mean over the mini-batch's response
