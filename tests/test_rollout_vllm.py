@@ -230,18 +230,24 @@ def test_update_weights_reaches_an_engine_in_its_own_process():
     assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-4000:]
 
 
-def test_rl_pipeline_syncs_the_vllm_engine_after_each_update(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_rl_pipeline_syncs_the_vllm_engine_after_each_update(tmp_path, processes, free_port):
     """``qwenlong rl`` with ``rollout.engine=vllm``: one step per phase; the first step moves the
     policy a lot (Adam at lr 0.05 on an entropy bonus), so the second phase's engine log-probs
-    match the trainer's only if the engine got the new weights (without the sync: max ~0.9)."""
+    match the trainer's only if the engine got the new weights (without the sync: max ~0.9). With
+    two processes under ``torchrun`` each rank has its own engine and generates its share; the
+    logged mismatch covers both ranks' rollouts."""
     from test_pipeline import ROOT, SMALL, TINY, _env
 
-    env = {**_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = {**_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
     overrides = [*SMALL, "model.tiny.hidden_size=64", "model.tiny.num_attention_heads=2",  # head size 32
                  "rollout.engine=vllm", f"rollout.kv_cache_memory_bytes={64 << 20}",  # no VLLM_CPU_KVCACHE_SPACE
                  "eval.enabled=false", "rl.lr=0.05", "rl.entropy_coef=0.1",
                  f"output.dir={tmp_path}"]
-    result = subprocess.run([sys.executable, "-m", "qwenlong", "rl", "--config", TINY, *overrides], env=env,
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--master-port",
+        str(free_port)]
+    result = subprocess.run([*launcher, "-m", "qwenlong", "rl", "--config", TINY, *overrides], env=env,
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     steps = [row for row in map(json.loads, (Path(tmp_path) / "metrics.jsonl").read_text().splitlines())

@@ -137,14 +137,9 @@ def build_engine(run: Run) -> RolloutEngine:
 
 
 def save_policy_folder(run: Run) -> Path:
-    """The policy as a HF folder (weights, config, tokenizer) for an engine to load; every rank calls it.
-    Each rank writes its own, except under ZeRO-3: rank 0 writes one from weights gathered one parameter
-    at a time."""
-    if not run.synced_generation:
-        path = run.dir / f"policy-for-vllm-rank{run.ctx.rank}"
-        run.model.save_pretrained(path)
-        run.tokenizer.save_pretrained(path)
-        return path
+    """The policy as a HF folder (weights, config, tokenizer) for an engine to load; every rank calls it and
+    gets the folder that rank 0 writes (the ranks' weights are the same; under ZeRO-3 they are gathered one
+    parameter at a time). transformers' ``save_pretrained`` writes nothing on other ranks anyway."""
     path = run.dir / "policy-for-vllm"
     state = run.backend.main_state_dict()
     if run.ctx.is_main:

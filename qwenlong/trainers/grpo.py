@@ -241,16 +241,25 @@ class GRPOTrainer:
             # the whole mini-batch's counts, over every rank's micro-batches
             num_tokens = sum(sequences[3]["response_tokens"])
             num_sequences = len(sequences[0])
-            # this rank's micro-batches (rank 0's are what gets logged)
-            mismatch = logprob_mismatch(torch.cat([b.token_values["engine_logprobs"] for b in batches]),
-                                        torch.cat([b.token_values["old_logprobs"] for b in batches]),
-                                        torch.cat([b.mask for b in batches]))
+            mismatch = self._engine_mismatch(batches)
             for _ in range(self.cfg.ppo_epochs):
                 step_metrics = self._optimizer_step(batches, num_tokens, num_sequences)
                 for key, value in {**step_metrics, **{f"engine_{k}": v for k, v in mismatch.items()}}.items():
                     sums[key] = sums.get(key, 0.0) + value
                 updates += 1
         return {key: value / max(1, updates) for key, value in sums.items()}
+
+    def _engine_mismatch(self, batches: list[PackedBatch]) -> dict[str, float]:
+        """``logprob_mismatch`` of the engine's log-probs against the trainer's, over every rank's micro-batches
+        (each rank's rollouts come from its own engine: one that missed a weight sync shows here): means
+        weighted by response tokens, the max over ranks."""
+        mask = torch.cat([b.mask for b in batches])
+        local = logprob_mismatch(torch.cat([b.token_values["engine_logprobs"] for b in batches]),
+                                 torch.cat([b.token_values["old_logprobs"] for b in batches]), mask)
+        shares = self.ctx.gather((int(mask.sum()), local))
+        tokens = max(1, sum(count for count, _ in shares))
+        return {key: (max(m[key] for _, m in shares) if key.endswith("_max")
+                      else sum(count * m[key] for count, m in shares) / tokens) for key in local}
 
     def accumulate(self, batches: list[PackedBatch], num_tokens: int, num_sequences: int) -> dict[str, float]:
         """Forward and backward of this rank's micro-batches (gradients accumulate); returns the loss and
