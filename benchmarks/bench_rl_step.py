@@ -9,12 +9,14 @@ Qwen2 of ``--shape`` (GPU default: the Qwen2.5-0.5B shape, bf16; ``--quick``: a 
 and the prompts are random tokens of ``--prompt-lengths`` tokens, so rewards are 0 and the
 numbers are about time only.
 
-How each part is timed, without touching the trainer's internals: the engine and the reward are
-wrapped by timers that delegate to the real objects (``generate``, ``score``); old log-probs are
-the time the policy spends switched to eval mode inside ``update`` (the trainer computes them in
-eval mode and switches back to train mode after), timed through the module's ``train(mode)``;
-update is the rest of ``update``. ``other`` is what ``collect`` does besides generating and
-scoring (groups, advantages). On a GPU every boundary synchronizes first. One untimed warm-up
+How each part is timed: generate and score come from the trainer's own step metrics
+(``time_generate``; scoring runs in a background thread while the engine generates, so the step
+pays only ``time_score_wait``, the scoring left once generation ended; ``score (overlapped)`` is
+all the scoring time, not added to the step); old log-probs are the time the policy spends
+switched to eval mode inside ``update`` (the trainer computes them in eval mode and switches back
+to train mode after), timed through the module's ``train(mode)``; update is the rest of
+``update``. ``other`` is what ``collect`` does besides (groups, advantages). On a GPU the step's
+boundaries synchronize first; the trainer's own timers do not. One untimed warm-up
 step runs at the first length; each length then reports the median of ``--repeats`` steps.
 """
 
@@ -33,7 +35,7 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "0.5b": (896, 24, 14, 2, 4864, 151_936),
     "tiny": (64, 2, 4, 2, 128, 2048),
 }
-PARTS = ("generate", "score", "other", "old log-probs", "update")
+PARTS = ("generate", "score wait", "other", "old log-probs", "update")
 
 
 def _sync(device: str) -> None:
@@ -42,44 +44,14 @@ def _sync(device: str) -> None:
 
 
 class Stopwatch:
-    """Accumulates seconds per part name."""
+    """Wall-clock time, synchronized with the device."""
 
     def __init__(self, device: str):
         self.device = device
-        self.seconds = dict.fromkeys(PARTS, 0.0)
 
     def now(self) -> float:
         _sync(self.device)
         return time.perf_counter()
-
-
-class TimedEngine:
-    """The rollout engine, with ``generate`` timed."""
-
-    def __init__(self, engine, watch: Stopwatch):
-        self.engine, self.watch = engine, watch
-
-    def generate(self, prompts, params):
-        start = self.watch.now()
-        out = self.engine.generate(prompts, params)
-        self.watch.seconds["generate"] += self.watch.now() - start
-        return out
-
-    def update_weights(self, named_tensors):
-        return self.engine.update_weights(named_tensors)
-
-
-class TimedReward:
-    """The reward, with ``score`` timed."""
-
-    def __init__(self, reward, watch: Stopwatch):
-        self.reward, self.watch = reward, watch
-
-    def score(self, items):
-        start = self.watch.now()
-        out = self.reward.score(items)
-        self.watch.seconds["score"] += self.watch.now() - start
-        return out
 
 
 def time_eval_spans(model: torch.nn.Module, watch: Stopwatch) -> dict:
@@ -119,31 +91,30 @@ def build(args, device: str):
     model = AutoModelForCausalLM.from_config(config, attn_implementation="qwenlong", dtype=dtype).to(device).train()
     watch = Stopwatch(device)
     eos = vocab - 1  # random weights rarely sample it: responses run to --response-tokens
-    engine = TimedEngine(HFGenerateEngine(model, eos_token_id=eos, generation_attention="sdpa"), watch)
+    engine = HFGenerateEngine(model, eos_token_id=eos, generation_attention="sdpa")
     budget = max(args.prompt_lengths) + args.response_tokens
     cfg = RLConfig(group_size=args.group_size, gen_prompts_per_step=args.prompts, train_prompts_per_step=args.prompts,
                    mini_batch_size=args.prompts, temperature=1.0, top_p=1.0, lr=1e-6,
                    micro_batch_token_budget=max(budget, args.micro_batch_tokens))
     cfg.dynamic_sampling.enabled = False  # random prompts never give informative groups
-    trainer = GRPOTrainer(model, engine, TimedReward(HybridReward(), watch), cfg,
+    trainer = GRPOTrainer(model, engine, HybridReward(), cfg,
                           decode=lambda ids: " ".join(map(str, ids)), output_dir=args.workdir)
     return trainer, model, watch, vocab
 
 
-def one_step(trainer, watch: Stopwatch, spans: dict, phase, examples, step: int) -> tuple[dict, float]:
-    """Seconds per part of one step, and the mean response length the engine produced."""
-    watch.seconds = dict.fromkeys(PARTS, 0.0)
+def one_step(trainer, watch: Stopwatch, spans: dict, phase, examples, step: int) -> tuple[dict, dict]:
+    """Seconds per part of one step, and the step's collection metrics."""
     start = watch.now()
     groups, metrics = trainer.collect(phase, examples, step)
     collected = watch.now()
     spans["seconds"] = 0.0
     trainer.update(groups)
     done = watch.now()
-    parts = dict(watch.seconds)
-    parts["other"] = (collected - start) - parts["generate"] - parts["score"]
+    parts = {"generate": metrics["time_generate"], "score wait": metrics["time_score_wait"]}
+    parts["other"] = (collected - start) - parts["generate"] - parts["score wait"]
     parts["old log-probs"] = spans["seconds"]
     parts["update"] = (done - collected) - spans["seconds"]
-    return parts, metrics["response_tokens_mean"]
+    return parts, metrics
 
 
 def run(args) -> list[dict]:
@@ -170,8 +141,10 @@ def run(args) -> list[dict]:
         parts = {part: statistics.median(s[part] for s, _ in steps) for part in PARTS}
         total = sum(parts.values())
         row = {"prompt tokens": length, "sequences": args.prompts * args.group_size,
-               "response tokens (mean)": round(statistics.mean(n for _, n in steps), 1), "step s": round(total, 3)}
+               "response tokens (mean)": round(statistics.mean(m["response_tokens_mean"] for _, m in steps), 1),
+               "step s": round(total, 3)}
         row |= {f"{part} s": round(seconds, 3) for part, seconds in parts.items()}
+        row["score (overlapped) s"] = round(statistics.median(m["time_score"] for _, m in steps), 3)
         row |= {f"{part} %": round(100 * seconds / total, 1) for part, seconds in parts.items()}
         if parts["old log-probs"] == 0.0:
             row["note"] = "old log-probs not separable (the trainer no longer switches to eval mode): inside update"
@@ -208,7 +181,9 @@ def main(argv=None) -> int:
                      f"one update, micro-batches of {max(args.micro_batch_tokens, 0)} tokens",
              "engine": "HFGenerateEngine (sdpa while generating); reward: HybridReward, rules only",
              "timing": f"median of {args.repeats} steps per length after one warm-up step"}
-    notes = ["generate / score: the engine's generate and the reward's score, timed by wrappers that delegate",
+    notes = ["generate: the trainer's time_generate; score wait: its time_score_wait, the scoring left once "
+             "generation ended (each group is scored in a background thread as soon as it is generated); "
+             "score (overlapped): all scoring time, not added to the step",
              "old log-probs: time the policy spends in eval mode inside GRPOTrainer.update",
              "update: the rest of update (packing, GRPO loss forward+backward, optimizer step)",
              "other: the rest of collect (grouping, overlong penalty, advantages)"]

@@ -26,7 +26,8 @@ EXPECTED = {
     "attention": (("variant", "layout", "total tokens", "peak MiB", "fwd+bwd ms", "fwd+bwd tokens/s"), True),
     "logprobs-memory": (("variant", "T", "V", "peak MiB", "seconds"), True),
     "train-step-tiny": (("stack", "total tokens", "peak MiB", "step ms", "tokens/s", "TFLOP/s", "loss"), True),
-    "rl-step": (("prompt tokens", "generate s", "score s", "old log-probs s", "update s", "step s"), False),
+    "rl-step": (("prompt tokens", "generate s", "score wait s", "score (overlapped) s", "old log-probs s", "update s",
+                 "step s"), False),
     "packing": (("op", "n", "cpp_wall_s", "speedup"), False),
     "sequence-parallel": (("sp", "step_ms", "a2a_ms", "a2a_share"), False),
 }
