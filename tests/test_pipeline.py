@@ -47,6 +47,24 @@ def kill_once_written(command: list[str], marker: Path, timeout: float = 600) ->
     proc.wait()
 
 
+def assert_killed_run_resumes_exactly(command, tmp_path: Path, kill_at: str, not_yet: str, final: str) -> Path:
+    """Run ``command(out, *extra)`` to the end; run it again, SIGKILLed once checkpoint ``kill_at`` is written
+    (and checkpoint ``not_yet`` is not), then with ``--resume``: both end with the same ``final/model.pt``.
+    Returns the uninterrupted run's folder."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    result = subprocess.run(command(straight), capture_output=True, text=True, env=_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    kill_once_written(command(killed), killed / "checkpoints" / kill_at / "state.json")
+    assert not (killed / "checkpoints" / not_yet).exists(), "killed too late"
+    result = subprocess.run(command(killed, "--resume"), capture_output=True, text=True, env=_env(), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    a, b = (torch.load(run / "checkpoints" / final / "model.pt", weights_only=True) for run in (straight, killed))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    return straight
+
+
 @pytest.mark.slow
 def test_tiny_pipeline_runs_end_to_end(tmp_path):
     out = tmp_path / "run"
@@ -92,24 +110,11 @@ def test_tiny_pipeline_runs_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_sft_killed_and_resumed_matches_uninterrupted(tmp_path):
     args = [*SMALL, "sft.steps=8", "output.save_every_steps=2", "eval.enabled=false"]
-    straight = tmp_path / "straight"
-    result = subprocess.run([sys.executable, "-m", "qwenlong", "sft", "--config", TINY, *args,
-                             f"output.dir={straight}"], capture_output=True, text=True, env=_env(), timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
 
-    killed = tmp_path / "killed"
-    kill_once_written([sys.executable, "-m", "qwenlong", "sft", "--config", TINY, *args, f"output.dir={killed}"],
-                      killed / "checkpoints" / "sft-step000004" / "state.json")
-    assert not (killed / "checkpoints" / "sft-step000008").exists()
+    def sft(out, *extra):
+        return [sys.executable, "-m", "qwenlong", "sft", "--config", TINY, *args, *extra, f"output.dir={out}"]
 
-    result = subprocess.run([sys.executable, "-m", "qwenlong", "sft", "--config", TINY, *args, "--resume",
-                             f"output.dir={killed}"], capture_output=True, text=True, env=_env(), timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    a = torch.load(straight / "checkpoints" / "sft-step000008" / "model.pt", weights_only=True)
-    b = torch.load(killed / "checkpoints" / "sft-step000008" / "model.pt", weights_only=True)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    assert_killed_run_resumes_exactly(sft, tmp_path, "sft-step000004", "sft-step000008", "sft-step000008")
 
 
 def test_sft_teacher_accuracy_falls_linearly_with_document_length():
