@@ -378,22 +378,50 @@ def _check_zero3_generation(backend):
     assert reasons == {"stop", "length"}
 
 
-def _load_far_weights(run, folder: Path) -> None:
-    """Load weights far from the initialisation (whose greedy answers are all alike) as a checkpoint's
-    ``model.pt``: under ZeRO-3, rank 0 reads them and scatters them one parameter at a time."""
+def _far_weights(model, folder: Path, ctx, drop: str | None = None) -> dict[str, torch.Tensor]:
+    """Weights far from the initialisation (whose greedy answers are all alike), written by rank 0 as a
+    checkpoint's ``model.pt`` (without parameter ``drop``); returns them."""
     generator = torch.Generator().manual_seed(5)
     state, drawn = {}, {}
-    for name, tensor in run.model.state_dict(keep_vars=True).items():
+    for name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) not in drawn:  # a tied weight is one tensor under two names
             drawn[id(tensor)] = torch.empty(getattr(tensor, "ds_shape", tensor.shape)).normal_(0.0, 0.5,
                                                                                                generator=generator)
-        state[name] = drawn[id(tensor)]
-    if run.ctx.is_main:
+        state[name] = drawn[id(tensor)].to(tensor.dtype)
+    if ctx.is_main:
         folder.mkdir(parents=True)
-        torch.save(state, folder / "model.pt")
-    run.ctx.barrier()
+        torch.save({k: v for k, v in state.items() if k != drop}, folder / "model.pt")
+    ctx.barrier()
+    return state
+
+
+def _load_far_weights(run, folder: Path) -> None:
+    """Load far weights as a checkpoint: under ZeRO-3, rank 0 reads them and scatters them one parameter at a time."""
+    state = _far_weights(run.model, folder, run.ctx)
     run.backend.load_weights(folder)
     _assert_same_weights(run.backend.state_dict(), state, "loaded weights", rtol=0, atol=0)
+
+
+def _check_loaded_weights_survive_a_step(shared, stage: int, dtype: torch.dtype):
+    """Weights loaded into a DeepSpeed model (as a resumed stage starts) are the ones it trains on: a step at
+    lr 0 leaves them exactly as loaded (DeepSpeed's fp32 master copies follow the load). A ``model.pt``
+    missing a weight fails on every rank with the weight's name, with no rank left waiting."""
+    from qwenlong.distributed import build_backend
+
+    ctx, cfg = _context(deepspeed_stage=stage)
+    backend = build_backend(tiny_model(seed=3).to(dtype), ctx, cfg)
+    backend.start(lr=0.0, weight_decay=0.0, total_steps=1, warmup_steps=0, schedule="constant", grad_clip=1.0)
+    run = f"zero{stage}-{dtype}".replace("torch.", "")
+    state = _far_weights(backend.model, shared / f"{run}-far", ctx)
+    backend.load_weights(shared / f"{run}-far")
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(ctx.rank))
+    backend.backward(backend.model(input_ids=ids).logits.float().square().mean())
+    assert backend.step() > 0
+    _assert_same_weights(backend.state_dict(), state, f"{run} weights after a step at lr 0", rtol=0, atol=0)
+    if stage == 3:
+        _far_weights(backend.model, shared / f"{run}-lacking", ctx, drop="model.norm.weight")
+        with pytest.raises(ValueError, match=r"1 of \d+ parameters do not fit: model\.norm\.weight is missing"):
+            backend.load_weights(shared / f"{run}-lacking")
 
 
 def _check_zero3_pretrained_load(policy: Path, tmp: Path):
@@ -409,7 +437,7 @@ def _check_zero3_pretrained_load(policy: Path, tmp: Path):
     cfg = load_config(TINY, [*SMALL, f"model.name={policy}", "model.tiny=null", "distributed.deepspeed_stage=3",
                              f"output.dir={tmp / 'run-pretrained'}"])
     ctx = init_distributed(cfg.distributed)
-    model = build.build_model(cfg, build.build_tokenizer(cfg, tmp), ctx.rank)
+    model = build.build_model(cfg, build.build_tokenizer(cfg, tmp))
     for name, param in model.named_parameters():
         assert param.numel() == 0 and 0 < param.ds_tensor.numel() < param.ds_numel, name
     whole = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).state_dict()
@@ -482,6 +510,9 @@ def _all_checks(tmp: str):
     _check_zero3_generation(_check_deepspeed_sft(own, shared, stage=3, tied=True))
     _check_deepspeed_bf16(shared, stage=2)
     _check_deepspeed_bf16(shared, stage=3)
+    for stage in (2, 3):
+        _check_loaded_weights_survive_a_step(shared, stage, torch.float32)
+    _check_loaded_weights_survive_a_step(shared, 3, torch.bfloat16)
     _check_zero3_pretrained_load(_check_zero3_run(shared), shared)
 
 

@@ -31,4 +31,9 @@ def build_backend(model: torch.nn.Module, ctx: DistributedContext, cfg: Distribu
     return TrainingBackend(model, ctx)
 
 
-__all__ = ["DistributedContext", "TrainingBackend", "build_backend", "init_distributed"]
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are ZeRO-3 partitions (created under ``deepspeed.zero.Init``)."""
+    return hasattr(next(model.parameters()), "ds_id")
+
+
+__all__ = ["DistributedContext", "TrainingBackend", "build_backend", "init_distributed", "is_partitioned"]

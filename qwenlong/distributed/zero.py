@@ -27,7 +27,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -183,31 +184,115 @@ class DeepSpeedBackend(TrainingBackend):
                                     load_lr_scheduler_states=False)
 
     def load_weights(self, path: str | Path) -> None:
-        if not self.zero3:
-            return super().load_weights(path)
-        state = None
-        if self.ctx.is_main:  # mapped, not read whole: each tensor is read as it is scattered
-            state = torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True, mmap=True)
-        scatter_whole_weights(self.model, state.__getitem__ if state is not None else None)
+        if self.zero3:
+            scatter_whole_weights(self.model, (lambda: checkpoint_weights(path)) if self.ctx.is_main else None)
+        else:
+            super().load_weights(path)
+        # DeepSpeed steps fp32 copies of the weights: without this, its next step would put the old ones back
+        self.engine.optimizer.refresh_fp32_params()
 
 
-def scatter_whole_weights(model: torch.nn.Module, read: Callable[[str], torch.Tensor] | None) -> None:
-    """ZeRO-3: set each parameter of a partitioned ``model`` from a whole tensor that rank 0 alone reads
-    (``read(name)``; None on the other ranks), one parameter at a time; every rank calls it. A tied
-    parameter is set once, under its first name (the input embeddings')."""
+@dataclass
+class WholeWeights:
+    """Whole tensors by parameter name, read when asked for: rank 0's side of ``scatter_whole_weights``."""
+
+    shape: Callable[[str], tuple[int, ...]]  # raises KeyError for a name it lacks
+    read: Callable[[str], torch.Tensor]
+    close: Callable[[], None] = lambda: None
+
+
+def checkpoint_weights(path: str | Path) -> WholeWeights:
+    """The weights of a checkpoint folder's ``model.pt``, memory-mapped: each is read as it is used."""
+    state = torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    return WholeWeights(lambda name: tuple(state[name].shape), state.__getitem__)
+
+
+def safetensors_weights(name: str) -> WholeWeights:
+    """The weights of a pretrained checkpoint's safetensors files (sharded or not; a local folder or a hub id)."""
+    from safetensors import safe_open
+
+    folder = Path(name)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    elif (folder / "model.safetensors").exists():
+        with safe_open(folder / "model.safetensors", framework="pt") as single:
+            weight_map = dict.fromkeys(single.keys(), "model.safetensors")
+    else:
+        raise FileNotFoundError(f"{name} has no model.safetensors or model.safetensors.index.json "
+                                "(ZeRO-3 loading reads safetensors checkpoints only)")
+    files = ExitStack()
+    handles: dict[str, Any] = {}
+
+    def handle(key: str) -> Any:
+        file = weight_map[key]  # KeyError: the checkpoint lacks it
+        if file not in handles:
+            handles[file] = files.enter_context(safe_open(folder / file, framework="pt"))
+        return handles[file]
+
+    return WholeWeights(lambda key: tuple(handle(key).get_slice(key).get_shape()),
+                        lambda key: handle(key).get_tensor(key), files.close)
+
+
+def scatter_whole_weights(model: torch.nn.Module, open_weights: Callable[[], WholeWeights] | None) -> None:
+    """ZeRO-3: set each parameter of a partitioned ``model`` from whole weights that rank 0 alone opens
+    (``open_weights``; None on the other ranks) and reads one parameter at a time; every rank calls it.
+    A tied parameter is set once, under its first name (the input embeddings').
+
+    Rank 0 first checks every name and shape: weights that cannot be opened, or lack a parameter or
+    have another shape, raise the same ValueError on every rank (rather than leaving the others waiting
+    in the next gather)."""
     deepspeed = import_deepspeed()
-    for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if read is not None:
-                whole = read(name)
-                if whole.shape != param.shape:
-                    raise ValueError(f"weights: {name} has shape {tuple(whole.shape)}, the model's is "
-                                     f"{tuple(param.shape)}")
-                param.data.copy_(whole)
+    params = list(model.named_parameters())
+    weights, problem = None, None
+    if open_weights is not None:
+        try:
+            weights = open_weights()
+            problem = _mismatches(weights, params)
+        except Exception as error:  # any failure here must reach every rank, not rank 0 alone
+            problem = f"{type(error).__name__}: {error}"
+    problem = _from_rank0(problem)
+    try:
+        if problem is not None:
+            raise ValueError(f"weights: {problem}")
+        for name, param in params:
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if weights is not None:
+                    param.data.copy_(weights.read(name))
+    finally:
+        if weights is not None:
+            weights.close()
+
+
+def _mismatches(weights: WholeWeights, params: list[tuple[str, torch.nn.Parameter]]) -> str | None:
+    """What keeps ``weights`` from filling ``params`` (partitioned: their whole shape is ``ds_shape``), or None."""
+    problems = []
+    for name, param in params:
+        expected = tuple(getattr(param, "ds_shape", param.shape))
+        try:
+            shape = weights.shape(name)
+        except KeyError:
+            problems.append(f"{name} is missing")
+            continue
+        if shape != expected:
+            problems.append(f"{name} has shape {shape}, the model's is {expected}")
+    if not problems:
+        return None
+    return f"{len(problems)} of {len(params)} parameters do not fit: {'; '.join(problems[:5])}"
+
+
+def _from_rank0(value: Any) -> Any:
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def load_pretrained_partitioned(name: str, *, dtype: torch.dtype, attn_implementation: str,
-                                cfg: DistributedConfig, rank: int) -> torch.nn.Module:
+                                cfg: DistributedConfig) -> torch.nn.Module:
     """A pretrained causal LM (a local folder or a hub id with safetensors weights) under ZeRO-3 without
     any rank ever holding it whole: every parameter is partitioned as it is created
     (``deepspeed.zero.Init``), then rank 0 reads the checkpoint one tensor at a time and each is
@@ -232,40 +317,12 @@ def load_pretrained_partitioned(name: str, *, dtype: torch.dtype, attn_implement
     if buffers:
         raise ValueError(f"model.name: {name} has persistent buffers ({', '.join(sorted(buffers))}), which ZeRO-3 "
                          "loading does not read; use deepspeed_stage 2")
-    scatter_whole_weights(model, safetensors_reader(name) if rank == 0 else None)
+    is_main = torch.distributed.get_rank() == 0
+    try:
+        scatter_whole_weights(model, (lambda: safetensors_weights(name)) if is_main else None)
+    except ValueError as error:
+        raise ValueError(f"model.name: {name}: {error}") from None
     return model
-
-
-def safetensors_reader(name: str) -> Callable[[str], torch.Tensor]:
-    """``read(key)``: one tensor of a pretrained checkpoint's safetensors files (sharded or not), read
-    when asked for."""
-    from safetensors import safe_open
-
-    folder = Path(name)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors"]))
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    elif (folder / "model.safetensors").exists():
-        with safe_open(folder / "model.safetensors", framework="pt") as single:
-            weight_map = dict.fromkeys(single.keys(), "model.safetensors")
-    else:
-        raise FileNotFoundError(f"model.name: {name} has no model.safetensors(.index.json); ZeRO-3 loading "
-                                "reads safetensors checkpoints only")
-    files: dict[str, Any] = {}
-
-    def read(key: str) -> torch.Tensor:
-        if key not in weight_map:
-            raise KeyError(f"model.name: {name} has no weight {key!r}")
-        file = weight_map[key]
-        if file not in files:
-            files[file] = safe_open(folder / file, framework="pt")
-        return files[file].get_tensor(key)
-
-    return read
 
 
 @contextmanager

@@ -71,9 +71,9 @@ def build_tokenizer(cfg: Config, output_dir: Path) -> Any:
     return tokenizer
 
 
-def build_model(cfg: Config, tokenizer: Any, rank: int = 0) -> torch.nn.Module:
+def build_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
     """The policy: a pretrained checkpoint, or a tiny Qwen2 built from the config (seeded). Under ZeRO-3
-    a pretrained policy is created partitioned over the ranks (every rank calls this, ``rank`` its own)."""
+    a pretrained policy is created partitioned over the ranks (every rank calls this)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     if cfg.model.attention == "qwenlong":
@@ -85,7 +85,7 @@ def build_model(cfg: Config, tokenizer: Any, rank: int = 0) -> torch.nn.Module:
         from qwenlong.distributed.zero import load_pretrained_partitioned
 
         model = load_pretrained_partitioned(cfg.model.name, dtype=dtype, attn_implementation=cfg.model.attention,
-                                            cfg=cfg.distributed, rank=rank)
+                                            cfg=cfg.distributed)
     elif cfg.model.name is not None:
         model = AutoModelForCausalLM.from_pretrained(cfg.model.name, dtype=dtype,
                                                      attn_implementation=cfg.model.attention)

@@ -20,7 +20,7 @@ import torch
 
 from qwenlong.config import Config, save_config
 from qwenlong.curriculum import RewardHistory, examples_for_phase, select_retrospective
-from qwenlong.distributed import build_backend, init_distributed
+from qwenlong.distributed import build_backend, init_distributed, is_partitioned
 from qwenlong.eval import evaluate
 from qwenlong.eval.generation import Sampling, hf_generate_fn, sharded_generate_fn
 from qwenlong.pipeline import build
@@ -58,8 +58,8 @@ class Run:
         tokenizer = build.build_tokenizer(cfg, self.dir) if self.ctx.is_main else None
         self.ctx.barrier()
         self.tokenizer = tokenizer if tokenizer is not None else build.build_tokenizer(cfg, self.dir)
-        self.model = build.build_model(cfg, self.tokenizer, self.ctx.rank)
-        if not hasattr(next(self.model.parameters()), "ds_id"):  # partitioned at creation: already placed
+        self.model = build.build_model(cfg, self.tokenizer)
+        if not is_partitioned(self.model):  # a partitioned one is placed as it is created
             self.model.to(self.ctx.device)
         self.backend = build_backend(self.model, self.ctx, cfg.distributed)
         self.logger = MetricsLogger(self.dir, tensorboard=cfg.output.tensorboard and self.ctx.is_main)
