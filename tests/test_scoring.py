@@ -103,3 +103,47 @@ def test_report_all_reports_every_group_in_order():
     groups = [[Completion([1], [-1.0], "stop")], [Completion([2], [-1.0], "length")]]
     assert report_all(groups, lambda i, g: seen.append((i, g))) is groups
     assert seen == list(enumerate(groups))
+
+
+def test_groups_that_pile_up_are_scored_in_one_call():
+    """While the scorer is busy, newly completed groups queue up and the next call takes them all, so a
+    judge sees many answers per call (its concurrency applies within a call), not one group's worth."""
+    started, release = threading.Event(), threading.Event()
+
+    class Gated(HybridReward):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def score(self, items):
+            self.calls.append(len(items))
+            started.set()
+            assert release.wait(timeout=30)
+            return super().score(items)
+
+    class FirstThenRest(BatchedEngine):  # the first group, then (once it is being scored) the other four
+        def generate(self, prompts, params, on_complete=None):
+            groups = super().generate(prompts, params)
+            on_complete(0, groups[0])
+            assert started.wait(timeout=30)
+            for index in range(1, len(groups)):
+                on_complete(index, groups[index])
+            release.set()
+            return groups
+
+    reward = Gated()
+    prompts = [Prompt([i], "1") for i in range(5)]
+    _, scores, _ = generate_and_score(FirstThenRest(batch=5), reward, decode, prompts, SamplingParams(2, n=2, seed=0))
+    assert reward.calls == [2, 8] and len(scores) == 10
+
+
+def test_a_prompt_reported_twice_is_an_error():
+    class Twice(BatchedEngine):
+        def generate(self, prompts, params, on_complete=None):
+            groups = super().generate(prompts, params, on_complete)
+            on_complete(0, groups[0])
+            return groups
+
+    with pytest.raises(RuntimeError, match="prompt 0 was reported twice"):
+        generate_and_score(Twice(batch=2), HybridReward(), decode, [Prompt([i], "1") for i in range(2)],
+                           SamplingParams(max_new_tokens=2, seed=0))
