@@ -1,4 +1,5 @@
-"""Checkpoint retention: ``prune_checkpoints`` keeps the newest few of one series and nothing else."""
+"""Checkpoint retention: ``prune_checkpoints`` keeps the newest few of one series, clears the series' leftovers
+of killed runs, and touches nothing else."""
 
 import json
 import os
@@ -23,11 +24,14 @@ def test_prune_keeps_the_newest_of_one_series(tmp_path):
     for name, mtime in [("sft-step000010", 1), ("sft-step000030", 3), ("sft-step000020", 2), ("sft-step000040", 4)]:
         make(tmp_path, name, mtime)
     others = [make(tmp_path, "rl-short-step000010", 5), make(tmp_path, "rl-short-step000020", 6),
-              make(tmp_path, "sft-step000050-best", 7), make(tmp_path, "sft-step000060", 8, complete=False)]
+              make(tmp_path, "sft-step000050-best", 7), make(tmp_path, "sft-stepper", 8, complete=False)]
+    make(tmp_path, "sft-step000025", 9, complete=False)  # a killed run's half-deleted checkpoint
+    make(tmp_path, "sft-step000035.tmp", 10)  # a killed run's uncommitted save
 
     deleted = prune_checkpoints(tmp_path / "sft-step000040", keep=2)
 
-    assert sorted(p.name for p in deleted) == ["sft-step000010", "sft-step000020"]
+    assert sorted(p.name for p in deleted) == ["sft-step000010", "sft-step000020", "sft-step000025",
+                                               "sft-step000035.tmp"]
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["sft-step000030", "sft-step000040"] + [p.name for p in others])
     assert latest_checkpoint(tmp_path, prefix="sft-step") == tmp_path / "sft-step000050-best"
@@ -51,3 +55,24 @@ def test_half_deleted_and_uncommitted_checkpoints_are_never_latest(tmp_path):
     make(tmp_path, "sft-step000002", 9, complete=False)  # killed while prune_checkpoints deleted it
     make(tmp_path, "sft-step000003.tmp", 10)  # killed after writing, before the rename into place
     assert latest_checkpoint(tmp_path, prefix="sft-") == tmp_path / "sft-step000001"
+
+
+def test_a_checkpoint_that_cannot_be_deleted_stays_with_a_warning(tmp_path, monkeypatch):
+    import shutil
+
+    from qwenlong.trainers import checkpoint
+
+    for i in range(3):
+        make(tmp_path, f"sft-step{i:06d}", i + 1)
+    real_rmtree = shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):
+        if path.name == "sft-step000000":
+            raise PermissionError(13, "Permission denied", str(path))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    with pytest.warns(UserWarning, match="sft-step000000 could not be deleted"):
+        deleted = prune_checkpoints(tmp_path / "sft-step000002", keep=1)
+    assert [p.name for p in deleted] == ["sft-step000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft-step000000", "sft-step000002"]

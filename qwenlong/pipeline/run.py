@@ -159,7 +159,7 @@ def _sft(run: Run) -> None:
     if run.resume:
         trainer.resume()
     trainer.train()
-    run.finish("sft", trainer.save())
+    run.finish("sft", latest_checkpoint(run.dir / "checkpoints", prefix="sft-"))  # train() saved the last step
 
 
 def _rl(run: Run) -> None:

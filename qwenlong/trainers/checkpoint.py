@@ -15,6 +15,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -115,19 +116,29 @@ def latest_checkpoint(directory: str | Path, prefix: str = "") -> Path | None:
 
 def prune_checkpoints(path: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` checkpoints of ``path``'s series (its siblings named like it
-    up to a trailing step number); ``keep`` 0 deletes nothing. Returns the deleted paths.
+    up to a trailing step number), and the series' leftovers of killed runs (folders without a state
+    file, staging folders); ``keep`` 0 deletes nothing. Call it between saves. Returns the deleted paths.
 
     A checkpoint's state file goes first, so a run killed mid-delete leaves an incomplete folder
-    that ``latest_checkpoint`` never picks."""
+    that ``latest_checkpoint`` never picks. A folder that cannot be deleted stays, with a warning:
+    losing disk space is better than losing the run."""
     if keep < 0:
         raise ValueError(f"keep: must be >= 0 (0 keeps every checkpoint), got {keep}")
     path = Path(path)
     series = re.sub(r"\d+$", "", path.name)
     if keep == 0 or series == path.name:
         return []
-    stale = [p for p in complete_checkpoints(path.parent, series)
-             if re.fullmatch(re.escape(series) + r"\d+", p.name)][:-keep]
+    member = re.compile(re.escape(series) + r"\d+(" + re.escape(STAGING_SUFFIX) + ")?")
+    members = [p for p in path.parent.iterdir() if p.is_dir() and member.fullmatch(p.name)]
+    complete = [p for p in complete_checkpoints(path.parent, series) if p in members]
+    stale = complete[:-keep] + [p for p in members if p not in complete and p != path]
+    deleted = []
     for p in stale:
-        (p / STATE_FILE).unlink()
-        shutil.rmtree(p)
-    return stale
+        try:
+            (p / STATE_FILE).unlink(missing_ok=True)
+            shutil.rmtree(p)
+        except OSError as error:
+            warnings.warn(f"checkpoint {p} could not be deleted ({error}); it stays on disk", stacklevel=2)
+            continue
+        deleted.append(p)
+    return deleted
