@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -39,12 +40,15 @@ def kill_once_written(command: list[str], marker: Path, timeout: float = 600) ->
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
                             start_new_session=True)
     deadline = time.time() + timeout
-    while not marker.exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:  # also when an assert fires: no run (or torchrun worker) outlives the test
+        with contextlib.suppress(ProcessLookupError):  # the whole group has ended already
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def assert_killed_run_resumes_exactly(command, tmp_path: Path, kill_at: str, not_yet: str, final: str) -> Path:
@@ -136,6 +140,17 @@ def test_sft_teacher_accuracy_falls_linearly_with_document_length():
     assert not any(ok for ok, p in zip(right, position, strict=True) if p >= 1)  # and 0 at the longest
     constant = build.sft_teacher(load_config(TINY, ["data.synthetic.teacher_accuracy=1.0"]))
     assert all(constant(r) == reference_response(r) for r in records[:50])
+
+
+def test_phase_seconds_count_a_resumed_step_once_and_mark_what_was_not_logged():
+    from qwenlong.pipeline.report import phase_seconds
+
+    rows = [{"step": 1, "time_generate": 2.0, "time_train": 1.0}, {"step": 2, "time_generate": 5.0, "time_train": 1.5},
+            {"step": 2, "time_generate": 3.0, "time_train": 0.5},  # step 2 again, after a resume
+            {"step": 3, "time_generate": 4.0, "time_train": 2.0}]
+    assert phase_seconds(rows, ("time_generate", "time_train", "time_score")) == {
+        "time_generate": 9.0, "time_train": 3.5, "time_score": None}
+    assert phase_seconds([], ("time_generate",)) == {"time_generate": None}
 
 
 def test_length_table_splits_items_into_equal_thirds_by_input_length(tmp_path):

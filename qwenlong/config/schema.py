@@ -205,7 +205,6 @@ class RolloutConfig:
     # vLLM's KV cache size; None: its own choice (from gpu_memory_utilization; on a CPU build, from the
     # VLLM_CPU_KVCACHE_SPACE variable or most of the RAM)
     kv_cache_memory_bytes: int | None = None
-    check_logprobs: bool = True  # log the engine-vs-trainer log-prob mismatch
 
 
 @dataclass

@@ -119,6 +119,17 @@ def _gain_lines(gains: dict[tuple[str, str], PairedGain], eval_cfg) -> list[str]
     return lines
 
 
+TIME_SPLIT = ("time_generate", "time_score", "time_score_wait", "time_train")
+
+
+def phase_seconds(rows: list[dict], keys: tuple[str, ...]) -> dict[str, float | None]:
+    """Each key summed over a phase's logged steps, a step logged again after a resume counted once (its
+    last record); None where no step logged the key (a run from before it existed)."""
+    steps = {row["step"]: row for row in rows}
+    return {key: sum(row[key] for row in steps.values()) if steps and all(key in row for row in steps.values())
+            else None for key in keys}
+
+
 def write_report(run) -> Path:
     """``report.md`` (+ ``gains.json``, ``curves.png``, ``sft_loss.png``) in the run folder."""
     state, cfg = run.state, run.cfg
@@ -139,11 +150,10 @@ def write_report(run) -> Path:
               "| train (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for phase in cfg.rl.phases:
         carried = len(state["carried"].get(phase.name, {}).get("carried", []))
-        steps = {row["step"]: row for row in run.logger.records(f"rl/{phase.name}")}  # a resumed step counts once
-        seconds = " | ".join(f"{sum(row.get(key, 0.0) for row in steps.values()):.1f}"
-                             for key in ("time_generate", "time_score", "time_score_wait", "time_train"))
+        seconds = phase_seconds(run.logger.records(f"rl/{phase.name}"), TIME_SPLIT)
+        cells = " | ".join("–" if seconds[key] is None else f"{seconds[key]:.1f}" for key in TIME_SPLIT)
         lines.append(f"| {phase.name} | {phase.max_input_tokens} | {phase.max_output_tokens} | {phase.steps} | "
-                     f"{carried} | {seconds} |")
+                     f"{carried} | {cells} |")
     for phase_name, selection in state["carried"].items():
         counts: dict[str, int] = {}
         for decision in selection["decisions"]:
