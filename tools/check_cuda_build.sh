@@ -57,8 +57,6 @@ print("torch", torch.__version__, "CUDA", torch.version.cuda)
 EOF
 }
 if ! description=$(describe_venv); then
-  # torch's own requirements but triton (0.9 GB that the build never imports); what the CUDA
-  # libraries need stays, since importing a CUDA build of torch loads them all
   available=$(df -Pk "$(dirname "$VENV")" | awk 'NR == 2 {print int($4 / 1048576)}')
   if [ "$available" -lt "$NEEDED_GB" ]; then
     echo "[check_cuda_build] SKIPPED: $available GiB free next to $VENV; the CUDA build of torch needs $NEEDED_GB GiB." >&2
@@ -67,11 +65,12 @@ if ! description=$(describe_venv); then
   fi
   say "installing torch==$TORCH_VERSION (without triton) pybind11 setuptools wheel ninja numpy into $VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "torch==$TORCH_VERSION"
-  requirements=$(mktemp /tmp/qwenlong-cuda-requirements.XXXXXX)
-  "$VENV/bin/python" -c "from importlib.metadata import requires
-print('\n'.join(r for r in requires('torch') if not r.startswith('triton')))" >"$requirements"
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-warn-conflicts -r "$requirements" pybind11 setuptools wheel ninja numpy
-  rm -f "$requirements"
+  # torch's own requirements but triton (0.9 GB that the build never imports); what the CUDA
+  # libraries need stays, since importing a CUDA build of torch loads them all
+  mapfile -t requirements < <("$VENV/bin/python" -c "from importlib.metadata import requires
+print('\\n'.join(r for r in requires('torch') if not r.startswith('triton')))")
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-warn-conflicts "${requirements[@]}" \
+    pybind11 setuptools wheel ninja numpy
   description=$(describe_venv) || fail "torch in $VENV is not a CUDA build of $TORCH_VERSION"
 fi
 say "$description"
