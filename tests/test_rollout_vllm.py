@@ -169,10 +169,23 @@ def test_stop_tokens_and_finish_reasons_match_hf_generate(engine, policy):
     stop = next(t for i, t in enumerate(tokens) if i >= 3 and t not in tokens[:i])
     params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=[stop])
     expected = reference.generate(PROMPTS, params)
-    got = engine.generate(PROMPTS, params)
+    reports = []  # each group is reported as it finishes: the first prompt's while longer ones still run
+    got = engine.generate(PROMPTS, params, on_complete=lambda i, group: reports.append(
+        (i, group, engine.llm.llm_engine.has_unfinished_requests())))
     assert_same_completions(got, expected, model, PROMPTS, 1.0)
     assert got[0][0].token_ids[-1] == stop and got[0][0].finish_reason == "stop"  # stop token kept, inclusive
     assert "length" in {g[0].finish_reason for g in got}
+    assert sorted(i for i, _, _ in reports) == list(range(len(PROMPTS)))
+    assert all(group == got[i] for i, group, _ in reports)
+    assert next(pending for i, _, pending in reports if i == 0), "prompt 0 was reported only at the end"
+
+    def fail(index, group):
+        raise RuntimeError("the caller failed")
+
+    with pytest.raises(RuntimeError, match="the caller failed"):
+        engine.generate(PROMPTS, params, on_complete=fail)
+    assert not engine.llm.llm_engine.has_unfinished_requests()  # the failed call's requests were aborted
+    assert_same_completions(engine.generate(PROMPTS, params), expected, model, PROMPTS, 1.0)
 
 
 def test_eos_ends_a_completion_as_in_hf_generate(engine, policy):

@@ -2,6 +2,8 @@
 
 Tested against a real engine by tests/test_rollout_vllm.py wherever vllm is installed. What to know:
 
+- Rollouts go through the engine's own step loop (what ``LLM.generate`` runs inside), so each
+  prompt's group is reported (``on_complete``) as soon as its samples are done.
 - Log-probs: the engine runs with ``logprobs_mode="processed_logprobs"`` (vLLM >= 0.10.2),
   i.e. after temperature *and* top-p. With ``top_p = 1`` they are the trainer's
   ``log_softmax(logits / temperature)``. With ``top_p < 1`` vLLM renormalises over the nucleus,
@@ -27,13 +29,14 @@ Tested against a real engine by tests/test_rollout_vllm.py wherever vllm is inst
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 
-from qwenlong.rollout.engine import Completion, OnComplete, RolloutEngine, SamplingParams, report_all
+from qwenlong.rollout.engine import Completion, OnComplete, RolloutEngine, SamplingParams
 
 
 class VLLMEngine(RolloutEngine):
@@ -62,6 +65,7 @@ class VLLMEngine(RolloutEngine):
                 "or use the default engine (rollout.engine=hf)"
             ) from error
         self._vllm = vllm
+        self._request_ids = itertools.count()
         engine_kwargs.setdefault("logprobs_mode", "processed_logprobs")
         self.llm = vllm.LLM(
             model=model,
@@ -80,19 +84,29 @@ class VLLMEngine(RolloutEngine):
             stop_token_ids=list(params.stop_token_ids),
             logprobs=0,  # only the sampled token's log-prob
             seed=params.seed,
+            # one output per prompt, once all n samples are done (as LLM.generate sets it)
+            output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
         )
-        requests = [{"prompt_token_ids": list(prompt)} for prompt in prompts]
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
-        groups = []
-        for output in outputs:
-            group = []
-            for sample in output.outputs:
-                tokens = list(sample.token_ids)
-                logprobs = [step[token].logprob for token, step in zip(tokens, sample.logprobs, strict=True)]
-                reason = "stop" if sample.finish_reason == "stop" else "length"
-                group.append(Completion(tokens, logprobs, reason))
-            groups.append(group)
-        return report_all(groups, on_complete)  # one batched call: every group completes at its end
+        # the engine's own loop (what LLM.generate runs inside), to report each group as it finishes
+        engine = self.llm.llm_engine
+        index = {}
+        for i, prompt in enumerate(prompts):
+            request_id = f"qwenlong-{next(self._request_ids)}"
+            engine.add_request(request_id, {"prompt_token_ids": list(prompt)}, sampling)
+            index[request_id] = i
+        groups: list[list[Completion] | None] = [None] * len(prompts)
+        try:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    if output.finished:
+                        i = index.pop(output.request_id)
+                        groups[i] = _group(output)
+                        if on_complete is not None:
+                            on_complete(i, groups[i])
+        except BaseException:
+            engine.abort_request(list(index))  # the next call must not find this call's requests running
+            raise
+        return groups
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
@@ -103,6 +117,16 @@ class VLLMEngine(RolloutEngine):
             self.llm.apply_model(partial(load_weights, weights=chunk))
         self.llm.apply_model(partial(finish_reload, model_config=self.llm.llm_engine.model_config))
         self.llm.reset_prefix_cache()
+
+
+def _group(output: Any) -> list[Completion]:
+    """One prompt's completions from a finished ``vllm.RequestOutput``."""
+    group = []
+    for sample in output.outputs:
+        tokens = list(sample.token_ids)
+        logprobs = [step[token].logprob for token, step in zip(tokens, sample.logprobs, strict=True)]
+        group.append(Completion(tokens, logprobs, "stop" if sample.finish_reason == "stop" else "length"))
+    return group
 
 
 def load_weights(model: torch.nn.Module, weights: list[tuple[str, torch.Tensor]]) -> None:
