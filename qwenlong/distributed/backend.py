@@ -23,6 +23,7 @@ from qwenlong.integrations.hf import lm_head_weight
 from qwenlong.trainers.checkpoint import (
     commit_checkpoint,
     load_checkpoint,
+    model_weights,
     prune_checkpoints,
     rng_state,
     set_rng_state,
@@ -127,7 +128,7 @@ class TrainingBackend:
     def load_weights(self, path: str | Path) -> None:
         """Only the weights of ``save``'s folder (its ``model.pt``), as a new stage starts from; every rank
         calls it."""
-        self.model.load_state_dict(torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True))
+        self.model.load_state_dict(model_weights(path))
 
     def load(self, path: str | Path) -> dict[str, Any]:
         """Restore weights, optimizer, schedule and this rank's RNG from ``save``'s folder; returns its state."""

@@ -38,6 +38,7 @@ from qwenlong.config.schema import DistributedConfig
 from qwenlong.distributed.backend import TrainingBackend
 from qwenlong.distributed.context import DistributedContext
 from qwenlong.integrations.hf import lm_head_weight
+from qwenlong.trainers.checkpoint import model_weights
 from qwenlong.trainers.optim import build_optimizer, build_scheduler
 
 CHECKPOINT_TAG = "deepspeed"  # the sub-folder of our checkpoint folder that DeepSpeed writes
@@ -203,7 +204,7 @@ class WholeWeights:
 
 def checkpoint_weights(path: str | Path) -> WholeWeights:
     """The weights of a checkpoint folder's ``model.pt``, memory-mapped: each is read as it is used."""
-    state = torch.load(Path(path) / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+    state = model_weights(path, mmap=True)
     return WholeWeights(lambda name: tuple(state[name].shape), state.__getitem__)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 STATE_FILE = "state.json"
+MODEL_FILE = "model.pt"
 STAGING_SUFFIX = ".tmp"
 
 
@@ -55,7 +56,7 @@ def staging_dir(path: str | Path) -> Path:
 
 def write_checkpoint(folder: Path, model_state: dict, optimizer_state: dict | None, scheduler_state: dict | None,
                      state: dict[str, Any]) -> None:
-    torch.save(model_state, folder / "model.pt")
+    torch.save(model_state, folder / MODEL_FILE)
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()},
                folder / "trainer.pt")
     (folder / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
@@ -79,6 +80,11 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None,
     return commit_checkpoint(tmp, path)
 
 
+def model_weights(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A checkpoint folder's whole model weights, on CPU; ``mmap``: each tensor is read from disk when used."""
+    return torch.load(Path(path) / MODEL_FILE, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module | None, optimizer=None, scheduler=None,
                     restore_rng: bool = True) -> dict[str, Any]:
     """Load a checkpoint into the given objects (``model`` None: not the weights); returns its JSON state."""
@@ -86,7 +92,7 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module | None, optimize
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"path: {path} is not a complete checkpoint (no {STATE_FILE})")
     if model is not None:
-        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+        model.load_state_dict(model_weights(path))
     trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
     if optimizer is not None and trainer["optimizer"] is not None:
         optimizer.load_state_dict(trainer["optimizer"])
