@@ -26,6 +26,7 @@ BENCHMARKS = {
     "rl-step": "benchmarks.bench_rl_step",
     "packing": "benchmarks.bench_packing",
     "sequence-parallel": "benchmarks.bench_sequence_parallel",
+    "work": "benchmarks.work",  # FLOPs / bytes the Triton kernels issue, counted under the interpreter (no GPU)
 }
 
 
