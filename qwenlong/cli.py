@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "sft": ("qwenlong.pipeline.commands", "run_sft_command", "warm-up SFT only"),
     "rl": ("qwenlong.pipeline.commands", "run_rl_command", "the RL phases only"),
     "eval": ("qwenlong.eval.cli", "run", "evaluate a model on the DocQA benchmarks (or synthetic data)"),
+    "merge": ("qwenlong.merge.cli", "run", "merge fine-tuned models into a base model (SCE), one tensor at a time"),
     "serve-judge": ("qwenlong.rewards.judge.server", "run",
                     "serve a local HF model as an OpenAI-compatible judge endpoint"),
     "bench": ("benchmarks.__main__", "run", "run the benchmarks (from a source checkout), write results and plots"),

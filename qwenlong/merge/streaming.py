@@ -1,0 +1,164 @@
+"""Merging safetensors checkpoints one tensor at a time.
+
+Memory stays bounded by the largest tensor (times the number of models) plus one output shard:
+every input is opened with ``safe_open`` (memory-mapped, tensors read on request), each base
+tensor is merged with the same-named tensors of the other models, and finished tensors are written
+out in shards of at most ``max_shard_bytes``. The output folder is built under ``<out>.partial``
+and renamed to ``<out>`` only when complete, so a failed merge leaves no half-written model.
+Config, tokenizer and other non-weight files are copied from the base folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from qwenlong.merge.sce import sce_merge_tensor
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
+
+
+class CheckpointReader:
+    """The tensors of a Hugging Face model folder (``model.safetensors`` or a sharded index), opened lazily."""
+
+    def __init__(self, folder: str | Path, stack: ExitStack) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ValueError(f"model folder: {str(self.folder)!r} is not a directory")
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            self.file_of = dict(json.loads(index.read_text())["weight_map"])
+        elif (self.folder / SINGLE_FILE).is_file():
+            self.file_of = None
+        else:
+            raise ValueError(f"model folder: {str(self.folder)!r} holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+        self._stack = stack
+        self._handles: dict[str, object] = {}
+        if self.file_of is None:
+            self.file_of = dict.fromkeys(self._handle(SINGLE_FILE).keys(), SINGLE_FILE)
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            self._handles[file] = self._stack.enter_context(safe_open(self.folder / file, framework="pt"))
+        return self._handles[file]
+
+    def names(self) -> list[str]:
+        return sorted(self.file_of)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.file_of:
+            raise ValueError(f"model folder {str(self.folder)!r}: no tensor named {name!r}")
+        return self._handle(self.file_of[name]).get_tensor(name)
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int) -> None:
+        if max_shard_bytes < 1:
+            raise ValueError(f"max_shard_bytes: expected >= 1, got {max_shard_bytes}")
+        self.folder, self.max_shard_bytes = folder, max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor.contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        save_file(self._pending, self.folder / f"shard-{len(self._shards):05d}.tmp", metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> int:
+        """Names the shards as transformers does (one file, or an index); returns the number of shards."""
+        if self._pending or not self._shards:
+            self._flush()
+        count = len(self._shards)
+        if count == 1:
+            (self.folder / "shard-00000.tmp").rename(self.folder / SINGLE_FILE)
+            return 1
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            (self.folder / f"shard-{i:05d}.tmp").rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return count
+
+
+TensorMerge = Callable[[torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
+
+
+def merge_checkpoints(base: str | Path, models: Sequence[str | Path], out: str | Path, merge: TensorMerge,
+                      max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> dict:
+    """Merge ``models`` into ``base`` with ``merge(base_tensor, model_tensors)``, one tensor at a time.
+
+    Every floating-point tensor of the base is merged; integer tensors (buffers) are copied from it.
+    Each model must hold every base tensor with the same shape and no tensor the base lacks.
+    Returns a summary (tensors, shards, bytes, seconds).
+    """
+    if not models:
+        raise ValueError("models: give at least one model to merge into the base")
+    out = Path(out)
+    if out.resolve() in {Path(p).resolve() for p in (base, *models)}:
+        raise ValueError(f"out: {str(out)!r} is one of the input models")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"out: {str(out)!r} exists and is not empty (pass overwrite=True / --overwrite)")
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        base_reader = CheckpointReader(base, stack)
+        readers = [CheckpointReader(m, stack) for m in models]
+        names = base_reader.names()
+        for reader in readers:
+            extra = sorted(set(reader.names()) - set(names))
+            if extra:
+                raise ValueError(f"models: {str(reader.folder)!r} has tensors the base lacks, e.g. {extra[:3]}")
+        writer = ShardWriter(staging, max_shard_bytes)
+        for name in names:
+            base_tensor = base_reader.get(name)
+            others = [reader.get(name) for reader in readers]
+            for reader, tensor in zip(readers, others, strict=True):
+                if tensor.shape != base_tensor.shape:
+                    raise ValueError(f"models: {name!r} has shape {tuple(tensor.shape)} in {str(reader.folder)!r}, "
+                                     f"{tuple(base_tensor.shape)} in the base")
+            merged = merge(base_tensor, others) if base_tensor.is_floating_point() else base_tensor
+            writer.add(name, merged)
+            del others
+        shards = writer.close()
+    for path in Path(base).iterdir():
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):
+            shutil.copy2(path, staging / path.name)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return {"tensors": len(names), "shards": shards, "bytes": writer.total_bytes,
+            "seconds": time.perf_counter() - start}
+
+
+def sce_merge_checkpoints(base: str | Path, models: Sequence[str | Path], out: str | Path,
+                          select_topk: float = 1.0, **kwargs) -> dict:
+    """SCE merge (:mod:`qwenlong.merge.sce`) of safetensors model folders; see :func:`merge_checkpoints`."""
+    if not 0.0 < select_topk <= 1.0:
+        raise ValueError(f"select_topk: expected a fraction in (0, 1], got {select_topk}")
+    return merge_checkpoints(base, models, out, lambda b, ts: sce_merge_tensor(b, ts, select_topk), **kwargs)
