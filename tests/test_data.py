@@ -8,6 +8,7 @@ import random
 import pytest
 
 from qwenlong.data import (
+    DataError,
     DocQARecord,
     SyntheticConfig,
     apply_chat_template,
@@ -310,7 +311,7 @@ def test_benchmark_field_aliases(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"b.jsonl: line 2: data_source"):
         load_records(path)
-    lb, dm, fr = load_records(path, data_source="bench").records
+    lb, dm, fr = load_records(path, data_source="frames").records
     assert (lb.id, lb.question, lb.document, lb.answers) == ("lb", "Who?", "Long text.", ("Ann", "Anne"))
     assert (dm.document, dm.answers, dm.id) == ("p1\np2", ("12.5",), "b-2")
     assert (fr.document, fr.question, fr.answers) == ("T\nbody", "Which?", ("X",))
@@ -335,3 +336,95 @@ def test_malformed_rows_error_or_skip(tmp_path):
     with pytest.raises(ValueError, match="unsupported file type"):
         (tmp_path / "x.csv").write_text("a")
         load_records(tmp_path / "x.csv")
+
+
+# --- hostile rows: a clear error naming file and row (or a skip), never a traceback -------------
+
+GOOD = {"question": "q", "answer": "a", "document": "d", "data_source": "musique"}
+VERL = {"prompt": [{"role": "user", "content": "Q?"}], "data_source": "docmath", "reward_model": {"ground_truth": "4"}}
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({**GOOD, "choices": 5}, "choices"),
+    ({**GOOD, "choices": "ABCD"}, "choices"),
+    ({**GOOD, "metadata": "[1]"}, "metadata"),
+    ({**GOOD, "metadata": "{not json"}, "metadata"),
+    ({**GOOD, "metadata": 7}, "metadata"),
+    ({**GOOD, "prompt": 5}, "prompt"),
+    ({**GOOD, "question": 5}, "question"),
+    ({**GOOD, "data_source": ["musique"]}, "data_source"),
+    ({**VERL, "extra_info": [1, 2]}, "extra_info"),
+    ({**VERL, "prompt": 5}, "prompt"),
+    ({**GOOD, "answer": ""}, "answer"),
+    ({**GOOD, "answer": "  ...  "}, "answer"),
+    ({**GOOD, "answer": ["Paris", "\u2026"]}, "answer"),
+    ({**GOOD, "answer": float("nan")}, "answer"),
+    ({**VERL, "reward_model": {"ground_truth": "..."}}, "answer"),
+    ({**GOOD, "data_source": "gsm8k"}, "data_source"),
+    ({**VERL, "data_source": "not_a_task"}, "data_source"),
+])
+def test_a_malformed_row_names_file_line_and_field_and_can_be_skipped(tmp_path, bad, field):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in [GOOD, bad, VERL]) + "\n")
+    with pytest.raises(DataError, match=rf"rows.jsonl: line 2: {field}"):
+        load_records(path)
+    result = load_records(path, skip_malformed=True)
+    assert [r.data_source for r in result] == ["musique", "docmath"] and result.skipped == 1
+    assert result.errors[0].startswith(f"{path}: line 2: {field}")
+
+
+def test_a_non_utf8_byte_spoils_only_its_own_line(tmp_path):
+    path = tmp_path / "bytes.jsonl"
+    bad = b'{"question": "caf\xe9?", "answer": "a", "data_source": "musique"}'  # latin-1, not UTF-8
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + bad + b"\n" + json.dumps(GOOD).encode() + b"\n")
+    with pytest.raises(DataError, match=r"bytes.jsonl: line 2: not UTF-8 text \(byte 0xe9"):
+        load_records(path)
+    result = load_records(path, skip_malformed=True)
+    assert len(result) == 2 and result.skipped == 1
+    # the same under a .json name (JSON Lines) and as a JSON array (one document: the file is the error)
+    (tmp_path / "lines.json").write_bytes(path.read_bytes())
+    assert len(load_records(tmp_path / "lines.json", skip_malformed=True)) == 2
+    (tmp_path / "array.json").write_bytes(b"[" + bad + b"]")
+    with pytest.raises(DataError, match=r"array.json: not UTF-8"):
+        load_records(tmp_path / "array.json", skip_malformed=True)
+
+
+@pytest.mark.parametrize("depth", [100, 100_000])
+def test_deep_nesting_is_a_row_error(tmp_path, depth):
+    path = tmp_path / "deep.jsonl"
+    deep = '{"question": "q", "answer": "a", "data_source": "musique", "extra": ' + "[" * depth + "]" * depth + "}"
+    path.write_text(json.dumps(GOOD) + "\n" + deep + "\n" + json.dumps(GOOD) + "\n")
+    with pytest.raises(DataError, match=r"deep.jsonl: line 2: nested deeper than"):
+        load_records(path)
+    assert len(load_records(path, skip_malformed=True)) == 2
+
+
+def test_parquet_rows_with_wrong_types_and_a_corrupt_parquet_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    verl = [{**VERL, "extra_info": [1, 2]}, {**VERL, "extra_info": [3]}]
+    pq.write_table(pa.Table.from_pylist(verl), tmp_path / "v.parquet")
+    with pytest.raises(DataError, match=r"v.parquet: row 0: extra_info: expected an object"):
+        load_records(tmp_path / "v.parquet")
+    assert load_records(tmp_path / "v.parquet", skip_malformed=True).skipped == 2
+    pq.write_table(pa.Table.from_pylist([{**GOOD, "choices": None}, {**GOOD, "choices": 5}]), tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=r"c.parquet: row 1: choices"):
+        load_records(tmp_path / "c.parquet")
+
+    records = list(generate_records(40, SyntheticConfig(task="mixed", document_tokens=100), seed=2))
+    write_parquet(records, tmp_path / "ok.parquet")
+    data = (tmp_path / "ok.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    (tmp_path / "noise.parquet").write_bytes(b"PAR1" + bytes(range(256)) * 4 + b"PAR1")
+    for name in ("cut.parquet", "noise.parquet"):
+        with pytest.raises(DataError, match=rf"{name}: not a readable Parquet file"):
+            load_records(tmp_path / name, skip_malformed=True)
+
+
+def test_an_unknown_data_source_override_fails_before_any_row(tmp_path):
+    path = tmp_path / "b.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n")
+    with pytest.raises(DataError, match=r"b.jsonl: data_source: unknown 'bench'"):
+        load_records(path, data_source="bench", skip_malformed=True)
+    assert load_records(path, data_source="docmath_simplong").records[0].data_source == "docmath_simplong"

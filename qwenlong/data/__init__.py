@@ -1,6 +1,7 @@
 """DocQA data: records, loaders, the method's prompt, token budgets, synthetic documents."""
 
 from qwenlong.data.loaders import (
+    DataError,
     LoadResult,
     load_records,
     record_from_verl_row,
@@ -35,6 +36,7 @@ from qwenlong.data.tokens import (
 )
 
 __all__ = [
+    "DataError",
     "DocQARecord", "FORMAT_INSTRUCTION", "FittedPrompt", "LoadResult", "SyntheticConfig", "apply_chat_template",
     "build_prompt", "count_tokens", "extract_question", "fit_prompt", "fit_prompt_report", "generate_records",
     "load_qwen_tokenizer", "load_records", "make_record", "record_from_mapping", "record_from_verl_row",

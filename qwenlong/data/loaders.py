@@ -2,9 +2,12 @@
 
 verl rows carry ``prompt`` (chat messages), ``data_source`` and
 ``reward_model.ground_truth``; their prompt is split back into document and question when it
-follows the method's template, else kept as a rendered prompt. A malformed row raises
-ValueError naming the file and row (1-based line for JSONL, 0-based item or row for JSON arrays and Parquet), or,
-with ``skip_malformed=True``, is skipped and counted in :attr:`LoadResult.skipped`.
+follows the method's template, else kept as a rendered prompt. A malformed row (wrong types, a line
+that is not UTF-8 or not JSON, nesting deeper than ``MAX_NESTING``, a blank or placeholder gold answer,
+a ``data_source`` no reward rule knows) raises :class:`DataError` naming the file and row (1-based
+line for JSONL, 0-based item or row for JSON arrays and Parquet), or, with ``skip_malformed=True``,
+is skipped and counted in :attr:`LoadResult.skipped`; the rows around it load either way. A file that
+cannot be read as a whole (a corrupt Parquet file) is a ``DataError`` naming it.
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from qwenlong.data.prompt import split_prompt
-from qwenlong.data.records import DocQARecord, answer_tuple, record_from_mapping
+from qwenlong.data.records import DocQARecord, answer_tuple, metadata_mapping, record_from_mapping
+
+MAX_NESTING = 64  # lists and objects inside one another; real rows need a handful
+
+
+class DataError(ValueError):
+    """A data file or one of its rows cannot be loaded; the message names the file (and row)."""
 
 
 @dataclass
@@ -47,13 +56,17 @@ def record_from_verl_row(row: Mapping[str, Any], *, default_id: str) -> DocQARec
         raise ValueError("reward_model.ground_truth: missing")
     prompt = row["prompt"]
     if not isinstance(prompt, str):
-        users = [m.get("content") for m in (prompt or []) if isinstance(m, Mapping) and m.get("role") == "user"]
+        if not isinstance(prompt, (list, tuple)):
+            raise ValueError(f"prompt: expected text or a list of chat messages, got {type(prompt).__name__}")
+        users = [m.get("content") for m in prompt if isinstance(m, Mapping) and m.get("role") == "user"]
         if not users or not isinstance(users[-1], str):
             raise ValueError("prompt: expected text or chat messages with a user turn")
         prompt = users[-1]
     if not row.get("data_source"):
         raise ValueError("data_source: missing")
-    extra = dict(row.get("extra_info") or {})
+    if not isinstance(row["data_source"], str):
+        raise ValueError(f"data_source: expected text, got {type(row['data_source']).__name__}")
+    extra = metadata_mapping(row.get("extra_info"), key="extra_info")
     answers = answer_tuple(reward_model["ground_truth"])
     parts = split_prompt(prompt)
     return DocQARecord(
@@ -79,52 +92,100 @@ def to_verl_row(record: DocQARecord) -> dict[str, Any]:
             "extra_info": {"id": record.id, "question": question_text(record)}}
 
 
+def _parse_json(data: bytes) -> Any:
+    """One JSON value from UTF-8 bytes; a ValueError saying what is wrong with them."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_NESTING} levels") from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
+    """Each line on its own (read as bytes: one line that is not UTF-8 spoils only itself)."""
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"line {lineno}", ValueError(f"invalid JSON: {e.msg}")
+                yield f"line {lineno}", _parse_json(line)
+            except ValueError as e:
+                yield f"line {lineno}", e
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """A .json file: a JSON array of rows, or JSON Lines under a .json name."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         head = f.read(4096).lstrip()
-    if not head.startswith("["):
+    if not head.startswith(b"["):
         yield from _jsonl_rows(path)
         return
     try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        yield f"line {e.lineno}", ValueError(f"invalid JSON: {e.msg}")
-        return
+        rows = _parse_json(path.read_bytes())
+    except ValueError as e:
+        raise DataError(f"{path}: {e}") from None
     for index, row in enumerate(rows):
         yield f"item {index}", row
 
 
 def _parquet_rows(path: Path, batch_size: int = 1024) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
-        for item in batch.to_pylist():
-            yield f"row {row}", item
-            row += 1
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+            for item in batch.to_pylist():
+                yield f"row {row}", item
+                row += 1
+    except (pa.ArrowException, OSError) as e:
+        where = f" after row {row - 1}" if row else ""
+        raise DataError(f"{path}: not a readable Parquet file{where} ({' '.join(str(e).split())[:300]})") from None
+
+
+def _check_nesting(row: Any) -> None:
+    """A ValueError when ``row`` nests lists and objects deeper than ``MAX_NESTING`` (iterative: any depth)."""
+    stack = [(row, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, Mapping):
+            children = value.values()
+        elif isinstance(value, (list, tuple)):
+            children = value
+        else:
+            continue
+        if depth > MAX_NESTING:
+            raise ValueError(f"nested deeper than {MAX_NESTING} levels")
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _check_data_source(data_source: str) -> None:
+    """A ValueError when no reward rule routes ``data_source`` (it would fail at the first score, mid-run)."""
+    from qwenlong.rewards.rules import rule_kind  # the rewards package builds on this one
+
+    rule_kind(data_source)
 
 
 def load_records(path: str | os.PathLike, *, data_source: str | None = None,
                  skip_malformed: bool = False, limit: int | None = None) -> LoadResult:
     """Records from a ``.jsonl``/``.json`` or ``.parquet`` file (verl rows detected per row).
 
-    ``data_source`` overrides the rows' own (needed for benchmark files that lack one).
+    ``data_source`` overrides the rows' own (needed for benchmark files that lack one). Every row's
+    data source must be one a reward rule routes (``qwenlong.rewards.rules.rule_kind``).
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"path: {path} is not a file")
+        raise DataError(f"path: {path} is not a file")
+    if data_source is not None:
+        try:
+            _check_data_source(data_source)
+        except ValueError as e:
+            raise DataError(f"{path}: {e}") from None
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows: Iterable[tuple[str, Any]] = _jsonl_rows(path)
@@ -133,7 +194,7 @@ def load_records(path: str | os.PathLike, *, data_source: str | None = None,
     elif suffix == ".parquet":
         rows = _parquet_rows(path)
     else:
-        raise ValueError(f"path: unsupported file type {suffix!r} (expected .jsonl, .json or .parquet)")
+        raise DataError(f"path: unsupported file type {suffix!r} (expected .jsonl, .json or .parquet)")
     result = LoadResult(records=[])
     for where, row in rows:
         if limit is not None and len(result.records) >= limit:
@@ -141,6 +202,7 @@ def load_records(path: str | os.PathLike, *, data_source: str | None = None,
         try:
             if isinstance(row, Exception):
                 raise row
+            _check_nesting(row)
             default_id = f"{path.stem}-{where.split()[-1]}"
             if isinstance(row, Mapping) and _is_verl_row(row):
                 record = record_from_verl_row(row, default_id=default_id)
@@ -148,10 +210,14 @@ def load_records(path: str | os.PathLike, *, data_source: str | None = None,
                     record = dataclasses.replace(record, data_source=data_source)
             else:
                 record = record_from_mapping(row, default_id=default_id, data_source=data_source)
-        except ValueError as e:
-            message = f"{path}: {where}: {e}"
+            if data_source is None:
+                _check_data_source(record.data_source)
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
+            # ValueError: a check of ours; the others: a row shaped in a way no check foresaw
+            reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            message = f"{path}: {where}: {' '.join(reason.split())[:500]}"
             if not skip_malformed:
-                raise ValueError(message) from e
+                raise DataError(message) from e
             result.skipped += 1
             result.errors.append(message)
             continue

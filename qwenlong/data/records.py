@@ -8,6 +8,8 @@ DocMath's ``paragraphs``/``ground_truth``, Frames' ``wiki_items``/``Prompt``/``A
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,8 @@ _SOURCE_KEYS = ("data_source", "dataset", "source")
 _QUESTION_KEYS = ("question", "input", "Prompt", "query")
 _ANSWER_KEYS = ("answer", "answers", "ground_truth", "Answer", "gold")
 _DOCUMENT_KEYS = ("document", "context", "paragraphs", "wiki_items")
+# a gold answer that is blank or only dots ("...", "…") is a placeholder left in the data, not an answer
+_PLACEHOLDER_ANSWER = re.compile(r"[\s.\u2026]*")
 
 
 @dataclass(frozen=True)
@@ -88,15 +92,50 @@ def _document_text(value: Any) -> str:
     raise ValueError(f"document: expected text or a list of paragraphs, got {type(value).__name__}")
 
 
+def _gold(value: Any) -> str | None:
+    """One gold answer as text, or None when it is not a string or a finite number."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return str(value)
+    return None
+
+
 def answer_tuple(value: Any) -> tuple[str, ...]:
-    """Gold answer(s) as strings: a string, a number or a list of them."""
+    """Gold answer(s) as strings: a string, a number or a list of them. A blank or placeholder answer
+    (``""``, ``"..."``) is an error: it would score every response wrong, or match anything."""
     if value is None:
         raise ValueError("answer: missing (looked for " + ", ".join(_ANSWER_KEYS) + ")")
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return (str(value),)
-    if isinstance(value, Sequence) and value and all(isinstance(a, (str, int, float)) for a in value):
-        return tuple(str(a) for a in value)
-    raise ValueError(f"answer: expected a string, a number or a non-empty list of them, got {value!r}")
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    answers = [_gold(item) for item in items]
+    if not answers or any(a is None for a in answers):
+        raise ValueError(f"answer: expected a string, a number or a non-empty list of them, got {_short(value)}")
+    for answer in answers:
+        if _PLACEHOLDER_ANSWER.fullmatch(answer):
+            raise ValueError(f"answer: {answer!r} is blank or a placeholder, not a gold answer")
+    return tuple(answers)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` of a bad value for an error message, cut to ``limit`` characters."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= limit else text[:limit] + '...'}"
+
+
+def metadata_mapping(value: Any, key: str = "metadata") -> dict[str, Any]:
+    """A row's metadata: an object, JSON text of one (how ``write_parquet`` stores it), or absent."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{key}: expected an object or JSON text of one, got invalid JSON ({error.msg})") from None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{key}: expected an object, got {_short(value)}")
+    return dict(value)
 
 
 def record_from_mapping(row: Mapping[str, Any], *, default_id: str, data_source: str | None = None) -> DocQARecord:
@@ -110,18 +149,23 @@ def record_from_mapping(row: Mapping[str, Any], *, default_id: str, data_source:
     source = data_source or _first(row, _SOURCE_KEYS)
     if not source:
         raise ValueError("data_source: missing (pass data_source= for files without it)")
-    prompt = row.get("prompt") if isinstance(row.get("prompt"), str) else None
+    if not isinstance(source, str):
+        raise ValueError(f"data_source: expected text, got {_short(source)}")
+    prompt = row.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f"prompt: expected the rendered prompt as text, got {_short(prompt)}")
     question = _first(row, _QUESTION_KEYS) or ("" if prompt else None)
-    if not isinstance(question, str) or not (question.strip() or prompt):
+    if question is not None and not isinstance(question, str):
+        raise ValueError(f"question: expected text, got {_short(question)}")
+    if question is None or not (question.strip() or prompt):
         raise ValueError("question: missing or empty (looked for " + ", ".join(_QUESTION_KEYS) + ")")
-    choices = row.get("choices") or ()
-    if isinstance(choices, str) or not all(isinstance(c, str) for c in choices):
-        raise ValueError(f"choices: expected a list of strings, got {choices!r}")
+    choices = row.get("choices")
+    if choices is None:
+        choices = ()
+    if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"choices: expected a list of strings, got {_short(choices)}")
     known = {*_ID_KEYS, *_SOURCE_KEYS, *_QUESTION_KEYS, *_ANSWER_KEYS, *_DOCUMENT_KEYS, "choices", "metadata", "prompt"}
-    metadata = row.get("metadata") or {}
-    if isinstance(metadata, str):  # Parquet files written by write_parquet keep metadata as JSON text
-        metadata = json.loads(metadata)
-    metadata = dict(metadata)
+    metadata = metadata_mapping(row.get("metadata"))
     metadata.update({k: v for k, v in row.items() if k not in known})
     record_id = _first(row, _ID_KEYS)
     return DocQARecord(
