@@ -11,11 +11,12 @@ import torch
 
 from qwenlong.kernels import linear_cross_entropy, linear_logprobs
 from qwenlong.kernels.logprobs import chunked
+from qwenlong.kernels.logprobs.compile_specs import compile_specs
 from qwenlong.kernels.logprobs.linear_logprobs import (
-    _backward_hidden_kernel,
-    _backward_weight_kernel,
+    _dlogits_kernel,
     _forward_kernel,
-    compile_specs,
+    _grad_hidden_kernel,
+    _grad_weight_kernel,
     fused_linear_stats,
 )
 from qwenlong.kernels.logprobs.reference import (
@@ -235,9 +236,11 @@ def test_cross_entropy_bad_options(change):
 
 def test_compile_specs_match_kernel_signatures():
     specs = compile_specs()
-    kernels = {_forward_kernel, _backward_hidden_kernel, _backward_weight_kernel}
+    kernels = {_forward_kernel, _dlogits_kernel, _grad_hidden_kernel, _grad_weight_kernel}
     assert {spec.fn for spec in specs} == kernels
-    assert {spec.signature["hidden_ptr"] for spec in specs} == {"*bf16", "*fp16", "*fp32"}
+    for kernel in kernels:  # every kernel built for every input dtype (its first argument holds that dtype)
+        dtypes = {next(iter(spec.signature.values())) for spec in specs if spec.fn is kernel}
+        assert dtypes == {"*bf16", "*fp16", "*fp32"}
     for spec in specs:
         assert list(spec.signature) == list(spec.fn.arg_names), spec.name
         constexprs = {name for name, kind in spec.signature.items() if kind == "constexpr"}

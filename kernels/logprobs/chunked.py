@@ -127,6 +127,12 @@ def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entr
 class ChunkedLinearStats(torch.autograd.Function):
     """Autograd wrapper: ``(logp, entropy | None, mean_logp | None)``, recomputing tiles in backward.
 
+    Only rows whose target is not ``ignore_index`` are gathered and computed (forward and
+    backward), so a batch costs time in proportion to its valid rows and an ignored row's inputs
+    (even NaN) reach nothing; ignored rows get 0 outputs and exactly zero gradient. Finding the
+    valid rows reads the targets on the host: free for CPU tensors, one synchronisation per call
+    for the CUDA extension.
+
     ``use_cuda`` runs the same chunked algorithm in the CUDA extension (cuBLAS tiles with a
     fused epilogue, :mod:`.cuda_backend`) instead of PyTorch ops.
     """
@@ -138,32 +144,39 @@ class ChunkedLinearStats(torch.autograd.Function):
             from .cuda_backend import cuda_forward as forward_impl
         else:
             forward_impl = chunked_forward
-        logp, entropy, mean_logp, lse = forward_impl(
-            hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp
+        rows = (targets != ignore_index).nonzero()[:, 0]
+        outputs = forward_impl(hidden.index_select(0, rows), weight, targets.index_select(0, rows), temperature,
+                               ignore_index, with_entropy, with_mean_logp)
+        logp, entropy, mean_logp, lse = (
+            None if out is None else out.new_zeros(hidden.shape[0]).index_copy_(0, rows, out) for out in outputs
         )
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.temperature, ctx.ignore_index, ctx.use_cuda = temperature, ignore_index, use_cuda
+        ctx.save_for_backward(hidden, weight, targets, rows, lse, entropy)
+        ctx.temperature, ctx.use_cuda = temperature, use_cuda
         return logp, entropy, mean_logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, grad_mean_logp):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
-        valid = targets != ctx.ignore_index
+        hidden, weight, targets, rows, lse, entropy = ctx.saved_tensors
 
-        def masked(grad):
-            return None if grad is None else torch.where(valid, grad.float(), 0.0)
+        def valid_rows(values):
+            return None if values is None else values.index_select(0, rows).float()
 
-        grad_logp = masked(grad_logp) if grad_logp is not None else torch.zeros_like(lse)
-        grads = (grad_logp, masked(grad_entropy), masked(grad_mean_logp), ctx.temperature)
+        grad_logp = valid_rows(grad_logp) if grad_logp is not None else lse.new_zeros(rows.shape[0])
+        hidden_rows, target_rows = hidden.index_select(0, rows), targets.index_select(0, rows)
+        entropy_rows = valid_rows(entropy) if grad_entropy is not None else None
+        grads = (grad_logp, valid_rows(grad_entropy), valid_rows(grad_mean_logp), ctx.temperature)
         needs_hidden, needs_weight = ctx.needs_input_grad[:2]
         if ctx.use_cuda:
             from .cuda_backend import cuda_backward
 
-            grad_hidden, grad_weight = cuda_backward(hidden, weight, targets, lse, entropy, *grads)
-            grad_hidden, grad_weight = (grad_hidden if needs_hidden else None), (grad_weight if needs_weight else None)
+            grad_rows, grad_weight = cuda_backward(hidden_rows, weight, target_rows, valid_rows(lse), entropy_rows,
+                                                   *grads)
+            grad_rows, grad_weight = (grad_rows if needs_hidden else None), (grad_weight if needs_weight else None)
         else:
-            grad_hidden, grad_weight = chunked_backward(hidden, weight, targets, lse, entropy, *grads,
-                                                        needs_hidden, needs_weight)
-        grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
+            grad_rows, grad_weight = chunked_backward(hidden_rows, weight, target_rows, valid_rows(lse), entropy_rows,
+                                                      *grads, needs_hidden, needs_weight)
+        grad_hidden = None
+        if grad_rows is not None:
+            grad_hidden = hidden.new_zeros(hidden.shape).index_copy_(0, rows, grad_rows.to(hidden.dtype))
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None

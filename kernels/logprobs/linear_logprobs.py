@@ -11,20 +11,27 @@ For hidden states ``h`` (T, d), head weight ``W`` (V, d), temperature ``tau`` an
 ``a`` is carried relative to the running max (``a <- e^(m - m') (a + (m - m') s)``), so
 the entropy never subtracts two numbers of the logits' size: logits of 1e4 stay accurate.
 
-Backward recomputes every tile and forms the logit gradient in fast memory:
+Only rows that count are computed. Rows whose target is ``ignore_index`` (in RL: every prompt
+token) are never loaded: the valid rows are listed first in ``order`` (a stable sort on the
+device) and ``num_valid`` stays a device tensor, so there is no host synchronisation. Every
+grid has a fixed size computed from T, and a program whose rows lie past ``num_valid`` returns
+at once. Ignored rows get 0 outputs and exactly zero gradient, whatever their inputs hold (a
+NaN hidden row at a prompt position cannot reach anything).
 
-    dz_j = g_logp (1[j = t] - p_j)  -  g_H p_j (log p_j + H)  +  g_mean (1/V - p_j)
-    dh = (dz W) / tau,   dW = (dz^T h) / tau
+Backward recomputes each logits tile once, in chunks of ``TOKEN_CHUNK`` valid rows by
+``VOCAB_CHUNK`` vocabulary columns:
 
-Determinism without atomics: d(hidden) comes from a kernel over token blocks and d(weight)
-from a kernel over vocabulary tiles. Each program owns the rows it writes and walks the
-other axis in a fixed order, so both gradients are bitwise reproducible. The price is one
-extra recompute of the logits (4 GEMM-sized passes in backward instead of 3); per-token-block
-partial d(weight) buffers would instead cost (T / BLOCK_T) x V x d floats, far too much at
-120K tokens. Both gradients accumulate in fp32 buffers (d(weight): V x d x 4 bytes) that
-are cast to the input dtype at the end. Tile sizes depend on d and dtype only, never on T, so
-a token's outputs are the same bits whatever else is in the batch. CPU tensors take the chunked PyTorch path (:mod:`.chunked`)
-unless the Triton interpreter is on.
+    dz_j = g_logp (1[j = t] - p_j)  -  g_H p_j (log p_j + H)  +  g_mean (1/V - p_j)     (times 1/tau)
+    dh[chunk rows] (+)= dz W[chunk cols],   dW[chunk cols] (+)= dz^T h[chunk rows]
+
+``_dlogits_kernel`` writes dz once, in the input dtype, to a fixed-size chunk buffer; two GEMM
+kernels read it. d(hidden) rows are read and rewritten once per vocabulary chunk, d(weight)
+rows once per token chunk (not per tile), each in a fixed order, so both gradients are
+bitwise reproducible without atomics. Forward + backward issue 8 T_valid d V FLOPs (2 + 2 + 2 + 2).
+Tile and chunk sizes depend on d and dtype only, never on T, and every row is computed
+independently of the others, so a token's outputs and hidden gradient are the same bits alone or
+inside any batch. CPU tensors take the chunked PyTorch path (:mod:`.chunked`) unless the Triton
+interpreter is on.
 """
 
 from __future__ import annotations
@@ -34,14 +41,21 @@ import triton
 import triton.language as tl
 
 from ..backend import select_backend
-from ..utils.checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ..utils.compile_spec import CompileSpec
+from ..utils.checks import FLOAT_DTYPES, check_same_device, check_tensor, tensor_checks_enabled
 from . import cuda_backend
 from .chunked import ChunkedLinearStats
 
-_TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-_BACKWARD_FP32_ARGS = ("lse_ptr", "entropy_ptr", "grad_logp_ptr", "grad_entropy_ptr", "grad_mean_ptr")
-_BACKWARD_FLAGS = ("WITH_ENTROPY_GRAD", "WITH_MEAN_GRAD")
+TOKEN_CHUNK = 4096  # valid rows per backward chunk (dz buffer: TOKEN_CHUNK x VOCAB_CHUNK in the input dtype)
+VOCAB_CHUNK = 8192
+
+
+@triton.jit
+def _valid_rows(order_ptr, num_valid, start, BLOCK: tl.constexpr):
+    """Row indices of positions ``start + [0, BLOCK)`` of the compacted order, and which of them exist."""
+    positions = start + tl.arange(0, BLOCK)
+    row_in = positions < num_valid
+    rows = tl.load(order_ptr + positions, mask=row_in, other=0)
+    return rows, row_in
 
 
 @triton.jit
@@ -59,46 +73,17 @@ def _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temp
 
 
 @triton.jit
-def _dlogits_tile(z, cols, col_in, target, lse, entropy, g_logp, g_entropy, g_mean, V,
-                  WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr):
-    """Gradient of the per-token outputs with respect to the (tempered) logits tile."""
-    log_p = z - lse[:, None]
-    p = tl.where(col_in[None, :], tl.exp(log_p), 0.0)
-    dz = tl.where(cols[None, :] == target[:, None], g_logp[:, None], 0.0) - g_logp[:, None] * p
-    if WITH_ENTROPY_GRAD:
-        dz -= g_entropy[:, None] * p * (log_p + entropy[:, None])
-    if WITH_MEAN_GRAD:
-        dz += g_mean[:, None] * (tl.where(col_in[None, :], 1.0 / V, 0.0) - p)
-    return dz
-
-
-@triton.jit
-def _load_row_grads(rows, row_in, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr,
-                    inv_temperature, ignore_index, WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr):
-    """Per-row inputs of the backward pass; output gradients are zero on ignored rows and carry 1/tau."""
-    target = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index)
-    valid = row_in & (target != ignore_index)
-    lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
-    g_logp = tl.load(grad_logp_ptr + rows, mask=valid, other=0.0) * inv_temperature
-    entropy = tl.zeros_like(lse)
-    g_entropy = tl.zeros_like(lse)
-    g_mean = tl.zeros_like(lse)
-    if WITH_ENTROPY_GRAD:
-        entropy = tl.load(entropy_ptr + rows, mask=row_in, other=0.0)
-        g_entropy = tl.load(grad_entropy_ptr + rows, mask=valid, other=0.0) * inv_temperature
-    if WITH_MEAN_GRAD:
-        g_mean = tl.load(grad_mean_ptr + rows, mask=valid, other=0.0) * inv_temperature
-    return target, lse, entropy, g_logp, g_entropy, g_mean
-
-
-@triton.jit
-def _forward_kernel(hidden_ptr, weight_ptr, targets_ptr, logp_ptr, entropy_ptr, mean_logp_ptr, lse_ptr,
-                    T, V, D, inv_temperature, ignore_index,
+def _forward_kernel(hidden_ptr, weight_ptr, targets_ptr, order_ptr, num_valid_ptr,
+                    logp_ptr, entropy_ptr, mean_logp_ptr, lse_ptr, V, D, inv_temperature,
                     WITH_ENTROPY: tl.constexpr, WITH_MEAN: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_in = rows < T
-    target = tl.load(targets_ptr + rows, mask=row_in, other=ignore_index)
+    """One program per BLOCK_T valid rows: online logsumexp, entropy and sums over every vocabulary tile."""
+    num_valid = tl.load(num_valid_ptr)
+    start = tl.program_id(0).to(tl.int64) * BLOCK_T
+    if start >= num_valid:
+        return
+    rows, row_in = _valid_rows(order_ptr, num_valid, start, BLOCK_T)
+    target = tl.load(targets_ptr + rows, mask=row_in, other=0)
     running_max = tl.full((BLOCK_T,), -3.0e38, dtype=tl.float32)  # finite: (m - m') * 0 stays 0
     sum_exp = tl.zeros((BLOCK_T,), dtype=tl.float32)
     shifted_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
@@ -120,99 +105,151 @@ def _forward_kernel(hidden_ptr, weight_ptr, targets_ptr, logp_ptr, entropy_ptr, 
         if WITH_MEAN:
             logit_sum += tl.sum(tl.where(col_in[None, :], z, 0.0), axis=1)
         target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
-    valid = target != ignore_index
     log_sum_exp = tl.log(sum_exp)
     lse = running_max + log_sum_exp
     tl.store(lse_ptr + rows, lse, mask=row_in)
-    tl.store(logp_ptr + rows, tl.where(valid, target_logit - lse, 0.0), mask=row_in)
+    tl.store(logp_ptr + rows, target_logit - lse, mask=row_in)
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + rows, tl.where(valid, log_sum_exp - shifted_sum / sum_exp, 0.0), mask=row_in)
+        tl.store(entropy_ptr + rows, log_sum_exp - shifted_sum / sum_exp, mask=row_in)
     if WITH_MEAN:
-        tl.store(mean_logp_ptr + rows, tl.where(valid, logit_sum / V - lse, 0.0), mask=row_in)
+        tl.store(mean_logp_ptr + rows, logit_sum / V - lse, mask=row_in)
 
 
 @triton.jit
-def _backward_hidden_kernel(hidden_ptr, weight_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr,
-                            grad_entropy_ptr, grad_mean_ptr, grad_hidden_ptr,
-                            T, V, D, inv_temperature, ignore_index,
-                            WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                            BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per token block: d(hidden) rows += dz W over every vocabulary tile, in order."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_in = rows < T
-    target, lse, entropy, g_logp, g_entropy, g_mean = _load_row_grads(
-        rows, row_in, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr,
-        inv_temperature, ignore_index, WITH_ENTROPY_GRAD, WITH_MEAN_GRAD)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_in = cols < V
-        z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
-                         BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)
-        dz = _dlogits_tile(z, cols, col_in, target, lse, entropy, g_logp, g_entropy, g_mean, V,
-                           WITH_ENTROPY_GRAD, WITH_MEAN_GRAD).to(weight_ptr.dtype.element_ty)
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            dim_in = dims < D
-            w = tl.load(weight_ptr + cols[:, None] * D + dims[None, :], mask=col_in[:, None] & dim_in[None, :],
-                        other=0.0)
-            out = grad_hidden_ptr + rows[:, None] * D + dims[None, :]
-            out_mask = row_in[:, None] & dim_in[None, :]
-            acc = tl.load(out, mask=out_mask, other=0.0)
-            tl.store(out, tl.dot(dz, w, acc, input_precision=PRECISION), mask=out_mask)
+def _dlogits_kernel(hidden_ptr, weight_ptr, targets_ptr, order_ptr, num_valid_ptr, lse_ptr, entropy_ptr,
+                    grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, dlogits_ptr,
+                    token_start, vocab_start, V, D, inv_temperature, chunk_stride,
+                    WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One (BLOCK_T, BLOCK_V) tile of dz for the chunk at (token_start, vocab_start), stored once.
 
-
-@triton.jit
-def _backward_weight_kernel(hidden_ptr, weight_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr,
-                            grad_entropy_ptr, grad_mean_ptr, grad_weight_ptr,
-                            T, V, D, inv_temperature, ignore_index,
-                            WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                            BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per vocabulary tile: d(weight) rows += dz^T h over every token block, in order."""
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    dz carries 1/tau (so dh = dz W and dW = dz^T h); rows past num_valid and columns past V store 0.
+    """
+    num_valid = tl.load(num_valid_ptr)
+    local_rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    if token_start + tl.program_id(0) * BLOCK_T >= num_valid:
+        return
+    rows, row_in = _valid_rows(order_ptr, num_valid, token_start + tl.program_id(0).to(tl.int64) * BLOCK_T, BLOCK_T)
+    local_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = vocab_start + local_cols
     col_in = cols < V
-    for t0 in range(0, T, BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-        row_in = rows < T
-        target, lse, entropy, g_logp, g_entropy, g_mean = _load_row_grads(
-            rows, row_in, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr,
-            inv_temperature, ignore_index, WITH_ENTROPY_GRAD, WITH_MEAN_GRAD)
-        z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
-                         BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)
-        dz = _dlogits_tile(z, cols, col_in, target, lse, entropy, g_logp, g_entropy, g_mean, V,
-                           WITH_ENTROPY_GRAD, WITH_MEAN_GRAD).to(hidden_ptr.dtype.element_ty)
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            dim_in = dims < D
-            h = tl.load(hidden_ptr + rows[:, None] * D + dims[None, :], mask=row_in[:, None] & dim_in[None, :],
-                        other=0.0)
-            out = grad_weight_ptr + cols[:, None] * D + dims[None, :]
-            out_mask = col_in[:, None] & dim_in[None, :]
-            acc = tl.load(out, mask=out_mask, other=0.0)
-            tl.store(out, tl.dot(tl.trans(dz), h, acc, input_precision=PRECISION), mask=out_mask)
+    z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
+                     BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)
+    target = tl.load(targets_ptr + rows, mask=row_in, other=0)
+    lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
+    g_logp = tl.load(grad_logp_ptr + rows, mask=row_in, other=0.0) * inv_temperature
+    log_p = z - lse[:, None]
+    p = tl.where(col_in[None, :], tl.exp(log_p), 0.0)
+    dz = tl.where(cols[None, :] == target[:, None], g_logp[:, None], 0.0) - g_logp[:, None] * p
+    if WITH_ENTROPY_GRAD:
+        entropy = tl.load(entropy_ptr + rows, mask=row_in, other=0.0)
+        g_entropy = tl.load(grad_entropy_ptr + rows, mask=row_in, other=0.0) * inv_temperature
+        dz -= g_entropy[:, None] * p * (log_p + entropy[:, None])
+    if WITH_MEAN_GRAD:
+        g_mean = tl.load(grad_mean_ptr + rows, mask=row_in, other=0.0) * inv_temperature
+        dz += g_mean[:, None] * (tl.where(col_in[None, :], 1.0 / V, 0.0) - p)
+    dz = tl.where(row_in[:, None] & col_in[None, :], dz, 0.0)
+    out = dlogits_ptr + local_rows[:, None] * chunk_stride + local_cols[None, :]
+    tl.store(out, dz.to(dlogits_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _grad_hidden_kernel(dlogits_ptr, weight_ptr, order_ptr, num_valid_ptr, grad_hidden_ptr,
+                        token_start, vocab_start, num_cols, D, chunk_stride,
+                        ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """dh[rows of the chunk, BLOCK_N dims] (+)= dz[chunk] @ W[chunk cols]: one read-modify-write per vocabulary chunk."""
+    num_valid = tl.load(num_valid_ptr)
+    if token_start + tl.program_id(0) * BLOCK_M >= num_valid:
+        return
+    rows, row_in = _valid_rows(order_ptr, num_valid, token_start + tl.program_id(0).to(tl.int64) * BLOCK_M, BLOCK_M)
+    local_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dim_in = dims < D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, num_cols, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_in = ks < num_cols
+        dz = tl.load(dlogits_ptr + local_rows[:, None] * chunk_stride + ks[None, :], mask=k_in[None, :], other=0.0)
+        w = tl.load(weight_ptr + (vocab_start + ks)[:, None] * D + dims[None, :],
+                    mask=k_in[:, None] & dim_in[None, :], other=0.0)
+        acc = tl.dot(dz, w, acc, input_precision=PRECISION)
+    out = grad_hidden_ptr + rows[:, None] * D + dims[None, :]
+    out_mask = row_in[:, None] & dim_in[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out, mask=out_mask, other=0.0)
+    tl.store(out, acc, mask=out_mask)
+
+
+@triton.jit
+def _grad_weight_kernel(dlogits_ptr, hidden_ptr, order_ptr, num_valid_ptr, grad_weight_ptr,
+                        token_start, vocab_start, num_cols, D, chunk_stride, chunk_rows,
+                        ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """dW[chunk cols, BLOCK_N dims] (+)= dz[chunk]^T @ h[valid rows of the chunk]: one read-modify-write per token chunk."""
+    num_rows = tl.minimum(tl.load(num_valid_ptr) - token_start, chunk_rows)
+    if num_rows <= 0:
+        return
+    local_cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_in = local_cols < num_cols
+    dims = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dim_in = dims < D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, num_rows, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_in = ks < num_rows
+        rows = tl.load(order_ptr + token_start + ks, mask=k_in, other=0)
+        dz = tl.load(dlogits_ptr + ks[:, None] * chunk_stride + local_cols[None, :],
+                     mask=k_in[:, None] & col_in[None, :], other=0.0)
+        h = tl.load(hidden_ptr + rows[:, None] * D + dims[None, :], mask=k_in[:, None] & dim_in[None, :], other=0.0)
+        acc = tl.dot(tl.trans(dz), h, acc, input_precision=PRECISION)
+    out = grad_weight_ptr + (vocab_start + local_cols)[:, None] * D + dims[None, :]
+    out_mask = col_in[:, None] & dim_in[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out, mask=out_mask, other=0.0)
+    tl.store(out, acc, mask=out_mask)
 
 
 def block_config(dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes and launch options for hidden size ``dim`` and input dtype (never a function of T).
 
-    Chosen from the sm_90 compile report: with 8 warps these tiles use HGMMA and do not spill
-    for bf16/fp16 (fp32 inputs take FMA, not tensor cores, and a narrower vocabulary tile).
+    ``BLOCK_T / BLOCK_V / BLOCK_D`` tile the logits kernels, ``BLOCK_M / BLOCK_N / BLOCK_K`` the two
+    gradient GEMMs. fp32 inputs take FMA, not tensor cores, and smaller tiles.
     """
     wide = dtype == torch.float32
     return {
         "BLOCK_T": 64,
         "BLOCK_V": 64 if wide else 128,
         "BLOCK_D": min(32, max(16, triton.next_power_of_2(dim))),
+        "BLOCK_M": 64 if wide else 128,
+        "BLOCK_N": min(64 if wide else 128, max(16, triton.next_power_of_2(dim))),
+        "BLOCK_K": 32,
         "PRECISION": "ieee" if wide else "tf32",  # fp32 inputs: no silent tf32 rounding
         "num_warps": 8,
         "forward_stages": 2 if wide else 3,
         "backward_stages": 2,
+        "gemm_stages": 2 if wide else 3,
     }
 
 
-def _launch_options(config: dict, backward: bool) -> tuple[dict, dict]:
-    constexprs = {k: config[k] for k in ("BLOCK_T", "BLOCK_V", "BLOCK_D", "PRECISION")}
-    stages = config["backward_stages" if backward else "forward_stages"]
+def launch_options(config: dict, kernel: str) -> tuple[dict, dict]:
+    """(constexprs, launch options) of ``kernel`` ('forward', 'dlogits' or 'gemm') under ``config``."""
+    if kernel == "gemm":
+        constexprs = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "PRECISION")}
+        stages = config["gemm_stages"]
+    else:
+        constexprs = {k: config[k] for k in ("BLOCK_T", "BLOCK_V", "BLOCK_D", "PRECISION")}
+        stages = config["forward_stages" if kernel == "forward" else "backward_stages"]
     return constexprs, {"num_warps": config["num_warps"], "num_stages": stages}
+
+
+def compact_rows(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, num_valid)``: row indices with the valid rows first (in order), and their count as a
+    1-element device tensor. Runs on the device; nothing is copied to the host."""
+    ignored = (targets == ignore_index).to(torch.uint8)
+    order = torch.sort(ignored, stable=True).indices
+    num_valid = (ignored.numel() - ignored.sum(dtype=torch.int64)).reshape(1)
+    return order, num_valid
 
 
 class _TritonLinearStats(torch.autograd.Function):
@@ -222,50 +259,78 @@ class _TritonLinearStats(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp):
         num_tokens, dim = hidden.shape
         vocab = weight.shape[0]
-        constexprs, launch = _launch_options(block_config(dim, hidden.dtype), backward=False)
-        # NaN-filled, so a row the kernel failed to write cannot pass for a result
+        constexprs, launch = launch_options(block_config(dim, hidden.dtype), "forward")
+        order, num_valid = compact_rows(targets, ignore_index)
+        # zeros: ignored rows are never visited and must read 0
         logp, entropy, mean_logp, lse = (
-            torch.full((num_tokens,), float("nan"), dtype=torch.float32, device=hidden.device) for _ in range(4)
+            torch.zeros((num_tokens,), dtype=torch.float32, device=hidden.device) for _ in range(4)
         )
         grid = (triton.cdiv(num_tokens, constexprs["BLOCK_T"]),)
         _forward_kernel[grid](
-            hidden, weight, targets, logp, entropy, mean_logp, lse,
-            num_tokens, vocab, dim, 1.0 / temperature, ignore_index,
+            hidden, weight, targets, order, num_valid, logp, entropy, mean_logp, lse,
+            vocab, dim, 1.0 / temperature,
             WITH_ENTROPY=with_entropy, WITH_MEAN=with_mean_logp, **constexprs, **launch,
         )
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
-        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.save_for_backward(hidden, weight, targets, order, num_valid, lse, entropy)
+        ctx.temperature = temperature
         return logp, entropy if with_entropy else None, mean_logp if with_mean_logp else None
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, grad_mean_logp):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
-        num_tokens, dim = hidden.shape
-        vocab = weight.shape[0]
-        constexprs, launch = _launch_options(block_config(dim, hidden.dtype), backward=True)
-        zeros = torch.zeros_like(lse)
-        grads = [zeros if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy, grad_mean_logp)]
-        common = (hidden, weight, targets, lse, entropy, *grads)
-        scalars = (num_tokens, vocab, dim, 1.0 / ctx.temperature, ctx.ignore_index)
-        flags = {"WITH_ENTROPY_GRAD": grad_entropy is not None, "WITH_MEAN_GRAD": grad_mean_logp is not None}
-        grad_hidden = grad_weight = None  # each kernel runs only when its gradient is needed
-        if ctx.needs_input_grad[0]:
-            grad_hidden = torch.zeros((num_tokens, dim), dtype=torch.float32, device=hidden.device)
-            _backward_hidden_kernel[(triton.cdiv(num_tokens, constexprs["BLOCK_T"]),)](
-                *common, grad_hidden, *scalars, **flags, **constexprs, **launch
+        hidden, weight, targets, order, num_valid, lse, entropy = ctx.saved_tensors
+        needs_hidden, needs_weight = ctx.needs_input_grad[:2]
+        grads = backward_triton(hidden, weight, targets, order, num_valid, lse, entropy, grad_logp, grad_entropy,
+                                grad_mean_logp, ctx.temperature, needs_hidden, needs_weight)
+        return *grads, None, None, None, None, None
+
+
+def backward_triton(hidden, weight, targets, order, num_valid, lse, entropy, grad_logp, grad_entropy, grad_mean_logp,
+                    temperature, needs_hidden=True, needs_weight=True):
+    """``(grad_hidden | None, grad_weight | None)`` in the input dtype; see the module docstring."""
+    num_tokens, dim = hidden.shape
+    vocab = weight.shape[0]
+    config = block_config(dim, hidden.dtype)
+    tile, tile_launch = launch_options(config, "dlogits")
+    gemm, gemm_launch = launch_options(config, "gemm")
+    zeros = torch.zeros_like(lse)
+    grads = [zeros if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy, grad_mean_logp)]
+    flags = {"WITH_ENTROPY_GRAD": grad_entropy is not None, "WITH_MEAN_GRAD": grad_mean_logp is not None}
+    # the dz buffer: a fixed TOKEN_CHUNK x VOCAB_CHUNK (smaller only when the whole batch is)
+    chunk_rows = min(TOKEN_CHUNK, triton.cdiv(num_tokens, config["BLOCK_M"]) * config["BLOCK_M"])
+    chunk_cols = min(VOCAB_CHUNK, triton.cdiv(vocab, config["BLOCK_V"]) * config["BLOCK_V"])
+    dlogits = torch.zeros((chunk_rows, chunk_cols), dtype=hidden.dtype, device=hidden.device)
+    grad_hidden = torch.zeros((num_tokens, dim), dtype=torch.float32, device=hidden.device) if needs_hidden else None
+    grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=weight.device) if needs_weight else None
+    inv_temperature = 1.0 / temperature
+    for token_start in range(0, num_tokens, chunk_rows):
+        for vocab_start in range(0, vocab, chunk_cols):
+            num_cols = min(chunk_cols, vocab - vocab_start)
+            _dlogits_kernel[(chunk_rows // tile["BLOCK_T"], triton.cdiv(num_cols, tile["BLOCK_V"]))](
+                hidden, weight, targets, order, num_valid, lse, entropy, *grads, dlogits,
+                token_start, vocab_start, vocab, dim, inv_temperature, chunk_cols, **flags, **tile, **tile_launch,
             )
-            grad_hidden = grad_hidden.to(hidden.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=weight.device)
-            _backward_weight_kernel[(triton.cdiv(vocab, constexprs["BLOCK_V"]),)](
-                *common, grad_weight, *scalars, **flags, **constexprs, **launch
-            )
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None
+            if needs_hidden:
+                _grad_hidden_kernel[(chunk_rows // gemm["BLOCK_M"], triton.cdiv(dim, gemm["BLOCK_N"]))](
+                    dlogits, weight, order, num_valid, grad_hidden, token_start, vocab_start, num_cols, dim,
+                    chunk_cols, ACCUMULATE=vocab_start > 0, **gemm, **gemm_launch,
+                )
+            if needs_weight:
+                _grad_weight_kernel[(triton.cdiv(num_cols, gemm["BLOCK_M"]), triton.cdiv(dim, gemm["BLOCK_N"]))](
+                    dlogits, hidden, order, num_valid, grad_weight, token_start, vocab_start, num_cols, dim,
+                    chunk_cols, chunk_rows, ACCUMULATE=token_start > 0, **gemm, **gemm_launch,
+                )
+    grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
+    grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+    return grad_hidden, grad_weight
 
 
 def check_logprob_inputs(hidden, weight, targets, temperature, ignore_index):
-    """Validate the shared inputs of the fused LM-head ops (ValueError naming the argument)."""
+    """Validate the shared inputs of the fused LM-head ops (ValueError naming the argument).
+
+    The target range check reads tensor data: it runs on CPU tensors and, on a GPU, only when
+    ``QWENLONG_CHECK_TENSORS=1`` (see :func:`tensor_checks_enabled`), so the hot path never waits
+    for the device.
+    """
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("targets", targets, ndim=1, dtypes=(torch.int32, torch.int64))
@@ -280,10 +345,12 @@ def check_logprob_inputs(hidden, weight, targets, temperature, ignore_index):
         raise ValueError("weight must have at least one vocabulary row, got shape (0, d)")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    in_use = targets != ignore_index
-    if bool(((targets < 0) | (targets >= weight.shape[0]))[in_use].any()):
-        bad = targets[in_use & ((targets < 0) | (targets >= weight.shape[0]))][:4].tolist()
-        raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}, got {bad}")
+    if tensor_checks_enabled(targets):
+        in_use = targets != ignore_index
+        bad = in_use & ((targets < 0) | (targets >= weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}, "
+                             f"got {targets[bad][:4].tolist()}")
 
 
 def fused_linear_stats(hidden, weight, targets, temperature=1.0, ignore_index=-100,
@@ -311,29 +378,3 @@ def linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fal
     """
     logp, entropy, _ = fused_linear_stats(hidden, weight, targets, temperature, ignore_index, return_entropy)
     return (logp, entropy) if return_entropy else logp
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every build the launcher may pick: each kernel x input dtype x flag pair (the tiles are the same for all d).
-
-    fp32 inputs are marked not hot: training runs bf16, and fp32 has no tensor-core path here.
-    """
-    scalars = {"T": "i32", "V": "i32", "D": "i32", "inv_temperature": "fp32", "ignore_index": "i32"}
-    kernels = (
-        ("fwd", _forward_kernel, ("logp_ptr", "entropy_ptr", "mean_logp_ptr", "lse_ptr"), ("WITH_ENTROPY", "WITH_MEAN")),
-        ("bwd_hidden", _backward_hidden_kernel, _BACKWARD_FP32_ARGS + ("grad_hidden_ptr",), _BACKWARD_FLAGS),
-        ("bwd_weight", _backward_weight_kernel, _BACKWARD_FP32_ARGS + ("grad_weight_ptr",), _BACKWARD_FLAGS),
-    )
-    specs = []
-    for dtype, type_name in _TRITON_DTYPES.items():
-        for kind, kernel, fp32_args, flags in kernels:
-            constexprs, launch = _launch_options(block_config(4096, dtype), backward=kind != "fwd")
-            signature = {"hidden_ptr": f"*{type_name}", "weight_ptr": f"*{type_name}", "targets_ptr": "*i64"}
-            signature |= dict.fromkeys(fp32_args, "*fp32") | scalars | dict.fromkeys((*flags, *constexprs), "constexpr")
-            for values in ((False, False), (True, False), (False, True), (True, True)):
-                suffix = "_".join(f"{flag.split('_')[1].lower()}{int(v)}" for flag, v in zip(flags, values, strict=True))
-                specs.append(CompileSpec(
-                    name=f"logprobs_{kind}_{type_name}_{suffix}", fn=kernel, signature=signature,
-                    constexprs=dict(zip(flags, values, strict=True)) | constexprs, hot=dtype != torch.float32, **launch,
-                ))
-    return specs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 import torch
@@ -57,3 +58,17 @@ def check_cu_seqlens(name: str, cu_seqlens, total: int, device: torch.device | N
     if int(host[-1]) != total:
         raise ValueError(f"{name}[-1] must equal the number of packed tokens ({total}), got {int(host[-1])}")
     return cu_seqlens
+
+
+CHECK_ENV_VAR = "QWENLONG_CHECK_TENSORS"
+
+
+def tensor_checks_enabled(tensor: torch.Tensor) -> bool:
+    """Whether checks that read ``tensor``'s data (and so wait for its device) should run.
+
+    Always on CPU tensors (nothing to wait for); on a GPU only with ``QWENLONG_CHECK_TENSORS=1``,
+    because reading a value back stalls the host until every queued kernel has finished.
+    """
+    if tensor.device.type == "cpu":
+        return True
+    return os.environ.get(CHECK_ENV_VAR, "0") not in ("", "0")

@@ -1,0 +1,61 @@
+"""The builds of the fused LM-head kernels that ``tools/compile_report.py`` compiles ahead of time.
+
+One spec per kernel x input dtype x constexpr flag combination the launcher in
+:mod:`.linear_logprobs` may pick (tiles depend on dtype only: the same for every d >= 32).
+fp32 inputs are marked not hot: training runs bf16, and fp32 has no tensor-core path here.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..utils.compile_spec import CompileSpec
+from .linear_logprobs import (
+    _dlogits_kernel,
+    _forward_kernel,
+    _grad_hidden_kernel,
+    _grad_weight_kernel,
+    block_config,
+    launch_options,
+)
+
+TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# kernel -> (launch kind, argument types other than the hidden/weight pointers and constexprs, constexpr flags)
+_INDEX = {"order_ptr": "*i64", "num_valid_ptr": "*i64"}
+_KERNELS = {
+    "fwd": (_forward_kernel, "forward", {"targets_ptr": "*i64"} | _INDEX | dict.fromkeys(
+        ("logp_ptr", "entropy_ptr", "mean_logp_ptr", "lse_ptr"), "*fp32")
+        | {"V": "i32", "D": "i32", "inv_temperature": "fp32"}, ("WITH_ENTROPY", "WITH_MEAN")),
+    "dlogits": (_dlogits_kernel, "dlogits", {"targets_ptr": "*i64"} | _INDEX | dict.fromkeys(
+        ("lse_ptr", "entropy_ptr", "grad_logp_ptr", "grad_entropy_ptr", "grad_mean_ptr"), "*fp32")
+        | {"dlogits_ptr": "*{dtype}", "token_start": "i32", "vocab_start": "i32", "V": "i32", "D": "i32",
+           "inv_temperature": "fp32", "chunk_stride": "i32"}, ("WITH_ENTROPY_GRAD", "WITH_MEAN_GRAD")),
+    "grad_hidden": (_grad_hidden_kernel, "gemm", {"dlogits_ptr": "*{dtype}", "weight_ptr": "*{dtype}"} | _INDEX
+                    | {"grad_hidden_ptr": "*fp32", "token_start": "i32", "vocab_start": "i32", "num_cols": "i32",
+                       "D": "i32", "chunk_stride": "i32"}, ("ACCUMULATE",)),
+    "grad_weight": (_grad_weight_kernel, "gemm", {"dlogits_ptr": "*{dtype}", "hidden_ptr": "*{dtype}"} | _INDEX
+                    | {"grad_weight_ptr": "*fp32", "token_start": "i32", "vocab_start": "i32", "num_cols": "i32",
+                       "D": "i32", "chunk_stride": "i32", "chunk_rows": "i32"}, ("ACCUMULATE",)),
+}
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every build the launcher may pick: each kernel x input dtype x flag combination."""
+    specs = []
+    for dtype, type_name in TRITON_DTYPES.items():
+        for kind, (kernel, launch_kind, types, flags) in _KERNELS.items():
+            constexprs, launch = launch_options(block_config(4096, dtype), launch_kind)
+            given = {"hidden_ptr": f"*{type_name}", "weight_ptr": f"*{type_name}"}
+            given |= {name: kind_.format(dtype=type_name) for name, kind_ in types.items()}
+            given |= dict.fromkeys((*flags, *constexprs), "constexpr")
+            signature = {name: given[name] for name in kernel.arg_names}  # in the kernel's argument order
+            for values in itertools.product((False, True), repeat=len(flags)):
+                suffix = "_".join(f"{flag.removeprefix('WITH_').split('_')[0].lower()}{int(v)}" for flag, v in zip(flags, values, strict=True))
+                specs.append(CompileSpec(
+                    name=f"logprobs_{kind}_{type_name}_{suffix}", fn=kernel, signature=signature,
+                    constexprs=dict(zip(flags, values, strict=True)) | constexprs, hot=dtype != torch.float32,
+                    **launch,
+                ))
+    return specs
