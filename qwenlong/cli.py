@@ -11,6 +11,7 @@ from pathlib import Path
 # subcommand -> (module, runner, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "env": ("qwenlong.env", "run", "print versions and which backends are available"),
+    "plan": ("qwenlong.plan.cli", "run", "per-GPU memory, verdict and time per step of a config, before renting GPUs"),
     "pipeline": ("qwenlong.pipeline.commands", "run_pipeline_command",
                  "warm-up SFT -> phased RL with retrospective sampling -> evaluation"),
     "sft": ("qwenlong.pipeline.commands", "run_sft_command", "warm-up SFT only"),

@@ -1,0 +1,31 @@
+"""``qwenlong plan``: will a run fit, and how long will a step take (no GPU, no download)."""
+
+from __future__ import annotations
+
+import argparse
+
+from qwenlong.plan.hardware import GPUS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/qwenlong-l1-32b.yaml")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="devices in the run (default: 1 for cpu; 8 x distributed.sp_size... the SP degree "
+                             "rounded up to a node of 8)")
+    parser.add_argument("--gpu", default="h100-80gb", choices=[*GPUS, "cpu"], help="device kind")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+
+
+def default_gpus(sp_size: int, gpu: str) -> int:
+    return 1 if gpu == "cpu" else max(8, sp_size)
+
+
+def run(args: argparse.Namespace) -> int:
+    from qwenlong.config import load_config
+    from qwenlong.plan.report import format_plan, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    gpus = args.gpus if args.gpus is not None else default_gpus(cfg.distributed.sp_size, args.gpu)
+    plan = make_plan(cfg, gpus, args.gpu)
+    print(format_plan(plan))
+    return 0 if plan.fits else 1

@@ -1,0 +1,291 @@
+"""Per-device memory of a run: what the trainer, the kernels and the rollout engine hold at their peaks.
+
+Two moments bound a step. *Training*: the policy's weights, gradients and optimizer state (as
+the ZeRO stage and offload settings place them), the activations of the largest micro-batch
+(per rank: the token budget; under Ulysses SP each rank holds its shard of every layer), the
+fused LM head's and attention's backward buffers, and whatever the rollout engine keeps while it
+is idle (all of it, unless it sleeps). *Generation*: the trainer's resident state plus the
+engine's share of the device (weights over TP and KV cache). Each line says where its number
+comes from; the assumptions are the module constants below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qwenlong.config.schema import Config
+from qwenlong.plan.hardware import Device, GiB
+from qwenlong.plan.kernel_sizes import kernel_constant
+from qwenlong.plan.models import ModelShape
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# DeepSpeed defaults (qwenlong's DeepSpeed config sets none of them): reduce bucket (elements)
+DEEPSPEED_REDUCE_BUCKET = 500_000_000
+CUDA_CONTEXT_BYTES = int(1.5 * GiB)  # CUDA context, cuBLAS/NCCL workspaces and buffers, per GPU
+VLLM_ASLEEP_BYTES = 1 * GiB  # a sleeping vLLM engine keeps its CUDA graphs and context
+VLLM_RUNTIME_BYTES = 2 * GiB  # vLLM's activation and sampler reserve beside weights and KV cache
+FRAGMENTATION = 0.10  # of the transient (per micro-batch) allocations: the caching allocator's slack
+
+
+@dataclass(frozen=True)
+class Line:
+    label: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class Settings:
+    """What the memory and time models read from a run's config (``settings(cfg, gpus)``)."""
+
+    world: int
+    sp: int
+    stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    dtype_bytes: int
+    tokens_per_rank: int  # RL's micro-batch token budget (per GPU): rl.micro_batch_token_budget
+    sft_tokens_per_rank: int  # SFT's (sft.token_budget); 0 when SFT is off
+    longest_sequence: int  # prompt + response of the longest RL phase
+    sft_longest_sequence: int
+    gradient_checkpointing: bool
+    engine: str
+    tp: int
+    gpu_fraction: float
+    kv_cache_bytes: int | None
+    sleep: bool
+    gen_sequences: int  # prompts generated per round x group size
+    train_sequences: int
+    max_input: int
+    max_output: int
+    notes: list[str] = field(default_factory=list)
+
+
+def settings(cfg: Config, gpus: int, cuda: bool = True) -> Settings:
+    if gpus < 1:
+        raise ValueError(f"gpus: must be >= 1, got {gpus}")
+    dist, rl, sft = cfg.distributed, cfg.rl, cfg.sft
+    if gpus % dist.sp_size:
+        raise ValueError(f"gpus: {gpus} is not a multiple of distributed.sp_size ({dist.sp_size})")
+    phases = rl.phases if rl.enabled else []
+    longest = max((p.max_input_tokens + p.max_output_tokens for p in phases), default=0)
+    max_input = max((p.max_input_tokens for p in phases), default=0)
+    max_output = max((p.max_output_tokens for p in phases), default=0)
+    colocated_vllm = cfg.rollout.engine == "vllm" and cuda
+    sleep = cfg.rollout.sleep_between_phases
+    return Settings(
+        world=gpus, sp=dist.sp_size, stage=dist.deepspeed_stage, offload_optimizer=dist.offload_optimizer,
+        offload_params=dist.offload_params, dtype_bytes=DTYPE_BYTES[cfg.model.dtype],
+        tokens_per_rank=rl.micro_batch_token_budget if rl.enabled else 0,
+        sft_tokens_per_rank=sft.token_budget if sft.enabled else 0, longest_sequence=longest,
+        sft_longest_sequence=sft.max_seq_len if sft.enabled else 0,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        engine=cfg.rollout.engine, tp=cfg.rollout.tensor_parallel_size,
+        gpu_fraction=cfg.rollout.gpu_memory_utilization, kv_cache_bytes=cfg.rollout.kv_cache_memory_bytes,
+        sleep=colocated_vllm if sleep is None else (sleep and colocated_vllm),
+        gen_sequences=rl.gen_prompts_per_step * rl.group_size,
+        train_sequences=rl.train_prompts_per_step * rl.group_size,
+        max_input=max_input, max_output=max_output,
+    )
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def layer_activation_bytes(shape: ModelShape, b: int, sp: int) -> int:
+    """Bytes per token that one decoder layer's autograd graph holds (HF Qwen2/Qwen3/Llama layer, our attention).
+
+    RMSNorm (x2): the fp32 upcast of its input (bf16 models), its normalised output and the weighted
+    output; attention: rotated q and k, v (under Ulysses with kv heads repeated up to the SP degree),
+    the attention output and its fp32 log-sum-exp, and the output re-laid out for ``o_proj``
+    (Ulysses' second all-to-all); MLP: gate, SiLU(gate), up and their product (MoE: per routed copy,
+    plus the router's fp32 probabilities and the gathered token copies).
+    """
+    h, d = shape.hidden, shape.head_dim
+    q = shape.heads * d
+    kv = (max(shape.kv_heads, sp) if sp > 1 else shape.kv_heads) * d
+    norm = (4 * h if b < 4 else 0) + 2 * b * h
+    attention = (q + 2 * kv) * b + q * b + 4 * shape.heads + (q * b if sp > 1 else 0)
+    if shape.moe:
+        k = shape.experts_per_token
+        mlp = 8 * shape.experts + k * (2 * h * b + 4 * shape.expert_intermediate * b) + h * b
+    else:
+        mlp = 4 * shape.intermediate * b
+    return 2 * norm + attention + mlp + h * b  # + the residual sum between attention and MLP
+
+
+def layer_backward_transient_bytes(shape: ModelShape, b: int) -> int:
+    """Per token, the gradients in flight at a layer's backward peak: the MLP's two widest gradients and the
+    layer's incoming and outgoing hidden-state gradients."""
+    width = shape.experts_per_token * shape.expert_intermediate if shape.moe else shape.intermediate
+    return 2 * width * b + 2 * shape.hidden * b
+
+
+def lm_head_workspace_bytes(shape: ModelShape, tokens: int, b: int, cuda: bool) -> int:
+    """The fused LM head's backward buffers (``qwenlong.kernels.logprobs``): on CUDA (Triton) fp32
+    d(hidden) cast to the input dtype, then fp32 d(weight) (V x d) and its cast while d(hidden) is held;
+    on CPU (chunked PyTorch) both fp32 gradients at once, their casts, and the tiles of one
+    TOKEN_CHUNK x VOCAB_CHUNK step (fp32 logits, probabilities, weight and hidden rows)."""
+    h, v = shape.hidden, shape.vocab
+    if cuda:
+        return max(tokens * h * (4 + b), tokens * h * b + v * h * (4 + b)) + 4 * 4 * tokens
+    token_chunk = kernel_constant("logprobs.chunked", "TOKEN_CHUNK")
+    vocab_chunk = kernel_constant("logprobs.chunked", "VOCAB_CHUNK")
+    tiles = 4 * (3 * token_chunk * min(vocab_chunk, v) + min(vocab_chunk, v) * h + token_chunk * h)
+    padded = -(-tokens // token_chunk) * token_chunk
+    return padded * h * 4 + v * h * 4 + max(tokens * h * b, v * h * b) + tiles + 4 * 4 * padded
+
+
+def attention_workspace_bytes(shape: ModelShape, tokens: int, b: int, sp: int, longest: int, cuda: bool) -> int:
+    """One attention layer's backward buffers (``qwenlong.kernels.attention``) per rank: dq, dk, dv and the
+    fp32 ``delta`` rows (Triton, one tile per program, nothing T x T); the CPU path also accumulates one
+    sequence's dq/dk/dv in fp32 and holds (heads x BLOCK_Q x BLOCK_K) fp32 score tiles."""
+    d = shape.head_dim
+    q = shape.heads * d
+    kv = (max(shape.kv_heads, sp) if sp > 1 else shape.kv_heads) * d
+    buffers = tokens * ((q + 2 * kv) * b + 4 * shape.heads)
+    if cuda:
+        return buffers
+    block_q = kernel_constant("attention.blockwise", "BLOCK_Q")
+    block_k = kernel_constant("attention.blockwise", "BLOCK_K")
+    sequence = min(longest, tokens * sp) if longest else tokens * sp
+    heads = shape.heads // sp if sp > 1 else shape.heads
+    return buffers + sequence * (q + 2 * kv) // max(sp, 1) * 4 + 4 * 4 * heads * block_q * block_k
+
+
+# ----------------------------------------------------------------------------- the lines
+
+
+@dataclass
+class MemoryPlan:
+    device: Device
+    train: list[Line]
+    generate: list[Line]
+    kv_capacity_tokens: int | None  # per engine, for vLLM
+    engines: int
+
+    @property
+    def train_bytes(self) -> int:
+        return sum(line.bytes for line in self.train)
+
+    @property
+    def generate_bytes(self) -> int:
+        return sum(line.bytes for line in self.generate)
+
+
+def _gb(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+def state_lines(shape: ModelShape, s: Settings) -> list[Line]:
+    """Weights, gradients and optimizer state per rank: plain PyTorch (stage 0) keeps all three in the
+    model dtype (AdamW moments included); DeepSpeed (stages 1-3) adds fp32 master weights and keeps the
+    fp32 master, moments and gradient partitions as 1/world shares."""
+    p, b, n = shape.params, s.dtype_bytes, s.world
+    lines = []
+    if s.stage == 3:
+        where = "on CPU (offload_params)" if s.offload_params else f"1/{n} of {_gb(p * b)}"
+        lines.append(Line("policy weights", 0 if s.offload_params else p * b // n, where))
+        unit = max(shape.layer_params, shape.embedding_params)
+        lines.append(Line("ZeRO-3 gathered parameters", 2 * unit * b,
+                          "the module being computed and the next one prefetched (largest: "
+                          f"{'LM head' if shape.embedding_params >= shape.layer_params else 'a layer'})"))
+    else:
+        lines.append(Line("policy weights", p * b, f"{p:,} parameters x {b} bytes"))
+    if s.stage == 0:
+        lines.append(Line("gradients", p * b, "full, model dtype"))
+        lines.append(Line("optimizer (AdamW m, v)", 2 * p * b, "model dtype, no master copy (plain PyTorch)"))
+        return lines
+    grads = 0 if s.offload_optimizer else 4 * p // n
+    full = p * b if s.stage == 1 else 0
+    lines.append(Line("gradients", full + grads,
+                      ("full in the model dtype + " if s.stage == 1 else "")
+                      + ("fp32 partition on CPU (offload_optimizer)" if s.offload_optimizer else f"fp32, 1/{n}")))
+    if s.stage >= 2:
+        bucket = max(min(p, DEEPSPEED_REDUCE_BUCKET), shape.layer_params) * b
+        lines.append(Line("gradient reduce buckets", bucket, "DeepSpeed reduce_bucket_size (5e8) or one layer"))
+    lines.append(Line("optimizer (fp32 master + AdamW m, v)", 0 if s.offload_optimizer else 12 * p // n,
+                      "on CPU (offload_optimizer)" if s.offload_optimizer else f"12 bytes x 1/{n} of the parameters"))
+    return lines
+
+
+def activation_lines(shape: ModelShape, s: Settings, cuda: bool, t: int, longest: int) -> list[Line]:
+    b = s.dtype_bytes
+    per_layer = layer_activation_bytes(shape, b, s.sp)
+    transient = layer_backward_transient_bytes(shape, b)
+    if s.gradient_checkpointing:
+        acts = shape.layers * t * shape.hidden * b + t * (per_layer + transient)
+        note = f"{t} tokens/rank: {shape.layers} layer inputs + one layer recomputed"
+    else:
+        acts = shape.layers * t * per_layer + t * transient
+        note = f"{t} tokens/rank x {shape.layers} layers, no gradient checkpointing"
+    final = t * shape.hidden * (4 + 2 * b)
+    return [
+        Line("activations", acts + final, note + (f" (SP {s.sp}: each rank its shard)" if s.sp > 1 else "")),
+        Line("fused LM head workspace", lm_head_workspace_bytes(shape, t, b, cuda),
+             "fp32 d(hidden) and d(weight) of the head (qwenlong.kernels.logprobs)"),
+        Line("attention workspace", attention_workspace_bytes(shape, t, b, s.sp, longest, cuda),
+             "dq, dk, dv, delta of one layer (qwenlong.kernels.attention)"),
+    ]
+
+
+def engine_weight_bytes(shape: ModelShape, s: Settings) -> int:
+    return shape.params * 2 // s.tp  # vLLM serves bf16
+
+
+def engine_kv_bytes_per_token(shape: ModelShape, s: Settings) -> int:
+    """KV bytes one token costs each GPU of an engine: kv heads are split over TP (replicated when TP > kv heads)."""
+    heads = max(shape.kv_heads // s.tp, 1)
+    return 2 * shape.layers * heads * shape.head_dim * 2
+
+
+def engine_lines(shape: ModelShape, s: Settings, dev: Device) -> tuple[list[Line], int | None]:
+    """The engine's share of each of its GPUs while it generates, and its KV capacity in tokens."""
+    if s.engine != "vllm":
+        return [], None
+    weights = engine_weight_bytes(shape, s)
+    if s.kv_cache_bytes is not None:
+        kv = s.kv_cache_bytes
+        lines = [Line("vLLM weights", weights, f"bf16 / TP {s.tp}"),
+                 Line("vLLM KV cache", kv, "rollout.kv_cache_memory_bytes"),
+                 Line("vLLM runtime", VLLM_RUNTIME_BYTES, "activations, sampler, CUDA graphs")]
+    else:
+        total = int(s.gpu_fraction * dev.memory_bytes)
+        kv = total - weights - VLLM_RUNTIME_BYTES
+        lines = [Line("vLLM engine", total, f"gpu_memory_utilization {s.gpu_fraction} of {_gb(dev.memory_bytes)}: "
+                      f"weights {_gb(weights)} (TP {s.tp}) + KV {_gb(max(kv, 0))} + runtime")]
+    return lines, max(kv, 0) // engine_kv_bytes_per_token(shape, s)
+
+
+def memory_plan(shape: ModelShape, s: Settings, dev: Device, tokens: int | None = None,
+                stage: str = "rl") -> MemoryPlan:
+    """The lines of RL (``stage="rl"``: the rollout engine beside the trainer) or SFT (no engine), at the
+    stage's token budget per rank or ``tokens``."""
+    cuda = dev.cuda
+    if tokens is None:
+        tokens = s.tokens_per_rank if stage == "rl" else s.sft_tokens_per_rank
+    state = state_lines(shape, s)
+    longest = s.longest_sequence if stage == "rl" else s.sft_longest_sequence
+    acts = activation_lines(shape, s, cuda, tokens, longest)
+    engine, capacity = engine_lines(shape, s, dev) if stage == "rl" else ([], None)
+    base = [Line("CUDA context and NCCL", CUDA_CONTEXT_BYTES, "measured typical")] if cuda else []
+    transient = sum(line.bytes for line in acts)
+    margin = Line("fragmentation margin", int(FRAGMENTATION * transient),
+                  f"{FRAGMENTATION:.0%} of the per-micro-batch allocations")
+    if engine and s.sleep:
+        idle = [Line("vLLM engine (asleep)", VLLM_ASLEEP_BYTES, "level-1 sleep: weights to CPU, KV cache freed")]
+    elif engine:
+        idle = [Line(line.label + " (awake: no sleep)", line.bytes, line.note) for line in engine]
+    else:
+        idle = []
+    train = state + acts + [margin] + idle + base
+    resident = [line for line in state if line.label not in ("ZeRO-3 gathered parameters", "gradient reduce buckets")]
+    if stage == "sft":
+        generate = []
+    elif s.engine == "vllm":
+        generate = resident + engine + base
+    else:  # HF generate on the policy: its KV cache; ZeRO-3 gathers each layer as it goes
+        batch = min(64, max(s.gen_sequences // max(s.world // s.sp, 1), 1))
+        kv = batch * s.longest_sequence * shape.kv_bytes_per_token(s.dtype_bytes)
+        generate = state + [Line("HF generate KV cache", kv, f"{batch} sequences x {s.longest_sequence} tokens")] + base
+    return MemoryPlan(dev, train, generate, capacity, engines=s.world // s.tp if s.engine == "vllm" else s.world)
