@@ -227,3 +227,31 @@ def test_bad_input_names_the_argument(case):
     name, change = cases[case]
     with pytest.raises(ValueError, match=name):
         grpo_loss(**(good | change))
+
+
+def test_nan_and_inf_at_masked_positions_reach_nothing(backend):
+    """NaN / -inf old log-probs, advantages, reference log-probs and hidden rows where mask = 0 change
+    neither the loss nor any gradient bit, and masked rows get exactly zero gradient."""
+    options = {"kl_coef": 0.1, "entropy_coef": 0.01, "num_tokens": "per_sequence"}
+    args, kwargs = make_grpo_inputs(40, 16, 300, torch.float32, seed=29, options=options)
+    hidden, weight, targets, advantages, old, mask = args
+    masked = ~mask
+    assert masked.any() and mask.any()
+
+    def run(hidden_in, advantages_in, old_in, ref_in):
+        h, w = hidden_in.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        loss, metrics = grpo_loss(h, w, targets, advantages_in, old_in, mask, **(kwargs | {"ref_logprobs": ref_in}))
+        return (loss, *torch.autograd.grad(loss, (h, w)), *metrics.values())
+
+    clean = run(hidden, advantages, old, kwargs["ref_logprobs"])
+    poisoned = run(
+        torch.where(masked[:, None], float("nan"), hidden.detach()),
+        torch.where(masked, float("nan"), advantages),
+        torch.where(masked, float("-inf"), old),
+        torch.where(masked, float("nan"), kwargs["ref_logprobs"]),
+    )
+    for got, want in zip(poisoned, clean, strict=True):
+        assert torch.isfinite(got).all() and torch.equal(got, want)
+    assert (poisoned[1][masked] == 0).all()
+    ref = reference_grpo_loss(*args, **kwargs)
+    torch.testing.assert_close(clean[0].double(), ref, atol=1e-6, rtol=1e-5)

@@ -266,3 +266,54 @@ def test_cuda_backend_on_cpu_tensors_is_refused(monkeypatch):
     monkeypatch.setenv("QWENLONG_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="cuda"):
         linear_logprobs(torch.randn(3, 8), torch.randn(11, 8), torch.tensor([1, 2, 3]))
+
+
+@pytest.mark.parametrize("smoothing", (0.0, 0.1))
+def test_nan_hidden_rows_at_ignored_positions_reach_nothing(backend, smoothing, device):
+    """A NaN or inf hidden row whose target is ignored changes no output and no gradient bit."""
+    hidden, weight, targets = make_inputs(40, 16, 300, torch.float32, seed=91, ignore_frac=0.4, device=device)
+    ignored = targets == IGNORE
+    assert ignored.any() and not ignored.all()
+
+    def run(hidden_in):
+        h, w = hidden_in.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        loss = linear_cross_entropy(h, w, targets, label_smoothing=smoothing)
+        logp, entropy = linear_logprobs(h, w, targets, 0.9, return_entropy=True)
+        return (loss, logp, entropy, *torch.autograd.grad(loss + (logp - entropy).sum(), (h, w)))
+
+    clean = run(hidden)
+    poison = torch.tensor([float("nan"), float("inf"), float("-inf")], device=device).repeat(16)[:16]
+    poisoned = run(torch.where(ignored[:, None], poison, hidden.detach()))
+    for got, want in zip(poisoned, clean, strict=True):
+        assert torch.isfinite(got).all() and torch.equal(got, want)
+    assert (poisoned[3][ignored] == 0).all()
+    ref = reference_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE, label_smoothing=smoothing)
+    torch.testing.assert_close(clean[0].double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_rl_shaped_batch_matches_rows_alone(backend, dtype, device):
+    """Most rows ignored (a long prompt, short responses): every valid token's outputs and hidden
+    gradient are the same bits as when it is computed alone, and ignored rows get exactly 0."""
+    num_tokens = 1100 if backend == "torch" else 150
+    hidden, weight, targets = make_inputs(num_tokens, 32, 700, dtype, seed=43, ignore_frac=0.0, device=device)
+    targets[: num_tokens * 4 // 5] = IGNORE  # the prompt
+    targets[num_tokens - 9 :: 4] = IGNORE  # and a few inside the responses
+
+    def outputs(rows):
+        h = hidden.detach()[rows].clone().requires_grad_()
+        logp, entropy = linear_logprobs(h, weight.detach(), targets[rows], 0.8, return_entropy=True)
+        (grad_hidden,) = torch.autograd.grad((logp + 2 * entropy).sum(), h)
+        return logp, entropy, grad_hidden
+
+    batch = outputs(slice(None))
+    ignored = targets == IGNORE
+    for values in batch:
+        assert (values[ignored] == 0).all()
+    for position in (num_tokens * 4 // 5, num_tokens - 2):
+        alone = outputs(slice(position, position + 1))
+        for in_batch, single in zip(batch, alone, strict=True):
+            assert torch.equal(in_batch[position : position + 1], single), position
+    ref_logp, ref_entropy = reference_linear_logprobs(hidden, weight, targets, 0.8, True, IGNORE)
+    torch.testing.assert_close(batch[0].double(), ref_logp, atol=FWD_ATOL[dtype], rtol=1e-5)
+    torch.testing.assert_close(batch[1].double(), ref_entropy, atol=FWD_ATOL[dtype], rtol=1e-5)

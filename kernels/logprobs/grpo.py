@@ -2,15 +2,22 @@
 
 Log-probs (and the entropy, only when ``entropy_coef != 0``) come from the fused
 :func:`linear_logprobs`; the per-token math lives in :mod:`.policy_math`.
+
+Positions with ``mask == 0`` are handed to the LM head as ignored rows, so they cost no GEMM
+work, and every per-token input there is replaced by 0 with ``torch.where`` before any math:
+a NaN or -inf old log-prob, advantage, reference log-prob or hidden row at a masked position
+reaches neither the loss nor a gradient (multiplying by the mask would give NaN * 0 = NaN).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..utils.checks import FLOAT_DTYPES, check_tensor
+from ..utils.checks import FLOAT_DTYPES, check_tensor, tensor_checks_enabled
 from .linear_logprobs import linear_logprobs
 from .policy_math import aggregate_tokens, clip_fractions, k3_kl, masked_mean, policy_loss_per_token
+
+IGNORE_INDEX = -100  # the target given to masked rows
 
 
 def _check_per_token(name, value, num_tokens, device, dtypes=FLOAT_DTYPES):
@@ -40,8 +47,9 @@ def _check_grpo_args(hidden, advantages, old_logprobs, mask, ref_logprobs, clip_
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
     if isinstance(num_tokens, torch.Tensor) and num_tokens.dim() > 0:
         _check_per_token("num_tokens", num_tokens, count, device, dtypes=(torch.int32, torch.int64, *FLOAT_DTYPES))
-    elif num_tokens is not None and not float(num_tokens) > 0:
-        raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
+    elif num_tokens is not None and (not isinstance(num_tokens, torch.Tensor) or tensor_checks_enabled(num_tokens)):
+        if not float(num_tokens) > 0:  # reads a tensor's value: on a GPU only when checks are asked for
+            raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
 
 
 def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, ref_logprobs=None, clip_low=0.2,
@@ -62,14 +70,23 @@ def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, ref_lo
     _check_grpo_args(hidden, advantages, old_logprobs, mask, ref_logprobs, clip_low, clip_high, dual_clip,
                      kl_coef, num_tokens)
     with_entropy = entropy_coef != 0
-    logp = linear_logprobs(hidden, weight, targets, temperature, return_entropy=with_entropy)
+    active = mask != 0
+    targets = torch.where(active, targets, IGNORE_INDEX)  # masked rows: no LM-head work, zero gradient
+    logp = linear_logprobs(hidden, weight, targets, temperature, return_entropy=with_entropy,
+                           ignore_index=IGNORE_INDEX)
     if with_entropy:
         logp, entropy = logp
-    advantages = advantages.float()
-    per_token, ratio = policy_loss_per_token(logp, old_logprobs.float(), advantages, clip_low, clip_high, dual_clip)
+
+    def on_mask(values):  # 0 where masked, so nothing stored there (NaN, -inf) enters the math
+        return torch.where(active, values.float(), 0.0)
+
+    advantages = on_mask(advantages)
+    per_token, ratio = policy_loss_per_token(logp, on_mask(old_logprobs), advantages, clip_low, clip_high, dual_clip)
+    if isinstance(num_tokens, torch.Tensor) and num_tokens.dim() > 0:
+        num_tokens = torch.where(active, num_tokens, 1)
     metrics = {}
     if ref_logprobs is not None:
-        kl = k3_kl(logp, ref_logprobs.float())
+        kl = k3_kl(logp, on_mask(ref_logprobs))
         if kl_coef != 0:
             per_token = per_token + kl_coef * kl
         metrics["kl_mean"] = masked_mean(kl.detach(), mask)
