@@ -1,62 +1,71 @@
-"""qwenlong's drop-ins for verl: log-probs/entropy from hidden states, the PPO policy loss, the reward.
+"""qwenlong inside verl: our fused LM-head kernel in verl's fused forward, our PPO loss in verl's actor loss,
+our reward through verl's custom-reward loader.
 
+    pip install verl --no-deps  # plus omegaconf hydra-core tensordict ray codetiming pylatexenc torchdata
     python examples/verl_functions.py
 
-verl itself is not needed: the functions have verl's signatures. The hidden states come from
-a tiny Qwen2 built from a config; the advantages are GRPO's group-normalized rewards.
+``qwenlong.integrations.verl.install()`` is what a verl worker calls before building its model;
+then ``actor_rollout_ref.model.use_fused_kernels=True`` and
+``actor_rollout_ref.actor.policy_loss.loss_mode=qwenlong`` select our code, and
+``custom_reward_function.path=pkg://qwenlong.integrations.verl`` with ``name=compute_score`` our
+reward. Here the same calls run on one CPU process: a tiny Qwen2 built from a config, one packed
+row of four sequences, GRPO's group-normalized advantages.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
+from omegaconf import OmegaConf
+from tensordict import TensorDict
 from transformers import AutoModelForCausalLM, Qwen2Config
+from verl.models.transformers.monkey_patch import patch_forward_with_backends
+from verl.trainer.ppo.reward import get_custom_reward_fn
+from verl.utils import tensordict_utils as tu
+from verl.workers.config import ActorConfig, PolicyLossConfig
+from verl.workers.utils.losses import ppo_loss
 
-from qwenlong.integrations.verl import (
-    FusedLinearForPPO,
-    compute_policy_loss,
-    compute_policy_loss_vanilla,
-    compute_score,
-    linear_cross_entropy,
-)
+from qwenlong.integrations.verl import install
 
 
 def main(batch: int = 4, length: int = 24, seed: int = 0) -> dict[str, float]:
+    install()  # registers loss_mode "qwenlong", swaps verl's fused LM-head kernels for ours
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = AutoModelForCausalLM.from_config(config)
-    input_ids = torch.randint(0, config.vocab_size, (batch, length))
-    hidden = model.model(input_ids=input_ids).last_hidden_state
-    rolled = torch.roll(input_ids, shifts=-1, dims=1)  # verl scores the inputs shifted by one
+    patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")  # verl's fused forward
 
-    # verl.utils.kernel.linear_cross_entropy / FusedLinearForPPO: no (batch, length, vocab) logits
-    log_prob, entropy = linear_cross_entropy(hidden, model.lm_head.weight, rolled, temperature=1.0)
-    log_prob_bf16, _ = FusedLinearForPPO()(hidden.bfloat16(), model.lm_head.weight.bfloat16(), rolled)
+    # verl's remove-padding layout: every sequence's tokens in one row, positions restarting per sequence
+    prompt_len, response_len = length // 2, length - length // 2
+    sequences = torch.randint(0, config.vocab_size, (batch, length))
+    output = model(input_ids=sequences.reshape(1, -1), position_ids=torch.arange(length).repeat(batch)[None],
+                   temperature=0.8, return_dict=True)  # log-probs and entropy, no (tokens x vocab) logits
 
-    # verl.trainer.ppo.core_algos.compute_policy_loss on the response half
-    response = slice(length // 2, length - 1)
-    old_log_prob = log_prob.detach()[:, response] + 0.1 * torch.randn(batch, length // 2 - 1)
-    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])[:batch]
-    advantages = ((rewards - rewards.mean()) / (rewards.std() + 1e-6))[:, None].expand_as(old_log_prob)
-    mask = torch.ones_like(old_log_prob)
-    pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower = compute_policy_loss(
-        old_log_prob, log_prob[:, response], advantages, mask, cliprange=0.2, cliprange_high=0.28,
-        loss_agg_mode="token-mean")
-    pg_loss.backward()
-    # the same loss through verl's policy-loss registry signature (clip settings from the actor config)
-    actor_config = SimpleNamespace(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28, clip_ratio_c=3.0)
-    registry_loss, _ = compute_policy_loss_vanilla(old_log_prob, log_prob[:, response].detach(), advantages, mask,
-                                                   "token-mean", actor_config)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0]).repeat(batch)[:batch]
+    advantages = ((rewards - rewards.mean()) / (rewards.std() + 1e-6))[:, None].expand(batch, response_len)
+    data = TensorDict({
+        "prompts": sequences[:, :prompt_len], "responses": sequences[:, prompt_len:],
+        "attention_mask": torch.ones(batch, length, dtype=torch.long),
+        "response_mask": torch.ones(batch, response_len, dtype=torch.long),
+        "old_log_probs": torch.randn(batch, response_len) * 0.1 - 6.0, "advantages": advantages.contiguous(),
+    }, batch_size=[batch])
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    losses = {}
+    for loss_mode in ("vanilla", "qwenlong"):  # verl's own loss and ours, on the same log-probs
+        actor = ActorConfig(strategy="fsdp", rollout_n=batch, ppo_mini_batch_size=batch, clip_ratio_high=0.28,
+                            ppo_micro_batch_size_per_gpu=batch, loss_agg_mode="seq-mean-token-mean",
+                            policy_loss=PolicyLossConfig(loss_mode=loss_mode))
+        losses[loss_mode], _ = ppo_loss(actor, {"log_probs": output.log_probs[0]}, data.clone())
+    losses["qwenlong"].backward()
 
-    # verl's custom_reward_function: compute_score(data_source, solution_str, ground_truth, extra_info)
-    score = compute_score("synthetic_arithmetic", "<think>2 + 2 = 4</think> Therefore, the answer is 4.", "4")
+    reward_config = OmegaConf.create({"reward": {"custom_reward_function": {
+        "path": "pkg://qwenlong.integrations.verl", "name": "compute_score"}}})
+    compute_score = get_custom_reward_fn(reward_config)
+    score = compute_score(data_source="synthetic_arithmetic", ground_truth="4", extra_info={},
+                          solution_str="<think>2 + 2 = 4</think> Therefore, the answer is 4.")
     results = {
-        "mean_log_prob": log_prob.mean().item(), "mean_log_prob_bf16": log_prob_bf16.float().mean().item(),
-        "mean_entropy": entropy.mean().item(), "pg_loss": pg_loss.item(), "pg_clipfrac": pg_clipfrac.item(),
-        "ppo_kl": ppo_kl.item(), "pg_clipfrac_lower": pg_clipfrac_lower.item(),
-        "registry_pg_loss": registry_loss.item(), "score": score,
+        "mean_log_prob": output.log_probs.mean().item(), "mean_entropy": output.entropy.mean().item(),
+        "vanilla_pg_loss": losses["vanilla"].item(), "qwenlong_pg_loss": losses["qwenlong"].item(), "score": score,
         "lm_head_grad_norm": model.lm_head.weight.grad.norm().item(),
     }
     for name, value in results.items():

@@ -345,113 +345,24 @@ def test_verl_linear_cross_entropy_matches_reference(shape, backend, monkeypatch
         linear_cross_entropy(hidden, weight, labels, reduction="max")
 
 
-def test_verl_fused_linear_for_ppo_keeps_the_hidden_dtype():
+def test_verl_fused_linear_for_ppo_dtypes_are_verls():
+    """verl's FusedLinearForPPO returns fp32 log-probs and the entropy in the hidden states' dtype."""
     from qwenlong.integrations.verl import FusedLinearForPPO
 
     torch.manual_seed(5)
     hidden, weight = torch.randn(2, 6, 16, dtype=torch.bfloat16), torch.randn(40, 16, dtype=torch.bfloat16)
     input_ids = torch.randint(0, 40, (2, 6))
-    logp, entropy = FusedLinearForPPO()(hidden, weight, input_ids, temperature=1.3)
-    assert logp.dtype == entropy.dtype == torch.bfloat16 and logp.shape == entropy.shape == (2, 6)
+    logp, entropy = FusedLinearForPPO(impl_backend="liger")(hidden, weight, input_ids, temperature=1.3)
+    assert logp.dtype == torch.float32 and entropy.dtype == torch.bfloat16 and logp.shape == entropy.shape == (2, 6)
     ref_logp, ref_entropy = _verl_reference_logprobs_entropy(hidden, weight, input_ids, 1.3)
-    torch.testing.assert_close(logp.double(), ref_logp, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(entropy.double(), ref_entropy, rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="impl_backend"):
+        FusedLinearForPPO(impl_backend="triton")
 
 
-def _verl_reference_policy_loss(old_log_prob, log_prob, advantages, mask, low, high, clip_ratio_c, agg, weights=None):
-    """verl's ``compute_policy_loss`` as documented: clamped log-ratio, PPO clip, dual clip for A < 0
-    (and, in the registered ``"vanilla"`` loss, the per-token losses times the rollout correction weights)."""
-    log_ratio = torch.clamp(log_prob - old_log_prob, -20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - low, 1 + high)
-    ppo = torch.maximum(unclipped, clipped)
-    dual = torch.min(-advantages * clip_ratio_c, ppo)
-    losses = torch.where(advantages < 0, dual, ppo)
-    if weights is not None:
-        losses = losses * weights
-
-    def masked_mean(x):
-        return (x * mask).sum() / mask.sum()
-
-    per_sequence_sum = (losses * mask).sum(-1)
-    pg_loss = {
-        "token-mean": masked_mean(losses),
-        "seq-mean-token-sum": per_sequence_sum.mean(),
-        "seq-mean-token-mean": (per_sequence_sum / mask.sum(-1)).mean(),
-        "seq-mean-token-sum-norm": per_sequence_sum.sum() / mask.shape[-1],
-    }[agg]
-    lower = masked_mean((ppo > -advantages * clip_ratio_c).double() * (advantages < 0).double())
-    return pg_loss, masked_mean((clipped > unclipped).double()), masked_mean(-log_ratio), lower
-
-
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_verl_compute_policy_loss_matches_reference(agg):
-    from qwenlong.integrations.verl import compute_policy_loss
-
-    old_log_prob, log_prob, advantages, mask = _verl_policy_batch()
-    got = compute_policy_loss(old_log_prob, log_prob, advantages, mask, cliprange=0.2, cliprange_high=0.28,
-                              clip_ratio_c=3.0, loss_agg_mode=agg)
-    expected = _verl_reference_policy_loss(old_log_prob, log_prob, advantages, mask, 0.2, 0.28, 3.0, agg)
-    for name, a, b in zip(("pg_loss", "pg_clipfrac", "ppo_kl", "pg_clipfrac_lower"), got, expected, strict=True):
-        torch.testing.assert_close(a.double(), b.double(), rtol=1e-10, atol=1e-12, msg=name)
-    assert 0 < got[1] < 1 and got[3] > 0  # both clips are exercised
-    grad, = torch.autograd.grad(got[0], log_prob)
-    expected_grad, = torch.autograd.grad(expected[0], log_prob)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-def test_verl_registered_policy_loss_matches_reference(agg):
-    """The policy-loss registry signature: clip settings from verl's actor config, rollout correction weights."""
-    from types import SimpleNamespace
-
-    from qwenlong.integrations.verl import compute_policy_loss_vanilla
-
-    old_log_prob, log_prob, advantages, mask = _verl_policy_batch()
-    weights = torch.rand(mask.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8)) + 0.5
-    config = SimpleNamespace(clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=0.28, clip_ratio_c=2.5,
-                             global_batch_info={})
-    pg_loss, metrics = compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, mask, agg, config, weights)
-    expected = _verl_reference_policy_loss(old_log_prob, log_prob, advantages, mask, 0.2, 0.28, 2.5, agg, weights)
-    torch.testing.assert_close(pg_loss, expected[0], rtol=1e-10, atol=1e-12)
-    names = ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower")
-    assert metrics == pytest.approx(dict(zip(names, (x.item() for x in expected[1:]), strict=True)), rel=1e-10)
-    grad, = torch.autograd.grad(pg_loss, log_prob)
-    expected_grad, = torch.autograd.grad(expected[0], log_prob)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
-    with pytest.raises(NotImplementedError, match="global_batch_info"):
-        compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, mask, agg,
-                                    SimpleNamespace(**{**vars(config), "global_batch_info": {"dp_size": 2}}))
-    with pytest.raises(ValueError, match="config"):
-        compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, mask, agg)
-
-
-def _verl_policy_batch():
-    """Off-policy log-probs with one clamped log-ratio and one dual-clipped token; a ragged response mask."""
-    torch.manual_seed(6)
-    old_log_prob = -torch.rand(4, 8, dtype=torch.float64) * 3
-    log_prob = (old_log_prob + torch.randn(4, 8, dtype=torch.float64) * 0.6).requires_grad_()
-    with torch.no_grad():
-        log_prob[0, 0], log_prob[1, 1] = old_log_prob[0, 0] + 25.0, old_log_prob[1, 1] + 2.0  # clamp, dual clip
-    advantages = torch.tensor([0.5, -1.0, 1.5, -0.3], dtype=torch.float64)[:, None].expand(4, 8)
-    mask = torch.ones(4, 8, dtype=torch.float64)
-    mask[2, 5:] = 0
-    mask[3, 1:] = 0
-    return old_log_prob, log_prob, advantages, mask
-
-
-def test_verl_compute_policy_loss_errors_and_reward():
-    from qwenlong.integrations import verl
-    from qwenlong.rewards import compute_score
-
-    x = torch.zeros(1, 2)
-    with pytest.raises(ValueError, match="clip_ratio_c"):
-        verl.compute_policy_loss(x, x, x, x, cliprange=0.2, clip_ratio_c=1.0)
-    with pytest.raises(ValueError, match="cliprange"):
-        verl.compute_policy_loss(x, x, x, x)
-    with pytest.raises(ValueError, match="loss_agg_mode"):
-        verl.agg_loss(x, x, "token-sum")
-    assert verl.compute_score is compute_score
+# verl's policy losses, reductions, fused forward and reward loader are tested inside verl itself:
+# tests/integrations_real/test_verl.py (run by tools/ci_integrations.sh).
 
 
 # ---------------------------------------------------------------------------------------- OpenRLHF
@@ -524,13 +435,6 @@ def test_example_hf_fused_loss():
 def test_example_trl_grpo(tmp_path):
     logs = _example("trl_grpo").main(max_steps=1, output_dir=str(tmp_path))
     assert len(logs) == 1 and {"loss", "reward", "kl"} <= set(logs[0])
-
-
-def test_example_verl_functions():
-    results = _example("verl_functions").main(batch=2, length=10)
-    assert all(torch.isfinite(torch.tensor(value)) for value in results.values())
-    assert results["score"] == 1.0 and results["lm_head_grad_norm"] > 0
-    assert results["registry_pg_loss"] == pytest.approx(results["pg_loss"], rel=1e-6)
 
 
 def test_example_openrlhf_logprobs():

@@ -1,47 +1,84 @@
-"""Drop-in functions with verl's signatures, on qwenlong kernels.
+"""Drop-in functions with verl's signatures, on qwenlong kernels (tested against verl 0.9).
 
-verl is not a dependency (it is too heavy to install alongside this package), so nothing here
-imports it: the signatures follow verl's API and the tests check the results against verl's
-documented formulas.
+Nothing here imports verl at module load, so the functions also serve code that only copies
+verl's conventions; :func:`install` puts them into a verl worker:
 
 - :func:`linear_cross_entropy` / :class:`FusedLinearForPPO`: verl's fused LM-head kernels
   (``verl.utils.kernel.linear_cross_entropy``, ``verl.utils.experimental.torch_functional``):
   per-token ``log p(label)`` and entropy at a temperature from hidden states, i.e. what
   ``logprobs_from_logits(logits / T, labels)`` and ``entropy_from_logits(logits / T)`` give,
-  without the logits. verl's fused model forward (``use_fused_kernels``) imports them inside
-  the call, so assigning ours to ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy``
-  and ``verl.utils.experimental.torch_functional.FusedLinearForPPO`` in each worker swaps them
-  in (untested here: verl is not installed).
-- :func:`compute_policy_loss`: verl's PPO clipped loss with dual clip (``core_algos``), built
-  from our per-token policy math; :func:`compute_policy_loss_vanilla` the same with the
-  signature of verl's policy-loss registry; :func:`agg_loss` its ``loss_agg_mode`` reductions.
-- :func:`compute_score`: our hybrid reward with verl's ``custom_reward_function`` signature.
+  without the logits. verl's fused model forward (``use_fused_kernels``, backends "triton" and
+  "torch") imports them inside each call, so :func:`install` swaps them in by assigning the two
+  module attributes.
+- :func:`compute_policy_loss_vanilla`: verl's registered ``"vanilla"`` policy loss (PPO's clipped
+  surrogate with dual clip) built from our per-token policy math, with verl's registry signature;
+  :func:`install` registers it as ``"qwenlong"``. :func:`agg_loss` is verl's ``loss_agg_mode``
+  reduction with its global-batch arguments; :func:`compute_policy_loss` the deprecated
+  stand-alone form.
+- :func:`compute_score`: our hybrid reward with verl's ``custom_reward_function`` signature
+  (``custom_reward_function.path=pkg://qwenlong.integrations.verl``, ``name=compute_score``).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 from qwenlong.kernels import linear_logprobs
 from qwenlong.kernels.logprobs.policy_math import aggregate_tokens, clip_fractions, masked_mean, policy_loss_per_token
 
-__all__ = [  # noqa: F822 (compute_score is a lazy module attribute)
-    "FusedLinearForPPO", "agg_loss", "compute_policy_loss", "compute_policy_loss_vanilla", "compute_score",
+__all__ = [
+    "FusedLinearForPPO", "agg_loss", "compute_policy_loss", "compute_policy_loss_vanilla", "compute_score", "install",
     "linear_cross_entropy",
 ]
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 LOG_RATIO_LIMIT = 20.0  # verl clamps log(pi / pi_old) to +-20 before exponentiating
+# the keyword arguments verl's reward managers add when a reward model is configured (reward_loop)
+VERL_REWARD_MODEL_KWARGS = ("reward_router_address", "reward_model_tokenizer")
 
 
-def __getattr__(name: str):
-    # The reward belongs to the training layer (qwenlong.rewards): import it only when asked for, so the
-    # kernel drop-ins of this module load without it.
-    if name == "compute_score":
-        from qwenlong.rewards import compute_score
+def compute_score(data_source: str, solution_str: str, ground_truth, extra_info=None, **kwargs) -> float:
+    """verl's ``custom_reward_function`` signature on our hybrid reward (:func:`qwenlong.rewards.compute_score`).
 
-        return compute_score
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    verl passes ``reward_router_address`` and ``reward_model_tokenizer`` when a verl reward model
+    is configured: they are accepted, but our judge is the one set by ``QWENLONG_JUDGE_URL`` /
+    ``set_default_reward`` (a warning says so). Any other keyword (e.g. from
+    ``custom_reward_function.reward_kwargs``) raises ``TypeError``: nothing here would read it.
+    """
+    unknown = sorted(set(kwargs) - set(VERL_REWARD_MODEL_KWARGS))
+    if unknown:
+        raise TypeError(f"compute_score: unexpected keyword arguments {unknown} (reward_kwargs are not used; "
+                        f"configure the judge with QWENLONG_JUDGE_URL or qwenlong.rewards.set_default_reward)")
+    if kwargs.get("reward_router_address") is not None:
+        warnings.warn("compute_score: verl's reward model (reward_router_address) is not used; qwenlong's judge is "
+                      "the one set by QWENLONG_JUDGE_URL or set_default_reward", stacklevel=2)
+    # the reward belongs to the training layer: imported when called, so the kernel drop-ins load without it
+    from qwenlong.rewards import compute_score as hybrid_score
+
+    return hybrid_score(data_source, solution_str, ground_truth, extra_info)
+
+
+def install(policy_loss_name: str | None = "qwenlong", fused_kernels: bool = True) -> None:
+    """Put qwenlong's functions into this process's verl (call it in each worker, before the model is built).
+
+    ``policy_loss_name``: register :func:`compute_policy_loss_vanilla` in verl's policy-loss registry
+    under this name (select it with ``actor_rollout_ref.actor.policy_loss.loss_mode=<name>``); None
+    skips it. ``fused_kernels``: replace verl's ``linear_cross_entropy`` (its "triton" fused
+    backend) and ``FusedLinearForPPO`` (its "torch" backend) by ours; they take effect with
+    ``actor_rollout_ref.model.use_fused_kernels=True``.
+    """
+    if policy_loss_name is not None:
+        from verl.trainer.ppo.core_algos import register_policy_loss
+
+        register_policy_loss(policy_loss_name)(compute_policy_loss_vanilla)
+    if fused_kernels:
+        import verl.utils.experimental.torch_functional as verl_torch_functional
+        import verl.utils.kernel.linear_cross_entropy as verl_linear_cross_entropy
+
+        verl_linear_cross_entropy.linear_cross_entropy = linear_cross_entropy
+        verl_torch_functional.FusedLinearForPPO = FusedLinearForPPO
 
 
 def _flat_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float):
@@ -79,38 +116,64 @@ class FusedLinearForPPO(torch.nn.Module):
     """verl's ``FusedLinearForPPO``: ``forward(hidden_states, vocab_weights, input_ids, temperature)``.
 
     ``input_ids`` are the tokens to score (verl passes the inputs rolled by one). Returns
-    ``(log_probs, entropy)`` in the dtype of ``hidden_states``, as verl does; our kernel tiles
-    the vocabulary itself, so ``chunk_size`` is accepted for compatibility and unused.
+    ``(log_probs, entropy)`` as verl does: log-probs in fp32, the entropy in the dtype of
+    ``hidden_states``. Our kernel tiles the vocabulary itself, so ``chunk_size`` is unused;
+    ``impl_backend`` ("torch" or "liger", verl's choice of implementation) is checked as verl
+    checks it and then unused: this class is the implementation.
     """
 
-    def __init__(self, chunk_size: int = 512):
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
         super().__init__()
+        if impl_backend not in ("torch", "liger"):
+            raise ValueError(f"impl_backend must be 'torch' or 'liger' (verl's names), got {impl_backend!r}")
         self.chunk_size = chunk_size
+        self.impl_backend = impl_backend
 
     def forward(self, hidden_states: torch.Tensor, vocab_weights: torch.Tensor, input_ids: torch.Tensor,
                 temperature: float = 1.0):
-        logp, entropy = _flat_logprobs_and_entropy(hidden_states, vocab_weights, input_ids, temperature)
-        return logp.to(hidden_states.dtype), entropy.to(hidden_states.dtype)
+        logp, entropy = _flat_logprobs_and_entropy(hidden_states, vocab_weights, input_ids.long(), temperature)
+        return logp, entropy.to(hidden_states.dtype)
 
 
-def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str) -> torch.Tensor:
-    """verl's reductions of a ``(batch, response_length)`` loss over the tokens where ``loss_mask`` is set.
+def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str, dp_size: int = 1,
+             batch_num_tokens=None, global_batch_size=None, loss_scale_factor=None) -> torch.Tensor:
+    """verl's reduction of a ``(batch, response_length)`` loss over the tokens where ``loss_mask`` is set.
 
-    token-mean: over all tokens; seq-mean-token-sum: per-sequence sums, averaged;
-    seq-mean-token-mean: per-sequence means, averaged; seq-mean-token-sum-norm: the token sum
-    divided by ``response_length`` (Dr. GRPO's constant normalizer).
+    The global-batch arguments are those verl's actor puts in ``config.global_batch_info``: each
+    micro batch's loss is its share of the global batch's, times ``dp_size`` (data-parallel
+    training averages the ranks' gradients). Sequences without a loss token do not count.
+
+    - token-mean: token sum / ``batch_num_tokens`` (default: this batch's token count);
+    - token-sum: token sum;
+    - seq-mean-token-sum: sum of per-sequence token sums / ``global_batch_size`` (default: the
+      sequences here with a loss token);
+    - seq-mean-token-mean: the same with per-sequence token means;
+    - seq-mean-token-sum-norm: seq-mean-token-sum / ``loss_scale_factor`` (default: ``response_length``;
+      Dr. GRPO's constant normalizer).
+
+    The defaults describe this batch alone, so with ``dp_size > 1`` the global count must be given.
     """
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
-    num_sequences, length = loss_mat.shape
+    keep = loss_mask.bool()
+    count = batch_num_tokens if loss_agg_mode == "token-mean" else global_batch_size
+    if count is None and dp_size > 1 and loss_agg_mode != "token-sum":
+        name = "batch_num_tokens" if loss_agg_mode == "token-mean" else "global_batch_size"
+        raise ValueError(f"{name}: the global count is needed with dp_size={dp_size} ({loss_agg_mode})")
     if loss_agg_mode == "token-mean":
-        return aggregate_tokens(loss_mat, loss_mask)
-    if loss_agg_mode == "seq-mean-token-sum":
-        return aggregate_tokens(loss_mat, loss_mask, num_sequences)
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return aggregate_tokens(loss_mat, loss_mask, length)
-    lengths = loss_mask.to(loss_mat.dtype).sum(-1, keepdim=True).clamp(min=1.0)
-    return aggregate_tokens(loss_mat, loss_mask, (num_sequences * lengths).expand_as(loss_mat))
+        loss = aggregate_tokens(loss_mat, keep, batch_num_tokens)
+    elif loss_agg_mode == "token-sum":
+        loss = aggregate_tokens(loss_mat, keep, 1)
+    else:
+        lengths = keep.sum(-1, keepdim=True)
+        sequences = global_batch_size if global_batch_size is not None else (lengths > 0).sum().clamp(min=1)
+        if loss_agg_mode == "seq-mean-token-mean":
+            loss = aggregate_tokens(loss_mat, keep, (sequences * lengths).expand_as(loss_mat))
+        else:
+            loss = aggregate_tokens(loss_mat, keep, sequences)
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            loss = loss / (loss_scale_factor if loss_scale_factor is not None else loss_mask.shape[-1])
+    return loss * dp_size
 
 
 def _dual_clip_losses(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, clip_ratio_c):
@@ -154,18 +217,12 @@ def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mas
 
     The loss of :func:`compute_policy_loss` with the clip settings of verl's actor ``config``
     (``clip_ratio``, ``clip_ratio_low`` / ``clip_ratio_high`` when set, ``clip_ratio_c``, default
-    3.0) and the per-token losses multiplied by ``rollout_is_weights`` (verl's rollout correction)
-    when given. Returns ``(pg_loss, metrics)`` with verl's metric names. In a verl worker,
-    ``register_policy_loss("qwenlong")(compute_policy_loss_vanilla)`` and
-    ``actor.policy_loss.loss_mode=qwenlong`` select it. The reductions are over the micro batch,
-    as in verl's legacy engines; a non-empty ``config.global_batch_info`` (the new engine's
-    normalization over the global batch) raises ``NotImplementedError``.
+    3.0), the per-token losses multiplied by ``rollout_is_weights`` (verl's rollout correction)
+    when given, and the reduction :func:`agg_loss` with ``config.global_batch_info`` (which verl's
+    actor fills per micro batch). Returns ``(pg_loss, metrics)`` with verl's metric names.
     """
     if config is None:
         raise ValueError("config: verl's actor config (clip_ratio, clip_ratio_low, clip_ratio_high) is needed")
-    if getattr(config, "global_batch_info", None):
-        raise NotImplementedError("config.global_batch_info: normalizing over the global batch (verl's new model "
-                                  "engine) is not supported; the loss is reduced over the micro batch")
     clip_low = config.clip_ratio if getattr(config, "clip_ratio_low", None) is None else config.clip_ratio_low
     clip_high = config.clip_ratio if getattr(config, "clip_ratio_high", None) is None else config.clip_ratio_high
     per_token, clipfrac, ppo_kl, clipfrac_lower = _dual_clip_losses(
@@ -174,4 +231,5 @@ def compute_policy_loss_vanilla(old_log_prob, log_prob, advantages, response_mas
         per_token = per_token * rollout_is_weights
     metrics = {"actor/pg_clipfrac": clipfrac.item(), "actor/ppo_kl": ppo_kl.item(),
                "actor/pg_clipfrac_lower": clipfrac_lower.item()}
-    return agg_loss(per_token, response_mask, loss_agg_mode), metrics
+    global_batch_info = getattr(config, "global_batch_info", None) or {}
+    return agg_loss(per_token, response_mask, loss_agg_mode, **global_batch_info), metrics
