@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                  "warm-up SFT -> phased RL with retrospective sampling -> evaluation"),
     "sft": ("qwenlong.pipeline.commands", "run_sft_command", "warm-up SFT only"),
     "rl": ("qwenlong.pipeline.commands", "run_rl_command", "the RL phases only"),
+    "export": ("qwenlong.pipeline.export", "run",
+               "write a run's trained policy (any checkpoint) as a HF model folder: safetensors, tokenizer, card"),
     "eval": ("qwenlong.eval.cli", "run", "evaluate a model on the DocQA benchmarks (or synthetic data)"),
     "merge": ("qwenlong.merge.cli", "run", "merge fine-tuned models into a base model (SCE), one tensor at a time"),
     "serve-judge": ("qwenlong.rewards.judge.server", "run",
@@ -54,7 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"qwenlong {argv[0]}", description=help_text)
     module.add_arguments(sub)
-    return int(getattr(module, runner)(sub.parse_intermixed_args(argv[1:])) or 0)
+    args = sub.parse_intermixed_args(argv[1:])
+    try:
+        return int(getattr(module, runner)(args) or 0)
+    except (ValueError, RuntimeError) as error:
+        # a bad config, data file or run folder is the user's to fix: one line naming it (the key path, the
+        # file and row), exit status 2 as for bad arguments; any other error keeps its traceback
+        from qwenlong.config import ConfigError
+        from qwenlong.data import DataError
+        from qwenlong.trainers.checkpoint import CheckpointError
+
+        if not isinstance(error, (ConfigError, DataError, CheckpointError)):
+            raise
+        print(f"qwenlong {argv[0]}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

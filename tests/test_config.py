@@ -138,7 +138,7 @@ def test_overrides_apply_and_are_validated():
     cfg = config_from_dict(
         MINIMAL,
         overrides=[
-            "rl.phases.0.max_input_tokens=4096",
+            "rl.phases.0.max_input_tokens=100",  # phases' input budgets must grow: below phase 1's 128
             "rl.lr=1e-5",  # YAML 1.1 reads this as a string; float fields accept it
             "rl.dynamic_sampling.enabled=true",
             "rl.retrospective.max_fraction=0.25",
@@ -147,7 +147,7 @@ def test_overrides_apply_and_are_validated():
             "reward.judge_model=",
         ],
     )
-    assert cfg.rl.phases[0].max_input_tokens == 4096 and cfg.rl.phases[1].max_input_tokens == 128
+    assert cfg.rl.phases[0].max_input_tokens == 100 and cfg.rl.phases[1].max_input_tokens == 128
     assert cfg.rl.lr == 1e-5 and cfg.rl.dynamic_sampling.enabled and cfg.rl.retrospective.max_fraction == 0.25
     assert cfg.model.tiny.num_hidden_layers == 3 and cfg.data.eval_files == ["a.parquet", "b.parquet"]
     assert cfg.reward.judge_model is None
@@ -178,3 +178,84 @@ def test_judge_options_fit_make_judge(monkeypatch):
 def test_preset_with_override_from_file():
     cfg = load_config(CONFIGS / "tiny.yaml", ["rl.phases.1.steps=5", "output.dir=/tmp/x"])
     assert cfg.rl.phases[1].steps == 5 and cfg.output.dir == "/tmp/x"
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("rl.lr", float("nan"), r"^rl\.lr: expected a finite number, got nan"),
+        ("rl.clip_high", float("inf"), r"^rl\.clip_high: expected a finite number, got inf"),
+        ("rl.phases.0", {"name": "a", "max_input_tokens": 64, "max_output_tokens": 16, "epochs": float("nan")},
+         r"^rl\.phases\.0\.epochs: expected a finite number"),
+        ("rl.overlong.penalty_factor", float("inf"), r"^rl\.overlong\.penalty_factor: expected a finite number"),
+        ("rl.advantage_eps", float("-inf"), r"^rl\.advantage_eps: expected a finite number"),
+        ("sft.steps", 0, r"^sft\.steps: expected >= 1, got 0"),
+        ("sft.lr", 0.0, r"^sft\.lr: expected > 0"),
+        ("sft.grad_clip", 0.0, r"^sft\.grad_clip: expected > 0"),
+        ("rl.weight_decay", -0.1, r"^rl\.weight_decay: expected >= 0"),
+        ("model.tiny.hidden_size", 0, r"^model\.tiny\.hidden_size: expected >= 1"),
+        ("model.tiny.num_hidden_layers", -2, r"^model\.tiny\.num_hidden_layers: expected >= 1"),
+        ("model.tiny.hidden_size", 30, r"^model\.tiny\.num_attention_heads: 4 heads must split hidden_size 30"),
+        ("model.tiny.num_attention_heads", 32, r"^model\.tiny\.num_attention_heads: 32 heads must split"),
+        ("model.tiny.num_key_value_heads", 3, r"^model\.tiny\.num_key_value_heads: 3 must divide"),
+        ("data.synthetic.num_train", 0, r"^data\.synthetic\.num_train: expected >= 1"),
+        ("rl.phases.1.max_input_tokens", 64, r"^rl\.phases\.1\.max_input_tokens: phases read ever longer inputs: "
+                                             r"expected > rl\.phases\.0\.max_input_tokens=64, got 64"),
+        ("rl.phases.1.max_input_tokens", 32, r"^rl\.phases\.1\.max_input_tokens: phases read ever longer"),
+        ("rl.phases.1.name", "../../etc", r"^rl\.phases\.1\.name: expected 1-64 letters"),
+        ("rl.phases.1.name", "a/b", r"^rl\.phases\.1\.name: expected"),
+        ("rl.phases.1.name", "-x", r"^rl\.phases\.1\.name: expected"),
+        ("rl.phases.1.name", "x" * 65, r"^rl\.phases\.1\.name: expected"),
+        ("reward", {"judge": "openai", "judge_model": "m", "judge_endpoint": "file:///etc/passwd"},
+         r"^reward\.judge_endpoint: expected an http:// or https:// URL with a host, got 'file:///etc/passwd'"),
+        ("reward", {"judge": "openai", "judge_model": "m", "judge_endpoint": "localhost:8000/v1"},
+         r"^reward\.judge_endpoint: expected an http"),
+        ("reward", {"judge": "openai", "judge_model": "m", "judge_endpoint": "http:///v1"},
+         r"^reward\.judge_endpoint: expected an http"),
+    ],
+)
+def test_out_of_range_and_unsafe_values_name_the_key(path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(with_change(path, value))
+
+
+def test_good_values_next_to_the_bad_ones_pass():
+    cfg = config_from_dict(MINIMAL, ["rl.phases.1.name=long-docs_2.v1", "reward.judge=openai",
+                                     "reward.judge_model=m", "reward.judge_endpoint=https://judge.internal:8443/v1",
+                                     "model.tiny.num_key_value_heads=1"])
+    assert cfg.rl.phases[1].name == "long-docs_2.v1" and cfg.reward.judge_endpoint.startswith("https://")
+
+
+def test_duplicate_yaml_keys_are_rejected(tmp_path):
+    text = yaml.safe_dump(MINIMAL, sort_keys=False)
+    path = tmp_path / "twice.yaml"
+    path.write_text(text + "sft:\n  lr: 0.1\n")  # a second top-level `sft` would silently replace the first
+    with pytest.raises(ConfigError, match=r"twice\.yaml: sft: duplicate key \(line \d+ and line \d+\)"):
+        load_config(path)
+    path.write_text("rl:\n  lr: 1.0e-6\n  group_size: 4\n  lr: 1.0e-3\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: lr: duplicate key \(line 2 and line 4\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^rl\.phases\.0: name: duplicate key"):
+        config_from_dict(MINIMAL, ["rl.phases.0={name: a, name: b}"])
+    from qwenlong.config.typed import load_yaml
+
+    # YAML merge keys still work, and a mapping may override what it merges
+    assert load_yaml("d: &d {a: 1, b: 2}\ne:\n  <<: *d\n  b: 3\n")["e"] == {"a": 1, "b": 3}
+
+
+def test_cli_config_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    from qwenlong.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(MINIMAL) + "seed: 1\nseed: 2\n")
+    assert main(["sft", "--config", str(bad)]) == 2
+    assert main(["rl", "--config", str(CONFIGS / "tiny.yaml"), "rl.lr=.nan"]) == 2
+    assert main(["pipeline", "--config", str(CONFIGS / "tiny.yaml"), "--resume",
+                 f"output.dir={tmp_path / 'never-ran'}"]) == 2
+    assert main(["sft", "--config", str(tmp_path / "missing.yaml")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4 and "Traceback" not in "".join(lines)
+    assert lines[0].startswith("qwenlong sft: error: ") and "bad.yaml: seed: duplicate key" in lines[0]
+    assert "rl.lr: expected a finite number, got nan" in lines[1]
+    assert "output.dir: " in lines[2] and "never-ran does not exist" in lines[2]
+    assert "missing.yaml: cannot read the config" in lines[3]

@@ -34,7 +34,7 @@ from qwenlong.config.schema import (
     SyntheticDataConfig,
     TinyModelConfig,
 )
-from qwenlong.config.typed import ConfigError, apply_override, build_dataclass, plain_copy
+from qwenlong.config.typed import ConfigError, apply_override, build_dataclass, load_yaml, plain_copy
 from qwenlong.config.validation import validate
 
 __all__ = [
@@ -53,9 +53,14 @@ def config_from_dict(data: Mapping | None, overrides: Iterable[str] = ()) -> Con
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
-    """Read a YAML preset, apply overrides, validate."""
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+    """Read a YAML preset (a key given twice is an error), apply overrides, validate."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = load_yaml(f.read())
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read the config ({error})") from None
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     try:
         return config_from_dict(data, overrides)
     except ConfigError as error:

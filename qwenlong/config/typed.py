@@ -21,6 +21,38 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (plain YAML keeps the
+    last value silently, so a preset that sets ``lr`` twice trains with whichever came second)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    first_line: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *defaults``: its keys may be overridden
+            continue
+        key, line = loader.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+        try:
+            if key in first_line:
+                raise ConfigError(f"{key}: duplicate key (line {first_line[key]} and line {line})")
+            first_line[key] = line
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text as ``yaml.safe_load`` does, but reject duplicate keys; a syntax error is a
+    ``ConfigError`` giving the line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"invalid YAML: {' '.join(str(error).split())}") from None
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -81,7 +113,10 @@ def apply_override(data: dict, override: str) -> dict:
     key_path, sep, text = override.partition("=")
     if not sep or not key_path:
         raise ConfigError(f"{override}: expected an override of the form dotted.key=value")
-    value = yaml.safe_load(text) if text.strip() else None
+    try:
+        value = load_yaml(text) if text.strip() else None
+    except ConfigError as error:
+        raise ConfigError(f"{key_path.strip()}: {error}") from None
     keys = key_path.strip().split(".")
     node: Any = data
     for depth, key in enumerate(keys):

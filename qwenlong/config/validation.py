@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
+import urllib.parse
 from typing import Any
 
 from qwenlong.config.schema import Config
@@ -33,6 +37,7 @@ def _check(ok: bool, path: str, message: str) -> None:
 
 def validate(cfg: Config) -> Config:
     """Range and cross-field checks that the types cannot express; returns ``cfg``."""
+    _check_finite_and_urls(cfg)
     ranges = (
         (_POSITIVE, lambda v: v > 0, "> 0"),
         (_AT_LEAST_ONE, lambda v: v >= 1, ">= 1"),
@@ -71,4 +76,70 @@ def validate(cfg: Config) -> Config:
         _check(phase.name not in names[:i], f"rl.phases.{i}.name", f"duplicate phase name {phase.name!r}")
         _check(not rl.overlong.enabled or rl.overlong.buffer <= phase.max_output_tokens, "rl.overlong.buffer",
                f"{rl.overlong.buffer} exceeds rl.phases.{i}.max_output_tokens={phase.max_output_tokens}")
+    _validate_values(cfg)
     return cfg
+
+
+# A phase name becomes part of checkpoint folder names and metric keys: a safe set of characters only
+# (no path separators, nothing a shell or a file system reads specially).
+_PHASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_TINY_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings")
+
+
+def _leaves(value: Any, path: str) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [leaf for key, item in value.items() for leaf in _leaves(item, f"{path}.{key}" if path else key)]
+    if isinstance(value, list):
+        return [leaf for i, item in enumerate(value) for leaf in _leaves(item, f"{path}.{i}")]
+    return [(path, value)]
+
+
+def _check_finite_and_urls(cfg: Config) -> None:
+    """Every number finite (NaN passes no range check's intent), every judge endpoint a web URL."""
+    for path, value in _leaves(dataclasses.asdict(cfg), ""):
+        if isinstance(value, float):
+            _check(math.isfinite(value), path, f"expected a finite number, got {value}")
+        if path.rsplit(".", 1)[-1] == "judge_endpoint" and value is not None:
+            url = urllib.parse.urlsplit(value)
+            _check(url.scheme in ("http", "https") and bool(url.hostname), path,
+                   f"expected an http:// or https:// URL with a host, got {value!r}")
+
+
+def _validate_values(cfg: Config) -> None:
+    """Sizes positive, model shapes that fit together, growing phases with safe names."""
+    sft, rl = cfg.sft, cfg.rl
+    _check(sft.steps is None or sft.steps >= 1, "sft.steps", f"expected >= 1, got {sft.steps}")
+    _check(sft.epochs is None or sft.epochs > 0, "sft.epochs", f"expected > 0, got {sft.epochs}")
+    for path in ("sft.grad_clip", "rl.grad_clip", "rl.advantage_eps"):
+        _check(_get(cfg, path) > 0, path, f"expected > 0, got {_get(cfg, path)}")
+    for path in ("sft.weight_decay", "rl.weight_decay", "rl.overlong.penalty_factor"):
+        _check(_get(cfg, path) >= 0, path, f"expected >= 0, got {_get(cfg, path)}")
+    tiny = cfg.model.tiny
+    if tiny is not None:
+        for key in _TINY_SIZES:
+            value = getattr(tiny, key)
+            _check(value >= 1, f"model.tiny.{key}", f"expected >= 1, got {value}")
+        _check(tiny.rope_theta > 0, "model.tiny.rope_theta", f"expected > 0, got {tiny.rope_theta}")
+        heads, kv_heads = tiny.num_attention_heads, tiny.num_key_value_heads
+        _check(tiny.hidden_size % heads == 0 and (tiny.hidden_size // heads) % 2 == 0, "model.tiny.num_attention_heads",
+               f"{heads} heads must split hidden_size {tiny.hidden_size} into heads of an even size (rotary)")
+        _check(heads % kv_heads == 0, "model.tiny.num_key_value_heads",
+               f"{kv_heads} must divide num_attention_heads {heads} (grouped-query attention)")
+    synthetic = cfg.data.synthetic
+    if synthetic is not None:
+        for key in ("num_train", "answer_vocab_size"):
+            value = getattr(synthetic, key)
+            _check(value >= 1, f"data.synthetic.{key}", f"expected >= 1, got {value}")
+        _check(synthetic.num_eval >= 1 or not cfg.eval.enabled, "data.synthetic.num_eval",
+               f"expected >= 1 while eval is enabled, got {synthetic.num_eval}")
+        _check(synthetic.num_distractor_facts >= 0, "data.synthetic.num_distractor_facts",
+               f"expected >= 0, got {synthetic.num_distractor_facts}")
+    for i, phase in enumerate(rl.phases):
+        _check(bool(_PHASE_NAME.fullmatch(phase.name)), f"rl.phases.{i}.name",
+               f"expected 1-64 letters, digits, '_', '.' or '-' starting with a letter or digit, got {phase.name!r}")
+        if i:
+            before = rl.phases[i - 1].max_input_tokens
+            _check(phase.max_input_tokens > before, f"rl.phases.{i}.max_input_tokens",
+                   f"phases read ever longer inputs: expected > rl.phases.{i - 1}.max_input_tokens={before}, "
+                   f"got {phase.max_input_tokens}")
