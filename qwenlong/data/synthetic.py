@@ -294,3 +294,48 @@ def teacher_response(record: DocQARecord, accuracy: float = 1.0, seed: int = 0, 
     trace = rng.choice(wrong)
     reasoning = trace["reasoning"] if error == "evidence" else record.metadata.get("reasoning", "")
     return _trace(record, reasoning, trace["answer"])
+
+
+TWO_CHUNK_SOURCE = "synthetic_copy_two_chunk"  # routes to the free-form rule (contains "synthetic_copy")
+
+
+def make_two_chunk_record(index: int, document_tokens: int, seed: int = 0, tokenizer: Any = None,
+                          num_distractor_facts: int = 2, answer_vocab_size: int = 16) -> DocQARecord:
+    """A record whose answer needs two facts from opposite halves of the document (the memory agent's task).
+
+    ``[KEY FACT] The first word of the password is river.`` sits in about the first quarter of the document,
+    ``[KEY FACT] The second word of the password is stone.`` in about the last quarter; the answer is
+    ``river stone``. Cut in two at its middle token, the two facts land in different chunks, so a
+    reader that sees one chunk at a time must carry the first word in its memory to the end.
+    Distractor facts draw their values from words that are never answers.
+    """
+    if not 2 <= answer_vocab_size < len(ANSWER_WORDS):
+        raise ValueError(f"answer_vocab_size: must be in [2, {len(ANSWER_WORDS) - 1}], got {answer_vocab_size}")
+    rng = random.Random(f"qwenlong-synthetic-two-chunk:{seed}:{index}")
+    first, second = rng.sample(ANSWER_WORDS[:answer_vocab_size], 2)
+    keys: set[str] = set()
+    asked = [f"[KEY FACT] The first word of the password is {first}.",
+             f"[KEY FACT] The second word of the password is {second}."]
+    distractors = [f"The code of the {_key(rng, keys)} is {rng.choice(ANSWER_WORDS[answer_vocab_size:])}."
+                   for _ in range(num_distractor_facts)]
+    facts = asked + distractors
+    fact_tokens = sum(_count(tokenizer, [" " + f for f in facts]))
+    if fact_tokens > document_tokens:
+        raise ValueError(f"document_tokens: {document_tokens} is too small for {len(facts)} facts ({fact_tokens} "
+                         "tokens); lower num_distractor_facts or raise document_tokens")
+    # two halves of filler; the first word in the first half of the first, the second in the second half of the second
+    halves = [_fill(tokenizer, (document_tokens - fact_tokens) // 2, rng) for _ in range(2)]
+    halves[0].insert(rng.randint(0, len(halves[0]) // 2), asked[0])
+    halves[1].insert(rng.randint(len(halves[1]) - len(halves[1]) // 2, len(halves[1])), asked[1])
+    for fact in distractors:
+        half = halves[rng.randrange(2)]
+        half.insert(rng.randint(0, len(half)), fact)
+    sentences = halves[0] + halves[1]
+    document = " ".join(sentences)
+    return DocQARecord(
+        id=f"synthetic-two-chunk-{seed}-{index}", data_source=TWO_CHUNK_SOURCE, document=document,
+        question="What is the password given by the two key facts (its first word, then its second word)?",
+        answers=(f"{first} {second}",),
+        metadata={"task": "two_chunk", "evidence": asked,
+                  "reasoning": f"The first key fact gives {first}; the second gives {second}.",
+                  "document_tokens": sum(_count(tokenizer, [document]))})

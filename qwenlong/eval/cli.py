@@ -45,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="answers per item; accuracy is their mean (avg@K)")
     protocol.add_argument("--batch-size", type=int, default=8)
 
+    agent = parser.add_argument_group("agent (QwenLong-L1.5's memory agent: documents past the model's window)")
+    agent.add_argument("--agent", choices=("none", "memory"), default="none",
+                       help="memory: read each document chunk by chunk, keeping a memory, then answer from it "
+                            "(no truncation: --max-input-tokens is ignored); needs --model or --synthetic")
+    agent.add_argument("--chunk-tokens", type=int, default=32_768, help="document tokens per agent step")
+    agent.add_argument("--memory-tokens", type=int, default=15_000, help="most tokens of memory + plan per step")
+
     judge = parser.add_argument_group("judge (default: QWENLONG_JUDGE_URL / _MODEL / _API_KEY when set)")
     judge.add_argument("--judge-url")
     judge.add_argument("--judge-model")
@@ -76,11 +83,16 @@ def _datasets(args: argparse.Namespace) -> dict[str, list[Any]]:
 
 def _synthetic(args: argparse.Namespace, tokenizer: Any) -> dict[str, list[Any]]:
     from qwenlong.data import SyntheticConfig, generate_records
-    from qwenlong.data.synthetic import DATA_SOURCES
+    from qwenlong.data.synthetic import DATA_SOURCES, TWO_CHUNK_SOURCE, make_two_chunk_record
 
-    return {DATA_SOURCES[task]: list(generate_records(args.synthetic, SyntheticConfig(task=task, document_tokens=256),
-                                                      seed=args.seed, tokenizer=tokenizer))
-            for task in DATA_SOURCES}
+    datasets = {DATA_SOURCES[task]: list(generate_records(args.synthetic, SyntheticConfig(task=task,
+                                                                                          document_tokens=256),
+                                                          seed=args.seed, tokenizer=tokenizer))
+                for task in DATA_SOURCES}
+    if args.agent == "memory":  # facts in two chunks: the memory must carry the first to the answer
+        datasets[TWO_CHUNK_SOURCE] = [make_two_chunk_record(i, 2 * args.chunk_tokens, args.seed, tokenizer)
+                                      for i in range(args.synthetic)]
+    return datasets
 
 
 def tiny_random_model(tokenizer: Any, seed: int = 0) -> Any:
@@ -109,11 +121,13 @@ def _reward(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from qwenlong.data import generate_records, load_qwen_tokenizer, record_prompt, reference_response
-    from qwenlong.eval.generation import Sampling, hf_generate_fn, openai_generate_fn
+    from qwenlong.eval.generation import Sampling, openai_generate_fn
     from qwenlong.eval.harness import evaluate
 
     if bool(args.model) + bool(args.api_url) + (args.synthetic is not None and not args.model) != 1:
         raise ValueError("give exactly one of --model, --api-url or --synthetic")
+    if args.agent == "memory" and args.api_url:
+        raise ValueError("--agent memory: needs --model or --synthetic (the agent drives an in-process engine)")
     sampling = Sampling(max_new_tokens=args.max_new_tokens or (32 if args.synthetic else 10_000),
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.api_url:
@@ -126,20 +140,21 @@ def run(args: argparse.Namespace) -> int:
 
         tokenizer = _load_tokenizer(args.tokenizer or args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype).to(args.device).eval()
-        generate = hf_generate_fn(model, tokenizer, sampling, max_batch_size=args.batch_size)
+        generate = _hf_generate(args, model, tokenizer, sampling)
     else:
         from qwenlong.data import SyntheticConfig, train_demo_tokenizer
 
         corpus = [record_prompt(r) + reference_response(r)
                   for r in generate_records(16, SyntheticConfig(task="mixed", document_tokens=256), seed=args.seed)]
         tokenizer = train_demo_tokenizer(corpus, vocab_size=512)
-        generate = hf_generate_fn(tiny_random_model(tokenizer, args.seed), tokenizer, sampling,
-                                  max_batch_size=args.batch_size)
+        generate = _hf_generate(args, tiny_random_model(tokenizer, args.seed), tokenizer, sampling)
 
     datasets = _synthetic(args, tokenizer) if args.synthetic is not None else _datasets(args)
     if not datasets:
         raise ValueError("no data: give --data KEY=PATH, --data-dir DIR or --synthetic N")
-    report = evaluate(datasets, generate, tokenizer, reward=_reward(args), max_input_tokens=args.max_input_tokens,
+    # the memory agent reads whole documents, however long: nothing is cut to a budget
+    max_input_tokens = 2**62 if args.agent == "memory" else args.max_input_tokens
+    report = evaluate(datasets, generate, tokenizer, reward=_reward(args), max_input_tokens=max_input_tokens,
                       batch_size=args.batch_size, progress=not args.no_progress, samples_per_prompt=args.samples)
     report.write(args.out)
     print(report.to_markdown())
@@ -147,6 +162,25 @@ def run(args: argparse.Namespace) -> int:
         print("judge:", ", ".join(f"{k}={v}" for k, v in sorted(report.judge_metrics.items())))
     print(f"wrote {args.out}/results.json, results.md, predictions.jsonl")
     return 0
+
+
+def _hf_generate(args: argparse.Namespace, model: Any, tokenizer: Any, sampling: Any) -> Any:
+    """Plain generation, or the memory agent driving the same engine (``--agent memory``)."""
+    from qwenlong.eval.generation import hf_generate_fn
+
+    if args.agent != "memory":
+        return hf_generate_fn(model, tokenizer, sampling, max_batch_size=args.batch_size)
+    from qwenlong.agents import MemoryAgent, MemoryAgentConfig, memory_agent_generate_fn
+    from qwenlong.rollout import HFGenerateEngine
+
+    config = MemoryAgentConfig(chunk_tokens=args.chunk_tokens, memory_tokens=args.memory_tokens,
+                               answer_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                               top_p=sampling.top_p)
+    stops = {tokenizer.eos_token_id, tokenizer.get_vocab().get("<|im_end|>")}  # as hf_generate_fn stops
+    engine = HFGenerateEngine(model, eos_token_id=sorted(t for t in stops if isinstance(t, int)),
+                              pad_token_id=tokenizer.pad_token_id, max_batch_size=args.batch_size)
+    agent = MemoryAgent(engine, tokenizer, config)
+    return memory_agent_generate_fn(agent, seed=sampling.seed)
 
 
 def _load_tokenizer(path: str) -> Any:

@@ -1,0 +1,270 @@
+"""The memory agent (qwenlong.agents.memory) on a scripted engine: query split, chunking, the prompts of
+every step, trajectory rewards, the advantage broadcast to every step's tokens, and the packed GRPO
+loss over all steps against a per-step float64 reference; then the real HF engine and the eval CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from qwenlong.agents import (
+    AgentQuery,
+    AgentStep,
+    MemoryAgent,
+    MemoryAgentConfig,
+    Trajectory,
+    chunk_document,
+    chunk_ids,
+    parse_memory_step,
+    query_from_record,
+    score_trajectories,
+    split_query,
+    trajectory_sequences,
+)
+from qwenlong.agents.memory import memory_step_prompt
+from qwenlong.algorithms import group_advantages
+from qwenlong.data import FORMAT_INSTRUCTION, apply_chat_template, build_prompt, train_demo_tokenizer
+from qwenlong.data.synthetic import TWO_CHUNK_SOURCE, make_two_chunk_record
+from qwenlong.kernels import grpo_loss
+from qwenlong.rewards import HybridReward
+from qwenlong.rollout import Completion, RolloutEngine
+from qwenlong.trainers.packed import forward_hidden, lm_head_weight, pack_sequences
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [make_two_chunk_record(i, 200).document for i in range(20)]
+    texts += [build_prompt("x", "y"), "<memory> </memory> <plan> </plan> <think> </think> Therefore, the answer is"]
+    return train_demo_tokenizer(texts, vocab_size=400)
+
+
+class ScriptedEngine(RolloutEngine):
+    """Answers each prompt with ``script(prompt_text, call_index)``; records every prompt and call."""
+
+    def __init__(self, tokenizer, script):
+        self.tokenizer, self.script = tokenizer, script
+        self.prompts: list[str] = []
+        self.calls: list[tuple[int, int]] = []  # (number of prompts, max_new_tokens)
+
+    def generate(self, prompts, params, on_complete=None):
+        self.calls.append((len(prompts), params.max_new_tokens))
+        groups = []
+        for ids in prompts:
+            text = self.tokenizer.decode(ids)
+            self.prompts.append(text)
+            response = self.tokenizer(self.script(text, len(self.prompts) - 1), add_special_tokens=False)["input_ids"]
+            response = response[: params.max_new_tokens]
+            groups.append([Completion(response, [-0.01 * (k + 1) for k in range(len(response))], "stop")])
+        return groups
+
+    def update_weights(self, named_tensors):
+        pass
+
+
+KEY_FACT = re.compile(r"\[KEY FACT\] The (first|second) word of the password is (\w+)\.")
+
+
+def reader(remember: bool):
+    """A policy that copies the key facts of each chunk into its memory (and, with ``remember``, keeps the old
+    memory), then answers from the memory alone."""
+
+    def script(prompt: str, _: int) -> str:
+        memory = re.search(r"<memory>\n(.*?)\n</memory>", prompt, re.S).group(1)
+        if "<text>" in prompt:  # a memory step
+            chunk = prompt.split("<text>\n", 1)[1].split("\n</text>", 1)[0]
+            found = " ".join(m.group(0) for m in KEY_FACT.finditer(chunk))
+            kept = memory if remember and memory != "(nothing yet)" else ""
+            return f"<memory>{(kept + ' ' + found).strip()}</memory><plan>find the other word</plan>"
+        words = dict((m.group(1), m.group(2)) for m in KEY_FACT.finditer(memory))
+        answer = f"{words.get('first', 'none')} {words.get('second', 'none')}"
+        return f"<think>\nfrom memory\n</think>\n\nTherefore, the answer is {answer}."
+
+    return script
+
+
+def test_split_query():
+    assert split_query(f"What is the code?\n\n{FORMAT_INSTRUCTION}") == ("What is the code?", FORMAT_INSTRUCTION)
+    assert split_query("Which year? Answer with a number only.") == ("Which year?", "Answer with a number only.")
+    assert split_query("Who wrote it?") == ("Who wrote it?", "")
+    # a marker inside a sentence is part of the question
+    assert split_query("Is the reply formatted as 'answer with care'?") == (
+        "Is the reply formatted as 'answer with care'?", "")
+
+
+def test_chunking(tokenizer):
+    assert chunk_ids(list(range(7)), 3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert chunk_ids([], 4) == [[]]
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        chunk_ids([1], 0)
+    document = make_two_chunk_record(0, 300, tokenizer=tokenizer).document
+    chunks = chunk_document(tokenizer, document, 64)
+    assert "".join(chunks) == document
+    lengths = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in chunks]
+    assert len(chunks) == -(-len(tokenizer(document, add_special_tokens=False)["input_ids"]) // 64)
+    assert all(n <= 64 + 1 for n in lengths)  # a cut inside a word may re-tokenise one token longer
+
+
+def test_two_chunk_task_puts_facts_in_different_halves(tokenizer):
+    for index in range(30):
+        record = make_two_chunk_record(index, 240, tokenizer=tokenizer)
+        ids = tokenizer(record.document, add_special_tokens=False)["input_ids"]
+        first, second = chunk_document(tokenizer, record.document, -(-len(ids) // 2))
+        assert "first word" in first and "second word" in second, index
+        assert record.data_source == TWO_CHUNK_SOURCE and len(record.answers[0].split()) == 2
+
+
+def _queries(tokenizer, count=3, tokens=300):
+    return [query_from_record(make_two_chunk_record(i, tokens, tokenizer=tokenizer)) for i in range(count)]
+
+
+def test_rollout_prompts_and_rewards(tokenizer):
+    config = MemoryAgentConfig(chunk_tokens=100, memory_tokens=120, answer_tokens=80)
+    queries = _queries(tokenizer)
+    engine = ScriptedEngine(tokenizer, reader(remember=True))
+    groups = MemoryAgent(engine, tokenizer, config).rollout(queries, group_size=2, seed=0)
+    chunks = [chunk_document(tokenizer, q.document, 100) for q in queries]
+    assert all(len(c) >= 3 for c in chunks)
+    for query, query_chunks, group in zip(queries, chunks, groups, strict=True):
+        for trajectory in group:
+            assert [s.kind for s in trajectory.steps] == ["memory"] * len(query_chunks) + ["answer"]
+            previous = "(nothing yet)"
+            for t, (step, chunk) in enumerate(zip(trajectory.steps, query_chunks, strict=False)):
+                prompt = tokenizer.decode(step.prompt_ids)
+                # step t reads (m_{t-1}, p_{t-1}, x_t, q_core) and nothing else of the document
+                assert f"<text>\n{chunk}\n</text>" in prompt and f"Part {t + 1} of {len(query_chunks)}" in prompt
+                assert f"<memory>\n{previous}\n</memory>" in prompt and query.question in prompt
+                assert all(other not in prompt for other in query_chunks if other != chunk)
+                assert FORMAT_INSTRUCTION not in prompt  # the format instruction waits for the answer
+                assert len(step.logprobs) == len(step.response_ids) > 0
+                previous = parse_memory_step(step.text)[0]
+            final = tokenizer.decode(trajectory.steps[-1].prompt_ids)
+            assert "<text>" not in final and previous in final and FORMAT_INSTRUCTION in final
+            assert trajectory.answer.endswith(f"the answer is {query.ground_truth[0]}.")
+    # each round: one call for the memory steps of all 6 trajectories, then one for their answers
+    assert engine.calls[0] == (6, 120) and engine.calls[-1] == (6, 80)
+    assert score_trajectories(groups, HybridReward()).tolist() == [[1.0, 1.0]] * 3
+    # a policy that forgets its memory loses the first word: reward 0
+    forgetful = MemoryAgent(ScriptedEngine(tokenizer, reader(remember=False)), tokenizer, config)
+    assert score_trajectories(forgetful.rollout(queries, 2), HybridReward()).tolist() == [[0.0, 0.0]] * 3
+
+
+def _step(kind, prompt, response):
+    return AgentStep(kind, prompt, response, [-0.1 * (i + 1) for i in range(len(response))], "", "stop")
+
+
+def _trajectories():
+    """Two queries x two trajectories of 2-3 steps with different lengths, token ids < 48."""
+    gen = torch.Generator().manual_seed(7)
+
+    def ids(n):
+        return torch.randint(0, 48, (n,), generator=gen).tolist()
+
+    query = AgentQuery("q", "", "", "")
+    groups = []
+    for shape in ([(5, 3), (6, 2), (4, 4)], [(3, 1), (7, 5)]), ([(2, 2), (5, 6)], [(4, 3), (3, 2), (6, 1)]):
+        groups.append([Trajectory(query, len(steps) - 1, steps=[
+            _step("memory" if i < len(steps) - 1 else "answer", ids(p), ids(r)) for i, (p, r) in enumerate(steps)])
+            for steps in shape])
+    return groups
+
+
+def test_advantage_broadcast_to_every_step():
+    groups = _trajectories()
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    advantages = group_advantages(rewards)
+    sequences, prompt_lengths, response_values, sequence_values = trajectory_sequences(groups, advantages)
+    flat = [t for g in groups for t in g]
+    assert len(sequences) == sum(len(t.steps) for t in flat)
+    batch = pack_sequences(sequences, prompt_lengths, response_values, sequence_values)
+    position = 0
+    for index, trajectory in enumerate(flat):
+        for step in trajectory.steps:
+            n, p = len(step.response_ids), len(step.prompt_ids)
+            rows = slice(position + p - 1, position + p - 1 + n)  # the positions predicting the response
+            assert batch.mask[rows].all() and int(batch.mask[position:position + p + n].sum()) == n
+            assert batch.targets[rows].tolist() == step.response_ids
+            assert torch.allclose(batch.token_values["advantages"][rows], advantages.flatten()[index].expand(n))
+            assert batch.token_values["engine_logprobs"][rows].tolist() == pytest.approx(step.logprobs)
+            assert batch.token_values["trajectory"][rows].eq(index).all()
+            position += p + n
+    assert int(batch.mask.sum()) == sum(t.generated_tokens for t in flat)
+    with pytest.raises(ValueError, match="advantages"):
+        trajectory_sequences(groups, advantages[:1])
+
+
+def test_packed_grpo_loss_over_all_steps_matches_per_step_reference():
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64))
+    groups = _trajectories()
+    advantages = group_advantages(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    batch = pack_sequences(*trajectory_sequences(groups, advantages))
+    old = batch.token_values["engine_logprobs"]
+    hidden = forward_hidden(model, batch)
+    loss, _ = grpo_loss(hidden, lm_head_weight(model), batch.targets, batch.token_values["advantages"], old,
+                        batch.mask)
+    loss.backward()
+
+    # reference: each step alone through a float64 copy of the model, token-mean over all trajectories' tokens
+    reference_model = copy.deepcopy(model).double()
+    reference_model.zero_grad()
+    flat = [t for g in groups for t in g]
+    total = sum(t.generated_tokens for t in flat)
+    reference = 0.0
+    for trajectory, advantage in zip(flat, advantages.flatten().tolist(), strict=True):
+        for step in trajectory.steps:
+            ids = torch.tensor([step.prompt_ids + step.response_ids])
+            logits = reference_model(input_ids=ids).logits[0]
+            p = len(step.prompt_ids)
+            logp = torch.log_softmax(logits[p - 1:-1], dim=-1).gather(-1, torch.tensor(step.response_ids)[:, None])
+            ratio = torch.exp(logp.squeeze(-1) - torch.tensor(step.logprobs, dtype=torch.float64))
+            clipped = ratio.clamp(1 - 0.2, 1 + 0.28)
+            reference = reference - torch.minimum(ratio * advantage, clipped * advantage).sum() / total
+    reference.backward()
+    assert torch.allclose(loss.double(), reference, atol=1e-5)
+    for packed, param in zip(model.parameters(), reference_model.parameters(), strict=True):
+        assert torch.allclose(packed.grad.double(), param.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_hf_engine_rollout_records_every_step(tokenizer):
+    from qwenlong.rollout import HFGenerateEngine
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=1024)).eval()
+    engine = HFGenerateEngine(model, eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+    config = MemoryAgentConfig(chunk_tokens=80, memory_tokens=6, answer_tokens=5, temperature=1.0, top_p=1.0)
+    queries = _queries(tokenizer, count=2, tokens=200)
+    groups = MemoryAgent(engine, tokenizer, config).rollout(queries, group_size=2, seed=3)
+    for query, group in zip(queries, groups, strict=True):
+        template = len(apply_chat_template(tokenizer, memory_step_prompt(query, "", "", "", 1, 9), tokenize=True))
+        chunks = len(chunk_document(tokenizer, query.document, 80))
+        for trajectory in group:
+            assert len(trajectory.steps) == chunks + 1
+            for step in trajectory.steps:
+                assert 0 < len(step.response_ids) <= (6 if step.kind == "memory" else 5)
+                assert len(step.logprobs) == len(step.response_ids)
+                assert all(lp <= 0 for lp in step.logprobs)
+                # the context never holds more than the template, a chunk and the bounded memory (6 tokens,
+                # re-tokenised: at most a few more) and plan
+                assert len(step.prompt_ids) <= template + 80 + 2 * 6 * 3
+
+
+def test_eval_cli_memory_agent(tmp_path):
+    from qwenlong.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["eval", "--synthetic", "1", "--agent", "memory", "--chunk-tokens", "96", "--memory-tokens", "4",
+                 "--max-new-tokens", "4", "--no-judge", "--no-progress", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    two_chunk = [r for r in rows if r["benchmark"] == TWO_CHUNK_SOURCE]
+    assert len(two_chunk) == 1 and two_chunk[0]["input_tokens"] > 96  # longer than one chunk, and not truncated
+    with pytest.raises(ValueError, match="--agent memory"):
+        main(["eval", "--api-url", "http://127.0.0.1:1/v1", "--api-model", "m", "--agent", "memory"])
