@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 from qwenlong.config import RLConfig, SFTConfig  # noqa: E402
 from qwenlong.curriculum import Phase  # noqa: E402
 from qwenlong.trainers import GRPOTrainer, SFTTrainer  # noqa: E402
-from qwenlong.trainers.grpo import Group, PromptExample  # noqa: E402
+from qwenlong.trainers.grpo import Group, PromptExample, RolloutBatch  # noqa: E402
 from qwenlong.trainers.packed import IGNORE_INDEX, pack_sequences  # noqa: E402
 
 VOCAB = 61
@@ -160,7 +160,7 @@ def test_grpo_update_matches_plain_pytorch(tmp_path, aggregation, kl_coef):
         reference_loss = torch.stack([t.sum() for t in per_sequence]).mean()
     reference_loss.backward()
 
-    batches = trainer._micro_batches(*trainer._sequences(groups))
+    batches = trainer._micro_batches(RolloutBatch.from_groups(groups, trainer._advantages(groups)))
     trainer._old_logprobs(batches)
     num_tokens = sum(int(b.mask.sum()) for b in batches)
     metrics = trainer.accumulate(batches, num_tokens, len(per_sequence))  # gradients before any update
@@ -179,7 +179,7 @@ def test_old_logprobs_do_not_depend_on_packing(tmp_path):
         cfg = RLConfig(group_size=4, gen_prompts_per_step=3, train_prompts_per_step=3, mini_batch_size=3,
                        micro_batch_token_budget=budget, phases=[Phase("p", 64, 8, steps=1)])
         trainer = GRPOTrainer(model, engine=None, reward=None, cfg=cfg, decode=str, output_dir=tmp_path)
-        batches = trainer._micro_batches(*trainer._sequences(groups))
+        batches = trainer._micro_batches(RolloutBatch.from_groups(groups, trainer._advantages(groups)))
         trainer._old_logprobs(batches)
         per_sequence = {}
         for b in batches:

@@ -89,7 +89,8 @@ class DataConfig:
     eval_files: list[str] = field(default_factory=list)
     synthetic: SyntheticDataConfig | None = None
     tokenizer: str | None = None  # name or path; None: the model's own (or the synthetic task's)
-    task_balanced: bool = False  # QwenLong-L1.5: balance task types within each batch
+    # QwenLong-L1.5: every generation round draws equally many prompts of each task (data_source)
+    task_balanced: bool = False
 
     def __post_init__(self) -> None:
         if self.synthetic is None and not self.train_files:
@@ -115,10 +116,15 @@ class SFTConfig:
 
 @dataclass
 class DynamicSamplingConfig:
-    """DAPO: drop groups whose rewards are all equal, regenerate up to ``max_rounds`` times."""
+    """DAPO: drop groups whose rewards are all equal, regenerate up to ``max_rounds`` times.
+
+    ``on_exhausted``: when the rounds (or the phase's unused prompts) run out before the batch is full,
+    ``train`` on the groups kept (counted in the step's ``dynamic_sampling/exhausted``) or ``error``.
+    """
 
     enabled: bool = False
     max_rounds: int = 10
+    on_exhausted: Literal["train", "error"] = "train"
 
 
 @dataclass
@@ -132,15 +138,23 @@ class OverlongConfig:
 
 @dataclass
 class RLConfig:
-    """GRPO / DAPO (method.md section 2) and the phased curriculum (section 1)."""
+    """GRPO / DAPO (method.md section 2) and the phased curriculum (section 1).
+
+    ``advantage``: ``grpo`` (group mean and std), ``mean-only`` (group mean), ``task-std`` (group mean,
+    the std of all the batch's rewards of the prompt's task: QwenLong-L1.5). ``clip_ratio_c``: dual
+    clip, a negative-advantage token's loss is capped at ``clip_ratio_c * |A|`` (None: off; verl uses 3).
+    ``kl_reference``: the frozen policy of the k3 KL term (only when ``kl_coef > 0``), the one RL starts
+    from (``sft``) or each phase's starting policy (``phase_start``).
+    """
 
     enabled: bool = True
     advantage: Literal["grpo", "mean-only", "task-std"] = "grpo"
     advantage_eps: float = 1e-6
     clip_low: float = 0.2
     clip_high: float = 0.28
+    clip_ratio_c: float | None = None
     kl_coef: float = 0.0
-    kl_estimator: Literal["k3"] = "k3"  # the loss uses k3 (method.md); k1/k2 exist as metrics (kl_estimate)
+    kl_reference: Literal["sft", "phase_start"] = "sft"
     entropy_coef: float = 0.0
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
     group_size: int = 8
@@ -209,7 +223,15 @@ class RolloutConfig:
 
 @dataclass
 class EvalConfig:
-    """Held-out evaluation (method.md section 5): before training, after SFT and after RL."""
+    """Held-out evaluation (method.md section 5): before training, after SFT, after each RL phase and
+    every ``every_steps`` RL steps (0: never within a phase).
+
+    Each benchmark (the held-out examples' ``data_source``) is scored separately; the reported number is
+    the macro average over benchmarks. ``judge``: the evaluation's own judge (the paper's is a large
+    hosted model), given like ``reward``'s; None: the training reward's. ``rules``: ``release`` checks
+    answers exactly as the public release does (numbers comparable with the paper), ``default`` with
+    the training reward's stricter rules.
+    """
 
     enabled: bool = True
     max_input_tokens: int = 120_000  # longer inputs are cut in the middle
@@ -223,6 +245,9 @@ class EvalConfig:
 
 @dataclass
 class DistributedConfig:
+    every_steps: int = 0
+    judge: RewardConfig | None = None
+    rules: Literal["release", "default"] = "release"
     """Multi-process training, launched with ``torchrun --nproc-per-node N -m qwenlong ...`` (one process
     per device; a plain ``python -m qwenlong`` is one process).
 

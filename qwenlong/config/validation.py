@@ -19,7 +19,7 @@ _AT_LEAST_ONE = ("rl.group_size", "rl.gen_prompts_per_step", "rl.train_prompts_p
                  "output.log_every_steps")
 _NON_NEGATIVE = ("rl.clip_low", "rl.clip_high", "rl.kl_coef", "rl.entropy_coef", "rl.overlong.buffer",
                  "rl.warmup_steps", "sft.warmup_steps", "output.save_every_steps",
-                 "output.keep_checkpoints", "eval.temperature")
+                 "output.keep_checkpoints", "eval.temperature", "eval.every_steps")
 _PROBABILITY = ("rl.top_p", "eval.top_p", "rollout.gpu_memory_utilization")
 
 
@@ -54,6 +54,8 @@ def validate(cfg: Config) -> Config:
     if sft.enabled:
         _check((sft.steps is None) != (sft.epochs is None), "sft.steps", "set exactly one of sft.steps and sft.epochs")
     _check(rl.clip_low < 1, "rl.clip_low", f"expected < 1 (the ratio floor is 1 - clip_low), got {rl.clip_low}")
+    _check(rl.clip_ratio_c is None or rl.clip_ratio_c > 1, "rl.clip_ratio_c",
+           f"expected > 1 or null (the dual clip caps a negative token's loss at c * |A|), got {rl.clip_ratio_c}")
     _check(dist.deepspeed_stage in (0, 1, 2, 3), "distributed.deepspeed_stage",
            f"expected 0, 1, 2 or 3, got {dist.deepspeed_stage}")
     _check(not dist.offload_params or dist.deepspeed_stage == 3, "distributed.offload_params",

@@ -12,11 +12,13 @@ from qwenlong.curriculum.retrospective import (
     max_carried_examples,
     select_retrospective,
 )
+from qwenlong.curriculum.sampler import PromptSampler
 
 __all__ = [
     "CarryDecision",
     "ExampleRecord",
     "Phase",
+    "PromptSampler",
     "RetrospectiveSampling",
     "RetrospectiveSelection",
     "RewardHistory",

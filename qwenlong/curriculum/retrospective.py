@@ -34,13 +34,14 @@ class RetrospectiveSampling:
         enabled: carry hard examples at phase changes.
         max_mean_reward: examples with mean reward at or above this are not carried.
         max_fraction: carried examples make up at most this share of the next phase's data.
-        seed: seed of the weighted draw.
+        seed: seed of the weighted draw; None (the default): derived from the run's seed and the phase
+            (``select_retrospective``'s ``default_seed``), so runs with different seeds carry different draws.
     """
 
     enabled: bool = True
     max_mean_reward: float = 0.5
     max_fraction: float = 0.3
-    seed: int = 0
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_fraction < 1.0:
@@ -115,6 +116,7 @@ def select_retrospective(
     next_phase_size: int,
     settings: RetrospectiveSampling | None = None,
     exclude: Collection[str] = (),
+    default_seed: str | int = 0,
 ) -> RetrospectiveSelection:
     """Choose the earlier examples to carry into ``next_phase``.
 
@@ -125,6 +127,8 @@ def select_retrospective(
         next_phase_size: number of examples in the next phase's own data.
         settings: thresholds and seed (defaults: mean reward < 0.5, at most 30%).
         exclude: ids already in the next phase's data.
+        default_seed: seeds the draw when ``settings.seed`` is None (the pipeline passes the run seed
+            and the phase name).
     Returns:
         The carried ids (in draw order) and a ``CarryDecision`` for every candidate, in sorted id order.
     """
@@ -151,7 +155,7 @@ def select_retrospective(
         decisions[example_id] = decision
 
     # Efraimidis-Spirakis: the k largest keys u^(1/w) are a weighted draw without replacement.
-    rng = random.Random(settings.seed)
+    rng = random.Random(default_seed if settings.seed is None else settings.seed)
     keys = {i: math.log(1.0 - rng.random()) / max(decisions[i].difficulty, 1e-12) for i in eligible}
     drawn = sorted(eligible, key=keys.__getitem__, reverse=True)
     for rank, example_id in enumerate(drawn):

@@ -4,9 +4,13 @@ Per step (method.md section 2): sample prompts, generate ``group_size`` response
 the rollout engine, score them with the hybrid reward (each group as soon as the engine
 completes it, overlapping the rest of the generation: ``scoring``), keep informative groups (dynamic
 sampling, up to ``max_rounds`` generation rounds), add the overlong penalty, compute group
-advantages, recompute old log-probs with the fused kernel, then one optimizer update per
-mini-batch of groups with the fused GRPO loss, token-mean over the mini-batch's response
-tokens. Every random choice is keyed on (seed, phase, step), so a resumed run repeats the
+advantages over the whole batch, then the old (and reference) log-probs of every sampled token
+with the fused kernel, once, before any update: they belong to the policy that generated the
+rollouts. Then ``ppo_epochs`` passes over the mini-batches of groups, one optimizer update each,
+with the fused GRPO loss, so from the second mini-batch on the importance ratio measures how far
+the updates moved the policy and the clip bounds it. Prompts are drawn without replacement from
+a shuffled per-phase order (``PromptSampler``), optionally balanced over tasks. Every random choice
+is keyed on (seed, phase, step) or stored in the checkpoint, so a resumed run repeats the
 uninterrupted one.
 
 Several processes (``backend.ctx``): every rank draws the same prompts; data-parallel rank d
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,13 +33,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
-from qwenlong.algorithms import GroupCollector, group_accuracy_metrics, group_advantages, overlong_penalty
+from qwenlong.algorithms import (
+    GroupCollector,
+    group_accuracy_metrics,
+    group_advantages,
+    overlong_penalty,
+    task_normalized_advantages,
+)
 from qwenlong.config import RLConfig
-from qwenlong.curriculum import Phase, RewardHistory
+from qwenlong.curriculum import Phase, PromptSampler, RewardHistory
 from qwenlong.kernels import grpo_loss, linear_logprobs, sp_linear_logprobs
+from qwenlong.kernels.logprobs.policy_math import loss_normalizer
 from qwenlong.rewards import HybridReward
 from qwenlong.rollout import RolloutEngine, SamplingParams, logprob_mismatch
-from qwenlong.trainers.checkpoint import latest_checkpoint
+from qwenlong.trainers.checkpoint import latest_checkpoint, model_weights
 from qwenlong.trainers.metrics_log import MetricsLogger
 from qwenlong.trainers.packed import (
     PackedBatch,
@@ -52,6 +63,7 @@ if TYPE_CHECKING:  # qwenlong.distributed builds on this package's checkpoint an
 
 RESPONSE_VALUES = ("engine_logprobs",)
 SEQUENCE_VALUES = ("advantages", "response_tokens")
+METRIC_SUMS = ("time_generate", "time_score", "time_score_wait")  # seconds summed over a step's rounds
 
 
 @dataclass(frozen=True)
@@ -76,13 +88,44 @@ class Group:
     rewards: list[float]  # task reward plus any overlong penalty: advantages use it
 
 
+@dataclass
+class RolloutBatch:
+    """A set of groups flattened to sequences (prompt + response), what packing and the loss need."""
+
+    sequences: list[list[int]]
+    prompt_lengths: list[int]
+    engine_logprobs: list[list[float]]
+    advantages: list[float]
+    response_tokens: list[int]
+
+    @classmethod
+    def from_groups(cls, groups: Sequence[Group], advantages: torch.Tensor) -> RolloutBatch:
+        """``advantages``: ``[len(groups), group_size]``, one per response."""
+        batch = cls([], [], [], [], [])
+        for g, group_adv in zip(groups, advantages.tolist(), strict=True):
+            for response, logprobs, a in zip(g.responses, g.engine_logprobs, group_adv, strict=True):
+                batch.sequences.append(g.example.prompt_ids + response)
+                batch.prompt_lengths.append(len(g.example.prompt_ids))
+                batch.engine_logprobs.append(logprobs)
+                batch.advantages.append(a)
+                batch.response_tokens.append(len(response))
+        return batch
+
+    def pack(self, ids: Sequence[int]) -> PackedBatch:
+        """The sequences ``ids`` as one packed micro-batch."""
+        return pack_sequences([self.sequences[i] for i in ids], [self.prompt_lengths[i] for i in ids],
+                              {"engine_logprobs": [self.engine_logprobs[i] for i in ids]},
+                              {"advantages": [self.advantages[i] for i in ids],
+                               "response_tokens": [self.response_tokens[i] for i in ids]}, sequence_ids=ids)
+
+
 class GRPOTrainer:
     """Runs the RL phases of a curriculum on one policy, keeping one reward history."""
 
     def __init__(self, model: torch.nn.Module, engine: RolloutEngine, reward: HybridReward, cfg: RLConfig, *,
                  decode, output_dir: str | Path, seed: int = 0, logger: MetricsLogger | None = None,
                  history: RewardHistory | None = None, save_every_steps: int = 0, keep_checkpoints: int = 0,
-                 backend: TrainingBackend | None = None):
+                 backend: TrainingBackend | None = None, task_balanced: bool = False):
         self.model, self.engine, self.reward, self.cfg = model, engine, reward, cfg
         if backend is None:
             from qwenlong.distributed.backend import TrainingBackend
@@ -96,17 +139,31 @@ class GRPOTrainer:
         self.logger = logger or MetricsLogger(self.output_dir)
         self.history = history if history is not None else RewardHistory()
         self.save_every_steps, self.keep_checkpoints = save_every_steps, keep_checkpoints
+        self.task_balanced = task_balanced
         self._timings: dict[str, float] = {}  # this rank's generation and scoring seconds in the current step
         self.device = next(model.parameters()).device
-        # KL is measured against the policy the RL run starts from (the SFT model), frozen
+        # KL is measured against a frozen policy: the one the RL run starts from (rl.kl_reference: sft)
+        # unless set_reference says otherwise, or each phase's starting policy (phase_start)
         self.reference = None
-        if cfg.kl_coef > 0:
-            self.reference = self.backend.frozen_copy()
+        self.set_reference()
+
+    def set_reference(self, checkpoint: str | Path | None = None) -> None:
+        """Freeze the KL reference policy: the current policy, or the weights of a checkpoint folder."""
+        if self.cfg.kl_coef == 0:
+            return
+        self.reference = self.backend.frozen_copy()
+        if checkpoint is not None:
+            self.reference.load_state_dict(model_weights(checkpoint))
 
     # ------------------------------------------------------------------ rollouts and rewards
 
-    def _generate_round(self, phase: Phase, examples: Sequence[PromptExample], rng: random.Random) -> list[Group]:
-        prompts = rng.sample(list(examples), k=min(self.cfg.gen_prompts_per_step, len(examples)))
+    def _generate_round(self, phase: Phase, examples: Sequence[PromptExample], sampler: PromptSampler,
+                        drawn: set[int], rng: random.Random) -> list[Group]:
+        picks = sampler.draw(self.cfg.gen_prompts_per_step, exclude=drawn)
+        drawn.update(picks)
+        if not picks:
+            return []
+        prompts = [examples[i] for i in picks]
         params = SamplingParams(max_new_tokens=phase.max_output_tokens, temperature=self.cfg.temperature,
                                 top_p=self.cfg.top_p, n=self.cfg.group_size, seed=rng.randrange(2**31))
         completions, scores = self._generate_and_score(prompts, params)
@@ -142,22 +199,34 @@ class GRPOTrainer:
                 by_prompt[index] = (group, share_scores[k * params.n:(k + 1) * params.n])
         return [c for c, _ in by_prompt], [score for _, s in by_prompt for score in s]
 
-    def collect(self, phase: Phase, examples: Sequence[PromptExample], step: int) -> tuple[list[Group], dict]:
-        """Generate and score until the step's batch of groups is full (or rounds run out)."""
+    def collect(self, phase: Phase, examples: Sequence[PromptExample], step: int,
+                sampler: PromptSampler) -> tuple[list[Group], dict]:
+        """Generate and score until the step's batch of groups is full, or rounds (or unused prompts) run
+        out: then ``rl.dynamic_sampling.on_exhausted`` says whether the smaller batch trains."""
         rng = random.Random(f"rl:{self.seed}:{phase.name}:{step}")
-        collector = GroupCollector(self.cfg.train_prompts_per_step, self.cfg.dynamic_sampling.max_rounds,
-                                   enabled=self.cfg.dynamic_sampling.enabled)
-        self._timings = dict.fromkeys(("time_generate", "time_score", "time_score_wait"), 0.0)  # over all rounds
+        sampling = self.cfg.dynamic_sampling
+        collector = GroupCollector(self.cfg.train_prompts_per_step, sampling.max_rounds, enabled=sampling.enabled)
+        self._timings = dict.fromkeys(METRIC_SUMS, 0.0)  # over all rounds
         seen: list[Group] = []
+        drawn: set[int] = set()  # a prompt appears at most once in a step
         while not collector.done:
-            groups = self._generate_round(phase, examples, rng)
+            groups = self._generate_round(phase, examples, sampler, drawn, rng)
+            if not groups:
+                break
             seen += groups
             # informative = accuracy differs within the group (DAPO): the overlong penalty alone
             # must not make an all-wrong group count as signal
             collector.add(groups, torch.tensor([g.task_rewards for g in groups]))
-            if not self.cfg.dynamic_sampling.enabled:
+            if not sampling.enabled:
                 break
-        metrics = {**collector.metrics(), **group_accuracy_metrics(torch.tensor([g.task_rewards for g in seen])),
+        exhausted = sampling.enabled and not collector.full
+        if exhausted and sampling.on_exhausted == "error":
+            raise RuntimeError(
+                f"rl.dynamic_sampling: step {step + 1} of phase {phase.name!r} kept {len(collector.batch())} "
+                f"informative groups of {self.cfg.train_prompts_per_step} after {collector.rounds} rounds "
+                f"(max_rounds {sampling.max_rounds}); set on_exhausted: train to train on them")
+        metrics = {**collector.metrics(), "dynamic_sampling/exhausted": float(exhausted),
+                   **group_accuracy_metrics(torch.tensor([g.task_rewards for g in seen])),
                    "shaped_reward_mean": float(torch.tensor([g.rewards for g in seen]).mean()),
                    "response_tokens_mean": float(torch.tensor(
                        [len(r) for g in seen for r in g.responses], dtype=torch.float32).mean()), **self._timings}
@@ -165,35 +234,24 @@ class GRPOTrainer:
 
     # ------------------------------------------------------------------ policy update
 
-    def _sequences(self, groups: Sequence[Group]) -> tuple[list, list, dict, dict]:
-        advantages = group_advantages(torch.tensor([g.rewards for g in groups]),
-                                      normalize_std=self.cfg.advantage != "mean-only", eps=self.cfg.advantage_eps)
-        sequences, prompt_lengths, adv, engine_lp = [], [], [], []
-        for g, group_adv in zip(groups, advantages.tolist(), strict=True):
-            for response, logprobs, a in zip(g.responses, g.engine_logprobs, group_adv, strict=True):
-                sequences.append(g.example.prompt_ids + response)
-                prompt_lengths.append(len(g.example.prompt_ids))
-                adv.append(a)
-                engine_lp.append(logprobs)
-        response_tokens = [len(seq) - n for seq, n in zip(sequences, prompt_lengths, strict=True)]
-        return (sequences, prompt_lengths, {"engine_logprobs": engine_lp},
-                {"advantages": adv, "response_tokens": response_tokens})
+    def _advantages(self, groups: Sequence[Group]) -> torch.Tensor:
+        """``[len(groups), group_size]`` advantages over the whole step's batch (``rl.advantage``): ``grpo``
+        (group std), ``mean-only``, or ``task-std`` (QwenLong-L1.5: the std of all of the batch's rewards
+        of the prompt's task, the example's data source)."""
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+        if self.cfg.advantage == "task-std":
+            names = sorted({g.example.data_source for g in groups})
+            task_ids = torch.tensor([names.index(g.example.data_source) for g in groups])
+            return task_normalized_advantages(rewards, task_ids, eps=self.cfg.advantage_eps)
+        return group_advantages(rewards, normalize_std=self.cfg.advantage == "grpo", eps=self.cfg.advantage_eps)
 
-    def _micro_batches(self, sequences, prompt_lengths, response_values, sequence_values) -> list[PackedBatch]:
+    def _micro_batches(self, rollout: RolloutBatch) -> list[PackedBatch]:
         """This rank's share of the micro-batches (all of them in a single process), packed to the
         token budget of its sequence-parallel group."""
         budget = self.cfg.micro_batch_token_budget * self.ctx.sp_size
-        groups = micro_batches([len(s) for s in sequences], budget)
-        out = []
-        for ids in rank_share(groups, self.ctx.dp_rank, self.ctx.dp_size, pad=list):
-            if not ids:
-                out.append(empty_batch(RESPONSE_VALUES, SEQUENCE_VALUES).to(self.device))
-                continue
-            out.append(pack_sequences([sequences[i] for i in ids], [prompt_lengths[i] for i in ids],
-                                      {k: [v[i] for i in ids] for k, v in response_values.items()},
-                                      {k: [v[i] for i in ids] for k, v in sequence_values.items()},
-                                      sequence_ids=ids).to(self.device))
-        return out
+        groups = micro_batches([len(s) for s in rollout.sequences], budget)
+        return [(rollout.pack(ids) if ids else empty_batch(RESPONSE_VALUES, SEQUENCE_VALUES)).to(self.device)
+                for ids in rank_share(groups, self.ctx.dp_rank, self.ctx.dp_size, pad=list)]
 
     @torch.no_grad()
     def _old_logprobs(self, batches: list[PackedBatch]) -> None:
@@ -215,44 +273,33 @@ class GRPOTrainer:
                     batch.token_values[name] = logp.float()
         self.model.train()
 
-    def _normalizer(self, batch: PackedBatch, num_tokens: int, num_sequences: int):
-        """What ``grpo_loss`` divides by, per ``rl.loss_aggregation`` (method.md section 2).
-
-        token-mean: every response token of the mini-batch counts once (DAPO); seq-mean-token-mean:
-        the mean over sequences of each sequence's token mean; seq-mean-token-sum: the mean over
-        sequences of each sequence's token sum.
-        """
-        mode = self.cfg.loss_aggregation
-        if mode == "token-mean":
-            return max(1, num_tokens)
-        if mode == "seq-mean-token-mean":
-            return num_sequences * batch.token_values["response_tokens"].clamp(min=1.0)
-        return torch.full_like(batch.token_values["response_tokens"], float(num_sequences))
-
     def update(self, groups: Sequence[Group]) -> dict[str, float]:
-        """One optimizer update per mini-batch of groups; returns averaged metrics."""
-        sums: dict[str, float] = {}
-        updates = 0
+        """``ppo_epochs`` passes over the mini-batches of ``groups``, one optimizer update each; the old
+        log-probs are computed once, before any update. Returns metrics averaged over the updates."""
+        advantages = self._advantages(groups)
         mini = self.cfg.mini_batch_size
+        minibatches = []
         for start in range(0, len(groups), mini):
-            sequences = self._sequences(groups[start:start + mini])
-            batches = self._micro_batches(*sequences)
-            self._old_logprobs(batches)
-            # the whole mini-batch's counts, over every rank's micro-batches
-            num_tokens = sum(sequences[3]["response_tokens"])
-            num_sequences = len(sequences[0])
-            mismatch = self._engine_mismatch(batches)
-            for _ in range(self.cfg.ppo_epochs):
-                step_metrics = self._optimizer_step(batches, num_tokens, num_sequences)
-                for key, value in {**step_metrics, **{f"engine_{k}": v for k, v in mismatch.items()}}.items():
+            rollout = RolloutBatch.from_groups(groups[start:start + mini], advantages[start:start + mini])
+            minibatches.append((rollout, self._micro_batches(rollout)))
+        every_batch = [batch for _, batches in minibatches for batch in batches]
+        self._old_logprobs(every_batch)  # the policy that generated the rollouts: before any update
+        sums: dict[str, float] = {}
+        for _ in range(self.cfg.ppo_epochs):
+            for rollout, batches in minibatches:
+                # the whole mini-batch's counts, over every rank's micro-batches
+                step_metrics = self._optimizer_step(batches, sum(rollout.response_tokens), len(rollout.sequences))
+                for key, value in step_metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
-                updates += 1
-        return {key: value / max(1, updates) for key, value in sums.items()}
+        updates = self.cfg.ppo_epochs * len(minibatches)
+        mismatch = self._engine_mismatch(every_batch)
+        return {**{key: value / updates for key, value in sums.items()},
+                **{f"engine_{key}": value for key, value in mismatch.items()}, "updates": float(updates)}
 
     def _engine_mismatch(self, batches: list[PackedBatch]) -> dict[str, float]:
-        """``logprob_mismatch`` of the engine's log-probs against the trainer's, over every rank's micro-batches
-        (each rank's rollouts come from its own engine: one that missed a weight sync shows here): means
-        weighted by response tokens, the max over ranks."""
+        """``logprob_mismatch`` of the engine's log-probs against the trainer's pre-update (old) log-probs of
+        the same tokens, over every rank's micro-batches (each rank's rollouts come from its own engine: one
+        that missed a weight sync shows here): means weighted by response tokens, the max over ranks."""
         mask = torch.cat([b.mask for b in batches])
         local = logprob_mismatch(torch.cat([b.token_values["engine_logprobs"] for b in batches]),
                                  torch.cat([b.token_values["old_logprobs"] for b in batches]), mask)
@@ -264,24 +311,26 @@ class GRPOTrainer:
     def accumulate(self, batches: list[PackedBatch], num_tokens: int, num_sequences: int) -> dict[str, float]:
         """Forward and backward of this rank's micro-batches (gradients accumulate); returns the loss and
         the token-weighted loss metrics, each summed over every rank."""
-        loss_total, metric_sums = 0.0, {}
+        # summed on the device: one host sync per update, not one per micro-batch
+        sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=self.device)}
         with self.backend.output_weight(self.model) as weight:
             for batch in batches:
                 hidden, local = policy_hidden(self.model, batch, self.ctx.sp_group)
                 values = local.token_values
+                normalizer = loss_normalizer(self.cfg.loss_aggregation, num_tokens, num_sequences,
+                                             values["response_tokens"])
                 loss, metrics = grpo_loss(hidden, weight, local.targets, values["advantages"], values["old_logprobs"],
                                           local.mask, ref_logprobs=values.get("ref_logprobs"),
                                           kl_coef=self.cfg.kl_coef, clip_low=self.cfg.clip_low,
-                                          clip_high=self.cfg.clip_high, entropy_coef=self.cfg.entropy_coef,
-                                          temperature=self.cfg.temperature,
-                                          num_tokens=self._normalizer(local, num_tokens, num_sequences))
+                                          clip_high=self.cfg.clip_high, dual_clip=self.cfg.clip_ratio_c,
+                                          entropy_coef=self.cfg.entropy_coef, temperature=self.cfg.temperature,
+                                          num_tokens=normalizer)
                 self.backend.backward(loss)
-                loss_total += loss.item()
-                count = int(local.mask.sum())
-                share = count / max(1, num_tokens)  # token-weighted average of local means
+                sums["loss"] += loss.detach()
+                share = local.mask.sum() / max(1, num_tokens)  # token-weighted average of local means
                 for key, value in metrics.items():  # every rank sums the same keys (no loss tokens: empty means)
-                    metric_sums[key] = metric_sums.get(key, 0.0) + (float(value) * share if count else 0.0)
-        return self.ctx.sum({"loss": loss_total, **metric_sums})
+                    sums[key] = sums.get(key, 0.0) + value.detach() * share
+        return self.ctx.sum({key: float(value) for key, value in sums.items()})
 
     def _optimizer_step(self, batches: list[PackedBatch], num_tokens: int, num_sequences: int) -> dict[str, float]:
         metrics = self.accumulate(batches, num_tokens, num_sequences)
@@ -293,16 +342,31 @@ class GRPOTrainer:
     def _checkpoint_name(self, phase: Phase, step: int) -> str:
         return f"rl-{phase.name}-step{step:06d}"
 
-    def train_phase(self, phase: Phase, examples: Sequence[PromptExample], *, resume: bool = False) -> list[dict]:
-        """Run ``phase.steps`` RL steps on ``examples`` (prompts that fit the phase)."""
+    def phase_steps(self, phase: Phase, num_examples: int) -> int:
+        """RL steps of ``phase``: its ``steps``, or ``epochs`` passes over ``num_examples`` prompts."""
+        if phase.steps is not None:
+            return phase.steps
+        return max(1, round(phase.epochs * num_examples / self.cfg.train_prompts_per_step))
+
+    def train_phase(self, phase: Phase, examples: Sequence[PromptExample], *, resume: bool = False,
+                    extra_state: dict[str, Any] | None = None,
+                    after_step: Callable[[int], None] | None = None) -> list[dict]:
+        """Run the phase's RL steps on ``examples`` (prompts that fit the phase).
+
+        ``extra_state`` is stored in every checkpoint of the phase (e.g. the retrospectively carried
+        examples); ``after_step(step)`` runs after each step's checkpoint (e.g. an in-phase evaluation).
+        """
         if not examples:
             raise ValueError(f"examples: phase {phase.name!r} has no prompt within {phase.max_input_tokens} tokens")
-        steps = phase.steps if phase.steps is not None else max(
-            1, round(phase.epochs * len(examples) / self.cfg.train_prompts_per_step))
+        steps = self.phase_steps(phase, len(examples))
         updates_per_step = -(-self.cfg.train_prompts_per_step // self.cfg.mini_batch_size) * self.cfg.ppo_epochs
         self.backend.start(lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, total_steps=steps * updates_per_step,
                            warmup_steps=self.cfg.warmup_steps, schedule=self.cfg.lr_schedule,
                            grad_clip=self.cfg.grad_clip)
+        if self.cfg.kl_reference == "phase_start":  # the weights the phase starts from, resumed or not
+            self.set_reference()
+        sampler = PromptSampler([e.data_source for e in examples], key=f"rl:{self.seed}:{phase.name}",
+                                balanced=self.task_balanced)
         step = 0
         checkpoints = self.output_dir / "checkpoints"
         latest = latest_checkpoint(checkpoints, prefix=f"rl-{phase.name}-") if resume else None
@@ -310,12 +374,14 @@ class GRPOTrainer:
             state = self.backend.load(latest)
             step = state["step"]
             self.history = RewardHistory.from_json(state["history"])
+            sampler.load_state_dict(state["sampler"])
         history = []
+        stage = f"rl/{phase.name}"
         with tqdm(total=steps, initial=step, desc=f"rl {phase.name}", unit="step", dynamic_ncols=True,
                   disable=not self.ctx.is_main) as bar:
             while step < steps:
                 t0 = time.perf_counter()
-                groups, metrics = self.collect(phase, examples, step)
+                groups, metrics = self.collect(phase, examples, step, sampler)
                 t1 = time.perf_counter()
                 if groups:
                     metrics.update(self.update(groups))
@@ -327,12 +393,17 @@ class GRPOTrainer:
                 metrics.update({"time_rollout": t1 - t0, "time_train": t2 - t1, "groups_trained": len(groups),
                                 "train_tokens_per_s": tokens / max(t2 - t1, 1e-9)})
                 if self.ctx.is_main:
-                    self.logger.log(f"rl/{phase.name}", step, metrics)
+                    self.logger.log(stage, step, metrics, flush=step == steps)
                 history.append(metrics)
                 bar.set_postfix(reward=f"{metrics['reward_mean']:.2f}")
                 bar.update(1)
                 if (self.save_every_steps and step % self.save_every_steps == 0) or step == steps:
+                    if self.ctx.is_main:
+                        self.logger.flush(stage)  # a checkpoint never holds steps the log lacks
                     self.backend.save(checkpoints / self._checkpoint_name(phase, step),
                                       state={"stage": "rl", "phase": phase.name, "step": step,
-                                             "history": self.history.to_json()}, keep=self.keep_checkpoints)
+                                             "history": self.history.to_json(), "sampler": sampler.state_dict(),
+                                             **(extra_state or {})}, keep=self.keep_checkpoints)
+                if after_step is not None:
+                    after_step(step)
         return history

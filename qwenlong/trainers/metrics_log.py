@@ -9,9 +9,19 @@ from typing import Any
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step to ``<dir>/metrics.jsonl``."""
+    """Appends one JSON object per logged step to ``<dir>/metrics.jsonl``.
 
-    def __init__(self, directory: str | Path, tensorboard: bool = False):
+    With ``every_steps = N > 1`` (``output.log_every_steps``) a stage's steps are written one row per
+    N steps: the mean of each number over those steps, except seconds (``time_*`` keys), which are
+    summed so that a phase's time adds up, and ``steps_in_row`` says how many steps the row holds. A
+    row is also written at ``flush`` (the last step of a stage, a checkpoint).
+    """
+
+    def __init__(self, directory: str | Path, tensorboard: bool = False, every_steps: int = 1):
+        if every_steps < 1:
+            raise ValueError(f"every_steps: expected >= 1, got {every_steps}")
+        self.every_steps = every_steps
+        self._pending: dict[str, list[tuple[int, dict[str, Any]]]] = {}
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
@@ -24,7 +34,24 @@ class MetricsLogger:
             if SummaryWriter is not None:
                 self._writer = SummaryWriter(str(self.directory / "tensorboard"))
 
-    def log(self, stage: str, step: int, metrics: dict[str, Any]) -> None:
+    def log(self, stage: str, step: int, metrics: dict[str, Any], flush: bool = False) -> None:
+        """Record ``metrics`` of ``step``; written now, or with the row of the next ``every_steps`` boundary."""
+        pending = self._pending.setdefault(stage, [])
+        pending.append((step, metrics))
+        if flush or self.every_steps == 1 or step % self.every_steps == 0:
+            self.flush(stage)
+
+    def flush(self, stage: str) -> None:
+        """Write ``stage``'s pending steps as one row (nothing when none are pending)."""
+        pending = self._pending.pop(stage, [])
+        if not pending:
+            return
+        step, metrics = pending[-1]
+        if len(pending) > 1:
+            metrics = _combine([m for _, m in pending])
+        self._write(stage, step, metrics)
+
+    def _write(self, stage: str, step: int, metrics: dict[str, Any]) -> None:
         record = {"stage": stage, "step": step, "time": time.time(), **metrics}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -42,3 +69,17 @@ class MetricsLogger:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def _combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for several steps: seconds summed, other numbers averaged, anything else the last value."""
+    out: dict[str, Any] = {}
+    for key, last in rows[-1].items():
+        values = [row[key] for row in rows if key in row]
+        if isinstance(last, (int, float)) and not isinstance(last, bool) and all(
+                isinstance(v, (int, float)) for v in values):
+            out[key] = sum(values) if key.startswith("time_") else sum(values) / len(values)
+        else:
+            out[key] = last
+    out["steps_in_row"] = len(rows)
+    return out

@@ -96,16 +96,16 @@ class SFTTrainer:
         """Forward and backward of this rank's share of one step's micro-batches (gradients accumulate)."""
         num_targets = sum(len(self.examples[i][1]) for ids in step_batches for i in ids)  # the whole step's
         mine = rank_share(step_batches, self.ctx.dp_rank, self.ctx.dp_size, pad=list)
-        total, tokens = 0.0, 0
+        total, tokens = torch.zeros((), device=self.device), 0  # the loss summed on the device: one sync per step
         with self.backend.output_weight(self.model) as weight:
             for ids in mine:
                 batch = self._pack(ids) if ids else empty_batch().to(self.device)
                 hidden, local = policy_hidden(self.model, batch, self.ctx.sp_group)
                 loss = linear_cross_entropy(hidden, weight, local.targets, reduction="sum") / max(1, num_targets)
                 self.backend.backward(loss)
-                total += loss.item()
+                total += loss.detach()
                 tokens += local.num_tokens
-        return {"loss": total, "tokens": tokens, "target_tokens": num_targets}
+        return {"loss": float(total), "tokens": tokens, "target_tokens": num_targets}
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns its metrics (loss and tokens summed over ranks)."""
@@ -140,10 +140,12 @@ class SFTTrainer:
                 metrics = self.train_step()
                 history.append(metrics)
                 if self.ctx.is_main:
-                    self.logger.log("sft", self.step, metrics)
+                    self.logger.log("sft", self.step, metrics, flush=self.step == self.total_steps)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
                 bar.update(1)
                 if self.save_every_steps and self.step % self.save_every_steps == 0:
+                    if self.ctx.is_main:
+                        self.logger.flush("sft")  # a checkpoint never holds steps the log lacks
                     self.save()
         self.save()
         return history
