@@ -8,6 +8,8 @@ import argparse
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/tiny.yaml")
     parser.add_argument("--resume", action="store_true", help="continue the run in output.dir")
+    parser.add_argument("--no-plan-check", action="store_true",
+                        help="start even when `qwenlong plan` says the run cannot fit on these devices")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides, e.g. rl.phases.0.steps=5 output.dir=runs/x")
 
@@ -15,7 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     from qwenlong.config import load_config
 
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    if not args.no_plan_check:
+        from qwenlong.plan.preflight import preflight
+
+        verdict = preflight(cfg)
+        if verdict is not None:
+            raise SystemExit(f"qwenlong plan: {verdict}\n(--no-plan-check starts it anyway)")
+    return cfg
 
 
 def run_pipeline_command(args: argparse.Namespace) -> int:

@@ -122,18 +122,20 @@ def layer_backward_transient_bytes(shape: ModelShape, b: int) -> int:
 
 
 def lm_head_workspace_bytes(shape: ModelShape, tokens: int, b: int, cuda: bool) -> int:
-    """The fused LM head's backward buffers (``qwenlong.kernels.logprobs``): on CUDA (Triton) fp32
-    d(hidden) cast to the input dtype, then fp32 d(weight) (V x d) and its cast while d(hidden) is held;
-    on CPU (chunked PyTorch) both fp32 gradients at once, their casts, and the tiles of one
-    TOKEN_CHUNK x VOCAB_CHUNK step (fp32 logits, probabilities, weight and hidden rows)."""
+    """The fused LM head's backward buffers (``qwenlong.kernels.logprobs``), both paths: fp32 d(hidden)
+    (T x d) and d(weight) (V x d) at once, then their casts to the input dtype, plus the logits chunk:
+    on CUDA (Triton) one TOKEN_CHUNK x VOCAB_CHUNK dz buffer in the input dtype (``linear_logprobs``);
+    on CPU (chunked PyTorch) the valid rows' hidden copy and fp32 tiles of its TOKEN_CHUNK x VOCAB_CHUNK
+    (logits, probabilities, weight and hidden rows, ``chunked``). Every token is counted as valid."""
     h, v = shape.hidden, shape.vocab
+    grads = tokens * h * 4 + v * h * 4 + max(tokens * h * b, v * h * b) + 4 * 4 * tokens
     if cuda:
-        return max(tokens * h * (4 + b), tokens * h * b + v * h * (4 + b)) + 4 * 4 * tokens
-    token_chunk = kernel_constant("logprobs.chunked", "TOKEN_CHUNK")
-    vocab_chunk = kernel_constant("logprobs.chunked", "VOCAB_CHUNK")
-    tiles = 4 * (3 * token_chunk * min(vocab_chunk, v) + min(vocab_chunk, v) * h + token_chunk * h)
-    padded = -(-tokens // token_chunk) * token_chunk
-    return padded * h * 4 + v * h * 4 + max(tokens * h * b, v * h * b) + tiles + 4 * 4 * padded
+        rows = min(kernel_constant("logprobs.linear_logprobs", "TOKEN_CHUNK"), tokens)
+        cols = min(kernel_constant("logprobs.linear_logprobs", "VOCAB_CHUNK"), v)
+        return grads + rows * cols * b
+    rows = min(kernel_constant("logprobs.chunked", "TOKEN_CHUNK"), tokens)
+    cols = min(kernel_constant("logprobs.chunked", "VOCAB_CHUNK"), v)
+    return grads + tokens * h * b + 4 * (3 * rows * cols + cols * h + rows * h)
 
 
 def attention_workspace_bytes(shape: ModelShape, tokens: int, b: int, sp: int, longest: int, cuda: bool) -> int:

@@ -142,9 +142,10 @@ def _problems(shape: ModelShape, s: Settings, dev: Device, rl: MemoryPlan | None
     return problems
 
 
-def make_plan(cfg: Config, gpus: int, gpu: str = "h100-80gb") -> Plan:
-    """The plan of ``cfg`` on ``gpus`` devices of kind ``gpu`` (``cpu``: this machine's RAM, one process)."""
-    dev = device(gpu)
+def make_plan(cfg: Config, gpus: int, gpu: str | Device = "h100-80gb") -> Plan:
+    """The plan of ``cfg`` on ``gpus`` devices of kind ``gpu`` (a name of ``GPUS``, ``cpu`` for this machine's
+    RAM, or a ``Device``)."""
+    dev = gpu if isinstance(gpu, Device) else device(gpu)
     shape = model_shape(cfg.model)
     s = settings(cfg, gpus, cuda=dev.cuda)
     rl = memory_plan(shape, s, dev, stage="rl") if cfg.rl.enabled else None

@@ -47,12 +47,13 @@ class VLLMEngine(RolloutEngine):
         tensor_parallel_size: GPUs per engine.
         gpu_memory_utilization: share of GPU memory vLLM may take (the trainer needs the rest).
         weight_chunk_bytes: most bytes of weights loaded per ``load_weights`` call in ``update_weights``.
+        sleep_mode: build the engine so that it can ``sleep`` and ``wake_up`` (vLLM's sleep mode, CUDA only).
         **engine_kwargs: passed on to ``vllm.LLM`` (e.g. ``max_model_len``, ``dtype``, ``seed``).
     """
 
     def __init__(
         self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6,
-        weight_chunk_bytes: int = 1 << 30, **engine_kwargs: Any
+        weight_chunk_bytes: int = 1 << 30, sleep_mode: bool = False, **engine_kwargs: Any
     ) -> None:
         if weight_chunk_bytes < 1:
             raise ValueError(f"weight_chunk_bytes: must be >= 1, got {weight_chunk_bytes}")
@@ -67,6 +68,8 @@ class VLLMEngine(RolloutEngine):
         self._vllm = vllm
         self._request_ids = itertools.count()
         engine_kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        if sleep_mode:
+            engine_kwargs["enable_sleep_mode"] = True
         self.llm = vllm.LLM(
             model=model,
             tensor_parallel_size=tensor_parallel_size,
@@ -107,6 +110,14 @@ class VLLMEngine(RolloutEngine):
             engine.abort_request(list(index))  # the next call must not find this call's requests running
             raise
         return groups
+
+    def sleep(self, level: int = 1) -> None:
+        """Release the GPU memory: level 1 moves the weights to CPU and drops the KV cache."""
+        self.llm.sleep(level=level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Take back the memory of ``tags`` (``"weights"``, ``"kv_cache"``; None: all)."""
+        self.llm.wake_up(tags=tags)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload

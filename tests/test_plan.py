@@ -1,0 +1,315 @@
+"""qwenlong plan: model shapes, the memory model's parts, the verdict and its fixes, rollout placement,
+sleep between rollouts, and the pipeline's check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from qwenlong.config import load_config
+from qwenlong.plan import make_plan, model_shape, rollout_placement
+from qwenlong.plan.hardware import GPUS
+from qwenlong.plan.kernel_sizes import kernel_constant
+from qwenlong.plan.memory import memory_plan, settings
+from qwenlong.plan.models import known_model
+from qwenlong.plan.preflight import preflight
+from qwenlong.rollout import Completion, RolloutEngine, SamplingParams
+from qwenlong.rollout.colocated import PlacedEngine, SleepBetweenRollouts, colocate, sleep_between_phases
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+L1_32B, L15, TINY = CONFIGS / "qwenlong-l1-32b.yaml", CONFIGS / "qwenlong-l1.5.yaml", CONFIGS / "tiny.yaml"
+
+
+# ----------------------------------------------------------------------------- model shapes
+
+
+@pytest.mark.parametrize("name, published", [
+    ("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B", 32.76e9),  # model cards' parameter counts
+    ("Qwen/Qwen3-30B-A3B-Thinking-2507", 30.5e9),
+    ("Qwen/Qwen2.5-7B", 7.61e9),
+    ("meta-llama/Llama-3.1-8B", 8.03e9),
+])
+def test_known_models_match_published_parameter_counts(name, published):
+    assert abs(known_model(name).params - published) / published < 0.005
+
+
+def test_qwen3_moe_active_parameters_match_its_name():
+    assert abs(known_model("Qwen/Qwen3-30B-A3B").active_params - 3.3e9) / 3.3e9 < 0.1  # "A3B": 3.3B activated
+
+
+def test_tiny_and_local_config_shapes_count_what_transformers_builds(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = load_config(TINY)
+    t = cfg.model.tiny
+    config = Qwen2Config(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                         num_key_value_heads=t.num_key_value_heads, tie_word_embeddings=t.tie_word_embeddings)
+    real = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    assert model_shape(cfg.model).params == real
+    untied = Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)
+    untied.save_pretrained(tmp_path)
+    folder = load_config(TINY, ["model.tiny=null", f"model.name={tmp_path}"]).model
+    real = sum(p.numel() for p in AutoModelForCausalLM.from_config(untied).parameters())
+    assert model_shape(folder).params == real
+
+
+def test_unknown_model_names_the_key():
+    cfg = load_config(L1_32B, ["model.name=someone/unknown-model"])
+    with pytest.raises(ValueError, match="model.name: 'someone/unknown-model'"):
+        model_shape(cfg.model)
+
+
+def test_kernel_sizes_read_from_source_equal_the_imported_ones():
+    import importlib
+
+    blockwise = importlib.import_module("qwenlong.kernels.attention.blockwise")
+    chunked = importlib.import_module("qwenlong.kernels.logprobs.chunked")
+    linear_logprobs = importlib.import_module("qwenlong.kernels.logprobs.linear_logprobs")
+
+    for module, name, value in [("logprobs.chunked", "TOKEN_CHUNK", chunked.TOKEN_CHUNK),
+                                ("logprobs.chunked", "VOCAB_CHUNK", chunked.VOCAB_CHUNK),
+                                ("logprobs.linear_logprobs", "TOKEN_CHUNK", linear_logprobs.TOKEN_CHUNK),
+                                ("logprobs.linear_logprobs", "VOCAB_CHUNK", linear_logprobs.VOCAB_CHUNK),
+                                ("attention.blockwise", "BLOCK_Q", blockwise.BLOCK_Q),
+                                ("attention.blockwise", "BLOCK_K", blockwise.BLOCK_K)]:
+        assert kernel_constant(module, name) == value
+    with pytest.raises(RuntimeError, match="NO_SUCH"):
+        kernel_constant("logprobs.chunked", "NO_SUCH")
+
+
+# ----------------------------------------------------------------------------- memory model and verdict
+
+
+def _train_lines(plan):
+    return {line.label: line.bytes for line in plan.rl.train}
+
+
+def test_zero_stages_and_offload_move_state_off_the_gpu():
+    cfg = load_config(L1_32B)
+    shape, dev = model_shape(cfg.model), GPUS["h100-80gb"]
+    base = settings(cfg, 32)
+    per_stage = {}
+    for stage in (0, 1, 2, 3):
+        s = replace(base, stage=stage, offload_params=False)
+        lines = {line.label: line.bytes for line in memory_plan(shape, s, dev).train}
+        per_stage[stage] = sum(v for k, v in lines.items() if k in ("policy weights", "gradients",
+                                                                      "optimizer (AdamW m, v)",
+                                                                      "optimizer (fp32 master + AdamW m, v)"))
+    p = shape.params
+    assert per_stage[0] == 8 * p  # bf16 weights, grads, two moments
+    assert per_stage[1] > per_stage[2] > per_stage[3]
+    assert per_stage[3] == 2 * p // 32 + 4 * p // 32 + 12 * p // 32
+    offloaded = memory_plan(shape, replace(base, offload_optimizer=True), dev).train
+    offloaded = {line.label: line.bytes for line in offloaded}
+    assert offloaded["optimizer (fp32 master + AdamW m, v)"] == 0 and offloaded["policy weights"] == 0
+
+
+def test_activations_grow_with_the_budget_and_shrink_with_checkpointing_and_sp():
+    cfg = load_config(L1_32B)
+    shape, dev = model_shape(cfg.model), GPUS["h100-80gb"]
+    s = settings(cfg, 32)
+
+    def acts(**changes):
+        return _train_lines(type("P", (), {"rl": memory_plan(shape, replace(s, **changes), dev)}))["activations"]
+
+    assert acts(tokens_per_rank=20000) > 1.9 * acts(tokens_per_rank=10000)
+    assert acts(gradient_checkpointing=False) > 10 * acts()
+
+
+def test_the_32b_preset_fits_32_h100s_and_prints_in_time():
+    plan = make_plan(load_config(L1_32B), 32, "h100-80gb")
+    assert plan.fits, plan.verdict()
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "qwenlong", "plan", "--config", str(L1_32B),
+                          "--gpus", "32"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "verdict: fits" in out.stdout and "optimizer" in out.stdout and "time per RL step" in out.stdout
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines()}
+    assert "torch" not in imported and "triton" not in imported  # why it answers in well under 2 s
+
+
+def test_a_budget_that_does_not_fit_gets_a_fix_that_does():
+    cfg = load_config(L1_32B, ["rl.micro_batch_token_budget=80000"])
+    plan = make_plan(cfg, 32, "h100-80gb")
+    assert not plan.fits
+    verdict = plan.verdict()
+    assert verdict.startswith("does not fit: RL training needs") and "rl.micro_batch_token_budget=" in verdict
+    fix = verdict.split("set ", 1)[1].split(" or ")[0]
+    assert make_plan(load_config(L1_32B, fix.split()), 32, "h100-80gb").fits, fix
+
+
+def test_sleep_between_phases_changes_the_training_peak():
+    awake = make_plan(load_config(L1_32B, ["rollout.sleep_between_phases=false"]), 32, "h100-80gb")
+    asleep = make_plan(load_config(L1_32B), 32, "h100-80gb")
+    assert awake.rl.train_bytes - asleep.rl.train_bytes > 40 * 2**30  # the engine's 0.6 of the GPU
+    assert not awake.fits and "rollout.sleep_between_phases=true" in awake.verdict()
+
+
+def test_sequences_longer_than_an_sp_groups_budget_are_refused():
+    cfg = load_config(L15, ["rl.micro_batch_token_budget=16000"])
+    verdict = make_plan(cfg, 32, "h100-80gb").verdict()
+    assert "170000" in verdict and "rl.micro_batch_token_budget=21250" in verdict
+
+
+def test_kv_capacity_below_one_sequence_is_refused():
+    cfg = load_config(L1_32B, ["rollout.gpu_memory_utilization=0.25"])
+    plan = make_plan(cfg, 32, "h100-80gb")
+    assert any("holds KV for" in p.reason for p in plan.problems)
+
+
+# ----------------------------------------------------------------------------- placement
+
+
+def test_placement_32_ranks_tp4_sp8():
+    placement = rollout_placement(32, 4, 8, gpus_per_node=8)
+    assert placement.num_engines == 8
+    slices = [list(placement.engine_ranks(e)) for e in range(8)]
+    assert sorted(r for s in slices for r in s) == list(range(32))  # every GPU in exactly one engine
+    assert all(s[-1] // 8 == s[0] // 8 for s in slices)  # no engine spans nodes
+    assert all(placement.engine_of(r) == r // 4 for r in range(32))
+    sp_group = range(8, 16)  # one SP group covers two engines, both generate
+    assert {placement.engine_of(r) for r in sp_group} == {2, 3}
+    prompts = list(range(384))
+    shares = [placement.share(prompts, e) for e in range(8)]
+    assert sorted(p for s in shares for p in s) == prompts and {len(s) for s in shares} == {48}
+
+
+@pytest.mark.parametrize("args, match", [((32, 3, 8), "tensor_parallel_size: 3 must divide the 32"),
+                                         ((32, 4, 3), "sp_size: 3 must divide"),
+                                         ((32, 16, 8, 8), "must not span nodes")])
+def test_placement_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        rollout_placement(*args)
+
+
+class RecordingEngine(RolloutEngine):
+    """Answers each prompt with its own tokens reversed; records calls (generate, sleep, wake_up, update)."""
+
+    def __init__(self):
+        self.calls, self.prompts = [], []
+
+    def generate(self, prompts, params, on_complete=None):
+        self.calls.append("generate")
+        self.prompts.append([list(p) for p in prompts])
+        return [[Completion(list(reversed(p)), [0.0] * len(p), "stop")] * params.n for p in prompts]
+
+    def update_weights(self, named_tensors):
+        self.calls.append("update_weights")
+        list(named_tensors)
+
+    def sleep(self, level=1):
+        self.calls.append(f"sleep({level})")
+
+    def wake_up(self, tags=None):
+        self.calls.append(f"wake_up({','.join(tags)})")
+
+
+def test_placed_engines_spread_prompts_over_engines_not_sp_ranks():
+    world, tp, sp = 32, 4, 8
+    placement = rollout_placement(world, tp, sp)
+    barrier, slots, results = threading.Barrier(world), [None] * world, [None] * world
+    engines = [RecordingEngine() for _ in range(world)]
+    # the trainer's hand-out: SP rank 0 of each data-parallel group holds prompts d::dp_size, the others none
+    prompts = [[i, i + 1000] for i in range(40)]
+    dp = world // sp
+
+    def rank_main(rank):
+        def gather(obj):
+            slots[rank] = obj
+            barrier.wait()
+            out = list(slots)
+            barrier.wait()
+            return out
+
+        mine = prompts[rank // sp::dp] if rank % sp == 0 else []
+        reported = []
+        engine = PlacedEngine(engines[rank], placement, rank, gather)
+        groups = engine.generate(mine, SamplingParams(max_new_tokens=4, n=2), lambda i, g: reported.append(i))
+        results[rank] = (mine, groups, reported)
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for mine, groups, reported in results:
+        assert [g[0].token_ids for g in groups] == [list(reversed(p)) for p in mine] and len(groups) == len(mine)
+        assert all(len(g) == 2 for g in groups) and reported == list(range(len(mine)))
+    generated = []
+    for e in range(placement.num_engines):
+        calls = [engines[r].prompts for r in placement.engine_ranks(e)]
+        assert all(c == calls[0] for c in calls)  # every rank of a TP slice runs the same share
+        generated += calls[0][0]
+        assert len(calls[0][0]) == 5  # 40 prompts over 8 engines
+    assert sorted(generated) == sorted(prompts)
+
+
+def test_sleep_between_rollouts_releases_and_takes_back():
+    inner = RecordingEngine()
+    engine = SleepBetweenRollouts(inner)
+    params = SamplingParams(max_new_tokens=2)
+    engine.generate([[1, 2]], params)
+    engine.update_weights(iter([]))
+    engine.generate([[3]], params)
+    assert inner.calls == ["generate", "sleep(1)", "wake_up(weights)", "update_weights",
+                           "wake_up(kv_cache)", "generate", "sleep(1)"]
+
+
+def test_sleep_setting_decides_the_wrapping(caplog):
+    placement = rollout_placement(1, 1)
+    assert sleep_between_phases(None, "vllm", cuda=True) and not sleep_between_phases(False, "vllm", cuda=True)
+    assert not sleep_between_phases(None, "hf", cuda=True)
+    with pytest.raises(ValueError, match="rollout.sleep_between_phases"):
+        sleep_between_phases(True, "hf", cuda=True)
+    import qwenlong.rollout.colocated as colocated
+
+    colocated._said_no_sleep = False
+    with caplog.at_level("WARNING"):
+        assert not sleep_between_phases(None, "vllm", cuda=False)
+        assert not sleep_between_phases(True, "vllm", cuda=False)
+    assert sum("needs CUDA" in r.message for r in caplog.records) == 1  # said once
+    inner = RecordingEngine()
+    colocate(inner, placement, 0, None, sleep=False).generate([[1]], SamplingParams(max_new_tokens=1))
+    assert inner.calls == ["generate"]
+    colocate(inner, placement, 0, None, sleep=True).generate([[1]], SamplingParams(max_new_tokens=1))
+    assert inner.calls[-1] == "sleep(1)"
+
+
+# ----------------------------------------------------------------------------- the pipeline's check
+
+
+def test_preflight_refuses_with_the_plans_reason_and_passes_tiny():
+    from qwenlong.plan.hardware import host_device
+
+    assert preflight(load_config(TINY), world_size=1, device=host_device()) is None
+    too_big = load_config(L1_32B, ["rl.micro_batch_token_budget=80000"])
+    assert preflight(too_big, world_size=32, device=GPUS["h100-80gb"]).startswith("does not fit: RL training")
+    assert preflight(load_config(L1_32B, ["model.name=someone/unknown"]), 32, GPUS["h100-80gb"]) is None
+
+
+def test_pipeline_command_refuses_and_can_be_overridden(tmp_path, monkeypatch):
+    from qwenlong.cli import main
+    from qwenlong.pipeline import commands
+
+    monkeypatch.setattr("qwenlong.plan.preflight.this_device", lambda: GPUS["h100-80gb"])
+    monkeypatch.setenv("WORLD_SIZE", "32")
+    with pytest.raises(SystemExit, match="qwenlong plan: does not fit"):
+        main(["pipeline", "--config", str(L1_32B), "rl.micro_batch_token_budget=80000"])
+    ran = []
+    monkeypatch.setattr("qwenlong.pipeline.run.run_pipeline", lambda cfg, resume: ran.append(cfg) or
+                        type("R", (), {"ctx": type("C", (), {"is_main": False})()})())
+    assert commands and main(["pipeline", "--config", str(L1_32B), "--no-plan-check",
+                              "rl.micro_batch_token_budget=80000"]) == 0
+    assert ran and ran[0].rl.micro_batch_token_budget == 80000
+
+
+def test_plan_cli_exit_code():
+    out = subprocess.run([sys.executable, "-m", "qwenlong", "plan", "--config", str(L1_32B), "--gpus", "32",
+                          "rl.micro_batch_token_budget=80000"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "verdict: does not fit" in out.stdout
