@@ -219,6 +219,10 @@ class RolloutConfig:
     # vLLM's KV cache size; None: its own choice (from gpu_memory_utilization; on a CPU build, from the
     # VLLM_CPU_KVCACHE_SPACE variable or most of the RAM)
     kv_cache_memory_bytes: int | None = None
+    # vLLM sleep mode between rollouts: the engine frees its KV cache and moves its weights to CPU while the
+    # policy trains, and takes them back before generating. None: on for vLLM on CUDA (its engines share the
+    # trainer's GPUs); vLLM's sleep mode needs CUDA, so a CPU build runs without it (and says so once)
+    sleep_between_phases: bool | None = None
 
 
 @dataclass

@@ -123,14 +123,22 @@ def build_engine(run: Run) -> RolloutEngine:
     """HF ``generate`` on the policy itself (under ZeRO-3 every rank in lockstep), or vLLM on a saved copy,
     re-synced after each update."""
     if run.cfg.rollout.engine == "vllm":
+        from qwenlong.plan.placement import rollout_placement
         from qwenlong.rollout import VLLMEngine
+        from qwenlong.rollout.colocated import colocate, sleep_between_phases
 
-        rollout = run.cfg.rollout
+        rollout, ctx = run.cfg.rollout, run.ctx
+        # one engine per slice of tensor_parallel_size ranks, each rank one of its workers (qwenlong.plan.placement)
+        placement = rollout_placement(ctx.world_size, rollout.tensor_parallel_size, run.cfg.distributed.sp_size)
+        sleep = sleep_between_phases(rollout.sleep_between_phases, "vllm", torch.cuda.is_available())
         kv_bytes = rollout.kv_cache_memory_bytes
-        sizing = {} if kv_bytes is None else {"kv_cache_memory_bytes": kv_bytes}
-        return VLLMEngine(str(save_policy_folder(run)), tensor_parallel_size=rollout.tensor_parallel_size,
-                          gpu_memory_utilization=rollout.gpu_memory_utilization, dtype=run.cfg.model.dtype,
-                          seed=run.cfg.seed, **sizing)
+        kwargs = {} if kv_bytes is None else {"kv_cache_memory_bytes": kv_bytes}
+        if ctx.world_size > 1 and rollout.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        engine = VLLMEngine(str(save_policy_folder(run)), tensor_parallel_size=rollout.tensor_parallel_size,
+                            gpu_memory_utilization=rollout.gpu_memory_utilization, dtype=run.cfg.model.dtype,
+                            seed=run.cfg.seed, sleep_mode=sleep, **kwargs)
+        return colocate(engine, placement, ctx.rank, ctx.gather, sleep)
     return HFGenerateEngine(run.model, eos_token_id=build.eos_ids(run.tokenizer),
                             pad_token_id=run.tokenizer.pad_token_id, generation_attention=GENERATION_ATTENTION,
                             synced=run.synced_generation)
