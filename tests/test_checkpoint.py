@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from qwenlong.trainers.checkpoint import STATE_FILE, latest_checkpoint, prune_checkpoints
 
@@ -12,7 +13,8 @@ from qwenlong.trainers.checkpoint import STATE_FILE, latest_checkpoint, prune_ch
 def make(directory, name, mtime, complete=True):
     folder = directory / name
     folder.mkdir()
-    (folder / "model.pt").write_bytes(os.urandom(16))
+    torch.save({"weight": torch.randn(3)}, folder / "model.pt")
+    torch.save({"optimizer": None}, folder / "trainer.pt")
     if complete:
         (folder / STATE_FILE).write_text(json.dumps({"step": mtime}))
         os.utime(folder / STATE_FILE, ns=(mtime * 10**9, mtime * 10**9))
@@ -34,7 +36,8 @@ def test_prune_keeps_the_newest_of_one_series(tmp_path):
                                                "sft-step000035.tmp"]
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted(["sft-step000030", "sft-step000040"] + [p.name for p in others])
-    assert latest_checkpoint(tmp_path, prefix="sft-step") == tmp_path / "sft-step000050-best"
+    # the newest of the series itself: names that only start like it are other series
+    assert latest_checkpoint(tmp_path, prefix="sft-") == tmp_path / "sft-step000040"
 
 
 def test_prune_keep_zero_and_bad_keep(tmp_path):

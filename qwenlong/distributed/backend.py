@@ -23,6 +23,7 @@ from qwenlong.integrations.hf import lm_head_weight
 from qwenlong.trainers.checkpoint import (
     commit_checkpoint,
     load_checkpoint,
+    load_tensors,
     model_weights,
     prune_checkpoints,
     rng_state,
@@ -136,7 +137,7 @@ class TrainingBackend:
         self._load_engine_state(path)
         state = load_checkpoint(path, model=None, scheduler=self.scheduler, restore_rng=self.ctx.world_size == 1)
         if self.ctx.world_size > 1:
-            set_rng_state(torch.load(path / f"rng-rank{self.ctx.rank}.pt", weights_only=False))
+            set_rng_state(load_tensors(path / f"rng-rank{self.ctx.rank}.pt"))
         return state
 
 

@@ -11,7 +11,6 @@ report) while the others wait at barriers.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,12 @@ from qwenlong.distributed import build_backend, init_distributed, is_partitioned
 from qwenlong.eval import evaluate
 from qwenlong.eval.generation import Sampling, hf_generate_fn, sharded_generate_fn
 from qwenlong.pipeline import build
+from qwenlong.pipeline.resume import open_run_record, recorded_checkpoint, stored_checkpoint
 from qwenlong.rewards import HybridReward
 from qwenlong.rewards.judge import make_judge
 from qwenlong.rollout import HFGenerateEngine, RolloutEngine
 from qwenlong.trainers import GRPOTrainer, SFTTrainer
-from qwenlong.trainers.checkpoint import latest_checkpoint
+from qwenlong.trainers.checkpoint import latest_checkpoint, write_json
 from qwenlong.trainers.metrics_log import MetricsLogger
 
 # HF generate decodes through the KV cache one token at a time: SDPA is the fast path there,
@@ -44,11 +44,7 @@ class Run:
         self.ctx = init_distributed(cfg.distributed)
         self.dir = Path(cfg.output.dir)
         self.state_path = self.dir / "pipeline.json"
-        self.state: dict[str, Any] = {"done": [], "evals": {}, "carried": {}}
-        if resume and self.state_path.exists():
-            self.state = json.loads(self.state_path.read_text())
-        elif not resume and self.state_path.exists():
-            raise FileExistsError(f"output.dir: {self.dir} already holds a run; pass --resume or pick another dir")
+        self.state: dict[str, Any] = open_run_record(cfg, self.dir, resume)
         self.ctx.barrier()  # every rank has read the folder before rank 0 writes to it
         if self.ctx.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -66,17 +62,17 @@ class Run:
         self.resume = resume
         last = self.state.get("last_checkpoint")
         if resume and last:
-            self.backend.load_weights(last)
+            self.backend.load_weights(recorded_checkpoint(last, self.dir))
 
     def finish(self, stage: str, checkpoint: Path | None = None) -> None:
         self.state["done"].append(stage)
         if checkpoint is not None:
-            self.state["last_checkpoint"] = str(checkpoint)
+            self.state["last_checkpoint"] = stored_checkpoint(checkpoint, self.dir)
         self.save_state()
 
     def save_state(self) -> None:
         if self.ctx.is_main:
-            self.state_path.write_text(json.dumps(self.state, indent=1))
+            write_json(self.state_path, self.state)
 
     @property
     def synced_generation(self) -> bool:

@@ -3,9 +3,15 @@
 A checkpoint is a folder holding the model, optimizer and scheduler state, the RNG states
 and a JSON ``state`` (stage, step, phase, reward history, anything the trainer needs). It is
 written to a temporary folder and renamed into place, so a run killed mid-save never leaves a
-half checkpoint behind; ``latest`` finds the newest complete one. Checkpoints whose names differ
-only in a trailing step number (``sft-step000010``, ``sft-step000020``) form a series, of which
-``prune_checkpoints`` keeps the newest few.
+half checkpoint behind; ``latest_checkpoint`` finds the newest complete one whose files are intact
+(a damaged newest one, say a file truncated by a full disk, is passed over with a warning). Checkpoints
+whose names differ only in a trailing step number (``sft-step000010``, ``sft-step000020``) form a
+series, of which ``prune_checkpoints`` keeps the newest few.
+
+Everything is read back with ``torch.load(weights_only=True)``: the RNG states are stored as tensors
+and plain Python values, so loading a checkpoint never runs code from it. JSON files (the state, the
+pipeline's record) are written to a temporary file and renamed into place, so a kill mid-write
+leaves the old file, never half a new one.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import random
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +31,67 @@ import torch
 
 STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
+TRAINER_FILE = "trainer.pt"
 STAGING_SUFFIX = ".tmp"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint or run record cannot be read; the message names the file and what is wrong."""
+
+
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Python, numpy, torch and CUDA generator states as tensors and plain values (``weights_only`` loads them)."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_tensors(path: str | Path, mmap: bool = False) -> Any:
+    """``torch.load`` of a checkpoint file with ``weights_only=True``, on CPU; an unreadable file is a
+    ``CheckpointError`` naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError... for a damaged file
+        raise CheckpointError(f"{path}: cannot be read ({type(error).__name__}: {_one_line(error)})") from error
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Write ``value`` as JSON atomically: a temporary file beside ``path``, flushed, then renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(value, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's value; an unreadable or corrupt file is a ``CheckpointError`` naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: corrupt JSON ({_one_line(error)})") from error
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300]
 
 
 def staging_path(path: str | Path) -> Path:
@@ -58,8 +112,8 @@ def write_checkpoint(folder: Path, model_state: dict, optimizer_state: dict | No
                      state: dict[str, Any]) -> None:
     torch.save(model_state, folder / MODEL_FILE)
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()},
-               folder / "trainer.pt")
-    (folder / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+               folder / TRAINER_FILE)
+    write_json(folder / STATE_FILE, state)
 
 
 def commit_checkpoint(tmp: Path, path: str | Path) -> Path:
@@ -82,7 +136,7 @@ def save_checkpoint(path: str | Path, *, model: torch.nn.Module, optimizer=None,
 
 def model_weights(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     """A checkpoint folder's whole model weights, on CPU; ``mmap``: each tensor is read from disk when used."""
-    return torch.load(Path(path) / MODEL_FILE, map_location="cpu", weights_only=True, mmap=mmap)
+    return load_tensors(Path(path) / MODEL_FILE, mmap=mmap)
 
 
 def load_checkpoint(path: str | Path, *, model: torch.nn.Module | None, optimizer=None, scheduler=None,
@@ -93,31 +147,73 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module | None, optimize
         raise FileNotFoundError(f"path: {path} is not a complete checkpoint (no {STATE_FILE})")
     if model is not None:
         model.load_state_dict(model_weights(path))
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    trainer = load_tensors(path / TRAINER_FILE)
     if optimizer is not None and trainer["optimizer"] is not None:
         optimizer.load_state_dict(trainer["optimizer"])
     if scheduler is not None and trainer["scheduler"] is not None:
         scheduler.load_state_dict(trainer["scheduler"])
     if restore_rng:
         set_rng_state(trainer["rng"])
-    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    return read_json(path / STATE_FILE)
+
+
+def _by_write_time(folders: list[Path]) -> list[Path]:
+    """The complete checkpoints among ``folders`` (committed, with a state file), oldest first."""
+    complete = [p for p in folders if p.is_dir() and not p.name.endswith(STAGING_SUFFIX) and (p / STATE_FILE).exists()]
+    return sorted(complete, key=lambda p: (p / STATE_FILE).stat().st_mtime_ns)
 
 
 def complete_checkpoints(directory: str | Path, prefix: str = "") -> list[Path]:
-    """The complete checkpoints under ``directory`` whose names start with ``prefix``, oldest first
+    """The complete checkpoints of the series ``prefix`` under ``directory``, oldest first: folders named
+    ``{prefix}step{N}`` exactly, so ``rl-long-docs-`` never matches ``rl-long-docs-warm-step000001``
     (staging folders of saves that never committed are not among them)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    complete = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(prefix)
-                and not p.name.endswith(STAGING_SUFFIX) and (p / STATE_FILE).exists()]
-    return sorted(complete, key=lambda p: (p / STATE_FILE).stat().st_mtime_ns)
+    name = re.compile(re.escape(prefix) + r"step\d+")
+    return _by_write_time([p for p in directory.iterdir() if name.fullmatch(p.name)])
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """What is wrong with a committed checkpoint's files (None: intact as far as a cheap look can tell).
+
+    The state file must be a JSON object, the model and trainer files must be there, and every ``.pt``
+    file must be a whole zip archive (``torch.save``'s
+    format): a file cut short loses the archive's directory at its end, or one of its entries. Reading
+    the directory costs a few kilobytes, not the weights."""
+    path = Path(path)
+    try:
+        if not isinstance(read_json(path / STATE_FILE), dict):
+            return f"{path / STATE_FILE}: not a JSON object"
+    except (OSError, CheckpointError) as error:
+        return str(error)
+    for required in (MODEL_FILE, TRAINER_FILE):
+        if not (path / required).is_file():
+            return f"{path / required} is missing"
+    for file in sorted(path.glob("*.pt")):
+        try:
+            size = file.stat().st_size
+            with zipfile.ZipFile(file) as archive:
+                for entry in archive.infolist():
+                    if entry.header_offset + entry.compress_size > size:
+                        return f"{file}: entry {entry.filename} runs past the end of the file (truncated)"
+        except (OSError, zipfile.BadZipFile) as error:
+            return f"{file}: not a complete torch.save archive ({_one_line(error)})"
+    return None
 
 
 def latest_checkpoint(directory: str | Path, prefix: str = "") -> Path | None:
-    """The most recently written complete checkpoint under ``directory`` whose name starts with ``prefix``."""
-    complete = complete_checkpoints(directory, prefix)
-    return complete[-1] if complete else None
+    """The most recently written intact checkpoint of the series ``prefix`` (named ``{prefix}step{N}``)
+    under ``directory``. A newer checkpoint whose files are damaged (``checkpoint_problem``) is passed
+    over with a warning, so a run resumes from the previous kept one instead of failing or, worse,
+    starting over."""
+    for path in reversed(complete_checkpoints(directory, prefix)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        warnings.warn(f"checkpoint {path} is damaged and is skipped: {problem}; resuming from the one before it",
+                      stacklevel=2)
+    return None
 
 
 def prune_checkpoints(path: str | Path, keep: int) -> list[Path]:
@@ -136,7 +232,7 @@ def prune_checkpoints(path: str | Path, keep: int) -> list[Path]:
         return []
     member = re.compile(re.escape(series) + r"\d+(" + re.escape(STAGING_SUFFIX) + ")?")
     members = [p for p in path.parent.iterdir() if p.is_dir() and member.fullmatch(p.name)]
-    complete = [p for p in complete_checkpoints(path.parent, series) if p in members]
+    complete = _by_write_time(members)
     stale = complete[:-keep] + [p for p in members if p not in complete and p != path]
     deleted = []
     for p in stale:
