@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -32,8 +33,8 @@ class FakeJudgeModel:
 
     def __call__(self, messages, params):
         user = messages[-1]["content"]
-        prediction = re.search(r"Answer 1: (.*)", user).group(1)
-        gold = re.search(r"Answer 2: (.*)", user).group(1)
+        prediction = json.loads(re.search(r"Answer 1: (.*)", user).group(1))  # each field is a JSON string
+        gold = json.loads(re.search(r"Answer 2: (.*)", user).group(1))
         with self._lock:
             self.requests.append({"messages": messages, "params": params})
             self.in_flight += 1
@@ -100,12 +101,12 @@ def test_judge_request_content_and_hybrid_scoring(server, fake):
     assert [r.score for r in results] == [1.0, 0.0, 1.0, 0.0, 0.0]
     assert [r.judge_score for r in results] == [1.0, 0.0, None, None, None]
     assert len(fake.requests) == 2
-    sent = next(r for r in fake.requests if "Answer 1: NYC" in r["messages"][-1]["content"])
+    sent = next(r for r in fake.requests if 'Answer 1: "NYC"' in r["messages"][-1]["content"])
     assert sent["params"]["temperature"] == 0.0 and sent["params"]["model"] == "fake-judge"
     system, user = sent["messages"]
     assert system["role"] == "system" and "expert in verifying if two answers are the same" in system["content"]
-    assert "[[YES]] or [[NO]]" in system["content"]
-    assert user["content"] == f"Problem: {question}\nAnswer 1: NYC\nAnswer 2: New York City"
+    assert "exactly [[YES]] or [[NO]]" in system["content"]
+    assert user["content"] == f'Problem: "{question}"\nAnswer 1: "NYC"\nAnswer 2: "New York City"'
     assert reward.metrics()["yes"] == 1 and reward.metrics()["no"] == 1
 
 
@@ -233,9 +234,9 @@ def test_local_hf_judge_plumbing(tiny_chat_model, monkeypatch):
     judge = LocalHFJudge(model, tokenizer, max_new_tokens=4)
     text = judge.generate([{"role": "user", "content": "Problem: q"}])
     assert isinstance(text, str)  # a random model: real generation, unparseable words
-    monkeypatch.setattr(judge, "generate", lambda messages: "Same value. [[YES]]")
+    monkeypatch.setattr(judge, "generate", lambda messages, **kw: "Same value. [[YES]]")
     assert judge.verdicts_sync([JudgeRequest("q", "1", "one")]) == [True]
-    monkeypatch.setattr(judge, "generate", lambda messages: "nonsense")
+    monkeypatch.setattr(judge, "generate", lambda messages, **kw: "nonsense")
     assert judge.verdicts_sync([JudgeRequest("q", "1", "two")]) == [None]
     assert judge.stats["failures/unparseable"] == 1
 

@@ -6,16 +6,17 @@
   ``data_source`` and ``answer`` (or ``ground_truth``) columns passed through by GRPOTrainer.
 
 Both use the process-wide default :class:`HybridReward`: rules alone, plus the judge of
-QWENLONG_JUDGE_URL / _MODEL / _API_KEY when set; :func:`set_default_reward` replaces it.
+QWENLONG_JUDGE_URL / _MODEL / _API_KEY (/ _TIMEOUT / _RETRIES) when set; :func:`set_default_reward`
+replaces it. The judge's question comes from the row (see :func:`question_from_prompt`).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qwenlong.data.prompt import extract_question
 from qwenlong.rewards.hybrid import HybridReward, RewardItem
 
 _default: HybridReward | None = None
@@ -48,13 +49,28 @@ def _text(value: Any) -> str:
     raise ValueError(f"expected text or a list of chat messages, got {type(value).__name__}")
 
 
+_FORMAT_LINE = re.compile(r"format\s+your\s+response", re.IGNORECASE)
+
+
+def question_from_prompt(prompt: str) -> str:
+    """The question of a prompt, by the release's rule: the text after the last ``</text>`` and
+    before "Format your response" (any case and spacing, whatever the rest of that line says).
+    Without ``</text>`` the whole prompt up to the format line is the question; "" when nothing is left."""
+    start = prompt.rfind("</text>")
+    rest = prompt[start + len("</text>"):] if start >= 0 else prompt
+    end = _FORMAT_LINE.search(rest)
+    return (rest[:end.start()] if end else rest).strip()
+
+
 def _question(extra_info: Mapping[str, Any] | None) -> str:
     if not extra_info:
         return ""
-    if extra_info.get("question"):
-        return str(extra_info["question"])
+    if not isinstance(extra_info, Mapping):
+        raise ValueError(f"extra_info: expected a mapping, got {type(extra_info).__name__}")
+    if str(extra_info.get("question") or "").strip():
+        return str(extra_info["question"]).strip()
     if extra_info.get("prompt"):
-        return extract_question(_text(extra_info["prompt"]))
+        return question_from_prompt(_text(extra_info["prompt"]))
     return ""
 
 
@@ -64,9 +80,17 @@ def compute_score(data_source: str, solution_str: str, ground_truth: Any,
 
     ``ground_truth`` is a bare answer, "Therefore, the answer is X." or a list of answers;
     the judge sees ``extra_info["question"]`` (or the question inside ``extra_info["prompt"]``).
+    With a judge configured, a row without a question is a ValueError naming the row.
     """
-    item = RewardItem(data_source, solution_str, ground_truth, _question(extra_info))
-    return default_reward().score([item])[0].score
+    reward = default_reward()
+    question = _question(extra_info)
+    if reward.judge is not None and not question:
+        row = (extra_info or {}).get("index", "?") if isinstance(extra_info, Mapping) else "?"
+        raise ValueError(f"extra_info: row {row} (data_source {data_source!r}, ground truth "
+                         f"{str(ground_truth)[:80]!r}) has no question: the judge needs extra_info['question'] "
+                         "or a prompt with the question between </text> and 'Format your response'")
+    item = RewardItem(data_source, solution_str, ground_truth, question)
+    return reward.score([item])[0].score
 
 
 def trl_reward(prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
@@ -80,6 +104,6 @@ def trl_reward(prompts: Sequence[Any], completions: Sequence[Any], **columns: An
     if not len(prompts) == len(completions) == len(answers) == len(sources):
         raise ValueError(f"completions: lengths differ (prompts {len(prompts)}, completions {len(completions)}, "
                          f"answer {len(answers)}, data_source {len(sources)})")
-    items = [RewardItem(source, _text(completion), answer, extract_question(_text(prompt)))
+    items = [RewardItem(source, _text(completion), answer, question_from_prompt(_text(prompt)))
              for prompt, completion, answer, source in zip(prompts, completions, answers, sources, strict=True)]
     return [r.score for r in default_reward().score(items)]

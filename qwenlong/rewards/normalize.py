@@ -1,17 +1,42 @@
-"""SQuAD-style answer normalization and sub-exact-match (the free-form rule)."""
+"""SQuAD-style answer normalization and sub-exact-match (the free-form rule).
+
+The release strips ASCII punctuation only. With ``unicode_punctuation`` every Unicode punctuation
+character goes too (curly quotes, dashes, ellipsis, CJK punctuation: categories P*), so
+"“Paris”" or "Paris —" normalizes like "Paris".
+"""
 
 from __future__ import annotations
 
+import functools
 import re
 import string
+import sys
+import unicodedata
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-def normalize_answer(text: str) -> str:
-    """Lower-case, drop ASCII punctuation, drop the articles a/an/the, collapse white space."""
-    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+@functools.cache
+def _unicode_punctuation() -> dict[int, None]:
+    table = {c: None for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)).startswith("P")}
+    table.update(_PUNCTUATION)  # ASCII symbols the release strips too ($, +, <, =, >, ^, `, |, ~)
+    return table
+
+
+def normalize_answer(text: str, unicode_punctuation: bool = False) -> str:
+    """Lower-case, drop punctuation (ASCII, or all of Unicode's), drop a/an/the, collapse white space."""
+    table = _unicode_punctuation() if unicode_punctuation else _PUNCTUATION
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(table)).split())
+
+
+def contains_words(haystack: str, needle: str, suffixes: bool = False) -> bool:
+    """``needle`` occurs in ``haystack`` on word boundaries (both normalized, words separated by one
+    space); with ``suffixes`` its last word may carry a plural or possessive "s" / "es" ("Obama's"
+    normalizes to "obamas", which then contains "obama")."""
+    if not suffixes:
+        return f" {needle} " in f" {haystack} "
+    return re.search(rf"(?:^| ){re.escape(needle)}(?:e?s)?(?: |$)", haystack) is not None
 
 
 def sub_exact_match(prediction: str, gold: str, *, max_length_ratio: float | None = None,
@@ -30,4 +55,4 @@ def sub_exact_match(prediction: str, gold: str, *, max_length_ratio: float | Non
         return ref in pred or pred in ref
     if len(pred.split()) > max_length_ratio * len(ref.split()) + length_slack:
         return False
-    return f" {ref} " in f" {pred} " or f" {pred} " in f" {ref} "
+    return contains_words(pred, ref) or contains_words(ref, pred)

@@ -7,6 +7,10 @@ the engine generates the next groups, and each call asks it about as many answer
 piled up, up to ``judge_concurrency`` requests in flight (one call per group would cap that at
 the group size). With one worker, the reward and its judge's cache and counters are only ever
 used by one thread at a time. Scores do not depend on how the groups were batched.
+
+The reward's counters (responses whose scoring failed, judge calls, judge failures by reason,
+fallbacks to the rule score; see ``qwenlong.rewards.stats``) are returned with the timings, as
+this call's share, so the trainer logs them per step in ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from qwenlong.rewards import HybridReward, RewardItem
+from qwenlong.rewards import HybridReward, RewardItem, counter_delta
 from qwenlong.rollout import Completion, RolloutEngine, SamplingParams
 
 
@@ -73,10 +77,13 @@ def generate_and_score(engine: RolloutEngine, reward: HybridReward, decode: Call
     """Generate ``params.n`` responses per prompt (objects with ``prompt_ids``, ``data_source``,
     ``ground_truth`` and ``question``) and score them with ``reward``, overlapped.
 
-    Returns the completions per prompt, their scores flat in prompt order, and timings in seconds:
-    ``time_generate`` (the engine's wall time), ``time_score`` (time spent scoring, hidden or not) and
-    ``time_score_wait`` (scoring still running once generation ended: what the overlap did not hide).
+    Returns the completions per prompt, their scores flat in prompt order, and metrics to sum over a step:
+    timings in seconds, ``time_generate`` (the engine's wall time), ``time_score`` (time spent scoring,
+    hidden or not) and ``time_score_wait`` (scoring still running once generation ended: what the overlap
+    did not hide), and the reward's counters that this call moved (``score/...``, ``judge/...``).
     """
+    counters = getattr(reward, "counters", None)
+    before = counters() if counters is not None else {}
     scorer = _BatchingScorer(reward)
 
     def on_complete(index: int, group: list[Completion]) -> None:
@@ -99,4 +106,6 @@ def generate_and_score(engine: RolloutEngine, reward: HybridReward, decode: Call
     scores = [score for index in range(len(prompts)) for score in by_prompt[index]]
     timings = {"time_generate": generated - start, "time_score": scorer.seconds,
                "time_score_wait": time.perf_counter() - generated}
+    if counters is not None:
+        timings.update(counter_delta(before, counters()))
     return completions, scores, timings
