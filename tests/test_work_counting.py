@@ -56,3 +56,15 @@ def test_counting_restores_the_interpreter_and_adds_launches():
     assert after.flops == 0 and after.launches == 0
     _toy_matmul[(1, 1)](a, b, c, 16, 16, 16, 16, 16)  # runs outside counting without touching `work`
     assert work.launches == 2
+
+
+def test_torch_ops_count_flops_and_bytes_once():
+    a, b = torch.randn(8, 16), torch.randn(16, 4, dtype=torch.float32)
+    work = count_work(lambda: (a @ b).sum())
+    assert work.flops == 2 * 8 * 16 * 4 and work.launches == 0
+    assert work.by_kernel["aten.mm"].bytes_loaded == (8 * 16 + 16 * 4) * 4
+    assert work.by_kernel["aten.mm"].bytes_stored == 8 * 4 * 4
+    rows = torch.tensor([1, 5])
+    gathered = count_work(lambda: a.index_select(0, rows).t())  # a gather moves only its rows; a view is free
+    assert gathered.bytes_stored == 2 * 16 * 4 and gathered.bytes_loaded == 2 * 16 * 4 + 2 * 8
+    assert count_work(lambda: a @ b, torch_ops=False).flops == 0

@@ -10,17 +10,22 @@ through one builder object; :func:`counting` wraps those builder methods for the
   load and one store per active element;
 - ``programs``: programs run (grid size summed over launches); ``launches``: kernel launches.
 
-``by_kernel`` splits the same numbers per ``@triton.jit`` function name. Work done by PyTorch
-ops between launches (allocations, casts, reductions) is not counted: the meter measures the
-kernels. A masked-off element costs nothing here, as on the GPU (real hardware moves whole
+PyTorch ops run between launches (buffer zeroing, casts, the GEMMs of a PyTorch path) are counted
+too, through a ``TorchDispatchMode``: FLOPs from PyTorch's own formulas
+(``torch.utils.flop_counter``: matmuls, convolutions, attention), bytes as each op reading its
+tensor inputs once and writing its outputs once (views and ``empty`` cost nothing; gathers and
+scatters count only the rows they move). Pass ``torch_ops=False`` to count the kernels alone.
+
+``by_kernel`` splits the numbers per ``@triton.jit`` function name and per PyTorch op
+(``aten.mm``, ...). A masked-off element costs nothing, as on the GPU (real hardware moves whole
 sectors, so this is a lower bound on traffic for scattered accesses).
 
 API::
 
     from benchmarks.work.counting import count_work, counting
 
-    work = count_work(fn, *args, **kwargs)   # WorkCount of everything fn launched
-    with counting() as work:                 # or around any block
+    work = count_work(fn, *args, **kwargs)   # WorkCount of everything fn launched and every torch op it ran
+    with counting(torch_ops=False) as work:  # or around any block, kernels only
         ...
     work.flops, work.bytes_loaded, work.bytes_stored, work.programs, work.launches, work.by_kernel
 
@@ -88,9 +93,60 @@ def _active(mask, ptrs) -> int:
     return int(np.count_nonzero(np.broadcast_to(np.asarray(mask.data), np.asarray(ptrs.data).shape)))
 
 
+# ops whose first argument is only written (never read) and ops that move only part of their inputs
+_WRITE_ONLY = {"fill_", "zero_", "copy_", "zeros", "zeros_like", "full", "full_like", "ones", "ones_like", "new_zeros",
+               "new_full", "new_ones", "scalar_tensor", "arange"}
+_NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh",
+               "_to_copy_meta", "set_"}
+_PARTIAL = {"index_select", "gather", "index", "index_copy_", "index_copy", "index_add_", "scatter_", "scatter_add_",
+            "scatter", "index_put_", "masked_select", "nonzero"}
+
+
+def _tensors(tree) -> list:
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    return [leaf for leaf in tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _torch_counter(work: WorkCount, paused: list[bool]):
+    """A TorchDispatchMode adding every aten op's FLOPs and bytes to ``work`` (see the module docstring)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class TorchOpCounter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            if paused[0] or func.is_view:
+                return out
+            name = func.overloadpacket.__name__
+            if name in _NO_TRAFFIC:
+                return out
+            packet = func.overloadpacket
+            flops = flop_registry[packet](*args, **kwargs, out_val=out) if packet in flop_registry else 0
+            inputs, outputs = _tensors((args, kwargs)), _tensors(out)
+            if name in _PARTIAL:  # moves as many elements as the op's result / source, plus the index
+                moved = _nbytes(outputs) if not name.endswith("_") else _nbytes(inputs[2:])
+                loaded = moved + _nbytes(t for t in inputs if not t.is_floating_point() and t.dim() == 1)
+                stored = moved
+            else:
+                loaded = _nbytes(inputs[1:] if name in _WRITE_ONLY else inputs)
+                stored = _nbytes(outputs)
+            work._add(f"aten.{name}", flops=flops, bytes_loaded=loaded, bytes_stored=stored)
+            return out
+
+    return TorchOpCounter()
+
+
 @contextlib.contextmanager
-def counting():
-    """Context manager yielding a :class:`WorkCount` that fills while kernels run inside the block."""
+def counting(torch_ops: bool = True):
+    """Context manager yielding a :class:`WorkCount` that fills while kernels (and, with ``torch_ops``,
+    PyTorch ops) run inside the block."""
     require_interpreter()
     from triton.runtime import interpreter as interp
 
@@ -134,14 +190,16 @@ def counting():
         work._add(current[0], programs=1)
         return saved["set_grid_idx"](self, *idx)
 
+    paused = [False]  # the interpreter's own tensor copies around a launch are not the kernel's work
+
     def call(self, *args, **kwargs):
-        outer = current[0]
-        current[0] = getattr(self.fn, "__name__", "kernel")
+        outer, outer_paused = current[0], paused[0]
+        current[0], paused[0] = getattr(self.fn, "__name__", "kernel"), True
         work._add(current[0], launches=1)
         try:
             return saved_call(self, *args, **kwargs)
         finally:
-            current[0] = outer
+            current[0], paused[0] = outer, outer_paused
 
     patched = {"create_dot": create_dot, "create_masked_load": create_masked_load,
                "create_masked_store": create_masked_store, "set_grid_idx": set_grid_idx,
@@ -150,15 +208,17 @@ def counting():
         for name, fn in patched.items():
             setattr(builder, name, fn)
         executor.__call__ = call
-        yield work
+        with _torch_counter(work, paused) if torch_ops else contextlib.nullcontext():
+            yield work
     finally:
         for name, fn in saved.items():
             setattr(builder, name, fn)
         executor.__call__ = saved_call
 
 
-def count_work(fn, *args, **kwargs) -> WorkCount:
-    """Run ``fn(*args, **kwargs)`` and return the work of every Triton kernel it launched."""
-    with counting() as work:
+def count_work(fn, *args, torch_ops: bool = True, **kwargs) -> WorkCount:
+    """Run ``fn(*args, **kwargs)`` and return the work of every Triton kernel it launched (and every
+    PyTorch op it ran, unless ``torch_ops=False``)."""
+    with counting(torch_ops) as work:
         fn(*args, **kwargs)
     return work

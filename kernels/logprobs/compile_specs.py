@@ -41,6 +41,10 @@ _KERNELS = {
 }
 
 
+# at d = 5120 and chunk strides of 8192 the JIT sees these integers divisible by 16 (pointers: 16-byte aligned)
+_ALIGNED = ("D", "chunk_stride")
+
+
 def compile_specs() -> list[CompileSpec]:
     """Every build the launcher may pick: each kernel x input dtype x flag combination."""
     specs = []
@@ -56,6 +60,7 @@ def compile_specs() -> list[CompileSpec]:
                 specs.append(CompileSpec(
                     name=f"logprobs_{kind}_{type_name}_{suffix}", fn=kernel, signature=signature,
                     constexprs=dict(zip(flags, values, strict=True)) | constexprs, hot=dtype != torch.float32,
+                    aligned=tuple(name for name in signature if name in _ALIGNED or signature[name].startswith("*")),
                     **launch,
                 ))
     return specs

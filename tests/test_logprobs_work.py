@@ -1,0 +1,62 @@
+"""Work the fused LM-head ops issue, counted under the Triton interpreter (benchmarks/work/counting.py):
+ignored rows cost no GEMM work on either path, and the meter's closed form equals the count."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not an installed package
+
+from benchmarks.work import lm_head  # noqa: E402
+from benchmarks.work.counting import count_work, interpreter_active  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not interpreter_active(), reason="counts only under TRITON_INTERPRET=1")
+
+
+def _count(monkeypatch, path, op, num_tokens, num_valid, dim, vocab, dtype, torch_ops=True):
+    monkeypatch.setenv("QWENLONG_BACKEND", path)
+    hidden, weight, targets = lm_head._inputs(num_tokens, num_valid, dim, vocab, dtype, seed=num_tokens)
+    return count_work(lm_head.run_op, op, hidden, weight, targets, torch_ops=torch_ops)
+
+
+@pytest.mark.parametrize("path", ["triton", "torch"])
+@pytest.mark.parametrize("op", ["logprobs+entropy", "grpo_loss"])
+def test_ignored_rows_cost_no_gemm_work(monkeypatch, path, op):
+    """A batch of 40 valid rows behind a 200-row ignored prompt issues the FLOPs of the 40 rows alone."""
+    all_valid = _count(monkeypatch, path, op, 40, 40, 32, 300, torch.float32)
+    rl_shaped = _count(monkeypatch, path, op, 240, 40, 32, 300, torch.float32)
+    assert all_valid.flops > 0 and rl_shaped.flops == all_valid.flops
+    if path == "triton":  # fwd + one recompute + two gradient GEMMs: 8 T_valid d V, up to tile padding
+        minimum = 8 * 40 * 32 * 300
+        assert minimum <= rl_shaped.flops <= minimum * (64 / 40) * (384 / 300)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("op", "chunks"), [("logprobs+entropy", None), ("cross-entropy (label smoothing)", None),
+                                             ("grpo_loss", (128, 256)), ("logprobs+entropy", (128, 256))])
+def test_closed_form_equals_the_count(monkeypatch, op, chunks, dtype):
+    """FLOPs, bytes loaded and stored, and programs of the Triton kernels, with one or several chunks."""
+    kernels = lm_head.kernel_module()
+    if chunks:
+        monkeypatch.setattr(kernels, "TOKEN_CHUNK", chunks[0])
+        monkeypatch.setattr(kernels, "VOCAB_CHUNK", chunks[1])
+    num_tokens, num_valid, dim, vocab = 200, 70, 40, 300
+    work = _count(monkeypatch, "triton", op, num_tokens, num_valid, dim, vocab, dtype, torch_ops=False)
+    (with_entropy, with_mean), (_, grad_entropy, grad_mean) = lm_head.OPS[op]
+    expected = lm_head.triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, with_entropy=with_entropy,
+                                          with_mean=with_mean, grad_entropy=grad_entropy, grad_mean=grad_mean)
+    assert {key: getattr(work, key) for key in expected} == expected
+    assert work.launches == 1 + 3 * (-(-num_tokens // kernels.TOKEN_CHUNK) if chunks else 1) * (
+        -(-vocab // kernels.VOCAB_CHUNK) if chunks else 1)
+
+
+def test_closed_form_meets_the_flop_budget_at_120k():
+    """At T = 122,880, d = 5120, V = 152,064: fwd + bwd within the one-recompute budget 8 T_valid d V
+    (+2% tile padding), on the RL-shaped batch and on all-valid rows."""
+    for row in lm_head.closed_form_rows():
+        assert row["FLOPs / 8TdV"] <= 1.02, row
+
