@@ -242,3 +242,56 @@ def test_builders_errors():
         packing.build_position_ids([1.0, 2.0])
     with pytest.raises(ValueError, match=r"more than int32 cu_seqlens can index"):
         packing.build_cu_seqlens([2**30, 2**30])
+
+
+# ---- values beyond what the index types hold: a ValueError naming the argument, before any work ----
+
+
+@pytest.mark.parametrize("use_reference", [False, True])
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: packing.pack_by_token_budget([1, 2], 2**70),
+         r"^budget must fit in int64, got 1180591620717411303424$"),  # was a pybind TypeError
+        (lambda: packing.pack_by_token_budget([1, 2], -2**63 - 1), r"^budget must fit in int64"),
+        (lambda: packing.pack_by_token_budget([1, 2**70], 8), r"^lengths\[1\] must fit in int64"),
+        (lambda: packing.pack_by_token_budget(np.array([3, 2**63 + 5], dtype=np.uint64), 8),
+         r"^lengths\[1\] must fit in int64, got 9223372036854775813$"),  # was: 'lengths[1] is negative'
+        (lambda: packing.balance_partitions([1, 2], 2**70), r"^k must fit in int64"),
+        (lambda: packing.balance_partitions([1, 2], 2**40), r"^k must be at most 1048576"),
+        (lambda: packing.balance_and_pack([1, 2], 2**64, 8), r"^k must fit in int64"),
+        (lambda: packing.balance_and_pack([1, 2], 2, 2**64), r"^budget must fit in int64"),
+    ],
+)
+def test_out_of_range_ints_are_value_errors_naming_the_argument(monkeypatch, use_reference, call, message):
+    if use_reference:
+        monkeypatch.setattr(api._C, "host", None)
+    with pytest.raises(ValueError, match=message):
+        call()
+    assert packing.pack_by_token_budget([3, 5, 2], 2**62) == [[0, 1, 2]]  # a huge budget that fits is fine
+
+
+@pytest.mark.parametrize("build", [packing.build_cu_seqlens, packing.build_position_ids])
+@pytest.mark.parametrize(
+    ("lengths", "message"),
+    [
+        ([2**62, 2**62], r"^lengths\[0\] is 4611686018427387904 tokens, more than int32 can index"),  # sum wraps
+        (torch.tensor([5, 2**62, 2**62, 2**62, 2**62]), r"^lengths\[1\] is \d+ tokens"),  # wraps to 5 in int64
+        ([3, 2**70], r"^lengths\[1\] must be an integer token count, got 1180591620717411303424"),
+        (np.array([1, 2**64 - 1], dtype=np.uint64), r"^lengths\[1\] is 18446744073709551615 tokens"),
+        (torch.tensor([2**63 + 1], dtype=torch.uint64), r"^lengths\[0\] is 9223372036854775809 tokens"),
+        ([2**40], r"^lengths\[0\] is 1099511627776 tokens"),
+        ([2**30, 2**30, 2**30], r"^lengths add up to 3221225472 tokens, more than int32"),
+        ([3, "a"], r"^lengths must hold integers"),
+    ],
+)
+def test_builders_refuse_lengths_that_overflow(build, lengths, message):
+    with pytest.raises(ValueError, match=message):
+        build(lengths)
+
+
+def test_builders_take_unsigned_lengths_that_fit():
+    for lengths in (np.array([5, 0, 2], dtype=np.uint64), torch.tensor([5, 0, 2], dtype=torch.uint64),
+                    np.array([5, 0, 2], dtype=np.uint32)):
+        assert packing.build_cu_seqlens(lengths).tolist() == [0, 5, 5, 7]
+        assert packing.build_position_ids(lengths).tolist() == [0, 1, 2, 3, 4, 0, 1]

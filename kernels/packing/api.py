@@ -21,6 +21,9 @@ from qwenlong import _C
 from . import reference
 
 COSTS = ("tokens", "attention", "mixed")
+_INT64 = np.iinfo(np.int64)
+# partitions are data-parallel ranks; each is returned as a list, so an absurd k would fill the memory
+MAX_PARTITIONS = 1 << 20
 
 
 def _host_has(name: str) -> bool:
@@ -34,14 +37,25 @@ def _as_lengths(lengths) -> np.ndarray:
     array = np.asarray(lengths)
     if array.ndim != 1:
         raise ValueError(f"lengths must be 1-D, got shape {array.shape}")
-    if array.size and array.dtype.kind not in "iu":
+    if array.size and array.dtype == object:  # Python ints too large for int64 (or not ints at all)
+        for i, value in enumerate(array):
+            _as_int(f"lengths[{i}]", value)
+    elif array.size and array.dtype.kind not in "iu":
         raise ValueError(f"lengths must hold integers, got dtype {array.dtype}")
+    elif array.size and array.dtype.kind == "u" and int(array.max()) > _INT64.max:
+        i = int(np.argmax(array > _INT64.max))
+        raise ValueError(f"lengths[{i}] must fit in int64, got {int(array[i])}")
     return np.ascontiguousarray(array, dtype=np.int64)
 
 
-def _as_int(name: str, value) -> int:
+def _as_int(name: str, value, high: int = _INT64.max) -> int:
+    """``value`` as a Python int that fits int64 (what the extension takes) and is at most ``high``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+    if not _INT64.min <= int(value) <= _INT64.max:
+        raise ValueError(f"{name} must fit in int64, got {int(value)}")
+    if int(value) > high:
+        raise ValueError(f"{name} must be at most {high}, got {int(value)}")
     return int(value)
 
 
@@ -82,7 +96,7 @@ def balance_partitions(lengths, k: int, *, cost: str = "tokens", attention_weigh
     empty when there are fewer than ``k`` sequences. The spread between the heaviest and
     lightest group is at most the largest single cost. O(n log n + n k log k).
     """
-    k = _as_int("k", k)
+    k = _as_int("k", k, MAX_PARTITIONS)
     weights = partition_costs(lengths, cost, attention_weight)
     if _host_has("balance_partitions"):
         return _C.host.balance_partitions(weights, k)
@@ -106,7 +120,7 @@ def balance_and_pack(
     the same number of micro-steps) ranks with fewer micro-batches split their heaviest
     ones; a micro-batch is left empty only when a rank has fewer sequences than steps.
     """
-    lengths, k, budget = _as_lengths(lengths), _as_int("k", k), _as_int("budget", budget)
+    lengths, k, budget = _as_lengths(lengths), _as_int("k", k, MAX_PARTITIONS), _as_int("budget", budget)
     weights = partition_costs(lengths, cost, attention_weight)
     if _host_has("balance_and_pack"):
         return _C.host.balance_and_pack(lengths, weights, k, budget, bool(equal_micro_batches))
