@@ -82,3 +82,33 @@ def test_bit_conversions_round_trip():
     assert np.array_equal(bf16_bits_to_fp32(bits), values.float().numpy())
     wide = torch.randn(1000)
     assert np.array_equal(fp32_to_bf16_bits(wide.numpy()), wide.bfloat16().view(torch.int16).numpy().view(np.uint16))
+
+
+PACKAGE_SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["QWENLONG_BACKEND"] = "triton"
+    import torch
+    from qwenlong.kernels import linear_logprobs
+    from qwenlong.kernels.logprobs.reference import reference_linear_logprobs
+    from qwenlong.kernels.utils import interpreter
+
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(20, 32, generator=gen).bfloat16()
+    weight = (torch.randn(150, 32, generator=gen) / 32**0.5).bfloat16()
+    targets = torch.randint(0, 150, (20,), generator=gen)
+    logp, entropy = linear_logprobs(hidden, weight, targets, return_entropy=True)
+    ref_logp, ref_entropy = reference_linear_logprobs(hidden, weight, targets, return_entropy=True)
+    error = max(float((logp.double() - ref_logp).abs().max()), float((entropy.double() - ref_entropy).abs().max()))
+    print(interpreter._INSTALLED, error)
+    """
+)
+
+
+def test_package_installs_the_fix_outside_pytest():
+    """A plain process (no conftest) that runs a bf16 op on the interpreter gets the fix from the package."""
+    result = subprocess.run([sys.executable, "-c", PACKAGE_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    installed, error = result.stdout.split()
+    assert installed == "True" and float(error) < 2e-3

@@ -13,6 +13,7 @@ Only the interpreter is touched; compiled GPU kernels are unaffected.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import torch
@@ -57,6 +58,14 @@ def _narrow(result, was_bf16: bool):
     if not was_bf16 or result.data.dtype == np.bool_:
         return result
     return TensorHandle(fp32_to_bf16_bits(result.data), tl.bfloat16)
+
+
+def install_bf16_fix_when_interpreting() -> bool:
+    """Install the fix when ``TRITON_INTERPRET`` is on (``@triton.jit`` functions defined now will run
+    on the interpreter). Returns whether it is installed."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return _INSTALLED
+    return install_bf16_fix()
 
 
 def install_bf16_fix() -> bool:
