@@ -13,10 +13,21 @@ Allowed keys follow FlashAttention: query ``i`` sits at key position ``i + k_len
 ``window_size = (left, right)`` (``-1``: unbounded; ``causal`` sets ``right = 0``). A query
 that sees no key gets ``o_i = 0`` and ``lse_i = -inf``.
 
-Forward: one program per (query block, head, sequence); it streams the key blocks its rows
-may see with an online softmax in base 2 (``exp2`` with ``log2(e)`` folded into the scale),
-accumulating in fp32. Blocks outside the causal/window band are never visited, and only
-the blocks on its edges (or at the sequence end) evaluate the mask.
+Scheduling: a program works on one tile, a (query block, head) of one sequence in the forward
+and ``dq`` passes, a (key block, kv head) in ``dk``/``dv``. The launch is one-dimensional,
+exactly as many programs as tiles times heads, and each program reads its (sequence, block)
+from a tile table: every block of every sequence, the ones that visit the most key (query)
+blocks first, so the long causal tiles of a long document start early instead of last. The
+table is built on the host from the lengths once per batch (:class:`BatchPlan`, cached on the
+``cu_seqlens`` tensors, which is also where their contents are validated): every further call
+with the same ``cu_seqlens`` tensors, e.g. the next layer, reads nothing back from the GPU.
+
+Forward: each program streams the key blocks its rows may see with an online softmax in base 2
+(``exp2``, the scale and ``log2(e)`` folded into one multiply-add on the raw scores),
+accumulating in fp32. Blocks outside the causal/window band are never visited; the blocks on
+its edges (or at the sequence end) run in a separate loop that evaluates the mask (the constexpr
+``MASKED`` stage, as in Triton's fused-attention tutorial), the blocks inside it in a loop
+without one.
 
 Backward (recompute, nothing of size ``T x T`` is stored), with ``dO`` the output gradient::
 
@@ -24,34 +35,46 @@ Backward (recompute, nothing of size ``T x T`` is stored), with ``dO`` the outpu
     p_ij = exp(s_ij - lse_i),   dp_ij = dO_i . v_j,   ds_ij = p_ij (dp_ij - delta_i)
     dv_j = sum_i p_ij dO_i,     dk_j = scale sum_i ds_ij q_i,     dq_i = scale sum_j ds_ij k_j
 
-``dk``/``dv`` come from one program per (key block, kv head, sequence) that loops over the
-query heads of its group and the query blocks that see it; ``dq`` from a second pass over
-(query block, head, sequence). No atomics, so gradients are deterministic.
+``dk``/``dv`` come from one program per (key block, kv head) that loops over the query heads of
+its group and the query blocks that see it; ``dq`` from a second pass over (query block, head).
+Both split masked and unmasked blocks like the forward. No atomics, so gradients are
+deterministic.
 
 Tiles never span two sequences and tile shapes depend only on ``head_dim``, dtype and the GPU
-generation (a table for sm_90's wgmma, one for the others), so a sequence's outputs and
-gradients are bitwise the same alone or packed with others. GQA:
-query head ``h`` reads kv head ``h // (heads // kv_heads)``.
+generation (a table for sm_90's wgmma, one for the others), never on lengths, so a sequence's
+outputs and gradients are bitwise the same alone or packed with others (the tile order only
+changes when a program runs, not what it computes). GQA: query head ``h`` reads kv head
+``h // (heads // kv_heads)``.
+
+Sizes: every pointer is a 64-bit base (sequence start, block start, head) plus a 32-bit offset
+inside the tile, so sequences of any length and views with large token or head strides
+(transformers' ``(batch, heads, T, d)`` transposed, a slice of a fused qkv projection) address
+correctly; only a token stride over ``2**31 / 256`` elements is copied first. Window sides are
+clamped to the longest query plus key length (a wider window changes nothing), which keeps the
+range arithmetic inside int32.
 """
 
 from __future__ import annotations
 
 import math
 import operator
+import weakref
+from collections import OrderedDict
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from ..backend import select_backend
 from ..utils.checks import check_cu_seqlens, check_dim, check_same_device, check_tensor
-from ..utils.compile_spec import CompileSpec
 from .blockwise import BlockwiseAttention
 
-LOG2E = math.log2(math.e)
-UNBOUNDED = 1 << 30  # a window side that is "unbounded": wider than any sequence
+LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * LOG2E); a constexpr so kernels read it too
 MAX_HEAD_DIM = 256
-
+MAX_SEQLEN = 2**31 - 1  # cu_seqlens are int32: no sequence can be longer
+MAX_BAND = 2**30  # longest q_len + longest k_len: keeps the kernels' row/key arithmetic in int32
+MAX_TOKEN_STRIDE = 2**31 // 256  # a tile spans at most 256 tokens of 32-bit offsets
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -99,62 +122,97 @@ def _query_ranges(first_col, last_col, q_len, k_len, window_left, window_right, 
 
 
 @triton.jit
+def _tile(TileSeq, TileBlock, cu_seqlens_q, cu_seqlens_k, heads):
+    """This program's tile: (sequence, block, head) and the sequence's query/key starts and lengths."""
+    pid = tl.program_id(0)
+    tile = pid // heads
+    seq = tl.load(TileSeq + tile)
+    q_start = tl.load(cu_seqlens_q + seq)
+    k_start = tl.load(cu_seqlens_k + seq)
+    q_len = tl.load(cu_seqlens_q + seq + 1) - q_start
+    k_len = tl.load(cu_seqlens_k + seq + 1) - k_start
+    return tl.load(TileBlock + tile), pid % heads, q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def _fwd_blocks(
+    acc, row_sum, row_max, q, K_head, V_head, stride_kt, stride_vt, rows, q_len, k_len,
+    qk_scale, window_left, window_right, start, end,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over the key blocks ``[start, end)``. ``MASKED``: blocks on the band's edge or
+    at the sequence end (a row may see none of their keys); else whole blocks every row sees."""
+    offs_n = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM  # BLOCK_D pads head dims that are not a power of two
+    for start_n in range(start, end, BLOCK_N):
+        K_block = K_head + tl.cast(start_n, tl.int64) * stride_kt
+        V_block = V_head + tl.cast(start_n, tl.int64) * stride_vt
+        key_ok = (start_n + offs_n) < k_len
+        kt = tl.load(K_block + offs_n[None, :] * stride_kt + dims[:, None], mask=dim_ok[:, None] & key_ok[None, :],
+                     other=0.0)  # fmt: skip
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # raw scores: the scale goes into exp2's argument
+        if MASKED:
+            allowed = _allowed(rows[:, None], start_n + offs_n[None, :], q_len, k_len, window_left, window_right)
+            s = tl.where(allowed, s * qk_scale, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(s, 1))
+            # a row with nothing allowed yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            p = tl.math.exp2(s - shift[:, None])
+            rescale = tl.math.exp2(row_max - shift)
+        else:  # every score is finite: max on the raw scores (scale > 0), one FFMA per score
+            new_max = tl.maximum(row_max, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - new_max[:, None])
+            rescale = tl.math.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        v = tl.load(V_block + offs_n[:, None] * stride_vt + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :],
+                    other=0.0)  # fmt: skip
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.jit
 def _attn_fwd(
-    Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k, TileSeq, TileBlock,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-    qk_scale_log2, group, window_left, window_right,
+    heads, group, qk_scale, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    q_block, head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(cu_seqlens_q + seq)
-    q_len = tl.load(cu_seqlens_q + seq + 1) - q_start
-    first_row = q_block * BLOCK_M
-    if first_row >= q_len:  # the grid covers the longest sequence; shorter ones stop here
-        return
-    k_start = tl.load(cu_seqlens_k + seq)
-    k_len = tl.load(cu_seqlens_k + seq + 1) - k_start
+    """out and lse for one (query block, head) tile."""
+    q_block, head, q_start, q_len, k_start, k_len = _tile(TileSeq, TileBlock, cu_seqlens_q, cu_seqlens_k, heads)
     kv_head = head // group
-
-    rows = first_row + tl.arange(0, BLOCK_M)
+    first_row = q_block * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = first_row + offs_m
     dims = tl.arange(0, BLOCK_D)
     tile_mask = (rows[:, None] < q_len) & (dims[None, :] < HEAD_DIM)
-    q_offsets = rows[:, None] * stride_qt + dims[None, :]
-    q = tl.load(Q + q_start.to(tl.int64) * stride_qt + head * stride_qh + q_offsets, mask=tile_mask, other=0.0)
-    # sequence bases as scalars, tile offsets in int32: no 64-bit pointer tiles held across the loop
-    K_seq = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
-    V_seq = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    row_base = tl.cast(q_start + first_row, tl.int64)
+    Q_tile = Q + row_base * stride_qt + tl.cast(head, tl.int64) * stride_qh
+    q = tl.load(Q_tile + offs_m[:, None] * stride_qt + dims[None, :], mask=tile_mask, other=0.0)
+    K_head = K + tl.cast(k_start, tl.int64) * stride_kt + tl.cast(kv_head, tl.int64) * stride_kh
+    V_head = V + tl.cast(k_start, tl.int64) * stride_vt + tl.cast(kv_head, tl.int64) * stride_vh
 
-    offs_n = tl.arange(0, BLOCK_N)
-    dim_ok = dims < HEAD_DIM  # BLOCK_D pads head dims that are not a power of two
-    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of s, in log2 units
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of scale * s, in log2 units
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     last_row = tl.minimum(first_row + BLOCK_M, q_len) - 1
     lo, full_lo, full_hi, hi = _key_ranges(first_row, last_row, q_len, k_len, window_left, window_right, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        key_ok = cols < k_len
-        kt = tl.load(K_seq + cols[None, :] * stride_kt + dims[:, None], mask=dim_ok[:, None] & key_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
-        if (start_n < full_lo) | (start_n >= full_hi):  # a block on the causal/window edge or the sequence end
-            s = tl.where(_allowed(rows[:, None], cols[None, :], q_len, k_len, window_left, window_right), s, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        # a row with nothing allowed yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        p = tl.math.exp2(s - shift[:, None])
-        rescale = tl.math.exp2(row_max - shift)
-        row_sum = row_sum * rescale + tl.sum(p, 1)
-        v = tl.load(V_seq + cols[:, None] * stride_vt + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        row_max = new_max
+    stage = (q, K_head, V_head, stride_kt, stride_vt, rows, q_len, k_len, qk_scale, window_left, window_right)
+    acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, lo, full_lo,  # left window edge
+                                        HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION)  # fmt: skip
+    acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, full_lo, full_hi,
+                                        HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION)  # fmt: skip
+    acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, full_hi, hi,  # diagonal, sequence end
+                                        HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION)  # fmt: skip
 
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
-    o_offsets = rows[:, None] * stride_ot + dims[None, :]
-    tl.store(Out + q_start.to(tl.int64) * stride_ot + head * stride_oh + o_offsets, out.to(Out.dtype.element_ty),
-             mask=tile_mask)  # fmt: skip
-    lse = (row_max + tl.math.log2(tl.where(row_sum == 0.0, 1.0, row_sum))) / 1.4426950408889634  # empty: -inf
-    tl.store(Lse + head * stride_lh + q_start + rows, lse, mask=rows < q_len)
+    Out_tile = Out + row_base * stride_ot + tl.cast(head, tl.int64) * stride_oh
+    tl.store(Out_tile + offs_m[:, None] * stride_ot + dims[None, :], out.to(Out.dtype.element_ty), mask=tile_mask)
+    lse = (row_max + tl.math.log2(tl.where(row_sum == 0.0, 1.0, row_sum))) / LOG2E  # empty rows: -inf
+    tl.store(Lse + tl.cast(head, tl.int64) * stride_lh + row_base + offs_m, lse, mask=rows < q_len)
 
 
 @triton.jit
@@ -163,131 +221,162 @@ def _attn_bwd_delta(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """delta = rowsum(dO * O), fp32, one value per (head, token)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    head = tl.program_id(1)
+    first_row = tl.program_id(0) * BLOCK_M
+    head = tl.cast(tl.program_id(1), tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < total_q) & (dims[None, :] < HEAD_DIM)
-    o = tl.load(Out + head * stride_oh + rows[:, None].to(tl.int64) * stride_ot + dims[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + head * stride_doh + rows[:, None].to(tl.int64) * stride_dot + dims[None, :], mask=mask, other=0.0)
+    mask = (first_row + offs_m[:, None] < total_q) & (dims[None, :] < HEAD_DIM)
+    row_base = tl.cast(first_row, tl.int64)
+    O_tile = Out + row_base * stride_ot + head * stride_oh
+    DO_tile = DO + row_base * stride_dot + head * stride_doh
+    o = tl.load(O_tile + offs_m[:, None] * stride_ot + dims[None, :], mask=mask, other=0.0)
+    do = tl.load(DO_tile + offs_m[:, None] * stride_dot + dims[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + head * stride_dh + rows, delta, mask=rows < total_q)
+    tl.store(Delta + head * stride_dh + row_base + offs_m, delta, mask=first_row + offs_m < total_q)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, stride_qt, stride_dot, cols, q_len, k_len,
+    qk_scale, window_left, window_right, lo, full_lo, full_hi, hi,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Adds the query blocks ``[lo, hi)`` of one query head to dk and dv (transposed scores: key-major); only
+    those outside ``[full_lo, full_hi)`` evaluate the mask."""
+    offs_m = tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        row_ok = rows < q_len
+        row_base = tl.cast(start_m, tl.int64)
+        qt = tl.load(Q_head + row_base * stride_qt + offs_m[None, :] * stride_qt + dims[:, None],
+                     mask=dim_ok[:, None] & row_ok[None, :], other=0.0)  # fmt: skip
+        do = tl.load(DO_head + row_base * stride_dot + offs_m[:, None] * stride_dot + dims[None, :],
+                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
+        lse_log2 = tl.load(Lse_head + rows, mask=row_ok, other=0.0) * LOG2E
+        delta = tl.load(Delta_head + rows, mask=row_ok, other=0.0)
+        st = tl.dot(k, qt, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M): s transposed, unscaled
+        pt = tl.math.exp2(st * qk_scale - lse_log2[None, :])
+        if (start_m < full_lo) | (start_m >= full_hi):  # where, not -inf scores: rows with lse = -inf give 0
+            pt = tl.where(_allowed(rows[None, :], cols[:, None], q_len, k_len, window_left, window_right), pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, DO, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, TileSeq, TileBlock,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-    qk_scale_log2, softmax_scale, group, window_left, window_right,
+    kv_heads, group, qk_scale, softmax_scale, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv for one key block of one kv head: sums over every query head of its group."""
-    k_block, kv_head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    k_start = tl.load(cu_seqlens_k + seq)
-    k_len = tl.load(cu_seqlens_k + seq + 1) - k_start
+    """dk, dv for one (key block, kv head) tile: sums over every query head of its group."""
+    k_block, kv_head, q_start, q_len, k_start, k_len = _tile(TileSeq, TileBlock, cu_seqlens_q, cu_seqlens_k,
+                                                             kv_heads)  # fmt: skip
     first_col = k_block * BLOCK_N
-    if first_col >= k_len:
-        return
-    q_start = tl.load(cu_seqlens_q + seq)
-    q_len = tl.load(cu_seqlens_q + seq + 1) - q_start
-
-    cols = first_col + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    cols = first_col + offs_n
     dims = tl.arange(0, BLOCK_D)
     tile_mask = (cols[:, None] < k_len) & (dims[None, :] < HEAD_DIM)
-    k_offsets = cols[:, None] * stride_kt + dims[None, :]
-    v_offsets = cols[:, None] * stride_vt + dims[None, :]
-    k = tl.load(K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh + k_offsets, mask=tile_mask, other=0.0)
-    v = tl.load(V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh + v_offsets, mask=tile_mask, other=0.0)
+    col_base = tl.cast(k_start + first_col, tl.int64)
+    kv_head64 = tl.cast(kv_head, tl.int64)
+    k = tl.load(K + col_base * stride_kt + kv_head64 * stride_kh + offs_n[:, None] * stride_kt + dims[None, :],
+                mask=tile_mask, other=0.0)  # fmt: skip
+    v = tl.load(V + col_base * stride_vt + kv_head64 * stride_vh + offs_n[:, None] * stride_vt + dims[None, :],
+                mask=tile_mask, other=0.0)  # fmt: skip
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
     last_col = tl.minimum(first_col + BLOCK_N, k_len) - 1
     lo, full_lo, full_hi, hi = _query_ranges(first_col, last_col, q_len, k_len, window_left, window_right, BLOCK_M)
-    offs_m = tl.arange(0, BLOCK_M)
-    dim_ok = dims < HEAD_DIM
+    q_base = tl.cast(q_start, tl.int64)
     for head in range(kv_head * group, (kv_head + 1) * group):
-        Q_seq = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
-        DO_seq = DO + q_start.to(tl.int64) * stride_dot + head * stride_doh
-        for start_m in range(lo, hi, BLOCK_M):
-            rows = start_m + offs_m
-            row_ok = rows < q_len
-            qt = tl.load(Q_seq + rows[None, :] * stride_qt + dims[:, None], mask=dim_ok[:, None] & row_ok[None, :],
-                         other=0.0)  # fmt: skip
-            do = tl.load(DO_seq + rows[:, None] * stride_dot + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
-                         other=0.0)  # fmt: skip
-            lse_log2 = tl.load(Lse + head * stride_lh + q_start + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(Delta + head * stride_lh + q_start + rows, mask=row_ok, other=0.0)
-            st = tl.dot(k, qt, input_precision=DOT_PRECISION) * qk_scale_log2  # (BLOCK_N, BLOCK_M): s transposed
-            pt = tl.math.exp2(st - lse_log2[None, :])
-            if (start_m < full_lo) | (start_m >= full_hi):  # where, not -inf scores: rows with lse=-inf give 0
-                pt = tl.where(_allowed(rows[None, :], cols[:, None], q_len, k_len, window_left, window_right), pt, 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+        head64 = tl.cast(head, tl.int64)
+        Q_head = Q + q_base * stride_qt + head64 * stride_qh
+        DO_head = DO + q_base * stride_dot + head64 * stride_doh
+        Lse_head = Lse + head64 * stride_lh + q_base
+        Delta_head = Delta + head64 * stride_lh + q_base
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, stride_qt, stride_dot, cols,
+                              q_len, k_len, qk_scale, window_left, window_right, lo, full_lo, full_hi, hi,
+                              HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION)  # fmt: skip
 
-    dk_offsets = cols[:, None] * stride_dkt + dims[None, :]
-    dv_offsets = cols[:, None] * stride_dvt + dims[None, :]
-    tl.store(DK + k_start.to(tl.int64) * stride_dkt + kv_head * stride_dkh + dk_offsets,
-             (dk * softmax_scale).to(DK.dtype.element_ty), mask=tile_mask)  # fmt: skip
-    tl.store(DV + k_start.to(tl.int64) * stride_dvt + kv_head * stride_dvh + dv_offsets,
-             dv.to(DV.dtype.element_ty), mask=tile_mask)  # fmt: skip
+    DK_tile = DK + col_base * stride_dkt + kv_head64 * stride_dkh
+    DV_tile = DV + col_base * stride_dvt + kv_head64 * stride_dvh
+    tl.store(DK_tile + offs_n[:, None] * stride_dkt + dims[None, :], (dk * softmax_scale).to(DK.dtype.element_ty),
+             mask=tile_mask)  # fmt: skip
+    tl.store(DV_tile + offs_n[:, None] * stride_dvt + dims[None, :], dv.to(DV.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _dq_blocks(
+    dq, q, do, lse_log2, delta, K_head, V_head, stride_kt, stride_vt, rows, q_len, k_len,
+    qk_scale, window_left, window_right, lo, full_lo, full_hi, hi,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Adds the key blocks ``[lo, hi)`` to dq; only those outside ``[full_lo, full_hi)`` evaluate the mask."""
+    offs_n = tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        kv_mask = dim_ok[:, None] & ((start_n + offs_n)[None, :] < k_len)
+        kt = tl.load(K_head + tl.cast(start_n, tl.int64) * stride_kt + offs_n[None, :] * stride_kt + dims[:, None],
+                     mask=kv_mask, other=0.0)  # fmt: skip
+        vt = tl.load(V_head + tl.cast(start_n, tl.int64) * stride_vt + offs_n[None, :] * stride_vt + dims[:, None],
+                     mask=kv_mask, other=0.0)  # fmt: skip
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse_log2[:, None])
+        if (start_n < full_lo) | (start_n >= full_hi):
+            allowed = _allowed(rows[:, None], start_n + offs_n[None, :], q_len, k_len, window_left, window_right)
+            p = tl.where(allowed, p, 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, Lse, Delta, DQ, cu_seqlens_q, cu_seqlens_k,
+    Q, K, V, DO, Lse, Delta, DQ, cu_seqlens_q, cu_seqlens_k, TileSeq, TileBlock,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lh,
-    qk_scale_log2, softmax_scale, group, window_left, window_right,
+    heads, group, qk_scale, softmax_scale, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """dq for one query block of one head: streams the key blocks its rows see."""
-    q_block, head, seq = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(cu_seqlens_q + seq)
-    q_len = tl.load(cu_seqlens_q + seq + 1) - q_start
-    first_row = q_block * BLOCK_M
-    if first_row >= q_len:
-        return
-    k_start = tl.load(cu_seqlens_k + seq)
-    k_len = tl.load(cu_seqlens_k + seq + 1) - k_start
+    """dq for one (query block, head) tile: streams the key blocks its rows see."""
+    q_block, head, q_start, q_len, k_start, k_len = _tile(TileSeq, TileBlock, cu_seqlens_q, cu_seqlens_k, heads)
     kv_head = head // group
-
-    rows = first_row + tl.arange(0, BLOCK_M)
+    first_row = q_block * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = first_row + offs_m
     dims = tl.arange(0, BLOCK_D)
     tile_mask = (rows[:, None] < q_len) & (dims[None, :] < HEAD_DIM)
-    q = tl.load(Q + q_start.to(tl.int64) * stride_qt + head * stride_qh + rows[:, None] * stride_qt + dims[None, :],
+    row_base = tl.cast(q_start + first_row, tl.int64)
+    head64 = tl.cast(head, tl.int64)
+    q = tl.load(Q + row_base * stride_qt + head64 * stride_qh + offs_m[:, None] * stride_qt + dims[None, :],
                 mask=tile_mask, other=0.0)  # fmt: skip
-    do = tl.load(DO + q_start.to(tl.int64) * stride_dot + head * stride_doh + rows[:, None] * stride_dot + dims[None, :],
+    do = tl.load(DO + row_base * stride_dot + head64 * stride_doh + offs_m[:, None] * stride_dot + dims[None, :],
                  mask=tile_mask, other=0.0)  # fmt: skip
-    lse_log2 = tl.load(Lse + head * stride_lh + q_start + rows, mask=rows < q_len, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + head * stride_lh + q_start + rows, mask=rows < q_len, other=0.0)
-    K_seq = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
-    V_seq = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    lse_log2 = tl.load(Lse + head64 * stride_lh + row_base + offs_m, mask=rows < q_len, other=0.0) * LOG2E
+    delta = tl.load(Delta + head64 * stride_lh + row_base + offs_m, mask=rows < q_len, other=0.0)
+    K_head = K + tl.cast(k_start, tl.int64) * stride_kt + tl.cast(kv_head, tl.int64) * stride_kh
+    V_head = V + tl.cast(k_start, tl.int64) * stride_vt + tl.cast(kv_head, tl.int64) * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     last_row = tl.minimum(first_row + BLOCK_M, q_len) - 1
     lo, full_lo, full_hi, hi = _key_ranges(first_row, last_row, q_len, k_len, window_left, window_right, BLOCK_N)
-    offs_n = tl.arange(0, BLOCK_N)
-    dim_ok = dims < HEAD_DIM
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_mask = dim_ok[:, None] & (cols[None, :] < k_len)
-        kt = tl.load(K_seq + cols[None, :] * stride_kt + dims[:, None], mask=kv_mask, other=0.0)
-        vt = tl.load(V_seq + cols[None, :] * stride_vt + dims[:, None], mask=kv_mask, other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale_log2
-        p = tl.math.exp2(s - lse_log2[:, None])
-        if (start_n < full_lo) | (start_n >= full_hi):
-            p = tl.where(_allowed(rows[:, None], cols[None, :], q_len, k_len, window_left, window_right), p, 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+    dq = _dq_blocks(dq, q, do, lse_log2, delta, K_head, V_head, stride_kt, stride_vt, rows, q_len, k_len, qk_scale,
+                    window_left, window_right, lo, full_lo, full_hi, hi, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)  # fmt: skip
 
-    dq_offsets = rows[:, None] * stride_dqt + dims[None, :]
-    tl.store(DQ + q_start.to(tl.int64) * stride_dqt + head * stride_dqh + dq_offsets,
-             (dq * softmax_scale).to(DQ.dtype.element_ty), mask=tile_mask)  # fmt: skip
+    DQ_tile = DQ + row_base * stride_dqt + head64 * stride_dqh
+    tl.store(DQ_tile + offs_m[:, None] * stride_dqt + dims[None, :], (dq * softmax_scale).to(DQ.dtype.element_ty),
+             mask=tile_mask)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- configs
@@ -310,8 +399,9 @@ TILES = {
         256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (32, 16, 8, 2)},
     },
     90: {  # wgmma (HGMMA)
-        64: {"fwd": (128, 64, 8, 3), "dkdv": (32, 128, 8, 2), "dq": (64, 64, 4, 3)},
-        128: {"fwd": (128, 64, 8, 2), "dkdv": (32, 64, 8, 3), "dq": (64, 64, 8, 2)},
+        # every wgmma N >= 64 at head_dim 64; at 128 dkdv's scores are 128 x 32 (n32): 64 query rows spill
+        64: {"fwd": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
+        128: {"fwd": (128, 64, 8, 2), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 2)},
         # dkdv: 64-key tiles spill at head_dim 256 (two 64x256 fp32 accumulators), so it keeps mma.sync
         256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (64, 32, 8, 2)},
     },
@@ -346,56 +436,167 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: no silent TF32 rounding
 
 
+# ----------------------------------------------------------------------------- tile scheduler
+
+
+def schedule(lens_q, lens_k, block: int, other_block: int, window: tuple[int, int], over_keys: bool = False):
+    """The tile table: ``(2, tiles)`` int32, the sequence and block index of every tile, heaviest first.
+
+    Tiles are the ``block``-row query blocks of each sequence (``over_keys``: its ``block``-key
+    key blocks). A tile's weight is the number of ``other_block`` key (query) blocks its
+    kernel visits, the same ``[lo, hi)`` ranges as ``_key_ranges`` / ``_query_ranges``;
+    ties keep sequence order. ``window`` holds resolved, non-negative sides.
+    """
+    lens_q, lens_k = np.asarray(lens_q, dtype=np.int64), np.asarray(lens_k, dtype=np.int64)
+    left, right = window
+    major, other = (lens_k, lens_q) if over_keys else (lens_q, lens_k)
+    blocks = -(-major // block)
+    seq = np.repeat(np.arange(major.size), blocks)
+    index = np.arange(seq.size) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+    first = index * block
+    last = np.minimum(first + block, major[seq]) - 1
+    position = (lens_k - lens_q)[seq]  # key position of query row 0
+    if over_keys:
+        lo = np.maximum(first - position - right, 0) // other_block * other_block
+        hi = np.minimum(last - position + left + 1, other[seq])
+    else:
+        lo = np.maximum(first + position - left, 0) // other_block * other_block
+        hi = np.minimum(last + position + right + 1, other[seq])
+    weight = -(-np.maximum(hi - lo, 0) // other_block)
+    order = np.argsort(-weight, kind="stable")
+    return np.stack([seq[order], index[order]]).astype(np.int32)
+
+
+class BatchPlan:
+    """One batch's ``cu_seqlens`` read to the host once: validated lengths and the tile tables.
+
+    :func:`batch_plan` caches it on the ``cu_seqlens`` tensors, so every layer of a step that
+    passes the same tensors skips the read-back (a host sync) and the validation of their contents.
+    """
+
+    def __init__(self, lens_q: np.ndarray, lens_k: np.ndarray):
+        self.lens_q, self.lens_k = lens_q, lens_k
+        self.longest_q = int(lens_q.max(initial=0))
+        self.longest_k = int(lens_k.max(initial=0))
+        self._tables: dict[tuple, torch.Tensor] = {}
+
+    def window(self, left: int, right: int) -> tuple[int, int]:
+        """Window sides (-1: unbounded) clamped to the longest q_len + k_len, rounded up to 16:
+        a key farther than that from its query's position is never in any sequence."""
+        band = -(-(self.longest_q + self.longest_k + 1) // 16) * 16
+        return tuple(band if side < 0 else min(side, band) for side in (left, right))
+
+    def tiles(self, block: int, other_block: int, window: tuple[int, int], over_keys: bool, device) -> torch.Tensor:
+        """The tile table of one kernel config on ``device`` (built on first use)."""
+        key = (block, other_block, window, over_keys, device)
+        if key not in self._tables:
+            table = schedule(self.lens_q, self.lens_k, block, other_block, window, over_keys)
+            self._tables[key] = torch.from_numpy(table).to(device)
+        return self._tables[key]
+
+
+PLAN_CACHE_SIZE = 16  # batches whose plans stay cached (a step's micro-batches, SP ranks' views)
+_PLANS: OrderedDict[tuple[int, int], tuple] = OrderedDict()
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter; None for inference tensors, which have none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def _read_lengths(name: str, cu_seqlens: torch.Tensor, total: int) -> np.ndarray:
+    """Validate one ``cu_seqlens`` on the host (the one read-back of a batch) and return its lengths."""
+    host = cu_seqlens.detach().cpu()
+    check_cu_seqlens(name, host, total)
+    return np.diff(host.numpy().astype(np.int64))
+
+
+def batch_plan(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int) -> BatchPlan:
+    """The cached :class:`BatchPlan` of these ``cu_seqlens`` tensors, or a new one read from them.
+
+    A cached plan is used only while both tensors are alive, unmodified (same version counter,
+    storage and totals); inference tensors have no version counter and are read every call.
+    """
+    key = (id(cu_seqlens_q), id(cu_seqlens_k))
+    versions = (_version(cu_seqlens_q), _version(cu_seqlens_k))
+    identity = (cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr(), total_q, total_k, *versions)
+    cached = _PLANS.get(key)
+    if cached is not None:
+        ref_q, ref_k, cached_identity, plan = cached
+        if ref_q() is cu_seqlens_q and ref_k() is cu_seqlens_k and cached_identity == identity:
+            _PLANS.move_to_end(key)
+            return plan
+    lens_q = _read_lengths("cu_seqlens_q", cu_seqlens_q, total_q)
+    same = cu_seqlens_k is cu_seqlens_q and total_k == total_q
+    lens_k = lens_q if same else _read_lengths("cu_seqlens_k", cu_seqlens_k, total_k)
+    plan = BatchPlan(lens_q, lens_k)
+    if None not in versions:
+        _PLANS[key] = (weakref.ref(cu_seqlens_q), weakref.ref(cu_seqlens_k), identity, plan)
+        while len(_PLANS) > PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    return plan
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
-def _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, window_left, window_right):
+def _launch_tiles(plan: BatchPlan, cfg: dict, window, over_keys: bool, device):
+    """The tile table of one kernel: ``(tile_seq, tile_block, count)``."""
+    block, other = (cfg["BLOCK_N"], cfg["BLOCK_M"]) if over_keys else (cfg["BLOCK_M"], cfg["BLOCK_N"])
+    table = plan.tiles(block, other, window, over_keys, device)
+    return table[0], table[1], table.shape[1]
+
+
+def _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window):
     total_q, heads, head_dim = q.shape
-    batch = cu_seqlens_q.numel() - 1
     out = torch.empty_like(q)
     lse = torch.empty(heads, total_q, device=q.device, dtype=torch.float32)
     cfg = _configs(head_dim, q.dtype, tile_table(q.device))["fwd"]
-    grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), heads, batch)
-    if batch > 0 and max_seqlen_q > 0:
-        _attn_fwd[grid](
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+    tile_seq, tile_block, tiles = _launch_tiles(plan, cfg, window, False, q.device)
+    if tiles * heads > 0:
+        _attn_fwd[(tiles * heads,)](
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_block,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), lse.stride(0),
-            scale * LOG2E, heads // k.shape[1], window_left, window_right,
+            heads, heads // k.shape[1], scale * LOG2E.value, *window,
             HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_dot_precision(q.dtype), **cfg,
         )  # fmt: skip
     return out, lse
 
 
-def _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window):
+def _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, scale, window):
     total_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    batch = cu_seqlens_q.numel() - 1
     block_d = _block_d(head_dim)
     precision = _dot_precision(q.dtype)
     cfgs = _configs(head_dim, q.dtype, tile_table(q.device))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
-    if total_q > 0:
+    if total_q * heads > 0:
         _attn_bwd_delta[(triton.cdiv(total_q, DELTA_BLOCK_M), heads)](
             out, do, delta, total_q, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
             HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d,
         )  # fmt: skip
-    common = (scale * LOG2E, scale, heads // kv_heads, *window)
-    if batch > 0 and max_seqlen_k > 0:
-        cfg = cfgs["dkdv"]
-        _attn_bwd_dkdv[(triton.cdiv(max_seqlen_k, cfg["BLOCK_N"]), kv_heads, batch)](
-            q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+    common = (scale * LOG2E.value, scale, *window)
+    cfg = cfgs["dkdv"]
+    tile_seq, tile_block, tiles = _launch_tiles(plan, cfg, window, True, q.device)
+    if tiles * kv_heads > 0:
+        _attn_bwd_dkdv[(tiles * kv_heads,)](
+            q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_block,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), *common,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), kv_heads, heads // kv_heads, *common,
             HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=precision, **cfg,
         )  # fmt: skip
-    if batch > 0 and max_seqlen_q > 0:
-        cfg = cfgs["dq"]
-        _attn_bwd_dq[(triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), heads, batch)](
-            q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+    cfg = cfgs["dq"]
+    tile_seq, tile_block, tiles = _launch_tiles(plan, cfg, window, False, q.device)
+    if tiles * heads > 0:
+        _attn_bwd_dq[(tiles * heads,)](
+            q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_block,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            dq.stride(0), dq.stride(1), lse.stride(0), *common,
+            dq.stride(0), dq.stride(1), lse.stride(0), heads, heads // kv_heads, *common,
             HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=precision, **cfg,
         )  # fmt: skip
     return dq, dk, dv
@@ -405,28 +606,28 @@ class TritonVarlenAttention(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, out and lse; the backward recomputes the probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right):
-        out, lse = _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, scale, window_left, window_right)
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window_left, window_right):
+        window = (window_left, window_right)
+        out, lse = _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = (max_seqlen_q, max_seqlen_k, scale, (window_left, window_right))
+        ctx.args = (plan, scale, window)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        max_seqlen_q, max_seqlen_k, scale, window = ctx.args
-        do = do if do.stride(-1) == 1 else do.contiguous()
-        dq, dk, dv = _triton_backward(
-            do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None
+        plan, scale, window = ctx.args
+        do = do if do.stride(-1) == 1 and do.stride(0) < MAX_TOKEN_STRIDE else do.contiguous()
+        dq, dk, dv = _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, scale, window)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public op
 
 
-def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size):
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softmax_scale):
+    """Checks on shapes, dtypes, devices and arguments: nothing here reads a tensor's contents."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     check_tensor("q", q, ndim=3, dtypes=dtypes)
     check_tensor("k", k, ndim=3, dtypes=dtypes)
@@ -443,23 +644,38 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     kv_heads = k.shape[1]
     if kv_heads == 0 or heads % kv_heads != 0:
         raise ValueError(f"q's heads ({heads}) must be a multiple of k's kv heads ({kv_heads})")
-    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], device)
-    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], device)
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu, ndim=1, dtypes=(torch.int32,))
+        if cu.numel() < 1:
+            raise ValueError(f"{name} must have at least one element (batch + 1), got 0")
+        if cu.device != device:
+            raise ValueError(f"{name} is on {cu.device} but the data is on {device}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {cu_seqlens_q.numel()} "
             f"and {cu_seqlens_k.numel()} entries"
         )
-    for name, cu, given in (("max_seqlen_q", cu_seqlens_q, max_seqlen_q), ("max_seqlen_k", cu_seqlens_k, max_seqlen_k)):
-        longest = int(cu.diff().max()) if cu.numel() > 1 else 0
-        try:
-            too_short = operator.index(given) < longest  # ints, numpy ints and 0-d integer tensors
-        except TypeError:
-            too_short = True
-        if too_short:
-            raise ValueError(f"{name} must be an int >= the longest sequence ({longest}), got {given!r}")
     if len(window_size) != 2 or not all(isinstance(w, int) and w >= -1 for w in window_size):
         raise ValueError(f"window_size must be two ints >= -1 (-1: unbounded), got {window_size!r}")
+    if softmax_scale is not None:
+        try:
+            scale = float(softmax_scale)
+        except (TypeError, ValueError):
+            scale = math.nan
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"softmax_scale must be a finite number > 0 (or None: 1/sqrt(head_dim)), "
+                             f"got {softmax_scale!r}")  # fmt: skip
+
+
+def _check_max_seqlen(name: str, given, longest: int) -> int:
+    """``max_seqlen_*``: an int between the longest sequence and the int32 limit of ``cu_seqlens``."""
+    try:
+        value = operator.index(given)  # ints, numpy ints and 0-d integer tensors
+    except TypeError:
+        value = None
+    if value is None or not longest <= value <= MAX_SEQLEN:
+        raise ValueError(f"{name} must be an int in [the longest sequence ({longest}), {MAX_SEQLEN}], got {given!r}")
+    return value
 
 
 def varlen_attention(
@@ -479,109 +695,32 @@ def varlen_attention(
 
     q ``(total_q, heads, head_dim)``, k/v ``(total_k, kv_heads, head_dim)`` (fp16, bf16 or
     fp32; ``heads % kv_heads == 0``; head_dim a multiple of 8 up to 256), cu_seqlens int32
-    ``(batch + 1,)``. Returns ``out`` (q's dtype, q's shape) and, with ``return_lse``, also
-    the fp32 log-sum-exp ``(heads, total_q)`` (``-inf`` for rows that see no key).
+    ``(batch + 1,)``; ``softmax_scale`` a finite number > 0 (default ``1/sqrt(head_dim)``).
+    Returns ``out`` (q's dtype, q's shape) and, with ``return_lse``, also the fp32
+    log-sum-exp ``(heads, total_q)`` (``-inf`` for rows that see no key).
     Differentiable in q, k and v. CUDA tensors run the Triton kernels, CPU tensors the
     blockwise PyTorch implementation (or the kernels under ``TRITON_INTERPRET=1``).
+    The contents of ``cu_seqlens_q/k`` are read (and checked) once per pair of tensors: pass
+    the same tensors to every layer of a step, and do not edit them in place under
+    ``torch.inference_mode`` (such tensors are re-read on every call).
     """
-    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size)
-    max_seqlen_q, max_seqlen_k = operator.index(max_seqlen_q), operator.index(max_seqlen_k)
+    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softmax_scale)
+    plan = batch_plan(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q, plan.longest_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k, plan.longest_k)
+    if plan.longest_q + plan.longest_k > MAX_BAND:
+        raise ValueError(f"the longest query plus key sequence must be at most {MAX_BAND} tokens, "
+                         f"got {plan.longest_q} + {plan.longest_k}")  # fmt: skip
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[2])
-    left, right = window_size
-    window_left = left if left >= 0 else UNBOUNDED
-    window_right = 0 if causal else (right if right >= 0 else UNBOUNDED)
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    window_left, window_right = plan.window(window_size[0], 0 if causal else window_size[1])
+    # the kernels take 32-bit offsets inside a tile: unit head-dim stride, token strides below the limit
+    q, k, v = (t if t.stride(-1) == 1 and t.stride(0) < MAX_TOKEN_STRIDE else t.contiguous() for t in (q, k, v))
 
     backend = select_backend(q.device)
     if backend == "triton":
         out, lse = TritonVarlenAttention.apply(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right
+            q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window_left, window_right
         )
     else:
         out, lse = BlockwiseAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right)
     return (out, lse) if return_lse else out
-
-
-def compile_specs() -> list[CompileSpec]:
-    """Every (kernel, dtype, head_dim) build the launchers may pick on sm_90 and sm_80, for the compile report.
-
-    A config both tile tables share is one spec for both targets. Pointers and the token/head
-    strides (multiples of head_dim, so of 16 here) are declared aligned, as the Triton JIT
-    specializes them at launch: without that hint the loads are neither vectorized nor pipelined.
-    """
-    specs = []
-    for dtype, ty in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
-        hot = dtype != torch.float32  # training runs bf16/fp16; fp32 is the exact-but-slow path
-        for head_dim in (64, 96, 128, 256):
-            by_table = {table: _configs(head_dim, dtype, table) for table in sorted(TILES, reverse=True)}
-            shared = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
-            dot = {"DOT_PRECISION": _dot_precision(dtype)}
-            for name, fn, pointers in (
-                ("fwd", _attn_fwd, ("Q", "K", "V", "Out")),
-                ("dkdv", _attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV")),
-                ("dq", _attn_bwd_dq, ("Q", "K", "V", "DO", "DQ")),
-            ):
-                archs_of_config = {}
-                for table, cfgs in by_table.items():
-                    archs_of_config.setdefault(tuple(cfgs[name].items()), []).append(table)
-                for config, archs in archs_of_config.items():
-                    cfg = dict(config)
-                    warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                    constexprs = {**shared, **cfg, **dot}
-                    signature = _signature(fn, pointers, ty, constexprs)
-                    specs.append(
-                        CompileSpec(
-                            name=f"attention_{name}_{ty}_d{head_dim}",
-                            fn=fn,
-                            signature=signature,
-                            constexprs=constexprs,
-                            num_warps=warps,
-                            num_stages=stages,
-                            hot=hot,
-                            archs=tuple(archs),
-                            aligned=_aligned(signature),
-                        )
-                    )
-            constexprs = {**shared, "BLOCK_M": DELTA_BLOCK_M}
-            signature = _signature(_attn_bwd_delta, ("Out", "DO"), ty, constexprs)
-            specs.append(
-                CompileSpec(
-                    name=f"attention_delta_{ty}_d{head_dim}",
-                    fn=_attn_bwd_delta,
-                    signature=signature,
-                    constexprs=constexprs,
-                    num_warps=4,
-                    num_stages=1,
-                    hot=False,
-                    aligned=_aligned(signature),
-                )
-            )
-    return specs
-
-
-def _aligned(signature: dict[str, str]) -> tuple[str, ...]:
-    """Pointers and token/head strides (multiples of head_dim); lse/delta rows are strided by total_q."""
-    return tuple(
-        name
-        for name, ty in signature.items()
-        if ty.startswith("*") or (name.startswith("stride_") and name not in ("stride_lh", "stride_dh"))
-    )
-
-
-def _signature(fn, data_pointers, ty: str, constexprs: dict) -> dict[str, str]:
-    """Triton type strings for ``fn``'s arguments: data pointers in ``ty``, lse/delta fp32."""
-    types = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            types[name] = "constexpr"
-        elif name in data_pointers:
-            types[name] = f"*{ty}"
-        elif name in ("Lse", "Delta"):
-            types[name] = "*fp32"
-        elif name.startswith("cu_seqlens"):
-            types[name] = "*i32"
-        elif name in ("qk_scale_log2", "softmax_scale"):
-            types[name] = "fp32"
-        else:
-            types[name] = "i32"
-    return types
