@@ -148,7 +148,7 @@ class AgreeableJudge(Judge):
     """An in-process judge that accepts one phrasing."""
 
     async def _ask(self, session, messages):
-        return "[[YES]]" if "Answer 1: the same as the gold" in messages[-1]["content"] else "[[NO]]"
+        return "[[YES]]" if 'Answer 1: "the same as the gold"' in messages[-1]["content"] else "[[NO]]"
 
 
 def test_judge_rescues_count_as_accurate(qwen):
