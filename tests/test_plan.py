@@ -33,6 +33,7 @@ L1_32B, L15, TINY = CONFIGS / "qwenlong-l1-32b.yaml", CONFIGS / "qwenlong-l1.5.y
     ("Qwen/Qwen3-30B-A3B-Thinking-2507", 30.5e9),
     ("Qwen/Qwen2.5-7B", 7.61e9),
     ("meta-llama/Llama-3.1-8B", 8.03e9),
+    ("Qwen/Qwen3-8B", 8.19e9),
 ])
 def test_known_models_match_published_parameter_counts(name, published):
     assert abs(known_model(name).params - published) / published < 0.005

@@ -110,6 +110,9 @@ _QWEN3_30B_A3B = {"model_type": "qwen3_moe", "num_hidden_layers": 48, "hidden_si
                   "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "vocab_size": 151936,
                   "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
                   "tie_word_embeddings": False, "attention_bias": False}
+_QWEN3_8B = {"model_type": "qwen3", "num_hidden_layers": 36, "hidden_size": 4096, "intermediate_size": 12288,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+             "tie_word_embeddings": False, "attention_bias": False}
 _LLAMA31_8B = {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
                "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                "tie_word_embeddings": False, "attention_bias": False}
@@ -124,6 +127,8 @@ KNOWN_MODELS: dict[str, dict] = {
     "Qwen/Qwen3-30B-A3B": _QWEN3_30B_A3B,
     "Qwen/Qwen3-30B-A3B-Thinking-2507": _QWEN3_30B_A3B,
     "Qwen/Qwen3-30B-A3B-Instruct-2507": _QWEN3_30B_A3B,
+    "Qwen/Qwen3-8B": _QWEN3_8B,
+    "Qwen/Qwen3-8B-Base": _QWEN3_8B,
     "meta-llama/Llama-3.1-8B": _LLAMA31_8B,
     "meta-llama/Llama-3.1-8B-Instruct": _LLAMA31_8B,
 }

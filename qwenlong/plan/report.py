@@ -78,6 +78,9 @@ def _training_problem(shape: ModelShape, s: Settings, dev: Device, stage: str) -
     budget = _largest_budget(shape, s, dev, stage, tokens)
     if budget and budget * s.sp >= longest:
         fixes.append(f"{key}={budget}")
+    elif budget:
+        limit = "sft.max_seq_len" if stage == "sft" else "the phases' max_input_tokens + max_output_tokens"
+        fixes.append(f"{key}={budget} with {limit} at most {budget * s.sp}")
     for sp in range(s.sp + 1, s.world + 1):  # the same packed length per SP group over more ranks
         if s.world % sp or shape.heads % sp:
             continue
@@ -180,8 +183,8 @@ def format_plan(plan: Plan) -> str:
         if plan.rl.generate:
             out += ["", "RL generation peak per device:"] + _table(plan.rl.generate, "total")
     if plan.sft is not None:
-        out += ["", f"SFT training peak per device ({s.sft_tokens_per_rank} tokens/rank): "
-                f"{_gib(plan.sft.train_bytes)} (no rollout engine)"]
+        out += ["", f"SFT training peak per device ({s.sft_tokens_per_rank} tokens/rank, no rollout engine):"]
+        out += _table(plan.sft.train, "total")
     out += ["", "verdict: " + plan.verdict()]
     out += [f"  also: {p.reason}; {p.fix}" for p in plan.problems[1:]]
     if plan.parts:
