@@ -107,6 +107,7 @@ def test_json_records_are_written_atomically_and_a_corrupt_one_is_named(tmp_path
         write_json(path, {"done": ["sft", "rl:short"] * 1000})
     monkeypatch.undo()
     assert read_json(path) == {"done": ["sft"]}  # the old record, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["pipeline.json"]  # and no temporary file left behind
     path.write_text('{"done": ["sft", "rl')
     with pytest.raises(CheckpointError, match=rf"{path}: corrupt JSON"):
         read_json(path)

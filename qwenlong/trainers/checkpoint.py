@@ -74,11 +74,15 @@ def write_json(path: str | Path, value: Any) -> None:
     """Write ``value`` as JSON atomically: a temporary file beside ``path``, flushed, then renamed over it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(value, indent=1))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(value, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: the old file stays, and no temporary file is left
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: str | Path) -> Any:
