@@ -5,6 +5,9 @@ Examples::
     qwenlong eval --model PATH --data-dir benchmarks/docqa --out results/eval
     qwenlong eval --api-url http://127.0.0.1:8000/v1 --api-model NAME --data docmath=docmath.jsonl
     qwenlong eval --synthetic 8 --out /tmp/smoke      # tiny random model on synthetic data (CPU smoke test)
+    qwenlong eval --run runs/tiny                     # a run's exported models, on its held-out split as it did
+    qwenlong eval --model runs/tiny/export/rl-long-docs   # one of them (its qwenlong.json names the run)
+    qwenlong eval --run runs/tiny --data-dir benchmarks/docqa   # ... or on the benchmarks
 """
 
 from __future__ import annotations
@@ -15,10 +18,18 @@ from typing import Any
 
 from qwenlong.eval.benchmarks import BENCHMARKS, find_benchmark_files, load_benchmark
 
+# the protocol flags' defaults outside a run's held-out split
+METHOD_PROTOCOL = {"max_input_tokens": 120_000, "temperature": 0.7, "top_p": 0.95, "seed": 0, "samples": 1,
+                   "batch_size": 8, "out": "results/eval"}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model (one of)")
-    model.add_argument("--model", help="HF model directory, generated in-process")
+    model.add_argument("--model", help="HF model directory, generated in-process (one `qwenlong export` wrote, "
+                                       "without --data/--data-dir: on its run's held-out split, as --run)")
+    model.add_argument("--run", help="a run folder (output.dir): its exported models (export/*; or --model, "
+                                     "--api-url), on its held-out split with its eval settings and seed unless "
+                                     "--data/--data-dir is given; results under RUN/eval/exported/<model>")
     model.add_argument("--api-url", help="OpenAI-compatible server (e.g. `vllm serve`), base URL ending in /v1")
     model.add_argument("--api-model", help="model name on that server")
     model.add_argument("--api-key", default=os.environ.get("QWENLONG_API_KEY"))
@@ -35,15 +46,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="smoke mode: N synthetic items per task (a tiny random model unless --model is given)")
     data.add_argument("--limit", type=int, help="at most this many items per benchmark")
 
-    protocol = parser.add_argument_group("protocol (defaults: method.md section 5)")
-    protocol.add_argument("--max-input-tokens", type=int, default=120_000)
+    protocol = parser.add_argument_group("protocol (defaults: method.md section 5; on a run's held-out split, "
+                                         "the run's eval settings and seed)")
+    protocol.add_argument("--max-input-tokens", type=int, help=f"default {METHOD_PROTOCOL['max_input_tokens']}")
     protocol.add_argument("--max-new-tokens", type=int, help="default 10000 (32 in smoke mode)")
-    protocol.add_argument("--temperature", type=float, default=0.7)
-    protocol.add_argument("--top-p", type=float, default=0.95)
-    protocol.add_argument("--seed", type=int, default=0)
-    protocol.add_argument("--samples", type=int, default=1, metavar="K",
-                          help="answers per item; accuracy is their mean (avg@K)")
-    protocol.add_argument("--batch-size", type=int, default=8)
+    protocol.add_argument("--temperature", type=float, help=f"default {METHOD_PROTOCOL['temperature']}")
+    protocol.add_argument("--top-p", type=float, help=f"default {METHOD_PROTOCOL['top_p']}")
+    protocol.add_argument("--seed", type=int, help=f"default {METHOD_PROTOCOL['seed']}")
+    protocol.add_argument("--samples", type=int, metavar="K",
+                          help="answers per item; accuracy is their mean (avg@K); default 1")
+    protocol.add_argument("--batch-size", type=int, help=f"default {METHOD_PROTOCOL['batch_size']}")
 
     agent = parser.add_argument_group("agent (QwenLong-L1.5's memory agent: documents past the model's window)")
     agent.add_argument("--agent", choices=("none", "memory"), default="none",
@@ -59,8 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     judge.add_argument("--no-judge", action="store_true", help="score by rules alone")
     judge.add_argument("--faithful", action="store_true", help="the release's rules exactly (no length guard)")
 
-    parser.add_argument("--out", default="results/eval", help="output directory (results.json, results.md, "
-                                                              "predictions.jsonl)")
+    parser.add_argument("--out", help="output directory, default results/eval (results.json, results.md, "
+                                      "predictions.jsonl)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -124,8 +136,13 @@ def run(args: argparse.Namespace) -> int:
     from qwenlong.eval.generation import Sampling, openai_generate_fn
     from qwenlong.eval.harness import evaluate
 
+    if args.run is None and args.model and not (args.data or args.data_dir or args.synthetic is not None):
+        args.run = _exporting_run(args.model)  # a folder `qwenlong export` wrote: its run's held-out split
+    if args.run is not None:
+        return evaluate_run(args)
+    _method_protocol(args)
     if bool(args.model) + bool(args.api_url) + (args.synthetic is not None and not args.model) != 1:
-        raise ValueError("give exactly one of --model, --api-url or --synthetic")
+        raise ValueError("give exactly one of --model, --api-url or --synthetic (or --run)")
     if args.agent == "memory" and args.api_url:
         raise ValueError("--agent memory: needs --model or --synthetic (the agent drives an in-process engine)")
     sampling = Sampling(max_new_tokens=args.max_new_tokens or (32 if args.synthetic else 10_000),
@@ -181,6 +198,105 @@ def _hf_generate(args: argparse.Namespace, model: Any, tokenizer: Any, sampling:
                               pad_token_id=tokenizer.pad_token_id, max_batch_size=args.batch_size)
     agent = MemoryAgent(engine, tokenizer, config)
     return memory_agent_generate_fn(agent, seed=sampling.seed)
+
+
+def _method_protocol(args: argparse.Namespace) -> None:
+    """The method's defaults for the protocol flags not given."""
+    for key, value in METHOD_PROTOCOL.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _exporting_run(folder: str) -> str | None:
+    """The run folder an exported model came from (its ``qwenlong.json``), when that folder is still there."""
+    from pathlib import Path
+
+    from qwenlong.pipeline.export import INFO_FILE, export_info
+
+    if not (Path(folder) / INFO_FILE).is_file():
+        return None
+    run = export_info(folder).get("run")
+    return run if run and (Path(run) / "config.yaml").is_file() else None
+
+
+def evaluate_run(args: argparse.Namespace) -> int:
+    """``--run``: each of a run's exported models (or ``--model`` / ``--api-url``). On the run's held-out split
+    (no ``--data``/``--data-dir``) with the run's protocol, the one ``qwenlong.pipeline.run.evaluate_heldout``
+    ran (its eval settings, seed, batching and reward; protocol flags given override them), so a stage's
+    exported folder gives the report's answers again; otherwise on the benchmarks with the method's defaults."""
+    import dataclasses
+    from pathlib import Path
+
+    from qwenlong.eval.generation import Sampling, hf_generate_fn, openai_generate_fn
+    from qwenlong.eval.harness import evaluate
+    from qwenlong.pipeline import build
+    from qwenlong.pipeline.export import INFO_FILE, export_info, exported_folders, read_run
+    from qwenlong.pipeline.run import (
+        EVAL_BATCH_SIZE,
+        GENERATION_ATTENTION,
+        build_eval_reward,
+        evaluate_heldout,
+        heldout_sampling,
+    )
+
+    if args.synthetic is not None or args.agent != "none":
+        raise ValueError("--run: evaluates on the run's held-out split or on --data/--data-dir, "
+                         "not with --synthetic or --agent")
+    if args.model and args.api_url:
+        raise ValueError("give at most one of --model and --api-url with --run")
+    run_dir = Path(args.run)
+    cfg, record = read_run(run_dir)
+    heldout = not (args.data or args.data_dir)
+    if heldout:
+        given = {"max_input_tokens": args.max_input_tokens, "max_output_tokens": args.max_new_tokens,
+                 "temperature": args.temperature, "top_p": args.top_p, "samples_per_prompt": args.samples}
+        protocol = dataclasses.replace(cfg.eval, **{k: v for k, v in given.items() if v is not None})
+        cfg = dataclasses.replace(cfg, seed=cfg.seed if args.seed is None else args.seed, eval=protocol)
+        args.batch_size = args.batch_size or EVAL_BATCH_SIZE
+    else:
+        _method_protocol(args)
+    if args.api_url:
+        if not args.api_model:
+            raise ValueError("--api-model: required with --api-url")
+        models: list[tuple[str, Path | None]] = [(args.api_model.replace("/", "_"), None)]
+    elif args.model:
+        models = [(Path(args.model).name, Path(args.model))]
+    else:
+        models = [(folder.name, folder) for folder in exported_folders(run_dir)]
+        if not models:
+            raise ValueError(f"--run: {run_dir} has no exported model (export/*/{INFO_FILE}); "
+                             f"write one with `qwenlong export --run {run_dir} --out {run_dir}/export/NAME`")
+    out_root = Path(args.out) if args.out else run_dir / "eval" / "exported"
+    rows = []
+    for name, folder in models:
+        sampling = heldout_sampling(cfg) if heldout else Sampling(args.max_new_tokens or 10_000, args.temperature,
+                                                                  args.top_p, seed=args.seed)
+        if folder is None:
+            tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else build.build_tokenizer(cfg, run_dir)
+            generate = openai_generate_fn(args.api_url, args.api_model, api_key=args.api_key, sampling=sampling)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            tokenizer = _load_tokenizer(args.tokenizer or str(folder))
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=args.dtype).to(args.device).eval()
+            generate = hf_generate_fn(model, tokenizer, sampling, max_batch_size=args.batch_size,
+                                      generation_attention=GENERATION_ATTENTION)
+        if heldout:
+            reward = _reward(args) if args.no_judge or args.judge_url else build_eval_reward(cfg)
+            report = evaluate_heldout(cfg, tokenizer, generate, reward, progress=not args.no_progress,
+                                      batch_size=args.batch_size)
+        else:
+            report = evaluate(_datasets(args), generate, tokenizer, reward=_reward(args),
+                              max_input_tokens=args.max_input_tokens, batch_size=args.batch_size,
+                              progress=not args.no_progress, samples_per_prompt=args.samples)
+        report.write(out_root / name)
+        label = export_info(folder).get("eval_label") if folder is not None and (folder / INFO_FILE).is_file() else None
+        reported = record.get("evals", {}).get(label, {}).get("average") if heldout and label else None
+        rows.append(f"| {name} | {report.average:.1f} | {'' if reported is None else f'{reported:.1f} ({label})'} |")
+        print(f"{name}:\n{report.to_markdown()}")
+    print("| model | accuracy (%) | the run's report |\n|---|---|---|\n" + "\n".join(rows))
+    print(f"wrote {out_root}/<model>/results.json, results.md, predictions.jsonl")
+    return 0
 
 
 def _load_tokenizer(path: str) -> Any:
