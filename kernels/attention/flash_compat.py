@@ -2,10 +2,17 @@
 
 Code written for ``flash_attn`` switches by changing one import. Options we do not
 implement raise ``ValueError`` rather than being silently ignored. Our backward is always
-deterministic, so ``deterministic`` is accepted either way.
+deterministic (no atomics), so ``deterministic`` is accepted either way and changes nothing.
+A head size that is not a multiple of 8 is zero-padded to one, run and sliced back, as
+FlashAttention 2 does (the default scale stays ``1/sqrt`` of the unpadded size).
 """
 
 from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
 
 from .varlen import varlen_attention
 
@@ -42,6 +49,11 @@ def flash_attn_varlen_func(
         raise ValueError("alibi_slopes must be None: ALiBi is not supported")
     if block_table is not None:
         raise ValueError("block_table must be None: a paged KV cache is not supported")
+    head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() else None
+    if head_dim and head_dim % 8 and all(isinstance(t, torch.Tensor) and t.shape[-1] == head_dim for t in (k, v)):
+        if softmax_scale is None:
+            softmax_scale = 1.0 / math.sqrt(head_dim)
+        q, k, v = (F.pad(t, (0, -head_dim % 8)) for t in (q, k, v))  # zeros add nothing to q.k, and 0 to o
     result = varlen_attention(
         q,
         k,
@@ -55,7 +67,7 @@ def flash_attn_varlen_func(
         window_size=tuple(window_size),
         return_lse=return_attn_probs,
     )
-    if return_attn_probs:
-        out, lse = result
-        return out, lse, None
-    return result
+    out, lse = result if return_attn_probs else (result, None)
+    if head_dim and out.shape[-1] != head_dim:
+        out = out[..., :head_dim]
+    return (out, lse, None) if return_attn_probs else out

@@ -659,8 +659,8 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softmax_scal
         raise ValueError(f"window_size must be two ints >= -1 (-1: unbounded), got {window_size!r}")
     if softmax_scale is not None:
         try:
-            scale = float(softmax_scale)
-        except (TypeError, ValueError):
+            scale = math.nan if isinstance(softmax_scale, (str, bytes)) else float(softmax_scale)
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one element
             scale = math.nan
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"softmax_scale must be a finite number > 0 (or None: 1/sqrt(head_dim)), "
