@@ -246,11 +246,16 @@ def _grpo_batch(vocab: int):
     }
 
 
-@pytest.mark.parametrize("loss_type,entropy_coef,on_policy", [
-    ("grpo", 0.0, False), ("bnpo", 0.01, False), ("dr_grpo", 0.0, False), ("dapo", 0.0, False), ("dapo", 0.0, True),
+@pytest.mark.parametrize("loss_type,entropy_coef,on_policy,vllm_is", [
+    ("grpo", 0.0, False, None), ("bnpo", 0.01, False, None), ("dr_grpo", 0.0, False, None),
+    ("dapo", 0.0, False, None), ("dapo", 0.0, True, None),
+    ("dapo", 0.0, False, "token"), ("grpo", 0.0, False, "sequence"), ("bnpo", 0.01, False, "token"),
 ])
-def test_trl_loss_and_grads_equal_trl_own_loss(grpo_trainer, loss_type, entropy_coef, on_policy):
-    """on_policy: no old log-probs in the batch, so both sides take the current ones (ratio exactly 1)."""
+def test_trl_loss_and_grads_equal_trl_own_loss(grpo_trainer, monkeypatch, loss_type, entropy_coef, on_policy,
+                                               vllm_is):
+    """on_policy: no old log-probs in the batch, so both sides take the current ones (ratio exactly 1).
+    vllm_is: TRL's vLLM importance-sampling correction is on and the batch carries TRL's trainer-vs-vLLM
+    ratio, per token (some tokens masked to 0, as its *_mask modes do) or per sequence."""
     from trl import GRPOTrainer
 
     trainer, model = grpo_trainer, grpo_trainer.model
@@ -260,6 +265,13 @@ def test_trl_loss_and_grads_equal_trl_own_loss(grpo_trainer, loss_type, entropy_
     inputs = _grpo_batch(model.config.vocab_size)
     if on_policy:
         del inputs["old_per_token_logps"]
+    if vllm_is is not None:
+        monkeypatch.setattr(trainer, "use_vllm", True)
+        monkeypatch.setattr(trainer, "vllm_importance_sampling_correction", True)
+        generator = torch.Generator().manual_seed(4)
+        width = inputs["completion_ids"].shape[1] if vllm_is == "token" else 1
+        ratio = torch.rand(4, width, generator=generator) * 1.5 + 0.25
+        inputs["importance_sampling_ratio"] = ratio.masked_fill(torch.rand(4, width, generator=generator) < 0.2, 0)
     losses, grads = [], []
     for compute_loss in (GRPOTrainer._compute_loss, type(trainer)._compute_loss):  # TRL's, then ours
         model.zero_grad()
@@ -301,9 +313,9 @@ def test_trl_grpo_trains_a_few_steps(tiny_checkpoint, tmp_path):
 def test_trl_unsupported_settings_raise(tmp_path, setting, match):
     from qwenlong.integrations.trl import check_supported_config
 
-    check_supported_config(_trl_config(tmp_path), vllm_is_correction=False)
+    check_supported_config(_trl_config(tmp_path))
     with pytest.raises(ValueError, match=match):
-        check_supported_config(_trl_config(tmp_path, **setting), vllm_is_correction=False)
+        check_supported_config(_trl_config(tmp_path, **setting))
 
 
 # -------------------------------------------------------------------------------------------- verl

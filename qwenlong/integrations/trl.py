@@ -19,7 +19,10 @@ gradient accumulation included), ``importance_sampling_level="token"``, ``epsilo
 ``epsilon_high``, ``delta`` (TRL's two-sided clip equals a dual clip at ``delta`` when
 ``delta > 1 + epsilon_high``), ``beta`` (k3 KL against TRL's reference log-probs), a static
 ``entropy_coef`` with ``loss_type="bnpo"`` (where TRL's entropy mean and the policy term share
-one normalizer), ``tool_mask``. Anything else raises ``ValueError`` at construction.
+one normalizer), ``tool_mask``, and with ``use_vllm`` TRL's ``vllm_importance_sampling_correction``
+in every ``vllm_importance_sampling_mode`` (TRL computes the trainer-vs-vLLM ratio; the policy
+term of each token is weighted by it, the KL term is not, as in TRL). Anything else raises
+``ValueError`` at construction.
 Logged metrics: ``kl``, ``entropy`` (only when the entropy bonus is on: it is computed only
 then), ``clip_ratio/{low,high,region}_mean``; TRL's per-sequence clip extremes are not logged.
 """
@@ -31,11 +34,18 @@ from trl import GRPOTrainer
 
 from qwenlong.integrations.hf import apply_qwenlong, lm_head_weight
 from qwenlong.kernels import grpo_loss, linear_logprobs
+from qwenlong.kernels.logprobs.policy_math import (
+    aggregate_tokens,
+    clip_fractions,
+    k3_kl,
+    masked_mean,
+    policy_loss_per_token,
+)
 
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
 
-def check_supported_config(args, vllm_is_correction: bool) -> None:
+def check_supported_config(args) -> None:
     """Raise ``ValueError`` for GRPOConfig settings whose loss :class:`QwenlongGRPOTrainer` does not reproduce."""
     epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
     unsupported = {
@@ -47,7 +57,6 @@ def check_supported_config(args, vllm_is_correction: bool) -> None:
         "top_entropy_quantile": (args.top_entropy_quantile < 1.0, "must be 1.0 (no high-entropy token mask)"),
         "use_bias_correction_kl": (args.beta != 0 and args.use_bias_correction_kl,
                                    "must be False when beta != 0 (the KL term is not weighted by the ratio)"),
-        "vllm_importance_sampling_correction": (vllm_is_correction, "is not supported with use_vllm"),
         "use_adaptive_entropy": (args.use_adaptive_entropy, "is not supported"),
         "entropy_coef": (args.entropy_coef != 0 and args.loss_type != "bnpo",
                          "needs loss_type='bnpo' (one normalizer for the policy term and the entropy mean)"),
@@ -55,6 +64,33 @@ def check_supported_config(args, vllm_is_correction: bool) -> None:
     problems = [f"{name} {why} (got {getattr(args, name)!r})" for name, (bad, why) in unsupported.items() if bad]
     if problems:
         raise ValueError("QwenlongGRPOTrainer: " + "; ".join(problems))
+
+
+def importance_weighted_grpo_loss(hidden, weight, targets, advantages, old_logprobs, is_weights, *, ref_logprobs,
+                                  clip_low, clip_high, dual_clip, kl_coef, entropy_coef, temperature, num_tokens):
+    """:func:`qwenlong.kernels.grpo_loss` over all the tokens given, with each token's policy term times
+    ``is_weights`` (TRL's vLLM importance-sampling correction): ``sum_t (w_t pg_t + kl_coef k3_t -
+    entropy_coef H_t) / n_t``. The same log-probs kernel, metrics and normalizer as ``grpo_loss``."""
+    with_entropy = entropy_coef != 0
+    logp = linear_logprobs(hidden, weight, targets, temperature, return_entropy=with_entropy)
+    if with_entropy:
+        logp, entropy = logp
+    advantages = advantages.float()
+    per_token, ratio = policy_loss_per_token(logp, old_logprobs.float(), advantages, clip_low, clip_high, dual_clip)
+    per_token = per_token * is_weights.float()
+    everything = torch.ones_like(targets, dtype=torch.bool)
+    metrics = {}
+    if ref_logprobs is not None:
+        kl = k3_kl(logp, ref_logprobs.float())
+        per_token = per_token + kl_coef * kl
+        metrics["kl_mean"] = masked_mean(kl.detach(), everything)
+    if with_entropy:
+        per_token = per_token - entropy_coef * entropy
+        metrics["entropy_mean"] = masked_mean(entropy.detach(), everything)
+    metrics["clip_frac_low"], metrics["clip_frac_high"] = (
+        masked_mean(fraction, everything) for fraction in clip_fractions(ratio.detach(), advantages, clip_low,
+                                                                         clip_high))
+    return aggregate_tokens(per_token, everything, num_tokens), metrics
 
 
 class QwenlongGRPOTrainer(GRPOTrainer):
@@ -67,7 +103,7 @@ class QwenlongGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, qwenlong_attention: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        check_supported_config(self.args, self.use_vllm and self.vllm_importance_sampling_correction)
+        check_supported_config(self.args)
         policy = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         apply_qwenlong(policy, attention=qwenlong_attention, fused_loss=False)
         if qwenlong_attention and self.ref_model is not None:
@@ -119,12 +155,17 @@ class QwenlongGRPOTrainer(GRPOTrainer):
             old_logprobs = old_logprobs[selected]
         ref_logprobs = inputs["ref_per_token_logps"][selected] if self.beta != 0.0 else None
         training = self.model.training
-        loss, metrics = grpo_loss(
-            hidden, weight, targets, advantages, old_logprobs, torch.ones_like(targets, dtype=torch.bool),
-            ref_logprobs=ref_logprobs, clip_low=self.epsilon_low, clip_high=self.epsilon_high,
-            dual_clip=self.args.delta, kl_coef=self.beta, entropy_coef=self.entropy_coef,
-            temperature=self.temperature, num_tokens=self._normalizer(mask, inputs, training),
-        )
+        settings = dict(ref_logprobs=ref_logprobs, clip_low=self.epsilon_low, clip_high=self.epsilon_high,
+                        dual_clip=self.args.delta, kl_coef=self.beta, entropy_coef=self.entropy_coef,
+                        temperature=self.temperature, num_tokens=self._normalizer(mask, inputs, training))
+        corrected = self.use_vllm and self.vllm_importance_sampling_correction
+        is_ratio = inputs.get("importance_sampling_ratio") if corrected else None
+        if is_ratio is None:
+            loss, metrics = grpo_loss(hidden, weight, targets, advantages, old_logprobs,
+                                      torch.ones_like(targets, dtype=torch.bool), **settings)
+        else:  # (batch, length) per token or (batch, 1) per sequence
+            loss, metrics = importance_weighted_grpo_loss(hidden, weight, targets, advantages, old_logprobs,
+                                                          is_ratio.expand_as(mask)[selected], **settings)
         mode = "train" if training else "eval"
         count = selected.sum().float()
         if "kl_mean" in metrics:
