@@ -17,6 +17,7 @@ pytest.importorskip("transformers")
 
 from qwenlong.config import RLConfig  # noqa: E402
 from qwenlong.curriculum import Phase  # noqa: E402
+from qwenlong.rewards import HybridReward  # noqa: E402
 from qwenlong.trainers import GRPOTrainer  # noqa: E402
 from qwenlong.trainers.grpo import Group, PromptExample  # noqa: E402
 
@@ -183,3 +184,165 @@ def test_advantage_modes(tmp_path, mode):
             rows = [i for i, g in enumerate(groups) if g.example.data_source == task]
             expected[rows] = centered[rows] / (rewards[rows].flatten().std() + cfg.advantage_eps)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- which prompts a step draws
+
+
+def test_prompt_sampler_draws_without_replacement_epoch_by_epoch():
+    from qwenlong.curriculum import PromptSampler
+
+    sampler = PromptSampler(["t"] * 10, key="k")
+    first = sampler.draw(4) + sampler.draw(4)
+    rest = sampler.draw(4)  # crosses into the second epoch
+    assert len(set(first)) == 8 and len(rest) == 4 and len(set(rest)) == 4
+    assert set(first) | set(rest[:2]) == set(range(10))  # the first epoch visits every prompt once
+    epoch = sampler.draw(10, exclude=set())
+    assert sorted(epoch) == list(range(10)) or len(set(epoch)) == 10
+    # one step never holds a prompt twice, whatever the rounds
+    step: set[int] = set()
+    for _ in range(5):
+        picks = sampler.draw(3, exclude=step)
+        assert not step & set(picks)
+        step |= set(picks)
+    assert len(step) == 10  # ran out: only 10 distinct prompts exist
+
+
+def test_prompt_sampler_resumes_exactly():
+    from qwenlong.curriculum import PromptSampler
+
+    straight = PromptSampler(["a", "b", "b", "c"] * 5, key="seed:phase", balanced=True)
+    for _ in range(3):
+        straight.draw(6)
+    state = straight.state_dict()
+    resumed = PromptSampler(["a", "b", "b", "c"] * 5, key="seed:phase", balanced=True)
+    resumed.load_state_dict(state)
+    for _ in range(4):
+        assert straight.draw(6) == resumed.draw(6)
+
+
+def test_task_balanced_draws_equal_counts_per_task():
+    from qwenlong.curriculum import PromptSampler
+
+    tasks = ["big"] * 40 + ["small"] * 4 + ["mid"] * 12
+    balanced = PromptSampler(tasks, key="k", balanced=True)
+    plain = PromptSampler(tasks, key="k", balanced=False)
+    for _ in range(5):
+        counts = {t: 0 for t in set(tasks)}
+        for i in balanced.draw(9):
+            counts[tasks[i]] += 1
+        assert counts == {"big": 3, "small": 3, "mid": 3}
+    plain_counts = {t: 0 for t in set(tasks)}
+    for _ in range(20):
+        for i in plain.draw(9):
+            plain_counts[tasks[i]] += 1
+    assert plain_counts["big"] > 3 * plain_counts["small"]  # the knob changes what is drawn
+
+
+class _ScriptedEngine:
+    """Every response is the same two tokens: every group's rewards are equal (all 0, no answer)."""
+
+    synced = False
+    model = None
+
+    def generate(self, prompts, params, on_complete=None):
+        from qwenlong.rollout import Completion
+
+        out = [[Completion([1, 2], [-0.5, -0.5], "stop") for _ in range(params.n)] for _ in prompts]
+        if on_complete is not None:
+            for i, group in enumerate(out):
+                on_complete(i, group)
+        return out
+
+
+def test_on_exhausted_error_raises_and_train_counts(tmp_path):
+    from qwenlong.config.schema import DynamicSamplingConfig
+
+    examples = [PromptExample(f"e{i}", [3, 4, 5], "synthetic_copy", ["x"]) for i in range(6)]
+    for mode in ("train", "error"):
+        cfg = RLConfig(group_size=2, gen_prompts_per_step=2, train_prompts_per_step=2, mini_batch_size=2,
+                       dynamic_sampling=DynamicSamplingConfig(enabled=True, max_rounds=2, on_exhausted=mode),
+                       phases=[Phase("p", 64, 8, steps=1)])
+        trainer = GRPOTrainer(tiny_model(seed=4), engine=_ScriptedEngine(), reward=HybridReward(), cfg=cfg,
+                              decode=str, output_dir=tmp_path / mode)
+        from qwenlong.curriculum import PromptSampler
+
+        sampler = PromptSampler([e.data_source for e in examples], key="k")
+        if mode == "error":
+            with pytest.raises(RuntimeError, match="on_exhausted"):
+                trainer.collect(cfg.phases[0], examples, 0, sampler)
+        else:
+            groups, metrics = trainer.collect(cfg.phases[0], examples, 0, sampler)
+            assert groups == [] and metrics["dynamic_sampling/exhausted"] == 1.0
+            assert metrics["dynamic_sampling/rounds"] == 2
+
+
+def test_log_every_steps_aggregates_rows(tmp_path):
+    from qwenlong.trainers.metrics_log import MetricsLogger
+
+    every = MetricsLogger(tmp_path / "a", every_steps=3)
+    each = MetricsLogger(tmp_path / "b")
+    for step in range(1, 8):
+        for logger in (every, each):
+            logger.log("rl/p", step, {"loss": float(step), "time_train": 1.0, "label": f"s{step}"}, flush=step == 7)
+    rows = every.records()
+    assert [r["step"] for r in rows] == [3, 6, 7]
+    assert [r["loss"] for r in rows] == [2.0, 5.0, 7.0]  # means
+    assert [r["time_train"] for r in rows] == [3.0, 3.0, 1.0]  # seconds add up
+    assert len(each.records()) == 7
+
+
+# ---------------------------------------------------------------------------- per-token math
+
+
+def test_masked_positions_never_reach_loss_or_gradient():
+    from qwenlong.kernels.logprobs.policy_math import aggregate_tokens, masked_mean, policy_loss_per_token
+
+    logp = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    old = logp.detach() + 0.1
+    old[0], old[3] = float("nan"), -float("inf")  # undefined values at masked positions
+    adv = torch.tensor([float("nan"), 1.0, -1.0, 2.0, 0.5, -0.5], dtype=torch.float64)
+    mask = torch.tensor([False, True, True, False, True, True])
+    loss, ratio = policy_loss_per_token(logp, old, adv)
+    for normalizer in (None, 4, torch.full((6,), 8.0, dtype=torch.float64)):
+        total = aggregate_tokens(loss, mask, normalizer)
+        (grad,) = torch.autograd.grad(total, logp, retain_graph=True)
+        assert torch.isfinite(total) and torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+    assert torch.isfinite(masked_mean(ratio, mask))
+    clean = aggregate_tokens(loss[mask], torch.ones(4, dtype=torch.bool), 4)
+    assert float(aggregate_tokens(loss, mask, 4)) == pytest.approx(float(clean), rel=1e-12)
+
+
+def test_k3_and_ratio_are_clamped():
+    from qwenlong.kernels.logprobs.policy_math import k3_kl, policy_loss_per_token
+
+    logp = torch.tensor([0.0, -50.0, -1.0], dtype=torch.float64)
+    ref = torch.tensor([-60.0, 0.0, -1.0], dtype=torch.float64)
+    kl = k3_kl(logp, ref)
+    assert torch.isfinite(kl).all() and float(kl.max()) <= 10.0 and float(kl[2]) == 0.0
+    _, ratio = policy_loss_per_token(torch.tensor([0.0]), torch.tensor([-1000.0]), torch.tensor([1.0]))
+    assert torch.isfinite(ratio).all()
+    loss, _ = policy_loss_per_token(torch.tensor([0.0, 0.0]), torch.tensor([-3.0, -3.0]),
+                                    torch.tensor([-1.0, -1.0]), dual_clip=3.0)
+    assert float(loss[0]) == pytest.approx(3.0)  # capped at c * |A| (the unclipped loss is e^3)
+
+
+def test_clip_ratio_c_changes_the_trainer_loss(tmp_path):
+    cfgs = [RLConfig(group_size=4, gen_prompts_per_step=3, train_prompts_per_step=3, mini_batch_size=3, lr=1e-3,
+                     clip_ratio_c=c, phases=[Phase("p", 64, 8, steps=1)]) for c in (None, 1.5)]
+    losses = []
+    for cfg in cfgs:
+        model = tiny_model(seed=5)
+        trainer = GRPOTrainer(model, engine=None, reward=None, cfg=cfg, decode=str, output_dir=tmp_path)
+        groups = make_groups(8, model, 1.0)
+        for g in groups:  # a stale engine: old log-probs far below the current ones make ratios huge
+            g.engine_logprobs = [[v - 3.0 for v in lp] for lp in g.engine_logprobs]
+        from qwenlong.trainers.grpo import RolloutBatch
+
+        batches = trainer._micro_batches(RolloutBatch.from_groups(groups, trainer._advantages(groups)))
+        trainer._old_logprobs(batches)
+        for b in batches:
+            b.token_values["old_logprobs"] = b.token_values["old_logprobs"] - 3.0
+        num_tokens = sum(int(b.mask.sum()) for b in batches)
+        losses.append(trainer.accumulate(batches, num_tokens, 12)["loss"])
+    assert losses[1] < losses[0]  # the dual clip caps the negative tokens' huge losses
