@@ -138,7 +138,7 @@ def _unwrap_commands(text: str) -> str:
     for piece in re.split(r"([{}])", text):
         if piece == "{":
             tail = out.tail()
-            name = next((w for w in _WRAPPERS if tail.endswith(w)), "")
+            name = next(w for w in _WRAPPERS if tail.endswith(w)) if tail.endswith(_WRAPPERS) else ""
             if name:
                 out.drop_tail(len(name))
             stack.append([out.append(name + "{"), bool(name), False])

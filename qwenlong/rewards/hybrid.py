@@ -22,7 +22,7 @@ from typing import Any
 from qwenlong.rewards.extract import gold_answer
 from qwenlong.rewards.judge.base import Judge, JudgeRequest
 from qwenlong.rewards.rules import RuleConfig, RuleResult, rule_config, rule_kind, rule_score
-from qwenlong.rewards.stats import ScoringStats
+from qwenlong.rewards.stats import ALWAYS_LOGGED, ScoringStats
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,8 @@ class HybridReward:
     def counters(self) -> dict[str, int]:
         """Every counter so far: the rules' (``score/...``), the judge's (``judge/...``) and the fallbacks.
         Monotonic: a step's share is the difference of two calls (``stats.counter_delta``)."""
-        return {**self.stats.snapshot(), **{f"judge/{k}": v for k, v in self.metrics().items()}}
+        return {**dict.fromkeys(ALWAYS_LOGGED, 0), **self.stats.snapshot(),
+                **{f"judge/{k}": v for k, v in self.metrics().items()}}
 
 
 def make_reward(judge: dict[str, Any] | Judge | None = None, rules: str = "default") -> HybridReward:

@@ -130,7 +130,8 @@ class ChatServer:
 
             def handle_one_request(self):
                 # the request line and headers must arrive within read_timeout in total: past it, the
-                # socket's reading side is shut, the pending read returns nothing and the connection closes
+                # socket's reading side is shut, so the pending read returns at once, and the client gets a 408
+                self._headers_late = False
                 self._header_timer = threading.Timer(server.read_timeout, self._give_up_reading)
                 self._header_timer.daemon = True
                 self._header_timer.start()
@@ -140,14 +141,20 @@ class ChatServer:
                     self._header_timer.cancel()
 
             def _give_up_reading(self):
+                self._headers_late = True
                 try:
                     self.connection.shutdown(socket.SHUT_RD)
                 except OSError:
                     pass
 
             def parse_request(self):
+                ok = super().parse_request()
                 self._header_timer.cancel()
-                return super().parse_request()
+                if ok and self._headers_late:
+                    late = f"the request headers did not arrive within {server.read_timeout} s"
+                    self._error(_RequestError(408, late), close=True)
+                    return False
+                return ok
 
             def _send(self, status: int, payload: dict[str, Any], close: bool = False) -> None:
                 body = json.dumps(payload).encode()

@@ -1,0 +1,317 @@
+"""Rewards against hostile responses: bounded time, never an exception, failures counted; the linear
+rewrites agree with the regexes they replace; the rules' guards against false negatives and cheap wins."""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+import time
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qwenlong.rewards import (
+    HybridReward,
+    RewardItem,
+    RuleConfig,
+    compute_score,
+    numeric,
+    rule_config,
+    set_default_reward,
+)
+from qwenlong.rewards.adapters import question_from_prompt
+from qwenlong.rewards.extract import strip_markdown, strip_markdown_reference
+from qwenlong.rewards.judge import Judge
+from qwenlong.rewards.rules import RuleKind, rule_score
+
+FREE, NUM = RuleKind.FREE_FORM, RuleKind.NUMERIC
+# Far above the < 0.5 s a 200 KB response takes (benchmarks/bench_reward_hostile.py measures it), far
+# below what the quadratic code took (5 s for 30 KB of " _x", 46 s for 20,000 nested \boxed{).
+BOUND_S = 5.0
+
+
+def said(answer: str) -> str:
+    return f"<think>\nreading\n</think>\n\nTherefore, the answer is {answer}."
+
+
+HOSTILE = {  # name: (data source, response, gold)
+    "5,000 digits": ("docmath", said("7" * 5000), "12"),
+    "4,200 digits e999": ("docmath", said("2" * 4200 + "e999"), "12"),
+    "emphasis 30 KB": ("musique", said(" _x" * 10000), "Paris"),
+    "emphasis 90 KB": ("musique", said(" _x" * 30000), "Paris"),
+    "boxed nested 20,000": ("musique", said("\\boxed{" * 20000 + "Lyon" + "}" * 20000), "Paris"),
+    "20,000 digits": ("docmath", said("9" * 20000), "12"),
+    "binomial": ("docmath", said("\\boxed{\\binom{10000000}{5000000}}"), "12"),
+    "factorial": ("docmath", said("$99999!$ = \\frac{1}{2}"), "12"),
+    "digit groups 200 KB": ("docmath", said("111," * 50000), "12"),
+    "power 200 KB": ("docmath", said("1" * 100 + " x 10^" + "10" * 100000), "12"),
+    "scientific 200 KB": ("docmath", said("1." + "1" * 200000 + "e1234"), "12"),
+    "fraction 200 KB": ("docmath", said("1" + " " * 200000 + "/"), "12"),
+    "answer is, 200 KB": ("hotpotqa", "<think>x</think>" + " the answer is" * 14000, "Paris"),
+    "braces 200 KB": ("hotpotqa", said("\\boxed{}" * 25000 + "{" + "{}" * 50000), "Paris"),
+}
+CONFIGS = {"default": RuleConfig(), "release": RuleConfig.faithful()}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_response_scores_zero_in_bounded_time_and_never_raises(name, config):
+    source, response, gold = HOSTILE[name]
+    reward = HybridReward(rule_config=CONFIGS[config])
+    start = time.perf_counter()
+    (result,) = reward.score([RewardItem(source, response, gold, "q")])
+    assert time.perf_counter() - start < BOUND_S
+    assert result.score == 0.0
+    counts = reward.counters()
+    assert counts["score/items"] == 1
+
+
+@pytest.mark.parametrize("response,reason", [(said("7" * 5000), "number_too_long"),
+                                             (said("2" * 4200 + "e999"), "number_too_long"),
+                                             (said("1/" + "3" * 150), "number_too_long")])
+def test_a_degenerate_number_is_a_counted_failure(response, reason):
+    reward = HybridReward(rule_config=RuleConfig.faithful())  # no answer-length cap: the parser must cope
+    (result,) = reward.score([RewardItem("docmath", response, "12", "q")])
+    assert result.score == 0.0 and result.prediction is None
+    assert reward.counters()["score/failures"] == 1 and reward.counters()[f"score/failures/{reason}"] == 1
+
+
+def test_an_answer_over_the_length_cap_is_rejected_and_never_judged():
+    class CountingJudge(Judge):
+        async def _ask(self, session, messages):
+            raise AssertionError("the judge must not be asked")
+
+    reward = HybridReward(CountingJudge(), RuleConfig(max_answer_chars=50))
+    (result,) = reward.score([RewardItem("docmath", said("Paris " * 20), "Paris", "Where?")])
+    assert result.score == 0.0 and result.judge_score is None
+    assert reward.counters()["score/rejected/too_long"] == 1 and reward.counters()["judge/calls"] == 0
+
+
+def test_an_unexpected_error_scores_zero_and_is_counted_by_type(monkeypatch):
+    def boom(text):
+        raise RecursionError("deep")
+
+    monkeypatch.setattr("qwenlong.rewards.rules.extract_answer", boom)
+    reward = HybridReward()
+    (result,) = reward.score([RewardItem("hotpotqa", said("Paris"), "Paris", "q")])
+    assert result.score == 0.0 and reward.counters()["score/failures/error/RecursionError"] == 1
+
+
+def test_data_errors_still_raise():
+    with pytest.raises(ValueError, match="data_source"):
+        HybridReward().score([RewardItem("nonsense", said("x"), "x", "q")])
+    with pytest.raises(ValueError, match="ground_truth"):
+        HybridReward().score([RewardItem("docmath", said("1"), "9" * 500, "q")])
+
+
+def _random_hostile(rng: random.Random, size: int) -> str:
+    pieces = [" _x", "_", "__", "\\boxed{", "\\text{", "}", "{", "1", "11,", "9" * 40, ".", "e", "x 10^", "/",
+              " ", "\n", "the answer is ", "**", "`", "’s", "—", "Paris", "$", "=", "\\frac{1}{2}", "or ", ", "]
+    out, length = [], 0
+    while length < size:
+        piece = rng.choice(pieces) * rng.choice([1, 1, 1, 10, 300])
+        out.append(piece)
+        length += len(piece)
+    return "".join(out)[:size]
+
+
+@pytest.mark.parametrize("source", ["hotpotqa", "docmath", "long_toc_choices"])
+def test_random_200kb_responses_score_in_bounded_time(source):
+    rng = random.Random(f"hostile:{source}")
+    gold = "B" if source == "long_toc_choices" else "12"
+    for config in CONFIGS.values():
+        reward = HybridReward(rule_config=config)
+        for _ in range(3):
+            response = "<think>x</think>" + _random_hostile(rng, 200_000)
+            start = time.perf_counter()
+            reward.score([RewardItem(source, response, gold, "q")])
+            assert time.perf_counter() - start < BOUND_S
+
+
+# --- the linear rewrites give the regexes' results ------------------------------------------
+
+_MARKDOWN_TOKENS = ["_", "__", " ", "\n", "a", "b", "\\", "x_", "\\boxed", "\\text", "\\textbf", "\\mathrm", "{", "}",
+                    "bo", "xed", "*", "1", "."]
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.sampled_from(_MARKDOWN_TOKENS), max_size=16))
+def test_strip_markdown_equals_the_regex_version(tokens):
+    text = "".join(tokens)
+    assert strip_markdown(text) == strip_markdown_reference(text)
+
+
+def test_strip_markdown_random_strings_equal_the_regex_version():
+    rng = random.Random(0)
+    for _ in range(20000):
+        text = "".join(rng.choice(_MARKDOWN_TOKENS) for _ in range(rng.randint(0, 24)))
+        assert strip_markdown(text) == strip_markdown_reference(text), text
+
+
+_NUMBER_CHARS = "0123456789,.eE+-x*^{}/ 10$=≈a"
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet=_NUMBER_CHARS, max_size=24))
+def test_parse_number_is_unchanged_by_the_linear_patterns(monkeypatch_text):
+    """The patterns skip starts right after a digit (linear time); without that skip (the original
+    patterns) parse_number gives the same number on every input."""
+    original = {name: re.compile(getattr(numeric, name).pattern.removeprefix(numeric._START))
+                for name in ("_POWER", "_SCIENTIFIC")}
+    fast = numeric.parse_number(monkeypatch_text)
+    saved = {name: getattr(numeric, name) for name in original}
+    try:
+        for name, pattern in original.items():
+            setattr(numeric, name, pattern)
+        slow = numeric.parse_number(monkeypatch_text)
+    finally:
+        for name, pattern in saved.items():
+            setattr(numeric, name, pattern)
+    assert fast == slow
+
+
+def test_latex_within_the_whitelist_still_parses():
+    assert numeric.parse_number("\\frac{3}{4}") == numeric.Fraction(3, 4)
+    assert numeric.parse_number("\\boxed{\\dfrac{1}{8}}") == numeric.Fraction(1, 8)
+    assert numeric.parse_number("\\sqrt{16}") == 4
+    assert numeric.parse_number("\\binom{10}{5}") == 10  # refused: the first plain number is read instead
+
+
+# --- rules: no false negatives, no cheap wins (issue 16, section 5) --------------------------
+
+# (response answer, gold, default score, release score)
+RULE_CASES = [
+    ("“Paris”", "Paris", 1.0, 1.0),  # curly quotes
+    ("Paris —", "Paris", 1.0, 1.0),  # em dash
+    ("«Zürich»…", "Zürich", 1.0, 1.0),
+    ("東京。", "東京", 1.0, 1.0),  # CJK full stop
+    ("the Paris–Roubaix race", "Paris–Roubaix", 1.0, 1.0),
+    ("Obama's", "Obama", 1.0, 1.0),  # possessive
+    ("Obama’s", "Obama", 1.0, 1.0),
+    ("Barack Obama’s", "Barack Obama", 1.0, 1.0),
+    ("apples", "apple", 1.0, 1.0),  # plural
+    ("boxes", "box", 1.0, 1.0),
+    ("Parisian", "Paris", 0.0, 1.0),  # a longer word is not a suffix
+    ("yes and no", "yes", 0.0, 1.0),  # both answers
+    ("Yes. No.", "no", 0.0, 1.0),
+    ("no", "no", 1.0, 1.0),
+    ("of", "University of Oxford", 0.0, 1.0),  # a stopword-only part of the gold
+    ("New", "New York City", 0.0, 1.0),  # a tiny part
+    ("Oxford", "University of Oxford", 1.0, 1.0),
+    ("Obama", "Barack Obama", 1.0, 1.0),
+    ("Paris, London, Berlin", "Paris", 0.0, 1.0),  # a list of candidates
+    ("Paris; Lyon; Nice; Lille", "Paris", 0.0, 1.0),
+    ("Paris or London or Rome", "Paris", 0.0, 1.0),
+    ("Tom, Dick and Harry", "Tom, Dick and Harry", 1.0, 1.0),  # a list gold allows its own length
+    ("the capital city of France, Paris", "Paris", 1.0, 1.0),
+    ("1,234,567", "1234567", 1.0, 1.0),  # thousands separators are no list
+]
+
+
+@pytest.mark.parametrize("answer,gold,default,release", RULE_CASES)
+def test_rules_default_and_release(answer, gold, default, release):
+    assert rule_score(FREE, said(answer), gold).score == default
+    assert rule_score(FREE, said(answer), gold, RuleConfig.faithful()).score == release
+
+
+def _release_sub_em(prediction: str, gold: str) -> float:
+    """The release's rule written out independently: SQuAD normalization, containment either way."""
+    def norm(text):
+        text = "".join(c for c in text.lower() if c not in set(string.punctuation))
+        return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+    pred, ref = norm(prediction), norm(gold)
+    return float(bool(pred) and bool(ref) and (ref in pred or pred in ref))
+
+
+@settings(max_examples=300, deadline=None)
+@given(answer=st.text(alphabet="ab “”—’'s,. -", max_size=12), gold=st.text(alphabet="ab s-’'", min_size=1, max_size=8))
+def test_release_rules_are_the_release_formula(answer, gold):
+    """RuleConfig.faithful() scores exactly the release's sub-EM on the extracted answer."""
+    response = said(answer)
+    from qwenlong.rewards.extract import extract_answer, final_segment
+
+    prediction = extract_answer(final_segment(response))
+    expected = _release_sub_em(prediction, gold) if prediction else 0.0
+    assert rule_score(FREE, response, gold, RuleConfig.faithful()).score == expected
+
+
+@pytest.mark.parametrize("knob,relaxed,strict,answer,gold", [
+    ("unicode_punctuation", True, False, "“Paris”", "Paris"),
+    ("refuse_yes_and_no", False, True, "yes and no", "yes"),
+    ("min_part_ratio", None, 0.5, "of", "University of Oxford"),
+    ("max_list_items", None, 2, "Paris, London, Berlin", "Paris"),
+    ("length_slack", 5, 0, "Paris is the one we want", "Paris"),
+    ("max_length_ratio", None, 3.0, "Parisian", "Paris"),
+    ("max_answer_chars", None, 3, "Paris", "Paris"),
+    ("require_think", False, True, "Paris", "Paris"),
+])
+def test_each_rule_knob_changes_a_decision(knob, relaxed, strict, answer, gold):
+    """From the release's rules with word-boundary matching (which the other guards refine), this knob
+    alone turns a 1 into a 0."""
+    response = said(answer) if knob != "require_think" else "Therefore, the answer is Paris."
+    release = replace(RuleConfig.faithful(), max_length_ratio=3.0)
+    assert rule_score(FREE, response, gold, replace(release, **{knob: relaxed})).score == 1.0
+    assert rule_score(FREE, response, gold, replace(release, **{knob: strict})).score == 0.0
+
+
+def test_rule_config_by_name():
+    assert rule_config("release") == RuleConfig.faithful()
+    assert rule_config("default") == RuleConfig()
+    with pytest.raises(ValueError, match="rules: expected one of"):
+        rule_config("strict")
+    with pytest.raises(ValueError, match="min_part_ratio"):
+        RuleConfig(min_part_ratio=0)
+
+
+def test_rejected_answers_are_not_judged_but_parts_are():
+    class RecordingJudge(Judge):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        async def _ask(self, session, messages):
+            self.seen.append(messages[-1]["content"])
+            return "[[NO]]"
+
+    judge = RecordingJudge()
+    reward = HybridReward(judge)
+    reward.score([RewardItem("hotpotqa", said(a), g, "Which?") for a, g in [
+        ("Paris, London, Berlin", "Paris"), ("yes and no", "yes"), ("of", "University of Oxford")]])
+    assert len(judge.seen) == 1 and 'Answer 1: "of"' in judge.seen[0]
+    assert reward.counters()["score/rejected/list"] == 1 and reward.counters()["score/rejected/yes_and_no"] == 1
+
+
+# --- the judge's question -------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt", [
+    "Read.\n\n<text>\ndoc\n</text>\n\nWho won?\n\nFormat your response as follows: \"Therefore, the answer is (x)\".",
+    "<text>doc</text>   Who won?   Format your response as follows:\"Therefore, the answer is X\"",
+    "<text>\ndoc\n</text>\r\n\r\nWho won?\r\n\r\nformat  your response like this: the answer is X.",
+    "<text>doc</text>\nWho won?\nFormat your response in this way: Therefore, the answer is ...",
+    "<text>doc</text>\n\nWho won?",
+])
+def test_question_from_verl_prompts_that_differ_from_our_template(prompt):
+    assert question_from_prompt(prompt) == "Who won?"
+
+
+def test_an_empty_question_is_never_sent_to_a_judge():
+    class Unreachable(Judge):
+        async def _ask(self, session, messages):
+            raise AssertionError("asked")
+
+    set_default_reward(HybridReward(Unreachable()))
+    try:
+        with pytest.raises(ValueError, match=r"extra_info: row 17 .*no question"):
+            compute_score("hotpotqa", said("Lyon"), "Paris", {"index": 17, "prompt": "<text>doc</text>\n\nFormat "
+                                                                               "your response as follows: x"})
+        with pytest.raises(ValueError, match=r"extra_info: row \?"):
+            compute_score("hotpotqa", said("Lyon"), "Paris")
+        assert compute_score("hotpotqa", said("Paris"), "Paris", {"question": "Where?"}) == 1.0
+    finally:
+        set_default_reward(None)
+    with pytest.raises(ValueError, match=r"question: item 1 \(data_source 'hotpotqa'"):
+        HybridReward(Unreachable()).score([RewardItem("hotpotqa", said("a"), "b", "q?"),
+                                           RewardItem("hotpotqa", said("a"), "b", "  ")])
