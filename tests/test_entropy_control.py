@@ -109,3 +109,179 @@ def test_dropped_tokens_carry_no_gradient():
     trained = (MASK & keep).tolist()
     for t, grad in enumerate(hidden.grad):
         assert (grad.abs().sum() > 0) == trained[t], t
+
+
+# ---------------------------------------------------------------------------- wired into the GRPO trainer
+
+VOCAB = 53
+
+
+def _tiny_model(seed: int):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from qwenlong.integrations.hf_attention import register
+
+    register()
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="qwenlong", dtype=torch.float32)
+
+
+def _groups(seed: int, num_groups: int = 3, group_size: int = 4):
+    import random
+
+    from qwenlong.trainers.grpo import Group, PromptExample
+
+    rng = random.Random(seed)
+    groups = []
+    for g in range(num_groups):
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(2, 8))]
+        responses = [[rng.randrange(VOCAB) for _ in range(rng.randint(2, 6))] for _ in range(group_size)]
+        rewards = [1.0, 0.0] + [float(rng.random() < 0.5) for _ in range(group_size - 2)]
+        groups.append(Group(PromptExample(f"ex{g}", prompt, "a", ["x"]), responses,
+                            [[-1.0] * len(r) for r in responses], rewards, rewards))
+    return groups
+
+
+def _trainer(model, tmp_path, **entropy_control):
+    from qwenlong.config import RLConfig
+    from qwenlong.config.schema import EntropyControlConfig
+    from qwenlong.curriculum import Phase
+    from qwenlong.trainers import GRPOTrainer
+
+    cfg = RLConfig(group_size=4, gen_prompts_per_step=3, train_prompts_per_step=3, mini_batch_size=3, lr=3e-2,
+                   grad_clip=1e9, temperature=0.8, entropy_control=EntropyControlConfig(**entropy_control),
+                   phases=[Phase("p", 64, 8, steps=1)])
+    trainer = GRPOTrainer(model, engine=None, reward=None, cfg=cfg, decode=str, output_dir=tmp_path)
+    trainer.backend.start(lr=cfg.lr, weight_decay=0.0, total_steps=10, warmup_steps=0, schedule="constant",
+                          grad_clip=cfg.grad_clip)
+    return trainer
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")
+
+
+def test_config_checks():
+    from qwenlong.config.schema import EntropyControlConfig
+
+    assert not EntropyControlConfig().enabled
+    with pytest.raises(ValueError, match="entropy_high"):
+        EntropyControlConfig(entropy_low=0.5)
+    with pytest.raises(ValueError, match="entropy_low"):
+        EntropyControlConfig(entropy_low=2.0, entropy_high=1.0)
+    with pytest.raises(ValueError, match="tau_sequence"):
+        EntropyControlConfig(tau_sequence=-1.0)
+
+
+def test_trainer_aepo_positive_only_trains_like_zeroed_negatives(tmp_path, torch_backend):
+    """Above entropy_high, the update equals one where every response but the positive ones has advantage 0."""
+    import copy
+
+    model = _tiny_model(1)
+    baseline = copy.deepcopy(model)
+    groups = _groups(4)
+    trainer = _trainer(model, tmp_path / "a", entropy_low=0.0, entropy_high=0.1)  # any real entropy is above
+    metrics = trainer.update(groups)
+    assert trainer.aepo_mode == "positive-only" and metrics["entropy_control/positive_only"] == 1.0
+    assert metrics["entropy_control/batch_entropy"] > 0.1
+
+    plain = _trainer(baseline, tmp_path / "b")
+    advantages = plain._advantages(groups)
+    rewards = torch.tensor([g.rewards for g in groups])
+    kept = (advantages > 0) & (rewards > 0)
+    assert metrics["entropy_control/responses_kept"] == int(kept.sum()) < kept.numel()
+    plain._advantages = lambda gs: advantages * kept
+    plain.update(groups)
+    for (name, p), (_, q) in zip(model.named_parameters(), baseline.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), _tiny_model(1).parameters(), strict=True))
+
+
+def test_trainer_token_level_clipping_counts_match_float64_entropies(tmp_path, torch_backend):
+    from qwenlong.algorithms import group_advantages
+
+    model = _tiny_model(2)
+    groups = _groups(5)
+    advantages = group_advantages(torch.tensor([g.rewards for g in groups]))
+    entropies, negative = [], []
+    with torch.no_grad():
+        for g, group_adv in zip(groups, advantages, strict=True):
+            for response, a in zip(g.responses, group_adv.tolist(), strict=True):
+                ids = torch.tensor([g.example.prompt_ids + response])
+                logits = model(ids).logits[0].double()[len(g.example.prompt_ids) - 1:-1] / 0.8
+                logp = torch.log_softmax(logits, -1)
+                entropies.append(-(logp.exp() * logp).sum(-1))
+                negative.append(a < 0)
+    tau = float(torch.cat([h for h, n in zip(entropies, negative, strict=True) if n]).median())
+    dropped = sum(int((h > tau).sum()) for h, n in zip(entropies, negative, strict=True) if n)
+    total = sum(len(h) for h in entropies)
+    trainer = _trainer(model, tmp_path, tau_token=tau)
+    metrics = trainer.update(groups)
+    assert 0 < dropped < sum(len(h) for h, n in zip(entropies, negative, strict=True) if n)
+    assert metrics["entropy_control/tokens"] == total
+    assert metrics["entropy_control/tokens_kept"] == total - dropped
+    assert metrics["entropy_control/positive_only"] == 0.0  # AEPO is off
+
+
+class _RandomEngine:
+    """Random responses (token ids and log-probs), ``n`` per prompt, seeded by the sampling params."""
+
+    synced = False
+
+    def generate(self, prompts, params, on_complete=None):
+        import random
+
+        from qwenlong.rollout import Completion
+
+        rng = random.Random(params.seed)
+        groups = [[Completion([rng.randrange(VOCAB) for _ in range(rng.randint(2, params.max_new_tokens))],
+                              [-1.0] * params.max_new_tokens, "length") for _ in range(params.n)] for _ in prompts]
+        for group in groups:
+            for c in group:
+                c.logprobs = c.logprobs[:len(c.token_ids)]
+        for index, group in enumerate(groups):
+            on_complete(index, group)
+        return groups
+
+    def update_weights(self, named_tensors):
+        pass
+
+
+class _AlternatingReward:
+    """1, 0, 1, 0, ... : every group is informative."""
+
+    def score(self, items):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(score=float(i % 2 == 0)) for i in range(len(items))]
+
+
+def test_aepo_mode_is_checkpointed_and_resumed(tmp_path, torch_backend):
+    """Inside the band the mode persists: a run resumed after a positive-only step stays positive-only."""
+    from qwenlong.config import RLConfig
+    from qwenlong.config.schema import EntropyControlConfig
+    from qwenlong.curriculum import Phase
+    from qwenlong.trainers import GRPOTrainer
+    from qwenlong.trainers.grpo import PromptExample
+
+    examples = [PromptExample(f"ex{i}", [i + 1, i + 2, i + 3], "a", ["x"]) for i in range(6)]
+
+    def run(steps: int, resume: bool, mode: str) -> list[dict]:
+        cfg = RLConfig(group_size=4, gen_prompts_per_step=2, train_prompts_per_step=2, mini_batch_size=2, lr=1e-3,
+                       entropy_control=EntropyControlConfig(entropy_low=0.0, entropy_high=100.0),
+                       phases=[Phase("p", 64, 6, steps=steps)])
+        model = _tiny_model(3)
+        trainer = GRPOTrainer(model, _RandomEngine(), _AlternatingReward(), cfg, decode=str, output_dir=tmp_path,
+                              save_every_steps=1)
+        trainer.aepo_mode = mode
+        return trainer.train_phase(cfg.phases[0], examples, resume=resume)
+
+    [first] = run(1, resume=False, mode="positive-only")
+    assert first["entropy_control/positive_only"] == 1.0
+    assert first["entropy_control/responses_kept"] == 4  # the two groups' rewarded responses
+    [second] = run(2, resume=True, mode="all")  # a fresh trainer: the checkpoint brings the mode back
+    assert second["entropy_control/positive_only"] == 1.0
+    assert second["entropy_control/responses_kept"] < second["entropy_control/responses"] == 8

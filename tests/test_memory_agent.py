@@ -268,3 +268,52 @@ def test_eval_cli_memory_agent(tmp_path):
     assert len(two_chunk) == 1 and two_chunk[0]["input_tokens"] > 96  # longer than one chunk, and not truncated
     with pytest.raises(ValueError, match="--agent memory"):
         main(["eval", "--api-url", "http://127.0.0.1:1/v1", "--api-model", "m", "--agent", "memory"])
+
+
+def test_memory_agent_trainer_trains_on_every_step(tokenizer, tmp_path, monkeypatch):
+    from qwenlong.agents.rl import MemoryAgentTrainer
+    from qwenlong.config import RLConfig
+    from qwenlong.curriculum import Phase
+    from qwenlong.trainers.grpo import PromptExample
+
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")
+    remembering = reader(remember=True)
+
+    def every_other_forgets(prompt: str, index: int) -> str:
+        if "<text>" not in prompt and index % 2:
+            return "<think>\nlost it\n</think>\n\nTherefore, the answer is none."
+        return remembering(prompt, index)
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=1024))
+    before = copy.deepcopy(model)
+    queries = {q.id: q for q in _queries(tokenizer, count=2, tokens=250)}
+    examples = [PromptExample(q.id, [1, 2, 3], q.data_source, q.ground_truth, q.question) for q in queries.values()]
+    cfg = RLConfig(group_size=2, gen_prompts_per_step=2, train_prompts_per_step=2, mini_batch_size=2, lr=1e-3,
+                   micro_batch_token_budget=4096, phases=[Phase("agent", 10**6, 80, steps=1)])
+    engine = ScriptedEngine(tokenizer, every_other_forgets)
+    trainer = MemoryAgentTrainer(model, engine, HybridReward(), cfg, decode=tokenizer.decode, output_dir=tmp_path,
+                                 queries=queries, tokenizer=tokenizer,
+                                 agent_config=MemoryAgentConfig(chunk_tokens=100, memory_tokens=120))
+    rollouts = []
+    rollout_batch = trainer._rollout_batch
+    trainer._rollout_batch = lambda groups, adv: rollouts.append((groups, adv, rollout_batch(groups, adv))) or \
+        rollouts[-1][2]
+    [metrics] = trainer.train_phase(cfg.phases[0], examples)
+
+    [(groups, advantages, batch)] = rollouts
+    trajectories = [t for g in groups for t in g.trajectories]
+    assert [t.reward for t in trajectories] == [1.0, 0.0, 1.0, 0.0]  # every other trajectory forgets
+    assert advantages[:, 0].gt(0).all() and advantages[:, 1].lt(0).all()
+    steps = [step for t in trajectories for step in t.steps]
+    assert len(batch.sequences) == len(steps) and sum(batch.response_tokens) == sum(t.generated_tokens
+                                                                                   for t in trajectories)
+    per_step = [a for t, a in zip(trajectories, advantages.flatten().tolist(), strict=True) for _ in t.steps]
+    assert batch.advantages == pytest.approx(per_step)
+    assert batch.rewards == [t.reward for t in trajectories for _ in t.steps]
+    assert metrics["agent_steps_per_trajectory"] == pytest.approx(len(steps) / 4)
+    assert metrics["reward_mean"] == 0.5 and metrics["updates"] == 1
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters(), strict=True))
+    assert list((tmp_path / "checkpoints").glob("rl-agent-step000001*"))

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from qwenlong.algorithms.entropy_control import check_entropy_bounds
 from qwenlong.curriculum import Phase, RetrospectiveSampling
 
 
@@ -137,6 +138,45 @@ class OverlongConfig:
 
 
 @dataclass
+class EntropyControlConfig:
+    """QwenLong-L1.5's entropy control (l15.md section 4, ``qwenlong.algorithms.entropy_control``); off by default.
+
+    Negative-gradient clipping: tokens of negative-advantage responses leave the loss when their entropy
+    exceeds ``tau_token`` (token level) or their response's mean token entropy exceeds ``tau_sequence``
+    (sequence level); None turns a level off. AEPO (both bounds set): when the step's batch entropy (mean over
+    responses of their mean token entropy) rises above ``entropy_high``, only responses with a positive
+    advantage (and, with ``positive_reward``, a positive reward) train, until it falls below ``entropy_low``.
+    Entropies are the fused kernel's, at the sampling temperature, of the policy that generated the rollouts.
+    A dropped token's loss term is 0; the loss's denominators do not change.
+    """
+
+    tau_token: float | None = None
+    tau_sequence: float | None = None
+    entropy_low: float | None = None
+    entropy_high: float | None = None
+    positive_reward: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.entropy_low is None) != (self.entropy_high is None):
+            raise ValueError("entropy_low, entropy_high: AEPO needs both bounds (or neither), got "
+                             f"{self.entropy_low} and {self.entropy_high}")
+        if self.aepo:
+            check_entropy_bounds(self.entropy_low, self.entropy_high)
+        for key in ("tau_token", "tau_sequence"):
+            value = getattr(self, key)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{key}: expected an entropy threshold >= 0 (or null: off), got {value}")
+
+    @property
+    def aepo(self) -> bool:
+        return self.entropy_high is not None
+
+    @property
+    def enabled(self) -> bool:
+        return self.aepo or self.tau_token is not None or self.tau_sequence is not None
+
+
+@dataclass
 class RLConfig:
     """GRPO / DAPO (method.md section 2) and the phased curriculum (section 1).
 
@@ -172,6 +212,7 @@ class RLConfig:
     micro_batch_token_budget: int = 10000  # tokens per GPU; an SP group packs sp_size times this
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    entropy_control: EntropyControlConfig = field(default_factory=EntropyControlConfig)
     phases: list[Phase] = field(default_factory=list)
     retrospective: RetrospectiveSampling = field(default_factory=RetrospectiveSampling)
 
@@ -245,13 +286,13 @@ class EvalConfig:
     samples_per_prompt: int = 1
     before_training: bool = True
     after_each_phase: bool = True
+    every_steps: int = 0
+    judge: RewardConfig | None = None
+    rules: Literal["release", "default"] = "release"
 
 
 @dataclass
 class DistributedConfig:
-    every_steps: int = 0
-    judge: RewardConfig | None = None
-    rules: Literal["release", "default"] = "release"
     """Multi-process training, launched with ``torchrun --nproc-per-node N -m qwenlong ...`` (one process
     per device; a plain ``python -m qwenlong`` is one process).
 
@@ -277,6 +318,9 @@ class OutputConfig:
     keep_checkpoints: int = 2  # per stage or phase, the newest N are kept; 0: all
     log_every_steps: int = 1
     tensorboard: bool = True
+    # a HF model folder (safetensors, config, tokenizer, model card) under export/: of the run's final model,
+    # of every stage and phase, or none (``qwenlong export`` writes one from any checkpoint later)
+    export: Literal["final", "every_stage", "none"] = "final"
 
 
 @dataclass

@@ -35,11 +35,14 @@ from tqdm.auto import tqdm
 
 from qwenlong.algorithms import (
     GroupCollector,
+    broadcast_to_tokens,
     group_accuracy_metrics,
     group_advantages,
     overlong_penalty,
+    segment_sum,
     task_normalized_advantages,
 )
+from qwenlong.algorithms.entropy_control import aepo_keep, aepo_mode, negative_gradient_keep, response_mean_entropy
 from qwenlong.config import RLConfig
 from qwenlong.curriculum import Phase, PromptSampler, RewardHistory
 from qwenlong.kernels import grpo_loss, linear_logprobs, sp_linear_logprobs
@@ -62,7 +65,7 @@ if TYPE_CHECKING:  # qwenlong.distributed builds on this package's checkpoint an
     from qwenlong.distributed.backend import TrainingBackend
 
 RESPONSE_VALUES = ("engine_logprobs",)
-SEQUENCE_VALUES = ("advantages", "response_tokens")
+SEQUENCE_VALUES = ("advantages", "response_tokens", "rewards")
 METRIC_SUMS = ("time_generate", "time_score", "time_score_wait")  # seconds summed over a step's rounds
 
 
@@ -97,12 +100,14 @@ class RolloutBatch:
     engine_logprobs: list[list[float]]
     advantages: list[float]
     response_tokens: list[int]
+    rewards: list[float]  # each sequence's response reward (AEPO reads it)
 
     @classmethod
     def from_groups(cls, groups: Sequence[Group], advantages: torch.Tensor) -> RolloutBatch:
         """``advantages``: ``[len(groups), group_size]``, one per response."""
-        batch = cls([], [], [], [], [])
+        batch = cls([], [], [], [], [], [])
         for g, group_adv in zip(groups, advantages.tolist(), strict=True):
+            batch.rewards += g.rewards
             for response, logprobs, a in zip(g.responses, g.engine_logprobs, group_adv, strict=True):
                 batch.sequences.append(g.example.prompt_ids + response)
                 batch.prompt_lengths.append(len(g.example.prompt_ids))
@@ -116,7 +121,8 @@ class RolloutBatch:
         return pack_sequences([self.sequences[i] for i in ids], [self.prompt_lengths[i] for i in ids],
                               {"engine_logprobs": [self.engine_logprobs[i] for i in ids]},
                               {"advantages": [self.advantages[i] for i in ids],
-                               "response_tokens": [self.response_tokens[i] for i in ids]}, sequence_ids=ids)
+                               "response_tokens": [self.response_tokens[i] for i in ids],
+                               "rewards": [self.rewards[i] for i in ids]}, sequence_ids=ids)
 
 
 class GRPOTrainer:
@@ -140,6 +146,7 @@ class GRPOTrainer:
         self.history = history if history is not None else RewardHistory()
         self.save_every_steps, self.keep_checkpoints = save_every_steps, keep_checkpoints
         self.task_balanced = task_balanced
+        self.aepo_mode = "all"  # AEPO's mode (rl.entropy_control), carried from step to step and in checkpoints
         self._timings: dict[str, float] = {}  # this rank's generation and scoring seconds in the current step
         self.device = next(model.parameters()).device
         # KL is measured against a frozen policy: the one the RL run starts from (rl.kl_reference: sft)
@@ -263,13 +270,18 @@ class GRPOTrainer:
             if policy is None:
                 continue
             with self.backend.output_weight(policy) as weight:
+                # entropy control reads the generating policy's token entropies, from the same fused pass
+                entropy = name == "old_logprobs" and self.cfg.entropy_control.enabled
                 for batch in batches:
                     hidden, local = policy_hidden(policy, batch, sp_group)
                     if sp_group is None:
-                        logp = linear_logprobs(hidden, weight, batch.targets, temperature=self.cfg.temperature)
+                        logp = linear_logprobs(hidden, weight, batch.targets, temperature=self.cfg.temperature,
+                                               return_entropy=entropy)
                     else:  # every SP rank gets the whole batch's log-probs; the loss shards them again
-                        logp = sp_linear_logprobs(hidden, weight, local.targets, sp_group,
-                                                  num_tokens=batch.num_tokens, temperature=self.cfg.temperature)
+                        logp = sp_linear_logprobs(hidden, weight, local.targets, sp_group, num_tokens=batch.num_tokens,
+                                                  temperature=self.cfg.temperature, return_entropy=entropy)
+                    if entropy:
+                        logp, batch.token_values["entropy"] = logp[0], logp[1].float()
                     batch.token_values[name] = logp.float()
         self.model.train()
 
@@ -280,10 +292,11 @@ class GRPOTrainer:
         mini = self.cfg.mini_batch_size
         minibatches = []
         for start in range(0, len(groups), mini):
-            rollout = RolloutBatch.from_groups(groups[start:start + mini], advantages[start:start + mini])
+            rollout = self._rollout_batch(groups[start:start + mini], advantages[start:start + mini])
             minibatches.append((rollout, self._micro_batches(rollout)))
         every_batch = [batch for _, batches in minibatches for batch in batches]
         self._old_logprobs(every_batch)  # the policy that generated the rollouts: before any update
+        control = self._entropy_control(minibatches) if self.cfg.entropy_control.enabled else {}
         sums: dict[str, float] = {}
         for _ in range(self.cfg.ppo_epochs):
             for rollout, batches in minibatches:
@@ -294,7 +307,44 @@ class GRPOTrainer:
         updates = self.cfg.ppo_epochs * len(minibatches)
         mismatch = self._engine_mismatch(every_batch)
         return {**{key: value / updates for key, value in sums.items()},
-                **{f"engine_{key}": value for key, value in mismatch.items()}, "updates": float(updates)}
+                **{f"engine_{key}": value for key, value in mismatch.items()}, "updates": float(updates), **control}
+
+    def _rollout_batch(self, groups: Sequence[Group], advantages: torch.Tensor) -> RolloutBatch:
+        """The sequences ``groups`` train on: one per response (the memory agent's trainer: one per step)."""
+        return RolloutBatch.from_groups(groups, advantages)
+
+    def _entropy_control(self, minibatches: list[tuple[RolloutBatch, list[PackedBatch]]]) -> dict[str, float]:
+        """QwenLong-L1.5's negative-gradient clipping and AEPO (``rl.entropy_control``): the step's batch
+        entropy (every rank's responses) sets AEPO's mode; each token's ``loss_keep`` token value says whether
+        it stays in the loss. The loss's denominators are unchanged: a dropped token's term is just 0."""
+        ec = self.cfg.entropy_control
+        batches = [batch for _, bs in minibatches for batch in bs]
+        means, local = [], [0.0, 0.0]  # sum of responses' mean entropies, responses (with loss tokens)
+        for batch in batches:
+            mean = response_mean_entropy(batch.token_values["entropy"], batch.mask, batch.cu_seqlens)
+            has_tokens = segment_sum(batch.mask.float(), batch.cu_seqlens) > 0
+            means.append(mean)
+            local = [local[0] + float(mean[has_tokens].sum()), local[1] + float(has_tokens.sum())]
+        shares = self.ctx.gather(local)[::self.ctx.sp_size]  # SP peers hold the same batches
+        entropy = sum(s[0] for s in shares) / max(1.0, sum(s[1] for s in shares))
+        if ec.aepo:
+            self.aepo_mode = aepo_mode(self.aepo_mode, entropy, ec.entropy_low, ec.entropy_high)
+        kept = [0.0, 0.0]
+        for batch, mean in zip(batches, means, strict=True):
+            values = batch.token_values
+            keep = negative_gradient_keep(values["advantages"], values["entropy"],
+                                          broadcast_to_tokens(mean, batch.cu_seqlens), ec.tau_token, ec.tau_sequence)
+            keep &= aepo_keep(self.aepo_mode, values["advantages"], values["rewards"] if ec.positive_reward else None)
+            values["loss_keep"] = keep.float()
+            kept = [kept[0] + float((keep & batch.mask).sum()), kept[1] + float(batch.mask.sum())]
+        kept = [sum(k) for k in zip(*self.ctx.gather(kept)[::self.ctx.sp_size], strict=True)]
+        responses = [aepo_keep(self.aepo_mode, torch.tensor(r.advantages), torch.tensor(r.rewards)
+                               if ec.positive_reward else None) for r, _ in minibatches]
+        return {"entropy_control/batch_entropy": entropy,
+                "entropy_control/positive_only": float(self.aepo_mode == "positive-only"),
+                "entropy_control/responses_kept": float(sum(int(r.sum()) for r in responses)),
+                "entropy_control/responses": float(sum(len(r) for r in responses)),
+                "entropy_control/tokens_kept": kept[0], "entropy_control/tokens": kept[1]}
 
     def _engine_mismatch(self, batches: list[PackedBatch]) -> dict[str, float]:
         """``logprob_mismatch`` of the engine's log-probs against the trainer's pre-update (old) log-probs of
@@ -317,10 +367,11 @@ class GRPOTrainer:
             for batch in batches:
                 hidden, local = policy_hidden(self.model, batch, self.ctx.sp_group)
                 values = local.token_values
+                mask = local.mask & values["loss_keep"].bool() if "loss_keep" in values else local.mask
                 normalizer = loss_normalizer(self.cfg.loss_aggregation, num_tokens, num_sequences,
                                              values["response_tokens"])
                 loss, metrics = grpo_loss(hidden, weight, local.targets, values["advantages"], values["old_logprobs"],
-                                          local.mask, ref_logprobs=values.get("ref_logprobs"),
+                                          mask, ref_logprobs=values.get("ref_logprobs"),
                                           kl_coef=self.cfg.kl_coef, clip_low=self.cfg.clip_low,
                                           clip_high=self.cfg.clip_high, dual_clip=self.cfg.clip_ratio_c,
                                           entropy_coef=self.cfg.entropy_coef, temperature=self.cfg.temperature,
@@ -375,6 +426,7 @@ class GRPOTrainer:
             step = state["step"]
             self.history = RewardHistory.from_json(state["history"])
             sampler.load_state_dict(state["sampler"])
+            self.aepo_mode = state.get("aepo_mode", self.aepo_mode)
         history = []
         stage = f"rl/{phase.name}"
         with tqdm(total=steps, initial=step, desc=f"rl {phase.name}", unit="step", dynamic_ncols=True,
@@ -403,6 +455,7 @@ class GRPOTrainer:
                     self.backend.save(checkpoints / self._checkpoint_name(phase, step),
                                       state={"stage": "rl", "phase": phase.name, "step": step,
                                              "history": self.history.to_json(), "sampler": sampler.state_dict(),
+                                             "aepo_mode": self.aepo_mode,
                                              **(extra_state or {})}, keep=self.keep_checkpoints)
                 if after_step is not None:
                     after_step(step)
