@@ -174,6 +174,7 @@ def write_hf_folder(out: str | Path, *, weights: Mapping[str, torch.Tensor], con
     folder_config = copy.deepcopy(config)
     folder_config.architectures = [type(skeleton).__name__]
     folder_config.dtype = saved_dtype
+    folder_config.use_cache = True  # training may have turned the KV cache off (gradient checkpointing)
     folder_config.save_pretrained(tmp)
     if generation_config is not None:
         generation_config.save_pretrained(tmp)
