@@ -18,14 +18,16 @@ from typing import Any
 import torch
 
 from qwenlong.config import Config, save_config
-from qwenlong.curriculum import RewardHistory, examples_for_phase, select_retrospective
+from qwenlong.curriculum import Phase, RewardHistory, examples_for_phase, select_retrospective
 from qwenlong.distributed import build_backend, init_distributed, is_partitioned
-from qwenlong.eval import evaluate
+from qwenlong.eval import EvalReport, evaluate
 from qwenlong.eval.generation import Sampling, hf_generate_fn, sharded_generate_fn
 from qwenlong.pipeline import build
+from qwenlong.pipeline.export import export_final, export_finished_stage
 from qwenlong.pipeline.resume import open_run_record, recorded_checkpoint, stored_checkpoint
 from qwenlong.rewards import HybridReward
 from qwenlong.rewards.judge import make_judge
+from qwenlong.rewards.rules import RuleConfig
 from qwenlong.rollout import HFGenerateEngine, RolloutEngine
 from qwenlong.trainers import GRPOTrainer, SFTTrainer
 from qwenlong.trainers.checkpoint import latest_checkpoint, write_json
@@ -58,7 +60,8 @@ class Run:
         if not is_partitioned(self.model):  # a partitioned one is placed as it is created
             self.model.to(self.ctx.device)
         self.backend = build_backend(self.model, self.ctx, cfg.distributed)
-        self.logger = MetricsLogger(self.dir, tensorboard=cfg.output.tensorboard and self.ctx.is_main)
+        self.logger = MetricsLogger(self.dir, tensorboard=cfg.output.tensorboard and self.ctx.is_main,
+                                    every_steps=cfg.output.log_every_steps)
         self.resume = resume
         last = self.state.get("last_checkpoint")
         if resume and last:
@@ -88,31 +91,58 @@ class Run:
         of the prompts (under ZeRO-3 in lockstep); rank 0 scores all the answers and writes the report."""
         if self.done(f"eval:{label}"):
             return self.state["evals"][label]["average"]
-        ev = self.cfg.eval
-        records = build.load_split(self.cfg, "eval", self.tokenizer)
-        sampling = Sampling(ev.max_output_tokens, ev.temperature, ev.top_p, seed=self.cfg.seed)
-        generate = hf_generate_fn(self.model, self.tokenizer, sampling, max_batch_size=64,
-                                  generation_attention=GENERATION_ATTENTION, synced=self.synced_generation)
+        generate = hf_generate_fn(self.model, self.tokenizer, heldout_sampling(self.cfg),
+                                  max_batch_size=EVAL_BATCH_SIZE, generation_attention=GENERATION_ATTENTION,
+                                  synced=self.synced_generation)
         if self.ctx.world_size > 1:
             generate = sharded_generate_fn(generate, self.ctx.rank, self.ctx.world_size, self.ctx.gather)
         # the other ranks' reports are dropped: they score by rule only, so a judge is asked once per answer
-        reward = build_reward(self.cfg) if self.ctx.is_main else HybridReward()
-        report = evaluate({"heldout": records}, generate, self.tokenizer, reward=reward,
-                          max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True, batch_size=64,
-                          samples_per_prompt=ev.samples_per_prompt, progress=self.ctx.is_main)
+        reward = build_eval_reward(self.cfg) if self.ctx.is_main else HybridReward()
+        report = evaluate_heldout(self.cfg, self.tokenizer, generate, reward, progress=self.ctx.is_main)
         result = None
         if self.ctx.is_main:
             report.write(self.dir / "eval" / label)
             result = report.to_json()
-            self.logger.log("eval", len(self.state["evals"]) + 1, {"label": label, "accuracy": report.average})
+            self.logger.log("eval", len(self.state["evals"]) + 1, {"label": label, "accuracy": report.average},
+                            flush=True)
         self.state["evals"][label] = self.ctx.broadcast(result)
         self.finish(f"eval:{label}")
         return self.state["evals"][label]["average"]
 
 
+EVAL_BATCH_SIZE = 64  # held-out items per generate call, and rows per HF generate batch
+
+
+def heldout_sampling(cfg: Config) -> Sampling:
+    """How the held-out evaluation samples (``eval``'s settings, seeded with the run's seed)."""
+    ev = cfg.eval
+    return Sampling(ev.max_output_tokens, ev.temperature, ev.top_p, seed=cfg.seed)
+
+
+def evaluate_heldout(cfg: Config, tokenizer: Any, generate: Any, reward: HybridReward, progress: bool = True,
+                     batch_size: int = EVAL_BATCH_SIZE) -> EvalReport:
+    """The run's held-out evaluation with ``generate``, ``batch_size`` items per call (``hf_generate_fn`` with
+    ``heldout_sampling`` and ``EVAL_BATCH_SIZE`` repeats the pipeline's answers exactly; ``qwenlong eval --run``
+    does so for an exported model)."""
+    ev = cfg.eval
+    benchmarks: dict[str, list] = {}  # each data source is its own benchmark; the average is their macro mean
+    for record in build.load_split(cfg, "eval", tokenizer):
+        benchmarks.setdefault(record.data_source, []).append(record)
+    return evaluate(dict(sorted(benchmarks.items())), generate, tokenizer, reward=reward,
+                    max_input_tokens=ev.max_input_tokens, chat_template_in_budget=True, batch_size=batch_size,
+                    samples_per_prompt=ev.samples_per_prompt, progress=progress)
+
+
 def build_reward(cfg: Config) -> HybridReward:
     options = cfg.reward.judge_options()
     return HybridReward(judge=make_judge(options) if options is not None else None)
+
+
+def build_eval_reward(cfg: Config) -> HybridReward:
+    """The evaluation's reward: ``eval.judge`` (else the training reward's judge) with ``eval.rules``."""
+    options = (cfg.eval.judge or cfg.reward).judge_options()
+    return HybridReward(judge=make_judge(options) if options is not None else None,
+                        rule_config=RuleConfig.faithful() if cfg.eval.rules == "release" else RuleConfig())
 
 
 def build_engine(run: Run) -> RolloutEngine:
@@ -166,6 +196,16 @@ def _sft(run: Run) -> None:
     run.finish("sft", latest_checkpoint(run.dir / "checkpoints", prefix="sft-"))  # train() saved the last step
 
 
+def _reference_checkpoint(run: Run) -> Path | None:
+    """The checkpoint of the policy RL started from (None: the model as built from the config), recorded
+    the first time RL starts so that a resumed run measures KL against the same policy."""
+    if "rl_start_checkpoint" not in run.state:
+        run.state["rl_start_checkpoint"] = run.state.get("last_checkpoint")
+        run.save_state()
+    start = run.state["rl_start_checkpoint"]
+    return recorded_checkpoint(start, run.dir) if start else None
+
+
 def _rl(run: Run) -> None:
     cfg = run.cfg
     if not cfg.rl.enabled:
@@ -180,42 +220,67 @@ def _rl(run: Run) -> None:
     trainer = GRPOTrainer(run.model, build_engine(run), build_reward(cfg), cfg.rl, decode=decode, output_dir=run.dir,
                           seed=cfg.seed, logger=run.logger, history=history,
                           save_every_steps=cfg.output.save_every_steps,
-                          keep_checkpoints=cfg.output.keep_checkpoints, backend=run.backend)
+                          keep_checkpoints=cfg.output.keep_checkpoints, backend=run.backend,
+                          task_balanced=cfg.data.task_balanced)
+    reference = _reference_checkpoint(run)
+    # the policy now loaded is a resumed later one: the reference goes back to RL's start
+    if cfg.rl.kl_coef > 0 and cfg.rl.kl_reference == "sft" and \
+            run.state.get("last_checkpoint") != run.state["rl_start_checkpoint"]:
+        if reference is not None:
+            trainer.set_reference(reference)
+        else:  # RL started from the model as the config builds it (seeded): build it again
+            trainer.reference.load_state_dict(build.build_model(cfg, run.tokenizer).state_dict())
     seen: set[str] = set()
     shorter_budget = 0
     for index, phase in enumerate(cfg.rl.phases):
         # a phase's own data is the prompts that fit it but not the phase before: each phase
-        # reads longer documents, and earlier examples return only through retrospective sampling
+        # reads longer documents, and earlier examples return only through retrospective sampling;
+        # a phase that names data sources reads only those
         phase_examples = [e for e in examples_for_phase(examples, phase, lambda e: prompt_len[e.id])
-                          if prompt_len[e.id] > shorter_budget]
+                          if prompt_len[e.id] > shorter_budget and (not phase.data or e.data_source in phase.data)]
         shorter_budget = phase.max_input_tokens
         own = {e.id for e in phase_examples}
+        carried = {}
         if index > 0:
             candidates = {i: prompt_len[i] for i in seen - own}
             selection = select_retrospective(trainer.history, candidates, phase, len(phase_examples),
-                                             cfg.rl.retrospective, exclude=own)
+                                             cfg.rl.retrospective, exclude=own,
+                                             default_seed=f"{cfg.seed}:{phase.name}")
             phase_examples += [by_id[i] for i in selection.carried]
-            run.state["carried"][phase.name] = selection.to_json()
+            carried = selection.to_json()
+            run.state["carried"][phase.name] = carried
         seen |= own
         stage = f"rl:{phase.name}"
         if run.done(stage):
             continue
-        trainer.train_phase(phase, phase_examples, resume=run.resume)
+        run.state.setdefault("phase_steps", {})[phase.name] = trainer.phase_steps(phase, len(phase_examples))
+        run.save_state()
+
+        def evaluate_every(step: int, phase: Phase = phase) -> None:
+            every = cfg.eval.every_steps
+            if cfg.eval.enabled and every and step % every == 0:
+                run.evaluate(f"{phase.name}-step{step}")
+
+        trainer.train_phase(phase, phase_examples, resume=run.resume,
+                            extra_state={"carried": carried} if carried else None, after_step=evaluate_every)
         run.state["history"] = trainer.history.to_json()
         run.finish(stage, latest_checkpoint(run.dir / "checkpoints", prefix=f"rl-{phase.name}-"))
         if cfg.eval.enabled and cfg.eval.after_each_phase:
             run.evaluate(f"after-{phase.name}")
+        export_finished_stage(run, stage)
 
 
 def run_sft(cfg: Config, resume: bool = False) -> Run:
     run = Run(cfg, resume)
     _sft(run)
+    export_final(run)
     return run
 
 
 def run_rl(cfg: Config, resume: bool = False) -> Run:
     run = Run(cfg, resume)
     _rl(run)
+    export_final(run)
     return run
 
 
@@ -230,7 +295,9 @@ def run_pipeline(cfg: Config, resume: bool = False) -> Run:
     _sft(run)
     if cfg.eval.enabled and cfg.sft.enabled:
         run.evaluate("after-sft")
+    export_finished_stage(run, "sft")
     _rl(run)
+    export_final(run)
     run.state["wall_time_s"] = run.state.get("wall_time_s", 0.0) + time.time() - start
     run.save_state()
     if run.ctx.is_main:
