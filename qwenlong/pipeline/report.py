@@ -152,8 +152,10 @@ def write_report(run) -> Path:
         carried = len(state["carried"].get(phase.name, {}).get("carried", []))
         seconds = phase_seconds(run.logger.records(f"rl/{phase.name}"), TIME_SPLIT)
         cells = " | ".join("–" if seconds[key] is None else f"{seconds[key]:.1f}" for key in TIME_SPLIT)
-        lines.append(f"| {phase.name} | {phase.max_input_tokens} | {phase.max_output_tokens} | {phase.steps} | "
-                     f"{carried} | {cells} |")
+        steps = state.get("phase_steps", {}).get(phase.name, phase.steps)  # a phase given by epochs: as computed
+        lines.append(f"| {phase.name} | {phase.max_input_tokens} | {phase.max_output_tokens} | "
+                     f"{'–' if steps is None else steps} | {carried} | {cells} |")
+    lines += _scoring_lines(run)
     for phase_name, selection in state["carried"].items():
         counts: dict[str, int] = {}
         for decision in selection["decisions"]:
