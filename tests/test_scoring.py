@@ -149,3 +149,39 @@ def test_a_prompt_reported_twice_is_an_error():
     with pytest.raises(RuntimeError, match="prompt 0 was reported twice"):
         generate_and_score(Twice(batch=2), HybridReward(), decode, [Prompt([i], "1") for i in range(2)],
                            SamplingParams(max_new_tokens=2, seed=0))
+
+
+def test_a_failing_judge_is_counted_per_call_and_summarised_in_the_report():
+    from types import SimpleNamespace
+
+    from qwenlong.pipeline.report import _scoring_lines, scoring_counts
+    from qwenlong.rewards.judge import Judge, JudgeError
+
+    class DownJudge(Judge):
+        async def _ask(self, session, messages):
+            raise JudgeError("timeout")
+
+    reward = HybridReward(DownJudge())
+    prompts = [Prompt([i], "3") for i in range(4)]
+
+    def hostile(ids):
+        return "</think> The answer is " + ("9" * 5000 if ids[0] == 0 else str(ids[0]))
+
+    rows = []
+    for step in range(2):
+        _, scores, metrics = generate_and_score(BatchedEngine(batch=2), reward, hostile, prompts,
+                                                SamplingParams(max_new_tokens=2, n=2, seed=step))
+        rows.append({"step": step, **metrics})
+    assert [row["score/items"] for row in rows] == [8, 8]  # each call's share, not running totals
+    for row in rows:
+        assert row["judge/calls"] == row["judge/failures"] == row["judge/failures/timeout"] > 0
+        assert row["judge/fallbacks"] >= row["judge/calls"]  # identical answers are asked once, each falls back
+        assert row["score/rejected/too_long"] > 0  # the 5,000 digits: never judged
+    counts = scoring_counts(rows + [rows[-1]])  # a step logged again after a resume counts once
+    assert counts["judge/failures/timeout"] == sum(row["judge/failures"] for row in rows)
+    run = SimpleNamespace(cfg=SimpleNamespace(rl=SimpleNamespace(phases=[SimpleNamespace(name="short-docs")])),
+                          logger=SimpleNamespace(records=lambda stage: rows if stage == "rl/short-docs" else []))
+    table = "\n".join(_scoring_lines(run))
+    assert "## Judge failures" in table
+    assert f"| judge failures by reason | timeout: {counts['judge/failures/timeout']} |" in table
+    assert f"| fallbacks to the rule score | {counts['judge/fallbacks']} |" in table

@@ -130,6 +130,43 @@ def phase_seconds(rows: list[dict], keys: tuple[str, ...]) -> dict[str, float | 
             else None for key in keys}
 
 
+def scoring_counts(rows: list[dict]) -> dict[str, int]:
+    """The reward's counters (``judge/...``, ``score/...``) summed over a phase's steps, a step logged again
+    after a resume counted once."""
+    steps = {row["step"]: row for row in rows}
+    counts: dict[str, int] = {}
+    for row in steps.values():
+        for key, value in row.items():
+            if key.startswith(("judge/", "score/")):
+                counts[key] = counts.get(key, 0) + int(value)
+    return counts
+
+
+_SCORING_ROWS = (("judge calls", "judge/calls"), ("judge failures", "judge/failures"),
+                 ("judge failures by reason", "judge/failures/"), ("fallbacks to the rule score", "judge/fallbacks"),
+                 ("responses whose scoring failed", "score/failures"), ("... by reason", "score/failures/"),
+                 ("answers the rules refused", "score/rejected"))
+
+
+def _scoring_lines(run) -> list[str]:
+    """The "Judge failures" section: per RL phase, judge calls, failures by reason, fallbacks to the rule
+    score, and responses whose scoring failed or that the rules refused."""
+    phases = [phase.name for phase in run.cfg.rl.phases]
+    counts = {name: scoring_counts(run.logger.records(f"rl/{name}")) for name in phases}
+
+    def cell(name: str, key: str) -> str:
+        if not key.endswith("/"):
+            return str(counts[name].get(key, 0))
+        return ", ".join(f"{k.removeprefix(key)}: {v}" for k, v in sorted(counts[name].items())
+                         if k.startswith(key) and v) or "–"
+
+    lines = ["", "## Judge failures", "", "Summed over each RL phase's steps (rank 0): a failed judge call leaves the "
+             "rule score (a fallback); a response whose scoring failed scores 0.", "",
+             "| | " + " | ".join(phases) + " |", "|---|" + "---|" * len(phases)]
+    lines += [f"| {label} | " + " | ".join(cell(name, key) for name in phases) + " |" for label, key in _SCORING_ROWS]
+    return lines
+
+
 def write_report(run) -> Path:
     """``report.md`` (+ ``gains.json``, ``curves.png``, ``sft_loss.png``) in the run folder."""
     state, cfg = run.state, run.cfg
