@@ -122,13 +122,18 @@ def model_card(cfg: Config, record: dict[str, Any], *, run_name: str, stage: str
              "tags: [qwenlong, long-context, reasoning, grpo]"]
     if cfg.model.name is not None and not Path(cfg.model.name).exists():  # a hub id, not a local folder
         lines.append(f"base_model: {cfg.model.name}")
-    status = "the stage's final checkpoint" if finished else "not the end of the stage (the run was interrupted)"
+    status = "the stage's final checkpoint" if finished else "a checkpoint before the stage's end"
     base = (f"`{cfg.model.name}`" if cfg.model.name is not None else
             f"a Qwen2-architecture model built from the config ({num_parameters / 1e6:.2f}M parameters, random init)")
+    rl, phases = cfg.rl, len(cfg.rl.phases) if cfg.rl.enabled else 0
+    recipe = (["warm-up SFT"] if cfg.sft.enabled else []) + (
+        [f"GRPO/DAPO reinforcement learning in {phases} phase(s) of growing input length"
+         + (" with difficulty-aware retrospective sampling between them" if rl.retrospective.enabled and phases > 1
+            else "") + f" on a verifiable reward (rules{', max an LLM judge' if cfg.reward.judge != 'none' else ''})"]
+        if phases else [])
     lines += ["---", "", f"# {run_name}: {stage}", "",
-              f"A long-context reasoning policy trained with qwenlong's QwenLong-L1 recipe from {base}: warm-up "
-              "SFT, then GRPO/DAPO reinforcement learning in phases of growing input length, with difficulty-aware "
-              "retrospective sampling between phases and a verifiable reward (rules, plus an LLM judge when set).",
+              f"A long-context reasoning policy trained with qwenlong's QwenLong-L1 recipe from {base}: "
+              f"{', then '.join(recipe)}.",
               "", f"Exported from stage `{stage}` at step {step} ({status}), weights in {str(dtype).split('.')[-1]}.",
               "", "## Stages", "", "| stage | steps | input tokens up to | output tokens up to | learning rate |",
               "|---|---|---|---|---|"]
@@ -141,10 +146,11 @@ def model_card(cfg: Config, record: dict[str, Any], *, run_name: str, stage: str
             amount = phase.steps if phase.steps is not None else f"{phase.epochs} epochs"
             lines.append(f"| rl:{phase.name} | {amount} | {phase.max_input_tokens} | {phase.max_output_tokens} "
                          f"| {cfg.rl.lr:g} |")
-    rl = cfg.rl
-    lines += ["", f"RL: {rl.group_size} responses per prompt, {rl.train_prompts_per_step} prompts per step, "
-              f"advantage `{rl.advantage}`, clip {rl.clip_low}/{rl.clip_high}, KL coefficient {rl.kl_coef:g}, "
-              f"sampling temperature {rl.temperature:g}; seed {cfg.seed}.", "", "## Data", "", *_data_lines(cfg)]
+    if phases:
+        lines += ["", f"RL: {rl.group_size} responses per prompt, {rl.train_prompts_per_step} prompts per step, "
+                  f"advantage `{rl.advantage}`, clip {rl.clip_low}/{rl.clip_high}, KL coefficient {rl.kl_coef:g}, "
+                  f"sampling temperature {rl.temperature:g}."]
+    lines += ["", f"Seed {cfg.seed}.", "", "## Data", "", *_data_lines(cfg)]
     evals = record.get("evals", {})
     if evals:
         ev = cfg.eval
