@@ -255,3 +255,25 @@ def test_nan_and_inf_at_masked_positions_reach_nothing(backend):
     assert (poisoned[1][masked] == 0).all()
     ref = reference_grpo_loss(*args, **kwargs)
     torch.testing.assert_close(clean[0].double(), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("option_index", [0, len(OPTIONS) - 1, len(OPTIONS) - 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_in_forward_match_the_reference(backend, option_index, dtype):
+    """grad_in_forward=True: same loss, metrics and gradients (hidden, weight) as the reference, and
+    backward scales the stored gradients by the incoming one."""
+    args, kwargs = make_grpo_inputs(40, 16, 300, dtype, seed=31 + option_index, options=OPTIONS[option_index])
+    hidden, weight = args[:2]
+    loss, metrics = grpo_loss(*args, **kwargs, grad_in_forward=True)
+    _, plain_metrics = grpo_loss(*args, **kwargs)
+    ref = reference_grpo_loss(*args, **kwargs)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(loss.double(), ref, atol=tol, rtol=tol)
+    grads = torch.autograd.grad(3.0 * loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(3.0 * ref, (hidden, weight))
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.dtype == dtype
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < (1e-4 if tol == 1e-5 else 2e-2)
+    assert set(metrics) == set(plain_metrics)
+    for name, value in metrics.items():
+        torch.testing.assert_close(value, plain_metrics[name], atol=tol, rtol=tol)

@@ -317,3 +317,20 @@ def test_rl_shaped_batch_matches_rows_alone(backend, dtype, device):
     ref_logp, ref_entropy = reference_linear_logprobs(hidden, weight, targets, 0.8, True, IGNORE)
     torch.testing.assert_close(batch[0].double(), ref_logp, atol=FWD_ATOL[dtype], rtol=1e-5)
     torch.testing.assert_close(batch[1].double(), ref_entropy, atol=FWD_ATOL[dtype], rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ("mean", "sum"))
+@pytest.mark.parametrize("label_smoothing", (0.0, 0.1))
+def test_cross_entropy_gradients_in_forward(backend, reduction, label_smoothing, device):
+    hidden, weight, targets = make_inputs(45, 16, 300, torch.float32, seed=95, device=device)
+    loss = linear_cross_entropy(hidden, weight, targets, reduction=reduction, label_smoothing=label_smoothing,
+                                grad_in_forward=True)
+    ref = reference_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE, reduction=reduction,
+                                         label_smoothing=label_smoothing)
+    torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(loss * 0.5, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref * 0.5, (hidden, weight))
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert relative_error(got, want) < BWD_RTOL[torch.float32]
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(hidden, weight, targets, reduction="none", grad_in_forward=True)

@@ -37,21 +37,34 @@ def test_ignored_rows_cost_no_gemm_work(monkeypatch, path, op):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("op", "chunks"), [("logprobs+entropy", None), ("cross-entropy (label smoothing)", None),
-                                             ("grpo_loss", (128, 256)), ("logprobs+entropy", (128, 256))])
+                                             ("grpo_loss", (128, 256)), ("logprobs+entropy", (128, 256)),
+                                             ("grpo_loss, grad in forward", None),
+                                             ("cross-entropy, grad in forward", (128, 256))])
 def test_closed_form_equals_the_count(monkeypatch, op, chunks, dtype):
     """FLOPs, bytes loaded and stored, and programs of the Triton kernels, with one or several chunks."""
     kernels = lm_head.kernel_module()
     if chunks:
         monkeypatch.setattr(kernels, "TOKEN_CHUNK", chunks[0])
+        monkeypatch.setattr(kernels, "LOGITS_TOKEN_CHUNK", chunks[0])
         monkeypatch.setattr(kernels, "VOCAB_CHUNK", chunks[1])
     num_tokens, num_valid, dim, vocab = 200, 70, 40, 300
     work = _count(monkeypatch, "triton", op, num_tokens, num_valid, dim, vocab, dtype, torch_ops=False)
     (with_entropy, with_mean), (_, grad_entropy, grad_mean) = lm_head.OPS[op]
+    in_forward = "grad in forward" in op
     expected = lm_head.triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, with_entropy=with_entropy,
-                                          with_mean=with_mean, grad_entropy=grad_entropy, grad_mean=grad_mean)
+                                          with_mean=with_mean, grad_entropy=grad_entropy, grad_mean=grad_mean,
+                                          grad_in_forward=in_forward)
     assert {key: getattr(work, key) for key in expected} == expected
-    assert work.launches == 1 + 3 * (-(-num_tokens // kernels.TOKEN_CHUNK) if chunks else 1) * (
-        -(-vocab // kernels.VOCAB_CHUNK) if chunks else 1)
+    token_chunks = -(-num_tokens // kernels.TOKEN_CHUNK) if chunks else 1
+    vocab_chunks = -(-vocab // kernels.VOCAB_CHUNK) if chunks else 1
+    assert work.launches == token_chunks * (in_forward + 3 * vocab_chunks) + (not in_forward)
+
+
+def test_gradients_in_forward_issue_six_gemm_passes(monkeypatch):
+    """The scalar-loss path: 6 T_valid d V FLOPs (up to tile padding), against 8 with the recompute."""
+    plain = _count(monkeypatch, "triton", "grpo_loss", 240, 64, 32, 256, torch.float32)
+    fused = _count(monkeypatch, "triton", "grpo_loss, grad in forward", 240, 64, 32, 256, torch.float32)
+    assert fused.flops == 6 * 64 * 32 * 256 and plain.flops == 8 * 64 * 32 * 256
 
 
 def test_closed_form_meets_the_flop_budget_at_120k():

@@ -40,6 +40,8 @@ OPS = {
     "cross-entropy": ((False, False), (True, False, False)),
     "cross-entropy (label smoothing)": ((False, True), (True, False, True)),
     "grpo_loss": ((False, False), (True, False, False)),
+    "cross-entropy, grad in forward": ((False, False), (True, False, False)),
+    "grpo_loss, grad in forward": ((False, False), (True, False, False)),
 }
 
 
@@ -57,9 +59,14 @@ def _up(a: int, b: int) -> int:
 
 
 def triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, *, with_entropy=False, with_mean=False,
-                       grad_entropy=False, grad_mean=False, needs_hidden=True, needs_weight=True) -> dict:
+                       grad_entropy=False, grad_mean=False, needs_hidden=True, needs_weight=True,
+                       grad_in_forward=False) -> dict:
     """FLOPs, bytes loaded / stored and programs of the Triton kernels (forward + backward), from the
-    tile and chunk sizes of :mod:`qwenlong.kernels.logprobs.linear_logprobs` (PyTorch ops not included)."""
+    tile and chunk sizes of :mod:`qwenlong.kernels.logprobs.linear_logprobs` (PyTorch ops not included).
+
+    ``grad_in_forward``: the scalar-loss path (:func:`fused_linear_loss`): the forward runs per logits
+    chunk and keeps the fp32 logits, dz is read from them (no recompute); the output-gradient flags
+    are then the forward's."""
     lp = kernel_module()
     c = lp.block_config(dim, dtype)
     size = torch.tensor([], dtype=dtype).element_size()
@@ -70,26 +77,38 @@ def triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, *, with_entropy
         for key, value in amounts.items():
             out[key] += value
 
-    # forward: one program per BLOCK_T rows of T; programs past the valid count read the count and return
-    tiles = _ceil(num_valid, bt)
-    add(programs=_ceil(num_tokens, bt), bytes_loaded=8 * _ceil(num_tokens, bt))
-    add(flops=2 * tiles * bt * _up(vocab, bv) * _up(dim, bd),
-        bytes_loaded=16 * num_valid + _ceil(vocab, bv) * num_valid * dim * size + tiles * vocab * dim * size,
-        bytes_stored=4 * num_valid * (2 + with_entropy + with_mean))
-    # backward, per (token chunk, vocabulary chunk) of the compacted rows
-    chunk_rows = min(lp.TOKEN_CHUNK, _up(num_tokens, bm))
+    def forward(grid, rows):
+        """``grid`` programs over ``rows`` valid rows; programs past them read the count and return."""
+        tiles = _ceil(rows, bt)
+        add(programs=grid, bytes_loaded=8 * grid)
+        add(flops=2 * tiles * bt * _up(vocab, bv) * _up(dim, bd),
+            bytes_loaded=16 * rows + _ceil(vocab, bv) * rows * dim * size + tiles * vocab * dim * size,
+            bytes_stored=4 * rows * (2 + with_entropy + with_mean) + grad_in_forward * tiles * bt * vocab * 4)
+
+    if grad_in_forward:
+        chunk_rows = min(lp.LOGITS_TOKEN_CHUNK, _up(num_tokens, bm))
+        grad_entropy, grad_mean = with_entropy, with_mean
+    else:
+        forward(_ceil(num_tokens, bt), num_valid)
+        chunk_rows = min(lp.TOKEN_CHUNK, _up(num_tokens, bm))
+    # per (token chunk, vocabulary chunk) of the compacted rows
     chunk_cols = min(lp.VOCAB_CHUNK, _up(vocab, bv))
     per_row = 8 + 8 + 4 + 4 + 8 * grad_entropy + 4 * grad_mean  # order, target, lse, g_logp, (H, g_H), (g_mean)
     dh_tiles = _ceil(dim, bn)
     for token_start in range(0, num_tokens, chunk_rows):
         rows = max(0, min(chunk_rows, num_valid - token_start))
+        if grad_in_forward:
+            forward(chunk_rows // bt, rows)
         for vocab_start in range(0, vocab, chunk_cols):
             cols = min(chunk_cols, vocab - vocab_start)
             grid = chunk_rows // bt * _ceil(cols, bv)
             active = _ceil(rows, bt) * _ceil(cols, bv)
-            add(programs=grid, bytes_loaded=8 * grid)
-            add(flops=2 * active * bt * bv * _up(dim, bd), bytes_stored=active * bt * bv * size,
-                bytes_loaded=_ceil(cols, bv) * rows * (dim * size + per_row) + _ceil(rows, bt) * cols * dim * size)
+            add(programs=grid, bytes_loaded=8 * grid, bytes_stored=active * bt * bv * size)
+            if grad_in_forward:  # dz from the kept logits
+                add(bytes_loaded=_ceil(cols, bv) * rows * per_row + rows * cols * 4)
+            else:  # dz from recomputed logits
+                add(flops=2 * active * bt * bv * _up(dim, bd),
+                    bytes_loaded=_ceil(cols, bv) * rows * (dim * size + per_row) + _ceil(rows, bt) * cols * dim * size)
             if needs_hidden:
                 grid, active = chunk_rows // bm * dh_tiles, _ceil(rows, bm) * dh_tiles
                 add(programs=grid, bytes_loaded=8 * grid)
@@ -142,12 +161,14 @@ def run_op(op: str, hidden, weight, targets) -> None:
         logp, entropy = linear_logprobs(hidden, weight, targets, 0.9, return_entropy=True)
         loss = (logp - 0.1 * entropy).sum()
     elif op.startswith("cross-entropy"):
-        loss = linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1 if "smoothing" in op else 0.0)
+        loss = linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1 if "smoothing" in op else 0.0,
+                                    grad_in_forward="grad in forward" in op)
     else:
         mask = targets != IGNORE
         num = hidden.shape[0]
         old = torch.full((num,), -3.0)
-        loss, _ = grpo_loss(hidden, weight, targets, torch.linspace(-1, 1, num), old, mask)
+        loss, _ = grpo_loss(hidden, weight, targets, torch.linspace(-1, 1, num), old, mask,
+                            grad_in_forward="grad in forward" in op)
     loss.backward()
 
 
@@ -177,14 +198,16 @@ def closed_form_rows() -> list[dict]:
         for label, num_tokens, num_valid in (("all valid", RL_VALID, RL_VALID), ("RL-shaped", BIG["T"], RL_VALID),
                                              ("all valid", BIG["T"], BIG["T"])):
             work = triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, with_entropy=with_entropy,
-                                      with_mean=with_mean, grad_entropy=grad_entropy, grad_mean=grad_mean)
+                                      with_mean=with_mean, grad_entropy=grad_entropy, grad_mean=grad_mean,
+                                      grad_in_forward="grad in forward" in op)
             floor = minimum(num_tokens, num_valid, dim, vocab, 2, 1 + with_entropy, 1 + grad_entropy)
             rows.append({"op": op, "batch": label, "T": num_tokens, "T_valid": num_valid,
                          "FLOPs": work["flops"], "FLOPs / 6TdV": work["flops"] / floor["flops"],
                          "FLOPs / 8TdV": work["flops"] / (floor["flops"] * 8 / 6),
                          "issued load+store TB": (work["bytes_loaded"] + work["bytes_stored"]) / 1e12,
                          "d(hidden) writes / element": _ceil(vocab, min(lp.VOCAB_CHUNK, _up(vocab, bv))),
-                         "d(weight) writes / element": _ceil(num_valid, min(lp.TOKEN_CHUNK, _up(num_tokens, bm))),
+                         "d(weight) writes / element": _ceil(num_valid, min(_up(num_tokens, bm), (
+                             lp.LOGITS_TOKEN_CHUNK if "grad in forward" in op else lp.TOKEN_CHUNK))),
                          "programs": work["programs"],
                          "chunked torch FLOPs / 6TdV": chunked_closed_form_flops(num_valid, dim, vocab)
                          / floor["flops"]})
@@ -222,6 +245,9 @@ def main(argv=None):
         "(once per vocabulary chunk / per token chunk of valid rows; the previous kernels did it per tile: "
         "V/128 = 1,188 and T/64 = 1,920 times at these shapes).",
         "RL-shaped: one long ignored prompt + responses; the same number of valid rows as the all-valid batch.",
+        "grad in forward: the scalar-loss option (linear_cross_entropy / grpo_loss grad_in_forward=True): the "
+        "forward keeps each chunk's fp32 logits (LOGITS_TOKEN_CHUNK x V) and makes the gradients from them, "
+        "6 T_valid d V FLOPs; loss.backward() only scales them.",
         "Closed form (120K shapes): Triton kernels only, bf16, the tile and chunk sizes of "
         "kernels/logprobs/linear_logprobs.py; equal to the interpreter's count at small shapes "
         "(tests/test_logprobs_work.py).",

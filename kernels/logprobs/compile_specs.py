@@ -26,12 +26,14 @@ TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "
 _INDEX = {"order_ptr": "*i64", "num_valid_ptr": "*i64"}
 _KERNELS = {
     "fwd": (_forward_kernel, "forward", {"targets_ptr": "*i64"} | _INDEX | dict.fromkeys(
-        ("logp_ptr", "entropy_ptr", "mean_logp_ptr", "lse_ptr"), "*fp32")
-        | {"V": "i32", "D": "i32", "inv_temperature": "fp32"}, ("WITH_ENTROPY", "WITH_MEAN")),
+        ("logp_ptr", "entropy_ptr", "mean_logp_ptr", "lse_ptr", "logits_ptr"), "*fp32")
+        | {"token_start": "i32", "logits_stride": "i32", "V": "i32", "D": "i32", "inv_temperature": "fp32"},
+        ("WITH_ENTROPY", "WITH_MEAN", "STORE_LOGITS")),
     "dlogits": (_dlogits_kernel, "dlogits", {"targets_ptr": "*i64"} | _INDEX | dict.fromkeys(
-        ("lse_ptr", "entropy_ptr", "grad_logp_ptr", "grad_entropy_ptr", "grad_mean_ptr"), "*fp32")
+        ("lse_ptr", "entropy_ptr", "grad_logp_ptr", "grad_entropy_ptr", "grad_mean_ptr", "logits_ptr"), "*fp32")
         | {"dlogits_ptr": "*{dtype}", "token_start": "i32", "vocab_start": "i32", "V": "i32", "D": "i32",
-           "inv_temperature": "fp32", "chunk_stride": "i32"}, ("WITH_ENTROPY_GRAD", "WITH_MEAN_GRAD")),
+           "inv_temperature": "fp32", "chunk_stride": "i32", "logits_stride": "i32"},
+        ("WITH_ENTROPY_GRAD", "WITH_MEAN_GRAD", "FROM_LOGITS")),
     "grad_hidden": (_grad_hidden_kernel, "gemm", {"dlogits_ptr": "*{dtype}", "weight_ptr": "*{dtype}"} | _INDEX
                     | {"grad_hidden_ptr": "*fp32", "token_start": "i32", "vocab_start": "i32", "num_cols": "i32",
                        "D": "i32", "chunk_stride": "i32"}, ("ACCUMULATE",)),
@@ -56,7 +58,8 @@ def compile_specs() -> list[CompileSpec]:
             given |= dict.fromkeys((*flags, *constexprs), "constexpr")
             signature = {name: given[name] for name in kernel.arg_names}  # in the kernel's argument order
             for values in itertools.product((False, True), repeat=len(flags)):
-                suffix = "_".join(f"{flag.removeprefix('WITH_').split('_')[0].lower()}{int(v)}" for flag, v in zip(flags, values, strict=True))
+                suffix = "_".join(f"{flag.removeprefix('WITH_').split('_')[0].lower()}{int(v)}"
+                                  for flag, v in zip(flags, values, strict=True))
                 specs.append(CompileSpec(
                     name=f"logprobs_{kind}_{type_name}_{suffix}", fn=kernel, signature=signature,
                     constexprs=dict(zip(flags, values, strict=True)) | constexprs, hot=dtype != torch.float32,

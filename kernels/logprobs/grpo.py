@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..utils.checks import FLOAT_DTYPES, check_tensor, tensor_checks_enabled
-from .linear_logprobs import linear_logprobs
+from .linear_logprobs import fused_linear_loss, linear_logprobs
 from .policy_math import aggregate_tokens, clip_fractions, k3_kl, masked_mean, policy_loss_per_token
 
 IGNORE_INDEX = -100  # the target given to masked rows
@@ -53,7 +53,8 @@ def _check_grpo_args(hidden, advantages, old_logprobs, mask, ref_logprobs, clip_
 
 
 def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, ref_logprobs=None, clip_low=0.2,
-              clip_high=0.28, dual_clip=None, kl_coef=0.0, entropy_coef=0.0, temperature=1.0, num_tokens=None):
+              clip_high=0.28, dual_clip=None, kl_coef=0.0, entropy_coef=0.0, temperature=1.0, num_tokens=None,
+              grad_in_forward=False):
     """Clipped-surrogate GRPO loss with optional dual clip, k3 KL and entropy bonus.
 
     Per token (``mask`` selects response tokens; all per-token arguments are ``(T,)``):
@@ -66,34 +67,54 @@ def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, ref_lo
     Returns ``(loss, metrics)``; metrics are detached masked means over local tokens:
     ``ratio_mean``, ``clip_frac_low``, ``clip_frac_high``, ``kl_mean`` (when ``ref_logprobs``
     is given) and ``entropy_mean`` (when ``entropy_coef != 0``: entropy is computed only then).
+
+    ``grad_in_forward``: compute the gradients during the forward from the logits it already has
+    (6 instead of 8 T_valid d V FLOPs, an fp32 logits chunk of memory; see :func:`fused_linear_loss`);
+    ``loss.backward()`` then only scales them.
     """
     _check_grpo_args(hidden, advantages, old_logprobs, mask, ref_logprobs, clip_low, clip_high, dual_clip,
                      kl_coef, num_tokens)
     with_entropy = entropy_coef != 0
     active = mask != 0
     targets = torch.where(active, targets, IGNORE_INDEX)  # masked rows: no LM-head work, zero gradient
-    logp = linear_logprobs(hidden, weight, targets, temperature, return_entropy=with_entropy,
-                           ignore_index=IGNORE_INDEX)
-    if with_entropy:
-        logp, entropy = logp
 
     def on_mask(values):  # 0 where masked, so nothing stored there (NaN, -inf) enters the math
-        return torch.where(active, values.float(), 0.0)
+        return None if values is None else torch.where(active, values.float(), 0.0)
 
-    advantages = on_mask(advantages)
-    per_token, ratio = policy_loss_per_token(logp, on_mask(old_logprobs), advantages, clip_low, clip_high, dual_clip)
+    advantages, old_logprobs, ref_logprobs = on_mask(advantages), on_mask(old_logprobs), on_mask(ref_logprobs)
     if isinstance(num_tokens, torch.Tensor) and num_tokens.dim() > 0:
         num_tokens = torch.where(active, num_tokens, 1)
-    metrics = {}
-    if ref_logprobs is not None:
-        kl = k3_kl(logp, on_mask(ref_logprobs))
-        if kl_coef != 0:
+
+    def token_terms(logp, entropy, index):
+        """``(l_t, ratio_t, k3_t | None)`` at the tokens ``index`` (row indices, or a slice)."""
+        per_token, ratio = policy_loss_per_token(logp, old_logprobs[index], advantages[index], clip_low, clip_high,
+                                                 dual_clip)
+        kl = None if ref_logprobs is None else k3_kl(logp, ref_logprobs[index])
+        if kl is not None and kl_coef != 0:
             per_token = per_token + kl_coef * kl
+        if with_entropy:
+            per_token = per_token - entropy_coef * entropy
+        return per_token, ratio, kl
+
+    if grad_in_forward:
+        with torch.enable_grad():  # d loss / d l_t: the aggregation is linear in the per-token losses
+            probe = torch.zeros(targets.shape, device=targets.device, requires_grad=True)
+            (token_weights,) = torch.autograd.grad(aggregate_tokens(probe, mask, num_tokens), probe)
+        loss, logp, entropy, _ = fused_linear_loss(
+            hidden, weight, targets, lambda rows, lp, ent, _: token_terms(lp, ent, rows)[0] * token_weights[rows],
+            temperature, IGNORE_INDEX, with_entropy)
+        _, ratio, kl = token_terms(logp, entropy, slice(None))
+    else:
+        logp = linear_logprobs(hidden, weight, targets, temperature, return_entropy=with_entropy,
+                               ignore_index=IGNORE_INDEX)
+        logp, entropy = logp if with_entropy else (logp, None)
+        per_token, ratio, kl = token_terms(logp, entropy, slice(None))
+        loss = aggregate_tokens(per_token, mask, num_tokens)
+    metrics = {}
+    if kl is not None:
         metrics["kl_mean"] = masked_mean(kl.detach(), mask)
     if with_entropy:
-        per_token = per_token - entropy_coef * entropy
         metrics["entropy_mean"] = masked_mean(entropy.detach(), mask)
-    loss = aggregate_tokens(per_token, mask, num_tokens)
     clipped_low, clipped_high = clip_fractions(ratio.detach(), advantages, clip_low, clip_high)
     metrics["ratio_mean"] = masked_mean(ratio.detach(), mask)
     metrics["clip_frac_low"] = masked_mean(clipped_low, mask)

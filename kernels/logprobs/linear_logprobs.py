@@ -47,6 +47,8 @@ from .chunked import ChunkedLinearStats
 
 TOKEN_CHUNK = 4096  # valid rows per backward chunk (dz buffer: TOKEN_CHUNK x VOCAB_CHUNK in the input dtype)
 VOCAB_CHUNK = 8192
+# valid rows per chunk when gradients are made in the forward (fp32 logits kept: LOGITS_TOKEN_CHUNK x V)
+LOGITS_TOKEN_CHUNK = 2048
 
 
 @triton.jit
@@ -74,15 +76,19 @@ def _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temp
 
 @triton.jit
 def _forward_kernel(hidden_ptr, weight_ptr, targets_ptr, order_ptr, num_valid_ptr,
-                    logp_ptr, entropy_ptr, mean_logp_ptr, lse_ptr, V, D, inv_temperature,
-                    WITH_ENTROPY: tl.constexpr, WITH_MEAN: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per BLOCK_T valid rows: online logsumexp, entropy and sums over every vocabulary tile."""
+                    logp_ptr, entropy_ptr, mean_logp_ptr, lse_ptr, logits_ptr, token_start, logits_stride,
+                    V, D, inv_temperature,
+                    WITH_ENTROPY: tl.constexpr, WITH_MEAN: tl.constexpr, STORE_LOGITS: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One program per BLOCK_T valid rows (from position ``token_start`` of the compacted order): online
+    logsumexp, entropy and sums over every vocabulary tile. ``STORE_LOGITS`` also keeps the fp32 logits
+    of these rows in a (rows, logits_stride) chunk buffer, for gradients computed without a recompute."""
     num_valid = tl.load(num_valid_ptr)
-    start = tl.program_id(0).to(tl.int64) * BLOCK_T
+    start = token_start + tl.program_id(0).to(tl.int64) * BLOCK_T
     if start >= num_valid:
         return
     rows, row_in = _valid_rows(order_ptr, num_valid, start, BLOCK_T)
+    local_rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     target = tl.load(targets_ptr + rows, mask=row_in, other=0)
     running_max = tl.full((BLOCK_T,), -3.0e38, dtype=tl.float32)  # finite: (m - m') * 0 stays 0
     sum_exp = tl.zeros((BLOCK_T,), dtype=tl.float32)
@@ -94,6 +100,8 @@ def _forward_kernel(hidden_ptr, weight_ptr, targets_ptr, order_ptr, num_valid_pt
         col_in = cols < V
         z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
                          BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)
+        if STORE_LOGITS:
+            tl.store(logits_ptr + local_rows[:, None] * logits_stride + cols[None, :], z, mask=col_in[None, :])
         new_max = tl.maximum(running_max, tl.max(tl.where(col_in[None, :], z, -3.0e38), axis=1))
         rescale = tl.exp(running_max - new_max)
         shifted = z - new_max[:, None]
@@ -117,13 +125,14 @@ def _forward_kernel(hidden_ptr, weight_ptr, targets_ptr, order_ptr, num_valid_pt
 
 @triton.jit
 def _dlogits_kernel(hidden_ptr, weight_ptr, targets_ptr, order_ptr, num_valid_ptr, lse_ptr, entropy_ptr,
-                    grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, dlogits_ptr,
-                    token_start, vocab_start, V, D, inv_temperature, chunk_stride,
-                    WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                    grad_logp_ptr, grad_entropy_ptr, grad_mean_ptr, dlogits_ptr, logits_ptr,
+                    token_start, vocab_start, V, D, inv_temperature, chunk_stride, logits_stride,
+                    WITH_ENTROPY_GRAD: tl.constexpr, WITH_MEAN_GRAD: tl.constexpr, FROM_LOGITS: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One (BLOCK_T, BLOCK_V) tile of dz for the chunk at (token_start, vocab_start), stored once.
 
     dz carries 1/tau (so dh = dz W and dW = dz^T h); rows past num_valid and columns past V store 0.
+    The logits are recomputed, or with ``FROM_LOGITS`` read from the chunk buffer the forward kept.
     """
     num_valid = tl.load(num_valid_ptr)
     local_rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -133,8 +142,12 @@ def _dlogits_kernel(hidden_ptr, weight_ptr, targets_ptr, order_ptr, num_valid_pt
     local_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     cols = vocab_start + local_cols
     col_in = cols < V
-    z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
-                     BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)
+    if FROM_LOGITS:
+        z = tl.load(logits_ptr + local_rows[:, None] * logits_stride + cols[None, :],
+                    mask=row_in[:, None] & col_in[None, :], other=0.0)
+    else:
+        z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
+                         BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)
     target = tl.load(targets_ptr + rows, mask=row_in, other=0)
     lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
     g_logp = tl.load(grad_logp_ptr + rows, mask=row_in, other=0.0) * inv_temperature
@@ -253,25 +266,95 @@ def compact_rows(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor
     return order, num_valid
 
 
+class _ChunkGradients:
+    """d(hidden) and d(weight), accumulated one token chunk (of the compacted valid rows) at a time.
+
+    Per chunk and vocabulary chunk: ``_dlogits_kernel`` writes dz once into a fixed (chunk_rows,
+    VOCAB_CHUNK) buffer in the input dtype, then the two GEMM kernels fold it into the fp32 gradients.
+    """
+
+    def __init__(self, hidden, weight, order, num_valid, chunk_rows, needs_hidden=True, needs_weight=True):
+        self.hidden, self.weight, self.order, self.num_valid = hidden, weight, order, num_valid
+        num_tokens, dim = hidden.shape
+        vocab = weight.shape[0]
+        self.config = block_config(dim, hidden.dtype)
+        self.chunk_rows = chunk_rows
+        self.chunk_cols = min(VOCAB_CHUNK, triton.cdiv(vocab, self.config["BLOCK_V"]) * self.config["BLOCK_V"])
+        self.dlogits = torch.zeros((chunk_rows, self.chunk_cols), dtype=hidden.dtype, device=hidden.device)
+        self.grad_hidden = self.grad_weight = None
+        if needs_hidden:
+            self.grad_hidden = torch.zeros((num_tokens, dim), dtype=torch.float32, device=hidden.device)
+        if needs_weight:
+            self.grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=weight.device)
+
+    def add_chunk(self, token_start, targets, lse, entropy, grads, flags, inv_temperature, logits=None):
+        """Fold in the rows at positions [token_start, token_start + chunk_rows) of the compacted order.
+        ``grads``: fp32 (T,) output gradients (logp, entropy, mean_logp); ``logits``: the chunk's fp32 logits
+        kept by the forward (else they are recomputed)."""
+        dim, vocab = self.hidden.shape[1], self.weight.shape[0]
+        tile, tile_launch = launch_options(self.config, "dlogits")
+        gemm, gemm_launch = launch_options(self.config, "gemm")
+        index = (self.order, self.num_valid)
+        stored = (logits, logits.shape[1]) if logits is not None else (lse, 0)  # lse: an unused placeholder
+        for vocab_start in range(0, vocab, self.chunk_cols):
+            num_cols = min(self.chunk_cols, vocab - vocab_start)
+            _dlogits_kernel[(self.chunk_rows // tile["BLOCK_T"], triton.cdiv(num_cols, tile["BLOCK_V"]))](
+                self.hidden, self.weight, targets, *index, lse, entropy, *grads, self.dlogits, stored[0],
+                token_start, vocab_start, vocab, dim, inv_temperature, self.chunk_cols, stored[1],
+                **flags, FROM_LOGITS=logits is not None, **tile, **tile_launch,
+            )
+            if self.grad_hidden is not None:
+                _grad_hidden_kernel[(self.chunk_rows // gemm["BLOCK_M"], triton.cdiv(dim, gemm["BLOCK_N"]))](
+                    self.dlogits, self.weight, *index, self.grad_hidden, token_start, vocab_start, num_cols, dim,
+                    self.chunk_cols, ACCUMULATE=vocab_start > 0, **gemm, **gemm_launch,
+                )
+            if self.grad_weight is not None:
+                _grad_weight_kernel[(triton.cdiv(num_cols, gemm["BLOCK_M"]), triton.cdiv(dim, gemm["BLOCK_N"]))](
+                    self.dlogits, self.hidden, *index, self.grad_weight, token_start, vocab_start, num_cols, dim,
+                    self.chunk_cols, self.chunk_rows, ACCUMULATE=token_start > 0, **gemm, **gemm_launch,
+                )
+
+    def result(self):
+        """``(grad_hidden | None, grad_weight | None)`` in the input dtype."""
+        grad_hidden = None if self.grad_hidden is None else self.grad_hidden.to(self.hidden.dtype)
+        grad_weight = None if self.grad_weight is None else self.grad_weight.to(self.weight.dtype)
+        return grad_hidden, grad_weight
+
+
+def _chunk_rows(num_tokens: int, limit: int, dim: int, dtype: torch.dtype) -> int:
+    """Rows of a token chunk: ``limit``, or the whole batch rounded up to a GEMM tile when it is smaller."""
+    block = block_config(dim, dtype)["BLOCK_M"]
+    return min(limit, triton.cdiv(num_tokens, block) * block)
+
+
+def _forward(hidden, weight, targets, order, num_valid, outputs, temperature, with_entropy, with_mean_logp,
+             token_start=0, num_rows=None, logits=None):
+    """Launch the forward kernel over ``num_rows`` positions of the compacted order from ``token_start``
+    (default: all), writing ``outputs = (logp, entropy, mean_logp, lse)`` and, if given, the chunk's logits."""
+    num_tokens, dim = hidden.shape
+    constexprs, launch = launch_options(block_config(dim, hidden.dtype), "forward")
+    grid = (triton.cdiv(num_tokens if num_rows is None else num_rows, constexprs["BLOCK_T"]),)
+    stored = (logits, logits.shape[1]) if logits is not None else (outputs[3], 0)  # lse: an unused placeholder
+    _forward_kernel[grid](
+        hidden, weight, targets, order, num_valid, *outputs, stored[0], token_start, stored[1],
+        weight.shape[0], dim, 1.0 / temperature,
+        WITH_ENTROPY=with_entropy, WITH_MEAN=with_mean_logp, STORE_LOGITS=logits is not None, **constexprs, **launch,
+    )
+
+
+def _zeros(num_tokens, device, count=4):
+    """fp32 per-token buffers; zeros, because ignored rows are never visited and must read 0."""
+    return [torch.zeros((num_tokens,), dtype=torch.float32, device=device) for _ in range(count)]
+
+
 class _TritonLinearStats(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels: ``(logp, entropy | None, mean_logp | None)``."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp):
-        num_tokens, dim = hidden.shape
-        vocab = weight.shape[0]
-        constexprs, launch = launch_options(block_config(dim, hidden.dtype), "forward")
         order, num_valid = compact_rows(targets, ignore_index)
-        # zeros: ignored rows are never visited and must read 0
-        logp, entropy, mean_logp, lse = (
-            torch.zeros((num_tokens,), dtype=torch.float32, device=hidden.device) for _ in range(4)
-        )
-        grid = (triton.cdiv(num_tokens, constexprs["BLOCK_T"]),)
-        _forward_kernel[grid](
-            hidden, weight, targets, order, num_valid, logp, entropy, mean_logp, lse,
-            vocab, dim, 1.0 / temperature,
-            WITH_ENTROPY=with_entropy, WITH_MEAN=with_mean_logp, **constexprs, **launch,
-        )
+        logp, entropy, mean_logp, lse = outputs = _zeros(hidden.shape[0], hidden.device)
+        _forward(hidden, weight, targets, order, num_valid, outputs, temperature, with_entropy, with_mean_logp)
         ctx.save_for_backward(hidden, weight, targets, order, num_valid, lse, entropy)
         ctx.temperature = temperature
         return logp, entropy if with_entropy else None, mean_logp if with_mean_logp else None
@@ -279,50 +362,65 @@ class _TritonLinearStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, grad_mean_logp):
         hidden, weight, targets, order, num_valid, lse, entropy = ctx.saved_tensors
-        needs_hidden, needs_weight = ctx.needs_input_grad[:2]
-        grads = backward_triton(hidden, weight, targets, order, num_valid, lse, entropy, grad_logp, grad_entropy,
-                                grad_mean_logp, ctx.temperature, needs_hidden, needs_weight)
-        return *grads, None, None, None, None, None
+        chunk_rows = _chunk_rows(hidden.shape[0], TOKEN_CHUNK, hidden.shape[1], hidden.dtype)
+        gradients = _ChunkGradients(hidden, weight, order, num_valid, chunk_rows, *ctx.needs_input_grad[:2])
+        zeros = torch.zeros_like(lse)
+        grads = [zeros if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy, grad_mean_logp)]
+        flags = {"WITH_ENTROPY_GRAD": grad_entropy is not None, "WITH_MEAN_GRAD": grad_mean_logp is not None}
+        for token_start in range(0, hidden.shape[0], chunk_rows):
+            gradients.add_chunk(token_start, targets, lse, entropy, grads, flags, 1.0 / ctx.temperature)
+        return *gradients.result(), None, None, None, None, None
 
 
-def backward_triton(hidden, weight, targets, order, num_valid, lse, entropy, grad_logp, grad_entropy, grad_mean_logp,
-                    temperature, needs_hidden=True, needs_weight=True):
-    """``(grad_hidden | None, grad_weight | None)`` in the input dtype; see the module docstring."""
-    num_tokens, dim = hidden.shape
-    vocab = weight.shape[0]
-    config = block_config(dim, hidden.dtype)
-    tile, tile_launch = launch_options(config, "dlogits")
-    gemm, gemm_launch = launch_options(config, "gemm")
-    zeros = torch.zeros_like(lse)
-    grads = [zeros if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy, grad_mean_logp)]
-    flags = {"WITH_ENTROPY_GRAD": grad_entropy is not None, "WITH_MEAN_GRAD": grad_mean_logp is not None}
-    # the dz buffer: a fixed TOKEN_CHUNK x VOCAB_CHUNK (smaller only when the whole batch is)
-    chunk_rows = min(TOKEN_CHUNK, triton.cdiv(num_tokens, config["BLOCK_M"]) * config["BLOCK_M"])
-    chunk_cols = min(VOCAB_CHUNK, triton.cdiv(vocab, config["BLOCK_V"]) * config["BLOCK_V"])
-    dlogits = torch.zeros((chunk_rows, chunk_cols), dtype=hidden.dtype, device=hidden.device)
-    grad_hidden = torch.zeros((num_tokens, dim), dtype=torch.float32, device=hidden.device) if needs_hidden else None
-    grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=weight.device) if needs_weight else None
-    inv_temperature = 1.0 / temperature
-    for token_start in range(0, num_tokens, chunk_rows):
-        for vocab_start in range(0, vocab, chunk_cols):
-            num_cols = min(chunk_cols, vocab - vocab_start)
-            _dlogits_kernel[(chunk_rows // tile["BLOCK_T"], triton.cdiv(num_cols, tile["BLOCK_V"]))](
-                hidden, weight, targets, order, num_valid, lse, entropy, *grads, dlogits,
-                token_start, vocab_start, vocab, dim, inv_temperature, chunk_cols, **flags, **tile, **tile_launch,
-            )
-            if needs_hidden:
-                _grad_hidden_kernel[(chunk_rows // gemm["BLOCK_M"], triton.cdiv(dim, gemm["BLOCK_N"]))](
-                    dlogits, weight, order, num_valid, grad_hidden, token_start, vocab_start, num_cols, dim,
-                    chunk_cols, ACCUMULATE=vocab_start > 0, **gemm, **gemm_launch,
-                )
-            if needs_weight:
-                _grad_weight_kernel[(triton.cdiv(num_cols, gemm["BLOCK_M"]), triton.cdiv(dim, gemm["BLOCK_N"]))](
-                    dlogits, hidden, order, num_valid, grad_weight, token_start, vocab_start, num_cols, dim,
-                    chunk_cols, chunk_rows, ACCUMULATE=token_start > 0, **gemm, **gemm_launch,
-                )
-    grad_hidden = None if grad_hidden is None else grad_hidden.to(hidden.dtype)
-    grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-    return grad_hidden, grad_weight
+class _TritonFusedLoss(torch.autograd.Function):
+    """``(loss, logp, entropy, mean_logp)``: a scalar loss with its gradients made in the forward.
+
+    Per LOGITS_TOKEN_CHUNK valid rows: the forward kernel computes the statistics and keeps the chunk's
+    fp32 logits; ``token_loss`` and autograd give the per-token output gradients; dz comes from the kept
+    logits (no recompute) and the GEMM kernels fold it into d(hidden), d(weight). Backward only scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp, token_loss):
+        (num_tokens, dim), vocab = hidden.shape, weight.shape[0]
+        order, num_valid = compact_rows(targets, ignore_index)
+        outputs = _zeros(num_tokens, hidden.device)
+        grads = _zeros(num_tokens, hidden.device, 3)
+        chunk_rows = _chunk_rows(num_tokens, LOGITS_TOKEN_CHUNK, dim, hidden.dtype)
+        logits = torch.empty((chunk_rows, vocab), dtype=torch.float32, device=hidden.device)
+        gradients = _ChunkGradients(hidden, weight, order, num_valid, chunk_rows, *ctx.needs_input_grad[:2])
+        flags = {"WITH_ENTROPY_GRAD": with_entropy, "WITH_MEAN_GRAD": with_mean_logp}
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for token_start in range(0, num_tokens, chunk_rows):
+            _forward(hidden, weight, targets, order, num_valid, outputs, temperature, with_entropy, with_mean_logp,
+                     token_start, chunk_rows, logits)
+            rows = order[token_start : token_start + chunk_rows]
+            in_batch = torch.arange(token_start, token_start + rows.shape[0], device=rows.device) < num_valid
+            with torch.enable_grad():
+                wanted = (True, with_entropy, with_mean_logp)
+                stats = [out[rows].requires_grad_() if use else None for out, use in zip(outputs, wanted, strict=False)]
+                chunk_loss = torch.where(in_batch, token_loss(rows, *stats), 0.0).sum()
+                given = [(buffer, stat) for buffer, stat in zip(grads, stats, strict=True) if stat is not None]
+                per_row = torch.autograd.grad(chunk_loss, [stat for _, stat in given], allow_unused=True)
+                for (buffer, _), grad in zip(given, per_row, strict=True):
+                    if grad is not None:
+                        buffer.index_copy_(0, rows, torch.where(in_batch, grad, 0.0))
+            loss += chunk_loss.detach()
+            gradients.add_chunk(token_start, targets, outputs[3], outputs[1], grads, flags, 1.0 / temperature,
+                                logits)
+        results = gradients.result()
+        ctx.save_for_backward(*(g for g in results if g is not None))
+        ctx.has_grads = [g is not None for g in results]
+        logp, entropy, mean_logp, _ = outputs
+        ctx.mark_non_differentiable(logp, entropy, mean_logp)
+        return loss, logp, entropy if with_entropy else None, mean_logp if with_mean_logp else None
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        saved = iter(ctx.saved_tensors)
+        grad_hidden, grad_weight = [(g := next(saved)) * grad_loss.to(g.dtype) if has else None
+                                    for has in ctx.has_grads]
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def check_logprob_inputs(hidden, weight, targets, temperature, ignore_index):
@@ -379,3 +477,31 @@ def linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=Fal
     """
     logp, entropy, _ = fused_linear_stats(hidden, weight, targets, temperature, ignore_index, return_entropy)
     return (logp, entropy) if return_entropy else logp
+
+
+def fused_linear_loss(hidden, weight, targets, token_loss, temperature=1.0, ignore_index=-100, with_entropy=False,
+                      with_mean_logp=False):
+    """A scalar loss ``sum_t token_loss(...)_t`` over the valid rows, with its gradients made in the forward.
+
+    ``token_loss(rows, logp, entropy, mean_logp)`` gets the int64 row indices (into T) of a chunk of
+    valid rows and their fp32 statistics (``entropy`` / ``mean_logp`` None unless asked for) and
+    returns their per-token losses; it must be differentiable in the statistics, per token, and give
+    finite values and derivatives wherever its inputs are finite (it may also be called on ignored rows,
+    whose result is discarded). Returns ``(loss, logp, entropy | None, mean_logp | None)``, the
+    statistics detached.
+
+    On the Triton path the logits of each chunk are kept (fp32, ``LOGITS_TOKEN_CHUNK x V``), so forward +
+    backward issue 6 T_valid d V FLOPs instead of 8, and ``loss.backward()`` only scales the stored
+    gradients. The chunked PyTorch path computes the same through autograd (one recompute).
+    """
+    check_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
+    hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.to(torch.int64).contiguous()
+    backend = select_backend(hidden.device, has_cuda_op=cuda_backend.available())
+    if backend == "triton":
+        return _TritonFusedLoss.apply(hidden, weight, targets, float(temperature), int(ignore_index),
+                                      bool(with_entropy), bool(with_mean_logp), token_loss)
+    logp, entropy, mean_logp = fused_linear_stats(hidden, weight, targets, temperature, ignore_index, with_entropy,
+                                                  with_mean_logp)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    loss = torch.where(targets != ignore_index, token_loss(rows, logp, entropy, mean_logp), 0.0).sum()
+    return loss, *(None if value is None else value.detach() for value in (logp, entropy, mean_logp))
