@@ -297,6 +297,15 @@ def test_question_from_verl_prompts_that_differ_from_our_template(prompt):
     assert question_from_prompt(prompt) == "Who won?"
 
 
+def test_a_record_given_only_as_a_prompt_yields_its_question():
+    from qwenlong.data import DocQARecord
+    from qwenlong.data.prompt import question_text
+
+    prompt = "<text>\ndoc\n</text>\n\n  Who won?\n\nformat your response like this: the answer is X."
+    record = DocQARecord(id="r", data_source="hotpotqa", document="", question="", answers=("A",), prompt=prompt)
+    assert question_text(record) == "Who won?"
+
+
 def test_an_empty_question_is_never_sent_to_a_judge():
     class Unreachable(Judge):
         async def _ask(self, session, messages):

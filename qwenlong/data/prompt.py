@@ -8,6 +8,7 @@ with the answer-format instruction. The LLM judge recovers the question as the t
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Any
 
@@ -26,7 +27,10 @@ def build_prompt(document: str, question: str) -> str:
 
 
 def question_text(record: DocQARecord) -> str:
-    """The question, followed by lettered options for multiple-choice records."""
+    """The question (for a record given as a rendered prompt only, the prompt's), followed by lettered
+    options for multiple-choice records."""
+    if not record.question and record.prompt is not None:
+        return extract_question(record.prompt)
     if not record.choices:
         return record.question
     if len(record.choices) > len(CHOICE_LETTERS):
@@ -42,17 +46,19 @@ def record_prompt(record: DocQARecord, document: str | None = None) -> str:
     return build_prompt(record.document if document is None else document, question_text(record))
 
 
-def extract_question(prompt: str) -> str:
-    """The question of a rendered prompt: the text between ``</text>`` and the format line.
+_FORMAT_LINE = re.compile(r"format\s+your\s+response", re.IGNORECASE)
 
-    Falls back to the whole text when the prompt does not follow the template (the judge
-    then sees everything the policy saw, minus nothing).
+
+def extract_question(prompt: str) -> str:
+    """The question of a rendered prompt, by the release's rule: the text after the last ``</text>`` and
+    before "Format your response" (any case and spacing, whatever the rest of that line says), so
+    prompts that differ from ours in white space or in the format line still yield it. Without
+    ``</text>``, the whole prompt up to the format line; "" when nothing is left.
     """
     start = prompt.rfind("</text>")
-    end = prompt.rfind("Format your response as follows:")
-    if start < 0 or end < start:
-        return prompt.strip()
-    return prompt[start + len("</text>"):end].strip()
+    rest = prompt[start + len("</text>"):] if start >= 0 else prompt
+    end = _FORMAT_LINE.search(rest)
+    return (rest[:end.start()] if end else rest).strip()
 
 
 def split_prompt(prompt: str) -> tuple[str, str] | None:

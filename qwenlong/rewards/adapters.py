@@ -7,16 +7,16 @@
 
 Both use the process-wide default :class:`HybridReward`: rules alone, plus the judge of
 QWENLONG_JUDGE_URL / _MODEL / _API_KEY (/ _TIMEOUT / _RETRIES) when set; :func:`set_default_reward`
-replaces it. The judge's question comes from the row (see :func:`question_from_prompt`).
+replaces it. The judge's question comes from the row (``qwenlong.data.extract_question`` for a prompt).
 """
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from qwenlong.data.prompt import extract_question as question_from_prompt
 from qwenlong.rewards.hybrid import HybridReward, RewardItem
 
 _default: HybridReward | None = None
@@ -47,19 +47,6 @@ def _text(value: Any) -> str:
     if isinstance(value, Sequence) and value and isinstance(value[-1], Mapping):
         return str(value[-1].get("content", ""))
     raise ValueError(f"expected text or a list of chat messages, got {type(value).__name__}")
-
-
-_FORMAT_LINE = re.compile(r"format\s+your\s+response", re.IGNORECASE)
-
-
-def question_from_prompt(prompt: str) -> str:
-    """The question of a prompt, by the release's rule: the text after the last ``</text>`` and
-    before "Format your response" (any case and spacing, whatever the rest of that line says).
-    Without ``</text>`` the whole prompt up to the format line is the question; "" when nothing is left."""
-    start = prompt.rfind("</text>")
-    rest = prompt[start + len("</text>"):] if start >= 0 else prompt
-    end = _FORMAT_LINE.search(rest)
-    return (rest[:end.start()] if end else rest).strip()
 
 
 def _question(extra_info: Mapping[str, Any] | None) -> str:
