@@ -10,8 +10,8 @@ from qwenlong.plan.hardware import GPUS
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/qwenlong-l1-32b.yaml")
     parser.add_argument("--gpus", type=int, default=None,
-                        help="devices in the run (default: 1 for cpu; 8 x distributed.sp_size... the SP degree "
-                             "rounded up to a node of 8)")
+                        help="devices in the run (default: 1 on cpu, else one node of 8 or distributed.sp_size "
+                             "if larger)")
     parser.add_argument("--gpu", default="h100-80gb", choices=[*GPUS, "cpu"], help="device kind")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
 

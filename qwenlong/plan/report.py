@@ -169,13 +169,14 @@ def _table(lines, total_label: str) -> list[str]:
 
 def format_plan(plan: Plan) -> str:
     s, shape, dev = plan.settings, plan.shape, plan.device
+    engines = s.world // s.tp
+    rollout = (f"; rollout vllm TP {s.tp}: {engines} engine{'s' if engines > 1 else ''}" if s.engine == "vllm"
+               else f"; rollout {s.engine}")
     out = [f"model {shape.name}: {_count(shape.params)} parameters ({_count(shape.active_params)} active), "
            f"{shape.layers} layers, hidden {shape.hidden}, heads {shape.heads}/{shape.kv_heads}, vocab {shape.vocab}",
            f"{s.world} x {dev.name} ({_gib(dev.memory_bytes)} each): SP {s.sp}, ZeRO stage {s.stage}"
            + (", offload params" if s.offload_params else "") + (", offload optimizer" if s.offload_optimizer else "")
-           + (f"; rollout {s.engine} TP {s.tp}: {s.world // s.tp} engines" if s.engine == "vllm" else
-              f"; rollout {s.engine}")
-           + (", asleep while training" if s.sleep else "")]
+           + rollout + (", asleep while training" if s.sleep else "")]
     if plan.rl is not None:
         out += ["", f"RL training peak per device ({s.tokens_per_rank} tokens/rank, SP group "
                 f"{s.tokens_per_rank * s.sp}, longest sequence {s.longest_sequence}):"]

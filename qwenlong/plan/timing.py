@@ -87,7 +87,8 @@ def step_time(shape: ModelShape, s: Settings, dev: Device, plan: MemoryPlan) -> 
         gen.append(steps * decode_step_seconds(shape, s, dev, batch, context, DECODE_BANDWIDTH[end]))
         flops = forward_flops(shape, per_engine * prompt, prompt / 2)
         prefill.append(flops / (tp * dev.bf16_flops * PREFILL_MFU[end]))
-    batch_note = (f"{engines} engines of TP {tp}, {per_engine} sequences each, batch up to the KV capacity"
+    batch_note = (f"{engines} engine{'s' if engines > 1 else ''} of TP {tp}, {per_engine} sequences each, "
+                  "batch up to the KV capacity"
                   + (f" ({plan.kv_capacity_tokens:,} tokens)" if plan.kv_capacity_tokens else ""))
     parts.append(Part("generate: decode", (gen[0], gen[1]), batch_note))
     parts.append(Part("generate: prefill", (prefill[0], prefill[1]), f"prompt FLOPs at {PREFILL_MFU} MFU"))
