@@ -285,12 +285,21 @@ def test_export_modes(tmp_path):
     assert run.state["exports"] == {"rl:long-docs": "export/rl-long-docs"}
     assert _norm(run.dir / "export" / "rl-long-docs") == pytest.approx(4.0)
 
-    # every_stage: a stage whose export is missing (killed in between) comes from its own checkpoint
+    # every_stage: a stage whose export is missing (a resumed run killed in between) comes from its own
+    # checkpoint, as the policy holds a later stage's weights; the newest stage from the policy itself
     run = _stub_run(tmp_path / "every", "every_stage")
-    export_finished_stage(run, "sft")  # after SFT the live policy holds later weights here: a stand-in
+    export_finished_stage(run, "sft")
+    written = (run.dir / "export" / "sft" / "model.safetensors").stat().st_mtime_ns
+    export_finished_stage(run, "sft")  # exported already: left as it is
+    assert (run.dir / "export" / "sft" / "model.safetensors").stat().st_mtime_ns == written
     export_final(run)
     assert sorted(run.state["exports"]) == ["rl:long-docs", "rl:short-docs", "sft"]
-    assert [_norm(run.dir / "export" / name) for name in ("rl-short-docs", "rl-long-docs")] == pytest.approx([3, 4])
+    assert [_norm(run.dir / "export" / name) for name in ("sft", "rl-short-docs", "rl-long-docs")] == [2, 3, 4]
+    with torch.no_grad():
+        run.model.model.norm.weight.fill_(9.0)
+    run.state["exports"].pop("rl:long-docs")
+    export_final(run)  # the newest stage is exported from the policy
+    assert _norm(run.dir / "export" / "rl-long-docs") == 9
 
     run = _stub_run(tmp_path / "none", "none")
     export_finished_stage(run, "sft")

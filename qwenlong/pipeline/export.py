@@ -261,10 +261,18 @@ def export_stage(run: Any, stage: str, *, live: bool) -> Path:
     return out
 
 
+def _exported(run: Any, stage: str) -> bool:
+    folder = run.state.get("exports", {}).get(stage)
+    return folder is not None and (run.dir / folder).is_dir()
+
+
 def export_finished_stage(run: Any, stage: str) -> None:
-    """After a stage and its evaluation: export it when ``output.export`` is ``every_stage``."""
-    if run.cfg.output.export == "every_stage" and stage in trained_stages(run.state):
-        export_stage(run, stage, live=True)
+    """After a stage and its evaluation: export it when ``output.export`` is ``every_stage`` and it is not yet
+    (a resumed run passes stages exported before); live when it is the newest finished stage (the policy
+    holds its weights), else from its checkpoint."""
+    stages = trained_stages(run.state)
+    if run.cfg.output.export == "every_stage" and stage in stages and not _exported(run, stage):
+        export_stage(run, stage, live=stage == stages[-1])
 
 
 def export_final(run: Any) -> None:
@@ -274,13 +282,13 @@ def export_final(run: Any) -> None:
     mode, stages = run.cfg.output.export, trained_stages(run.state)
     if mode == "none" or not stages:
         return
-    exports = run.state.setdefault("exports", {})
     last = stages[-1]
-    if last not in exports or not (run.dir / exports[last]).is_dir():
+    if not _exported(run, last):
         export_stage(run, last, live=True)
+    exports = run.state["exports"]
     if mode == "every_stage":
         for stage in stages[:-1]:
-            if stage not in exports or not (run.dir / exports[stage]).is_dir():
+            if not _exported(run, stage):
                 export_stage(run, stage, live=False)
         return
     for stage in [s for s in exports if s != last]:
