@@ -1,0 +1,183 @@
+"""Work meter of packed varlen attention: programs launched against useful tiles, FLOPs issued against
+the causal minimum, forward and backward.
+
+A useful tile is a (query block, head) of one sequence (a (key block, kv head) in the dk/dv pass):
+every program of the tile-scheduled launch is one, where the previous grid ``(blocks of the longest
+sequence, heads, batch)`` also launched a program for every block a shorter sequence does not have
+(it returned at once; "old grid" below). The causal minimum is what any exact kernel computes:
+``4 d H sum_i n_i (n_i + 1) / 2`` forward (QK^T and PV over each document's lower triangle) and
+2.5x that backward (five GEMMs: recomputed QK^T, dV, dP, dQ, dK); our deterministic backward
+issues seven (dq's pass recomputes QK^T and dP), so its floor is 3.5x.
+
+Counted under the interpreter (:mod:`benchmarks.work.counting`) at small shapes with the tile table the
+interpreter uses (sm_80's), and given by :func:`closed_form` (the kernels' tile tables and the same
+:func:`~qwenlong.kernels.attention.varlen.schedule`; equal to the count at small shapes in
+``tests/test_attention_work.py``) at full size on sm_90 and sm_80, bf16, head_dim 128, 40/8 heads:
+
+- pretraining: documents of at most 8K tokens packed to 32K;
+- RL-shaped: one 64K document + 110 of 512 tokens; one 32K document + 880 of 100.
+
+    python -m benchmarks --only work          # every meter; this one writes *-work-attention.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+import numpy as np
+import torch
+
+from benchmarks.common import RESULTS_DIR, document_lengths, environment, write_results
+from benchmarks.work.counting import count_work, require_interpreter
+
+FULL = {"heads": 40, "kv_heads": 8, "head_dim": 128, "dtype": torch.bfloat16}
+KERNEL_NAMES = {"fwd": "_attn_fwd", "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}
+DOTS = {"fwd": 2, "dkdv": 4, "dq": 3}  # tl.dot calls per visited block pair
+
+
+def varlen():
+    return importlib.import_module("qwenlong.kernels.attention.varlen")
+
+
+def full_batches() -> dict[str, list[int]]:
+    return {
+        "docs <= 8K packed to 32K": document_lengths(32 * 1024, "packed", shortest=64),
+        "RL: 64K + 110 x 512": [64 * 1024] + [512] * 110,
+        "RL: 32K + 880 x 100": [32 * 1024] + [100] * 880,
+    }
+
+
+def small_batches(quick: bool = False) -> dict[str, list[int]]:
+    """The full batches at 1/64 of their lengths (1/128 with ``quick``), at least one token per document."""
+    scale = 128 if quick else 64
+    return {
+        "docs <= 8K packed to 32K": document_lengths(32 * 1024 // scale, "packed", shortest=max(1, 64 // scale)),
+        "RL: 64K + 110 x 512": [64 * 1024 // scale] + [512 // scale] * 110,
+        "RL: 32K + 880 x 100": [32 * 1024 // scale] + [max(1, 100 // scale)] * 880,
+    }
+
+
+def causal_minimum(lengths, heads: int, head_dim: int) -> int:
+    """Forward FLOPs of exact causal attention: QK^T and PV over each document's lower triangle."""
+    return sum(4 * heads * head_dim * n * (n + 1) // 2 for n in lengths)
+
+
+def closed_form(lengths, heads, kv_heads, head_dim, dtype, table: int) -> dict[str, dict[str, int]]:
+    """Programs, useful tiles, FLOPs and the old grid's programs per kernel, causal, from the tile tables."""
+    vl = varlen()
+    lens = np.asarray(lengths, dtype=np.int64)
+    window = vl.BatchPlan(lens, lens).window(-1, 0)
+    configs = vl._configs(head_dim, dtype, table)
+    block_d = vl._block_d(head_dim)
+    out = {}
+    for kernel, over_keys in (("fwd", False), ("dkdv", True), ("dq", False)):
+        bm, bn = configs[kernel]["BLOCK_M"], configs[kernel]["BLOCK_N"]
+        block, other = (bn, bm) if over_keys else (bm, bn)
+        tables = vl.schedule(lens, lens, block, other, window, over_keys)
+        seq, index = tables
+        first = index.astype(np.int64) * block
+        last = np.minimum(first + block, lens[seq]) - 1
+        # causal, q_len == k_len: a query tile visits key blocks [0, last]; a key tile query blocks [first, n)
+        visited = (-(-(lens[seq] - first // other * other) // other)) if over_keys else last // other + 1
+        program_heads = kv_heads if over_keys else heads
+        per_program_heads = heads // kv_heads if over_keys else 1
+        out[kernel] = {
+            "programs": tables.shape[1] * program_heads,
+            "useful tiles": int(sum(-(-n // block) for n in lengths)) * program_heads,
+            "old grid": (-(-max(lengths) // block)) * program_heads * len(lengths),
+            "flops": int(visited.sum()) * program_heads * per_program_heads * DOTS[kernel] * 2 * bm * bn * block_d,
+        }
+    return out
+
+
+def _inputs(lengths, heads, kv_heads, head_dim, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q = torch.randn(total, heads, head_dim, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype).requires_grad_()
+    do = torch.randn(total, heads, head_dim, generator=gen).to(dtype)
+    cu = torch.tensor([0, *np.cumsum(lengths).tolist()], dtype=torch.int32)
+    return q, k, v, do, cu
+
+
+def run(q, k, v, do, cu) -> None:
+    """Causal forward + backward of the kernels."""
+    longest = int(cu.diff().max())
+    out = varlen().varlen_attention(q, k, v, cu, cu, longest, longest, causal=True)
+    torch.autograd.grad(out, (q, k, v), do)
+
+
+def count(lengths, heads, kv_heads, head_dim, dtype) -> dict[str, dict[str, int]]:
+    """Programs and FLOPs per kernel, counted under the interpreter (Triton kernels only)."""
+    work = count_work(run, *_inputs(lengths, heads, kv_heads, head_dim, dtype), torch_ops=False)
+    return {kernel: {"programs": work.by_kernel[name].programs, "flops": work.by_kernel[name].flops}
+            for kernel, name in KERNEL_NAMES.items()}  # fmt: skip
+
+
+def _row(batch: str, lengths, heads, head_dim, where: str, works: dict) -> dict:
+    """Summary columns: programs / useful tiles and old grid, per kernel; FLOPs / causal minimum fwd and bwd."""
+    minimum = causal_minimum(lengths, heads, head_dim)
+    row = {"batch": batch, "where": where, "documents": len(lengths), "tokens": sum(lengths)}
+    for kernel in ("fwd", "dkdv", "dq"):
+        w = works[kernel]
+        row[f"{kernel} programs"] = w["programs"]
+        row[f"{kernel} / useful"] = round(w["programs"] / w["useful tiles"], 3)
+        if "old grid" in w:
+            row[f"{kernel} old grid / useful"] = round(w["old grid"] / w["useful tiles"], 2)
+    row["fwd FLOPs / min"] = round(works["fwd"]["flops"] / minimum, 3)
+    row["bwd FLOPs / min"] = round((works["dkdv"]["flops"] + works["dq"]["flops"]) / (2.5 * minimum), 3)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the small batches at 1/128 instead of 1/64")
+    parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
+    args = parser.parse_args(argv)
+    require_interpreter()
+    from qwenlong.kernels.utils.interpreter import install_bf16_fix
+
+    install_bf16_fix()
+    heads, kv_heads, head_dim, dtype = 4, 2, 64, torch.bfloat16
+    rows = []
+    for batch, lengths in small_batches(args.quick).items():
+        counted = count(lengths, heads, kv_heads, head_dim, dtype)
+        formula = closed_form(lengths, heads, kv_heads, head_dim, dtype, table=80)
+        for kernel in counted:
+            counted[kernel] = {**formula[kernel], **counted[kernel]}  # useful tiles and old grid from the formula
+            if {k: formula[kernel][k] for k in ("programs", "flops")} != {k: counted[kernel][k] for k in
+                                                                          ("programs", "flops")}:  # fmt: skip
+                raise AssertionError(f"closed form != count for {batch} {kernel}: {formula[kernel]} {counted[kernel]}")
+        rows.append(_row(batch, lengths, heads, head_dim, "interpreter (sm_80 tiles)", counted))
+        print(rows[-1], flush=True)
+    big = []
+    for table in (90, 80):
+        for batch, lengths in full_batches().items():
+            works = closed_form(lengths, FULL["heads"], FULL["kv_heads"], FULL["head_dim"], FULL["dtype"], table)
+            big.append(_row(batch, lengths, FULL["heads"], FULL["head_dim"], f"closed form sm_{table}", works))
+    notes = [
+        "programs / useful: programs launched per useful (block, head) tile; 1.0 means no empty program. "
+        "old grid / useful: the same for the previous (blocks of the longest sequence, heads, batch) grid.",
+        "FLOPs are tl.dot operand shapes (padded tiles count in full), against the causal minimum "
+        "4 d H sum n(n+1)/2 forward and 2.5x that backward; the deterministic 7-GEMM backward's floor is 1.4.",
+        f"Counted: {heads}/{kv_heads} heads, head_dim {head_dim}, bf16, the full batches' lengths / "
+        f"{128 if args.quick else 64}; the closed form equals the count there (checked in this run and in "
+        "tests/test_attention_work.py).",
+        "Closed form: 40/8 heads, head_dim 128, bf16, causal, the kernels' tile tables for sm_90 and sm_80.",
+    ]
+    def shapes(batches):
+        return {name: f"{len(lengths)} docs, {sum(lengths)} tokens" for name, lengths in batches.items()}
+
+    setup = {"counted shapes": shapes(small_batches(args.quick)), "full shapes": shapes(full_batches()),
+             "hook": "benchmarks/work/counting.py (Triton interpreter)"}  # fmt: skip
+    write_results("work-attention", "Packed attention work meter: programs per useful tile, FLOPs / causal minimum",
+                  rows, setup=setup, out_dir=args.out, env=environment(), notes=notes,
+                  tables={"closed form at full size (40/8 heads, d128, bf16)": big})  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
