@@ -295,6 +295,9 @@ def test_an_answer_over_the_judges_cap_is_not_sent(server, fake):
     (result,) = reward.score([RewardItem("musique", said("the big apple, " * 3), "New York City", "q")])
     assert result.judge_score is None and not fake.requests
     assert judge.stats["failures/too_long"] == 1 and judge.stats["calls"] == 0
+    long_question = OpenAIJudge(server.url, "fake-judge", max_question_chars=100)
+    assert long_question.verdicts_sync([JudgeRequest("doc " * 50, "42", "forty-two")]) == [None]
+    assert long_question.stats["failures/too_long"] == 1 and not fake.requests
 
 
 # --- bounded time: total timeout per attempt, call deadline, circuit breaker -------------------

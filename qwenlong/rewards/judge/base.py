@@ -47,7 +47,8 @@ class Judge:
     """Base class of judge backends (see the module docstring)."""
 
     def __init__(self, *, max_concurrency: int = 8, cache_size: int = 65536, deadline_s: float | None = 600.0,
-                 breaker_failures: int = 8, breaker_cooldown_s: float = 30.0, max_answer_chars: int = 2000):
+                 breaker_failures: int = 8, breaker_cooldown_s: float = 30.0, max_answer_chars: int = 2000,
+                 max_question_chars: int = 16000):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency: must be >= 1, got {max_concurrency}")
         if deadline_s is not None and not deadline_s > 0:
@@ -55,14 +56,16 @@ class Judge:
         if breaker_failures < 1 or not breaker_cooldown_s >= 0:
             raise ValueError(f"breaker_failures must be >= 1 and breaker_cooldown_s >= 0, got {breaker_failures} "
                              f"and {breaker_cooldown_s}")
-        if max_answer_chars < 1:
-            raise ValueError(f"max_answer_chars: must be >= 1, got {max_answer_chars}")
+        if max_answer_chars < 1 or max_question_chars < 1:
+            raise ValueError(f"max_answer_chars and max_question_chars: must be >= 1, got {max_answer_chars}, "
+                             f"{max_question_chars}")
         self.max_concurrency = max_concurrency
         self.cache_size = cache_size
         self.deadline_s = deadline_s
         self.breaker_failures = breaker_failures
         self.breaker_cooldown_s = breaker_cooldown_s
         self.max_answer_chars = max_answer_chars
+        self.max_question_chars = max_question_chars
         self._cache: OrderedDict[JudgeRequest, bool] = OrderedDict()
         self._lock = threading.Lock()  # the cache, stats and breaker are shared by every event loop
         self.stats: Counter[str] = Counter()
@@ -133,8 +136,8 @@ class Judge:
     # ---------------------------------------------------------------- verdicts
 
     async def _verdict(self, session: Any, semaphore: asyncio.Semaphore, request: JudgeRequest) -> bool | None:
-        if len(request.prediction) > self.max_answer_chars:
-            self._fail("too_long")
+        if len(request.prediction) > self.max_answer_chars or len(request.question) > self.max_question_chars:
+            self._fail("too_long")  # never sent: a policy's ramble, or a "question" that holds a whole document
             return None
         async with semaphore:
             if not self._admit():
