@@ -41,7 +41,8 @@ _FRACTION = re.compile(r"(?<![\d.,])(\d+)\s*/\s*(\d+)(?![\d.,])")
 _NUMBER = re.compile(_NUM)
 _LATEX_HINT = re.compile(r"\\(?:d?t?frac|sqrt|times|cdot|boxed|left|right|pi)")
 _LATEX_ALLOWED = frozenset({"frac", "dfrac", "tfrac", "sqrt", "times", "cdot", "div", "left", "right", "pi", "boxed",
-                            "text", "textbf", "mathrm"})
+                            "text", "textbf", "textrm", "mathrm", "mathbf", "mbox", "displaystyle", "approx", "quad"})
+_LATEX_POWER = re.compile(r"\^\s*\{?\s*[-+]?\d{3}")  # exponents of 3+ digits: sympy's float of pi^999 takes 0.5 s
 _LATEX_COMMAND = re.compile(r"\\([A-Za-z]+|.?)")
 _DIGIT_RUN = re.compile(r"\d+")
 
@@ -56,7 +57,9 @@ def _to_fraction(number: str) -> Fraction:
 def _safe_latex(text: str) -> bool:
     """Short, one power at most, only whitelisted commands, no factorial or subscript, short numbers:
     what sympy then does with it is cheap whatever the values."""
-    if len(text) > 100 or text.count("^") > 1 or "!" in text or "_" in text:
+    if len(text) > 100 or text.count("^") > 1 or "!" in text or "_" in text or text.count("\\sqrt") > 2:
+        return False
+    if _LATEX_POWER.search(text):
         return False
     if any(len(run) > 30 for run in _DIGIT_RUN.findall(text)):
         return False
