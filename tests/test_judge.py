@@ -577,3 +577,33 @@ def test_local_judge_stops_at_the_next_token_and_caps_prompts(tiny_chat_model):
     assert full.startswith(stopped) and len(stopped) < len(full) / 4
     with pytest.raises(ValueError, match="max_prompt_tokens"):
         LocalHFJudge(model, tokenizer, max_prompt_tokens=5).generate(messages)
+
+
+def test_serve_judge_command_wires_its_limits(monkeypatch):
+    import argparse
+
+    from qwenlong.rewards.judge import server as server_module
+
+    class StubJudge:
+        def generate(self, messages, max_new_tokens=None, stop=None):
+            self.seen = (max_new_tokens, stop)
+            return "[[YES]]"
+
+    stub, started = StubJudge(), []
+    monkeypatch.setattr(LocalHFJudge, "from_pretrained", classmethod(lambda cls, path, **kw: stub))
+    monkeypatch.setattr(ChatServer, "serve_forever", lambda self: started.append(self))
+    monkeypatch.setenv("QWENLONG_JUDGE_API_KEY", "from-env")
+    parser = argparse.ArgumentParser()
+    server_module.add_arguments(parser)
+    assert server_module.run(parser.parse_args(["--model", "m", "--port", "0", "--max-new-tokens", "7",
+                                                "--max-request-bytes", "5000", "--read-timeout", "2"])) == 0
+    (served,) = started
+    try:
+        assert served.api_key == "from-env" and served.max_tokens == 7 and served.max_request_bytes == 5000
+        assert served.read_timeout == 2.0 and served._takes_cancel
+        served.start()
+        response = httpx.post(f"{served.url}/chat/completions", headers={"Authorization": "Bearer from-env"},
+                              json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 100})
+        assert response.status_code == 200 and stub.seen[0] == 7 and isinstance(stub.seen[1], threading.Event)
+    finally:
+        served.stop()
