@@ -177,6 +177,42 @@ class EntropyControlConfig:
 
 
 @dataclass
+class MemoryAgentStageConfig:
+    """QwenLong-L1.5's memory-agent expert (l15.md sections 1 and 5, ``qwenlong.agents``); off by default.
+
+    After the RL phase ``after_phase``, the policy is trained as a memory agent for ``steps`` RL steps:
+    documents read ``chunk_tokens`` at a time, at most ``memory_tokens`` of memory + plan per step, an answer
+    of at most ``answer_tokens``. The expert is then merged with the phase's policy by SCE (base: the policy
+    RL started from; ``select_topk`` of each tensor's entries by variance), and the following phases train the
+    merged model. Agent data: ``data`` files (default: the run's training data); with synthetic data,
+    ``synthetic_documents`` two-chunk records of ``2 * chunk_tokens`` tokens (and as many for its evaluation).
+    ``prompts_per_step``: questions per step (each ``rl.group_size`` trajectories); None: ``rl``'s own.
+    """
+
+    enabled: bool = False
+    after_phase: str | None = None
+    steps: int = 1
+    chunk_tokens: int = 32_768
+    memory_tokens: int = 15_000
+    answer_tokens: int = 10_000
+    select_topk: float = 0.1
+    data: list[str] = field(default_factory=list)
+    synthetic_documents: int = 256
+    prompts_per_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompts_per_step is not None and self.prompts_per_step < 1:
+            raise ValueError(f"prompts_per_step: expected >= 1 (or null: rl's), got {self.prompts_per_step}")
+        if self.enabled and not self.after_phase:
+            raise ValueError("after_phase: the memory-agent stage needs the name of the RL phase it follows")
+        for key in ("steps", "chunk_tokens", "memory_tokens", "answer_tokens", "synthetic_documents"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected >= 1, got {getattr(self, key)}")
+        if not 0.0 < self.select_topk <= 1.0:
+            raise ValueError(f"select_topk: expected a fraction in (0, 1], got {self.select_topk}")
+
+
+@dataclass
 class RLConfig:
     """GRPO / DAPO (method.md section 2) and the phased curriculum (section 1).
 
@@ -213,8 +249,15 @@ class RLConfig:
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
     entropy_control: EntropyControlConfig = field(default_factory=EntropyControlConfig)
+    memory_agent: MemoryAgentStageConfig = field(default_factory=MemoryAgentStageConfig)
     phases: list[Phase] = field(default_factory=list)
     retrospective: RetrospectiveSampling = field(default_factory=RetrospectiveSampling)
+
+    def __post_init__(self) -> None:
+        agent = self.memory_agent
+        if agent.enabled and agent.after_phase not in [phase.name for phase in self.phases]:
+            raise ValueError(f"memory_agent.after_phase: {agent.after_phase!r} is not one of the RL phases "
+                             f"{[phase.name for phase in self.phases]}")
 
 
 @dataclass

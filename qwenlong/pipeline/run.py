@@ -252,6 +252,7 @@ def _rl(run: Run) -> None:
         seen |= own
         stage = f"rl:{phase.name}"
         if run.done(stage):
+            _memory_agent(run, trainer, phase)
             continue
         run.state.setdefault("phase_steps", {})[phase.name] = trainer.phase_steps(phase, len(phase_examples))
         run.save_state()
@@ -268,6 +269,16 @@ def _rl(run: Run) -> None:
         if cfg.eval.enabled and cfg.eval.after_each_phase:
             run.evaluate(f"after-{phase.name}")
         export_finished_stage(run, stage)
+        _memory_agent(run, trainer, phase)
+
+
+def _memory_agent(run: Run, trainer: GRPOTrainer, phase: Phase) -> None:
+    """QwenLong-L1.5's memory-agent expert and SCE merge, after ``rl.memory_agent.after_phase``
+    (``qwenlong.agents.stage``; a finished stage is skipped)."""
+    if run.cfg.rl.memory_agent.enabled and phase.name == run.cfg.rl.memory_agent.after_phase:
+        from qwenlong.agents.stage import memory_agent_stage
+
+        memory_agent_stage(run, trainer.engine, trainer.reward)
 
 
 def run_sft(cfg: Config, resume: bool = False) -> Run:
