@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from qwenlong.algorithms.advantages import segment_sum
+from qwenlong.algorithms import segment_sum
 
 AEPO_MODES = ("all", "positive-only")
 
