@@ -12,7 +12,6 @@ import torch
 
 from qwenlong.algorithms import (
     GroupCollector,
-    aggregate_loss,
     broadcast_to_tokens,
     group_accuracy_metrics,
     group_advantages,
@@ -24,6 +23,7 @@ from qwenlong.algorithms import (
     segment_sum,
     task_normalized_advantages,
 )
+from qwenlong.kernels.logprobs.policy_math import aggregate_tokens, loss_normalizer
 
 
 def random_rewards(num_groups: int, group_size: int, seed: int) -> torch.Tensor:
@@ -146,6 +146,17 @@ def reference_aggregate(loss, mask, cu, mode, global_tokens=None, global_seqs=No
     return sum(per_seq_sum[b] for b in active) / denominator
 
 
+def aggregate_loss(loss, mask, cu, mode, global_num_tokens=None, global_num_seqs=None):
+    """The trainer's reduction: ``aggregate_tokens`` over ``loss_normalizer``'s denominators (local counts
+    unless global ones are given; a sequence without loss tokens does not count)."""
+    mask = mask.bool()
+    seq_tokens = segment_sum(mask.to(loss.dtype), cu)
+    per_token = torch.repeat_interleave(seq_tokens, cu.diff())
+    tokens = int(mask.sum()) if global_num_tokens is None else global_num_tokens
+    seqs = int((seq_tokens > 0).sum()) if global_num_seqs is None else global_num_seqs
+    return aggregate_tokens(loss, mask, loss_normalizer(mode, tokens, seqs, per_token))
+
+
 @pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_aggregate_loss_matches_loops(mode, seed):
@@ -189,9 +200,7 @@ def test_aggregate_loss_hand_checked_and_empty_mask():
         assert torch.equal(loss.grad, torch.zeros(4))
         loss.grad = None
     with pytest.raises(ValueError, match="mode"):
-        aggregate_loss(loss, mask, cu, "sum")
-    with pytest.raises(ValueError, match="loss_mask"):
-        aggregate_loss(loss, mask[:3], cu)
+        loss_normalizer("sum", 3, 2, torch.ones(4))
 
 
 def test_segment_sum_gradient():

@@ -1,11 +1,17 @@
 """RL math for GRPO / DAPO as small pure functions (method.md section 2).
 
 The trainers only wire these together; the per-token policy loss itself is the fused
-``qwenlong.kernels.grpo_loss``.
+``qwenlong.kernels.grpo_loss``, and its per-token terms and loss reduction (``aggregate_tokens``,
+``loss_normalizer``) live with it in ``qwenlong.kernels.logprobs.policy_math``, the one place the
+kernels, the trainer and every framework integration take them from.
 """
 
-from qwenlong.algorithms.advantages import broadcast_to_tokens, group_advantages, task_normalized_advantages
-from qwenlong.algorithms.aggregation import LOSS_AGGREGATIONS, aggregate_loss, segment_sum
+from qwenlong.algorithms.advantages import (
+    broadcast_to_tokens,
+    group_advantages,
+    segment_sum,
+    task_normalized_advantages,
+)
 from qwenlong.algorithms.dynamic_sampling import GroupCollector, informative_groups
 from qwenlong.algorithms.kl import KL_ESTIMATORS, kl_estimate
 from qwenlong.algorithms.metrics import group_accuracy_metrics, is_accurate, pass_at_k
@@ -13,9 +19,7 @@ from qwenlong.algorithms.overlong import overlong_penalty
 
 __all__ = [
     "KL_ESTIMATORS",
-    "LOSS_AGGREGATIONS",
     "GroupCollector",
-    "aggregate_loss",
     "broadcast_to_tokens",
     "group_accuracy_metrics",
     "group_advantages",

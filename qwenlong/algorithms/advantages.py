@@ -1,4 +1,4 @@
-"""Group-relative advantages (GRPO) and their broadcast to the tokens of a packed batch.
+"""Group-relative advantages (GRPO), their broadcast to the tokens of a packed batch, and the reverse.
 
 Rewards come as a ``[num_groups, group_size]`` tensor: row g holds the rewards of the G
 responses sampled for prompt g. Every response token receives its response's advantage.
@@ -93,3 +93,16 @@ def broadcast_to_tokens(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch
     if cu_seqlens[0] != 0 or bool((lengths < 0).any()):
         raise ValueError("cu_seqlens: must start at 0 and be non-decreasing")
     return torch.repeat_interleave(values, lengths.to(values.device))
+
+
+def segment_sum(values: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Sum of ``values`` within each packed sequence: ``[total_tokens] -> [B]`` (differentiable)."""
+    lengths = cu_seqlens.diff().to(device=values.device, dtype=torch.long)
+    if values.dim() != 1 or values.numel() != int(cu_seqlens[-1]):
+        raise ValueError(
+            f"values: expected a 1-D tensor of {int(cu_seqlens[-1])} tokens (cu_seqlens[-1]), got {tuple(values.shape)}"
+        )
+    if bool((lengths < 0).any()):
+        raise ValueError("cu_seqlens: must be non-decreasing")
+    seq_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=values.device), lengths)
+    return torch.zeros(len(lengths), dtype=values.dtype, device=values.device).index_add(0, seq_of_token, values)
