@@ -285,3 +285,32 @@ def test_aepo_mode_is_checkpointed_and_resumed(tmp_path, torch_backend):
     [second] = run(2, resume=True, mode="all")  # a fresh trainer: the checkpoint brings the mode back
     assert second["entropy_control/positive_only"] == 1.0
     assert second["entropy_control/responses_kept"] < second["entropy_control/responses"] == 8
+
+
+def test_report_l15_section(tmp_path):
+    pytest.importorskip("matplotlib")
+    from types import SimpleNamespace
+
+    from qwenlong.config import Config, RLConfig
+    from qwenlong.config.schema import EntropyControlConfig
+    from qwenlong.pipeline.report import l15_lines
+
+    rows = [{"stage": "rl/p", "step": i + 1, "task_reward/a": 0.1 * i, "task_reward/b": 0.5,
+             "entropy_control/batch_entropy": h, "entropy_control/positive_only": mode,
+             "entropy_control/responses_kept": kept, "entropy_control/responses": 8.0,
+             "entropy_control/tokens_kept": 30.0, "entropy_control/tokens": 40.0}
+            for i, (h, mode, kept) in enumerate([(0.5, 0.0, 8.0), (0.7, 1.0, 3.0), (0.5, 1.0, 4.0), (0.2, 0.0, 8.0)])]
+    rows.append({"stage": "rl/memory-agent", "step": 1, "agent_steps_per_trajectory": 3.0})
+    rows.append({"stage": "sft", "step": 1, "loss": 1.0})
+    cfg = Config(rl=RLConfig(entropy_control=EntropyControlConfig(entropy_low=0.3, entropy_high=0.6)))
+    run = SimpleNamespace(cfg=cfg, dir=tmp_path, state={"agent_evals": {"expert-agent": 12.5}},
+                          logger=SimpleNamespace(records=lambda stage=None: rows))
+    text = "\n".join(l15_lines(run))
+    assert "positive-only in 2 of 4 steps (2 mode switches)" in text
+    assert "responses kept 23 of 32" in text and "0.50 at the first step, 0.20 at the last" in text
+    assert "3.0 policy calls per trajectory" in text
+    assert "| expert-agent | 12.5 |" in text
+    assert (tmp_path / "l15_curves.png").stat().st_size > 0
+    # a run without any of it gets no section
+    plain = SimpleNamespace(cfg=Config(), dir=tmp_path, state={}, logger=SimpleNamespace(records=lambda stage=None: []))
+    assert l15_lines(plain) == []

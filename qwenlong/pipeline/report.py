@@ -167,6 +167,73 @@ def _scoring_lines(run) -> list[str]:
     return lines
 
 
+def _l15_plot(run, rows: list[dict], path: Path) -> bool:
+    """Rollout reward per task, the batch entropy against AEPO's bounds (positive-only steps marked) and
+    the share of responses and tokens kept, over every RL step in log order (memory-agent stage included)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ec = run.cfg.rl.entropy_control
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for key in sorted({k for r in rows for k in r if k.startswith("task_reward/")}):
+        axes[0].plot([i for i, r in enumerate(rows) if key in r], [r[key] for r in rows if key in r],
+                     label=key.split("/", 1)[1])
+    control = [(i, r) for i, r in enumerate(rows) if "entropy_control/batch_entropy" in r]
+    axes[1].plot([i for i, _ in control], [r["entropy_control/batch_entropy"] for _, r in control], label="batch")
+    if ec.aepo:
+        for bound in (ec.entropy_low, ec.entropy_high):
+            axes[1].axhline(bound, color="gray", linestyle="--")
+        positive = [(i, r["entropy_control/batch_entropy"]) for i, r in control
+                    if r["entropy_control/positive_only"]]
+        axes[1].scatter([i for i, _ in positive], [h for _, h in positive], color="red", s=12,
+                        label="positive-only")
+    for kept, total, label in (("responses_kept", "responses", "responses"), ("tokens_kept", "tokens", "tokens")):
+        axes[2].plot([i for i, _ in control], [r[f"entropy_control/{kept}"] / max(1.0, r[f"entropy_control/{total}"])
+                                               for _, r in control], label=label)
+    for ax, title in zip(axes, ("rollout reward per task", "batch entropy (AEPO bounds dashed)", "kept in the loss"),
+                         strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("RL step (all phases)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def l15_lines(run) -> list[str]:
+    """The QwenLong-L1.5 section: AEPO's modes and kept samples, the memory agent on long documents."""
+    rows = [r for r in run.logger.records() if r["stage"].startswith("rl/")]
+    control = [r for r in rows if "entropy_control/batch_entropy" in r]
+    agent_steps = [r["agent_steps_per_trajectory"] for r in rows if "agent_steps_per_trajectory" in r]
+    evals = run.state.get("agent_evals", {})
+    if not control and not agent_steps and not evals:
+        return []
+    lines = ["", "## QwenLong-L1.5: entropy control and the memory agent", ""]
+    if control:
+        positive = sum(r["entropy_control/positive_only"] for r in control)
+        kept = sum(r["entropy_control/responses_kept"] for r in control)
+        total = sum(r["entropy_control/responses"] for r in control)
+        switches = sum(a["entropy_control/positive_only"] != b["entropy_control/positive_only"]
+                       for a, b in zip(control, control[1:], strict=False))
+        lines.append(f"AEPO positive-only in {positive:.0f} of {len(control)} steps ({switches} mode switches); "
+                     f"responses kept {kept:.0f} of {total:.0f}; batch entropy "
+                     f"{control[0]['entropy_control/batch_entropy']:.2f} at the first step, "
+                     f"{control[-1]['entropy_control/batch_entropy']:.2f} at the last.")
+    if agent_steps:
+        lines.append(f"Memory agent: {sum(agent_steps) / len(agent_steps):.1f} policy calls per trajectory.")
+    if evals:
+        lines += ["", "Accuracy (%) on documents past the full-context window (memory-agent stage):", "",
+                  "| model | accuracy (%) |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in evals.items()]]
+    if _l15_plot(run, rows, run.dir / "l15_curves.png"):
+        lines += ["", "![L1.5 curves](l15_curves.png)"]
+    return lines
+
+
 def write_report(run) -> Path:
     """``report.md`` (+ ``gains.json``, ``curves.png``, ``sft_loss.png``) in the run folder."""
     state, cfg = run.state, run.cfg
@@ -202,6 +269,7 @@ def write_report(run) -> Path:
                   ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))]
     if _plot(run, run.dir / "curves.png"):
         lines += ["", "![RL curves](curves.png)", "", "![SFT loss](sft_loss.png)"]
+    lines += l15_lines(run)
     path = run.dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
