@@ -79,6 +79,7 @@ def triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, *, with_entropy
 
     def forward(grid, rows):
         """``grid`` programs over ``rows`` valid rows; programs past them read the count and return."""
+        bt = c["BLOCK_T_KEEP_LOGITS"] if grad_in_forward else c["BLOCK_T"]
         tiles = _ceil(rows, bt)
         add(programs=grid, bytes_loaded=8 * grid)
         add(flops=2 * tiles * bt * _up(vocab, bv) * _up(dim, bd),
@@ -98,7 +99,7 @@ def triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, *, with_entropy
     for token_start in range(0, num_tokens, chunk_rows):
         rows = max(0, min(chunk_rows, num_valid - token_start))
         if grad_in_forward:
-            forward(chunk_rows // bt, rows)
+            forward(chunk_rows // c["BLOCK_T_KEEP_LOGITS"], rows)
         for vocab_start in range(0, vocab, chunk_cols):
             cols = min(chunk_cols, vocab - vocab_start)
             grid = chunk_rows // bt * _ceil(cols, bv)

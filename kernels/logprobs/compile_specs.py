@@ -58,6 +58,10 @@ def compile_specs() -> list[CompileSpec]:
             given |= dict.fromkeys((*flags, *constexprs), "constexpr")
             signature = {name: given[name] for name in kernel.arg_names}  # in the kernel's argument order
             for values in itertools.product((False, True), repeat=len(flags)):
+                if dict(zip(flags, values, strict=True)).get("STORE_LOGITS"):  # the forward keeping its logits
+                    constexprs, launch = launch_options(block_config(4096, dtype), "forward_keep_logits")
+                else:
+                    constexprs, launch = launch_options(block_config(4096, dtype), launch_kind)
                 suffix = "_".join(f"{flag.removeprefix('WITH_').split('_')[0].lower()}{int(v)}"
                                   for flag, v in zip(flags, values, strict=True))
                 specs.append(CompileSpec(

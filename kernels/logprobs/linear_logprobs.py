@@ -28,6 +28,12 @@ Backward recomputes each logits tile once, in chunks of ``TOKEN_CHUNK`` valid ro
 kernels read it. d(hidden) rows are read and rewritten once per vocabulary chunk, d(weight)
 rows once per token chunk (not per tile), each in a fixed order, so both gradients are
 bitwise reproducible without atomics. Forward + backward issue 8 T_valid d V FLOPs (2 + 2 + 2 + 2).
+
+Scalar losses can skip the recompute (:func:`fused_linear_loss`, behind ``grad_in_forward`` of
+``linear_cross_entropy`` and ``grpo_loss``): the forward runs per chunk of LOGITS_TOKEN_CHUNK valid
+rows, keeps that chunk's fp32 logits, takes the per-token output gradients from the loss through
+autograd and feeds dz from the kept logits to the same GEMM kernels: 6 T_valid d V FLOPs, for an
+fp32 LOGITS_TOKEN_CHUNK x V buffer of memory.
 Tile and chunk sizes depend on d and dtype only, never on T, and every row is computed
 independently of the others, so a token's outputs and hidden gradient are the same bits alone or
 inside any batch. CPU tensors take the chunked PyTorch path (:mod:`.chunked`) unless the Triton
@@ -227,12 +233,15 @@ def block_config(dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes and launch options for hidden size ``dim`` and input dtype (never a function of T).
 
     ``BLOCK_T / BLOCK_V / BLOCK_D`` tile the logits kernels, ``BLOCK_M / BLOCK_N / BLOCK_K`` the two
-    gradient GEMMs. Chosen from the sm_90 compile report (HGMMA, no spills with d a multiple of 16);
-    fp32 inputs take FMA, not tensor cores, and smaller tiles.
+    gradient GEMMs. Chosen from the sm_90 compile report (HGMMA 64x128 with 8 warps, no spills with d a
+    multiple of 16): 128 token rows per logits tile halve the weight re-reads of 64, but the forward
+    that also stores its logits spills at 128 and keeps 64. fp32 inputs take FMA, not tensor cores,
+    and smaller tiles.
     """
     wide = dtype == torch.float32
     return {
-        "BLOCK_T": 64,
+        "BLOCK_T": 64 if wide else 128,
+        "BLOCK_T_KEEP_LOGITS": 64,
         "BLOCK_V": 64 if wide else 128,
         "BLOCK_D": min(32, max(16, triton.next_power_of_2(dim))),
         "BLOCK_M": 64 if wide else 128,
@@ -247,13 +256,16 @@ def block_config(dim: int, dtype: torch.dtype) -> dict:
 
 
 def launch_options(config: dict, kernel: str) -> tuple[dict, dict]:
-    """(constexprs, launch options) of ``kernel`` ('forward', 'dlogits' or 'gemm') under ``config``."""
+    """(constexprs, launch options) of ``kernel`` under ``config``: 'forward', 'forward_keep_logits'
+    (the forward with ``STORE_LOGITS``), 'dlogits' or 'gemm'."""
     if kernel == "gemm":
         constexprs = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "PRECISION")}
         stages = config["gemm_stages"]
     else:
         constexprs = {k: config[k] for k in ("BLOCK_T", "BLOCK_V", "BLOCK_D", "PRECISION")}
-        stages = config["forward_stages" if kernel == "forward" else "backward_stages"]
+        if kernel == "forward_keep_logits":
+            constexprs["BLOCK_T"] = config["BLOCK_T_KEEP_LOGITS"]
+        stages = config["backward_stages" if kernel == "dlogits" else "forward_stages"]
     return constexprs, {"num_warps": config["num_warps"], "num_stages": stages}
 
 
@@ -332,7 +344,8 @@ def _forward(hidden, weight, targets, order, num_valid, outputs, temperature, wi
     """Launch the forward kernel over ``num_rows`` positions of the compacted order from ``token_start``
     (default: all), writing ``outputs = (logp, entropy, mean_logp, lse)`` and, if given, the chunk's logits."""
     num_tokens, dim = hidden.shape
-    constexprs, launch = launch_options(block_config(dim, hidden.dtype), "forward")
+    kind = "forward" if logits is None else "forward_keep_logits"
+    constexprs, launch = launch_options(block_config(dim, hidden.dtype), kind)
     grid = (triton.cdiv(num_tokens if num_rows is None else num_rows, constexprs["BLOCK_T"]),)
     stored = (logits, logits.shape[1]) if logits is not None else (outputs[3], 0)  # lse: an unused placeholder
     _forward_kernel[grid](
