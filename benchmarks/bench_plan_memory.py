@@ -65,7 +65,7 @@ def measure(model: dict, dtype: str, tokens: int, doc_len: int, checkpointing: b
     from benchmarks.common import _release_cpu_memory, _status_kib
     from qwenlong.integrations.hf_attention import register
     from qwenlong.kernels import linear_logprobs
-    from qwenlong.trainers.optim import build_optimizer
+    from qwenlong.state.optim import build_optimizer
 
     register()
     torch.manual_seed(0)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     write_results("plan-memory", "Planner memory model vs measured CPU peaks (one training step)", rows,
                   setup={"measured": "VmHWM during the second step minus VmRSS before the model (fresh process)",
                          "planned": "qwenlong.plan.memory.memory_plan training lines on cpu, stage 0, no margin",
-                         "optimizer": "torch AdamW (qwenlong.trainers.optim), states in the model dtype"})
+                         "optimizer": "torch AdamW (qwenlong.state.optim), states in the model dtype"})
     return 0
 
 

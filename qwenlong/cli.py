@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         # file and row), exit status 2 as for bad arguments; any other error keeps its traceback
         from qwenlong.config import ConfigError
         from qwenlong.data import DataError
-        from qwenlong.trainers.checkpoint import CheckpointError
+        from qwenlong.state.checkpoint import CheckpointError
 
         if not isinstance(error, (ConfigError, DataError, CheckpointError)):
             raise

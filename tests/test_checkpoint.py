@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from qwenlong.trainers.checkpoint import STATE_FILE, latest_checkpoint, prune_checkpoints
+from qwenlong.state.checkpoint import STATE_FILE, latest_checkpoint, prune_checkpoints
 
 
 def make(directory, name, mtime, complete=True):
@@ -63,7 +63,7 @@ def test_half_deleted_and_uncommitted_checkpoints_are_never_latest(tmp_path):
 def test_a_checkpoint_that_cannot_be_deleted_stays_with_a_warning(tmp_path, monkeypatch):
     import shutil
 
-    from qwenlong.trainers import checkpoint
+    from qwenlong.state import checkpoint
 
     for i in range(3):
         make(tmp_path, f"sft-step{i:06d}", i + 1)

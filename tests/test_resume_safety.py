@@ -16,7 +16,7 @@ from test_pipeline import SMALL, TINY
 
 from qwenlong.config import ConfigError, config_to_dict, load_config
 from qwenlong.pipeline.resume import identity_changes, open_run_record, recorded_checkpoint, stored_checkpoint
-from qwenlong.trainers.checkpoint import (
+from qwenlong.state.checkpoint import (
     TRAINER_FILE,
     CheckpointError,
     latest_checkpoint,
@@ -25,7 +25,7 @@ from qwenlong.trainers.checkpoint import (
     save_checkpoint,
     write_json,
 )
-from qwenlong.trainers.optim import build_optimizer, build_scheduler
+from qwenlong.state.optim import build_optimizer, build_scheduler
 
 
 def trained(seed: int):

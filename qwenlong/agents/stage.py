@@ -27,7 +27,7 @@ from qwenlong.agents.memory import MemoryAgent, MemoryAgentConfig, memory_agent_
 from qwenlong.agents.rl import MemoryAgentTrainer
 from qwenlong.curriculum import Phase
 from qwenlong.merge import sce_merge_tensor
-from qwenlong.trainers.checkpoint import model_weights
+from qwenlong.state.checkpoint import model_weights
 from qwenlong.trainers.grpo import PromptExample
 
 STAGE = "rl:memory-agent"

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from qwenlong.distributed.context import DistributedContext
 from qwenlong.integrations.hf import lm_head_weight
-from qwenlong.trainers.checkpoint import (
+from qwenlong.state.checkpoint import (
     commit_checkpoint,
     load_checkpoint,
     load_tensors,
@@ -32,7 +32,7 @@ from qwenlong.trainers.checkpoint import (
     staging_path,
     write_checkpoint,
 )
-from qwenlong.trainers.optim import build_optimizer, build_scheduler
+from qwenlong.state.optim import build_optimizer, build_scheduler
 
 
 class TrainingBackend:

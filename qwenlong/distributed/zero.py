@@ -38,8 +38,8 @@ from qwenlong.config.schema import DistributedConfig
 from qwenlong.distributed.backend import TrainingBackend
 from qwenlong.distributed.context import DistributedContext
 from qwenlong.integrations.hf import lm_head_weight
-from qwenlong.trainers.checkpoint import model_weights
-from qwenlong.trainers.optim import build_optimizer, build_scheduler
+from qwenlong.state.checkpoint import model_weights
+from qwenlong.state.optim import build_optimizer, build_scheduler
 
 CHECKPOINT_TAG = "deepspeed"  # the sub-folder of our checkpoint folder that DeepSpeed writes
 

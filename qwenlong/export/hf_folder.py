@@ -6,7 +6,7 @@ The folder is what ``AutoModelForCausalLM.from_pretrained``, ``vllm serve`` and 
 with its chat template, and a ``README.md`` model card.
 
 The weights are any mapping of name to whole tensor: a checkpoint's ``model.pt`` memory-mapped
-(``qwenlong.trainers.checkpoint.model_weights(path, mmap=True)``), where each tensor is read from
+(``qwenlong.state.checkpoint.model_weights(path, mmap=True)``), where each tensor is read from
 disk when it is written, or a live model's state dict. Each shard's safetensors header is planned
 from the tensors' shapes alone, then the tensors are cast and written one after another, so the
 writer never holds more than one tensor beyond the mapping itself (``safetensors.torch.save_file``
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from qwenlong.trainers.checkpoint import commit_checkpoint, staging_dir
+from qwenlong.state.checkpoint import commit_checkpoint, staging_dir
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # 5 GB, transformers' usual shard size
 DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,

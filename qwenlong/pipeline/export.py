@@ -31,7 +31,7 @@ from qwenlong.config import Config, load_config
 from qwenlong.export import export_model, parse_dtype, write_hf_folder
 from qwenlong.export.hf_folder import DEFAULT_MAX_SHARD_BYTES, DTYPE_NAMES
 from qwenlong.pipeline import build
-from qwenlong.trainers.checkpoint import STATE_FILE, latest_checkpoint, model_weights
+from qwenlong.state.checkpoint import STATE_FILE, latest_checkpoint, model_weights
 
 EXPORT_DIR = "export"
 INFO_FILE = "qwenlong.json"

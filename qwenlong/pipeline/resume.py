@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from qwenlong.config import Config, ConfigError, config_to_dict
-from qwenlong.trainers.checkpoint import CheckpointError, checkpoint_problem, read_json
+from qwenlong.state.checkpoint import CheckpointError, checkpoint_problem, read_json
 
 CONFIG_FILE = "config.yaml"
 RECORD_FILE = "pipeline.json"

@@ -29,8 +29,8 @@ from qwenlong.rewards import HybridReward
 from qwenlong.rewards.judge import make_judge
 from qwenlong.rewards.rules import RuleConfig
 from qwenlong.rollout import HFGenerateEngine, RolloutEngine
+from qwenlong.state.checkpoint import latest_checkpoint, write_json
 from qwenlong.trainers import GRPOTrainer, SFTTrainer
-from qwenlong.trainers.checkpoint import latest_checkpoint, write_json
 from qwenlong.trainers.metrics_log import MetricsLogger
 
 # HF generate decodes through the KV cache one token at a time: SDPA is the fast path there,

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -45,11 +45,12 @@ from qwenlong.algorithms import (
 from qwenlong.algorithms.entropy_control import aepo_keep, aepo_mode, negative_gradient_keep, response_mean_entropy
 from qwenlong.config import RLConfig
 from qwenlong.curriculum import Phase, PromptSampler, RewardHistory
+from qwenlong.distributed.backend import TrainingBackend
 from qwenlong.kernels import grpo_loss, linear_logprobs, sp_linear_logprobs
 from qwenlong.kernels.logprobs.policy_math import loss_normalizer
 from qwenlong.rewards import HybridReward
 from qwenlong.rollout import RolloutEngine, SamplingParams, logprob_mismatch
-from qwenlong.trainers.checkpoint import latest_checkpoint, model_weights
+from qwenlong.state.checkpoint import latest_checkpoint, model_weights
 from qwenlong.trainers.metrics_log import MetricsLogger
 from qwenlong.trainers.packed import (
     PackedBatch,
@@ -60,9 +61,6 @@ from qwenlong.trainers.packed import (
     rank_share,
 )
 from qwenlong.trainers.scoring import generate_and_score
-
-if TYPE_CHECKING:  # qwenlong.distributed builds on this package's checkpoint and optimizer modules
-    from qwenlong.distributed.backend import TrainingBackend
 
 RESPONSE_VALUES = ("engine_logprobs",)
 SEQUENCE_VALUES = ("advantages", "response_tokens", "rewards")
@@ -134,8 +132,6 @@ class GRPOTrainer:
                  backend: TrainingBackend | None = None, task_balanced: bool = False):
         self.model, self.engine, self.reward, self.cfg = model, engine, reward, cfg
         if backend is None:
-            from qwenlong.distributed.backend import TrainingBackend
-
             backend = TrainingBackend(model)
         self.backend = backend
         self.ctx = self.backend.ctx

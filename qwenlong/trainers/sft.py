@@ -14,14 +14,14 @@ import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from qwenlong.config import SFTConfig
+from qwenlong.distributed.backend import TrainingBackend
 from qwenlong.kernels import linear_cross_entropy
-from qwenlong.trainers.checkpoint import latest_checkpoint
+from qwenlong.state.checkpoint import latest_checkpoint
 from qwenlong.trainers.metrics_log import MetricsLogger
 from qwenlong.trainers.packed import (
     empty_batch,
@@ -30,9 +30,6 @@ from qwenlong.trainers.packed import (
     policy_hidden,
     rank_share,
 )
-
-if TYPE_CHECKING:  # qwenlong.distributed builds on this package's checkpoint and optimizer modules
-    from qwenlong.distributed.backend import TrainingBackend
 
 
 class SFTTrainer:
@@ -48,8 +45,6 @@ class SFTTrainer:
         if not examples:
             raise ValueError("examples: SFT needs at least one (prompt, response) pair")
         if backend is None:
-            from qwenlong.distributed.backend import TrainingBackend
-
             backend = TrainingBackend(model)
         self.backend = backend
         self.ctx = self.backend.ctx
