@@ -284,11 +284,15 @@ def test_log_every_steps_aggregates_rows(tmp_path):
     each = MetricsLogger(tmp_path / "b")
     for step in range(1, 8):
         for logger in (every, each):
-            logger.log("rl/p", step, {"loss": float(step), "time_train": 1.0, "label": f"s{step}"}, flush=step == 7)
+            extra = {"judge/failures": 2} if step == 2 else {}  # a counter only some steps report
+            logger.log("rl/p", step, {"loss": float(step), "time_train": 1.0, "label": f"s{step}", **extra},
+                       flush=step == 7)
     rows = every.records()
     assert [r["step"] for r in rows] == [3, 6, 7]
     assert [r["loss"] for r in rows] == [2.0, 5.0, 7.0]  # means
     assert [r["time_train"] for r in rows] == [3.0, 3.0, 1.0]  # seconds add up
+    assert rows[0]["judge/failures"] == 2 and "judge/failures" not in rows[1]  # counters too, kept when not last
+    assert [r["label"] for r in rows] == ["s3", "s6", "s7"]
     assert len(each.records()) == 7
 
 

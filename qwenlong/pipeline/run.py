@@ -25,9 +25,7 @@ from qwenlong.eval.generation import Sampling, hf_generate_fn, sharded_generate_
 from qwenlong.pipeline import build
 from qwenlong.pipeline.export import export_final, export_finished_stage
 from qwenlong.pipeline.resume import open_run_record, recorded_checkpoint, stored_checkpoint
-from qwenlong.rewards import HybridReward
-from qwenlong.rewards.judge import make_judge
-from qwenlong.rewards.rules import RuleConfig
+from qwenlong.rewards import HybridReward, make_reward
 from qwenlong.rollout import HFGenerateEngine, RolloutEngine
 from qwenlong.state.checkpoint import latest_checkpoint, write_json
 from qwenlong.trainers import GRPOTrainer, SFTTrainer
@@ -134,15 +132,13 @@ def evaluate_heldout(cfg: Config, tokenizer: Any, generate: Any, reward: HybridR
 
 
 def build_reward(cfg: Config) -> HybridReward:
-    options = cfg.reward.judge_options()
-    return HybridReward(judge=make_judge(options) if options is not None else None)
+    """The training reward: ``reward``'s judge (if any) with the default rules."""
+    return make_reward(cfg.reward.judge_options())
 
 
 def build_eval_reward(cfg: Config) -> HybridReward:
     """The evaluation's reward: ``eval.judge`` (else the training reward's judge) with ``eval.rules``."""
-    options = (cfg.eval.judge or cfg.reward).judge_options()
-    return HybridReward(judge=make_judge(options) if options is not None else None,
-                        rule_config=RuleConfig.faithful() if cfg.eval.rules == "release" else RuleConfig())
+    return make_reward((cfg.eval.judge or cfg.reward).judge_options(), rules=cfg.eval.rules)
 
 
 def build_engine(run: Run) -> RolloutEngine:
@@ -276,9 +272,10 @@ def _memory_agent(run: Run, trainer: GRPOTrainer, phase: Phase) -> None:
     """QwenLong-L1.5's memory-agent expert and SCE merge, after ``rl.memory_agent.after_phase``
     (``qwenlong.agents.stage``; a finished stage is skipped)."""
     if run.cfg.rl.memory_agent.enabled and phase.name == run.cfg.rl.memory_agent.after_phase:
-        from qwenlong.agents.stage import memory_agent_stage
+        from qwenlong.agents.stage import STAGE, memory_agent_stage
 
         memory_agent_stage(run, trainer.engine, trainer.reward)
+        export_finished_stage(run, STAGE)
 
 
 def run_sft(cfg: Config, resume: bool = False) -> Run:

@@ -12,8 +12,9 @@ class MetricsLogger:
     """Appends one JSON object per logged step to ``<dir>/metrics.jsonl``.
 
     With ``every_steps = N > 1`` (``output.log_every_steps``) a stage's steps are written one row per
-    N steps: the mean of each number over those steps, except seconds (``time_*`` keys), which are
-    summed so that a phase's time adds up, and ``steps_in_row`` says how many steps the row holds. A
+    N steps: the mean of each number over those steps, except seconds (``time_*``) and counters
+    (``judge/*``, ``score/*``), which are summed so that a phase's totals add up, and ``steps_in_row``
+    says how many steps the row holds. A
     row is also written at ``flush`` (the last step of a stage, a checkpoint).
     """
 
@@ -71,15 +72,18 @@ class MetricsLogger:
             self._writer.close()
 
 
+SUMMED = ("time_", "judge/", "score/")  # seconds and event counts add up over a row's steps
+
+
 def _combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row for several steps: seconds summed, other numbers averaged, anything else the last value."""
+    """One row for several steps: seconds and counters summed, other numbers averaged over the steps that
+    have them, anything else the last value; every key any step has."""
     out: dict[str, Any] = {}
-    for key, last in rows[-1].items():
+    for key in dict.fromkeys(k for row in rows for k in row):
         values = [row[key] for row in rows if key in row]
-        if isinstance(last, (int, float)) and not isinstance(last, bool) and all(
-                isinstance(v, (int, float)) for v in values):
-            out[key] = sum(values) if key.startswith("time_") else sum(values) / len(values)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[key] = sum(values) if key.startswith(SUMMED) else sum(values) / len(values)
         else:
-            out[key] = last
+            out[key] = values[-1]
     out["steps_in_row"] = len(rows)
     return out
