@@ -243,10 +243,10 @@ def block_config(dim: int, dtype: torch.dtype) -> dict:
         "BLOCK_T": 64 if wide else 128,
         "BLOCK_T_KEEP_LOGITS": 64,
         "BLOCK_V": 64 if wide else 128,
-        "BLOCK_D": min(32, max(16, triton.next_power_of_2(dim))),
+        "BLOCK_D": 16 if wide else min(32, max(16, triton.next_power_of_2(dim))),
         "BLOCK_M": 64 if wide else 128,
         "BLOCK_N": min(64 if wide else 128, max(16, triton.next_power_of_2(dim))),
-        "BLOCK_K": 32 if wide else 64,
+        "BLOCK_K": 16 if wide else 64,
         "PRECISION": "ieee" if wide else "tf32",  # fp32 inputs: no silent tf32 rounding
         "num_warps": 8,
         "forward_stages": 2 if wide else 3,
