@@ -241,14 +241,16 @@ def test_export_command_writes_any_checkpoint(tiny_run, tmp_path):
 # ---------------------------------------------------------------------- output.export
 
 
-def _stub_run(tmp_path: Path, mode: str):
-    """What the export hooks read of a ``Run``: a tiny policy whose SFT and two RL phases each left a
-    checkpoint with other weights (the live policy holds the last phase's)."""
+def _stub_run(tmp_path: Path, mode: str, memory_agent: bool = False):
+    """What the export hooks read of a ``Run``: a tiny policy whose SFT and two RL phases (and the memory
+    agent's merge after the first) each left a checkpoint with other weights (the live policy holds the last
+    phase's)."""
     from qwenlong.config import load_config, save_config
     from qwenlong.distributed import TrainingBackend
     from qwenlong.pipeline import build
 
-    cfg = load_config(TINY, [*SMALL, f"output.dir={tmp_path}", f"output.export={mode}"])
+    agent = ["rl.memory_agent.enabled=true", "rl.memory_agent.after_phase=short-docs"] if memory_agent else []
+    cfg = load_config(TINY, [*SMALL, *agent, f"output.dir={tmp_path}", f"output.export={mode}"])
     tmp_path.mkdir(parents=True)
     save_config(cfg, tmp_path / "config.yaml")
     tokenizer = build.build_tokenizer(cfg, tmp_path)
@@ -258,12 +260,18 @@ def _stub_run(tmp_path: Path, mode: str):
     state = {"done": [], "evals": {}}
     run = SimpleNamespace(cfg=cfg, dir=tmp_path, tokenizer=tokenizer, model=model, backend=backend, ctx=backend.ctx,
                           state=state, save_state=lambda: (tmp_path / "pipeline.json").write_text(json.dumps(state)))
-    for stage, name in (("sft", "sft-step000003"), ("rl:short-docs", "rl-short-docs-step000001"),
-                        ("rl:long-docs", "rl-long-docs-step000001")):
+    stages = [("sft", "sft-step000003", {"stage": "sft"}),
+              ("rl:short-docs", "rl-short-docs-step000001", {"stage": "rl", "phase": "short-docs"}),
+              ("rl:long-docs", "rl-long-docs-step000001", {"stage": "rl", "phase": "long-docs"})]
+    if memory_agent:  # the expert's own checkpoint, then the merge: the stage's record
+        stages[2:2] = [(None, "rl-memory-agent-step000001", {"stage": "rl", "phase": "memory-agent"}),
+                       ("rl:memory-agent", "memory-agent-merged", {"stage": "memory-agent-merge"})]
+    for stage, name, saved in stages:
         with torch.no_grad():
             model.model.norm.weight.add_(1.0)  # each stage ends with other weights
-        backend.save(tmp_path / "checkpoints" / name, {"stage": stage.split(":")[0], "phase": stage[3:], "step": 1})
-        state["done"].append(stage)
+        backend.save(tmp_path / "checkpoints" / name, {**saved, "step": 1})
+        if stage is not None:
+            state["done"].append(stage)
     run.save_state()
     return run
 
@@ -300,6 +308,13 @@ def test_export_modes(tmp_path):
     run.state["exports"].pop("rl:long-docs")
     export_final(run)  # the newest stage is exported from the policy
     assert _norm(run.dir / "export" / "rl-long-docs") == 9
+
+    # the memory agent's stage is exported from its merge, not from the expert's checkpoints
+    run = _stub_run(tmp_path / "agent", "every_stage", memory_agent=True)
+    export_final(run)
+    assert list(run.state["exports"]) == ["rl:long-docs", "sft", "rl:short-docs", "rl:memory-agent"]
+    assert [_norm(run.dir / "export" / name) for name in ("sft", "rl-short-docs", "rl-memory-agent",
+                                                          "rl-long-docs")] == [2, 3, 5, 6]
 
     run = _stub_run(tmp_path / "none", "none")
     export_finished_stage(run, "sft")

@@ -37,14 +37,22 @@ EXPORT_DIR = "export"
 INFO_FILE = "qwenlong.json"
 CONFIG_FILE = "config.yaml"
 RECORD_FILE = "pipeline.json"
+MEMORY_AGENT_STAGE = "rl:memory-agent"  # qwenlong.agents.stage: the memory expert merged back into the policy
+MEMORY_AGENT_CHECKPOINT = "memory-agent-merged"  # ... whose record is this checkpoint (its state: memory-agent-merge)
 
 
 # ---------------------------------------------------------------------- stages
 
 
 def run_stages(cfg: Config) -> list[str]:
-    """The run's trained stages in order: ``sft`` (when enabled), then ``rl:<phase>`` per phase."""
-    return (["sft"] if cfg.sft.enabled else []) + ([f"rl:{p.name}" for p in cfg.rl.phases] if cfg.rl.enabled else [])
+    """The run's trained stages in order: ``sft`` (when enabled), then ``rl:<phase>`` per phase (the memory
+    agent's merge after its phase, when enabled)."""
+    stages = ["sft"] if cfg.sft.enabled else []
+    for phase in cfg.rl.phases if cfg.rl.enabled else []:
+        stages.append(f"rl:{phase.name}")
+        if cfg.rl.memory_agent.enabled and phase.name == cfg.rl.memory_agent.after_phase:
+            stages.append(MEMORY_AGENT_STAGE)
+    return stages
 
 
 def stage_folder(stage: str) -> str:
@@ -58,7 +66,10 @@ def stage_eval_label(stage: str) -> str:
 
 
 def stage_checkpoint(run_dir: Path, stage: str) -> Path | None:
-    """The newest intact checkpoint of a stage (``sft-stepN`` / ``rl-<phase>-stepN``)."""
+    """The newest intact checkpoint of a stage (``sft-stepN`` / ``rl-<phase>-stepN``; the memory agent's merge)."""
+    if stage == MEMORY_AGENT_STAGE:  # its rl-memory-agent-stepN checkpoints hold the expert, before the merge
+        merged = run_dir / "checkpoints" / MEMORY_AGENT_CHECKPOINT
+        return merged if (merged / STATE_FILE).is_file() else None
     prefix = "sft-" if stage == "sft" else f"rl-{stage.partition(':')[2]}-"
     return latest_checkpoint(run_dir / "checkpoints", prefix=prefix)
 
@@ -77,6 +88,8 @@ def checkpoint_stage(checkpoint: Path) -> tuple[str, int]:
     if not path.is_file():
         raise ValueError(f"--checkpoint: {checkpoint} is not a complete checkpoint (no {STATE_FILE})")
     state = json.loads(path.read_text(encoding="utf-8"))
+    if state.get("stage") == "memory-agent-merge":
+        return MEMORY_AGENT_STAGE, int(state.get("step", 0))
     stage = "sft" if state.get("stage") == "sft" else f"rl:{state.get('phase')}"
     return stage, int(state.get("step", 0))
 
