@@ -282,6 +282,7 @@ def test_aepo_mode_is_checkpointed_and_resumed(tmp_path, torch_backend):
     [first] = run(1, resume=False, mode="positive-only")
     assert first["entropy_control/positive_only"] == 1.0
     assert first["entropy_control/responses_kept"] == 4  # the two groups' rewarded responses
+    assert first["task_reward/a"] == first["reward_mean"] == 0.5  # the per-task reward curve of the one task
     [second] = run(2, resume=True, mode="all")  # a fresh trainer: the checkpoint brings the mode back
     assert second["entropy_control/positive_only"] == 1.0
     assert second["entropy_control/responses_kept"] < second["entropy_control/responses"] == 8

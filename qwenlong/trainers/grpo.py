@@ -233,6 +233,9 @@ class GRPOTrainer:
                    "shaped_reward_mean": float(torch.tensor([g.rewards for g in seen]).mean()),
                    "response_tokens_mean": float(torch.tensor(
                        [len(r) for g in seen for r in g.responses], dtype=torch.float32).mean()), **self._timings}
+        for task in sorted({g.example.data_source for g in seen}):  # per-task reward curves (task-balanced runs)
+            metrics[f"task_reward/{task}"] = float(torch.tensor(
+                [r for g in seen if g.example.data_source == task for r in g.task_rewards]).mean())
         return collector.batch(), metrics
 
     # ------------------------------------------------------------------ policy update
