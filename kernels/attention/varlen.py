@@ -137,12 +137,13 @@ def _tile(TileSeq, TileBlock, cu_seqlens_q, cu_seqlens_k, heads):
 @triton.jit
 def _fwd_blocks(
     acc, row_sum, row_max, q, K_head, V_head, stride_kt, stride_vt, rows, q_len, k_len,
-    qk_scale, window_left, window_right, start, end,
+    qk_scale, window_left, window_right, start, end, full_lo, full_hi,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over the key blocks ``[start, end)``. ``MASKED``: blocks on the band's edge or
-    at the sequence end (a row may see none of their keys); else whole blocks every row sees."""
+    """Online softmax over the key blocks ``[start, end)``. ``MASKED``: blocks that may hold masked keys, the
+    mask evaluated on those outside ``[full_lo, full_hi)`` (a row may see none of their keys; a branch, not
+    a where on every block, which costs registers); else whole blocks every row sees."""
     offs_n = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM  # BLOCK_D pads head dims that are not a power of two
@@ -154,8 +155,10 @@ def _fwd_blocks(
                      other=0.0)  # fmt: skip
         s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # raw scores: the scale goes into exp2's argument
         if MASKED:
-            allowed = _allowed(rows[:, None], start_n + offs_n[None, :], q_len, k_len, window_left, window_right)
-            s = tl.where(allowed, s * qk_scale, float("-inf"))
+            s = s * qk_scale
+            if (start_n < full_lo) | (start_n >= full_hi):
+                allowed = _allowed(rows[:, None], start_n + offs_n[None, :], q_len, k_len, window_left, window_right)
+                s = tl.where(allowed, s, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(s, 1))
             # a row with nothing allowed yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -201,12 +204,16 @@ def _attn_fwd(
     last_row = tl.minimum(first_row + BLOCK_M, q_len) - 1
     lo, full_lo, full_hi, hi = _key_ranges(first_row, last_row, q_len, k_len, window_left, window_right, BLOCK_N)
     stage = (q, K_head, V_head, stride_kt, stride_vt, rows, q_len, k_len, qk_scale, window_left, window_right)
-    acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, lo, full_lo,  # left window edge
-                                        HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION)  # fmt: skip
-    acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, full_lo, full_hi,
-                                        HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION)  # fmt: skip
-    acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, full_hi, hi,  # diagonal, sequence end
-                                        HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION)  # fmt: skip
+    if DOT_PRECISION == "ieee":  # fp32's FMA dots: one loop, as a second one costs registers (spills)
+        acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, lo, hi, full_lo, full_hi,
+                                            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION)  # fmt: skip
+    else:  # edge blocks: [lo, full_lo) on the window's left edge, [full_hi, hi) the diagonal and sequence end
+        acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, lo, full_lo, 0, 0,
+                                            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION)  # fmt: skip
+        acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, full_lo, full_hi, full_lo, full_hi,
+                                            HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION)  # fmt: skip
+        acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, full_hi, hi, 0, 0,
+                                            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION)  # fmt: skip
 
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     Out_tile = Out + row_base * stride_ot + tl.cast(head, tl.int64) * stride_oh
@@ -395,7 +402,7 @@ def _block_d(head_dim: int) -> int:
 TILES = {
     80: {  # mma.sync (HMMA): sm_80 and every GPU other than sm_90
         64: {"fwd": (128, 64, 8, 3), "dkdv": (16, 64, 4, 3), "dq": (64, 32, 4, 3)},
-        128: {"fwd": (128, 32, 8, 3), "dkdv": (16, 64, 8, 3), "dq": (32, 32, 4, 3)},
+        128: {"fwd": (128, 32, 8, 3), "dkdv": (16, 64, 8, 3), "dq": (64, 32, 8, 3)},
         256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (32, 16, 8, 2)},
     },
     90: {  # wgmma (HGMMA)
