@@ -27,7 +27,7 @@ Forward: each program streams the key blocks its rows may see with an online sof
 accumulating in fp32. Blocks outside the causal/window band are never visited; the blocks on
 its edges (or at the sequence end) run in a separate loop that evaluates the mask (the constexpr
 ``MASKED`` stage, as in Triton's fused-attention tutorial), the blocks inside it in a loop
-without one.
+without one (fp32, whose FMA dots hold more in registers, runs one loop with a branch instead).
 
 Backward (recompute, nothing of size ``T x T`` is stored), with ``dO`` the output gradient::
 
@@ -37,8 +37,9 @@ Backward (recompute, nothing of size ``T x T`` is stored), with ``dO`` the outpu
 
 ``dk``/``dv`` come from one program per (key block, kv head) that loops over the query heads of
 its group and the query blocks that see it; ``dq`` from a second pass over (query block, head).
-Both split masked and unmasked blocks like the forward. No atomics, so gradients are
-deterministic.
+Each evaluates the mask only on the band's edge blocks (a branch: a second loop costs ~30
+registers there, which spills at head_dim 128). No atomics, so gradients are deterministic
+(``flash_attn_varlen_func(deterministic=False)`` runs the same kernels).
 
 Tiles never span two sequences and tile shapes depend only on ``head_dim``, dtype and the GPU
 generation (a table for sm_90's wgmma, one for the others), never on lengths, so a sequence's
@@ -395,7 +396,7 @@ def _block_d(head_dim: int) -> int:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed on the padded head_dim (BLOCK_D) and the
 # GPU's tile table, never on sequence lengths: tiles that compile without register spills
-# (tools/compile_report.py, docs/compile_report.md), not yet timed on a GPU.
+# (tools/compile_report.py, docs/compile_report.md), not yet timed on a GPU (benchmarks/bench_attention.py).
 # sm_90 tiles are shaped for wgmma (HGMMA): Triton issues it for a dot whose result has a multiple
 # of 64 rows and of 8 columns, with warps in whole warpgroups (num_warps % 4 == 0). The rows are
 # BLOCK_M in fwd and dq and BLOCK_N in dkdv (its dots produce key-major tiles).
