@@ -208,6 +208,7 @@ def test_example_verl_functions(monkeypatch):
     from transformers import Qwen2ForCausalLM
 
     monkeypatch.setattr(Qwen2ForCausalLM, "forward", Qwen2ForCausalLM.forward)  # the example patches the class
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")  # our kernels' PyTorch path: the interpreter is too slow here
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "examples" / "verl_functions.py"
@@ -216,4 +217,5 @@ def test_example_verl_functions(monkeypatch):
     spec.loader.exec_module(module)
     results = module.main(batch=2, length=10)
     assert results["score"] == 1.0 and results["lm_head_grad_norm"] > 0
-    assert results["qwenlong_pg_loss"] == pytest.approx(results["vanilla_pg_loss"], rel=1e-6)
+    # fp32 losses that are small sums of +-O(1) terms: compare at the terms' scale
+    assert results["qwenlong_pg_loss"] == pytest.approx(results["vanilla_pg_loss"], abs=1e-6)
