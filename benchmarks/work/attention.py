@@ -51,14 +51,14 @@ def full_batches() -> dict[str, list[int]]:
 
 
 def small_batches(quick: bool = False) -> dict[str, list[int]]:
-    """The full batches shrunk for the interpreter: lengths / 64 (/ 128 with ``quick``), and the short
-    documents of the RL batches 4x / 8x fewer (every program costs the interpreter milliseconds).
-    The pretraining batch is the GPU benchmark's (``bench_attention``'s "docs<=8K" at 32K)."""
-    scale = 128 if quick else 64
+    """The full batches shrunk for the interpreter (every program costs it milliseconds): lengths / 64 and
+    the RL batches' short documents 4x / 8x fewer; ``quick`` (the smoke run): lengths / 128 and 8x / 32x
+    fewer. The pretraining batch is the GPU benchmark's (``bench_attention``'s "docs<=8K" at 32K)."""
+    scale, fewer = (128, (8, 32)) if quick else (64, (4, 8))
     return {
         "docs <= 8K packed to 32K": [max(1, n // scale) for n in batch_lengths(32 * 1024, "docs<=8K")],
-        "RL: 64K + 110 x 512": [64 * 1024 // scale] + [512 // scale] * (110 // 4),
-        "RL: 32K + 880 x 100": [32 * 1024 // scale] + [max(1, 100 // scale)] * (880 // 8),
+        "RL: 64K + 110 x 512": [64 * 1024 // scale] + [512 // scale] * (110 // fewer[0]),
+        "RL: 32K + 880 x 100": [32 * 1024 // scale] + [max(1, 100 // scale)] * (880 // fewer[1]),
     }
 
 
@@ -167,7 +167,8 @@ def main(argv=None) -> int:
         "FLOPs are tl.dot operand shapes (padded tiles count in full), against the causal minimum "
         "4 d H sum n(n+1)/2 forward and 2.5x that backward; the deterministic 7-GEMM backward's floor is 1.4.",
         f"Counted: {heads}/{kv_heads} heads, head_dim {head_dim}, bf16, the full batches' lengths / "
-        f"{128 if args.quick else 64} (the RL batches' short documents 4x and 8x fewer); the closed form equals "
+        f"{128 if args.quick else 64} (the RL batches' short documents {'8x and 32x' if args.quick else '4x and 8x'} "
+        "fewer); the closed form equals "
         "the count there (checked in this run and in tests/test_attention_work.py). At these sizes a short "
         "document fills a small part of its 128-row tile, so FLOPs / min is large; the full-size table is the "
         "one to read.",
