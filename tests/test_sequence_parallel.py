@@ -26,7 +26,8 @@ FP32 = {"rtol": 1e-5, "atol": 1e-6}
 def _spawn(check, world_size: int, port: int):
     # A fork server imports torch, transformers and the kernels once; each rank then forks from it (a clean,
     # thread-free process) instead of paying the imports again.
-    multiprocessing.set_forkserver_preload(["torch", "transformers", "qwenlong.models", __name__])
+    multiprocessing.set_forkserver_preload(
+        ["torch", "transformers", "qwenlong.integrations.hf_sequence_parallel", __name__])
     mp.start_processes(_entry, args=(check, world_size, port), nprocs=world_size, join=True,
                        start_method="forkserver")
 
@@ -228,9 +229,9 @@ def _check_hf_model(group, family: str = "qwen2", gradient_checkpointing: bool =
     """A tiny HF causal LM under SP gives the log-probs and gradients of the plain model run sequence by sequence."""
     import transformers
 
+    from qwenlong.integrations.hf_sequence_parallel import SequenceParallelCausalLM
     from qwenlong.kernels import shard_packed_batch, sp_grpo_loss, sp_linear_logprobs
     from qwenlong.kernels.logprobs import grpo_loss, linear_logprobs
-    from qwenlong.models import SequenceParallelCausalLM
 
     config_class, model_class = {
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from transformers.utils import ModelOutput
 
-from qwenlong.integrations import hf_attention, hf_sequence_parallel, hf_ulysses
+from qwenlong.integrations import hf_attention, hf_sequence_parallel
 from qwenlong.integrations.hf_sequence_parallel import shard_for_sequence_parallel
 from qwenlong.kernels import linear_cross_entropy, linear_logprobs
 from qwenlong.kernels.sequence_parallel import all_reduce_sum, global_token_count, kv_head_repeats
@@ -169,7 +169,7 @@ def apply_qwenlong(model: torch.nn.Module, *, attention: bool = True, fused_loss
     _check_supported(model)
     if sequence_parallel_group is not None:
         _check_sequence_parallel(model, sequence_parallel_group, attention, fused_loss)
-        model.set_attn_implementation(hf_ulysses.ATTENTION_NAME)
+        model.set_attn_implementation(hf_sequence_parallel.ATTENTION_NAME)
     elif attention:
         model.set_attn_implementation(hf_attention.NAME)
     setattr(model, _SEQUENCE_PARALLEL_GROUP, sequence_parallel_group)

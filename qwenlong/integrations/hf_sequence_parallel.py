@@ -1,28 +1,126 @@
-"""Ulysses sequence parallelism for a model patched by ``apply_qwenlong(model, sequence_parallel_group=group)``.
+"""Ulysses sequence parallelism for Hugging Face causal LMs (Qwen2, Qwen3, Llama, ...): the one module.
 
-Every rank of the group calls the model the HF way on its contiguous shard of one packed row
-(positions restarting at 0 per sequence), together with the *whole* padded row's
-``cu_seq_lens_q`` / ``max_length_q`` (transformers' flash-attention keyword names):
+Each rank of a sequence-parallel group runs the model on its contiguous shard of one packed row
+(positions restarting at 0 per sequence, so rotary embeddings see true positions). Every attention
+layer goes through ``ulysses_attention`` (registered with transformers as ``"qwenlong_ulysses"``):
+it trades the token shard for a head shard (all-to-all), attends whole sequences with
+``varlen_attention`` and trades back; everything else in a decoder layer is per token and runs on the
+shard unchanged. The attention needs three keyword arguments that the model forwards to its
+attention layers: ``sp_group`` and the *whole* padded row's ``cu_seq_lens_q`` / ``max_length_q``
+(transformers' flash-attention names). Two entry points pass them:
 
-    inputs = shard_for_sequence_parallel(input_ids, group, position_ids=pos, labels=labels)
-    out = model(**inputs)       # this rank's (1, L) input_ids / position_ids / shift_labels + the row's layout
-    out.loss.backward()         # the whole row's loss, the same number on every rank; out.logits is None
+- ``SequenceParallelCausalLM(model, group)`` (what qwenlong's trainers use): its forward takes one
+  rank's shard and returns the final hidden states, never logits; the loss comes from the fused
+  ``sp_grpo_loss`` / ``sp_linear_logprobs`` against ``lm_head_weight``::
 
-Labels are shifted on the whole row before sharding (``shift_labels``, as transformers names
-pre-shifted labels): a rank's last token predicts the first token of the next rank's shard.
-Without ``cu_seq_lens_q`` the ranks all-gather their ``position_ids`` (one small collective per
-forward) and read the layout from where positions restart, which is how verl's Ulysses path
-calls a model (padded shards of input ids and position ids only).
+      model = SequenceParallelCausalLM(AutoModelForCausalLM.from_config(config), sp_group)
+      shard = shard_packed_batch(cu_seqlens, sp_group, input_ids=ids, position_ids=pos, labels=labels, ...)
+      hidden = model(shard["input_ids"], shard["position_ids"], shard.cu_seqlens, shard.max_seqlen)
+      loss, metrics = sp_grpo_loss(hidden, model.lm_head_weight, shard["labels"], ..., sp_group=sp_group)
+
+- ``apply_qwenlong(model, sequence_parallel_group=group)`` (``qwenlong.integrations.hf``), to call the
+  model the HF way inside another framework's loop::
+
+      inputs = shard_for_sequence_parallel(input_ids, group, position_ids=pos, labels=labels)
+      out = model(**inputs)       # this rank's (1, L) input_ids / position_ids / shift_labels + the row's layout
+      out.loss.backward()         # the whole row's loss, the same number on every rank; out.logits is None
+
+  Labels are shifted on the whole row before sharding (``shift_labels``, as transformers names
+  pre-shifted labels): a rank's last token predicts the first token of the next rank's shard.
+  Without ``cu_seq_lens_q`` the ranks all-gather their ``position_ids`` (one small collective per
+  forward) and read the layout from where positions restart, which is how verl's Ulysses path
+  calls a model (padded shards of input ids and position ids only).
+
+Parameters are replicated over the SP group and receive partial gradients on each rank: sum them over
+the SP and data-parallel ranks (a sum all-reduce; with DDP's mean, scale by the world size). No mask
+builder is registered under the attention's name, so transformers hands it no mask.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from transformers import AttentionInterface
 
 from qwenlong.integrations.hf_attention import position_layout
-from qwenlong.kernels import build_position_ids, next_token_labels, shard_packed_batch, sp_linear_logprobs
+from qwenlong.kernels import (
+    build_position_ids,
+    next_token_labels,
+    shard_packed_batch,
+    sp_linear_logprobs,
+    ulysses_attention,
+)
 from qwenlong.kernels.sequence_parallel import all_gather_tokens
+
+ATTENTION_NAME = "qwenlong_ulysses"
+
+
+def ulysses_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs,
+):
+    """transformers attention function: ``(1, heads, local_tokens, d)`` in, ``(1, local_tokens, heads, d)`` out."""
+    if attention_mask is not None:
+        raise ValueError("ulysses attention takes packed sequences described by cu_seqlens, not an attention_mask")
+    if dropout > 0.0:
+        raise ValueError(f"ulysses attention has no attention dropout, got dropout={dropout}")
+    if query.shape[0] != 1:
+        raise ValueError(f"packed sequences must come as a batch of one, got query shape {tuple(query.shape)}")
+    if "sp_group" not in kwargs or "cu_seq_lens_q" not in kwargs:
+        raise ValueError("ulysses attention needs sp_group and cu_seq_lens_q: call a model patched by "
+                         "apply_qwenlong(model, sequence_parallel_group=...) or wrapped in SequenceParallelCausalLM")
+    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (local_tokens, heads, d)
+    out = ulysses_attention(
+        q, k, v, kwargs["cu_seq_lens_q"], kwargs["max_length_q"], kwargs["sp_group"],
+        causal=kwargs.get("is_causal", getattr(module, "is_causal", True)), softmax_scale=scaling, window_size=window,
+    )
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, ulysses_attention_forward)
+
+
+class SequenceParallelCausalLM(nn.Module):
+    """An HF causal LM whose forward takes one rank's token shard and returns its final hidden states.
+
+    Switches the wrapped model's attention to ``"qwenlong_ulysses"``; to generate with it, switch back
+    (``model.set_attn_implementation("sdpa")``).
+    """
+
+    def __init__(self, model: nn.Module, group=None):
+        super().__init__()
+        model.set_attn_implementation(ATTENTION_NAME)
+        self.model = model
+        self.group = group
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """The ``(vocab, hidden)`` weight the fused log-prob / loss ops multiply the hidden states with."""
+        return self.model.get_output_embeddings().weight
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> torch.Tensor:
+        """``input_ids``/``position_ids``: this rank's shard ``(local_tokens,)``; ``cu_seqlens``/``max_seqlen``:
+        the whole padded batch. Returns hidden states ``(local_tokens, hidden_size)`` after the final norm."""
+        if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
+            raise ValueError(f"input_ids and position_ids must both be (local_tokens,), got "
+                             f"{tuple(input_ids.shape)} and {tuple(position_ids.shape)}")
+        outputs = self.model.base_model(
+            input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False,
+            sp_group=self.group, cu_seq_lens_q=cu_seqlens, max_length_q=max_seqlen,
+        )
+        return outputs.last_hidden_state[0]
+
 
 
 def _packed_row(name: str, x: torch.Tensor | None) -> torch.Tensor | None:

@@ -134,7 +134,7 @@ def policy_hidden(model: torch.nn.Module, batch: PackedBatch, sp_group=None) -> 
     """
     if sp_group is None:
         return forward_hidden(model, batch), batch
-    from qwenlong.models import SequenceParallelCausalLM
+    from qwenlong.integrations.hf_sequence_parallel import SequenceParallelCausalLM
 
     shard = shard_packed_batch(batch.cu_seqlens, sp_group, ignore_index=IGNORE_INDEX, input_ids=batch.input_ids,
                                position_ids=batch.position_ids, labels=batch.targets, **batch.token_values)
