@@ -177,7 +177,7 @@ class MemoryPlan:
 
 
 def _gb(n: float) -> str:
-    return f"{n / GiB:.1f} GiB"
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
 
 
 def state_lines(shape: ModelShape, s: Settings) -> list[Line]:
@@ -213,23 +213,31 @@ def state_lines(shape: ModelShape, s: Settings) -> list[Line]:
 
 
 def activation_lines(shape: ModelShape, s: Settings, cuda: bool, t: int, longest: int) -> list[Line]:
+    """What the backward holds (every layer's input under checkpointing, else every layer's saved tensors; the
+    final norm's) and its working set at the larger of its two peaks: the fused LM head's backward, or one
+    layer's (recomputed under checkpointing) with its gradients in flight and attention's dq, dk, dv."""
     b = s.dtype_bytes
     per_layer = layer_activation_bytes(shape, b, s.sp)
     transient = layer_backward_transient_bytes(shape, b)
+    attention = attention_workspace_bytes(shape, t, b, s.sp, longest, cuda)
     if s.gradient_checkpointing:
-        acts = shape.layers * t * shape.hidden * b + t * (per_layer + transient)
-        note = f"{t} tokens/rank: {shape.layers} layer inputs + one layer recomputed"
+        held = shape.layers * t * shape.hidden * b
+        layer = t * (per_layer + transient) + attention
+        note = f"{t} tokens/rank: {shape.layers} layer inputs (checkpoints)"
     else:  # an fp32 layer's first norm saves the layer input itself (a bf16 one saves its fp32 copy)
         inputs = shape.hidden * b if b == 4 else 0
-        acts = shape.layers * t * (per_layer + inputs) + t * transient
-        note = f"{t} tokens/rank x {shape.layers} layers, no gradient checkpointing"
+        held = shape.layers * t * (per_layer + inputs)
+        layer = t * transient + attention
+        note = f"{t} tokens/rank x {shape.layers} layers' saved tensors (no checkpointing)"
+    head = lm_head_workspace_bytes(shape, t, b, cuda)
     final = t * shape.hidden * (4 + 2 * b)
+    which = (f"the fused LM head's ({_gb(head)}: fp32 d(hidden), d(weight), dz chunk) over one layer's ({_gb(layer)})"
+             if head >= layer else
+             f"one layer's ({_gb(layer)}: {'recomputed, ' if s.gradient_checkpointing else ''}gradients in flight, "
+             f"attention dq/dk/dv) over the fused LM head's ({_gb(head)})")
     return [
-        Line("activations", acts + final, note + (f" (SP {s.sp}: each rank its shard)" if s.sp > 1 else "")),
-        Line("fused LM head workspace", lm_head_workspace_bytes(shape, t, b, cuda),
-             "fp32 d(hidden) and d(weight) of the head (qwenlong.kernels.logprobs)"),
-        Line("attention workspace", attention_workspace_bytes(shape, t, b, s.sp, longest, cuda),
-             "dq, dk, dv, delta of one layer (qwenlong.kernels.attention)"),
+        Line("activations", held + final, note + (f" (SP {s.sp}: each rank its shard)" if s.sp > 1 else "")),
+        Line("backward working set", max(head, layer), which),
     ]
 
 
