@@ -230,10 +230,23 @@ def tiny_chat_model():
 
 @pytest.mark.slow  # imports transformers' Qwen2 model
 def test_local_hf_judge_plumbing(tiny_chat_model, monkeypatch):
+    import torch
+
     model, tokenizer = tiny_chat_model
     judge = LocalHFJudge(model, tokenizer, max_new_tokens=4)
-    text = judge.generate([{"role": "user", "content": "Problem: q"}])
-    assert isinstance(text, str)  # a random model: real generation, unparseable words
+    messages = [{"role": "user", "content": "Problem: q"}]
+    text = judge.generate(messages)
+    # the judge's reply is the model's greedy continuation of the chat prompt: argmax, token by token
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        return_tensors="pt")["input_ids"]
+    prompt_length = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(4):
+            token = model(ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, token.view(1, 1)], dim=1)
+            if int(token) == tokenizer.eos_token_id:
+                break
+    assert text == tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True)
     monkeypatch.setattr(judge, "generate", lambda messages, **kw: "Same value. [[YES]]")
     assert judge.verdicts_sync([JudgeRequest("q", "1", "one")]) == [True]
     monkeypatch.setattr(judge, "generate", lambda messages, **kw: "nonsense")
