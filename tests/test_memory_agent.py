@@ -317,3 +317,59 @@ def test_memory_agent_trainer_trains_on_every_step(tokenizer, tmp_path, monkeypa
     assert metrics["reward_mean"] == 0.5 and metrics["updates"] == 1
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters(), strict=True))
     assert list((tmp_path / "checkpoints").glob("rl-agent-step000001*"))
+
+
+def test_pipeline_memory_agent_stage_merges_and_evaluates(tmp_path, monkeypatch):
+    """The pipeline's memory-agent stage on configs/tiny-l15.yaml cut small, after a stand-in for its phase:
+    the expert trains, the policy becomes the SCE merge of the phase's policy and the expert over RL's start,
+    and both answer as memory agents on documents past the window."""
+    from pathlib import Path
+
+    from qwenlong.agents.stage import memory_agent_stage
+    from qwenlong.config import load_config
+    from qwenlong.merge import sce_merge_tensor
+    from qwenlong.pipeline import build
+    from qwenlong.pipeline.run import Run, build_engine, build_reward
+    from qwenlong.state.checkpoint import model_weights
+
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")  # the kernels' PyTorch paths: the interpreter is slow
+    root = Path(__file__).resolve().parent.parent
+    small = ["sft.enabled=false", "eval.max_output_tokens=8", "eval.samples_per_prompt=1",
+             "data.synthetic.num_train=120", "rl.dynamic_sampling.enabled=false", "rl.group_size=2",
+             "rl.memory_agent.steps=1", "rl.memory_agent.synthetic_documents=2", "rl.memory_agent.prompts_per_step=2",
+             "rl.memory_agent.memory_tokens=8", "rl.memory_agent.answer_tokens=8", "rl.memory_agent.chunk_tokens=200",
+             "output.export=none", f"output.dir={tmp_path}"]
+    cfg = load_config(root / "configs" / "tiny-l15.yaml", small)
+    run = Run(cfg)
+    # the phase the stage follows: the policy RL started from (the model as built), moved a little
+    with torch.no_grad():
+        for param in run.model.parameters():
+            param.add_(torch.randn_like(param) * 0.01)
+    run.backend.start(lr=1e-3, weight_decay=0.0, total_steps=1, warmup_steps=0, schedule="constant", grad_clip=1.0)
+    phase_checkpoint = run.backend.save(tmp_path / "checkpoints" / "rl-long-docs-step000001", state={"step": 1})
+    run.finish("rl:long-docs", phase_checkpoint)
+
+    memory_agent_stage(run, build_engine(run), build_reward(cfg))
+    assert run.state["done"][-1] == "rl:memory-agent"
+    assert set(run.state["agent_evals"]) == {"expert-agent", "merged-agent", "merged-full-context"}
+    checkpoints = tmp_path / "checkpoints"
+    base = build.build_model(cfg, run.tokenizer).state_dict()  # no SFT: RL started from the model as built
+    full = model_weights(phase_checkpoint)
+    expert = model_weights(checkpoints / "rl-memory-agent-step000001")
+    merged = model_weights(checkpoints / "memory-agent-merged")
+    assert run.state["last_checkpoint"].endswith("memory-agent-merged")
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, sce_merge_tensor(base[name], [full[name], expert[name]], 0.1), msg=name)
+        torch.testing.assert_close(run.model.state_dict()[name], tensor, msg=name)  # the policy is the merge
+    assert any(not torch.equal(merged[n], full[n]) and not torch.equal(merged[n], expert[n]) for n in merged)
+
+    # the two-chunk documents (2 x 200 tokens) are past the 350-token window: cut in full-context mode, whole
+    # for the agent
+    def rows(label):
+        text = (tmp_path / "eval" / f"memory-agent-{label}" / "predictions.jsonl").read_text()
+        return [json.loads(line) for line in text.splitlines()]
+
+    assert all(r["input_tokens"] > 350 for r in rows("merged-agent"))
+    assert all(r["input_tokens"] <= 350 for r in rows("merged-full-context"))
+    results = json.loads((tmp_path / "eval" / "memory-agent-merged-full-context" / "results.json").read_text())
+    assert results["benchmarks"][0]["truncated"] == 2
