@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from qwenlong.algorithms.entropy_control import check_entropy_bounds
 from qwenlong.curriculum import Phase, RetrospectiveSampling
 
 
@@ -160,8 +159,9 @@ class EntropyControlConfig:
         if (self.entropy_low is None) != (self.entropy_high is None):
             raise ValueError("entropy_low, entropy_high: AEPO needs both bounds (or neither), got "
                              f"{self.entropy_low} and {self.entropy_high}")
-        if self.aepo:
-            check_entropy_bounds(self.entropy_low, self.entropy_high)
+        if self.aepo and not 0 <= self.entropy_low <= self.entropy_high:  # the config loads without torch
+            raise ValueError(f"entropy_low, entropy_high: expected 0 <= entropy_low <= entropy_high, "
+                             f"got {self.entropy_low} and {self.entropy_high}")
         for key in ("tau_token", "tau_sequence"):
             value = getattr(self, key)
             if value is not None and not value >= 0:
