@@ -8,11 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qwenlong.data.sources import RuleKind, rule_kind
 from qwenlong.rewards import compute_score, trl_reward
 from qwenlong.rewards.extract import extract_answer, extract_choice, final_segment
 from qwenlong.rewards.normalize import normalize_answer, sub_exact_match
 from qwenlong.rewards.numeric import numbers_match, parse_number
-from qwenlong.rewards.rules import RuleConfig, RuleKind, rule_kind, rule_score
+from qwenlong.rewards.rules import RuleConfig, rule_score
 
 
 def said(answer: str, thinking: str = "Let me look at the document.") -> str:

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qwenlong.data.sources import RuleKind
 from qwenlong.rewards import (
     HybridReward,
     RewardItem,
@@ -25,7 +26,7 @@ from qwenlong.rewards import (
 from qwenlong.rewards.adapters import question_from_prompt
 from qwenlong.rewards.extract import strip_markdown, strip_markdown_reference
 from qwenlong.rewards.judge import Judge
-from qwenlong.rewards.rules import RuleKind, rule_score
+from qwenlong.rewards.rules import rule_score
 
 FREE, NUM = RuleKind.FREE_FORM, RuleKind.NUMERIC
 # Far above the < 0.5 s a 200 KB response takes (benchmarks/bench_reward_hostile.py measures it), far

@@ -22,6 +22,7 @@ from typing import Any
 
 from qwenlong.data.prompt import split_prompt
 from qwenlong.data.records import DocQARecord, answer_tuple, metadata_mapping, record_from_mapping
+from qwenlong.data.sources import rule_kind
 
 MAX_NESTING = 64  # lists and objects inside one another; real rows need a handful
 
@@ -166,8 +167,6 @@ def _check_nesting(row: Any) -> None:
 
 def _check_data_source(data_source: str) -> None:
     """A ValueError when no reward rule routes ``data_source`` (it would fail at the first score, mid-run)."""
-    from qwenlong.rewards.rules import rule_kind  # the rewards package builds on this one
-
     rule_kind(data_source)
 
 
@@ -176,7 +175,7 @@ def load_records(path: str | os.PathLike, *, data_source: str | None = None,
     """Records from a ``.jsonl``/``.json`` or ``.parquet`` file (verl rows detected per row).
 
     ``data_source`` overrides the rows' own (needed for benchmark files that lack one). Every row's
-    data source must be one a reward rule routes (``qwenlong.rewards.rules.rule_kind``).
+    data source must be one a reward rule routes (``qwenlong.data.sources.rule_kind``).
     """
     path = Path(path)
     if not path.is_file():

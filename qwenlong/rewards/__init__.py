@@ -2,17 +2,10 @@
 
 ``compute_score`` (verl) and ``trl_reward`` (TRL) are the drop-in reward functions."""
 
+from qwenlong.data.sources import DATA_SOURCE_RULES, RuleKind, rule_kind
 from qwenlong.rewards.adapters import compute_score, default_reward, set_default_reward, trl_reward
 from qwenlong.rewards.hybrid import HybridReward, RewardItem, RewardResult, make_reward
-from qwenlong.rewards.rules import (
-    DATA_SOURCE_RULES,
-    RuleConfig,
-    RuleKind,
-    RuleResult,
-    rule_config,
-    rule_kind,
-    rule_score,
-)
+from qwenlong.rewards.rules import RuleConfig, RuleResult, rule_config, rule_score
 from qwenlong.rewards.stats import ScoringFailure, ScoringStats, counter_delta
 
 __all__ = ["DATA_SOURCE_RULES", "HybridReward", "RewardItem", "RewardResult", "RuleConfig", "RuleKind",

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from qwenlong.data.sources import rule_kind
 from qwenlong.rewards.extract import gold_answer
 from qwenlong.rewards.judge.base import Judge, JudgeRequest
-from qwenlong.rewards.rules import RuleConfig, RuleResult, rule_config, rule_kind, rule_score
+from qwenlong.rewards.rules import RuleConfig, RuleResult, rule_config, rule_score
 from qwenlong.rewards.stats import ALWAYS_LOGGED, ScoringStats
 
 

@@ -1,9 +1,5 @@
-"""Rule-based verification: route by data source to the free-form, numeric or choice rule.
-
-``data_source`` accepts the public release's names (docmath, multihoprag, musique,
-long_toc_choices), the benchmark names (frames, 2wikimqa, hotpotqa, narrativeqa, qasper)
-and the synthetic generator's. Like the release, a name that *contains* a known name
-(``docmath_simplong``) routes to it; anything else is a ValueError.
+"""Rule-based verification: route by data source (``qwenlong.data.sources``) to the free-form, numeric
+or choice rule.
 
 A bad gold answer or data source is a data error and raises ``ValueError``. A response never
 raises: whatever it holds, it is scored in time linear in its length, and a response that
@@ -15,41 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
 
+from qwenlong.data.sources import RuleKind
 from qwenlong.rewards.extract import extract_answer, extract_choice, final_segment, gold_answer
 from qwenlong.rewards.normalize import contains_words, normalize_answer
 from qwenlong.rewards.numeric import numbers_match, parse_number
 from qwenlong.rewards.stats import ScoringFailure
-
-
-class RuleKind(str, Enum):
-    FREE_FORM = "free_form"
-    NUMERIC = "numeric"
-    CHOICE = "multiple_choice"
-
-
-DATA_SOURCE_RULES: dict[str, RuleKind] = {
-    "docmath": RuleKind.NUMERIC,
-    "long_toc_choices": RuleKind.CHOICE,
-    **{name: RuleKind.FREE_FORM for name in (
-        "multihoprag", "musique", "frames", "2wikimqa", "2wikimultihopqa", "hotpotqa", "narrativeqa", "qasper")},
-    "synthetic_copy": RuleKind.FREE_FORM,
-    "synthetic_retrieval": RuleKind.FREE_FORM,
-    "synthetic_choice": RuleKind.CHOICE,
-    "synthetic_arithmetic": RuleKind.NUMERIC,
-}
-
-
-def rule_kind(data_source: str) -> RuleKind:
-    """The rule for a data source name (exact name first, else the longest contained name)."""
-    name = str(data_source).strip().lower()
-    if name in DATA_SOURCE_RULES:
-        return DATA_SOURCE_RULES[name]
-    contained = [known for known in DATA_SOURCE_RULES if known in name]
-    if not contained:
-        raise ValueError(f"data_source: unknown {data_source!r}; expected one of {sorted(DATA_SOURCE_RULES)}")
-    return DATA_SOURCE_RULES[max(contained, key=len)]
 
 
 @dataclass(frozen=True)
