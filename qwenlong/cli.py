@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rl": ("qwenlong.pipeline.commands", "run_rl_command", "the RL phases only"),
     "export": ("qwenlong.pipeline.export", "run",
                "write a run's trained policy (any checkpoint) as a HF model folder: safetensors, tokenizer, card"),
-    "eval": ("qwenlong.eval.cli", "run", "evaluate a model on the DocQA benchmarks (or synthetic data)"),
+    "eval": ("qwenlong.pipeline.eval_command", "run", "evaluate a model on the DocQA benchmarks (or synthetic data)"),
     "merge": ("qwenlong.merge.cli", "run", "merge fine-tuned models into a base model (SCE), one tensor at a time"),
     "serve-judge": ("qwenlong.rewards.judge.server", "run",
                     "serve a local HF model as an OpenAI-compatible judge endpoint"),

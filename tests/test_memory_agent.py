@@ -325,10 +325,10 @@ def test_pipeline_memory_agent_stage_merges_and_evaluates(tmp_path, monkeypatch)
     and both answer as memory agents on documents past the window."""
     from pathlib import Path
 
-    from qwenlong.agents.stage import memory_agent_stage
     from qwenlong.config import load_config
     from qwenlong.merge import sce_merge_tensor
     from qwenlong.pipeline import build
+    from qwenlong.pipeline.memory_agent_stage import memory_agent_stage
     from qwenlong.pipeline.run import Run, build_engine, build_reward
     from qwenlong.state.checkpoint import model_weights
 

@@ -37,7 +37,8 @@ EXPORT_DIR = "export"
 INFO_FILE = "qwenlong.json"
 CONFIG_FILE = "config.yaml"
 RECORD_FILE = "pipeline.json"
-MEMORY_AGENT_STAGE = "rl:memory-agent"  # qwenlong.agents.stage: the memory expert merged back into the policy
+# qwenlong.pipeline.memory_agent_stage: the memory expert merged back into the policy
+MEMORY_AGENT_STAGE = "rl:memory-agent"
 MEMORY_AGENT_CHECKPOINT = "memory-agent-merged"  # ... whose record is this checkpoint (its state: memory-agent-merge)
 
 

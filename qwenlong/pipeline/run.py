@@ -270,9 +270,9 @@ def _rl(run: Run) -> None:
 
 def _memory_agent(run: Run, trainer: GRPOTrainer, phase: Phase) -> None:
     """QwenLong-L1.5's memory-agent expert and SCE merge, after ``rl.memory_agent.after_phase``
-    (``qwenlong.agents.stage``; a finished stage is skipped)."""
+    (``qwenlong.pipeline.memory_agent_stage``; a finished stage is skipped)."""
     if run.cfg.rl.memory_agent.enabled and phase.name == run.cfg.rl.memory_agent.after_phase:
-        from qwenlong.agents.stage import STAGE, memory_agent_stage
+        from qwenlong.pipeline.memory_agent_stage import STAGE, memory_agent_stage
 
         memory_agent_stage(run, trainer.engine, trainer.reward)
         export_finished_stage(run, STAGE)

@@ -26,7 +26,14 @@ import torch
 from qwenlong.agents.memory import MemoryAgent, MemoryAgentConfig, memory_agent_generate_fn, query_from_record
 from qwenlong.agents.rl import MemoryAgentTrainer
 from qwenlong.curriculum import Phase
+from qwenlong.data import load_records
+from qwenlong.data.synthetic import make_two_chunk_record
+from qwenlong.eval import evaluate
+from qwenlong.eval.generation import hf_generate_fn
 from qwenlong.merge import sce_merge_tensor
+from qwenlong.pipeline import build
+from qwenlong.pipeline.resume import recorded_checkpoint
+from qwenlong.rollout import HFGenerateEngine
 from qwenlong.state.checkpoint import model_weights
 from qwenlong.trainers.grpo import PromptExample
 
@@ -35,9 +42,6 @@ STAGE = "rl:memory-agent"
 
 def _records(run: Any, split: str) -> list:
     """The agent's documents: two-chunk synthetic records, or ``rl.memory_agent.data`` / the run's own."""
-    from qwenlong.data import load_records
-    from qwenlong.data.synthetic import make_two_chunk_record
-    from qwenlong.pipeline import build
 
     cfg, stage = run.cfg, run.cfg.rl.memory_agent
     if cfg.data.synthetic is not None and not stage.data:
@@ -52,8 +56,6 @@ def _records(run: Any, split: str) -> list:
 
 def _merge(run: Any, expert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """SCE of the full-context policy and the expert over the policy RL started from."""
-    from qwenlong.pipeline import build
-    from qwenlong.pipeline.resume import recorded_checkpoint
 
     full = model_weights(recorded_checkpoint(run.state["last_checkpoint"], run.dir))
     start = run.state.get("rl_start_checkpoint")
@@ -65,11 +67,7 @@ def _merge(run: Any, expert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _evaluate(run: Any, label: str, records: list, agent: bool) -> float:
-    from qwenlong.eval import evaluate
-    from qwenlong.eval.generation import hf_generate_fn
-    from qwenlong.pipeline import build
     from qwenlong.pipeline.run import build_eval_reward, heldout_sampling
-    from qwenlong.rollout import HFGenerateEngine
 
     cfg, stage = run.cfg, run.cfg.rl.memory_agent
     sampling = heldout_sampling(cfg)
