@@ -45,19 +45,47 @@ def test_every_preset_loads_validates_and_round_trips(preset, tmp_path):
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
 
-def test_published_settings():
+def test_presets_knobs_take_effect(tmp_path):
+    """The presets' settings change what runs: checked on what the code builds from them, not on the YAML."""
+    pytest.importorskip("transformers")
+    import random
+
+    import torch
+
+    from qwenlong.curriculum import PromptSampler
+    from qwenlong.trainers import GRPOTrainer
+    from qwenlong.trainers.grpo import Group, PromptExample
+    from tests.test_rl_step import tiny_model
+
     l1 = load_config(CONFIGS / "qwenlong-l1-32b.yaml")
-    assert [(p.max_input_tokens, p.max_output_tokens) for p in l1.rl.phases] == [(20000, 10000), (60000, 10000)]
-    rl = l1.rl
-    assert (rl.group_size, rl.gen_prompts_per_step, rl.train_prompts_per_step, rl.mini_batch_size) == (8, 384, 128, 32)
-    assert (rl.clip_low, rl.clip_high, rl.kl_coef, rl.lr, rl.temperature, rl.top_p) == (0.2, 0.2, 0.0, 2e-6, 0.7, 0.95)
-    assert (rl.dynamic_sampling.max_rounds, rl.overlong.buffer, l1.distributed.sp_size) == (10, 1000, 8)
+    trainer = GRPOTrainer(tiny_model(seed=0), engine=None, reward=None, cfg=l1.rl, decode=str,
+                          output_dir=tmp_path / "l1")
+    assert [trainer.phase_steps(phase, 1280) for phase in l1.rl.phases] == [10, 10]  # an epoch of 128-prompt steps
+    # clip-high equals clip-low in the demo run: a ratio of 1.25 on a positive token is clipped at 1.2
+    from qwenlong.kernels.logprobs.policy_math import policy_loss_per_token
+
+    loss, _ = policy_loss_per_token(torch.tensor([0.0]), torch.tensor([-0.22314355]), torch.tensor([1.0]),
+                                    l1.rl.clip_low, l1.rl.clip_high)
+    assert float(loss) == pytest.approx(-1.2)
+    zero_backend = pytest.importorskip("qwenlong.distributed.zero")
+    zero = zero_backend.deepspeed_config(l1.distributed, grad_clip=l1.rl.grad_clip, bf16=True)["zero_optimization"]
+    assert zero["stage"] == 3 and "offload_param" in zero and "offload_optimizer" in zero
+
     l15 = load_config(CONFIGS / "qwenlong-l1.5.yaml")
-    budgets = [(p.max_input_tokens, p.max_output_tokens) for p in l15.rl.phases]
-    assert budgets == [(20000, 12000), (60000, 20000), (120000, 50000)]
-    assert l15.rl.advantage == "task-std" and l15.rl.kl_coef == 0.0
-    tiny = load_config(CONFIGS / "tiny.yaml")
-    assert tiny.model.tiny is not None and tiny.rollout.engine == "hf" and len(tiny.rl.phases) == 2
+    trainer = GRPOTrainer(tiny_model(seed=0), engine=None, reward=None, cfg=l15.rl, decode=str,
+                          output_dir=tmp_path / "l15", task_balanced=l15.data.task_balanced)
+    rng = random.Random(0)
+    groups = [Group(PromptExample(f"e{i}", [1, 2], task, ["x"]), [[3]] * 8, [[0.0]] * 8,
+                    [rng.random() * scale for _ in range(8)], []) for i, (task, scale) in
+              enumerate([("docmath", 1.0), ("docmath", 1.0), ("musique", 9.0), ("musique", 9.0)])]
+    for g in groups:
+        g.rewards[:] = g.task_rewards
+    rewards = torch.tensor([g.rewards for g in groups])
+    per_group = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + l15.rl.advantage_eps)
+    assert not torch.allclose(trainer._advantages(groups), per_group)  # task-std, not each group's own std
+    sampler = PromptSampler(["docmath"] * 30 + ["musique"] * 3, key="k", balanced=l15.data.task_balanced)
+    drawn = sampler.draw(6)
+    assert sum(i >= 30 for i in drawn) == 3  # equal counts per task though musique has 10x fewer prompts
 
 
 def test_synthetic_tasks_match_the_data_generator():
