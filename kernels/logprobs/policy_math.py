@@ -98,25 +98,37 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked.sum() / keep.sum().clamp(min=1).to(values.dtype)
 
 
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+LOSS_AGGREGATIONS = ("token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
-def loss_normalizer(mode: str, num_tokens: int, num_sequences: int, sequence_tokens: torch.Tensor):
+def _at_least_one(count):
+    return count.clamp(min=1) if isinstance(count, torch.Tensor) else max(1, count)
+
+
+def loss_normalizer(mode: str, num_tokens, num_sequences, sequence_tokens: torch.Tensor, scale_factor: float = 1.0):
     """What :func:`aggregate_tokens` divides each token's loss by, per loss aggregation ``mode``.
 
     - ``token-mean``: ``num_tokens``, every loss token of the (global) batch counts once (DAPO);
+    - ``token-sum``: 1, the plain sum;
     - ``seq-mean-token-mean``: ``num_sequences * n_b`` at each token of sequence ``b``, the mean over
       sequences of each sequence's token mean (the original GRPO);
-    - ``seq-mean-token-sum``: ``num_sequences``, the mean over sequences of each sequence's token sum.
+    - ``seq-mean-token-sum``: ``num_sequences``, the mean over sequences of each sequence's token sum;
+    - ``seq-mean-token-sum-norm``: ``num_sequences * scale_factor`` (Dr. GRPO's constant normaliser, e.g.
+      the response length limit).
 
-    ``num_tokens`` and ``num_sequences`` count the whole batch over every rank (so the ranks' losses add
-    up to the batch's loss); ``sequence_tokens`` is a per-token tensor holding ``n_b``, the loss tokens of
-    the token's sequence. Returns a number or a tensor shaped like ``sequence_tokens``.
+    ``num_tokens`` and ``num_sequences`` (numbers or 0-d tensors) count the whole batch over every rank, so
+    the ranks' losses add up to the batch's loss; only sequences with a loss token count. ``sequence_tokens``
+    is a per-token tensor holding ``n_b``, the loss tokens of the token's sequence. Returns a number or a
+    tensor shaped like ``sequence_tokens``. Used by the trainer and by every framework integration.
     """
     if mode == "token-mean":
-        return max(1, num_tokens)
+        return _at_least_one(num_tokens)
+    if mode == "token-sum":
+        return 1
     if mode == "seq-mean-token-mean":
-        return num_sequences * sequence_tokens.clamp(min=1.0)
+        return _at_least_one(num_sequences) * sequence_tokens.clamp(min=1.0)
     if mode == "seq-mean-token-sum":
-        return torch.full_like(sequence_tokens, float(max(1, num_sequences)))
+        return torch.ones_like(sequence_tokens) * _at_least_one(num_sequences)
+    if mode == "seq-mean-token-sum-norm":
+        return torch.ones_like(sequence_tokens) * (_at_least_one(num_sequences) * scale_factor)
     raise ValueError(f"mode: expected one of {LOSS_AGGREGATIONS}, got {mode!r}")

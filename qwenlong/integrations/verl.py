@@ -26,14 +26,21 @@ import warnings
 import torch
 
 from qwenlong.kernels import linear_logprobs
-from qwenlong.kernels.logprobs.policy_math import aggregate_tokens, clip_fractions, masked_mean, policy_loss_per_token
+from qwenlong.kernels.logprobs.policy_math import (
+    LOSS_AGGREGATIONS,
+    aggregate_tokens,
+    clip_fractions,
+    loss_normalizer,
+    masked_mean,
+    policy_loss_per_token,
+)
 
 __all__ = [
     "FusedLinearForPPO", "agg_loss", "compute_policy_loss", "compute_policy_loss_vanilla", "compute_score", "install",
     "linear_cross_entropy",
 ]
 
-LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = LOSS_AGGREGATIONS  # verl 0.9's five modes
 LOG_RATIO_LIMIT = 20.0  # verl clamps log(pi / pi_old) to +-20 before exponentiating
 # the keyword arguments verl's reward managers add when a reward model is configured (reward_loop)
 VERL_REWARD_MODEL_KWARGS = ("reward_router_address", "reward_model_tokenizer")
@@ -160,19 +167,11 @@ def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str
     if count is None and dp_size > 1 and loss_agg_mode != "token-sum":
         name = "batch_num_tokens" if loss_agg_mode == "token-mean" else "global_batch_size"
         raise ValueError(f"{name}: the global count is needed with dp_size={dp_size} ({loss_agg_mode})")
-    if loss_agg_mode == "token-mean":
-        loss = aggregate_tokens(loss_mat, keep, batch_num_tokens)
-    elif loss_agg_mode == "token-sum":
-        loss = aggregate_tokens(loss_mat, keep, 1)
-    else:
-        lengths = keep.sum(-1, keepdim=True)
-        sequences = global_batch_size if global_batch_size is not None else (lengths > 0).sum().clamp(min=1)
-        if loss_agg_mode == "seq-mean-token-mean":
-            loss = aggregate_tokens(loss_mat, keep, (sequences * lengths).expand_as(loss_mat))
-        else:
-            loss = aggregate_tokens(loss_mat, keep, sequences)
-        if loss_agg_mode == "seq-mean-token-sum-norm":
-            loss = loss / (loss_scale_factor if loss_scale_factor is not None else loss_mask.shape[-1])
+    lengths = keep.sum(-1, keepdim=True).expand_as(loss_mat).to(loss_mat.dtype)
+    tokens = batch_num_tokens if batch_num_tokens is not None else keep.sum()
+    sequences = global_batch_size if global_batch_size is not None else (keep.sum(-1) > 0).sum()
+    scale = loss_scale_factor if loss_scale_factor is not None else loss_mask.shape[-1]
+    loss = aggregate_tokens(loss_mat, keep, loss_normalizer(loss_agg_mode, tokens, sequences, lengths, scale))
     return loss * dp_size
 
 
