@@ -114,6 +114,10 @@ def measure_in_subprocess(model: dict, dtype: str, tokens: int, doc_len: int, ch
     # a fixed mmap threshold: glibc otherwise raises it as large blocks are freed and keeps later mid-size
     # tensors in a heap it cannot give back, so the resident set would count freed memory (see the notes)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
+    # the PyTorch CPU path, as a CPU run takes it (under a test suite's TRITON_INTERPRET=1 the kernels would run
+    # in the Triton interpreter: minutes per step, and not the memory a real run uses)
+    env.pop("TRITON_INTERPRET", None)
+    env["QWENLONG_BACKEND"] = "torch"
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_plan_memory", "--one", case], cwd=root,
                          capture_output=True, text=True, timeout=1800, check=True, env=env)
     return int(out.stdout.strip().splitlines()[-1])
