@@ -84,6 +84,7 @@ def _check_plain_dp_grpo_update(tmp, budget: int):
     its share with a loss-free batch), a large one packs 1 (rank 1 has nothing else to run)."""
     from qwenlong.distributed import TrainingBackend
     from qwenlong.trainers import GRPOTrainer
+    from qwenlong.trainers.grpo import RolloutBatch
 
     ctx, _ = _context()
     groups = _grpo_groups(seed=11)
@@ -95,7 +96,7 @@ def _check_plain_dp_grpo_update(tmp, budget: int):
                               backend=TrainingBackend(model, backend_ctx))
         trainer.backend.start(lr=1e-2, weight_decay=0.0, total_steps=4, warmup_steps=0, schedule="constant",
                               grad_clip=0.5)
-        batches = trainer._micro_batches(*trainer._sequences(groups))
+        batches = trainer._micro_batches(RolloutBatch.from_groups(groups, trainer._advantages(groups)))
         if name == "dp":  # the micro-batches really are split: each rank packs only its (padded) share
             assert len(batches) == -(-results["single_batches"] // 2)
             assert ctx.sum({"sequences": sum(len(b.sequence_ids) for b in batches)})["sequences"] == 12
@@ -154,7 +155,7 @@ def _check_rollouts_split_and_gathered(tmp, sp_size: int):
     reward history of one process; data-parallel ranks each generate their share of the prompts, and in a
     sequence-parallel group only SP rank 0 generates."""
     from qwenlong.config.schema import DynamicSamplingConfig
-    from qwenlong.curriculum import Phase
+    from qwenlong.curriculum import Phase, PromptSampler
     from qwenlong.distributed import TrainingBackend
     from qwenlong.trainers import GRPOTrainer
     from qwenlong.trainers.grpo import PromptExample
@@ -172,7 +173,8 @@ def _check_rollouts_split_and_gathered(tmp, sp_size: int):
         model = tiny_model(seed=9)
         trainer = GRPOTrainer(model, engine, _ScriptedReward(), cfg, decode=lambda ids: ",".join(map(str, ids)),
                               output_dir=tmp, backend=TrainingBackend(model, backend_ctx))
-        groups, metrics = trainer.collect(phase, examples, step=0)
+        sampler = PromptSampler([e.data_source for e in examples], key="rollouts")  # every rank draws the same
+        groups, metrics = trainer.collect(phase, examples, step=0, sampler=sampler)
         untimed = {key: value for key, value in metrics.items() if not key.startswith("time_")}  # wall clock
         collected[name] = ([(g.example.id, g.responses, g.engine_logprobs, g.rewards) for g in groups], untimed,
                            trainer.history.to_json(), engine.generated)
@@ -203,6 +205,7 @@ def _check_sequence_parallel_steps(tmp):
     from qwenlong.config import SFTConfig
     from qwenlong.distributed import TrainingBackend
     from qwenlong.trainers import GRPOTrainer, SFTTrainer
+    from qwenlong.trainers.grpo import RolloutBatch
 
     ctx, _ = _context(sp_size=2)
     assert ctx.sp_size == 2 and ctx.dp_size == 1
@@ -226,12 +229,12 @@ def _check_sequence_parallel_steps(tmp):
         trainer = GRPOTrainer(model, engine=None, reward=None, cfg=_rl_config(kl_coef=0.1, ppo_epochs=1),
                               decode=str, output_dir=tmp, backend=TrainingBackend(model, backend_ctx))
         trainer.reference = tiny_model(seed=8).requires_grad_(False)  # a policy other than the current one
-        sequences = trainer._sequences(groups)
-        batches = trainer._micro_batches(*sequences)
+        rollout = RolloutBatch.from_groups(groups, trainer._advantages(groups))
+        batches = trainer._micro_batches(rollout)
         trainer._old_logprobs(batches)
         for batch in batches:  # an off-policy old policy, so the ratios are not all 1
             batch.token_values["old_logprobs"] -= 0.1 * batch.mask
-        metrics = trainer.accumulate(batches, sum(sequences[3]["response_tokens"]), len(sequences[0]))
+        metrics = trainer.accumulate(batches, sum(rollout.response_tokens), len(rollout.sequences))
         grpo[name] = (metrics, _summed_grads(model, backend_ctx and backend_ctx.sp_group))
     for key, value in grpo["sp1"][0].items():
         assert grpo["sp2"][0][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

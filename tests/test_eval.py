@@ -219,7 +219,7 @@ def test_openai_generate_gives_repeated_prompts_their_own_seeds():
 
 @pytest.mark.slow
 def test_cli_synthetic_smoke_with_tiny_model(tmp_path):
-    from qwenlong.eval import cli
+    from qwenlong.pipeline import eval_command as cli
 
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
