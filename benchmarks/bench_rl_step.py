@@ -102,10 +102,10 @@ def build(args, device: str):
     return trainer, model, watch, vocab
 
 
-def one_step(trainer, watch: Stopwatch, spans: dict, phase, examples, step: int) -> tuple[dict, dict]:
+def one_step(trainer, watch: Stopwatch, spans: dict, phase, examples, sampler, step: int) -> tuple[dict, dict]:
     """Seconds per part of one step, and the step's collection metrics."""
     start = watch.now()
-    groups, metrics = trainer.collect(phase, examples, step)
+    groups, metrics = trainer.collect(phase, examples, step, sampler)
     collected = watch.now()
     spans["seconds"] = 0.0
     trainer.update(groups)
@@ -118,7 +118,7 @@ def one_step(trainer, watch: Stopwatch, spans: dict, phase, examples, step: int)
 
 
 def run(args) -> list[dict]:
-    from qwenlong.curriculum import Phase
+    from qwenlong.curriculum import Phase, PromptSampler
     from qwenlong.trainers.grpo import PromptExample
 
     device = default_device()
@@ -135,7 +135,8 @@ def run(args) -> list[dict]:
         examples = [PromptExample(f"p{i}", torch.randint(0, vocab - 1, (length,), generator=gen).tolist(),
                                   "synthetic_copy", "42") for i in range(args.prompts)]
         repeats = 1 if index == 0 else args.repeats  # index 0: the warm-up step
-        steps = [one_step(trainer, watch, spans, phase, examples, s) for s in range(repeats)]
+        sampler = PromptSampler([e.data_source for e in examples], key=f"bench:{length}")
+        steps = [one_step(trainer, watch, spans, phase, examples, sampler, s) for s in range(repeats)]
         if index == 0:
             continue
         parts = {part: statistics.median(s[part] for s, _ in steps) for part in PARTS}

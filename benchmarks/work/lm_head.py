@@ -174,9 +174,16 @@ def run_op(op: str, hidden, weight, targets) -> None:
 
 
 def measure(op, path, num_tokens, num_valid, dim, vocab, dtype) -> dict:
-    os.environ["QWENLONG_BACKEND"] = path
     hidden, weight, targets = _inputs(num_tokens, num_valid, dim, vocab, dtype)
-    work = count_work(run_op, op, hidden, weight, targets)
+    previous = os.environ.get("QWENLONG_BACKEND")
+    os.environ["QWENLONG_BACKEND"] = path
+    try:
+        work = count_work(run_op, op, hidden, weight, targets)
+    finally:  # the next meter in this process (attention) counts its Triton kernels, not this path
+        if previous is None:
+            os.environ.pop("QWENLONG_BACKEND", None)
+        else:
+            os.environ["QWENLONG_BACKEND"] = previous
     kernels = [name for name in work.by_kernel if not name.startswith("aten.")]
     kernel_flops = sum(work.by_kernel[k].flops for k in kernels)
     size = hidden.element_size()
