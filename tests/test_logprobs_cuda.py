@@ -29,8 +29,8 @@ def _problem(dtype, tokens=700, vocab=20_000, dim=64, logit_scale=1.0, seed=0):
 @pytest.mark.parametrize("logit_scale", [1.0, 300.0])  # 300: logits in the thousands
 def test_forward_matches_chunked(dtype, logit_scale):
     hidden, weight, targets = _problem(dtype, logit_scale=logit_scale)
-    got = cuda_backend.cuda_forward(hidden, weight, targets, 0.7, -100, True, True)
-    expected = chunked.chunked_forward(hidden, weight, targets, 0.7, -100, True, True)
+    got = cuda_backend.forward(hidden, weight, targets, 0.7, -100, True, True)
+    expected = chunked.forward(hidden, weight, targets, 0.7, -100, True, True)
     for name, g, e in zip(("logp", "entropy", "mean_logp", "lse"), got, expected, strict=True):
         assert torch.isfinite(g).all(), name
         scale = 1.0 if name != "lse" and name != "mean_logp" else logit_scale
@@ -41,14 +41,14 @@ def test_forward_matches_chunked(dtype, logit_scale):
 @pytest.mark.parametrize("with_entropy_grad", [False, True])
 def test_backward_matches_chunked(dtype, with_entropy_grad):
     hidden, weight, targets = _problem(dtype, seed=1)
-    logp, entropy, _, lse = chunked.chunked_forward(hidden, weight, targets, 0.7, -100, True, True)
+    logp, entropy, _, lse = chunked.forward(hidden, weight, targets, 0.7, -100, True, True)
     valid = targets != -100
     gen = torch.Generator(device="cuda").manual_seed(2)
     grads = [torch.where(valid, torch.randn(targets.shape, device="cuda", generator=gen), 0.0) for _ in range(3)]
     grad_entropy = grads[1] if with_entropy_grad else None
     args = (hidden, weight, targets, lse, entropy, grads[0], grad_entropy, grads[2], 0.7)
-    got = cuda_backend.cuda_backward(*args)
-    expected = chunked.chunked_backward(*args)
+    got = cuda_backend.backward(*args)
+    expected = chunked.backward(*args)
     for g, e in zip(got, expected, strict=True):
         assert g.dtype == torch.float32 and torch.isfinite(g).all()
         torch.testing.assert_close(g, e, atol=TOL[dtype], rtol=TOL[dtype])
@@ -56,7 +56,7 @@ def test_backward_matches_chunked(dtype, with_entropy_grad):
 
 def test_empty_batch():
     hidden, weight, _ = _problem(torch.float32, tokens=0)
-    logp, entropy, mean_logp, lse = cuda_backend.cuda_forward(
+    logp, entropy, mean_logp, lse = cuda_backend.forward(
         hidden, weight, torch.zeros(0, dtype=torch.long, device="cuda"), 1.0, -100, True, True
     )
     assert logp.shape == entropy.shape == mean_logp.shape == lse.shape == (0,)

@@ -1,6 +1,7 @@
-"""The PyTorch path of the fused LM-head statistics: chunks of tokens and of vocabulary.
+"""The PyTorch backend of the fused LM-head statistics: chunks of tokens and of vocabulary.
 
-Same math as :mod:`.linear_logprobs` (see its docstring). Logits exist only one
+Same math as :mod:`.linear_logprobs` (see its docstring), and the same ``forward`` / ``backward``
+contract as :mod:`.cuda_backend`; :class:`.valid_rows.ValidRowStats` runs either. Logits exist only one
 ``TOKEN_CHUNK x VOCAB_CHUNK`` tile at a time, in fp32, so the extra memory is a few tiles
 plus O(T) per-token statistics, never T x V. The backward pass recomputes each tile.
 
@@ -50,7 +51,7 @@ def _target_columns(targets: torch.Tensor, v_start: int, v_stop: int):
     return local.clamp(0, v_stop - v_start - 1), inside
 
 
-def chunked_forward(hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp):
+def forward(hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp):
     """Per-token ``(logp, entropy | None, mean_logp | None, lse)`` in fp32; see the module docstring."""
     num_tokens, vocab = hidden.shape[0], weight.shape[0]
     inv_temperature = 1.0 / temperature
@@ -86,8 +87,8 @@ def chunked_forward(hidden, weight, targets, temperature, ignore_index, with_ent
     return logp, entropy, mean_logp, lse
 
 
-def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature,
-                     needs_hidden=True, needs_weight=True):
+def backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature,
+             needs_hidden=True, needs_weight=True):
     """fp32 gradients of hidden and weight (None when not needed); output gradients must be 0 on ignored rows."""
     vocab = weight.shape[0]
     inv_temperature = 1.0 / temperature
@@ -122,61 +123,3 @@ def chunked_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entr
             if needs_weight:
                 grad_weight[v_start:v_stop] += (dlogits.T @ hidden_rows).mul_(inv_temperature)
     return (grad_hidden[: hidden.shape[0]] if needs_hidden else None), grad_weight
-
-
-class ChunkedLinearStats(torch.autograd.Function):
-    """Autograd wrapper: ``(logp, entropy | None, mean_logp | None)``, recomputing tiles in backward.
-
-    Only rows whose target is not ``ignore_index`` are gathered and computed (forward and
-    backward), so a batch costs time in proportion to its valid rows and an ignored row's inputs
-    (even NaN) reach nothing; ignored rows get 0 outputs and exactly zero gradient. Finding the
-    valid rows reads the targets on the host: free for CPU tensors, one synchronisation per call
-    for the CUDA extension.
-
-    ``use_cuda`` runs the same chunked algorithm in the CUDA extension (cuBLAS tiles with a
-    fused epilogue, :mod:`.cuda_backend`) instead of PyTorch ops.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp,
-                use_cuda=False):
-        if use_cuda:
-            from .cuda_backend import cuda_forward as forward_impl
-        else:
-            forward_impl = chunked_forward
-        rows = (targets != ignore_index).nonzero()[:, 0]
-        outputs = forward_impl(hidden.index_select(0, rows), weight, targets.index_select(0, rows), temperature,
-                               ignore_index, with_entropy, with_mean_logp)
-        logp, entropy, mean_logp, lse = (
-            None if out is None else out.new_zeros(hidden.shape[0]).index_copy_(0, rows, out) for out in outputs
-        )
-        ctx.save_for_backward(hidden, weight, targets, rows, lse, entropy)
-        ctx.temperature, ctx.use_cuda = temperature, use_cuda
-        return logp, entropy, mean_logp
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, grad_mean_logp):
-        hidden, weight, targets, rows, lse, entropy = ctx.saved_tensors
-
-        def valid_rows(values):
-            return None if values is None else values.index_select(0, rows).float()
-
-        grad_logp = valid_rows(grad_logp) if grad_logp is not None else lse.new_zeros(rows.shape[0])
-        hidden_rows, target_rows = hidden.index_select(0, rows), targets.index_select(0, rows)
-        entropy_rows = valid_rows(entropy) if grad_entropy is not None else None
-        grads = (grad_logp, valid_rows(grad_entropy), valid_rows(grad_mean_logp), ctx.temperature)
-        needs_hidden, needs_weight = ctx.needs_input_grad[:2]
-        if ctx.use_cuda:
-            from .cuda_backend import cuda_backward
-
-            grad_rows, grad_weight = cuda_backward(hidden_rows, weight, target_rows, valid_rows(lse), entropy_rows,
-                                                   *grads)
-            grad_rows, grad_weight = (grad_rows if needs_hidden else None), (grad_weight if needs_weight else None)
-        else:
-            grad_rows, grad_weight = chunked_backward(hidden_rows, weight, target_rows, valid_rows(lse), entropy_rows,
-                                                      *grads, needs_hidden, needs_weight)
-        grad_hidden = None
-        if grad_rows is not None:
-            grad_hidden = hidden.new_zeros(hidden.shape).index_copy_(0, rows, grad_rows.to(hidden.dtype))
-        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None

@@ -3,9 +3,8 @@
 cuBLAS computes each fp32 logits tile (fp32 accumulation), and a fused epilogue consumes it
 in one pass: forward merges the running max, sum of exponentials, entropy term, logit sum
 and target logit; backward overwrites the tile with d(logits) in place before two more
-cuBLAS GEMMs form d(hidden) and d(weight). Same math and the same contracts as
-:func:`.chunked.chunked_forward` / :func:`.chunked.chunked_backward`, so an autograd wrapper
-can take either pair.
+cuBLAS GEMMs form d(hidden) and d(weight). Same math and the same ``forward`` / ``backward``
+contract as :mod:`.chunked`, so :class:`.valid_rows.ValidRowStats` runs either.
 """
 
 from __future__ import annotations
@@ -18,17 +17,21 @@ def available() -> bool:
     return _C.cuda is not None and hasattr(_C.cuda, "linear_logprobs_forward")
 
 
-def cuda_forward(hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp):
-    """Per-token ``(logp, entropy | None, mean_logp | None, lse)`` in fp32, as ``chunked_forward``."""
+def forward(hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp):
+    """Per-token ``(logp, entropy | None, mean_logp | None, lse)`` in fp32, as :func:`.chunked.forward`."""
     logp, entropy, mean_logp, lse = _C.cuda.linear_logprobs_forward(
         hidden, weight, targets.long(), float(temperature), int(ignore_index)
     )
     return logp, entropy if with_entropy else None, mean_logp if with_mean_logp else None, lse
 
 
-def cuda_backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature):
-    """fp32 ``(grad_hidden, grad_weight)``, as ``chunked_backward`` (output gradients zero on ignored rows)."""
+def backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature,
+             needs_hidden=True, needs_weight=True):
+    """fp32 ``(grad_hidden, grad_weight)`` (None when not needed), as :func:`.chunked.backward`.
+
+    The extension always forms both gradients; output gradients must be 0 on ignored rows.
+    """
     grad_hidden, grad_weight = _C.cuda.linear_logprobs_backward(
         hidden, weight, targets.long(), lse, entropy, grad_logp, grad_entropy, grad_mean_logp, float(temperature)
     )
-    return grad_hidden, grad_weight
+    return (grad_hidden if needs_hidden else None), (grad_weight if needs_weight else None)

@@ -48,13 +48,15 @@ import triton.language as tl
 
 from ..backend import select_backend
 from ..utils.checks import FLOAT_DTYPES, check_same_device, check_tensor, tensor_checks_enabled
-from . import cuda_backend
-from .chunked import ChunkedLinearStats
+from . import chunked, cuda_backend
+from .valid_rows import ValidRowStats
 
 TOKEN_CHUNK = 4096  # valid rows per backward chunk (dz buffer: TOKEN_CHUNK x VOCAB_CHUNK in the input dtype)
 VOCAB_CHUNK = 8192
 # valid rows per chunk when gradients are made in the forward (fp32 logits kept: LOGITS_TOKEN_CHUNK x V)
 LOGITS_TOKEN_CHUNK = 2048
+# the backends launched from the host, by the name select_backend returns (Triton: the kernels below)
+HOST_BACKENDS = {"torch": chunked, "cuda": cuda_backend}
 
 
 @triton.jit
@@ -478,7 +480,7 @@ def fused_linear_stats(hidden, weight, targets, temperature=1.0, ignore_index=-1
     backend = select_backend(hidden.device, has_cuda_op=cuda_backend.available())
     if backend == "triton":
         return _TritonLinearStats.apply(*args)
-    return ChunkedLinearStats.apply(*args, backend == "cuda")
+    return ValidRowStats.apply(*args, HOST_BACKENDS[backend])
 
 
 def linear_logprobs(hidden, weight, targets, temperature=1.0, return_entropy=False, ignore_index=-100):

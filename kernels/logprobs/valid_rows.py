@@ -1,0 +1,49 @@
+"""The autograd Function of the host-launched backends (:mod:`.chunked`, :mod:`.cuda_backend`).
+
+Only rows whose target is not ``ignore_index`` are gathered and computed (forward and
+backward), so a batch costs time in proportion to its valid rows and an ignored row's inputs
+(even NaN) reach nothing; ignored rows get 0 outputs and exactly zero gradient. Finding the
+valid rows reads the targets on the host: free for CPU tensors, one synchronisation per call
+for the CUDA extension. The backend is a module with ``forward`` and ``backward`` functions,
+chosen by :func:`qwenlong.kernels.backend.select_backend` in :mod:`.linear_logprobs`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ValidRowStats(torch.autograd.Function):
+    """``(logp, entropy | None, mean_logp | None)`` per token; ``impl``'s backward recomputes the tiles."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp, impl):
+        rows = (targets != ignore_index).nonzero()[:, 0]
+        outputs = impl.forward(hidden.index_select(0, rows), weight, targets.index_select(0, rows), temperature,
+                               ignore_index, with_entropy, with_mean_logp)
+        logp, entropy, mean_logp, lse = (
+            None if out is None else out.new_zeros(hidden.shape[0]).index_copy_(0, rows, out) for out in outputs
+        )
+        ctx.save_for_backward(hidden, weight, targets, rows, lse, entropy)
+        ctx.temperature, ctx.impl = temperature, impl
+        return logp, entropy, mean_logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, grad_mean_logp):
+        hidden, weight, targets, rows, lse, entropy = ctx.saved_tensors
+
+        def valid_rows(values):
+            return None if values is None else values.index_select(0, rows).float()
+
+        grad_logp = valid_rows(grad_logp) if grad_logp is not None else lse.new_zeros(rows.shape[0])
+        hidden_rows, target_rows = hidden.index_select(0, rows), targets.index_select(0, rows)
+        entropy_rows = valid_rows(entropy) if grad_entropy is not None else None
+        needs_hidden, needs_weight = ctx.needs_input_grad[:2]
+        grad_rows, grad_weight = ctx.impl.backward(hidden_rows, weight, target_rows, valid_rows(lse), entropy_rows,
+                                                   grad_logp, valid_rows(grad_entropy), valid_rows(grad_mean_logp),
+                                                   ctx.temperature, needs_hidden, needs_weight)
+        grad_hidden = None
+        if grad_rows is not None:
+            grad_hidden = hidden.new_zeros(hidden.shape).index_copy_(0, rows, grad_rows.to(hidden.dtype))
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
