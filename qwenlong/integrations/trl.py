@@ -38,11 +38,15 @@ from qwenlong.kernels.logprobs.policy_math import (
     aggregate_tokens,
     clip_fractions,
     k3_kl,
+    loss_normalizer,
     masked_mean,
     policy_loss_per_token,
 )
 
-CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# TRL's loss_type -> our loss aggregation (the same reduction, see _normalizer)
+TRL_LOSS_AGGREGATIONS = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
+                         "dapo": "token-mean"}
+CLIPPED_LOSS_TYPES = tuple(TRL_LOSS_AGGREGATIONS)
 
 
 def check_supported_config(args) -> None:
@@ -110,20 +114,24 @@ class QwenlongGRPOTrainer(GRPOTrainer):
             apply_qwenlong(self.ref_model, attention=True, fused_loss=False)
 
     def _normalizer(self, mask: torch.Tensor, inputs: dict, training: bool):
-        """``num_tokens`` for :func:`grpo_loss` that reproduces TRL's reduction of ``loss_type``."""
+        """``num_tokens`` for :func:`grpo_loss` that reproduces TRL's reduction of ``loss_type``.
+
+        TRL's four types are :func:`loss_normalizer` modes over what TRL counts: the sequences of the local
+        batch times the gradient-accumulation steps, and for ``dapo`` the batch's tokens over every process.
+        """
         accumulation = self.current_gradient_accumulation_steps if training else 1
-        mask, num_sequences = mask.float(), mask.shape[0]
-        if self.loss_type == "grpo":  # mean over sequences of per-sequence token means
-            lengths = mask.sum(-1, keepdim=True).clamp(min=1.0).expand_as(mask)
-            return (num_sequences * lengths * accumulation)[mask.bool()]
-        if self.loss_type == "bnpo":
-            return mask.sum().clamp(min=1.0) * accumulation
-        if self.loss_type == "dr_grpo":
-            return torch.tensor(float(num_sequences * self.max_completion_length * accumulation))
-        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes  # dapo
-        if training:
-            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        return normalizer
+        mask = mask.float()
+        if self.loss_type == "dapo":
+            num_tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if training:
+                num_tokens = num_tokens * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        else:
+            num_tokens = mask.sum().clamp(min=1.0) * accumulation
+        per_token = self.loss_type == "grpo"  # each sequence's own length; the other types: one number
+        sequence_tokens = mask.sum(-1, keepdim=True).expand_as(mask) if per_token else mask.new_ones(())
+        normalizer = loss_normalizer(TRL_LOSS_AGGREGATIONS[self.loss_type], num_tokens, mask.shape[0] * accumulation,
+                                     sequence_tokens, scale_factor=self.max_completion_length)
+        return normalizer[mask.bool()] if per_token else normalizer
 
     def _log_token_mean(self, mode: str, name: str, local_mean: torch.Tensor, count: torch.Tensor) -> None:
         totals = self.accelerator.reduce(torch.stack([local_mean * count, count]), reduction="sum")
