@@ -227,9 +227,15 @@ def test_preset_with_override_from_file():
         ("model.tiny.num_attention_heads", 32, r"^model\.tiny\.num_attention_heads: 32 heads must split"),
         ("model.tiny.num_key_value_heads", 3, r"^model\.tiny\.num_key_value_heads: 3 must divide"),
         ("data.synthetic.num_train", 0, r"^data\.synthetic\.num_train: expected >= 1"),
-        ("rl.phases.1.max_input_tokens", 64, r"^rl\.phases\.1\.max_input_tokens: phases read ever longer inputs: "
-                                             r"expected > rl\.phases\.0\.max_input_tokens=64, got 64"),
-        ("rl.phases.1.max_input_tokens", 32, r"^rl\.phases\.1\.max_input_tokens: phases read ever longer"),
+        ("rl.phases.1.max_input_tokens", 64, r"^rl\.phases\.1\.max_input_tokens: a phase reads the prompts past "
+                                             r"the previous phase's budget: expected > rl\.phases\.0\.max_input_tokens"
+                                             r"=64, got 64 \(set rl\.phases\.1\.min_input_tokens"),
+        ("rl.phases.1.max_input_tokens", 32, r"^rl\.phases\.1\.max_input_tokens: a phase reads the prompts past"),
+        ("rl.phases.1.min_input_tokens", -1, r"^rl\.phases\.1\.min_input_tokens: expected 0 <= min_input_tokens <= "
+                                             r"max_input_tokens=\d+ \(or null: past the previous phase's budget\), "
+                                             r"got -1"),
+        ("rl.phases.0.min_input_tokens", 65, r"^rl\.phases\.0\.min_input_tokens: expected 0 <= min_input_tokens <= "
+                                             r"max_input_tokens=64"),
         ("rl.phases.1.name", "../../etc", r"^rl\.phases\.1\.name: expected 1-64 letters"),
         ("rl.phases.1.name", "a/b", r"^rl\.phases\.1\.name: expected"),
         ("rl.phases.1.name", "-x", r"^rl\.phases\.1\.name: expected"),
@@ -252,6 +258,9 @@ def test_good_values_next_to_the_bad_ones_pass():
                                      "reward.judge_model=m", "reward.judge_endpoint=https://judge.internal:8443/v1",
                                      "model.tiny.num_key_value_heads=1"])
     assert cfg.rl.phases[1].name == "long-docs_2.v1" and cfg.reward.judge_endpoint.startswith("https://")
+    # a phase that re-reads shorter prompts (QwenLong-L1.5's last phase) may keep the previous phase's budget
+    cfg = config_from_dict(MINIMAL, ["rl.phases.1.max_input_tokens=64", "rl.phases.1.min_input_tokens=0"])
+    assert (cfg.rl.phases[1].max_input_tokens, cfg.rl.phases[1].min_input_tokens) == (64, 0)
 
 
 def test_duplicate_yaml_keys_are_rejected(tmp_path):

@@ -13,6 +13,7 @@ from qwenlong.curriculum import (
     RetrospectiveSelection,
     RewardHistory,
     examples_for_phase,
+    input_floors,
     max_carried_examples,
     select_retrospective,
 )
@@ -39,6 +40,26 @@ def test_examples_for_phase_keeps_fitting_prompts_in_order():
     kept = examples_for_phase(examples, PHASE_20K, lambda e: e["tokens"])
     assert [e["id"] for e in kept] == [0, 2, 4]
     assert len(examples_for_phase(examples, PHASE_60K, lambda e: e["tokens"])) == 5
+
+
+def test_input_floors_default_past_the_previous_budget_and_min_input_tokens_moves_them():
+    rereading = Phase("120k-merged", max_input_tokens=60_000, max_output_tokens=10_000, steps=1, min_input_tokens=0)
+    middle = Phase("mid", max_input_tokens=60_000, max_output_tokens=10_000, steps=1, min_input_tokens=5_000)
+    assert input_floors([PHASE_20K, PHASE_60K, rereading]) == [0, 20_001, 0]
+    assert input_floors([PHASE_20K, middle]) == [0, 5_000]
+    # the floor decides which prompts are a phase's own: each length checked against the range by hand
+    rng = random.Random(7)
+    lengths = [rng.randrange(0, 70_000) for _ in range(300)] + [0, 20_000, 20_001, 60_000, 60_001]
+    examples = [{"id": i, "tokens": n} for i, n in enumerate(lengths)]
+    for phases in ([PHASE_20K, PHASE_60K], [PHASE_20K, PHASE_60K, rereading], [PHASE_20K, middle]):
+        for phase, floor in zip(phases, input_floors(phases), strict=True):
+            kept = examples_for_phase(examples, phase, lambda e: e["tokens"], floor)
+            assert [e["id"] for e in kept] == [i for i, n in enumerate(lengths) if floor <= n <= phase.max_input_tokens]
+    second = examples_for_phase(examples, PHASE_60K, lambda e: e["tokens"], input_floors([PHASE_20K, PHASE_60K])[1])
+    third = examples_for_phase(examples, rereading, lambda e: e["tokens"], 0)
+    assert {e["id"] for e in second} < {e["id"] for e in third}  # re-reading adds the first phase's prompts
+    with pytest.raises(ValueError, match="min_input_tokens: expected 0 <= min_input_tokens <= max_input_tokens=10"):
+        Phase("p", 10, 10, steps=1, min_input_tokens=11)
 
 
 def test_reward_history_accumulates_and_round_trips_json():

@@ -219,3 +219,39 @@ def test_report_reads_predictions_whose_responses_hold_line_separators(tmp_path)
         EvalReport(benchmarks=[], predictions=rows).write(tmp_path / "eval" / label)
     header, _, before, after = length_table(tmp_path, ["before", "after"])
     assert before == "| before | 0.0 | 0.0 | 0.0 |" and after == "| after | 100.0 | 100.0 | 100.0 |"
+
+
+@pytest.mark.parametrize("min_input_tokens", [None, 0, 150])
+def test_min_input_tokens_decides_a_phase_own_prompts(tmp_path, monkeypatch, min_input_tokens):
+    """``rl.phases.N.min_input_tokens`` picks the prompts a phase trains on: by default those past the phase
+    before's budget (the earlier ones can only be carried back), with 0 every prompt up to its budget (then
+    there is nothing left to carry), in between from there up. Checked against the prompts' lengths."""
+    from qwenlong.config import load_config
+    from qwenlong.pipeline import build
+    from qwenlong.pipeline.report import write_report
+    from qwenlong.pipeline.run import Run, _rl
+    from qwenlong.trainers import GRPOTrainer
+
+    overrides = [*SMALL, "sft.enabled=false", "eval.enabled=false", "output.export=none", f"output.dir={tmp_path}"]
+    if min_input_tokens is not None:
+        overrides.append(f"rl.phases.1.min_input_tokens={min_input_tokens}")
+    run = Run(load_config(TINY, overrides))
+    trained: dict[str, list[str]] = {}
+    monkeypatch.setattr(GRPOTrainer, "train_phase", lambda self, phase, examples, **kw: trained.update(
+        {phase.name: [e.id for e in examples]}))
+    _rl(run)
+
+    lengths = {e.id: len(e.prompt_ids) for e in build.rl_examples(run.tokenizer, build.load_split(run.cfg, "train",
+                                                                                                   run.tokenizer))}
+    floor = 201 if min_input_tokens is None else min_input_tokens
+    first = {i for i, n in lengths.items() if n <= 200}
+    second = {i for i, n in lengths.items() if floor <= n <= 360}
+    assert first and second - first and (min_input_tokens is None) == (not first & second)
+    assert set(trained["short-docs"]) == first and set(trained["long-docs"]) == second
+    decisions = run.state["carried"]["long-docs"]["decisions"]  # what retrospective sampling weighed
+    assert {d["example_id"] for d in decisions} == first - second
+    assert run.state["phase_data"]["long-docs"] == {"min_input_tokens": floor, "own": len(second)}
+    report = write_report(run).read_text()
+    assert f"| long-docs | {len(second)} ({floor}-360) |" in report
+    if min_input_tokens == 0:
+        assert "Retrospective sampling into long-docs: no candidates" in report

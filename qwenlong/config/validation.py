@@ -140,8 +140,9 @@ def _validate_values(cfg: Config) -> None:
     for i, phase in enumerate(rl.phases):
         _check(bool(_PHASE_NAME.fullmatch(phase.name)), f"rl.phases.{i}.name",
                f"expected 1-64 letters, digits, '_', '.' or '-' starting with a letter or digit, got {phase.name!r}")
-        if i:
+        if i and phase.min_input_tokens is None:  # its own data starts past the previous phase's budget
             before = rl.phases[i - 1].max_input_tokens
             _check(phase.max_input_tokens > before, f"rl.phases.{i}.max_input_tokens",
-                   f"phases read ever longer inputs: expected > rl.phases.{i - 1}.max_input_tokens={before}, "
-                   f"got {phase.max_input_tokens}")
+                   f"a phase reads the prompts past the previous phase's budget: expected > rl.phases.{i - 1}."
+                   f"max_input_tokens={before}, got {phase.max_input_tokens} (set rl.phases.{i}.min_input_tokens, "
+                   "e.g. 0, for a phase that re-reads shorter prompts)")

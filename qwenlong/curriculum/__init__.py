@@ -4,7 +4,7 @@ Plain Python: trainers call these at phase boundaries and store the results in c
 """
 
 from qwenlong.curriculum.history import ExampleRecord, RewardHistory
-from qwenlong.curriculum.phase import Phase, examples_for_phase
+from qwenlong.curriculum.phase import Phase, examples_for_phase, input_floors
 from qwenlong.curriculum.retrospective import (
     CarryDecision,
     RetrospectiveSampling,
@@ -23,6 +23,7 @@ __all__ = [
     "RetrospectiveSelection",
     "RewardHistory",
     "examples_for_phase",
+    "input_floors",
     "max_carried_examples",
     "select_retrospective",
 ]

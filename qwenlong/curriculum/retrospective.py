@@ -5,8 +5,9 @@ the hard ones are carried into the next phase's data:
 
 1. examples every rollout solved carry no learning signal: dropped;
 2. only examples with mean reward below ``max_mean_reward`` (default 0.5) stay eligible;
-3. the prompt must fit the next phase's input budget, and the example's shortest recorded
-   response must fit its output budget (otherwise no rollout could finish);
+3. the prompt must fit the next phase's input budget (``max_input_tokens``; its ``min_input_tokens``
+   bounds only its own data: carrying brings back earlier, shorter examples), and the example's
+   shortest recorded response must fit its output budget (otherwise no rollout could finish);
 4. from the eligible ones, draw without replacement with probability proportional to
    difficulty (Efraimidis-Spirakis keys, seeded), until carried examples make up
    ``max_fraction`` (default 0.3) of the next phase's data.
@@ -122,7 +123,9 @@ def select_retrospective(
 
     Args:
         history: rewards recorded so far.
-        candidates: example id -> prompt length in tokens, for the examples of earlier phases.
+        candidates: example id -> prompt length in tokens, for the examples of earlier phases (a phase
+            that re-reads them, e.g. ``min_input_tokens: 0``, has them in its own data: pass them in
+            ``exclude`` or leave them out).
         next_phase: the phase about to start.
         next_phase_size: number of examples in the next phase's own data.
         settings: thresholds and seed (defaults: mean reward < 0.5, at most 30%).

@@ -119,6 +119,14 @@ def _gain_lines(gains: dict[tuple[str, str], PairedGain], eval_cfg) -> list[str]
     return lines
 
 
+def own_prompts_cell(data: dict | None, phase) -> str:
+    """A phase's own data in the RL phases table: how many prompts, of how many input tokens (a run from
+    before ``phase_data`` was recorded: the budget alone)."""
+    if data is None:
+        return f"up to {phase.max_input_tokens}"
+    return f"{data['own']} ({data['min_input_tokens']}-{phase.max_input_tokens})"
+
+
 TIME_SPLIT = ("time_generate", "time_score", "time_score_wait", "time_train")
 
 
@@ -250,15 +258,15 @@ def write_report(run) -> Path:
             [{"from": before, "to": after, **g.to_json()} for (before, after), g in gains.items()], indent=1) + "\n")
     lines += ["", "## RL phases", "", "Seconds summed over each phase's steps (rank 0); scoring overlaps generation, "
               "and score wait is the part it did not hide.", "",
-              "| phase | max input | max output | steps | carried in | generate (s) | score (s) | score wait (s) "
-              "| train (s) |", "|---|---|---|---|---|---|---|---|---|"]
+              "| phase | own prompts (input tokens) | max output | steps | carried in | generate (s) | score (s) "
+              "| score wait (s) | train (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for phase in cfg.rl.phases:
         carried = len(state["carried"].get(phase.name, {}).get("carried", []))
         seconds = phase_seconds(run.logger.records(f"rl/{phase.name}"), TIME_SPLIT)
         cells = " | ".join("–" if seconds[key] is None else f"{seconds[key]:.1f}" for key in TIME_SPLIT)
         steps = state.get("phase_steps", {}).get(phase.name, phase.steps)  # a phase given by epochs: as computed
-        lines.append(f"| {phase.name} | {phase.max_input_tokens} | {phase.max_output_tokens} | "
-                     f"{'–' if steps is None else steps} | {carried} | {cells} |")
+        lines.append(f"| {phase.name} | {own_prompts_cell(state.get('phase_data', {}).get(phase.name), phase)} | "
+                     f"{phase.max_output_tokens} | {'–' if steps is None else steps} | {carried} | {cells} |")
     lines += _scoring_lines(run)
     for phase_name, selection in state["carried"].items():
         counts: dict[str, int] = {}
@@ -266,7 +274,8 @@ def write_report(run) -> Path:
             key = "carried" if decision["carried"] else decision["reason"].split(":")[0]
             counts[key] = counts.get(key, 0) + 1
         lines += ["", f"Retrospective sampling into {phase_name}: " +
-                  ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))]
+                  (", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or
+                   "no candidates (the phase's own data holds every earlier example)")]
     if _plot(run, run.dir / "curves.png"):
         lines += ["", "![RL curves](curves.png)", "", "![SFT loss](sft_loss.png)"]
     lines += l15_lines(run)

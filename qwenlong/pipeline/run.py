@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from qwenlong.config import Config, save_config
-from qwenlong.curriculum import Phase, RewardHistory, examples_for_phase, select_retrospective
+from qwenlong.curriculum import Phase, RewardHistory, examples_for_phase, input_floors, select_retrospective
 from qwenlong.distributed import build_backend, init_distributed, is_partitioned
 from qwenlong.eval import EvalReport, evaluate
 from qwenlong.eval.generation import Sampling, hf_generate_fn, sharded_generate_fn
@@ -227,15 +227,16 @@ def _rl(run: Run) -> None:
         else:  # RL started from the model as the config builds it (seeded): build it again
             trainer.reference.load_state_dict(build.build_model(cfg, run.tokenizer).state_dict())
     seen: set[str] = set()
-    shorter_budget = 0
+    floors = input_floors(cfg.rl.phases)
     for index, phase in enumerate(cfg.rl.phases):
-        # a phase's own data is the prompts that fit it but not the phase before: each phase
-        # reads longer documents, and earlier examples return only through retrospective sampling;
-        # a phase that names data sources reads only those
-        phase_examples = [e for e in examples_for_phase(examples, phase, lambda e: prompt_len[e.id])
-                          if prompt_len[e.id] > shorter_budget and (not phase.data or e.data_source in phase.data)]
-        shorter_budget = phase.max_input_tokens
+        # a phase's own data is the prompts within [its floor, its budget]: by default past the phase
+        # before's budget, so each phase reads longer documents and earlier examples return only through
+        # retrospective sampling; min_input_tokens: 0 re-reads every prompt up to the budget (L1.5's last
+        # phase). A phase that names data sources reads only those
+        phase_examples = [e for e in examples_for_phase(examples, phase, lambda e: prompt_len[e.id], floors[index])
+                          if not phase.data or e.data_source in phase.data]
         own = {e.id for e in phase_examples}
+        run.state.setdefault("phase_data", {})[phase.name] = {"min_input_tokens": floors[index], "own": len(own)}
         carried = {}
         if index > 0:
             candidates = {i: prompt_len[i] for i in seen - own}
