@@ -9,10 +9,10 @@ arithmetic is wrong (it computes on the raw uint16 bits); the fix from
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
+from helpers import free_tcp_port
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -42,6 +42,20 @@ def device() -> str:
 @pytest.fixture
 def free_port() -> int:
     """A free loopback TCP port for a gloo process group's rendezvous."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_tcp_port()
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch) -> str:
+    """Each kernel path in turn, through ``QWENLONG_BACKEND``: the chunked PyTorch one and the Triton kernels
+    (under the CPU interpreter without a GPU). A test that parametrizes ``backend`` itself overrides this."""
+    monkeypatch.setenv("QWENLONG_BACKEND", request.param)
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """The Qwen tokenizer, loaded once per test module."""
+    from qwenlong.data import load_qwen_tokenizer
+
+    return load_qwen_tokenizer()

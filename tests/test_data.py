@@ -17,7 +17,6 @@ from qwenlong.data import (
     extract_question,
     fit_prompt,
     generate_records,
-    load_qwen_tokenizer,
     load_records,
     make_record,
     record_prompt,
@@ -32,12 +31,6 @@ from qwenlong.data import (
     write_parquet,
 )
 from qwenlong.data.synthetic import TASKS
-
-
-@pytest.fixture(scope="module")
-def qwen():
-    return load_qwen_tokenizer()
-
 
 # --- prompt -----------------------------------------------------------------------------------
 

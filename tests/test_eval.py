@@ -13,7 +13,6 @@ from qwenlong.data import (
     count_tokens,
     extract_question,
     generate_records,
-    load_qwen_tokenizer,
     reference_response,
     write_jsonl,
     write_parquet,
@@ -30,11 +29,6 @@ from qwenlong.eval.generation import Sampling
 from qwenlong.rewards import HybridReward
 from qwenlong.rewards.judge import Judge
 from qwenlong.rewards.judge.server import ChatServer
-
-
-@pytest.fixture(scope="module")
-def qwen():
-    return load_qwen_tokenizer()
 
 
 def oracle(records, wrong_ids=(), paraphrase_ids=()):

@@ -16,12 +16,6 @@ from qwenlong.kernels.logprobs.reference import reference_grpo_loss, reference_l
 IGNORE = -100
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    monkeypatch.setenv("QWENLONG_BACKEND", request.param)
-    return request.param
-
-
 def hand_case():
     """V = 2 and weight = I, so the logits are the hidden states: p(target 0) = 1/2, 3/4, 1/4."""
     ln3 = math.log(3.0)

@@ -37,12 +37,6 @@ LARGE_VOCAB = {"torch": (64, 8, 70001, torch.float32), "triton": (2, 16, 66001, 
 TEMPERATURES = (1.0, 0.6, 1.5)
 
 
-@pytest.fixture(params=["torch", "triton"])
-def backend(request, monkeypatch):
-    monkeypatch.setenv("QWENLONG_BACKEND", request.param)
-    return request.param
-
-
 def make_inputs(num_tokens, dim, vocab, dtype, seed, scale=1.0, ignore_frac=0.15, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     hidden = (torch.randn(num_tokens, dim, generator=gen) * scale).to(device, dtype)

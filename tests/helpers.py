@@ -1,0 +1,82 @@
+"""Helpers shared by several test files: gloo process groups on CPU and tiny Hugging Face models.
+
+Plain functions, not fixtures (those live in ``conftest.py``): a module that the ranks of a process group
+import by name. ``torch.multiprocessing`` pickles a rank's entry point by reference, so the entry point
+must live in an ordinary importable module; pytest puts ``tests/`` on ``sys.path`` and the started
+processes inherit it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_tcp_port() -> int:
+    """A free loopback TCP port for a gloo process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(check: Callable[[], None], world_size: int, port: int, *, preload: Sequence[str] = (),
+          timeout_s: float = 60, torchrun_env: bool = False) -> None:
+    """Run ``check()`` on ``world_size`` processes joined in a gloo process group on ``127.0.0.1:port``.
+
+    Each rank uses the kernels' PyTorch paths (``QWENLONG_BACKEND=torch``: batch invariant, and no Triton
+    interpreter) and one thread. ``preload``: modules a fork server imports once, so each rank forks from it
+    (a clean, thread-free process) instead of importing them again; name the calling test module so that
+    ``check`` unpickles at once. ``timeout_s``: how long a collective waits for a missing rank.
+    ``torchrun_env``: also set the variables torchrun sets (``RANK``, ``WORLD_SIZE``, ``MASTER_PORT``, ...),
+    for code under test that reads them. Raises ``torch.multiprocessing.ProcessRaisedException`` (with the
+    rank's traceback) when ``check`` raises on any rank.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    multiprocessing.set_forkserver_preload(["torch", *preload, __name__])
+    mp.start_processes(_entry, args=(check, world_size, port, timeout_s, torchrun_env), nprocs=world_size,
+                       join=True, start_method="forkserver")
+
+
+def _entry(rank: int, check: Callable[[], None], world_size: int, port: int, timeout_s: float,
+           torchrun_env: bool) -> None:
+    """One rank of :func:`spawn`: join the group, run the check, always leave the group."""
+    os.environ["QWENLONG_BACKEND"] = "torch"
+    if torchrun_env:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        check()
+    finally:
+        dist.destroy_process_group()
+
+
+def tiny_causal_lm(family: str = "qwen2", *, seed: int = 0, vocab_size: int = 64, heads: int = 4, kv_heads: int = 2,
+                   head_dim: int = 8, layers: int = 2, max_positions: int = 64, attention: str = "sdpa", **config):
+    """A seeded, randomly initialised float32 causal LM of ``family`` ('qwen2', 'qwen3' or 'llama') small
+    enough for CPU tests: hidden size ``heads * head_dim``, MLP width 64. ``attention`` is the attention
+    implementation it is built with; further keyword arguments go to the model config (for example
+    ``initializer_range=0.2`` for sharp attention, where a key from the wrong sequence changes the output)."""
+    import transformers
+
+    config_classes = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+                      "llama": transformers.LlamaConfig}
+    if family not in config_classes:
+        raise ValueError(f"family must be one of {sorted(config_classes)}, got {family!r}")
+    model_config = config_classes[family](
+        vocab_size=vocab_size, hidden_size=heads * head_dim, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        max_position_embeddings=max_positions, **config)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(model_config, attn_implementation=attention,
+                                                         dtype=torch.float32)
