@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import multiprocessing
-import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn, tiny_causal_lm
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,24 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [7, 12, 3, 9]  # 31 tokens, padded to 32: the 12-token sequence straddles the two shards
 VOCAB = 64
 TEMPERATURE = 0.7
-
-
-def _spawn(check, world_size: int, port: int):
-    # A fork server imports torch, transformers and the integration once; each rank forks from it.
-    multiprocessing.set_forkserver_preload(["torch", "transformers", "qwenlong.integrations.hf", __name__])
-    mp.start_processes(_entry, args=(check, world_size, port), nprocs=world_size, join=True,
-                       start_method="forkserver")
-
-
-def _entry(rank: int, check, world_size: int, port: int):
-    os.environ["QWENLONG_BACKEND"] = "torch"  # the kernels' PyTorch CPU paths
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
-    try:
-        check()
-    finally:
-        dist.destroy_process_group()
+# What the ranks' fork server imports once: the integration (which imports the kernels) and this module.
+PRELOAD = ["transformers", "qwenlong.integrations.hf", __name__]
 
 
 def _close(actual, expected, what, rtol=1e-5, atol=1e-5):
@@ -50,13 +31,8 @@ def _close(actual, expected, what, rtol=1e-5, atol=1e-5):
 
 
 def _tiny_model(family: str, heads: int = 4, kv_heads: int = 2):
-    config_class = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[family]
     # initializer_range 0.2: sharp attention, so a key from the wrong sequence or position changes the output
-    config = config_class(vocab_size=VOCAB, hidden_size=8 * heads, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=8,
-                          max_position_embeddings=64, initializer_range=0.2)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    return tiny_causal_lm(family, vocab_size=VOCAB, heads=heads, kv_heads=kv_heads, initializer_range=0.2)
 
 
 def _packed_row(seed: int):
@@ -189,4 +165,4 @@ def _two_ranks():
 
 @pytest.mark.distributed
 def test_apply_qwenlong_sequence_parallel_two_ranks(free_port):
-    _spawn(_two_ranks, 2, free_port)
+    spawn(_two_ranks, 2, free_port, preload=PRELOAD)

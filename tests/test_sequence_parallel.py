@@ -8,7 +8,6 @@ Process start-up dominates the cost, so each group runs many checks.
 from __future__ import annotations
 
 import copy
-import multiprocessing
 import os
 import time
 from datetime import timedelta
@@ -16,36 +15,15 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn, tiny_causal_lm
+
+from qwenlong.kernels.packing import build_cu_seqlens
 
 # Sequences of varied length, including empty ones, that straddle shard boundaries for P = 2 and 4.
 LENGTHS = [5, 0, 18, 1, 6, 4, 3]  # 37 tokens, padded to 38 (P=2) and 40 (P=4); the 18 spans 2-3 shards
 FP32 = {"rtol": 1e-5, "atol": 1e-6}
-
-
-def _spawn(check, world_size: int, port: int):
-    # A fork server imports torch, transformers and the kernels once; each rank then forks from it (a clean,
-    # thread-free process) instead of paying the imports again.
-    multiprocessing.set_forkserver_preload(
-        ["torch", "transformers", "qwenlong.integrations.hf_sequence_parallel", __name__])
-    mp.start_processes(_entry, args=(check, world_size, port), nprocs=world_size, join=True,
-                       start_method="forkserver")
-
-
-def _entry(rank: int, check, world_size: int, port: int):
-    os.environ["QWENLONG_BACKEND"] = "torch"  # the batch-invariant PyTorch paths of the kernels
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
-    )
-    try:
-        check()
-    finally:
-        dist.destroy_process_group()
-
-
-def _cu_seqlens(lengths) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+# What the ranks' fork server imports once: the SP integration (which imports the kernels) and this module.
+PRELOAD = ["transformers", "qwenlong.integrations.hf_sequence_parallel", __name__]
 
 
 def _assert_close(actual, expected, what, **tol):
@@ -60,7 +38,7 @@ def _check_sharding(group, lengths=LENGTHS):
     from qwenlong.kernels import gather_per_token, shard_packed_batch
 
     world = dist.get_world_size(group)
-    cu = _cu_seqlens(lengths)
+    cu = build_cu_seqlens(lengths)
     total = int(cu[-1])
     num_pad = -total % world
     gen = torch.Generator().manual_seed(0)  # the same batch on every rank
@@ -94,7 +72,7 @@ def _check_attention(group, heads: int, kv_heads: int, seed: int, causal=True, w
     from qwenlong.kernels.attention import varlen_attention
 
     gen = torch.Generator().manual_seed(seed)
-    cu = _cu_seqlens(LENGTHS)
+    cu = build_cu_seqlens(LENGTHS)
     total, max_seqlen = int(cu[-1]), max(LENGTHS)
     q = torch.randn(total, heads, head_dim, generator=gen).to(dtype)
     k, v = (torch.randn(total, kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2))
@@ -128,13 +106,13 @@ def _check_head_errors(group):
 
     world = dist.get_world_size(group)
     heads = world + 1
-    cu = _cu_seqlens([2 * world])
+    cu = build_cu_seqlens([2 * world])
     q = torch.randn(2, heads, 8)
     with pytest.raises(ValueError, match=rf"\({heads}\).*\({world}\)"):
         ulysses_attention(q, q, q, cu, 2 * world, group)
     q = torch.randn(2, 2 * world, 8)
     with pytest.raises(ValueError, match="cu_seqlens"):  # the local total, not the whole batch's
-        ulysses_attention(q, q, q, _cu_seqlens([2]), 2, group)
+        ulysses_attention(q, q, q, build_cu_seqlens([2]), 2, group)
 
 
 # --- log-probs and loss ---------------------------------------------------------------------------------------
@@ -145,7 +123,7 @@ def _lm_batch(seed: int, hidden_size: int = 16, vocab: int = 50):
     from qwenlong.kernels import next_token_labels
 
     gen = torch.Generator().manual_seed(seed)
-    cu = _cu_seqlens(LENGTHS)
+    cu = build_cu_seqlens(LENGTHS)
     total = int(cu[-1])
     input_ids = torch.randint(0, vocab, (total,), generator=gen)
     labels = next_token_labels(input_ids, cu)
@@ -170,7 +148,7 @@ def _sequences_of_dp_rank(cu, batch, dp_group):
     bounds = torch.linspace(0, len(LENGTHS), dp_size + 1).round().long().tolist()
     first, last = bounds[dp_rank], bounds[dp_rank + 1]
     rows = slice(int(cu[first]), int(cu[last]))
-    return _cu_seqlens(LENGTHS[first:last]), {name: t[rows] for name, t in batch.items()}, rows
+    return build_cu_seqlens(LENGTHS[first:last]), {name: t[rows] for name, t in batch.items()}, rows
 
 
 def _check_sp_logprobs_and_loss(sp_group, dp_group, seed: int):
@@ -227,24 +205,12 @@ def _check_sp_logprobs_and_loss(sp_group, dp_group, seed: int):
 
 def _check_hf_model(group, family: str = "qwen2", gradient_checkpointing: bool = False, seed: int = 10):
     """A tiny HF causal LM under SP gives the log-probs and gradients of the plain model run sequence by sequence."""
-    import transformers
-
     from qwenlong.integrations.hf_sequence_parallel import SequenceParallelCausalLM
     from qwenlong.kernels import shard_packed_batch, sp_grpo_loss, sp_linear_logprobs
     from qwenlong.kernels.logprobs import grpo_loss, linear_logprobs
 
-    config_class, model_class = {
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-    }[family]
     # initializer_range 0.2 (not 0.02): sharp attention, so a wrong position or a missed key changes the output
-    config = config_class(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, head_dim=8,
-                          initializer_range=0.2)
-    torch.manual_seed(seed)
-    reference = model_class(config)
-    reference.set_attn_implementation("eager")
+    reference = tiny_causal_lm(family, seed=seed, vocab_size=50, initializer_range=0.2, attention="eager")
     sp_model = SequenceParallelCausalLM(copy.deepcopy(reference), group)
     if gradient_checkpointing:  # layers recomputed in backward: the all-to-alls run again, in the same order
         sp_model.model.gradient_checkpointing_enable()
@@ -264,7 +230,7 @@ def _check_hf_model(group, family: str = "qwen2", gradient_checkpointing: bool =
 
     shard = shard_packed_batch(cu, group, **{name: batch[name] for name in ("input_ids", "position_ids", *loss_inputs)})
     hidden = sp_model(shard["input_ids"], shard["position_ids"], shard.cu_seqlens, shard.max_seqlen)
-    assert hidden.shape == (shard.local_tokens, config.hidden_size)
+    assert hidden.shape == (shard.local_tokens, reference.config.hidden_size)
     logp = sp_linear_logprobs(hidden, sp_model.lm_head_weight, shard["labels"], group, num_tokens=shard.num_tokens)
     _assert_close(logp, ref_logp, f"log-probs {what}", rtol=1e-5, atol=1e-5)
     loss, _ = sp_grpo_loss(hidden, sp_model.lm_head_weight, *(shard[name] for name in loss_inputs), sp_group=group)
@@ -287,7 +253,7 @@ def _check_missing_peer_times_out():
         q = torch.randn(4, 2, 8)
         start = time.monotonic()
         with pytest.raises(RuntimeError, match="sequence-parallel all_to_all over 2 ranks failed"):
-            ulysses_attention(q, q, q, _cu_seqlens([8]), 8, group)
+            ulysses_attention(q, q, q, build_cu_seqlens([8]), 8, group)
         assert time.monotonic() - start < 20
     dist.barrier()
 
@@ -303,7 +269,7 @@ def _check_dead_peer_raises():
     q = torch.randn(4, 2, 8)
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="sequence-parallel all_to_all over 2 ranks failed"):
-        ulysses_attention(q, q, q, _cu_seqlens([8]), 8, group)
+        ulysses_attention(q, q, q, build_cu_seqlens([8]), 8, group)
     assert time.monotonic() - start < 20
 
 
@@ -350,10 +316,11 @@ def test_next_token_labels_stay_inside_sequences():
     from qwenlong.kernels import next_token_labels
 
     input_ids = torch.randint(0, 1000, (sum(LENGTHS),))
+    cu = build_cu_seqlens(LENGTHS)
     expected = []
-    for start, end in zip(_cu_seqlens(LENGTHS)[:-1].tolist(), _cu_seqlens(LENGTHS)[1:].tolist(), strict=True):
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         expected += input_ids[start + 1 : end].tolist() + ([-7] if end > start else [])
-    assert next_token_labels(input_ids, _cu_seqlens(LENGTHS), ignore_index=-7).tolist() == expected
+    assert next_token_labels(input_ids, cu, ignore_index=-7).tolist() == expected
 
 
 def test_single_process_is_a_group_of_one(monkeypatch):
@@ -381,9 +348,9 @@ def test_single_process_is_a_group_of_one(monkeypatch):
 
 @pytest.mark.distributed
 def test_sequence_parallel_two_ranks(free_port):
-    _spawn(_two_ranks, 2, free_port)
+    spawn(_two_ranks, 2, free_port, preload=PRELOAD)
 
 
 @pytest.mark.distributed
 def test_sequence_parallel_four_ranks(free_port):
-    _spawn(_four_ranks, 4, free_port)
+    spawn(_four_ranks, 4, free_port, preload=PRELOAD)
