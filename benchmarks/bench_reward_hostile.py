@@ -24,10 +24,13 @@ BUDGET_S = 0.5
 
 
 def said(answer: str) -> str:
+    """A well-formed response (thinking, then the answer sentence) whose answer is ``answer``."""
     return f"<think>\nreading\n</think>\n\nTherefore, the answer is {answer}."
 
 
-CASES = {  # name: (data source, response, gold)
+# name: (data source, response, gold). Each scores 0 under both rule sets, in bounded time and without an
+# exception (tests/test_rewards_hostile.py checks that); this benchmark times them.
+HOSTILE_CASES = {
     "5,000 digits": ("docmath", said("7" * 5000), "12"),
     '"2"*4200 + "e999"': ("docmath", said("2" * 4200 + "e999"), "12"),
     '" _x"*10000 (30 KB)': ("musique", said(" _x" * 10000), "Paris"),
@@ -36,17 +39,22 @@ CASES = {  # name: (data source, response, gold)
     "\\boxed{ nested 20,000 deep": ("musique", said("\\boxed{" * 20000 + "Lyon" + "}" * 20000), "Paris"),
     "20,000 digits": ("docmath", said("9" * 20000), "12"),
     "\\boxed{\\binom{10000000}{5000000}}": ("docmath", said("\\boxed{\\binom{10000000}{5000000}}"), "12"),
+    "$99999!$ = \\frac{1}{2}": ("docmath", said("$99999!$ = \\frac{1}{2}"), "12"),
     '"111,"*50000 (200 KB)': ("docmath", said("111," * 50000), "12"),
     "10^ digits (200 KB)": ("docmath", said("1" * 100 + " x 10^" + "10" * 100000), "12"),
+    '"1." + "1"*200000 + "e1234" (200 KB)': ("docmath", said("1." + "1" * 200000 + "e1234"), "12"),
+    '"1" + " "*200000 + "/" (200 KB)': ("docmath", said("1" + " " * 200000 + "/"), "12"),
     '"\\boxed{}"*25000 + "{}"*50000': ("hotpotqa", said("\\boxed{}" * 25000 + "{" + "{}" * 50000), "Paris"),
     '" the answer is"*14000': ("hotpotqa", "<think>x</think>" + " the answer is" * 14000, "Paris"),
-    "plain text 200 KB": ("hotpotqa", said("Paris London " * 16000), "Paris"),
 }
+# The timed rows: the hostile cases, then plain text of the same size for comparison (it may score 1).
+CASES = {**HOSTILE_CASES, "plain text 200 KB": ("hotpotqa", said("Paris London " * 16000), "Paris")}
 _PIECES = [" _x", "_", "__", "\\boxed{", "\\text{", "}", "{", "1", "11,", "9" * 40, ".", "e", "x 10^", "/", " ", "\n",
            "the answer is ", "**", "`", "’s", "—", "Paris", "$", "=", "\\frac{1}{2}", "or ", ", "]
 
 
 def random_response(rng: random.Random, size: int) -> str:
+    """A thinking block, then ``size`` characters of hostile pieces (some repeated 10 or 300 times) at random."""
     out, length = [], 0
     while length < size:
         piece = rng.choice(_PIECES) * rng.choice([1, 1, 1, 10, 300])

@@ -214,6 +214,8 @@ def test_reference_raises_the_same_messages(monkeypatch, use_reference):
 
 
 def _cu_seqlens_loop(lengths):
+    """The reference ``build_cu_seqlens`` is checked against: a plain running sum, so it must not call the
+    builder (tests that only need cu_seqlens as an input call ``build_cu_seqlens`` itself)."""
     out = [0]
     for length in lengths:
         out.append(out[-1] + length)

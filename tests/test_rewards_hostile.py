@@ -6,14 +6,19 @@ from __future__ import annotations
 import random
 import re
 import string
+import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qwenlong.data.sources import RuleKind
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not an installed package
+
+from benchmarks.bench_reward_hostile import HOSTILE_CASES, random_response, said  # noqa: E402
+from qwenlong.data.sources import RuleKind  # noqa: E402
 from qwenlong.rewards import (
     HybridReward,
     RewardItem,
@@ -34,33 +39,13 @@ FREE, NUM = RuleKind.FREE_FORM, RuleKind.NUMERIC
 BOUND_S = 5.0
 
 
-def said(answer: str) -> str:
-    return f"<think>\nreading\n</think>\n\nTherefore, the answer is {answer}."
-
-
-HOSTILE = {  # name: (data source, response, gold)
-    "5,000 digits": ("docmath", said("7" * 5000), "12"),
-    "4,200 digits e999": ("docmath", said("2" * 4200 + "e999"), "12"),
-    "emphasis 30 KB": ("musique", said(" _x" * 10000), "Paris"),
-    "emphasis 90 KB": ("musique", said(" _x" * 30000), "Paris"),
-    "boxed nested 20,000": ("musique", said("\\boxed{" * 20000 + "Lyon" + "}" * 20000), "Paris"),
-    "20,000 digits": ("docmath", said("9" * 20000), "12"),
-    "binomial": ("docmath", said("\\boxed{\\binom{10000000}{5000000}}"), "12"),
-    "factorial": ("docmath", said("$99999!$ = \\frac{1}{2}"), "12"),
-    "digit groups 200 KB": ("docmath", said("111," * 50000), "12"),
-    "power 200 KB": ("docmath", said("1" * 100 + " x 10^" + "10" * 100000), "12"),
-    "scientific 200 KB": ("docmath", said("1." + "1" * 200000 + "e1234"), "12"),
-    "fraction 200 KB": ("docmath", said("1" + " " * 200000 + "/"), "12"),
-    "answer is, 200 KB": ("hotpotqa", "<think>x</think>" + " the answer is" * 14000, "Paris"),
-    "braces 200 KB": ("hotpotqa", said("\\boxed{}" * 25000 + "{" + "{}" * 50000), "Paris"),
-}
 CONFIGS = {"default": RuleConfig(), "release": RuleConfig.faithful()}
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("name", list(HOSTILE))
+@pytest.mark.parametrize("name", list(HOSTILE_CASES))
 def test_hostile_response_scores_zero_in_bounded_time_and_never_raises(name, config):
-    source, response, gold = HOSTILE[name]
+    source, response, gold = HOSTILE_CASES[name]
     reward = HybridReward(rule_config=CONFIGS[config])
     start = time.perf_counter()
     (result,) = reward.score([RewardItem(source, response, gold, "q")])
@@ -108,17 +93,6 @@ def test_data_errors_still_raise():
         HybridReward().score([RewardItem("docmath", said("1"), "9" * 500, "q")])
 
 
-def _random_hostile(rng: random.Random, size: int) -> str:
-    pieces = [" _x", "_", "__", "\\boxed{", "\\text{", "}", "{", "1", "11,", "9" * 40, ".", "e", "x 10^", "/",
-              " ", "\n", "the answer is ", "**", "`", "’s", "—", "Paris", "$", "=", "\\frac{1}{2}", "or ", ", "]
-    out, length = [], 0
-    while length < size:
-        piece = rng.choice(pieces) * rng.choice([1, 1, 1, 10, 300])
-        out.append(piece)
-        length += len(piece)
-    return "".join(out)[:size]
-
-
 @pytest.mark.parametrize("source", ["hotpotqa", "docmath", "long_toc_choices"])
 def test_random_200kb_responses_score_in_bounded_time(source):
     rng = random.Random(f"hostile:{source}")
@@ -126,7 +100,7 @@ def test_random_200kb_responses_score_in_bounded_time(source):
     for config in CONFIGS.values():
         reward = HybridReward(rule_config=config)
         for _ in range(3):
-            response = "<think>x</think>" + _random_hostile(rng, 200_000)
+            response = random_response(rng, 200_000)
             start = time.perf_counter()
             reward.score([RewardItem(source, response, gold, "q")])
             assert time.perf_counter() - start < BOUND_S
@@ -346,7 +320,7 @@ def test_a_short_rl_phase_survives_hostile_responses_and_a_bad_judge(tmp_path, m
     import json
 
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from helpers import tiny_causal_lm
 
     from qwenlong.config import RLConfig
     from qwenlong.config.schema import DynamicSamplingConfig
@@ -360,10 +334,7 @@ def test_a_short_rl_phase_survives_hostile_responses_and_a_bad_judge(tmp_path, m
 
     monkeypatch.setenv("QWENLONG_BACKEND", "torch")
     register()
-    config = Qwen2Config(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="qwenlong", dtype=torch.float32)
+    model = tiny_causal_lm(vocab_size=16, layers=1, attention="qwenlong")
 
     class HostileEngine:
         """Every group holds every hostile response (the token picks it); log-probs are made up. It shares the
