@@ -1,6 +1,9 @@
 """The memory agent (qwenlong.agents.memory) on a scripted engine: query split, chunking, the prompts of
 every step, trajectory rewards, the advantage broadcast to every step's tokens, and the packed GRPO
-loss over all steps against a per-step float64 reference; then the real HF engine and the eval CLI."""
+loss over all steps against a per-step float64 reference; then the real HF engine and the eval CLI; a synced
+engine's lockstep rounds; and, on two gloo processes, the in-place SCE merge under ZeRO-3 against one process's
+and the pipeline's memory-agent stage under ZeRO-3 (with and without sequence parallelism) and plain data
+parallelism."""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from qwenlong.data.synthetic import TWO_CHUNK_SOURCE, make_two_chunk_record
 from qwenlong.kernels import grpo_loss
 from qwenlong.rewards import HybridReward
 from qwenlong.rollout import Completion, RolloutEngine
-from qwenlong.trainers.packed import forward_hidden, lm_head_weight, pack_sequences
+from qwenlong.trainers.packed import forward_hidden, lm_head_weight, pack_sequences, policy_hidden
 
 
 @pytest.fixture(scope="module")
@@ -373,3 +376,226 @@ def test_pipeline_memory_agent_stage_merges_and_evaluates(tmp_path, monkeypatch)
     assert all(r["input_tokens"] <= 350 for r in rows("merged-full-context"))
     results = json.loads((tmp_path / "eval" / "memory-agent-merged-full-context" / "results.json").read_text())
     assert results["benchmarks"][0]["truncated"] == 2
+
+
+class SyncedScriptedEngine(ScriptedEngine):
+    """A ScriptedEngine that says every rank must call it together (as ZeRO-3 HF generate or placed vLLM)."""
+
+    synced = True
+
+
+def test_synced_engine_joins_every_call_of_the_busiest_rank(tokenizer):
+    """On a synced engine a rank whose documents are shorter (here: one chunk, while another rank still reads
+    its second) makes the same calls as the busiest rank, with no prompts; its own trajectories are unchanged."""
+    queries = _queries(tokenizer, count=1, tokens=150)
+    config = MemoryAgentConfig(chunk_tokens=200, memory_tokens=40, answer_tokens=20)
+    alone = ScriptedEngine(tokenizer, reader(remember=True))
+    [[expected]] = MemoryAgent(alone, tokenizer, config).rollout(queries, seed=3)
+    assert alone.calls == [(1, 40), (1, 20)]  # one chunk, then the answer
+
+    other_rank = iter([(True, False), (True, False), (False, True), (False, False)])  # two chunks, then its answer
+    gathered = []
+
+    def gather(mine):
+        gathered.append(mine)
+        return [mine, next(other_rank)]
+
+    synced = SyncedScriptedEngine(tokenizer, reader(remember=True))
+    [[trajectory]] = MemoryAgent(synced, tokenizer, config, gather=gather).rollout(queries, seed=3)
+    # round 1: both read; round 2: this rank answers while the other reads; round 3: the other answers
+    assert gathered == [(True, False), (False, True), (False, False), (False, False)]
+    assert synced.calls == [(1, 40), (0, 40), (1, 20), (0, 20)]
+    assert trajectory.answer == expected.answer and [s.response_ids for s in trajectory.steps] == \
+        [s.response_ids for s in expected.steps]
+    with pytest.raises(ValueError, match="gather: a synced engine"):
+        MemoryAgent(synced, tokenizer, config)
+
+
+# --- two processes: the stage under DeepSpeed ZeRO-3, data and sequence parallel ranks ---------------------------
+
+
+def _spawn_two(check, port: int):
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.set_forkserver_preload(["torch", "transformers", "qwenlong.trainers", __name__])
+    mp.start_processes(_two_process_entry, args=(check, port), nprocs=2, join=True, start_method="forkserver")
+
+
+def _two_process_entry(rank: int, check, port: int):
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    os.environ["QWENLONG_BACKEND"] = "torch"  # the kernels' PyTorch paths (the Triton interpreter is slow)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
+    try:
+        check()
+    finally:
+        dist.destroy_process_group()
+
+
+def _whole_shape(tensor):
+    return tuple(getattr(tensor, "ds_shape", tensor.shape))
+
+
+def _check_zero3_merge_matches_one_process(shared):
+    """``merge_into_model`` on a ZeRO-3 partitioned model (tied embeddings: one parameter under two names): the
+    gathered result equals, element for element, the single-process SCE merge of the same three models, and is
+    within float32 rounding of the float64 per-entry reference; sources that lack a tensor fail on both ranks."""
+    from datetime import timedelta
+
+    from test_merge import direct_sce
+
+    from qwenlong.config.schema import DistributedConfig
+    from qwenlong.distributed import build_backend, init_distributed
+    from qwenlong.distributed.zero import checkpoint_weights
+    from qwenlong.merge import merge_into_model, sce_merge_tensor
+
+    cfg = DistributedConfig(backend="gloo", deepspeed_stage=3)
+    ctx = init_distributed(cfg, timeout=timedelta(seconds=120))
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    backend = build_backend(model, ctx, cfg)
+    assert model.get_input_embeddings().weight.numel() == 0  # partitioned from here on
+    # three models drawn alike on both ranks (fresh seed per run of the test), written by rank 0
+    seed = int(torch.randint(0, 2**31, (1,)).item()) if ctx.is_main else None
+    generator = torch.Generator().manual_seed(ctx.broadcast(seed))
+    shapes = {name: _whole_shape(t) for name, t in model.state_dict(keep_vars=True).items()}
+    names = [n for n in shapes if n != "lm_head.weight"]  # tied: the embeddings' tensor
+    base = {n: torch.randn(shapes[n], generator=generator) for n in names}
+    full = {n: base[n] + 0.1 * torch.randn(shapes[n], generator=generator) for n in names}
+    # the expert moved half of the entries only: the merge's sign election and weights differ per entry
+    expert = {n: base[n] + 0.1 * torch.randn(shapes[n], generator=generator)
+              * (torch.rand(shapes[n], generator=generator) < 0.5) for n in names}
+    for state in (base, full, expert):
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    if ctx.is_main:
+        for label, state in (("base", base), ("full", full), ("expert", expert)):
+            (shared / label).mkdir(parents=True)
+            torch.save(state, shared / label / "model.pt")
+    ctx.barrier()
+    backend.load_weights(shared / "expert")  # the expert is the model itself, as in the stage
+
+    def sources():
+        return checkpoint_weights(shared / "base"), [checkpoint_weights(shared / "full")]
+
+    assert merge_into_model(model, sources if ctx.is_main else None,
+                            lambda b, models: sce_merge_tensor(b, models, 0.3)) == len(names)
+    merged = backend.state_dict()
+    assert merged["lm_head.weight"] is merged["model.embed_tokens.weight"]
+    for name in names:
+        one_process = sce_merge_tensor(base[name], [full[name], expert[name]], 0.3)
+        assert torch.equal(merged[name], one_process), name
+        torch.testing.assert_close(merged[name].double(), direct_sce(base[name], [full[name], expert[name]], 0.3),
+                                   rtol=1e-5, atol=1e-6, msg=name)
+        assert not torch.equal(merged[name], expert[name]) and not torch.equal(merged[name], full[name]), name
+
+    if ctx.is_main:
+        (shared / "lacking").mkdir()
+        torch.save({k: v for k, v in base.items() if k != "model.norm.weight"}, shared / "lacking" / "model.pt")
+    ctx.barrier()
+    with pytest.raises(ValueError, match=r"merge sources: 1 problem\(s\): base lacks model\.norm\.weight"):
+        merge_into_model(model, (lambda: (checkpoint_weights(shared / "lacking"), [])) if ctx.is_main else None,
+                         lambda b, models: sce_merge_tensor(b, models))
+    assert all(torch.equal(t, merged[n]) for n, t in backend.state_dict().items())  # left as it was
+
+
+class LengthParityReward(HybridReward):
+    """Rewards an answer of odd length: a random tiny policy gets mixed rewards, so the expert's step updates."""
+
+    def score(self, items):
+        from qwenlong.rewards.hybrid import RewardResult
+
+        return [RewardResult(float(len(item.response) % 2), float(len(item.response) % 2), None, None)
+                for item in items]
+
+
+def _check_stage(shared, stage: int, sp_size: int):
+    """The pipeline's memory-agent stage on configs/tiny-l15.yaml cut small, after a stand-in for its phase,
+    under ``deepspeed_stage`` / ``sp_size`` on two ranks: the expert trains (rank 1 joins every rollout call
+    without prompts of its own when it is an SP peer or the engine is synced), the policy becomes the SCE
+    merge of the phase's policy and the expert over RL's start (as one process computes it from the
+    checkpoints), it stays so through an optimizer step at lr 0 (DeepSpeed's fp32 copies follow the merge),
+    and both models answer as memory agents, each rank its share."""
+    from pathlib import Path
+
+    from qwenlong.config import load_config
+    from qwenlong.merge import sce_merge_tensor
+    from qwenlong.pipeline import build
+    from qwenlong.pipeline.memory_agent_stage import memory_agent_stage
+    from qwenlong.pipeline.run import Run, build_engine
+    from qwenlong.state.checkpoint import model_weights
+
+    root = Path(__file__).resolve().parent.parent
+    out = shared / f"stage-zero{stage}-sp{sp_size}"
+    small = ["sft.enabled=false", "eval.max_output_tokens=6", "eval.samples_per_prompt=1",
+             "data.synthetic.num_train=40", "data.synthetic.num_eval=4", "rl.dynamic_sampling.enabled=false",
+             "rl.group_size=2", "rl.memory_agent.steps=1", "rl.memory_agent.synthetic_documents=3",
+             "rl.memory_agent.prompts_per_step=3", "rl.memory_agent.memory_tokens=6",
+             "rl.memory_agent.answer_tokens=6", "rl.memory_agent.chunk_tokens=200",
+             "model.tiny.hidden_size=64", "model.tiny.intermediate_size=96", "output.export=none",
+             f"distributed.deepspeed_stage={stage}", f"distributed.sp_size={sp_size}", f"output.dir={out}"]
+    cfg = load_config(root / "configs" / "tiny-l15.yaml", small)
+    run = Run(cfg)
+    ctx = run.ctx
+    # the phase the stage follows: the model as built (RL's start, no SFT), moved a little, as rank 0 writes it
+    base = build.build_model(cfg, run.tokenizer).state_dict()
+    generator = torch.Generator().manual_seed(8)
+    moved = {name: t + 0.01 * torch.randn(t.shape, generator=generator) for name, t in base.items()}
+    if ctx.is_main:
+        (out / "moved").mkdir(parents=True)
+        torch.save(moved, out / "moved" / "model.pt")
+    ctx.barrier()
+    run.backend.load_weights(out / "moved")
+    run.backend.start(lr=1e-3, weight_decay=0.0, total_steps=1, warmup_steps=0, schedule="constant", grad_clip=1.0)
+    phase_checkpoint = run.backend.save(out / "checkpoints" / "rl-long-docs-step000001", state={"step": 1})
+    run.finish("rl:long-docs", phase_checkpoint)
+
+    memory_agent_stage(run, build_engine(run), LengthParityReward())
+    assert run.state["done"][-1] == "rl:memory-agent"
+    evals = ctx.gather(run.state["agent_evals"])
+    assert evals[0] == evals[1] and set(evals[0]) == {"expert-agent", "merged-agent", "merged-full-context"}
+    checkpoints = out / "checkpoints"
+    full = model_weights(phase_checkpoint)
+    expert = model_weights(checkpoints / "rl-memory-agent-step000001")
+    merged = model_weights(checkpoints / "memory-agent-merged")
+    live = run.backend.state_dict()
+    for name, tensor in merged.items():
+        assert torch.equal(tensor, sce_merge_tensor(base[name], [full[name], expert[name]], 0.1)), name
+        assert torch.equal(live[name], tensor), name
+    assert any(not torch.equal(expert[n], full[n]) for n in merged)  # the expert trained
+    assert any(not torch.equal(merged[n], full[n]) and not torch.equal(merged[n], expert[n]) for n in merged)
+
+    run.backend.start(lr=0.0, weight_decay=0.0, total_steps=1, warmup_steps=0, schedule="constant", grad_clip=1.0)
+    ids = torch.randint(0, 50, (12,), generator=torch.Generator().manual_seed(ctx.dp_rank)).tolist()
+    hidden, _ = policy_hidden(run.model, pack_sequences([ids], [4]), ctx.sp_group)  # an SP rank: its token shard
+    run.backend.backward(hidden.float().square().mean())
+    run.backend.step()
+    assert all(torch.equal(t, merged[n]) for n, t in run.backend.state_dict().items())
+    if ctx.is_main:
+        rows = (out / "eval" / "memory-agent-merged-agent" / "predictions.jsonl").read_text().splitlines()
+        assert len(rows) == 3 and all(json.loads(r)["input_tokens"] > 350 for r in rows)
+
+
+def _distributed_checks(tmp: str):
+    from pathlib import Path
+
+    shared = Path(tmp)
+    _check_zero3_merge_matches_one_process(shared / "merge")
+    for stage, sp_size in ((3, 1), (3, 2), (0, 1)):
+        _check_stage(shared, stage, sp_size)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_memory_agent_stage_under_zero3_and_sequence_parallel(tmp_path, free_port):
+    import functools
+
+    _spawn_two(functools.partial(_distributed_checks, str(tmp_path)), free_port)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -232,10 +232,27 @@ class MemoryAgent:
     Each round, every unfinished trajectory makes one call: its next memory step, or its answer
     once all chunks are read; the round's memory steps go to the engine in one ``generate`` call
     and its answers in another (they have different token budgets).
+
+    A ``synced`` engine (every rank of the process group calls ``generate`` together: HF generate on a
+    ZeRO-3 partitioned policy, vLLM engines placed over the ranks) needs ``gather``
+    (``DistributedContext.gather``): every rank runs ``rollout`` together, each with its own queries (possibly
+    none), and each round the ranks agree on the calls to make, so a rank whose documents have fewer chunks
+    (or that has no queries) still joins the others' memory and answer calls with no prompts.
     """
 
-    def __init__(self, engine: RolloutEngine, tokenizer: Any, config: MemoryAgentConfig = MemoryAgentConfig()):
-        self.engine, self.tokenizer, self.config = engine, tokenizer, config
+    def __init__(self, engine: RolloutEngine, tokenizer: Any, config: MemoryAgentConfig = MemoryAgentConfig(),
+                 gather: Callable[[Any], list[Any]] | None = None):
+        if engine.synced and gather is None:
+            raise ValueError("gather: a synced engine (every rank generates together) needs the ranks' gather, "
+                             "so that all of them make the same calls")
+        self.engine, self.tokenizer, self.config, self.gather = engine, tokenizer, config, gather
+
+    def _calls_this_round(self, memory: bool, answer: bool) -> tuple[bool, bool]:
+        """Whether this round makes a memory call and an answer call: on a synced engine, whether any rank does."""
+        if not self.engine.synced:
+            return memory, answer
+        shares = self.gather((memory, answer))
+        return any(m for m, _ in shares), any(a for _, a in shares)
 
     def _encode(self, prompt: str) -> list[int]:
         return list(apply_chat_template(self.tokenizer, prompt, tokenize=True))
@@ -252,15 +269,16 @@ class MemoryAgent:
         while True:
             readers = [(t, c) for t, c in flat if t.chunks_read < t.num_chunks]
             answerers = [t for t, _ in flat if t.chunks_read == t.num_chunks and t.answer is None]
-            if not readers and not answerers:
+            memory_call, answer_call = self._calls_this_round(bool(readers), bool(answerers))
+            if not memory_call and not answer_call:
                 return groups
-            if readers:
+            if memory_call:
                 prompts = [memory_step_prompt(t.query, t.memory, t.plan, c[t.chunks_read], t.chunks_read + 1,
                                               t.num_chunks) for t, c in readers]
                 for (t, _), step in zip(readers, self._generate(prompts, "memory", rng), strict=True):
                     t.steps.append(step)
                     t.memory, t.plan = parse_memory_step(step.text)
-            if answerers:
+            if answer_call:
                 prompts = [answer_prompt(t.query, t.memory) for t in answerers]
                 for t, step in zip(answerers, self._generate(prompts, "answer", rng), strict=True):
                     t.steps.append(step)

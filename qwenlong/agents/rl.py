@@ -67,11 +67,12 @@ class MemoryAgentTrainer(GRPOTrainer):
         prompts = [examples[i] for i in picks]
         seed = rng.randrange(2**31)
         ctx = self.ctx
-        if ctx.world_size > 1 and self.engine.synced:
-            raise ValueError("rollout: the memory agent's calls differ per rank; it cannot drive a synced "
-                             "(ZeRO-3 lockstep) engine, use rollout.engine=vllm or ZeRO-1/2")
+        # a synced engine (ZeRO-3 lockstep HF generate, placed vLLM engines): every rank drives the agent
+        # together, those without prompts (SP ranks > 0, surplus data-parallel ranks) included, with one seed
+        # (the ranks of a vLLM tensor-parallel slice must sample alike); otherwise each rank its own
+        synced = ctx.world_size > 1 and self.engine.synced
         mine = prompts[ctx.dp_rank::ctx.dp_size] if ctx.sp_rank == 0 else []
-        trajectories = self._rollouts(mine, phase, seed + ctx.dp_rank) if mine else []
+        trajectories = self._rollouts(mine, phase, seed if synced else seed + ctx.dp_rank) if mine or synced else []
         if ctx.world_size > 1:  # every rank gets every group, in prompt order
             shares = ctx.gather(trajectories)[::ctx.sp_size]
             by_prompt = [None] * len(prompts)
@@ -93,7 +94,7 @@ class MemoryAgentTrainer(GRPOTrainer):
             raise ValueError(f"queries: no agent query for examples {missing[:4]}")
         config = replace(self.agent_config, answer_tokens=phase.max_output_tokens, temperature=self.cfg.temperature,
                          top_p=self.cfg.top_p)
-        agent = MemoryAgent(self.engine, self.tokenizer, config)
+        agent = MemoryAgent(self.engine, self.tokenizer, config, gather=self.ctx.gather)
         t0 = time.perf_counter()
         groups = agent.rollout([self.queries[p.id] for p in prompts], self.cfg.group_size, seed=seed)
         t1 = time.perf_counter()

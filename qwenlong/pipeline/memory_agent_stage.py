@@ -5,15 +5,20 @@ Called by ``qwenlong.pipeline.run`` after the RL phase ``rl.memory_agent.after_p
 1. the policy trains as a memory agent (:class:`~qwenlong.agents.rl.MemoryAgentTrainer`) on documents
    read chunk by chunk: the memory expert;
 2. the expert and the phase's full-context policy are merged with SCE over the policy RL started
-   from (:func:`qwenlong.merge.sce_merge_tensor`, tensor by tensor), and the merged weights become the
-   policy of the following phases; a checkpoint of them is the stage's record, so a resumed run starts
-   the next phase from the merge;
+   from (:func:`qwenlong.merge.sce_merge_tensor`), in place and one tensor at a time
+   (:func:`qwenlong.merge.merge_into_model`): the expert is the model itself, the phase's policy its last
+   checkpoint and the base RL's starting checkpoint (or the pretrained safetensors, or the tiny model as
+   built), read by rank 0 one tensor at a time; under ZeRO-3 each parameter is gathered, merged on rank 0
+   and split back into every rank's partition. The merged weights become the policy of the following
+   phases; a checkpoint of them is the stage's record, so a resumed run starts the next phase from the merge;
 3. on documents of two chunks (synthetic data) the expert and the merged model answer as memory agents,
    and the merged model also answers with the whole document in its window, cut to ``eval.max_input_tokens``
-   as the full-context evaluation does (``run.state["agent_evals"]``, ``eval/memory-agent-*``).
+   as the full-context evaluation does (``run.state["agent_evals"]``, ``eval/memory-agent-*``); with several
+   ranks each answers its share of the documents (under ZeRO-3 in lockstep) and rank 0 scores and writes.
 
-The merge holds three copies of the weights in memory: fine for models one process holds whole; under
-DeepSpeed export the two models and use ``qwenlong merge`` instead.
+The agent's RL runs on the pipeline's backend and rollout engine, so it runs wherever the GRPO phases
+run (data and sequence parallel ranks, ZeRO 1-3; a synced engine drives the agent on every rank in
+lockstep, see :class:`~qwenlong.agents.memory.MemoryAgent`).
 """
 
 from __future__ import annotations
@@ -21,20 +26,19 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-import torch
-
 from qwenlong.agents.memory import MemoryAgent, MemoryAgentConfig, memory_agent_generate_fn, query_from_record
 from qwenlong.agents.rl import MemoryAgentTrainer
 from qwenlong.curriculum import Phase
 from qwenlong.data import load_records
 from qwenlong.data.synthetic import make_two_chunk_record
+from qwenlong.distributed.zero import WholeWeights, checkpoint_weights, safetensors_weights
 from qwenlong.eval import evaluate
-from qwenlong.eval.generation import hf_generate_fn
-from qwenlong.merge import sce_merge_tensor
+from qwenlong.eval.generation import hf_generate_fn, sharded_generate_fn
+from qwenlong.merge import merge_into_model, sce_merge_tensor
 from qwenlong.pipeline import build
 from qwenlong.pipeline.resume import recorded_checkpoint
+from qwenlong.rewards import HybridReward
 from qwenlong.rollout import HFGenerateEngine
-from qwenlong.state.checkpoint import model_weights
 from qwenlong.trainers.grpo import PromptExample
 
 STAGE = "rl:memory-agent"
@@ -54,42 +58,69 @@ def _records(run: Any, split: str) -> list:
         build.load_split(cfg, "train", run.tokenizer)
 
 
-def _merge(run: Any, expert: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SCE of the full-context policy and the expert over the policy RL started from."""
-
-    full = model_weights(recorded_checkpoint(run.state["last_checkpoint"], run.dir))
+def _merge_sources(run: Any) -> tuple[WholeWeights, list[WholeWeights]]:
+    """Rank 0's side of the merge: the base (the policy RL started from) and the phase's full-context policy,
+    each read one tensor at a time when the merge asks for it."""
+    cfg = run.cfg
+    full = checkpoint_weights(recorded_checkpoint(run.state["last_checkpoint"], run.dir))
     start = run.state.get("rl_start_checkpoint")
-    base = model_weights(recorded_checkpoint(start, run.dir)) if start else \
-        build.build_model(run.cfg, run.tokenizer).state_dict()  # RL started from the model as built (seeded)
+    if start:
+        base = checkpoint_weights(recorded_checkpoint(start, run.dir))
+    elif cfg.model.name is not None and cfg.distributed.deepspeed_stage == 3:
+        base = safetensors_weights(cfg.model.name)  # what ZeRO-3 loading scattered, tensor by tensor
+    else:  # RL started from the model as built (seeded; a pretrained one a process holds whole)
+        state = build.build_model(cfg, run.tokenizer).state_dict()
+        base = WholeWeights(lambda name: tuple(state[name].shape), state.__getitem__)
+    return base, [full]
+
+
+def _merge(run: Any) -> None:
+    """SCE of the phase's full-context policy and the expert (the model now) over the policy RL started from,
+    into the model; every rank calls it. DeepSpeed's fp32 master copies then follow the merged weights (or its
+    next step would put the expert back)."""
     topk = run.cfg.rl.memory_agent.select_topk
-    return {name: sce_merge_tensor(base[name], [full[name].to(b.device), expert[name].to(b.device)], topk)
-            if b.is_floating_point() else b for name, b in base.items()}
+    merge_into_model(run.model, (lambda: _merge_sources(run)) if run.ctx.is_main else None,
+                     lambda base, models: sce_merge_tensor(base, models, topk))
+    engine = getattr(run.backend, "engine", None)  # a DeepSpeedBackend's
+    if engine is not None:
+        engine.optimizer.refresh_fp32_params()
 
 
 def _evaluate(run: Any, label: str, records: list, agent: bool) -> float:
-    from qwenlong.pipeline.run import build_eval_reward, heldout_sampling
+    """Accuracy (percent) on ``records`` as a memory agent or with the document in the window; every rank calls
+    it (each answers its share; under ZeRO-3 in lockstep), rank 0 scores with the evaluation's reward and writes."""
+    from qwenlong.pipeline.run import GENERATION_ATTENTION, build_eval_reward, heldout_sampling
 
-    cfg, stage = run.cfg, run.cfg.rl.memory_agent
+    cfg, stage, ctx = run.cfg, run.cfg.rl.memory_agent, run.ctx
     sampling = heldout_sampling(cfg)
     if agent:
         engine = HFGenerateEngine(run.model, eos_token_id=build.eos_ids(run.tokenizer),
-                                  pad_token_id=run.tokenizer.pad_token_id, generation_attention="sdpa")
+                                  pad_token_id=run.tokenizer.pad_token_id, generation_attention=GENERATION_ATTENTION,
+                                  synced=run.synced_generation)
         config = MemoryAgentConfig(stage.chunk_tokens, stage.memory_tokens, cfg.eval.max_output_tokens,
                                    sampling.temperature, sampling.top_p)
-        generate = memory_agent_generate_fn(MemoryAgent(engine, run.tokenizer, config), seed=sampling.seed)
+        generate = memory_agent_generate_fn(MemoryAgent(engine, run.tokenizer, config, gather=ctx.gather),
+                                            seed=sampling.seed)
     else:
-        generate = hf_generate_fn(run.model, run.tokenizer, sampling, generation_attention="sdpa")
+        generate = hf_generate_fn(run.model, run.tokenizer, sampling, generation_attention=GENERATION_ATTENTION,
+                                  synced=run.synced_generation)
+    if ctx.world_size > 1:
+        generate = sharded_generate_fn(generate, ctx.rank, ctx.world_size, ctx.gather)
     benchmarks: dict[str, list] = {}
     for record in records:
         benchmarks.setdefault(record.data_source, []).append(record)
-    report = evaluate(benchmarks, generate, run.tokenizer, reward=build_eval_reward(cfg),
+    # the other ranks' reports are dropped: they score by rule only, so a judge is asked once per answer
+    reward = build_eval_reward(cfg) if ctx.is_main else HybridReward()
+    report = evaluate(benchmarks, generate, run.tokenizer, reward=reward,
                       max_input_tokens=2**62 if agent else cfg.eval.max_input_tokens, chat_template_in_budget=not agent,
                       samples_per_prompt=cfg.eval.samples_per_prompt, progress=False)
-    report.write(run.dir / "eval" / f"memory-agent-{label}")
-    run.state.setdefault("agent_evals", {})[label] = report.average
-    run.logger.log("eval/memory-agent", len(run.state["agent_evals"]), {"label": label, "accuracy": report.average},
-                   flush=True)
-    return report.average
+    accuracy = ctx.broadcast(report.average)
+    run.state.setdefault("agent_evals", {})[label] = accuracy
+    if ctx.is_main:
+        report.write(run.dir / "eval" / f"memory-agent-{label}")
+        run.logger.log("eval/memory-agent", len(run.state["agent_evals"]), {"label": label, "accuracy": accuracy},
+                       flush=True)
+    return accuracy
 
 
 def memory_agent_stage(run: Any, engine: Any, reward: Any) -> None:
@@ -101,9 +132,6 @@ def memory_agent_stage(run: Any, engine: Any, reward: Any) -> None:
     cfg, stage = run.cfg, run.cfg.rl.memory_agent
     if run.done(STAGE):
         return
-    if cfg.distributed.deepspeed_stage > 0 or run.ctx.world_size > 1:
-        raise ValueError("rl.memory_agent: the in-pipeline merge needs the whole model in one process; under "
-                         "torchrun/DeepSpeed export the phase's model and the expert and run `qwenlong merge`")
     records = _records(run, "train")
     queries = {r.id: query_from_record(r) for r in records}
     examples = [PromptExample(r.id, [], r.data_source, list(r.answers), queries[r.id].question) for r in records]
@@ -123,11 +151,10 @@ def memory_agent_stage(run: Any, engine: Any, reward: Any) -> None:
                                  agent_config=agent_config)
     phase = Phase("memory-agent", max_input_tokens=2**62, max_output_tokens=stage.answer_tokens, steps=stage.steps)
     trainer.train_phase(phase, examples, resume=run.resume)
-    expert = {name: tensor.detach().clone() for name, tensor in run.model.state_dict().items()}
     long_documents = _records(run, "eval")
     if cfg.eval.enabled:
         _evaluate(run, "expert-agent", long_documents, agent=True)
-    run.model.load_state_dict(_merge(run, expert))
+    _merge(run)
     if getattr(engine, "model", None) is not run.model:  # an engine with its own copy learns the merged weights
         engine.update_weights(run.backend.full_parameters())
     if cfg.eval.enabled:
