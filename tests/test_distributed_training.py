@@ -5,16 +5,18 @@ ZeRO-2 and 3 updates as fp32 does.
 
 Every rank builds the same tiny model and data from shared seeds and also runs the single-process
 reference itself, so each rank checks its own numbers. Process start-up (and DeepSpeed's
-initialization) dominates the cost, so one pair of processes runs all the checks.
+initialization) dominates the cost, so one pair of processes runs all the checks (a module-scoped
+fixture) and each test reports the outcome of one of them.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import multiprocessing
-import os
 import random
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_tcp_port, spawn
 from test_trainers import VOCAB, _grpo_groups, random_pairs, tiny_model
 
 from qwenlong.rollout.engine import RolloutEngine
@@ -31,23 +34,6 @@ FP32 = {"rtol": 1e-5, "atol": 1e-6}
 # summation-order differences into ~1e-6 weight differences. Adam is also blind to a global gradient scale,
 # so every check also compares the loss and the gradient norm.
 ADAM_WEIGHTS = {"rtol": 1e-4, "atol": 1e-5}
-
-
-def _spawn(check, port: int):
-    multiprocessing.set_forkserver_preload(["torch", "transformers", "qwenlong.trainers", __name__])
-    mp.start_processes(_entry, args=(check, port), nprocs=2, join=True, start_method="forkserver")
-
-
-def _entry(rank: int, check, port: int):
-    os.environ["QWENLONG_BACKEND"] = "torch"  # the batch-invariant PyTorch paths of the kernels
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=90))
-    try:
-        check()
-    finally:
-        dist.destroy_process_group()
 
 
 def _context(sp_size: int = 1, deepspeed_stage: int = 0):
@@ -501,27 +487,160 @@ def _check_zero3_run(tmp):
     return policy
 
 
-def _all_checks(tmp: str):
-    own, shared = Path(tmp) / f"rank{dist.get_rank()}", Path(tmp) / "shared"
-    _check_plain_dp_grpo_update(own, budget=24)
-    _check_rollouts_split_and_gathered(own, sp_size=1)
-    _check_rollouts_split_and_gathered(own, sp_size=2)
-    _check_plain_dp_grpo_update(own, budget=1000)
-    _check_sequence_parallel_steps(own)
-    _check_deepspeed_sft(own, shared, stage=2)
-    _check_deepspeed_sft(own, shared, stage=3)
-    _check_zero3_generation(_check_deepspeed_sft(own, shared, stage=3, tied=True))
-    _check_deepspeed_bf16(shared, stage=2)
-    _check_deepspeed_bf16(shared, stage=3)
-    for stage in (2, 3):
-        _check_loaded_weights_survive_a_step(shared, stage, torch.float32)
-    _check_loaded_weights_survive_a_step(shared, 3, torch.bfloat16)
-    _check_zero3_pretrained_load(_check_zero3_run(shared), shared)
+# --- one pair of processes runs every check; a test per check reports its outcome ------------------------------
+
+
+@dataclass
+class _RankState:
+    """What the checks on one rank share: its own folder, the folder both ranks write, and what earlier checks
+    built for later ones."""
+
+    own: Path
+    shared: Path
+    built: dict = field(default_factory=dict)
+
+
+def _build(state: _RankState, key: str, value) -> None:
+    state.built[key] = value
+
+
+# name -> check, in the order the ranks run them (later checks use what earlier ones built)
+CHECKS: dict[str, Callable[[_RankState], None]] = {
+    "dp-grpo-7-micro-batches": lambda s: _check_plain_dp_grpo_update(s.own, budget=24),
+    "rollouts-dp2": lambda s: _check_rollouts_split_and_gathered(s.own, sp_size=1),
+    "rollouts-sp2": lambda s: _check_rollouts_split_and_gathered(s.own, sp_size=2),
+    "dp-grpo-1-micro-batch": lambda s: _check_plain_dp_grpo_update(s.own, budget=1000),
+    "sp-steps": lambda s: _check_sequence_parallel_steps(s.own),
+    "zero2-sft": lambda s: _check_deepspeed_sft(s.own, s.shared, stage=2),
+    "zero3-sft": lambda s: _check_deepspeed_sft(s.own, s.shared, stage=3),
+    "zero3-tied-sft": lambda s: _build(s, "tied", _check_deepspeed_sft(s.own, s.shared, stage=3, tied=True)),
+    "zero3-generation": lambda s: _check_zero3_generation(s.built["tied"]),
+    "zero2-bf16": lambda s: _check_deepspeed_bf16(s.shared, stage=2),
+    "zero3-bf16": lambda s: _check_deepspeed_bf16(s.shared, stage=3),
+    "zero2-fp32-load": lambda s: _check_loaded_weights_survive_a_step(s.shared, 2, torch.float32),
+    "zero3-fp32-load": lambda s: _check_loaded_weights_survive_a_step(s.shared, 3, torch.float32),
+    "zero3-bf16-load": lambda s: _check_loaded_weights_survive_a_step(s.shared, 3, torch.bfloat16),
+    "zero3-run": lambda s: _build(s, "policy", _check_zero3_run(s.shared)),
+    "zero3-pretrained-load": lambda s: _check_zero3_pretrained_load(s.built["policy"], s.shared),
+}
+
+
+def _run_checks(tmp: str) -> None:
+    """On each rank: run CHECKS in order, appending each one's outcome (null, or the traceback) to
+    ``outcomes/rank<r>.jsonl`` as it ends. The first failure ends the rank, and with it the run: the other
+    rank would otherwise wait in a collective this one never joins."""
+    rank = dist.get_rank()
+    state = _RankState(own=Path(tmp) / f"rank{rank}", shared=Path(tmp) / "shared")
+    log = Path(tmp) / "outcomes" / f"rank{rank}.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for name, check in CHECKS.items():
+        try:
+            check(state)
+        except BaseException:  # pytest.fail and pytest.raises' Failed are BaseExceptions too
+            with log.open("a") as out:
+                out.write(json.dumps({"check": name, "error": traceback.format_exc()}) + "\n")
+            raise
+        with log.open("a") as out:
+            out.write(json.dumps({"check": name, "error": None}) + "\n")
+
+
+@dataclass
+class _Outcomes:
+    """Each rank's check outcomes (name -> None when it passed, else its traceback) and the run's error."""
+
+    by_rank: list[dict[str, str | None]]
+    error: Exception | None
+
+    def assert_passed(self, check: str) -> None:
+        assert check in CHECKS, check
+        for rank, outcomes in enumerate(self.by_rank):
+            if check not in outcomes:
+                pytest.fail(f"rank {rank} never finished check {check!r}; the run stopped:\n{self.error}")
+            assert outcomes[check] is None, f"rank {rank}, check {check!r}:\n{outcomes[check]}"
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> _Outcomes:
+    """Every check, run once on two gloo processes (process start-up and DeepSpeed's initialization dominate)."""
+    tmp = tmp_path_factory.mktemp("two-processes")
+    error = None
+    try:
+        spawn(functools.partial(_run_checks, str(tmp)), 2, free_tcp_port(), timeout_s=90, torchrun_env=True,
+              preload=["transformers", "qwenlong.trainers", __name__])
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as failure:  # a rank failed: its test says which
+        error = failure
+    by_rank = []
+    for rank in range(2):
+        log = tmp / "outcomes" / f"rank{rank}.jsonl"
+        lines = log.read_text().splitlines() if log.exists() else []
+        by_rank.append({row["check"]: row["error"] for row in map(json.loads, lines)})
+    return _Outcomes(by_rank, error)
 
 
 @pytest.mark.distributed
-def test_two_processes_match_one(tmp_path, free_port):
-    _spawn(functools.partial(_all_checks, str(tmp_path)), free_port)
+@pytest.mark.parametrize("check", ["dp-grpo-7-micro-batches", "dp-grpo-1-micro-batch"])
+def test_plain_data_parallel_grpo_update_matches_one_process(two_processes, check):
+    """Two ranks, each with its share of the micro-batches, make the single-process update."""
+    two_processes.assert_passed(check)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("check", ["rollouts-dp2", "rollouts-sp2"])
+def test_rollouts_are_split_over_ranks_and_gathered(two_processes, check):
+    """Every rank ends a step's collection with one process's groups; each generates only its share."""
+    two_processes.assert_passed(check)
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_steps_match_one_process(two_processes):
+    """SP = 2 gives the SP = 1 loss and gradients of an SFT step and of a GRPO mini-batch."""
+    two_processes.assert_passed("sp-steps")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("check", ["zero2-sft", "zero3-sft", "zero3-tied-sft"])
+def test_deepspeed_sft_matches_one_process_and_resumes(two_processes, check):
+    """ZeRO SFT: the single process's metrics and weights, its saved model.pt, an exact resume, a second stage."""
+    two_processes.assert_passed(check)
+
+
+@pytest.mark.distributed
+def test_zero3_generation_matches_whole_weights(two_processes):
+    """The HF engine on the ZeRO-3 partitioned policy gives the tokens and log-probs of whole weights."""
+    two_processes.assert_passed("zero3-generation")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("check", ["zero2-bf16", "zero3-bf16"])
+def test_deepspeed_bf16_updates_as_fp32(two_processes, check):
+    """bf16 weights under ZeRO move as the same run in fp32 does; model.pt holds bf16 weights."""
+    two_processes.assert_passed(check)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("check", ["zero2-fp32-load", "zero3-fp32-load", "zero3-bf16-load"])
+def test_loaded_weights_survive_a_step(two_processes, check):
+    """Weights loaded into a DeepSpeed model are the ones it trains on; a model.pt missing one fails clearly."""
+    two_processes.assert_passed(check)
+
+
+@pytest.mark.distributed
+def test_zero3_run_matches_whole_weights(two_processes):
+    """A ZeRO-3 run's held-out answers, first RL step and saved HF folder are those of whole weights."""
+    two_processes.assert_passed("zero3-run")
+
+
+@pytest.mark.distributed
+def test_zero3_pretrained_policy_is_partitioned_as_loaded(two_processes):
+    """ZeRO-3 with a pretrained policy partitions every parameter as it is created, holding the checkpoint's."""
+    two_processes.assert_passed("zero3-pretrained-load")
+
+
+@pytest.mark.distributed
+def test_two_process_run_ends_cleanly(two_processes):
+    """Every check ran on both ranks and the processes left the group without an error."""
+    assert two_processes.error is None, str(two_processes.error)
+    assert all(list(outcomes) == list(CHECKS) for outcomes in two_processes.by_rank)
 
 
 @pytest.mark.distributed
