@@ -37,12 +37,11 @@ def _inputs(lens_q, lens_k, heads, kv_heads, head_dim, dtype, device, seed=0):
     return q, k, v, do, _cu(lens_q).to(device), _cu(lens_k).to(device)
 
 
-def _run(q, k, v, do, cu_q, cu_k, causal, window):
+def _run(q, k, v, do, cu_q, cu_k, causal, window, deterministic=True):
     """Output, lse and gradients of our op."""
     lens_q, lens_k = cu_q.diff(), cu_k.diff()
-    out, lse = varlen_attention(
-        q, k, v, cu_q, cu_k, int(lens_q.max()), int(lens_k.max()), causal=causal, window_size=window, return_lse=True
-    )
+    flags = dict(causal=causal, window_size=window, return_lse=True, deterministic=deterministic)
+    out, lse = varlen_attention(q, k, v, cu_q, cu_k, int(lens_q.max()), int(lens_k.max()), **flags)
     grads = torch.autograd.grad(out, (q, k, v), do)
     return out, lse, *grads
 
@@ -53,9 +52,11 @@ def _plain(q, k, v, do, cu_q, cu_k, causal, window, dtype):
     return out, lse, *grads
 
 
-def _check_accuracy(lens_q, lens_k, heads, kv_heads, head_dim, dtype, causal, window, device, seed=0):
+def _check_accuracy(
+    lens_q, lens_k, heads, kv_heads, head_dim, dtype, causal, window, device, seed=0, deterministic=True
+):
     q, k, v, do, cu_q, cu_k = _inputs(lens_q, lens_k, heads, kv_heads, head_dim, dtype, device, seed)
-    ours = _run(q, k, v, do, cu_q, cu_k, causal, window)
+    ours = _run(q, k, v, do, cu_q, cu_k, causal, window, deterministic)
     truth = _plain(q, k, v, do, cu_q, cu_k, causal, window, torch.float64)
     same_dtype = _plain(q, k, v, do, cu_q, cu_k, causal, window, dtype)
 
@@ -131,6 +132,29 @@ def test_sm90_tiles_match_reference(case, device, monkeypatch):
     lens_q, lens_k, heads, kv_heads, head_dim, dtype, causal, window = case
     _check_accuracy(lens_q, lens_k or lens_q, heads, kv_heads, head_dim, dtype, causal, window, device)
     assert len(asked) == 2, "forward and backward must pick their tiles from the device's table"
+
+
+# deterministic=False: dq added with fp32 atomics inside the dk/dv kernel. Tile table 80 is the interpreter's own;
+# 90 runs sm_90's atomic tiles (64x128 at d64, 32x128 at d128).
+ATOMIC_CASES = {
+    "bf16-d128-gqa2-causal-packed": ([37, 0, 1, 130, 64], None, 4, 2, 128, torch.bfloat16, True, (-1, -1), 80),
+    "fp16-d64-gqa4-window-both-sides-q-shorter": (
+        [20, 1, 90, 45], [70, 5, 90, 30], 4, 1, 64, torch.float16, False, (16, 8), 80),
+    "fp32-d96-sliding-window-causal": ([40, 80, 3], [15, 130, 0], 2, 2, 96, torch.float32, True, (24, 0), 80),
+    "sm90-bf16-d64-gqa2-causal-packed": ([150, 1, 0, 70], None, 2, 1, 64, torch.bfloat16, True, (-1, -1), 90),
+    "sm90-fp16-d128-window-packed": ([70, 129, 33], [90, 200, 33], 4, 2, 128, torch.float16, False, (40, 20), 90),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(ATOMIC_CASES.values()), ids=list(ATOMIC_CASES))
+def test_atomic_dq_backward_matches_reference(case, device, monkeypatch):
+    """The 5-GEMM backward's dq, dk and dv against float64, within the same bounds as the deterministic one."""
+    monkeypatch.setenv("QWENLONG_BACKEND", "triton")
+    *case, table = case
+    _use_tile_table(table, device, monkeypatch)
+    lens_q, lens_k, heads, kv_heads, head_dim, dtype, causal, window = case
+    _check_accuracy(lens_q, lens_k or lens_q, heads, kv_heads, head_dim, dtype, causal, window, device,
+                    deterministic=False)  # fmt: skip
 
 
 def _random_case(seed: int):
@@ -225,6 +249,7 @@ def _bad_inputs():
     yield "share a dtype", dict(k=k.half())
     yield "max_seqlen_q", dict(max_seqlen_q=5)
     yield "window_size", dict(window_size=(-2, 0))
+    yield "deterministic", dict(deterministic=0)
 
 
 @pytest.mark.parametrize("message,override", list(_bad_inputs()), ids=lambda x: x if isinstance(x, str) else "")

@@ -55,14 +55,20 @@ def test_schedule_lists_every_tile_once_heaviest_first(seed, over_keys):
 
 
 class _LaunchSpy:
-    """Records the grids a kernel is launched with, and launches it."""
+    """Records the grids a kernel is launched with (and its ATOMIC_DQ flag, if given), and launches it."""
 
     def __init__(self, kernel):
-        self.kernel, self.grids = kernel, []
+        self.kernel, self.grids, self.atomic_dq = kernel, [], []
 
     def __getitem__(self, grid):
         self.grids.append(grid)
-        return self.kernel[grid]
+
+        def launch(*args, **kwargs):
+            if "ATOMIC_DQ" in kwargs:
+                self.atomic_dq.append(kwargs["ATOMIC_DQ"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
 def _spy_kernels(monkeypatch) -> dict[str, _LaunchSpy]:
@@ -91,6 +97,52 @@ def test_programs_launched_equal_useful_tiles(device, monkeypatch):
     assert spies["_attn_bwd_dq"].grids == [(tiles(cfg["dq"]["BLOCK_M"]) * heads,)]
     old_grid = math.ceil(max(lens) / cfg["fwd"]["BLOCK_M"]) * heads * len(lens)  # (max blocks, heads, batch)
     assert spies["_attn_fwd"].grids[0][0] < old_grid
+
+
+def _backward_launches(monkeypatch, call, lens, device) -> dict[str, list]:
+    """Run ``call(q, k, v, cu, max_seqlen)`` forward and backward (4/2 heads, d64, fp16); the backward
+    kernels' grids and ATOMIC_DQ flags."""
+    spies = _spy_kernels(monkeypatch)
+    q, k, v, do, cu, _ = _inputs(lens, lens, 4, 2, 64, torch.float16, device, seed=11)
+    torch.autograd.grad(call(q, k, v, cu, max(lens)), (q, k, v), do)
+    dkdv, dq = spies["_attn_bwd_dkdv"], spies["_attn_bwd_dq"]
+    return {"dkdv": dkdv.grids, "atomic_dq": dkdv.atomic_dq, "dq": dq.grids}
+
+
+def test_deterministic_flag_chooses_the_backward_kernels(device, monkeypatch):
+    """deterministic=False launches the dk/dv kernel with atomic dq, on its own tiles, and no dq kernel; the
+    default (and flash_attn_varlen_func's default) launches both; torch's global deterministic switch wins."""
+    monkeypatch.setenv("QWENLONG_BACKEND", "triton")
+    cfg = varlen_module._configs(64, torch.float16, varlen_module.tile_table(torch.device(device)))
+    lens = [90, 3, 0, 41]
+
+    def grid(kernel, block, heads):
+        return [(sum(math.ceil(n / cfg[kernel][block]) for n in lens) * heads,)]
+
+    def ours(deterministic=None):
+        flags = {} if deterministic is None else {"deterministic": deterministic}
+        return lambda q, k, v, cu, m: varlen_attention(q, k, v, cu, cu, m, m, **flags)
+
+    def flash(deterministic=None):
+        flags = {} if deterministic is None else {"deterministic": deterministic}
+        return lambda q, k, v, cu, m: flash_attn_varlen_func(q, k, v, cu, cu, m, m, causal=True, **flags)
+
+    deterministic = {"dkdv": grid("dkdv", "BLOCK_N", 2), "atomic_dq": [False], "dq": grid("dq", "BLOCK_M", 4)}
+    atomic = {"dkdv": grid("dkdv_atomic", "BLOCK_N", 2), "atomic_dq": [True], "dq": []}
+
+    def launches(call):
+        return _backward_launches(monkeypatch, call, lens, device)
+
+    assert launches(ours()) == deterministic
+    assert launches(ours(False)) == atomic
+    assert launches(flash()) == deterministic
+    assert launches(flash(True)) == deterministic
+    assert launches(flash(False)) == atomic
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert launches(ours(False)) == deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_more_sequences_than_a_grid_axis_holds(device, monkeypatch):

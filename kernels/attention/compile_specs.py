@@ -39,10 +39,12 @@ def compile_specs() -> list[CompileSpec]:
             by_table = {table: _configs(head_dim, dtype, table) for table in sorted(TILES, reverse=True)}
             shared = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
             dot = {"DOT_PRECISION": _dot_precision(dtype)}
-            for name, fn, pointers in (
-                ("fwd", _attn_fwd, ("Q", "K", "V", "Out")),
-                ("dkdv", _attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV")),
-                ("dq", _attn_bwd_dq, ("Q", "K", "V", "DO", "DQ")),
+            for name, fn, pointers, flags in (
+                ("fwd", _attn_fwd, ("Q", "K", "V", "Out"), {}),
+                # deterministic: DQ (q's dtype) is passed but unused; atomic: an fp32 accumulator
+                ("dkdv", _attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV", "DQ"), {"ATOMIC_DQ": False}),
+                ("dq", _attn_bwd_dq, ("Q", "K", "V", "DO", "DQ"), {}),
+                ("dkdv_atomic", _attn_bwd_dkdv, ("Q", "K", "V", "DO", "DK", "DV"), {"ATOMIC_DQ": True}),
             ):
                 archs_of_config = {}
                 for table, cfgs in by_table.items():
@@ -50,7 +52,7 @@ def compile_specs() -> list[CompileSpec]:
                 for config, archs in archs_of_config.items():
                     cfg = dict(config)
                     warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-                    constexprs = {**shared, **cfg, **dot}
+                    constexprs = {**shared, **cfg, **dot, **flags}
                     signature = _signature(fn, pointers, ty, constexprs)
                     specs.append(
                         CompileSpec(
@@ -92,14 +94,15 @@ def _aligned(signature: dict[str, str]) -> tuple[str, ...]:
 
 
 def _signature(fn, data_pointers, ty: str, constexprs: dict) -> dict[str, str]:
-    """Triton type strings for ``fn``'s arguments: data pointers in ``ty``, lse/delta fp32, tile tables i32."""
+    """Triton type strings for ``fn``'s arguments: data pointers in ``ty``, lse/delta (and any other DQ) fp32,
+    tile tables i32."""
     types = {}
     for name in fn.arg_names:
         if name in constexprs:
             types[name] = "constexpr"
         elif name in data_pointers:
             types[name] = f"*{ty}"
-        elif name in ("Lse", "Delta"):
+        elif name in ("Lse", "Delta", "DQ"):  # DQ when not a data pointer: the atomic path's fp32 buffer
             types[name] = "*fp32"
         elif name.startswith("cu_seqlens") or name in ("TileSeq", "TileBlock"):
             types[name] = "*i32"

@@ -1,10 +1,20 @@
 """``flash_attn_varlen_func`` with FlashAttention 2's signature, running our kernels.
 
 Code written for ``flash_attn`` switches by changing one import. Options we do not
-implement raise ``ValueError`` rather than being silently ignored. Our backward is always
-deterministic (no atomics), so ``deterministic`` is accepted either way and changes nothing.
+implement raise ``ValueError`` rather than being silently ignored.
 A head size that is not a multiple of 8 is zero-padded to one, run and sliced back, as
 FlashAttention 2 does (the default scale stays ``1/sqrt`` of the unpadded size).
+
+``deterministic`` maps to :func:`~.varlen.varlen_attention`'s: ``True`` runs the 7-GEMM backward
+(a dq kernel after the dk/dv kernel, no atomics: bitwise reproducible and packing-invariant),
+``False`` the 5-GEMM one that adds dq into an fp32 buffer with atomics inside the dk/dv kernel,
+as FlashAttention's own non-deterministic backward does. The default is ours, ``True``, not
+flash-attn's ``False``: changing the import must not quietly make gradients run-to-run
+dependent (RL log-prob recomputation and our tests rely on bitwise reproducibility); code that
+wants flash-attn's faster behaviour passes ``deterministic=False``, as transformers' own
+flash-attention path does unless ``FLASH_ATTENTION_DETERMINISTIC=1``. Our transformers
+integration (``attn_implementation="qwenlong"``) calls :func:`~.varlen.varlen_attention`
+directly with its deterministic default, whatever that variable says.
 """
 
 from __future__ import annotations
@@ -31,11 +41,12 @@ def flash_attn_varlen_func(
     window_size=(-1, -1),
     softcap=0.0,
     alibi_slopes=None,
-    deterministic=False,
+    deterministic=True,
     return_attn_probs=False,
     block_table=None,
 ):
-    """FlashAttention 2's varlen entry point (note ``causal=False`` by default, as there).
+    """FlashAttention 2's varlen entry point (note ``causal=False`` by default, as there; ``deterministic=True``
+    by default, unlike there: see the module docstring).
 
     Returns ``out``; with ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``:
     FlashAttention's third item (the probabilities, documented there as for testing only and
@@ -66,6 +77,7 @@ def flash_attn_varlen_func(
         causal=causal,
         window_size=tuple(window_size),
         return_lse=return_attn_probs,
+        deterministic=deterministic,
     )
     out, lse = result if return_attn_probs else (result, None)
     if head_dim and out.shape[-1] != head_dim:

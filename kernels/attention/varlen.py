@@ -36,16 +36,37 @@ Backward (recompute, nothing of size ``T x T`` is stored), with ``dO`` the outpu
     dv_j = sum_i p_ij dO_i,     dk_j = scale sum_i ds_ij q_i,     dq_i = scale sum_j ds_ij k_j
 
 ``dk``/``dv`` come from one program per (key block, kv head) that loops over the query heads of
-its group and the query blocks that see it; ``dq`` from a second pass over (query block, head).
-Each evaluates the mask only on the band's edge blocks (a branch: a second loop costs ~30
-registers there, which spills at head_dim 128). No atomics, so gradients are deterministic
-(``flash_attn_varlen_func(deterministic=False)`` runs the same kernels).
+its group and the query blocks that see it. Per visited (query block, key block) pair it runs
+four GEMMs: ``s^T = k q^T`` (recomputed), ``dv += p^T dO``, ``dp^T = v dO^T``, ``dk += ds^T q``.
+``dq`` needs ``ds`` summed over key blocks, which live in other programs; two backward paths:
+
+- ``deterministic=True`` (the default of :func:`varlen_attention` and of our
+  ``flash_attn_varlen_func``): a second kernel over (query block, head) recomputes ``s`` and
+  ``dp`` for its rows and adds ``dq += ds k`` in registers, key block after key block: three more
+  GEMMs, 7 in all (1.4x the 5-GEMM minimum), no atomics. Every sum runs in a fixed order inside
+  one program, so gradients are bitwise reproducible and a sequence's are the same alone or packed.
+- ``deterministic=False`` (the ``ATOMIC_DQ`` build of the same dk/dv kernel): each program also
+  computes its pair's share ``scale ds k`` (``BLOCK_M x d``, the fifth GEMM) for each query head of
+  its group and adds it into a zeroed fp32 ``(total_q, heads, d)`` buffer with ``tl.atomic_add``
+  (relaxed), on the rows of its own sequence only; masked keys and rows add 0. No dq kernel runs;
+  the buffer is cast to q's dtype at the end. 5 GEMMs, as FlashAttention 2/3's backward, at the cost
+  of ``(key blocks seen) x d`` fp32 atomics per query row and head and a ``4 * total_q * heads * d``
+  byte buffer. The order in which programs add into a row is whatever the GPU schedules, and fp32
+  addition is not associative: ``dq`` differs in its last bits from run to run and with what is
+  packed beside a sequence (``dk``, ``dv`` and the forward stay deterministic). Use it when
+  backward throughput matters more than bitwise reproducibility (benchmarks, exploratory runs);
+  keep the default for training runs that must reproduce bit for bit (seed studies, resumed or
+  re-run RL steps), for debugging and for tests that compare runs. ``torch.use_deterministic_algorithms(True)`` selects the
+  deterministic path whatever is asked. The blockwise PyTorch path (CPU) has no atomics either way.
+
+Each kernel evaluates the mask only on the band's edge blocks (a branch: a second loop costs ~30
+registers there, which spills at head_dim 128).
 
 Tiles never span two sequences and tile shapes depend only on ``head_dim``, dtype and the GPU
 generation (a table for sm_90's wgmma, one for the others), never on lengths, so a sequence's
-outputs and gradients are bitwise the same alone or packed with others (the tile order only
-changes when a program runs, not what it computes). GQA: query head ``h`` reads kv head
-``h // (heads // kv_heads)``.
+outputs and gradients (the deterministic backward's) are bitwise the same alone or packed with
+others (the tile order only changes when a program runs, not what it computes). GQA: query
+head ``h`` reads kv head ``h // (heads // kv_heads)``.
 
 Sizes: every pointer is a 64-bit base (sequence start, block start, head) plus a 32-bit offset
 inside the tile, so sequences of any length and views with large token or head strides
@@ -245,12 +266,14 @@ def _attn_bwd_delta(
 
 @triton.jit
 def _dkdv_blocks(
-    dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, stride_qt, stride_dot, cols, q_len, k_len,
-    qk_scale, window_left, window_right, lo, full_lo, full_hi, hi,
+    dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, DQ_head, stride_qt, stride_dot, stride_dqt, cols,
+    q_len, k_len, qk_scale, softmax_scale, window_left, window_right, lo, full_lo, full_hi, hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     """Adds the query blocks ``[lo, hi)`` of one query head to dk and dv (transposed scores: key-major); only
-    those outside ``[full_lo, full_hi)`` evaluate the mask."""
+    those outside ``[full_lo, full_hi)`` evaluate the mask. ``ATOMIC_DQ``: also adds this key block's share
+    of dq, ``scale ds k``, into the fp32 rows of ``DQ_head`` with atomics (the fifth GEMM)."""
     offs_m = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
@@ -270,21 +293,28 @@ def _dkdv_blocks(
             pt = tl.where(_allowed(rows[None, :], cols[:, None], q_len, k_len, window_left, window_right), pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+        dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
+        dk += tl.dot(dst, tl.trans(qt), input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:  # masked keys and rows have ds = 0 (pt is 0 there): they add nothing
+            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * softmax_scale  # (BLOCK_M, BLOCK_D)
+            # relaxed: nothing reads dq before the kernel ends, so no ordering is needed, only atomicity
+            tl.atomic_add(DQ_head + row_base * stride_dqt + offs_m[:, None] * stride_dqt + dims[None, :], dq,
+                          mask=row_ok[:, None] & dim_ok[None, :], sem="relaxed")  # fmt: skip
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, cu_seqlens_q, cu_seqlens_k, TileSeq, TileBlock,
+    Q, K, V, DO, Lse, Delta, DK, DV, DQ, cu_seqlens_q, cu_seqlens_k, TileSeq, TileBlock,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh, stride_lh,
     kv_heads, group, qk_scale, softmax_scale, window_left, window_right,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
-    """dk, dv for one (key block, kv head) tile: sums over every query head of its group."""
+    """dk, dv for one (key block, kv head) tile: sums over every query head of its group. ``ATOMIC_DQ``
+    (``deterministic=False``): also adds the tile's share of dq for each of those heads to the fp32
+    buffer ``DQ`` (zeroed by the launcher) with atomics, and no dq kernel runs; else ``DQ`` is unused."""
     k_block, kv_head, q_start, q_len, k_start, k_len = _tile(TileSeq, TileBlock, cu_seqlens_q, cu_seqlens_k,
                                                              kv_heads)  # fmt: skip
     first_col = k_block * BLOCK_N
@@ -310,9 +340,11 @@ def _attn_bwd_dkdv(
         DO_head = DO + q_base * stride_dot + head64 * stride_doh
         Lse_head = Lse + head64 * stride_lh + q_base
         Delta_head = Delta + head64 * stride_lh + q_base
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, stride_qt, stride_dot, cols,
-                              q_len, k_len, qk_scale, window_left, window_right, lo, full_lo, full_hi, hi,
-                              HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION)  # fmt: skip
+        DQ_head = DQ + q_base * stride_dqt + head64 * stride_dqh
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, DQ_head, stride_qt, stride_dot,
+                              stride_dqt, cols, q_len, k_len, qk_scale, softmax_scale, window_left, window_right,
+                              lo, full_lo, full_hi, hi, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION,
+                              ATOMIC_DQ)  # fmt: skip
 
     DK_tile = DK + col_base * stride_dkt + kv_head64 * stride_dkh
     DV_tile = DV + col_base * stride_dvt + kv_head64 * stride_dvh
@@ -402,19 +434,22 @@ def _block_d(head_dim: int) -> int:
 # BLOCK_M in fwd and dq and BLOCK_N in dkdv (its dots produce key-major tiles).
 TILES = {
     80: {  # mma.sync (HMMA): sm_80 and every GPU other than sm_90
-        64: {"fwd": (128, 64, 8, 3), "dkdv": (16, 64, 4, 3), "dq": (64, 32, 4, 3)},
-        128: {"fwd": (128, 32, 8, 3), "dkdv": (16, 64, 8, 3), "dq": (64, 32, 8, 3)},
-        256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (32, 16, 8, 2)},
+        64: {"fwd": (128, 64, 8, 3), "dkdv": (16, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv_atomic": (16, 64, 4, 3)},
+        # dkdv_atomic at 128: 2 stages, as fp32's halved 16x32 tile spills 2 registers on sm_90 with 3
+        128: {"fwd": (128, 32, 8, 3), "dkdv": (16, 64, 8, 3), "dq": (64, 32, 8, 3), "dkdv_atomic": (16, 64, 8, 2)},
+        256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv_atomic": (16, 32, 8, 2)},
     },
     90: {  # wgmma (HGMMA)
         # every wgmma N >= 64 at head_dim 64; at 128 dkdv's scores are 128 x 32 (n32): 64 query rows spill
-        64: {"fwd": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)},
-        128: {"fwd": (128, 64, 8, 2), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 2)},
+        64: {"fwd": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2), "dkdv_atomic": (64, 128, 8, 2)},
+        # dkdv_atomic at 128: 32x128 with 2 stages (3 spill); its dq GEMM (32 query rows) runs on mma.sync. Computing
+        # dq^T = k^T ds^T instead puts it on wgmma (n32) but spills unless loads are not pipelined (1 stage)
+        128: {"fwd": (128, 64, 8, 2), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 2), "dkdv_atomic": (32, 128, 8, 2)},
         # dkdv: 64-key tiles spill at head_dim 256 (two 64x256 fp32 accumulators), so it keeps mma.sync
-        256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (64, 32, 8, 2)},
+        256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (64, 32, 8, 2), "dkdv_atomic": (16, 32, 8, 2)},
     },
 }
-KERNELS = ("fwd", "dkdv", "dq")
+KERNELS = ("fwd", "dkdv", "dq", "dkdv_atomic")
 
 
 def tile_table(device: torch.device) -> int:
@@ -575,13 +610,17 @@ def _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window):
     return out, lse
 
 
-def _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, scale, window):
+def _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, scale, window, deterministic):
+    """dq, dk, dv. ``deterministic``: the dkdv kernel, then the dq kernel (7 GEMMs per block pair, no atomics);
+    else the dkdv kernel alone, adding dq into a zeroed fp32 buffer with atomics (5 GEMMs), cast at the end."""
     total_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
     block_d = _block_d(head_dim)
     precision = _dot_precision(q.dtype)
     cfgs = _configs(head_dim, q.dtype, tile_table(q.device))
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    # the atomic path sums dq in fp32 over key blocks (and a GQA group's programs): rows no key sees stay 0
+    dq = torch.empty_like(q) if deterministic else torch.zeros(q.shape, device=q.device, dtype=torch.float32)
     delta = torch.empty_like(lse)
     if total_q * heads > 0:
         _attn_bwd_delta[(triton.cdiv(total_q, DELTA_BLOCK_M), heads)](
@@ -589,15 +628,18 @@ def _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, sc
             HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d,
         )  # fmt: skip
     common = (scale * LOG2E.value, scale, *window)
-    cfg = cfgs["dkdv"]
+    cfg = cfgs["dkdv" if deterministic else "dkdv_atomic"]
     tile_seq, tile_block, tiles = _launch_tiles(plan, cfg, window, True, q.device)
     if tiles * kv_heads > 0:
         _attn_bwd_dkdv[(tiles * kv_heads,)](
-            q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_block,
+            q, k, v, do, lse, delta, dk, dv, dq, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_block,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
-            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), lse.stride(0), kv_heads, heads // kv_heads, *common,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=precision, **cfg,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+            kv_heads, heads // kv_heads, *common,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=precision, ATOMIC_DQ=not deterministic, **cfg,
         )  # fmt: skip
+    if not deterministic:
+        return dq.to(q.dtype), dk, dv
     cfg = cfgs["dq"]
     tile_seq, tile_block, tiles = _launch_tiles(plan, cfg, window, False, q.device)
     if tiles * heads > 0:
@@ -614,21 +656,20 @@ class TritonVarlenAttention(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, out and lse; the backward recomputes the probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window_left, window_right):
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window_left, window_right, deterministic):
         window = (window_left, window_right)
         out, lse = _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = (plan, scale, window)
+        ctx.args = (plan, scale, window, deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        plan, scale, window = ctx.args
         do = do if do.stride(-1) == 1 and do.stride(0) < MAX_TOKEN_STRIDE else do.contiguous()
-        dq, dk, dv = _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, scale, window)
-        return dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv = _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public op
@@ -698,8 +739,9 @@ def varlen_attention(
     causal: bool = True,
     window_size: tuple[int, int] = (-1, -1),
     return_lse: bool = False,
+    deterministic: bool = True,
 ):
-    """Attention over packed sequences; see the module docstring for the math and masking.
+    """Attention over packed sequences; see the module docstring for the math, masking and backward paths.
 
     q ``(total_q, heads, head_dim)``, k/v ``(total_k, kv_heads, head_dim)`` (fp16, bf16 or
     fp32; ``heads % kv_heads == 0``; head_dim a multiple of 8 up to 256), cu_seqlens int32
@@ -708,11 +750,20 @@ def varlen_attention(
     log-sum-exp ``(heads, total_q)`` (``-inf`` for rows that see no key).
     Differentiable in q, k and v. CUDA tensors run the Triton kernels, CPU tensors the
     blockwise PyTorch implementation (or the kernels under ``TRITON_INTERPRET=1``).
+    ``deterministic`` (default) runs the 7-GEMM backward: gradients are bitwise reproducible
+    and independent of what is packed beside a sequence. ``deterministic=False`` runs the
+    5-GEMM backward that adds dq with fp32 atomics (fewer FLOPs, one kernel fewer; dq's last
+    bits vary from run to run), unless ``torch.use_deterministic_algorithms(True)`` is on. The
+    blockwise PyTorch path is deterministic either way.
     The contents of ``cu_seqlens_q/k`` are read (and checked) once per pair of tensors: pass
     the same tensors to every layer of a step, and do not edit them in place under
     ``torch.inference_mode`` (such tensors are re-read on every call).
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softmax_scale)
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
+    # as PyTorch's own ops with a deterministic alternative: the global switch picks it
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     plan = batch_plan(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
     _check_max_seqlen("max_seqlen_q", max_seqlen_q, plan.longest_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k, plan.longest_k)
@@ -727,7 +778,7 @@ def varlen_attention(
     backend = select_backend(q.device)
     if backend == "triton":
         out, lse = TritonVarlenAttention.apply(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window_left, window_right
+            q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window_left, window_right, deterministic
         )
     else:
         out, lse = BlockwiseAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, window_left, window_right)
