@@ -19,7 +19,9 @@ from qwenlong.plan.kernel_sizes import kernel_constant
 from qwenlong.plan.models import ModelShape
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# DeepSpeed defaults (qwenlong's DeepSpeed config sets none of them): reduce bucket (elements)
+# DeepSpeed defaults (qwenlong's DeepSpeed config sets none of them): reduce bucket (elements). Stages 1-3
+# allocate it whole (``torch.empty``) in the gradient-accumulation dtype, the model dtype by default, whatever
+# the model's size; stage 3 (``overlap_comm`` on by default) still keeps a single one
 DEEPSPEED_REDUCE_BUCKET = 500_000_000
 CUDA_CONTEXT_BYTES = int(1.5 * GiB)  # CUDA context, cuBLAS/NCCL workspaces and buffers, per GPU
 VLLM_ASLEEP_BYTES = 1 * GiB  # a sleeping vLLM engine keeps its CUDA graphs and context
@@ -180,10 +182,21 @@ def _gb(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
 
 
-def state_lines(shape: ModelShape, s: Settings) -> list[Line]:
+def reduce_bucket_bytes(shape: ModelShape, s: Settings, cuda: bool) -> int:
+    """DeepSpeed's gradient reduce bucket (stages 1-3): ``reduce_bucket_size`` elements in the model dtype,
+    allocated whole however small the model. A GPU holds all of it; on a CPU host only the pages written
+    are resident, and the gradients that pass through it (at most the parameters) are all that is written."""
+    allocated = DEEPSPEED_REDUCE_BUCKET * s.dtype_bytes
+    return allocated if cuda else min(allocated, shape.params * s.dtype_bytes)
+
+
+def state_lines(shape: ModelShape, s: Settings, cuda: bool = True) -> list[Line]:
     """Weights, gradients and optimizer state per rank: plain PyTorch (stage 0) keeps all three in the
-    model dtype (AdamW moments included); DeepSpeed (stages 1-3) adds fp32 master weights and keeps the
-    fp32 master, moments and gradient partitions as 1/world shares."""
+    model dtype (AdamW moments included); DeepSpeed (stages 1-3) adds fp32 master weights, keeps them and
+    the moments as 1/world shares, and accumulates gradients in the model dtype: whole under stage 1, a
+    1/world partition under stages 2-3 (the fp32 copy of the partition exists only inside the optimizer
+    step, when the activations are gone), beside its reduce bucket. Measured on 2 gloo processes by
+    ``benchmarks/bench_plan_memory.py --zero``."""
     p, b, n = shape.params, s.dtype_bytes, s.world
     lines = []
     if s.stage == 3:
@@ -199,14 +212,16 @@ def state_lines(shape: ModelShape, s: Settings) -> list[Line]:
         lines.append(Line("gradients", p * b, "full, model dtype"))
         lines.append(Line("optimizer (AdamW m, v)", 2 * p * b, "model dtype, no master copy (plain PyTorch)"))
         return lines
-    grads = 0 if s.offload_optimizer else 4 * p // n
-    full = p * b if s.stage == 1 else 0
-    lines.append(Line("gradients", full + grads,
-                      ("full in the model dtype + " if s.stage == 1 else "")
-                      + ("fp32 partition on CPU (offload_optimizer)" if s.offload_optimizer else f"fp32, 1/{n}")))
-    if s.stage >= 2:
-        bucket = max(min(p, DEEPSPEED_REDUCE_BUCKET), shape.layer_params) * b
-        lines.append(Line("gradient reduce buckets", bucket, "DeepSpeed reduce_bucket_size (5e8) or one layer"))
+    if s.stage == 1:
+        lines.append(Line("gradients", p * b, "full, model dtype (each rank accumulates all of them)"))
+    elif s.offload_optimizer:
+        lines.append(Line("gradients", 0, "partition on CPU (offload_optimizer)"))
+    else:
+        lines.append(Line("gradients", p * b // n, f"model dtype, 1/{n} (the partition this rank reduces into)"))
+    bucket = reduce_bucket_bytes(shape, s, cuda)
+    lines.append(Line("gradient reduce buckets", bucket,
+                      f"DeepSpeed's reduce_bucket_size ({DEEPSPEED_REDUCE_BUCKET:,} elements) x {b} bytes, allocated "
+                      "whole" if cuda else "the pages of DeepSpeed's reduce bucket that gradients are written to"))
     lines.append(Line("optimizer (fp32 master + AdamW m, v)", 0 if s.offload_optimizer else 12 * p // n,
                       "on CPU (offload_optimizer)" if s.offload_optimizer else f"12 bytes x 1/{n} of the parameters"))
     return lines
@@ -276,7 +291,7 @@ def memory_plan(shape: ModelShape, s: Settings, dev: Device, tokens: int | None 
     cuda = dev.cuda
     if tokens is None:
         tokens = s.tokens_per_rank if stage == "rl" else s.sft_tokens_per_rank
-    state = state_lines(shape, s)
+    state = state_lines(shape, s, cuda)
     longest = s.longest_sequence if stage == "rl" else s.sft_longest_sequence
     acts = activation_lines(shape, s, cuda, tokens, longest)
     engine, capacity = engine_lines(shape, s, dev) if stage == "rl" else ([], None)
