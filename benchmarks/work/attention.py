@@ -6,8 +6,9 @@ every program of the tile-scheduled launch is one, where the previous grid ``(bl
 sequence, heads, batch)`` also launched a program for every block a shorter sequence does not have
 (it returned at once; "old grid" below). The causal minimum is what any exact kernel computes:
 ``4 d H sum_i n_i (n_i + 1) / 2`` forward (QK^T and PV over each document's lower triangle) and
-2.5x that backward (five GEMMs: recomputed QK^T, dV, dP, dQ, dK); our deterministic backward
-issues seven (dq's pass recomputes QK^T and dP), so its floor is 3.5x.
+2.5x that backward (five GEMMs: recomputed QK^T, dV, dP, dQ, dK). Both backward paths are metered: the
+default deterministic one issues seven (dq's own pass recomputes QK^T and dP), so its floor is 3.5x;
+``deterministic=False`` issues the five in the dk/dv kernel alone (dq added with fp32 atomics), floor 2.5x.
 
 Counted under the interpreter (:mod:`benchmarks.work.counting`) at small shapes with the tile table the
 interpreter uses (sm_80's), and given by :func:`closed_form` (the kernels' tile tables and the same
@@ -35,7 +36,12 @@ from benchmarks.work.counting import count_work, require_interpreter
 
 FULL = {"heads": 40, "kv_heads": 8, "head_dim": 128, "dtype": torch.bfloat16}
 KERNEL_NAMES = {"fwd": "_attn_fwd", "dkdv": "_attn_bwd_dkdv", "dq": "_attn_bwd_dq"}
-DOTS = {"fwd": 2, "dkdv": 4, "dq": 3}  # tl.dot calls per visited block pair
+DOTS = {"fwd": 2, "dkdv": 4, "dq": 3, "dkdv_atomic": 5}  # tl.dot calls per visited block pair
+# the kernels each backward path launches (config name in the tile tables, over key blocks?)
+PATHS = {
+    True: (("fwd", False), ("dkdv", True), ("dq", False)),  # deterministic: 7 GEMMs
+    False: (("fwd", False), ("dkdv_atomic", True)),  # atomic dq in the dk/dv kernel: 5 GEMMs
+}
 
 
 def varlen():
@@ -67,15 +73,16 @@ def causal_minimum(lengths, heads: int, head_dim: int) -> int:
     return sum(4 * heads * head_dim * n * (n + 1) // 2 for n in lengths)
 
 
-def closed_form(lengths, heads, kv_heads, head_dim, dtype, table: int) -> dict[str, dict[str, int]]:
-    """Programs, useful tiles, FLOPs and the old grid's programs per kernel, causal, from the tile tables."""
+def closed_form(lengths, heads, kv_heads, head_dim, dtype, table: int, deterministic: bool = True):
+    """Programs, useful tiles, FLOPs and the old grid's programs per kernel (the configs' names: fwd, dkdv, dq;
+    ``deterministic=False``: fwd, dkdv_atomic), causal, from the tile tables."""
     vl = varlen()
     lens = np.asarray(lengths, dtype=np.int64)
     window = vl.BatchPlan(lens, lens).window(-1, 0)
     configs = vl._configs(head_dim, dtype, table)
     block_d = vl._block_d(head_dim)
     out = {}
-    for kernel, over_keys in (("fwd", False), ("dkdv", True), ("dq", False)):
+    for kernel, over_keys in PATHS[deterministic]:
         bm, bn = configs[kernel]["BLOCK_M"], configs[kernel]["BLOCK_N"]
         block, other = (bn, bm) if over_keys else (bm, bn)
         tables = vl.schedule(lens, lens, block, other, window, over_keys)
@@ -106,22 +113,41 @@ def _inputs(lengths, heads, kv_heads, head_dim, dtype, seed=0):
     return q, k, v, do, cu
 
 
-def run(q, k, v, do, cu) -> None:
+def run(q, k, v, do, cu, deterministic: bool = True) -> None:
     """Causal forward + backward of the kernels."""
     longest = int(cu.diff().max())
-    out = varlen().varlen_attention(q, k, v, cu, cu, longest, longest, causal=True)
+    out = varlen().varlen_attention(q, k, v, cu, cu, longest, longest, causal=True, deterministic=deterministic)
     torch.autograd.grad(out, (q, k, v), do)
 
 
-def count(lengths, heads, kv_heads, head_dim, dtype) -> dict[str, dict[str, int]]:
-    """Programs and FLOPs per kernel, counted under the interpreter (Triton kernels only)."""
-    work = count_work(run, *_inputs(lengths, heads, kv_heads, head_dim, dtype), torch_ops=False)
+def count(lengths, heads, kv_heads, head_dim, dtype, deterministic: bool = True) -> dict[str, dict[str, int]]:
+    """Programs and FLOPs per kernel launched, counted under the interpreter (Triton kernels only), named as
+    :func:`closed_form` names them."""
+    inputs = _inputs(lengths, heads, kv_heads, head_dim, dtype)
+    work = count_work(run, *inputs, deterministic=deterministic, torch_ops=False)
+    kernels = {KERNEL_NAMES[name.removesuffix("_atomic")]: name for name, _ in PATHS[deterministic]}
+    launched = {name for name in work.by_kernel if name in KERNEL_NAMES.values()}
+    if launched != set(kernels):
+        raise AssertionError(f"deterministic={deterministic} launched {sorted(launched)}, expected {sorted(kernels)}")
     return {kernel: {"programs": work.by_kernel[name].programs, "flops": work.by_kernel[name].flops}
-            for kernel, name in KERNEL_NAMES.items()}  # fmt: skip
+            for name, kernel in kernels.items()}  # fmt: skip
 
 
-def _row(batch: str, lengths, heads, head_dim, where: str, works: dict) -> dict:
-    """Summary columns: programs / useful tiles and old grid, per kernel; FLOPs / causal minimum fwd and bwd."""
+def _counted(batch, lengths, heads, kv_heads, head_dim, dtype, deterministic: bool) -> dict:
+    """One backward path's work at a small shape: counted, checked against the closed form (sm_80 tiles, as the
+    interpreter uses), with the formula's useful tiles and old grid added."""
+    counted = count(lengths, heads, kv_heads, head_dim, dtype, deterministic)
+    formula = closed_form(lengths, heads, kv_heads, head_dim, dtype, table=80, deterministic=deterministic)
+    for kernel, work in counted.items():
+        if work != {key: formula[kernel][key] for key in work}:
+            raise AssertionError(f"closed form != count for {batch} {kernel} (deterministic={deterministic}): "
+                                 f"{formula[kernel]} {work}")  # fmt: skip
+    return formula
+
+
+def _row(batch: str, lengths, heads, head_dim, where: str, works: dict, atomic: dict) -> dict:
+    """Summary columns: programs / useful tiles and old grid, per kernel; FLOPs / causal minimum fwd and bwd;
+    then the ``deterministic=False`` backward's (``atomic``) programs and FLOPs / minimum."""
     minimum = causal_minimum(lengths, heads, head_dim)
     row = {"batch": batch, "where": where, "documents": len(lengths), "tokens": sum(lengths)}
     for kernel in ("fwd", "dkdv", "dq"):
@@ -132,6 +158,9 @@ def _row(batch: str, lengths, heads, head_dim, where: str, works: dict) -> dict:
             row[f"{kernel} old grid / useful"] = round(w["old grid"] / w["useful tiles"], 2)
     row["fwd FLOPs / min"] = round(works["fwd"]["flops"] / minimum, 3)
     row["bwd FLOPs / min"] = round((works["dkdv"]["flops"] + works["dq"]["flops"]) / (2.5 * minimum), 3)
+    row["atomic bwd programs"] = atomic["dkdv_atomic"]["programs"]
+    row["atomic bwd / useful"] = round(atomic["dkdv_atomic"]["programs"] / atomic["dkdv_atomic"]["useful tiles"], 3)
+    row["atomic bwd FLOPs / min"] = round(atomic["dkdv_atomic"]["flops"] / (2.5 * minimum), 3)
     return row
 
 
@@ -147,25 +176,23 @@ def main(argv=None) -> int:
     heads, kv_heads, head_dim, dtype = 2, 1, 64, torch.bfloat16
     rows = []
     for batch, lengths in small_batches(args.quick).items():
-        counted = count(lengths, heads, kv_heads, head_dim, dtype)
-        formula = closed_form(lengths, heads, kv_heads, head_dim, dtype, table=80)
-        for kernel in counted:
-            counted[kernel] = {**formula[kernel], **counted[kernel]}  # useful tiles and old grid from the formula
-            if {k: formula[kernel][k] for k in ("programs", "flops")} != {k: counted[kernel][k] for k in
-                                                                          ("programs", "flops")}:  # fmt: skip
-                raise AssertionError(f"closed form != count for {batch} {kernel}: {formula[kernel]} {counted[kernel]}")
-        rows.append(_row(batch, lengths, heads, head_dim, "interpreter (sm_80 tiles)", counted))
+        paths = {deterministic: _counted(batch, lengths, heads, kv_heads, head_dim, dtype, deterministic)
+                 for deterministic in (True, False)}  # fmt: skip
+        rows.append(_row(batch, lengths, heads, head_dim, "interpreter (sm_80 tiles)", paths[True], paths[False]))
         print(rows[-1], flush=True)
     big = []
     for table in (90, 80):
         for batch, lengths in full_batches().items():
-            works = closed_form(lengths, FULL["heads"], FULL["kv_heads"], FULL["head_dim"], FULL["dtype"], table)
-            big.append(_row(batch, lengths, FULL["heads"], FULL["head_dim"], f"closed form sm_{table}", works))
+            shape = (lengths, FULL["heads"], FULL["kv_heads"], FULL["head_dim"], FULL["dtype"], table)
+            works, atomic = (closed_form(*shape, deterministic=flag) for flag in (True, False))
+            big.append(_row(batch, lengths, FULL["heads"], FULL["head_dim"], f"closed form sm_{table}", works, atomic))
     notes = [
         "programs / useful: programs launched per useful (block, head) tile; 1.0 means no empty program. "
         "old grid / useful: the same for the previous (blocks of the longest sequence, heads, batch) grid.",
         "FLOPs are tl.dot operand shapes (padded tiles count in full), against the causal minimum "
         "4 d H sum n(n+1)/2 forward and 2.5x that backward; the deterministic 7-GEMM backward's floor is 1.4.",
+        "atomic bwd: the deterministic=False backward, one dk/dv kernel that adds dq with fp32 atomics (5 GEMMs, "
+        "floor 1.0; no dq kernel), on its own tiles (dkdv_atomic in the tile tables).",
         f"Counted: {heads}/{kv_heads} heads, head_dim {head_dim}, bf16, the full batches' lengths / "
         f"{128 if args.quick else 64} (the RL batches' short documents {'8x and 32x' if args.quick else '4x and 8x'} "
         "fewer); the closed form equals "
@@ -174,6 +201,7 @@ def main(argv=None) -> int:
         "one to read.",
         "Closed form: 40/8 heads, head_dim 128, bf16, causal, the kernels' tile tables for sm_90 and sm_80.",
     ]
+
     def shapes(batches):
         return {name: f"{len(lengths)} docs, {sum(lengths)} tokens" for name, lengths in batches.items()}
 
