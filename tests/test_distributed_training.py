@@ -506,22 +506,23 @@ def _build(state: _RankState, key: str, value) -> None:
 
 # name -> check, in the order the ranks run them (later checks use what earlier ones built)
 CHECKS: dict[str, Callable[[_RankState], None]] = {
-    "dp-grpo-7-micro-batches": lambda s: _check_plain_dp_grpo_update(s.own, budget=24),
-    "rollouts-dp2": lambda s: _check_rollouts_split_and_gathered(s.own, sp_size=1),
-    "rollouts-sp2": lambda s: _check_rollouts_split_and_gathered(s.own, sp_size=2),
-    "dp-grpo-1-micro-batch": lambda s: _check_plain_dp_grpo_update(s.own, budget=1000),
-    "sp-steps": lambda s: _check_sequence_parallel_steps(s.own),
-    "zero2-sft": lambda s: _check_deepspeed_sft(s.own, s.shared, stage=2),
-    "zero3-sft": lambda s: _check_deepspeed_sft(s.own, s.shared, stage=3),
-    "zero3-tied-sft": lambda s: _build(s, "tied", _check_deepspeed_sft(s.own, s.shared, stage=3, tied=True)),
-    "zero3-generation": lambda s: _check_zero3_generation(s.built["tied"]),
-    "zero2-bf16": lambda s: _check_deepspeed_bf16(s.shared, stage=2),
-    "zero3-bf16": lambda s: _check_deepspeed_bf16(s.shared, stage=3),
-    "zero2-fp32-load": lambda s: _check_loaded_weights_survive_a_step(s.shared, 2, torch.float32),
-    "zero3-fp32-load": lambda s: _check_loaded_weights_survive_a_step(s.shared, 3, torch.float32),
-    "zero3-bf16-load": lambda s: _check_loaded_weights_survive_a_step(s.shared, 3, torch.bfloat16),
-    "zero3-run": lambda s: _build(s, "policy", _check_zero3_run(s.shared)),
-    "zero3-pretrained-load": lambda s: _check_zero3_pretrained_load(s.built["policy"], s.shared),
+    "dp-grpo-update-7-micro-batches": lambda s: _check_plain_dp_grpo_update(s.own, budget=24),
+    "rollouts-split-over-dp2": lambda s: _check_rollouts_split_and_gathered(s.own, sp_size=1),
+    "rollouts-from-sp-rank-0": lambda s: _check_rollouts_split_and_gathered(s.own, sp_size=2),
+    "dp-grpo-update-1-micro-batch": lambda s: _check_plain_dp_grpo_update(s.own, budget=1000),
+    "sp2-sft-and-grpo-steps": lambda s: _check_sequence_parallel_steps(s.own),
+    "zero2-sft-weights-save-resume": lambda s: _check_deepspeed_sft(s.own, s.shared, stage=2),
+    "zero3-sft-weights-save-resume": lambda s: _check_deepspeed_sft(s.own, s.shared, stage=3),
+    "zero3-tied-sft-weights-save-resume":
+        lambda s: _build(s, "tied", _check_deepspeed_sft(s.own, s.shared, stage=3, tied=True)),
+    "zero3-generation-as-whole-weights": lambda s: _check_zero3_generation(s.built["tied"]),
+    "zero2-bf16-updates-as-fp32": lambda s: _check_deepspeed_bf16(s.shared, stage=2),
+    "zero3-bf16-updates-as-fp32": lambda s: _check_deepspeed_bf16(s.shared, stage=3),
+    "zero2-fp32-loaded-weights-train": lambda s: _check_loaded_weights_survive_a_step(s.shared, 2, torch.float32),
+    "zero3-fp32-loaded-weights-train": lambda s: _check_loaded_weights_survive_a_step(s.shared, 3, torch.float32),
+    "zero3-bf16-loaded-weights-train": lambda s: _check_loaded_weights_survive_a_step(s.shared, 3, torch.bfloat16),
+    "zero3-run-as-whole-weights": lambda s: _build(s, "policy", _check_zero3_run(s.shared)),
+    "zero3-pretrained-policy-partitioned": lambda s: _check_zero3_pretrained_load(s.built["policy"], s.shared),
 }
 
 
@@ -578,62 +579,10 @@ def two_processes(tmp_path_factory) -> _Outcomes:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("check", ["dp-grpo-7-micro-batches", "dp-grpo-1-micro-batch"])
-def test_plain_data_parallel_grpo_update_matches_one_process(two_processes, check):
-    """Two ranks, each with its share of the micro-batches, make the single-process update."""
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_two_processes_match_one(two_processes, check):
+    """One check (its ``_check_*`` function says what it compares) passed on both ranks."""
     two_processes.assert_passed(check)
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("check", ["rollouts-dp2", "rollouts-sp2"])
-def test_rollouts_are_split_over_ranks_and_gathered(two_processes, check):
-    """Every rank ends a step's collection with one process's groups; each generates only its share."""
-    two_processes.assert_passed(check)
-
-
-@pytest.mark.distributed
-def test_sequence_parallel_steps_match_one_process(two_processes):
-    """SP = 2 gives the SP = 1 loss and gradients of an SFT step and of a GRPO mini-batch."""
-    two_processes.assert_passed("sp-steps")
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("check", ["zero2-sft", "zero3-sft", "zero3-tied-sft"])
-def test_deepspeed_sft_matches_one_process_and_resumes(two_processes, check):
-    """ZeRO SFT: the single process's metrics and weights, its saved model.pt, an exact resume, a second stage."""
-    two_processes.assert_passed(check)
-
-
-@pytest.mark.distributed
-def test_zero3_generation_matches_whole_weights(two_processes):
-    """The HF engine on the ZeRO-3 partitioned policy gives the tokens and log-probs of whole weights."""
-    two_processes.assert_passed("zero3-generation")
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("check", ["zero2-bf16", "zero3-bf16"])
-def test_deepspeed_bf16_updates_as_fp32(two_processes, check):
-    """bf16 weights under ZeRO move as the same run in fp32 does; model.pt holds bf16 weights."""
-    two_processes.assert_passed(check)
-
-
-@pytest.mark.distributed
-@pytest.mark.parametrize("check", ["zero2-fp32-load", "zero3-fp32-load", "zero3-bf16-load"])
-def test_loaded_weights_survive_a_step(two_processes, check):
-    """Weights loaded into a DeepSpeed model are the ones it trains on; a model.pt missing one fails clearly."""
-    two_processes.assert_passed(check)
-
-
-@pytest.mark.distributed
-def test_zero3_run_matches_whole_weights(two_processes):
-    """A ZeRO-3 run's held-out answers, first RL step and saved HF folder are those of whole weights."""
-    two_processes.assert_passed("zero3-run")
-
-
-@pytest.mark.distributed
-def test_zero3_pretrained_policy_is_partitioned_as_loaded(two_processes):
-    """ZeRO-3 with a pretrained policy partitions every parameter as it is created, holding the checkpoint's."""
-    two_processes.assert_passed("zero3-pretrained-load")
 
 
 @pytest.mark.distributed
