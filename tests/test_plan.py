@@ -106,7 +106,7 @@ def test_zero_stages_and_offload_move_state_off_the_gpu():
     p = shape.params
     assert per_stage[0] == 8 * p  # bf16 weights, grads, two moments
     assert per_stage[1] > per_stage[2] > per_stage[3]
-    assert per_stage[3] == 2 * p // 32 + 4 * p // 32 + 12 * p // 32
+    assert per_stage[3] == 2 * p // 32 + 2 * p // 32 + 12 * p // 32  # bf16 weights and gradient partition (measured)
     offloaded = memory_plan(shape, replace(base, offload_optimizer=True), dev).train
     offloaded = {line.label: line.bytes for line in offloaded}
     assert offloaded["optimizer (fp32 master + AdamW m, v)"] == 0 and offloaded["policy weights"] == 0
@@ -146,7 +146,9 @@ def test_a_budget_that_does_not_fit_gets_a_fix_that_does():
 
 
 def test_sleep_between_phases_changes_the_training_peak():
-    state_on_gpu = ["distributed.offload_optimizer=false"]
+    # at the preset's 10000 tokens the awake engine still fits (78.7 GiB) since ZeRO-3's gradient partition was
+    # measured in bf16, not fp32; 12000 tokens put it over
+    state_on_gpu = ["distributed.offload_optimizer=false", "rl.micro_batch_token_budget=12000"]
     awake = make_plan(load_config(L1_32B, [*state_on_gpu, "rollout.sleep_between_phases=false"]), 32, "h100-80gb")
     asleep = make_plan(load_config(L1_32B, state_on_gpu), 32, "h100-80gb")
     assert awake.rl.train_bytes - asleep.rl.train_bytes > 40 * 2**30  # the engine's 0.6 of the GPU
