@@ -435,12 +435,13 @@ def _block_d(head_dim: int) -> int:
 TILES = {
     80: {  # mma.sync (HMMA): sm_80 and every GPU other than sm_90
         64: {"fwd": (128, 64, 8, 3), "dkdv": (16, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv_atomic": (16, 64, 4, 3)},
-        # dkdv_atomic at 128: 2 stages, as fp32's halved 16x32 tile spills 2 registers on sm_90 with 3
+        # dkdv_atomic at 128: 2 stages, as fp32's halved 16x32 tile spills on sm_90 with 3 (2 STL at 128 registers)
         128: {"fwd": (128, 32, 8, 3), "dkdv": (16, 64, 8, 3), "dq": (64, 32, 8, 3), "dkdv_atomic": (16, 64, 8, 2)},
         256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv_atomic": (16, 32, 8, 2)},
     },
     90: {  # wgmma (HGMMA)
-        # every wgmma N >= 64 at head_dim 64; at 128 dkdv's scores are 128 x 32 (n32): 64 query rows spill
+        # every wgmma N >= 64 at head_dim 64 but dkdv_atomic's dq (64 x 64 over two warpgroups: n32); at 128
+        # dkdv's scores are 128 x 32 (n32): 64 query rows spill
         64: {"fwd": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2), "dkdv_atomic": (64, 128, 8, 2)},
         # dkdv_atomic at 128: 32x128 with 2 stages (3 spill); its dq GEMM (32 query rows) runs on mma.sync. Computing
         # dq^T = k^T ds^T instead puts it on wgmma (n32) but spills unless loads are not pipelined (1 stage)
