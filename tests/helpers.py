@@ -62,20 +62,26 @@ def _entry(rank: int, check: Callable[[], None], world_size: int, port: int, tim
 
 
 def tiny_causal_lm(family: str = "qwen2", *, seed: int = 0, vocab_size: int = 64, heads: int = 4, kv_heads: int = 2,
-                   head_dim: int = 8, layers: int = 2, max_positions: int = 64, attention: str = "sdpa", **config):
-    """A seeded, randomly initialised float32 causal LM of ``family`` ('qwen2', 'qwen3' or 'llama') small
-    enough for CPU tests: hidden size ``heads * head_dim``, MLP width 64. ``attention`` is the attention
-    implementation it is built with; further keyword arguments go to the model config (for example
+                   head_dim: int = 8, hidden_size: int | None = None, layers: int = 2, max_positions: int = 64,
+                   attention: str = "sdpa", **config):
+    """A seeded, randomly initialised float32 causal LM of ``family`` ('qwen2', 'qwen3', 'llama' or
+    'mistral') small enough for CPU tests: hidden size ``heads * head_dim`` unless given, MLP width 64. ``attention`` is
+    the attention implementation it is built with (``"qwenlong"`` registers ours first); further keyword
+    arguments go to the model config (for example
     ``initializer_range=0.2`` for sharp attention, where a key from the wrong sequence changes the output)."""
     import transformers
 
+    if attention == "qwenlong":
+        from qwenlong.integrations.hf_attention import register
+
+        register()
     config_classes = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-                      "llama": transformers.LlamaConfig}
+                      "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}
     if family not in config_classes:
         raise ValueError(f"family must be one of {sorted(config_classes)}, got {family!r}")
     model_config = config_classes[family](
-        vocab_size=vocab_size, hidden_size=heads * head_dim, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        vocab_size=vocab_size, hidden_size=hidden_size or heads * head_dim, intermediate_size=64,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
         max_position_embeddings=max_positions, **config)
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(model_config, attn_implementation=attention,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_causal_lm
 
 from qwenlong.algorithms import broadcast_to_tokens
 from qwenlong.algorithms.entropy_control import (
@@ -117,15 +118,7 @@ VOCAB = 53
 
 
 def _tiny_model(seed: int):
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from qwenlong.integrations.hf_attention import register
-
-    register()
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="qwenlong", dtype=torch.float32)
+    return tiny_causal_lm(seed=seed, vocab_size=VOCAB, max_positions=128, attention="qwenlong")
 
 
 def _groups(seed: int, num_groups: int = 3, group_size: int = 4):

@@ -18,16 +18,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
 
+from helpers import spawn, tiny_causal_lm  # noqa: E402
 from test_pipeline import SMALL, TINY, _env  # noqa: E402
 
 from qwenlong.export import write_hf_folder, write_safetensors  # noqa: E402
 
 
 def _tiny_qwen2(tie: bool):
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
-    return transformers.Qwen2ForCausalLM(config)
+    return tiny_causal_lm(vocab_size=96, max_positions=32768, tie_word_embeddings=tie)
 
 
 def _demo_tokenizer():
@@ -350,6 +348,5 @@ def _check_zero3_export(tmp: str):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_zero3_export_on_two_processes(tmp_path, free_port):
-    from test_distributed_training import _spawn
-
-    _spawn(functools.partial(_check_zero3_export, str(tmp_path)), free_port)
+    spawn(functools.partial(_check_zero3_export, str(tmp_path)), 2, free_port, timeout_s=90, torchrun_env=True,
+          preload=["transformers", "qwenlong.distributed", __name__])

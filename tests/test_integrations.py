@@ -17,15 +17,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import tiny_causal_lm  # noqa: E402
+
 from qwenlong.integrations.hf import apply_qwenlong, token_logprobs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {
-    "qwen2": transformers.Qwen2Config,
-    "qwen3": transformers.Qwen3Config,
-    "llama": transformers.LlamaConfig,
-    "mistral": transformers.MistralConfig,
-}
 VOCAB = 96
 
 
@@ -36,10 +32,9 @@ def torch_backend(monkeypatch):
 
 
 def _tiny_model(family: str = "qwen2", vocab: int = VOCAB, **extra):
-    config = CONFIGS[family](vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **extra)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    # Qwen3 keeps its config's head_dim of 128, wider than hidden / heads = 8 (released Qwen3 models differ too)
+    shape = {"head_dim": 128, "hidden_size": 32} if family == "qwen3" else {}
+    return tiny_causal_lm(family, vocab_size=vocab, max_positions=128, **shape, **extra)
 
 
 def _padded_batch():

@@ -15,6 +15,8 @@ import torch
 
 pytest.importorskip("transformers")
 
+from helpers import tiny_causal_lm  # noqa: E402
+
 from qwenlong.config import RLConfig  # noqa: E402
 from qwenlong.curriculum import Phase  # noqa: E402
 from qwenlong.rewards import HybridReward  # noqa: E402
@@ -30,16 +32,8 @@ def torch_backend(monkeypatch):
 
 
 def tiny_model(seed: int):
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    from qwenlong.integrations.hf_attention import register
-
-    register()
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="qwenlong", dtype=torch.float32)
+    return tiny_causal_lm(seed=seed, vocab_size=VOCAB, max_positions=256, tie_word_embeddings=False,
+                          attention="qwenlong")
 
 
 def response_logprobs(policy, prompt, response, temperature):

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from helpers import tiny_causal_lm
 
 from qwenlong.rollout import Completion, HFGenerateEngine, SamplingParams, logprob_mismatch
 
@@ -26,12 +27,8 @@ def one_thread():
 
 
 def tiny_qwen2(seed: int):
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(
-        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3, tie_word_embeddings=False,
-    )
-    return transformers.Qwen2ForCausalLM(config).float().eval()
+    return tiny_causal_lm(seed=seed, vocab_size=48, max_positions=128, initializer_range=0.3,
+                          tie_word_embeddings=False).eval()
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import tiny_causal_lm  # noqa: E402
+
 from qwenlong.distributed.zero import checkpoint_weights, safetensors_weights  # noqa: E402
 
 
 def tiny_qwen2():
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-    return transformers.Qwen2ForCausalLM(config)
+    return tiny_causal_lm(vocab_size=64, max_positions=32768, tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize("shard", [None, "20KB"])
