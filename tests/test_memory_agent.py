@@ -13,6 +13,7 @@ import re
 
 import pytest
 import torch
+from helpers import spawn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from qwenlong.agents import (
@@ -414,32 +415,6 @@ def test_synced_engine_joins_every_call_of_the_busiest_rank(tokenizer):
 # --- two processes: the stage under DeepSpeed ZeRO-3, data and sequence parallel ranks ---------------------------
 
 
-def _spawn_two(check, port: int):
-    import multiprocessing
-
-    import torch.multiprocessing as mp
-
-    multiprocessing.set_forkserver_preload(["torch", "transformers", "qwenlong.trainers", __name__])
-    mp.start_processes(_two_process_entry, args=(check, port), nprocs=2, join=True, start_method="forkserver")
-
-
-def _two_process_entry(rank: int, check, port: int):
-    import os
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    os.environ["QWENLONG_BACKEND"] = "torch"  # the kernels' PyTorch paths (the Triton interpreter is slow)
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=120))
-    try:
-        check()
-    finally:
-        dist.destroy_process_group()
-
-
 def _whole_shape(tensor):
     return tuple(getattr(tensor, "ds_shape", tensor.shape))
 
@@ -598,4 +573,5 @@ def _distributed_checks(tmp: str):
 def test_memory_agent_stage_under_zero3_and_sequence_parallel(tmp_path, free_port):
     import functools
 
-    _spawn_two(functools.partial(_distributed_checks, str(tmp_path)), free_port)
+    spawn(functools.partial(_distributed_checks, str(tmp_path)), 2, free_port, timeout_s=120, torchrun_env=True,
+          preload=["transformers", "qwenlong.trainers", __name__])
