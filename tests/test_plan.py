@@ -124,6 +124,102 @@ def test_activations_grow_with_the_budget_and_shrink_with_checkpointing_and_sp()
     assert acts(gradient_checkpointing=False) > 10 * acts()
 
 
+def _live_bytes_mode(existing):
+    """A dispatch mode that counts the storage bytes of every tensor created under it while that tensor lives
+    (storages of ``existing`` tensors, and views of them, do not count); its ``peak`` is the largest sum seen
+    after any op. Independent of the planner: it reads what the ops allocate."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LiveBytes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen, self.live, self.peak = weakref.WeakSet(), 0, 0
+            self.existing = {t.untyped_storage().data_ptr() for t in existing}
+
+        def _freed(self, nbytes):
+            self.live -= nbytes
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if hasattr(t, "untyped_storage"):
+                    storage = t.untyped_storage()
+                    if storage.nbytes() and storage not in self.seen and storage.data_ptr() not in self.existing:
+                        self.seen.add(storage)
+                        self.live += storage.nbytes()
+                        weakref.finalize(storage, self._freed, storage.nbytes())
+            self.peak = max(self.peak, self.live)
+            return out
+
+    return LiveBytes()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_layers_saved_tensors_and_checkpointed_backward_peak_match_the_plan(dtype, monkeypatch):
+    """A Qwen2 decoder layer (attention ``qwenlong``, PyTorch path): the storages autograd saves in its forward
+    (``saved_tensors_hooks``), and the peak of the live bytes allocated while its checkpointed backward runs
+    (recompute included; the incoming gradient made inside, the weights' gradients allocated before, as from
+    an earlier micro-batch), against ``layer_activation_bytes`` (+ the rotary cos/sin) and
+    ``layer_activation_bytes + layer_backward_extra_bytes``."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from qwenlong.integrations.hf_attention import register
+    from qwenlong.plan.memory import (
+        attention_workspace_bytes,
+        layer_activation_bytes,
+        layer_backward_extra_bytes,
+        rotary_bytes,
+    )
+    from qwenlong.plan.models import ModelShape
+
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")  # the CPU path a CPU run takes, not the Triton interpreter
+    register()
+    tokens, doc_len = 1024, 256
+    sizes = {"hidden_size": 128, "intermediate_size": 448, "num_attention_heads": 4, "num_key_value_heads": 2}
+    dt = getattr(torch, dtype)
+    net = AutoModelForCausalLM.from_config(Qwen2Config(vocab_size=64, num_hidden_layers=1, **sizes),
+                                           dtype=dt, attn_implementation="qwenlong")
+    layer, positions = net.model.layers[0], (torch.arange(tokens) % doc_len)[None]
+    x = torch.randn(1, tokens, 128, dtype=dt, requires_grad=True)
+    rotary = net.model.rotary_emb(x, positions)
+    existing = [*net.parameters(), x]
+    not_saved_by_the_layer = {t.untyped_storage().data_ptr() for t in existing}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in not_saved_by_the_layer:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def run(hidden):
+        return layer(hidden, position_embeddings=rotary, position_ids=positions, attention_mask=None)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run(x)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    out = checkpoint(run, x, use_reentrant=False)
+    mode = _live_bytes_mode(existing + list(rotary) + [p.grad for p in net.parameters()])
+    with mode:
+        out.backward(torch.randn_like(out))
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+    shape = ModelShape(name="layer", layers=1, hidden=128, intermediate=448, heads=4, kv_heads=2, head_dim=32,
+                       vocab=64, tie_embeddings=False, qkv_bias=True)
+    b = dt.itemsize
+    planned_saved = tokens * (layer_activation_bytes(shape, b, 1) + rotary_bytes(shape, b))
+    assert abs(sum(saved.values()) - planned_saved) / planned_saved < 0.02, (sum(saved.values()), planned_saved)
+    workspace = attention_workspace_bytes(shape, tokens, b, 1, doc_len, cuda=False)
+    planned_peak = tokens * layer_activation_bytes(shape, b, 1) + layer_backward_extra_bytes(shape, b, 1, tokens,
+                                                                                            workspace)
+    assert abs(mode.peak - planned_peak) / planned_peak < 0.05, (mode.peak, planned_peak)
+
+
 def test_the_32b_preset_fits_32_h100s_and_plans_without_torch():
     plan = make_plan(load_config(L1_32B), 32, "h100-80gb")
     assert plan.fits, plan.verdict()

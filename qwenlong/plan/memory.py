@@ -95,33 +95,59 @@ def settings(cfg: Config, gpus: int, cuda: bool = True) -> Settings:
 
 
 def layer_activation_bytes(shape: ModelShape, b: int, sp: int) -> int:
-    """Bytes per token that one decoder layer's autograd graph holds (HF Qwen2/Qwen3/Llama layer, our attention).
+    """Bytes per token that one decoder layer's autograd graph holds (HF Qwen2/Qwen3/Llama layer, our attention),
+    beyond the layer's input.
 
-    RMSNorm (x2): the fp32 upcast of its input (bf16 models), its normalised output and the weighted
-    output; attention: rotated q and k, v (under Ulysses with kv heads repeated up to the SP degree),
-    the attention output and its fp32 log-sum-exp, and the output re-laid out for ``o_proj`` (a copy;
-    under Ulysses the second all-to-all's); MLP: gate, SiLU(gate), up and their product (MoE: per
-    routed copy, plus the router's fp32 probabilities and the gathered token copies). Checked against
-    what autograd saves (``saved_tensors_hooks``) for a Qwen2 layer: within 5%.
+    RMSNorm (x2): its input in fp32 (a bf16 layer's fp32 copies; an fp32 layer's second norm saves the residual
+    sum itself, its first the layer's input, not counted here), its normalised and its weighted output;
+    attention: rotated q and k, v (under Ulysses with kv heads repeated up to the SP degree), the attention
+    output and its fp32 log-sum-exp; ``o_proj`` reads a view of that output, except under Ulysses, where it
+    saves the second all-to-all's copy; MLP: gate, SiLU(gate), up and their product (MoE: per routed copy,
+    plus the router's fp32 probabilities and the gathered token copies). A bf16 layer's residual sum is saved
+    by nobody (its norm keeps the fp32 copy). The rotary cos/sin are shared by all layers
+    (:func:`rotary_bytes`). Checked against what autograd saves (``saved_tensors_hooks``) for a Qwen2 layer in
+    fp32 and bf16 (``tests/test_plan.py``).
     """
     h, d = shape.hidden, shape.head_dim
     q = shape.heads * d
     kv = (max(shape.kv_heads, sp) if sp > 1 else shape.kv_heads) * d
-    norm = (4 * h if b < 4 else 0) + 2 * b * h
-    attention = (q + 2 * kv) * b + 2 * q * b + 4 * shape.heads
+    norm_inputs = 2 * 4 * h if b < 4 else 4 * h
+    norms = 2 * 2 * b * h
+    attention = (q + 2 * kv) * b + q * b * (2 if sp > 1 else 1) + 4 * shape.heads
+    return norm_inputs + norms + attention + mlp_activation_bytes(shape, b)
+
+
+def mlp_activation_bytes(shape: ModelShape, b: int) -> int:
+    """Per token, what a layer's MLP saves (see :func:`layer_activation_bytes`)."""
+    h = shape.hidden
     if shape.moe:
         k = shape.experts_per_token
-        mlp = 8 * shape.experts + k * (2 * h * b + 4 * shape.expert_intermediate * b) + h * b
-    else:
-        mlp = 4 * shape.intermediate * b
-    return 2 * norm + attention + mlp + h * b  # + the residual sum between attention and MLP
+        return 8 * shape.experts + k * (2 * h * b + 4 * shape.expert_intermediate * b) + h * b
+    return 4 * shape.intermediate * b
 
 
-def layer_backward_transient_bytes(shape: ModelShape, b: int) -> int:
-    """Per token, the gradients in flight at a layer's backward peak: the MLP's two widest gradients and the
-    layer's incoming and outgoing hidden-state gradients."""
+def rotary_bytes(shape: ModelShape, b: int) -> int:
+    """Per token, the rotary cos and sin (model dtype) that every layer's q/k rotation saves: computed once."""
+    return 2 * shape.head_dim * b
+
+
+def layer_backward_extra_bytes(shape: ModelShape, b: int, sp: int, tokens: int, attention_workspace: int) -> int:
+    """What a layer's backward holds beyond its saved tensors, at the larger of its two peaks (bytes).
+
+    Autograd frees each node's saved tensors once the node has run, and each gradient once its consumer has,
+    so the MLP's and the attention's peaks do not meet. *MLP*: the backward of ``act * up`` holds three
+    intermediate-wide gradients (of the product, of SiLU(gate), of up) while the product itself is already
+    freed (its one reader, ``down_proj``, has run), beside the gradient coming into the layer. *Attention*,
+    later: the MLP's saved tensors and the second norm's are gone; the gradients of the residual sum and of
+    the attention output are live beside the attention backward's own buffers (``attention_workspace``). A
+    trace of every allocation of a checkpointed CPU step puts its peak at the MLP's product backward
+    (``benchmarks/bench_plan_memory.py``)."""
+    h, q = shape.hidden, shape.heads * shape.head_dim
     width = shape.experts_per_token * shape.expert_intermediate if shape.moe else shape.intermediate
-    return 2 * width * b + 2 * shape.hidden * b
+    mlp_peak = tokens * (2 * width * b + h * b)
+    freed = mlp_activation_bytes(shape, b) + 2 * b * h + 4 * h  # the MLP's and the second norm's (its fp32 input)
+    attention_peak = tokens * ((h + q) * b - freed) + attention_workspace
+    return max(mlp_peak, attention_peak)
 
 
 def lm_head_workspace_bytes(shape: ModelShape, tokens: int, b: int, cuda: bool) -> int:
@@ -228,30 +254,31 @@ def state_lines(shape: ModelShape, s: Settings, cuda: bool = True) -> list[Line]
 
 
 def activation_lines(shape: ModelShape, s: Settings, cuda: bool, t: int, longest: int) -> list[Line]:
-    """What the backward holds (every layer's input under checkpointing, else every layer's saved tensors; the
-    final norm's) and its working set at the larger of its two peaks: the fused LM head's backward, or one
-    layer's (recomputed under checkpointing) with its gradients in flight and attention's dq, dk, dv."""
+    """What the backward holds throughout (every layer's input under checkpointing, else every layer's saved
+    tensors; the rotary cos/sin) and its working set at the larger of its two peaks: the fused LM head's
+    backward beside the final norm's saved tensors, or, once those are freed, one layer's backward
+    (recomputed under checkpointing) at its own larger peak (:func:`layer_backward_extra_bytes`)."""
     b = s.dtype_bytes
     per_layer = layer_activation_bytes(shape, b, s.sp)
-    transient = layer_backward_transient_bytes(shape, b)
     attention = attention_workspace_bytes(shape, t, b, s.sp, longest, cuda)
+    extra = layer_backward_extra_bytes(shape, b, s.sp, t, attention)
+    rotary = t * rotary_bytes(shape, b)
     if s.gradient_checkpointing:
         held = shape.layers * t * shape.hidden * b
-        layer = t * (per_layer + transient) + attention
+        layer = t * per_layer + extra
         note = f"{t} tokens/rank: {shape.layers} layer inputs (checkpoints)"
     else:  # an fp32 layer's first norm saves the layer input itself (a bf16 one saves its fp32 copy)
         inputs = shape.hidden * b if b == 4 else 0
         held = shape.layers * t * (per_layer + inputs)
-        layer = t * transient + attention
+        layer = extra
         note = f"{t} tokens/rank x {shape.layers} layers' saved tensors (no checkpointing)"
-    head = lm_head_workspace_bytes(shape, t, b, cuda)
-    final = t * shape.hidden * (4 + 2 * b)
-    which = (f"the fused LM head's ({_gb(head)}: fp32 d(hidden), d(weight), dz chunk) over one layer's ({_gb(layer)})"
-             if head >= layer else
-             f"one layer's ({_gb(layer)}: {'recomputed, ' if s.gradient_checkpointing else ''}gradients in flight, "
-             f"attention dq/dk/dv) over the fused LM head's ({_gb(head)})")
+    head = lm_head_workspace_bytes(shape, t, b, cuda) + t * shape.hidden * (4 + 2 * b)  # + the final norm's
+    which = (f"the fused LM head's ({_gb(head)}: fp32 d(hidden), d(weight), dz chunk, the final norm's saved "
+             f"tensors) over one layer's ({_gb(layer)})" if head >= layer else
+             f"one layer's ({_gb(layer)}: {'recomputed, ' if s.gradient_checkpointing else ''}the MLP's gradients "
+             f"in flight, or later attention's dq/dk/dv) over the fused LM head's ({_gb(head)})")
     return [
-        Line("activations", held + final, note + (f" (SP {s.sp}: each rank its shard)" if s.sp > 1 else "")),
+        Line("activations", held + rotary, note + (f" (SP {s.sp}: each rank its shard)" if s.sp > 1 else "")),
         Line("backward working set", max(head, layer), which),
     ]
 
