@@ -14,7 +14,8 @@ each RL phase) clears the Adam moments and step counts and installs its learning
 decay, clipping and schedule, which is what a fresh optimizer would start from.
 
 Under ZeRO-3 no rank ever holds the whole model: a pretrained policy is created partitioned
-(``deepspeed.zero.Init``) and its weights arrive one tensor at a time (``load_pretrained_partitioned``);
+(``deepspeed.zero.Init``) and its weights arrive one parameter at a time (``load_pretrained_partitioned``;
+a Mixture-of-Experts parameter that fuses the experts is built from its per-expert checkpoint tensors alone);
 ``model.pt`` is written from weights gathered one parameter at a time (rank 0 copies each to CPU),
 and read back the same way; a rollout engine with its own copy receives them one at a time too; and
 generation runs on the partitioned policy itself, every rank in lockstep
@@ -197,7 +198,7 @@ class DeepSpeedBackend(TrainingBackend):
 class WholeWeights:
     """Whole tensors by parameter name, read when asked for: rank 0's side of ``scatter_whole_weights``."""
 
-    shape: Callable[[str], tuple[int, ...]]  # raises KeyError for a name it lacks
+    shape: Callable[[str], tuple[int, ...]]  # KeyError for a name it lacks, ValueError for one it cannot build
     read: Callable[[str], torch.Tensor]
     close: Callable[[], None] = lambda: None
 
@@ -209,8 +210,14 @@ def checkpoint_weights(path: str | Path) -> WholeWeights:
 
 
 def safetensors_weights(name: str) -> WholeWeights:
-    """The weights of a pretrained checkpoint's safetensors files (sharded or not; a local folder or a hub id)."""
+    """The weights of a pretrained checkpoint's safetensors files (sharded or not; a local folder or a hub id)
+    by the names of the model's parameters: where transformers builds a parameter from several checkpoint
+    tensors (the fused experts of a Mixture-of-Experts model, e.g. ``qwen3_moe``), it is built from them
+    when read (:class:`qwenlong.integrations.hf_checkpoint.ModelWeights`; the conversion comes from the
+    folder's ``config.json``: without one, the names are the checkpoint's own)."""
     from safetensors import safe_open
+
+    from qwenlong.integrations.hf_checkpoint import CheckpointFormat
 
     folder = Path(name)
     if not folder.is_dir():
@@ -235,8 +242,14 @@ def safetensors_weights(name: str) -> WholeWeights:
             handles[file] = files.enter_context(safe_open(folder / file, framework="pt"))
         return handles[file]
 
-    return WholeWeights(lambda key: tuple(handle(key).get_slice(key).get_shape()),
-                        lambda key: handle(key).get_tensor(key), files.close)
+    try:
+        weights = CheckpointFormat.of_folder(folder).model_weights(
+            weight_map, lambda key: tuple(handle(key).get_slice(key).get_shape()),
+            lambda key: handle(key).get_tensor(key))
+    except BaseException:
+        files.close()
+        raise
+    return WholeWeights(weights.shape, weights.read, files.close)
 
 
 def scatter_whole_weights(model: torch.nn.Module, open_weights: Callable[[], WholeWeights] | None) -> None:
@@ -278,6 +291,9 @@ def _mismatches(weights: WholeWeights, params: list[tuple[str, torch.nn.Paramete
             shape = weights.shape(name)
         except KeyError:
             problems.append(f"{name} is missing")
+            continue
+        except ValueError as error:  # the checkpoint tensors it is built from do not fit together
+            problems.append(str(error))
             continue
         if shape != expected:
             problems.append(f"{name} has shape {shape}, the model's is {expected}")

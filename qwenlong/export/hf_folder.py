@@ -12,8 +12,12 @@ from the tensors' shapes alone, then the tensors are cast and written one after 
 writer never holds more than one tensor beyond the mapping itself (``safetensors.torch.save_file``
 would hold a whole shard). Names tied to another parameter (an LM head sharing the input
 embeddings) are written once, under the name ``from_pretrained`` reads, as ``save_pretrained``
-does. The folder is written beside its destination and renamed into place, so a run killed while
-exporting never leaves half a model behind.
+does. The tensors are those of the model's released checkpoint, as ``save_pretrained`` writes them:
+a Mixture-of-Experts parameter that transformers 5 fuses over the experts (``qwen3_moe``'s
+``mlp.experts.gate_up_proj``) is written as one tensor per expert and projection, the format of the
+released checkpoint that vLLM and transformers 4 read (converted one parameter at a time, by
+:mod:`qwenlong.integrations.hf_checkpoint`). The folder is written beside its destination and
+renamed into place, so a run killed while exporting never leaves half a model behind.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any
 
 import torch
 
+from qwenlong.integrations.hf_checkpoint import CheckpointFormat
 from qwenlong.state.checkpoint import commit_checkpoint, staging_dir
 
 DEFAULT_MAX_SHARD_BYTES = 5_000_000_000  # 5 GB, transformers' usual shard size
@@ -97,11 +102,13 @@ def _write_shard(path: Path, entries: list[_Entry], weights: Mapping[str, torch.
 
 
 def write_safetensors(weights: Mapping[str, torch.Tensor], folder: str | Path, names: list[str] | None = None, *,
-                      dtype: torch.dtype | None = None,
-                      max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+                      dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      layouts: Mapping[str, torch.Tensor] | None = None) -> list[str]:
     """Write ``names`` of ``weights`` (default: all) into ``folder`` as ``model.safetensors``, or as numbered
     shards of at most ``max_shard_bytes`` with ``model.safetensors.index.json``; floating-point tensors are cast
-    to ``dtype`` (None: kept). Returns the files written."""
+    to ``dtype`` (None: kept). ``layouts``: tensors of the same names, shapes and dtypes (e.g. on the meta
+    device) that plan the shards instead of ``weights``, for weights built only when read. Returns the files
+    written."""
     if sys.byteorder != "little":
         raise RuntimeError("write_safetensors: safetensors stores little-endian data; this machine is big-endian")
     if max_shard_bytes < 1:
@@ -109,7 +116,7 @@ def write_safetensors(weights: Mapping[str, torch.Tensor], folder: str | Path, n
     folder = Path(folder)
     entries = []
     for name in (list(weights) if names is None else names):
-        tensor = weights[name]
+        tensor = (weights if layouts is None else layouts)[name]
         target = _target_dtype(tensor, dtype)
         if target not in _SAFETENSORS_DTYPES:
             raise ValueError(f"weights: {name} has dtype {tensor.dtype}, which safetensors export does not support")
@@ -125,16 +132,6 @@ def write_safetensors(weights: Mapping[str, torch.Tensor], folder: str | Path, n
              "weight_map": {e.name: file for file, shard in zip(files, shards, strict=True) for e in shard}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return [*files, "model.safetensors.index.json"]
-
-
-def model_skeleton(config: Any) -> torch.nn.Module:
-    """The causal LM of ``config`` on the meta device (no memory, no initialisation): which names it loads,
-    their shapes, and which are tied."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        # eager: a name every transformers build knows (a run may have trained with its own attention)
-        return AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager")
 
 
 def saved_names(skeleton: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> list[str]:
@@ -165,14 +162,15 @@ def write_hf_folder(out: str | Path, *, weights: Mapping[str, torch.Tensor], con
     ``extra_files`` (name -> text). Returns ``out``."""
     out = Path(out)
     dtype = parse_dtype(dtype)
-    skeleton = model_skeleton(config)
-    names = saved_names(skeleton, weights)
+    checkpoint_format = CheckpointFormat(config)
+    names = saved_names(checkpoint_format.skeleton, weights)
     floating = [weights[n].dtype for n in names if weights[n].dtype.is_floating_point]
     saved_dtype = dtype or (floating[0] if floating else torch.float32)
+    released = checkpoint_format.released_weights(weights, names)  # per expert where the model fuses them
     tmp = staging_dir(out)
-    write_safetensors(weights, tmp, names, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    write_safetensors(released, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes, layouts=released.layouts)
     folder_config = copy.deepcopy(config)
-    folder_config.architectures = [type(skeleton).__name__]
+    folder_config.architectures = [type(checkpoint_format.skeleton).__name__]
     folder_config.dtype = saved_dtype
     folder_config.use_cache = True  # training may have turned the KV cache off (gradient checkpointing)
     folder_config.save_pretrained(tmp)

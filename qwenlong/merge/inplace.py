@@ -8,8 +8,9 @@ ZeRO-3 no rank holds the model whole, so :func:`merge_into_model` visits its flo
 1. rank 0 gets the tensor whole: a partitioned parameter is gathered from every rank's partition
    (``deepspeed.zero.GatheredParameters``);
 2. rank 0 alone reads the same-named tensors of the sources (memory-mapped checkpoints or safetensors
-   files, read when asked for) and replaces the tensor by ``merge(base, [*others, tensor])``, on the
-   tensor's device;
+   files, read when asked for; a released checkpoint by the model's parameter names, so a Mixture-of-Experts
+   parameter fusing the experts is built from its per-expert tensors, see ``safetensors_weights``) and
+   replaces the tensor by ``merge(base, [*others, tensor])``, on the tensor's device;
 3. the result reaches every rank: a partitioned parameter is split into each rank's partition as the
    gather closes (``modifier_rank=0``); a tensor every rank holds whole is broadcast from rank 0.
 
@@ -63,6 +64,9 @@ def source_mismatches(base: WholeWeights, others: Sequence[WholeWeights],
                 shape = source.shape(name)
             except KeyError:
                 problems.append(f"{label} lacks {name}")
+                continue
+            except ValueError as error:  # the checkpoint tensors it is built from do not fit together
+                problems.append(f"{label}: {error}")
                 continue
             if shape != _whole_shape(tensor):
                 problems.append(f"{label}'s {name} has shape {shape}, the model's is {_whole_shape(tensor)}")

@@ -3,9 +3,19 @@
 Memory stays bounded by the largest tensor (times the number of models) plus one output shard:
 every input is opened with ``safe_open`` (memory-mapped, tensors read on request), each base
 tensor is merged with the same-named tensors of the other models, and finished tensors are written
-out in shards of at most ``max_shard_bytes``. The output folder is built under ``<out>.partial``
-and renamed to ``<out>`` only when complete, so a failed merge leaves no half-written model.
-Config, tokenizer and other non-weight files are copied from the base folder.
+out in shards of at most ``max_shard_bytes``.
+
+The unit of the merge is a parameter of the model, as in the pipeline's in-place merge
+(:mod:`qwenlong.merge.inplace`): a Mixture-of-Experts model whose transformers parameters fuse the
+experts (``qwen3_moe``: one ``mlp.experts.gate_up_proj`` per layer, stored per expert) is merged one
+fused parameter at a time, built from the per-expert tensors of each folder (a folder in the fused
+format reads as it is), and written in the released per-expert format, as ``save_pretrained`` writes
+it. SCE's selection and weights are per tensor, so this differs from merging each expert's tensors
+on their own.
+
+The output folder is built under ``<out>.partial`` and renamed to ``<out>`` only when complete, so a
+failed merge leaves no half-written model. Config, tokenizer and other non-weight files are copied
+from the base folder.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qwenlong.integrations.hf_checkpoint import CheckpointFormat
 from qwenlong.merge.sce import sce_merge_tensor
 
 SINGLE_FILE = "model.safetensors"
@@ -29,7 +40,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 
 
 class CheckpointReader:
-    """The tensors of a Hugging Face model folder (``model.safetensors`` or a sharded index), opened lazily."""
+    """The tensors of a Hugging Face model folder (``model.safetensors`` or a sharded index), opened lazily, by
+    the names of the model's parameters: a parameter that transformers builds from several checkpoint tensors
+    (the fused experts of a Mixture-of-Experts model) is built from them when read (``checkpoint_format``,
+    from the folder's ``config.json``)."""
 
     def __init__(self, folder: str | Path, stack: ExitStack) -> None:
         self.folder = Path(folder)
@@ -46,6 +60,10 @@ class CheckpointReader:
         self._handles: dict[str, object] = {}
         if self.file_of is None:
             self.file_of = dict.fromkeys(self._handle(SINGLE_FILE).keys(), SINGLE_FILE)
+        self.checkpoint_format = CheckpointFormat.of_folder(self.folder)
+        self._weights = self.checkpoint_format.model_weights(
+            self.file_of, lambda key: tuple(self._handle(self.file_of[key]).get_slice(key).get_shape()),
+            lambda key: self._handle(self.file_of[key]).get_tensor(key))
 
     def _handle(self, file: str):
         if file not in self._handles:
@@ -53,12 +71,12 @@ class CheckpointReader:
         return self._handles[file]
 
     def names(self) -> list[str]:
-        return sorted(self.file_of)
+        return sorted(self._weights.names())
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.file_of:
+        if name not in self._weights:
             raise ValueError(f"model folder {str(self.folder)!r}: no tensor named {name!r}")
-        return self._handle(self.file_of[name]).get_tensor(name)
+        return self._weights.read(name)
 
 
 class ShardWriter:
@@ -143,8 +161,9 @@ def merge_checkpoints(base: str | Path, models: Sequence[str | Path], out: str |
                     raise ValueError(f"models: {name!r} has shape {tuple(tensor.shape)} in {str(reader.folder)!r}, "
                                      f"{tuple(base_tensor.shape)} in the base")
             merged = merge(base_tensor, others) if base_tensor.is_floating_point() else base_tensor
-            writer.add(name, merged)
             del others
+            for released, tensor in base_reader.checkpoint_format.released(name, merged).items():
+                writer.add(released, tensor)
         shards = writer.close()
     for path in Path(base).iterdir():
         if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):

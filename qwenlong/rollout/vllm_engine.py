@@ -15,7 +15,12 @@ Tested against a real engine by tests/test_rollout_vllm.py wherever vllm is inst
   session of vLLM: a layer is rebuilt in its checkpoint format, loaded, and processed again
   (the CPU build repacks linear weights for its GEMM kernels and drops the originals, so
   writing into the loaded parameters would not work) once all its weights have arrived, so
-  a fused projection may span chunks. Layers tied to a reloaded one (the LM head of tied
+  a fused projection may span chunks. The trainer's parameters are named as transformers builds
+  them; a Mixture-of-Experts parameter fused over the experts (transformers 5's ``qwen3_moe``
+  ``mlp.experts.gate_up_proj`` / ``down_proj``) is sent as the released checkpoint's per-expert
+  tensors (``mlp.experts.{e}.gate_proj.weight``, ...), the names vLLM's own ``qwen3_moe``
+  ``load_weights`` maps onto its fused experts (its expert mapping matches per-expert names only;
+  a fused name would miss its parameters). Layers tied to a reloaded one (the LM head of tied
   embeddings) are processed again too, and cached prompt prefixes (KV of the old weights) are
   dropped. A policy streamed one parameter at a time (ZeRO-3) is never held whole.
   This runs functions on the model, so it needs the engine in this process
@@ -36,6 +41,7 @@ from typing import Any
 
 import torch
 
+from qwenlong.integrations.hf_checkpoint import CheckpointFormat
 from qwenlong.rollout.engine import Completion, OnComplete, RolloutEngine, SamplingParams
 
 
@@ -76,6 +82,8 @@ class VLLMEngine(RolloutEngine):
             gpu_memory_utilization=gpu_memory_utilization,
             **engine_kwargs,
         )
+        # the trainer's parameters are transformers'; vLLM loads the released checkpoint's names
+        self.checkpoint_format = CheckpointFormat(self.llm.llm_engine.model_config.hf_config)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  on_complete: OnComplete | None = None) -> list[list[Completion]]:
@@ -124,7 +132,8 @@ class VLLMEngine(RolloutEngine):
 
         # module-level functions: an engine in its own process gets them pickled by reference
         self.llm.apply_model(initialize_layerwise_reload)
-        for chunk in weight_chunks(named_tensors, self.weight_chunk_bytes):
+        released = self.checkpoint_format.released_parameters(named_tensors)
+        for chunk in weight_chunks(released, self.weight_chunk_bytes):
             self.llm.apply_model(partial(load_weights, weights=chunk))
         self.llm.apply_model(partial(finish_reload, model_config=self.llm.llm_engine.model_config))
         self.llm.reset_prefix_cache()
