@@ -303,6 +303,7 @@ def _random_pairs(n: int, seed: int) -> list[tuple[list[int], list[int]]]:
              [rng.randrange(VOCAB) for _ in range(rng.randint(1, 8))]) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_sft_and_grpo_steps_on_the_moe_model(tmp_path, torch_backend):
     """The trainers' packed forward (our attention, the fused LM head on the decoder's hidden states) on the MoE
     model: the SFT loss and gradients, and a GRPO update's, equal plain PyTorch's on sdpa and materialized logits,
