@@ -64,11 +64,11 @@ def _entry(rank: int, check: Callable[[], None], world_size: int, port: int, tim
 def tiny_causal_lm(family: str = "qwen2", *, seed: int = 0, vocab_size: int = 64, heads: int = 4, kv_heads: int = 2,
                    head_dim: int = 8, hidden_size: int | None = None, layers: int = 2, max_positions: int = 64,
                    attention: str = "sdpa", **config):
-    """A seeded, randomly initialised float32 causal LM of ``family`` ('qwen2', 'qwen3', 'llama' or
-    'mistral') small enough for CPU tests: hidden size ``heads * head_dim`` unless given, MLP width 64. ``attention`` is
-    the attention implementation it is built with (``"qwenlong"`` registers ours first); further keyword
-    arguments go to the model config (for example
-    ``initializer_range=0.2`` for sharp attention, where a key from the wrong sequence changes the output)."""
+    """A seeded, randomly initialised float32 causal LM of ``family`` ('qwen2', 'qwen3', 'llama', 'mistral'
+    or 'qwen3_moe') small enough for CPU tests: hidden size ``heads * head_dim`` unless given, MLP width 64.
+    ``attention`` is the attention implementation it is built with (``"qwenlong"`` registers ours first);
+    further keyword arguments go to the model config (for example ``initializer_range=0.2`` for sharp
+    attention, where a key from the wrong sequence changes the output)."""
     import transformers
 
     if attention == "qwenlong":
@@ -76,7 +76,10 @@ def tiny_causal_lm(family: str = "qwen2", *, seed: int = 0, vocab_size: int = 64
 
         register()
     config_classes = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-                      "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}
+                      "llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+                      "qwen3_moe": transformers.Qwen3MoeConfig}
+    if family == "qwen3_moe":  # 4 experts of width 16, 2 per token
+        config = {"moe_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2, **config}
     if family not in config_classes:
         raise ValueError(f"family must be one of {sorted(config_classes)}, got {family!r}")
     model_config = config_classes[family](

@@ -55,8 +55,36 @@ def _max_grad_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
 # ---------------------------------------------------------------------------------------------- HF
 
 
+def test_apply_qwenlong_refuses_a_router_loss_it_would_drop():
+    """A MoE model that asks for its router's load-balancing loss: the unpatched loss includes it, the fused one
+    would not, so apply_qwenlong (and the pipeline's model build) refuse it, naming the setting."""
+    model = _tiny_model("qwen3_moe", output_router_logits=True, router_aux_loss_coef=0.5)
+    input_ids, attention_mask, labels = _padded_batch()
+    with_router = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert with_router.aux_loss > 0  # the term the fused loss cannot add
+    with pytest.raises(ValueError, match="output_router_logits=True"):
+        apply_qwenlong(model)
+
+
+def test_pipeline_model_build_refuses_a_router_loss_it_would_drop(tmp_path):
+    from qwenlong.config import load_config
+    from qwenlong.pipeline.build import build_model
+
+    for router_loss in (False, True):
+        folder = tmp_path / f"router-{router_loss}"
+        _tiny_model("qwen3_moe", output_router_logits=router_loss).save_pretrained(folder)
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"model.name={folder}", "model.tiny=null",
+                                                                  "model.attention=sdpa"])
+        if router_loss:
+            with pytest.raises(ValueError, match="output_router_logits=True"):
+                build_model(cfg, tokenizer=None)
+        else:
+            assert build_model(cfg, tokenizer=None).config.model_type == "qwen3_moe"
+
+
 @pytest.mark.parametrize("family,num_items_in_batch",
-                         [("qwen2", None), ("qwen2", 7), ("qwen3", None), ("llama", 7), ("mistral", None)])
+                         [("qwen2", None), ("qwen2", 7), ("qwen3", None), ("llama", 7), ("mistral", None),
+                          ("qwen3_moe", 7)])
 def test_apply_qwenlong_loss_and_grads_match_unpatched(family, num_items_in_batch):
     reference = _tiny_model(family)
     patched = apply_qwenlong(copy.deepcopy(reference))

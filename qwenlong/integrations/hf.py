@@ -44,7 +44,7 @@ from qwenlong.kernels.sequence_parallel import all_reduce_sum, global_token_coun
 __all__ = ["FusedCausalLMOutput", "apply_qwenlong", "lm_head_weight", "shard_for_sequence_parallel",
            "token_logprobs"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 IGNORE_INDEX = -100
 _ORIGINAL_FORWARD = "_qwenlong_original_forward"
 _SEQUENCE_PARALLEL_GROUP = "_qwenlong_sequence_parallel_group"
@@ -83,6 +83,20 @@ def _check_supported(model: torch.nn.Module) -> None:
     if model.get_output_embeddings() is None:
         raise ValueError(f"model: {type(model).__name__} has no LM head; pass a *ForCausalLM model")
     lm_head_weight(model)  # raises for a biased head, which the fused ops cannot express
+    check_no_router_loss(model)
+
+
+def check_no_router_loss(model: torch.nn.Module) -> None:
+    """Raise when a Mixture-of-Experts model asks for its router's load-balancing loss.
+
+    The fused losses (and the trainers, which run the decoder and the LM head themselves) compute the
+    causal-LM loss alone; transformers adds ``router_aux_loss_coef x`` the load-balancing loss only when
+    ``output_router_logits`` is set (off by default, and off in the released Qwen3 MoE configs), so a
+    model that sets it would silently train without that term.
+    """
+    if getattr(getattr(model, "config", None), "output_router_logits", False):
+        raise ValueError(f"model: {type(model).__name__} sets output_router_logits=True, but the fused loss does not "
+                         "add the router's load-balancing loss; set config.output_router_logits=False")
 
 
 def _check_sequence_parallel(model: torch.nn.Module, group, attention: bool, fused_loss: bool) -> None:

@@ -76,6 +76,8 @@ def build_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
     a pretrained policy is created partitioned over the ranks (every rank calls this)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    from qwenlong.integrations.hf import check_no_router_loss
+
     if cfg.model.attention == "qwenlong":
         from qwenlong.integrations.hf_attention import register
 
@@ -101,6 +103,7 @@ def build_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.model.attention)
+    check_no_router_loss(model)  # the trainers' loss is the causal LM's alone
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
