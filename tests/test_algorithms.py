@@ -23,7 +23,7 @@ from qwenlong.algorithms import (
     segment_sum,
     task_normalized_advantages,
 )
-from qwenlong.kernels.logprobs.policy_math import aggregate_tokens, loss_normalizer
+from qwenlong.kernels.logprobs.policy_math import KL_CLAMP, aggregate_tokens, loss_normalizer
 
 
 def random_rewards(num_groups: int, group_size: int, seed: int) -> torch.Tensor:
@@ -229,14 +229,22 @@ def test_kl_estimators_match_formulas():
     assert torch.equal(kl_estimate(logp, logp, "k3"), torch.zeros(50, dtype=torch.float64))
 
 
-def test_kl_estimators_are_unbiased_for_categorical():
-    """k1 and k3 averaged over exact sampling probabilities equal the true KL."""
-    p = torch.softmax(torch.randn(7, dtype=torch.float64), 0)
-    q = torch.softmax(torch.randn(7, dtype=torch.float64), 0)
+@pytest.mark.parametrize("seed", range(5))
+def test_kl_estimators_are_unbiased_for_categorical(seed):
+    """k1 and k3 averaged over exact sampling probabilities equal the true KL, where k3's clamps do not act
+    (|log ratio| < 2: every k3 term below its clamp of 10); a token the reference finds far less likely
+    is capped at the clamp instead."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(7, dtype=torch.float64, generator=generator)
+    p = torch.softmax(logits, 0)
+    q = torch.softmax(logits + 0.6 * torch.rand(7, dtype=torch.float64, generator=generator), 0)
+    assert (p.log() - q.log()).abs().max() < 2
     true_kl = (p * (p.log() - q.log())).sum()
     for estimator in ("k1", "k3"):
         expectation = (p * kl_estimate(p.log(), q.log(), estimator)).sum()
         torch.testing.assert_close(expectation, true_kl)
+    far = kl_estimate(torch.tensor([-5.0, -1.0], dtype=torch.float64), torch.tensor([0.0, -0.5], dtype=torch.float64))
+    assert far[0] == KL_CLAMP and far[1] == pytest.approx(math.expm1(0.5) - 0.5, rel=1e-12)
     with pytest.raises(ValueError, match="estimator"):
         kl_estimate(p, q, "k4")
     with pytest.raises(ValueError, match="ref_logp"):

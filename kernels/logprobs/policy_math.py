@@ -57,8 +57,8 @@ def clip_fractions(
 def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(policy || reference) per token: ``exp(d) - d - 1`` with ``d = ref - logp``.
 
-    Non-negative, unbiased for samples drawn from the policy, and zero where the two agree.
-    ``d`` is clamped to ``[-MAX_LOG_RATIO, MAX_LOG_RATIO]`` and the result to ``[-KL_CLAMP, KL_CLAMP]``
+    Non-negative, zero where the two agree, and unbiased for samples drawn from the policy wherever neither
+    clamp acts: ``d`` is clamped to ``[-MAX_LOG_RATIO, MAX_LOG_RATIO]`` and the result to ``[-KL_CLAMP, KL_CLAMP]``
     (verl's ``low_var_kl``), so one token the reference finds nearly impossible cannot dominate.
     """
     log_ratio = (ref_logprobs - logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
