@@ -17,15 +17,19 @@ and with it.
 ZeRO (``--zero``): the same step on 2 gloo processes (``TrainingBackend`` all-reduce for stage 0,
 ``DeepSpeedBackend`` for stages 1-3, DeepSpeed's defaults), every stage with a fresh model in the same
 pair of processes, each rank measuring itself three ways. *Resident peak*: as above, VmHWM during the
-second step over VmRSS before the model. *Allocated peak*: during the third step, the largest sum of
-the storage bytes of every live tensor, followed allocation by allocation
+second step over VmRSS before the model, after a warm-up engine of the same stage has run a step and
+been dropped (without it the first DeepSpeed stage in a process carried DeepSpeed's one-time start-up
+memory: stage 1 read 181 MiB first, 112 MiB warmed up). *Allocated peak*: during the third step, the
+largest sum of the storage bytes of every live tensor, followed allocation by allocation
 (``torch.distributed._tools.mem_tracker.MemTracker``, a dispatch mode, started with every tensor alive
 then that was not alive before the model); this is what a GPU would have to hold, since a CPU leaves
 the pages of a ``torch.empty`` that nobody writes unmapped (DeepSpeed's 5e8-element reduce bucket is
-such a buffer). *Model states*: right after the backward of the second step, the storages (each once)
+such a buffer). *Model states*: right after the backward of that third step, the storages (each once)
 of every tensor the process references (``gc``) plus the parameters' gradients, less those alive
 before the model and DeepSpeed's reduce bucket (read from its optimizer): weights, gradients, fp32
 master copies and AdamW moments as DeepSpeed keeps them. None of the three uses the planner's formulas.
+``measure_zero(..., resident=False)`` (``tests/test_plan_zero.py``) skips the warm-up engine and the
+resident step.
 
     python -m benchmarks.bench_plan_memory            # all cases, results under benchmarks/results/
     python -m benchmarks.bench_plan_memory --zero     # ZeRO stages 0-3 on 2 gloo processes
@@ -42,6 +46,9 @@ import sys
 from pathlib import Path
 
 MMAP_THRESHOLD = 65536
+# the case tests/test_plan.py measures (its row in the bench's table too)
+TEST_CASE = ({"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2}, "float32", 4096, 512, True)
 CASES = [
     # name, model (TinyModelConfig fields), dtype, tokens per micro-batch, document length, checkpointing
     ("tiny preset, no checkpointing", {"vocab_size": 2048, "hidden_size": 128, "intermediate_size": 384,
@@ -53,6 +60,7 @@ CASES = [
     ("small, checkpointing", {"vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1536,
                               "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2},
      "float32", 8192, 1024, True),
+    ("hidden 256, checkpointing (tests/test_plan.py)", *TEST_CASE),
 ]
 TINY_MODEL, SMALL_MODEL = CASES[0][1], CASES[1][1]
 ZERO_STAGES = (0, 1, 2, 3)
@@ -66,15 +74,34 @@ ZERO_WORLD = 2
 ZERO_SETUP = {
     "processes": f"{ZERO_WORLD} gloo ranks, 1 thread each; stage 0: TrainingBackend (gradient all-reduce), stages 1-3: "
                  "DeepSpeedBackend with DeepSpeed's defaults (reduce_bucket_size 5e8), torch AdamW",
-    "resident": f"VmHWM during the second step minus VmRSS before the model (MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD})",
+    "resident": f"VmHWM during the second step minus VmRSS before the model (MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}), "
+                "after a warm-up engine of the same stage ran a step and was dropped",
     "allocated": "peak of the live tensors' storage bytes during the third step (torch MemTracker, every tensor "
                  "alive since the model was built registered)",
-    "states": "storages of every referenced tensor and gradient right after the second step's backward, less "
+    "states": "storages of every referenced tensor and gradient right after the third step's backward, less "
               "those before the model and DeepSpeed's reduce bucket",
     "planned": "qwenlong.plan.memory.memory_plan training lines, cpu, world 2, no margin; allocated: with the reduce "
                "bucket whole (as on a GPU); states: weights + gradients + optimizer lines",
     "larger of the ranks": "each measure is the larger of the two ranks' values",
 }
+
+
+PLAIN_NOTES = [
+    "The planner counts every gradient at the backward's peak, as gradient accumulation over micro-batches holds "
+    "them; this one-micro-batch step holds only the LM head's (and, checkpointed, the last layer's) there: most of "
+    "what remains of the error (small, no checkpointing: 62 of its 86 MiB).",
+    "Where the peak falls (an allocation trace of the step, TorchDispatchMode): checkpointed, in the last layer's "
+    "backward of act * up (its recomputed saved tensors less the product, three intermediate-wide gradients); "
+    "without checkpointing, in the fused LM head's backward beside every layer's saved tensors.",
+]
+
+ZERO_NOTES = [
+    "allocated is dominated by DeepSpeed's reduce bucket under stages 1-3 (5e8 elements x the model dtype, "
+    "allocated whole). On CPU only its written pages are resident: stages 1-2 allocate it afresh at every "
+    "backward, so at the LM head's peak it holds nothing yet; stage 3 keeps one, written by the earlier steps.",
+    "Each stage's resident peak follows a warm-up engine of the same stage; the stages measured in the order "
+    "3, 2, 1, 0 read the same resident peaks within 1.1 MiB.",
+]
 
 
 def _case_config(model: dict, dtype: str, tokens: int, doc_len: int, checkpointing: bool, stage: int = 0):
@@ -124,7 +151,8 @@ def planned_zero(model: dict, dtype: str, tokens: int, doc_len: int, checkpointi
 
     shape, s, plan = _cpu_plan(model, dtype, tokens, doc_len, checkpointing, stage, world)
     resident = plan.train_bytes - _margin(plan)
-    whole = 0 if stage == 0 else reduce_bucket_bytes(shape, s, cuda=True) - reduce_bucket_bytes(shape, s, cuda=False)
+    pages = sum(line.bytes for line in plan.train if line.label == "gradient reduce buckets")
+    whole = 0 if stage == 0 else reduce_bucket_bytes(shape, s, cuda=True) - pages
     states = sum(line.bytes for line in plan.train if line.label in STATE_LINES)
     return {"resident": resident, "allocated": resident + whole, "states": states}
 
@@ -222,9 +250,10 @@ def _reduce_buckets(backend) -> list:
 
 
 def measure_zero_rank(model: dict, dtype: str, tokens: int, doc_len: int, checkpointing: bool,
-                      stages: list[int]) -> list[dict[str, int]]:
-    """This rank's bytes for each ZeRO stage (a fresh model each): resident peak, allocated peak and model
-    states (see the module's notes). The process group must be up."""
+                      stages: list[int], resident: bool = True) -> list[dict[str, int]]:
+    """This rank's bytes for each ZeRO stage (a fresh model each): allocated peak and model states, and with
+    ``resident`` the resident peak after a warm-up engine of the same stage (see the module's notes). The
+    process group must be up."""
     import torch
 
     from qwenlong.integrations.hf_attention import register
@@ -244,29 +273,22 @@ def measure_zero_rank(model: dict, dtype: str, tokens: int, doc_len: int, checkp
         after_backward()
         backend.step()
 
-    return [_measure_stage(stage, model, dt, doc_len, checkpointing, step) for stage in stages]
+    return [_measure_stage(stage, model, dt, doc_len, checkpointing, step, resident) for stage in stages]
 
 
-def _measure_stage(stage: int, model: dict, dt, doc_len: int, checkpointing: bool, step) -> dict[str, int]:
-    """One stage of :func:`measure_zero_rank` on a fresh model; ``step(net, backend, after_backward)`` runs one
-    training step."""
-    import gc
+def _engine(stage: int, model: dict, dt, doc_len: int, checkpointing: bool):
+    """A fresh model and its training backend for ``stage`` (0: ``TrainingBackend``, 1-3: ``DeepSpeedBackend``
+    with DeepSpeed's defaults), started."""
     from datetime import timedelta
 
-    import torch
-    from torch.distributed._tools.mem_tracker import MemTracker
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from benchmarks.common import _release_cpu_memory, _status_kib
     from qwenlong.config.schema import DistributedConfig
     from qwenlong.distributed import TrainingBackend, init_distributed
     from qwenlong.distributed.zero import DeepSpeedBackend
 
     cfg = DistributedConfig(backend="gloo", deepspeed_stage=stage)
     ctx = init_distributed(cfg, timeout=timedelta(minutes=5))
-    _release_cpu_memory()
-    before = _live_storages()
-    resident_before = _status_kib("VmRSS") * 1024
     config = Qwen2Config(**model, max_position_embeddings=doc_len, tie_word_embeddings=False)
     net = AutoModelForCausalLM.from_config(config, dtype=dt, attn_implementation="qwenlong")
     if checkpointing:
@@ -274,7 +296,48 @@ def _measure_stage(stage: int, model: dict, dt, doc_len: int, checkpointing: boo
     net.train()
     backend = DeepSpeedBackend(net, ctx, cfg) if stage else TrainingBackend(net, ctx)
     backend.start(lr=1e-4, weight_decay=0.0, total_steps=10, warmup_steps=0, schedule="constant", grad_clip=1.0)
+    return net, backend
+
+
+def _discard(backend) -> None:
+    """Drop an engine: DeepSpeed's ``destroy`` removes its hooks from the model, then the garbage goes."""
+    import gc
+
+    engine = getattr(backend, "engine", None)
+    if engine is not None:
+        engine.destroy()
+    gc.collect()
+
+
+def _measure_stage(stage: int, model: dict, dt, doc_len: int, checkpointing: bool, step,
+                   resident: bool) -> dict[str, int]:
+    """One stage of :func:`measure_zero_rank` on a fresh model; ``step(net, backend, after_backward)`` runs one
+    training step. With ``resident``, a warm-up engine of the same stage runs a step first and is dropped, so
+    the libraries' one-time allocations (DeepSpeed's modules and buffers on first use of a stage) are in the
+    resident set before the model, not in its peak."""
+    import gc
+
+    import torch
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from benchmarks.common import _release_cpu_memory, _status_kib
+
+    if resident:
+        warm = _engine(stage, model, dt, doc_len, checkpointing)
+        step(*warm)
+        _discard(warm[1])
+        del warm
+    _release_cpu_memory()
+    before = _live_storages()
+    resident_before = _status_kib("VmRSS") * 1024
+    net, backend = _engine(stage, model, dt, doc_len, checkpointing)
     step(net, backend)  # AdamW's moments appear in the first step
+    out = {"stage": stage}
+    if resident:
+        _release_cpu_memory()
+        Path("/proc/self/clear_refs").write_text("5")
+        step(net, backend)
+        out["resident"] = _status_kib("VmHWM") * 1024 - resident_before
     states = {}
 
     def count_states():
@@ -283,10 +346,6 @@ def _measure_stage(stage: int, model: dict, dt, doc_len: int, checkpointing: boo
         buckets = {b.untyped_storage().data_ptr() for b in _reduce_buckets(backend)}
         states.update({k: v for k, v in _live_storages(grads).items() if k not in before and k not in buckets})
 
-    _release_cpu_memory()
-    Path("/proc/self/clear_refs").write_text("5")
-    step(net, backend, count_states)
-    resident = _status_kib("VmHWM") * 1024 - resident_before
     gc.collect()
     alive = [t for t in gc.get_objects()
              if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in before]
@@ -295,9 +354,11 @@ def _measure_stage(stage: int, model: dict, dt, doc_len: int, checkpointing: boo
     tracker.track_external(net, backend.optimizer, *alive)
     del alive
     with tracker:
-        step(net, backend)
-    allocated = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-    return {"stage": stage, "resident": resident, "allocated": allocated, "states": sum(states.values())}
+        step(net, backend, count_states)
+    out["allocated"] = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    out["states"] = sum(states.values())
+    _discard(backend)
+    return out
 
 
 def _free_port() -> int:
@@ -307,11 +368,12 @@ def _free_port() -> int:
 
 
 def measure_zero(model: dict, dtype: str, tokens: int, doc_len: int, checkpointing: bool,
-                 stages: tuple[int, ...] = ZERO_STAGES) -> list[dict[str, int]]:
+                 stages: tuple[int, ...] = ZERO_STAGES, resident: bool = True) -> list[dict[str, int]]:
     """Each stage's bytes on ``ZERO_WORLD`` gloo processes (started here, the PyTorch CPU path, glibc's mmap
-    threshold fixed): per stage, the larger of the ranks' values for each measure."""
+    threshold fixed): per stage, the larger of the ranks' values for each measure (``resident`` False: only
+    the allocated peak and the model states, without the warm-up engine and the resident step)."""
     root = Path(__file__).resolve().parent.parent
-    case = json.dumps([model, dtype, tokens, doc_len, checkpointing, list(stages)])
+    case = json.dumps([model, dtype, tokens, doc_len, checkpointing, list(stages), resident])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "QWENLONG_BACKEND": "torch",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(ZERO_WORLD),
            "OMP_NUM_THREADS": "1"}
@@ -378,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.zero:
         write_results("plan-memory-zero", f"Planner memory model vs measured per-rank CPU peaks, ZeRO stages on "
-                      f"{ZERO_WORLD} gloo processes (one training step)", zero_rows(), setup=ZERO_SETUP)
+                      f"{ZERO_WORLD} gloo processes (one training step)", zero_rows(), setup=ZERO_SETUP,
+                      notes=ZERO_NOTES)
         return 0
 
     rows = []
@@ -394,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                   setup={"measured": "VmHWM during the second step minus VmRSS before the model (fresh process, "
                                      f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD})",
                          "planned": "qwenlong.plan.memory.memory_plan training lines on cpu, stage 0, no margin",
-                         "optimizer": "torch AdamW (qwenlong.state.optim), states in the model dtype"})
+                         "optimizer": "torch AdamW (qwenlong.state.optim), states in the model dtype"},
+                  notes=PLAIN_NOTES)
     return 0
 
 

@@ -422,10 +422,8 @@ def test_planned_peak_within_15_percent_of_a_measured_cpu_step():
     """One training step (checkpointed decoder, fused LM head, AdamW) in a fresh process: peak resident set over
     the set before the model (live bytes: glibc with a fixed mmap threshold), against the planner's peak for the
     same config without its allocator margin (benchmarks/bench_plan_memory.py runs the larger cases)."""
-    from benchmarks.bench_plan_memory import measure_in_subprocess, planned
+    from benchmarks.bench_plan_memory import TEST_CASE, measure_in_subprocess, planned
 
-    case = ({"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
-             "num_attention_heads": 4, "num_key_value_heads": 2}, "float32", 4096, 512, True)
-    measured = measure_in_subprocess(*case)
-    live, _ = planned(*case)
+    measured = measure_in_subprocess(*TEST_CASE)
+    live, _ = planned(*TEST_CASE)
     assert abs(live - measured) / measured < 0.15, (live / 2**20, measured / 2**20)

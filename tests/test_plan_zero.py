@@ -11,11 +11,12 @@ pytest.importorskip("deepspeed")
 def test_zero2_and_zero3_per_rank_memory_within_15_percent_of_the_plan():
     """Each rank counts, independently of the planner: the storages of every tensor it holds right after the
     backward (weights, gradient partition, fp32 master, AdamW moments; the reduce bucket set aside) and the
-    peak of its live tensors' bytes during a step. Both must be within 15% of the plan for world 2."""
+    peak of its live tensors' bytes during a step (no resident-set measure: it needs a warm-up engine per stage).
+    Both must be within 15% of the plan for world 2; 2048 tokens keep it short (about 20 s on 2 idle cores)."""
     from benchmarks.bench_plan_memory import TINY_MODEL, measure_zero, planned_zero
 
-    case = (TINY_MODEL, "float32", 4096, 512, False)
-    measured = measure_zero(*case, stages=(2, 3))
+    case = (TINY_MODEL, "float32", 2048, 512, False)
+    measured = measure_zero(*case, stages=(2, 3), resident=False)
     assert [m["stage"] for m in measured] == [2, 3]
     for m in measured:
         plan = planned_zero(*case, stage=m["stage"])

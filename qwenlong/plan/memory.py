@@ -208,20 +208,30 @@ def _gb(n: float) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
 
 
-def reduce_bucket_bytes(shape: ModelShape, s: Settings, cuda: bool) -> int:
+def reduce_bucket_bytes(shape: ModelShape, s: Settings, cuda: bool, peak_at_head: bool = True) -> int:
     """DeepSpeed's gradient reduce bucket (stages 1-3): ``reduce_bucket_size`` elements in the model dtype,
-    allocated whole however small the model. A GPU holds all of it; on a CPU host only the pages written
-    are resident, and the gradients that pass through it (at most the parameters) are all that is written."""
+    allocated whole however small the model; a GPU holds all of it. On a CPU host only the pages written are
+    resident: stage 3 allocates its bucket once, so every gradient of an earlier step (at most the parameters)
+    has written its pages; stages 1-2 allocate it afresh at every backward (``setup_buckets``), so at the
+    backward's peak it holds only the gradients reduced before that peak: none at the LM head's (the
+    backward's first op), an untied head's at a layer's."""
     allocated = DEEPSPEED_REDUCE_BUCKET * s.dtype_bytes
-    return allocated if cuda else min(allocated, shape.params * s.dtype_bytes)
+    if cuda:
+        return allocated
+    if s.stage == 3:
+        written = shape.params
+    else:
+        written = 0 if peak_at_head or shape.tie_embeddings else shape.embedding_params
+    return min(allocated, written * s.dtype_bytes)
 
 
-def state_lines(shape: ModelShape, s: Settings, cuda: bool = True) -> list[Line]:
+def state_lines(shape: ModelShape, s: Settings, cuda: bool = True, peak_at_head: bool = True) -> list[Line]:
     """Weights, gradients and optimizer state per rank: plain PyTorch (stage 0) keeps all three in the
     model dtype (AdamW moments included); DeepSpeed (stages 1-3) adds fp32 master weights, keeps them and
     the moments as 1/world shares, and accumulates gradients in the model dtype: whole under stage 1, a
     1/world partition under stages 2-3 (the fp32 copy of the partition exists only inside the optimizer
-    step, when the activations are gone), beside its reduce bucket. Measured on 2 gloo processes by
+    step, when the activations are gone), beside its reduce bucket (``peak_at_head``: where the backward peaks,
+    which decides the bucket's resident pages on a CPU host). Measured on 2 gloo processes by
     ``benchmarks/bench_plan_memory.py --zero``."""
     p, b, n = shape.params, s.dtype_bytes, s.world
     lines = []
@@ -244,35 +254,40 @@ def state_lines(shape: ModelShape, s: Settings, cuda: bool = True) -> list[Line]
         lines.append(Line("gradients", 0, "partition on CPU (offload_optimizer)"))
     else:
         lines.append(Line("gradients", p * b // n, f"model dtype, 1/{n} (the partition this rank reduces into)"))
-    bucket = reduce_bucket_bytes(shape, s, cuda)
+    bucket = reduce_bucket_bytes(shape, s, cuda, peak_at_head)
     lines.append(Line("gradient reduce buckets", bucket,
                       f"DeepSpeed's reduce_bucket_size ({DEEPSPEED_REDUCE_BUCKET:,} elements) x {b} bytes, allocated "
-                      "whole" if cuda else "the pages of DeepSpeed's reduce bucket that gradients are written to"))
+                      "whole" if cuda else "the pages of DeepSpeed's reduce bucket written before the backward's peak"))
     lines.append(Line("optimizer (fp32 master + AdamW m, v)", 0 if s.offload_optimizer else 12 * p // n,
                       "on CPU (offload_optimizer)" if s.offload_optimizer else f"12 bytes x 1/{n} of the parameters"))
     return lines
 
 
-def activation_lines(shape: ModelShape, s: Settings, cuda: bool, t: int, longest: int) -> list[Line]:
-    """What the backward holds throughout (every layer's input under checkpointing, else every layer's saved
-    tensors; the rotary cos/sin) and its working set at the larger of its two peaks: the fused LM head's
-    backward beside the final norm's saved tensors, or, once those are freed, one layer's backward
-    (recomputed under checkpointing) at its own larger peak (:func:`layer_backward_extra_bytes`)."""
+def backward_peaks(shape: ModelShape, s: Settings, cuda: bool, t: int, longest: int) -> tuple[int, int]:
+    """The backward's two working sets beyond what it holds throughout (bytes): the fused LM head's backward
+    beside the final norm's saved tensors, and, once those are freed, one layer's backward (recomputed under
+    checkpointing, its saved tensors included) at its own larger peak (:func:`layer_backward_extra_bytes`)."""
     b = s.dtype_bytes
-    per_layer = layer_activation_bytes(shape, b, s.sp)
     attention = attention_workspace_bytes(shape, t, b, s.sp, longest, cuda)
     extra = layer_backward_extra_bytes(shape, b, s.sp, t, attention)
+    layer = t * layer_activation_bytes(shape, b, s.sp) + extra if s.gradient_checkpointing else extra
+    head = lm_head_workspace_bytes(shape, t, b, cuda) + t * shape.hidden * (4 + 2 * b)  # + the final norm's
+    return head, layer
+
+
+def activation_lines(shape: ModelShape, s: Settings, cuda: bool, t: int, longest: int) -> list[Line]:
+    """What the backward holds throughout (every layer's input under checkpointing, else every layer's saved
+    tensors; the rotary cos/sin) and its working set at the larger of its two peaks (:func:`backward_peaks`)."""
+    b = s.dtype_bytes
     rotary = t * rotary_bytes(shape, b)
     if s.gradient_checkpointing:
         held = shape.layers * t * shape.hidden * b
-        layer = t * per_layer + extra
         note = f"{t} tokens/rank: {shape.layers} layer inputs (checkpoints)"
     else:  # an fp32 layer's first norm saves the layer input itself (a bf16 one saves its fp32 copy)
         inputs = shape.hidden * b if b == 4 else 0
-        held = shape.layers * t * (per_layer + inputs)
-        layer = extra
+        held = shape.layers * t * (layer_activation_bytes(shape, b, s.sp) + inputs)
         note = f"{t} tokens/rank x {shape.layers} layers' saved tensors (no checkpointing)"
-    head = lm_head_workspace_bytes(shape, t, b, cuda) + t * shape.hidden * (4 + 2 * b)  # + the final norm's
+    head, layer = backward_peaks(shape, s, cuda, t, longest)
     which = (f"the fused LM head's ({_gb(head)}: fp32 d(hidden), d(weight), dz chunk, the final norm's saved "
              f"tensors) over one layer's ({_gb(layer)})" if head >= layer else
              f"one layer's ({_gb(layer)}: {'recomputed, ' if s.gradient_checkpointing else ''}the MLP's gradients "
@@ -318,8 +333,9 @@ def memory_plan(shape: ModelShape, s: Settings, dev: Device, tokens: int | None 
     cuda = dev.cuda
     if tokens is None:
         tokens = s.tokens_per_rank if stage == "rl" else s.sft_tokens_per_rank
-    state = state_lines(shape, s, cuda)
     longest = s.longest_sequence if stage == "rl" else s.sft_longest_sequence
+    head, layer = backward_peaks(shape, s, cuda, tokens, longest)
+    state = state_lines(shape, s, cuda, peak_at_head=head >= layer)
     acts = activation_lines(shape, s, cuda, tokens, longest)
     engine, capacity = engine_lines(shape, s, dev) if stage == "rl" else ([], None)
     base = [Line("CUDA context and NCCL", CUDA_CONTEXT_BYTES, "measured typical")] if cuda else []
