@@ -9,6 +9,7 @@ the module (start-up is the slow part); the weight-sync test puts the original w
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -268,3 +269,44 @@ def test_rl_pipeline_syncs_the_vllm_engine_after_each_update(tmp_path, processes
     assert [row["stage"] for row in steps] == ["rl/short-docs", "rl/long-docs"]
     assert steps[0]["grad_norm"] > 0
     assert steps[1]["engine_logprob_abs_diff_max"] < 1e-4, steps[1]  # the engine runs the policy's fp32
+
+
+def check_moe_weight_sync(folder: str) -> None:
+    """A tiny Qwen3-MoE (transformers' fused experts, saved per expert as released checkpoints are): greedy
+    tokens equal HF generate's at the start, after a sync of moved weights (experts, router and attention), and
+    after the original weights come back. Run in a process of its own (see the test below)."""
+    from helpers import tiny_causal_lm
+
+    tokenizer = train_demo_tokenizer([f"the quick brown fox {i} jumps over the lazy dog" for i in range(50)],
+                                     vocab_size=300)
+    model = tiny_causal_lm("qwen3_moe", vocab_size=len(tokenizer), heads=2, kv_heads=1, head_dim=32,
+                           max_positions=512, moe_intermediate_size=32, initializer_range=0.3,
+                           tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                           pad_token_id=tokenizer.pad_token_id).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    engine = VLLMEngine(str(folder), dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+                        kv_cache_memory_bytes=32 << 20)
+    params = SamplingParams(max_new_tokens=16, temperature=0.0)
+    moved = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in moved.parameters():
+            param.add_(0.3 * torch.randn(param.shape, generator=generator) * param.std())
+    tokens = []
+    for policy, sync in ((model, False), (moved, True), (model, True)):
+        if sync:
+            engine.update_weights(policy.named_parameters())
+        got = [g[0].token_ids for g in engine.generate(PROMPTS, params)]
+        assert got == [g[0].token_ids for g in hf_engine(policy, tokenizer).generate(PROMPTS, params)]
+        tokens.append(got)
+    assert tokens[1] != tokens[0] and tokens[2] == tokens[0]
+
+
+def test_update_weights_of_a_moe_policy(tmp_path):
+    """vLLM keeps process-wide state, so this module's engine and a second one live in separate processes."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_rollout_vllm as t; " \
+           f"t.check_moe_weight_sync({str(tmp_path)!r})"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -159,6 +159,7 @@ def finish_reload(model: torch.nn.Module, model_config: Any) -> None:
 
     finalize_layerwise_reload(model, model_config)
     reprocess_tied_layers(model)
+    reprocess_cpu_experts(model)
 
 
 def reprocess_tied_layers(model: torch.nn.Module) -> None:
@@ -177,6 +178,21 @@ def reprocess_tied_layers(model: torch.nn.Module) -> None:
         method = getattr(module, "quant_method", None)
         if first is not module and isinstance(method, UnquantizedEmbeddingMethod):
             method.process_weights_after_loading(module)
+
+
+def reprocess_cpu_experts(model: torch.nn.Module) -> None:
+    """Repack each Mixture-of-Experts layer's reloaded weights for the CPU build's grouped GEMM: on a weight
+    update vLLM (0.32) copies the new expert weights into place but runs the experts kernel's own processing
+    (the CPU prepack) only at the first load, so without this the CPU kernels read unpacked weights and
+    generate from wrong experts. GPU builds are left alone: their runtime format is made in the reload."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        if kernel is not None:
+            kernel.fused_experts.process_weights_after_loading(module)
 
 
 def weight_chunks(named_tensors: Iterable[tuple[str, torch.Tensor]],
