@@ -262,14 +262,7 @@ def scatter_whole_weights(model: torch.nn.Module, open_weights: Callable[[], Who
     in the next gather)."""
     deepspeed = import_deepspeed()
     params = list(model.named_parameters())
-    weights, problem = None, None
-    if open_weights is not None:
-        try:
-            weights = open_weights()
-            problem = _mismatches(weights, params)
-        except Exception as error:  # any failure here must reach every rank, not rank 0 alone
-            problem = f"{type(error).__name__}: {error}"
-    problem = _from_rank0(problem)
+    weights, problem = open_checked_on_rank0(open_weights, lambda weights: _mismatches(weights, params))
     try:
         if problem is not None:
             raise ValueError(f"weights: {problem}")
@@ -302,10 +295,29 @@ def _mismatches(weights: WholeWeights, params: list[tuple[str, torch.nn.Paramete
     return f"{len(problems)} of {len(params)} parameters do not fit: {'; '.join(problems[:5])}"
 
 
-def _from_rank0(value: Any) -> Any:
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (the value itself without a process group of several ranks)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def open_checked_on_rank0(open_source: Callable[[], Any] | None, check: Callable[[Any], str | None]
+                          ) -> tuple[Any, str | None]:
+    """``(source, problem)``: rank 0 opens a source (``open_source``; None on the other ranks, whose source is
+    None) and checks it (``check`` returns a problem or None). A failure there, opening included, becomes the
+    problem, and every rank gets rank 0's problem: a bad source then fails on every rank instead of leaving
+    the others waiting in the next collective."""
+    source, problem = None, None
+    if open_source is not None:
+        try:
+            source = open_source()
+            problem = check(source)
+        except Exception as error:  # any failure here must reach every rank, not rank 0 alone
+            problem = f"{type(error).__name__}: {error}"
+    return source, from_rank0(problem)
 
 
 def load_pretrained_partitioned(name: str, *, dtype: torch.dtype, attn_implementation: str,

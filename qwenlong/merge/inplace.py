@@ -23,12 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from qwenlong.distributed.zero import WholeWeights, import_deepspeed
+from qwenlong.distributed.zero import WholeWeights, import_deepspeed, open_checked_on_rank0
 from qwenlong.merge.streaming import TensorMerge
 
 # rank 0's sources: (base, the other merged models), opened when the merge starts
@@ -79,14 +78,6 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _from_rank0(value: Any) -> Any:
-    if _world() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 @contextmanager
 def _whole(tensor: torch.Tensor) -> Iterator[None]:
     """``tensor`` whole while open; rank 0's value is every rank's when it closes (partitioned: re-split)."""
@@ -113,14 +104,7 @@ def merge_into_model(model: torch.nn.Module, open_sources: OpenSources | None, m
         raise ValueError(f"open_sources: give it on rank 0 and only there (rank {rank} got "
                          f"{'none' if open_sources is None else 'one'})")
     tensors = float_tensors(model)
-    sources, problem = None, None
-    if open_sources is not None:
-        try:
-            sources = open_sources()
-            problem = source_mismatches(sources[0], sources[1], tensors)
-        except Exception as error:  # any failure here must reach every rank, not rank 0 alone
-            problem = f"{type(error).__name__}: {error}"
-    problem = _from_rank0(problem)
+    sources, problem = open_checked_on_rank0(open_sources, lambda sources: source_mismatches(*sources, tensors))
     try:
         if problem is not None:
             raise ValueError(f"merge sources: {problem}")
