@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -89,3 +90,33 @@ def tiny_causal_lm(family: str = "qwen2", *, seed: int = 0, vocab_size: int = 64
     torch.manual_seed(seed)
     return transformers.AutoModelForCausalLM.from_config(model_config, attn_implementation=attention,
                                                          dtype=torch.float32)
+
+
+def assert_sft_step_matches_reference(trainer, model: torch.nn.Module, reference: torch.nn.Module,
+                                      pairs: Sequence[tuple[list[int], list[int]]]) -> None:
+    """The SFT trainer's first step, as its micro-batches pack it (our attention, the fused LM head on the
+    decoder's hidden states), against ``reference`` (a copy of ``model`` on sdpa) run one sequence at a time on
+    materialized logits with a float64 loss: the token-mean loss and every parameter's gradient agree. Leaves
+    both models' gradients set."""
+    from qwenlong.kernels import linear_cross_entropy
+    from qwenlong.trainers.packed import forward_hidden, lm_head_weight
+
+    batches = trainer._step_micro_batches(0)
+    used = [pairs[i] for ids in batches for i in ids]
+    total, count = torch.zeros((), dtype=torch.float64), sum(len(response) for _, response in used)
+    for prompt, response in used:
+        logits = reference(torch.tensor([prompt + response])).logits[0].double()
+        total = total + torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], torch.tensor(response),
+                                                          reduction="sum")
+    (total / count).backward()
+    loss_sum = 0.0
+    for ids in batches:
+        batch = trainer._pack(ids)
+        loss = linear_cross_entropy(forward_hidden(model, batch), lm_head_weight(model), batch.targets,
+                                    reduction="sum") / count
+        loss.backward()
+        loss_sum += loss.item()
+    assert loss_sum == pytest.approx(float(total.detach() / count), rel=1e-5)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad.to(p.grad.dtype), rtol=1e-4, atol=1e-6, msg=name)
+

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import tiny_causal_lm  # noqa: E402
+from helpers import assert_sft_step_matches_reference, tiny_causal_lm  # noqa: E402
 
 from qwenlong.config import RLConfig, SFTConfig  # noqa: E402
 from qwenlong.curriculum import Phase  # noqa: E402
@@ -71,31 +71,7 @@ def test_sft_step_matches_plain_pytorch(tmp_path):
     reference.set_attn_implementation("sdpa")
     cfg = SFTConfig(steps=1, lr=1e-3, lr_schedule="constant", token_budget=40, max_seq_len=64, grad_clip=1e9)
     trainer = SFTTrainer(model, pairs, cfg, output_dir=tmp_path)
-    batches = trainer._step_micro_batches(0)
-    used = [pairs[i] for ids in batches for i in ids]
-
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    for prompt, response in used:  # one sequence at a time, materialized logits, float64 loss
-        logits = reference(torch.tensor([prompt + response])).logits[0].double()
-        targets = torch.tensor(response)
-        total = total + torch.nn.functional.cross_entropy(logits[len(prompt) - 1:-1], targets, reduction="sum")
-        count += len(response)
-    (total / count).backward()
-
-    # the trainer's loss on the same micro-batches, gradients compared before any update
-    from qwenlong.kernels import linear_cross_entropy
-    from qwenlong.trainers.packed import forward_hidden, lm_head_weight
-
-    loss_sum = 0.0
-    for ids in batches:
-        batch = trainer._pack(ids)
-        loss = linear_cross_entropy(forward_hidden(model, batch), lm_head_weight(model), batch.targets,
-                                    reduction="sum") / count
-        loss.backward()
-        loss_sum += loss.item()
-    assert loss_sum == pytest.approx(float(total / count), rel=1e-5)
-    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad.to(p.grad.dtype), rtol=1e-4, atol=1e-6, msg=name)
+    assert_sft_step_matches_reference(trainer, model, reference, pairs)
 
 
 def _grpo_groups(seed: int) -> list[Group]:
