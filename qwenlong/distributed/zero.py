@@ -275,11 +275,12 @@ def scatter_whole_weights(model: torch.nn.Module, open_weights: Callable[[], Who
             weights.close()
 
 
-def _mismatches(weights: WholeWeights, params: list[tuple[str, torch.nn.Parameter]]) -> str | None:
-    """What keeps ``weights`` from filling ``params`` (partitioned: their whole shape is ``ds_shape``), or None."""
+def shape_problems(weights: WholeWeights, tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """What keeps ``weights`` from filling each of the named ``tensors`` (partitioned: their whole shape is
+    ``ds_shape``): a missing name, checkpoint tensors that do not fit together, or another shape."""
     problems = []
-    for name, param in params:
-        expected = tuple(getattr(param, "ds_shape", param.shape))
+    for name, tensor in tensors:
+        expected = tuple(getattr(tensor, "ds_shape", tensor.shape))
         try:
             shape = weights.shape(name)
         except KeyError:
@@ -290,6 +291,12 @@ def _mismatches(weights: WholeWeights, params: list[tuple[str, torch.nn.Paramete
             continue
         if shape != expected:
             problems.append(f"{name} has shape {shape}, the model's is {expected}")
+    return problems
+
+
+def _mismatches(weights: WholeWeights, params: list[tuple[str, torch.nn.Parameter]]) -> str | None:
+    """What keeps ``weights`` from filling ``params``, or None."""
+    problems = shape_problems(weights, params)
     if not problems:
         return None
     return f"{len(problems)} of {len(params)} parameters do not fit: {'; '.join(problems[:5])}"

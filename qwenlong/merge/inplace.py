@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-from qwenlong.distributed.zero import WholeWeights, import_deepspeed, open_checked_on_rank0
+from qwenlong.distributed.zero import WholeWeights, import_deepspeed, open_checked_on_rank0, shape_problems
 from qwenlong.merge.streaming import TensorMerge
 
 # rank 0's sources: (base, the other merged models), opened when the merge starts
@@ -49,26 +49,12 @@ def _partitioned(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "ds_id")
 
 
-def _whole_shape(tensor: torch.Tensor) -> tuple[int, ...]:
-    return tuple(getattr(tensor, "ds_shape", tensor.shape))
-
-
 def source_mismatches(base: WholeWeights, others: Sequence[WholeWeights],
                       tensors: Sequence[tuple[str, torch.Tensor]]) -> str | None:
     """What keeps the sources from being merged with ``tensors`` (a tensor missing or of another shape), or None."""
-    problems = []
-    for label, source in [("base", base), *((f"model {i}", o) for i, o in enumerate(others))]:
-        for name, tensor in tensors:
-            try:
-                shape = source.shape(name)
-            except KeyError:
-                problems.append(f"{label} lacks {name}")
-                continue
-            except ValueError as error:  # the checkpoint tensors it is built from do not fit together
-                problems.append(f"{label}: {error}")
-                continue
-            if shape != _whole_shape(tensor):
-                problems.append(f"{label}'s {name} has shape {shape}, the model's is {_whole_shape(tensor)}")
+    problems = [f"{label}: {problem}"
+                for label, source in [("base", base), *((f"model {i}", o) for i, o in enumerate(others))]
+                for problem in shape_problems(source, tensors)]
     if not problems:
         return None
     return f"{len(problems)} problem(s): {'; '.join(problems[:5])}"
