@@ -4,8 +4,10 @@ The end-to-end test runs the tool in its own process on the toy kernels below (t
 importable as a module: the tool imports it by name and calls ``compile_specs()``). The
 toolchain is real ptxas, so the asserts are about facts of the hardware, not of a version:
 a bf16 ``tl.dot`` is HMMA (mma.sync) on sm_80; on sm_90 with 4 warps (one warpgroup) and a
-64-row tile it is HGMMA (wgmma); a 64x128 fp32 accumulator held by one warp needs 256
-registers per thread, more than the 255 a thread can have, so it must spill.
+64-row tile it is HGMMA (wgmma), and a 64x64x32 tile is two m64n64k16 wgmma (one warpgroup
+covers the 64 rows, the whole 64-wide N in one instruction, K=32 in two k16 steps); a 64x128
+fp32 accumulator held by one warp needs 256 registers per thread, more than the 255 a thread can
+have, so it must spill, but the toy kernel has no loop, so none of those spills is inside one.
 """
 
 from __future__ import annotations
@@ -115,16 +117,22 @@ def test_report_on_toy_kernels(tmp_path):
         broken = rows["matmul_k8", arch]
         assert broken["status"] == "error" and broken["error"] and broken["registers"] is None
 
+        assert rows["matmul_one_warp", arch]["loop_spills"] == 0  # no loop: every spill runs once per program
+
     assert rows["matmul", 80]["hmma"] > 0 and rows["matmul", 80]["hgmma"] == 0
-    assert rows["matmul", 90]["hgmma"] > 0
+    assert rows["matmul", 80]["hgmma_shapes"] == {}
+    assert rows["matmul", 90]["hgmma"] == 2 and rows["matmul", 90]["hgmma_shapes"] == {"64x64x16": 2}
     # 16-byte aligned operands load in vector instructions: the same tile takes fewer instructions
     aligned = rows["matmul_aligned", 90]
-    assert aligned["status"] == "ok" and aligned["hgmma"] > 0
+    assert aligned["status"] == "ok" and aligned["hgmma_shapes"] == {"64x64x16": 2}
     assert aligned["instructions"] < rows["matmul", 90]["instructions"]
 
     report = out_md.read_text()
     assert report.startswith(tool.TITLE) and "Toolchain: Triton " in report
     assert report.count("| test_compile_report:") == 7
+    assert "| 64x64x16 x2 |" in report
+    assert "- sm_90 hot builds with wgmma narrower than n64: none\n" in report
+    assert "- hot builds with STL/LDL inside an innermost loop: none\n" in report
     assert report in result.stdout
 
 
@@ -228,6 +236,117 @@ def test_parse_resource_usage():
 def test_count_sass_reads_predicated_instructions_and_skips_encodings():
     counts = tool.count_sass(SASS)
     assert counts == {"LDC": 1, "HMMA": 2, "HGMMA": 1, "STL": 1, "LDL": 1, "EXIT": 1}
+
+
+# Two functions (addresses restart in each). "nested": an outer loop 0x30..0xb0 (back-edge in the
+# "BRA P6, target" form) around an inner loop 0x50..0x90 with a spill store and load inside it, one spill
+# store in the outer loop only, one before and one after both, a forward branch and the trap BRA to
+# itself after EXIT. "continue_loop": one loop whose header 0x10 two back-edges close (0x30, then 0x50):
+# the spill between them is in the loop; the STL at 0x60 lies in "nested"'s inner range but no loop of its own.
+SASS_WITH_LOOPS = """
+\tcode for sm_90a
+\t\tFunction : nested
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                          /* 0x00000a00ff017b82 */
+        /*0010*/                   STL [R1], R2 ;                                  /* 0x0000000201007387 */
+        /*0020*/              @!P0 BRA 0x100 ;                                     /* 0x0000000000949947 */
+        /*0030*/                   LDL R3, [R1] ;                                  /* 0x0000000001037983 */
+        /*0040*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ; /* 0x00e00000041879f0 */
+        /*0050*/                   HGMMA.64x32x16.F32.BF16 R88, R124, gdesc[UR8].tnspB, RZ ; /* 0x4060000c7c587df0 */
+        /*0060*/                   STL.64 [R1+0x8], R4 ;                           /* 0x0000080401007387 */
+        /*0070*/               @P1 LDL.LU R6, [R1+0x8] ;                           /* 0x0000080001067983 */
+        /*0080*/                   HGMMA.64x32x16.F32.BF16 R88, R128, gdesc[UR8].tnspB, R88, gsb0 ; /* 0x4060 */
+        /*0090*/               @P1 BRA 0x50 ;                                      /* 0xfffffffc00fc1947 */
+        /*00a0*/                   STL [R1+0x10], R7 ;                             /* 0x0000100701007387 */
+        /*00b0*/              @!P2 BRA P6, 0x30 ;                                  /* 0xfffffffc00fca947 */
+        /*00c0*/                   LDL R8, [R1+0x10] ;                             /* 0x0000100001087983 */
+        /*00d0*/                   EXIT ;                                          /* 0x000000000000794d */
+        /*00e0*/                   BRA 0xe0;                                       /* 0xfffffffc00fc7947 */
+\t\tFunction : continue_loop
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                          /* 0x00000a00ff017b82 */
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;  /* 0x00e00000041879f0 */
+        /*0020*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR8], R24 ;  /* 0x00e00000081879f0 */
+        /*0030*/               @P0 BRA 0x10 ;                                      /* 0xfffffffc00fc0947 */
+        /*0040*/                   STL [R1], R2 ;                                  /* 0x0000000201007387 */
+        /*0050*/           @!UP0 BRA.U !UP1, 0x10 ;                                /* 0xfffffffc00fc8547 */
+        /*0060*/                   STL [R1+0x4], R3 ;                              /* 0x0000040301007387 */
+        /*0070*/                   EXIT ;                                          /* 0x000000000000794d */
+"""
+
+# a loop with no spill inside: a spill before it and one after it
+SASS_LOOP_WITHOUT_SPILL = """
+\t\tFunction : clean_loop
+        /*0000*/                   STL [R1], R2 ;                                  /* 0x0000000201007387 */
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;  /* 0x00e00000041879f0 */
+        /*0020*/                   ISETP.GE.AND P0, PT, R0, 0x4, PT ;              /* 0x000000040000780c */
+        /*0030*/              @!P0 BRA 0x10 ;                                      /* 0xfffffffc00fc8947 */
+        /*0040*/                   LDL R2, [R1] ;                                  /* 0x0000000001027983 */
+        /*0050*/                   EXIT ;                                          /* 0x000000000000794d */
+"""
+
+
+def test_parse_sass_splits_functions_and_reads_each_instruction():
+    nested, continue_loop = tool.parse_sass(SASS_WITH_LOOPS)
+    assert [len(nested), len(continue_loop)] == [15, 8]
+    assert nested[6] == tool.SassInstruction(0x60, "STL", ".64", "[R1+0x8], R4")
+    assert nested[11] == tool.SassInstruction(0xB0, "BRA", "", "P6, 0x30")
+    assert nested[14] == tool.SassInstruction(0xE0, "BRA", "", "0xe0")
+    assert continue_loop[5] == tool.SassInstruction(0x50, "BRA", ".U", "!UP1, 0x10")
+
+
+def test_hgmma_shapes_widest_n_first():
+    shapes = tool.hgmma_shapes(tool.parse_sass(SASS_WITH_LOOPS))
+    assert list(shapes.items()) == [("64x128x16", 1), ("64x64x16", 2), ("64x32x16", 2)]
+    assert tool.format_shapes(shapes) == "64x128x16 x1, 64x64x16 x2, 64x32x16 x2"
+    assert tool.narrow_shapes(shapes) == ["64x32x16"]
+    assert tool.hgmma_shapes(tool.parse_sass(SASS)) == {"64x64x16": 1}
+    assert tool.format_shapes({}) == tool.format_shapes(None) == "-"
+
+
+def test_hgmma_without_a_shape_is_an_error():
+    broken = "        /*0700*/                   HGMMA.F32.BF16 R24, gdesc[UR4], RZ ;\n"
+    with pytest.raises(ValueError, match="HGMMA without an MxNxK shape at 0x700"):
+        tool.hgmma_shapes(tool.parse_sass(broken))
+
+
+def test_loops_come_from_backward_branches():
+    nested, continue_loop = tool.parse_sass(SASS_WITH_LOOPS)
+    assert tool.loop_ranges(nested) == [(0x30, 0xB0), (0x50, 0x90)]  # not the forward branch, not the trap
+    assert tool.innermost_loops(tool.loop_ranges(nested)) == [(0x50, 0x90)]
+    assert tool.loop_ranges(continue_loop) == [(0x10, 0x50)]  # one header, two back-edges: one loop
+    assert tool.innermost_loops([(0x10, 0x80), (0x20, 0x40), (0x50, 0x70)]) == [(0x20, 0x40), (0x50, 0x70)]
+
+
+def test_spills_inside_innermost_loops():
+    nested, continue_loop = tool.parse_sass(SASS_WITH_LOOPS)
+    assert tool.count_sass(SASS_WITH_LOOPS)["STL"] == 5 and tool.count_sass(SASS_WITH_LOOPS)["LDL"] == 3
+    assert tool.innermost_loop_spills([nested]) == 2  # the STL.64 and LDL.LU of the inner loop
+    assert tool.innermost_loop_spills([continue_loop]) == 1  # between the two back-edges, not after the last
+    assert tool.innermost_loop_spills([nested, continue_loop]) == 3
+    assert tool.innermost_loop_spills(tool.parse_sass(SASS_LOOP_WITHOUT_SPILL)) == 0
+    assert tool.innermost_loop_spills(tool.parse_sass(SASS)) == 0  # spills but no loop
+
+
+def test_hot_loop_summary_lists_narrow_wgmma_on_sm90_hot_builds_and_loop_spills():
+    narrow, wide = {"64x128x16": 4, "64x32x16": 16}, {"64x128x16": 4}
+    rows = [
+        _row(kernel="fwd", hgmma_shapes=wide, loop_spills=0),
+        _row(kernel="bwd", hgmma_shapes=narrow, loop_spills=0),
+        _row(kernel="cold", hgmma_shapes=narrow, loop_spills=5, hot=False),
+        _row(kernel="ampere", arch=80, hgmma_shapes={}, loop_spills=3, spill_stores=3),
+        _row(kernel="broken", error="CompilationError: boom"),
+    ]
+    assert tool.hot_loop_summary(rows) == [
+        "- sm_90 hot builds with wgmma narrower than n64: m:bwd (64x32x16)",
+        "- hot builds with STL/LDL inside an innermost loop: m:ampere sm_80 (3)",
+    ]
+    assert tool.hot_loop_summary(rows[:1]) == [
+        "- sm_90 hot builds with wgmma narrower than n64: none",
+        "- hot builds with STL/LDL inside an innermost loop: none",
+    ]
+    report = tool.markdown_report(rows, "Triton 9.9, ptxas 1.0")
+    assert report.endswith("\n".join(["", *tool.hot_loop_summary(rows), ""]))
+    assert "| 0/0 | 0 | 0/0 |" in report and "| 64x128x16 x4, 64x32x16 x16 |" in report
+    assert "| 3/0 | 3 | 0/0 |" in report and "| - |" in report
 
 
 def _row(**fields):

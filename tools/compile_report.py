@@ -7,8 +7,10 @@ Kernel modules under ``qwenlong.kernels`` declare their builds with ``compile_sp
 Triton's package):
 
 - ``--dump-resource-usage`` gives registers, stack and local bytes and static shared memory;
-- ``--dump-sass`` gives the instructions: HGMMA (sm_90 warpgroup MMA, wgmma), HMMA
-  (warp MMA, mma.sync), and STL/LDL, the local-memory stores and loads register spills become.
+- ``--dump-sass`` gives the instructions: HGMMA (sm_90 warpgroup MMA, wgmma) and its shapes
+  (``HGMMA.64x128x16.F32.BF16`` is m64 n128 k16), HMMA (warp MMA, mma.sync), and STL/LDL, the
+  local-memory stores and loads register spills become. Loops are read from backward branches:
+  a spill inside an innermost loop runs once per MMA step, one outside it once per outer iteration.
 
 The table goes to stdout and to ``--output`` (markdown; by default docs/compile_report.md, the
 committed report, which only a full run writes), the rows optionally to ``--json``. The exit
@@ -49,6 +51,13 @@ TITLE = "# Compile report"
 _SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?\w+\s+)?([A-Z][A-Z0-9_]*)")
 _FUNCTION_LINE = re.compile(r"^\s*Function (\S+):\s*$")
 _RESOURCE_FIELD = re.compile(r"([A-Z]+(?:\[\d+\])?):(\d+)")
+# a SASS instruction line split up: address, opcode, modifiers (".64x128x16.F32.BF16"), operands up to the ";"
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.\w+)*)\s*([^;]*);")
+_SASS_FUNCTION = re.compile(r"^\s*Function\s*:")  # "Function : _attn_fwd" in --dump-sass
+_HGMMA_SHAPE = re.compile(r"^\.(\d+)x(\d+)x(\d+)\b")
+_BRANCH_TARGET = re.compile(r"(0x[0-9a-f]+)\s*$")  # "0x4a50", "P6, 0x4a50", "UR4, 0x4a50": the target is last
+SPILL_OPCODES = ("STL", "LDL")
+NARROW_WGMMA_N = 64  # the open targets' bar: a narrower wgmma does too little work per instruction
 
 
 @dataclasses.dataclass
@@ -69,7 +78,9 @@ class Row:
     spill_stores: int | None = None  # STL instructions in the SASS
     spill_loads: int | None = None  # LDL instructions in the SASS
     hgmma: int | None = None
+    hgmma_shapes: dict[str, int] | None = None  # "64x128x16" -> static count, widest N first
     hmma: int | None = None
+    loop_spills: int | None = None  # STL/LDL inside innermost loops
     instructions: int | None = None
     error: str | None = None
 
@@ -112,6 +123,94 @@ def count_sass(text: str) -> dict[str, int]:
         if match:
             counts[match.group(1)] = counts.get(match.group(1), 0) + 1
     return counts
+
+
+@dataclasses.dataclass(frozen=True)
+class SassInstruction:
+    """One instruction of ``--dump-sass``: ``@P0 HGMMA.64x64x16.F32.BF16 R24, ...`` at ``/*3330*/``."""
+
+    address: int
+    opcode: str  # "HGMMA"
+    modifiers: str  # ".64x64x16.F32.BF16"
+    operands: str  # "R24, gdesc[UR20], RZ, !UPT"
+
+
+def parse_sass(text: str) -> list[list[SassInstruction]]:
+    """``cuobjdump --dump-sass`` output -> the instructions of each function (addresses restart per function)."""
+    functions: list[list[SassInstruction]] = []
+    for line in text.splitlines():
+        if _SASS_FUNCTION.match(line):
+            functions.append([])
+            continue
+        match = _SASS_INSTRUCTION.match(line)
+        if match:
+            if not functions:  # a dump without a function header: one anonymous function
+                functions.append([])
+            address, opcode, modifiers, operands = match.groups()
+            functions[-1].append(SassInstruction(int(address, 16), opcode, modifiers, operands.strip()))
+    return functions
+
+
+def hgmma_shapes(functions: list[list[SassInstruction]]) -> dict[str, int]:
+    """Static count of each HGMMA shape, "MxNxK" -> count, widest N first (then M, then K, all descending)."""
+    counts: dict[tuple[int, int, int], int] = {}
+    for instruction in (i for function in functions for i in function if i.opcode == "HGMMA"):
+        match = _HGMMA_SHAPE.match(instruction.modifiers)
+        if match is None:
+            raise ValueError(f"HGMMA without an MxNxK shape at 0x{instruction.address:x}: {instruction.modifiers!r}")
+        m, n, k = (int(size) for size in match.groups())
+        counts[m, n, k] = counts.get((m, n, k), 0) + 1
+    ordered = sorted(counts, key=lambda shape: (-shape[1], -shape[0], -shape[2]))
+    return {f"{m}x{n}x{k}": counts[m, n, k] for m, n, k in ordered}
+
+
+def loop_ranges(function: list[SassInstruction]) -> list[tuple[int, int]]:
+    """[header, last back-edge] address ranges of a function's loops, sorted.
+
+    A loop is a ``BRA`` whose target lies below its own address (the trap ``BRA`` to itself after
+    ``EXIT`` is not one). Back-edges to the same header (a ``continue``) close one loop, up to the last.
+    """
+    last_latch: dict[int, int] = {}
+    for instruction in function:
+        if instruction.opcode != "BRA":
+            continue
+        target = _BRANCH_TARGET.search(instruction.operands)
+        if target is not None and int(target.group(1), 16) < instruction.address:
+            header = int(target.group(1), 16)
+            last_latch[header] = max(last_latch.get(header, 0), instruction.address)
+    return sorted(last_latch.items())
+
+
+def innermost_loops(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges that contain no other range."""
+
+    def contains(outer: tuple[int, int], inner: tuple[int, int]) -> bool:
+        return outer != inner and outer[0] <= inner[0] and inner[1] <= outer[1]
+
+    return [loop for loop in ranges if not any(contains(loop, other) for other in ranges)]
+
+
+def innermost_loop_spills(functions: list[list[SassInstruction]]) -> int:
+    """STL/LDL instructions inside innermost loops: the spills that run once per MMA step."""
+    count = 0
+    for function in functions:
+        loops = innermost_loops(loop_ranges(function))
+        count += sum(
+            1
+            for instruction in function
+            if instruction.opcode in SPILL_OPCODES and any(start <= instruction.address <= end for start, end in loops)
+        )
+    return count
+
+
+def format_shapes(shapes: dict[str, int] | None) -> str:
+    """{"64x128x16": 4, "64x32x16": 16} -> "64x128x16 x4, 64x32x16 x16"; "-" when there is none."""
+    return ", ".join(f"{shape} x{count}" for shape, count in shapes.items()) if shapes else "-"
+
+
+def narrow_shapes(shapes: dict[str, int] | None) -> list[str]:
+    """The shapes in ``shapes`` whose N is below ``NARROW_WGMMA_N``."""
+    return [shape for shape in shapes or {} if int(shape.split("x")[1]) < NARROW_WGMMA_N]
 
 
 def find_cuobjdump() -> str:
@@ -180,7 +279,9 @@ def compile_row(module_name: str, index: int, arch: int) -> Row:
             cubin = Path(tmp) / "kernel.cubin"
             cubin.write_bytes(compiled.asm["cubin"])
             usage = parse_resource_usage(_cuobjdump("--dump-resource-usage", cubin))
-            sass = count_sass(_cuobjdump("--dump-sass", cubin))
+            sass_text = _cuobjdump("--dump-sass", cubin)
+        sass, functions = count_sass(sass_text), parse_sass(sass_text)
+        shapes, loop_spills = hgmma_shapes(functions), innermost_loop_spills(functions)  # SASS it cannot read: error
         kernel_usage = usage[compiled.metadata.name]
     except Exception as exc:  # a compile error is a result to report, not a crash
         print(f"error compiling {module_name}:{spec.name} for sm_{arch}:\n{traceback.format_exc()}", file=sys.stderr)
@@ -193,7 +294,9 @@ def compile_row(module_name: str, index: int, arch: int) -> Row:
     row.spill_stores = sass.get("STL", 0)
     row.spill_loads = sass.get("LDL", 0)
     row.hgmma = sass.get("HGMMA", 0)
+    row.hgmma_shapes = shapes
     row.hmma = sass.get("HMMA", 0)
+    row.loop_spills = loop_spills
     row.instructions = sum(sass.values())
     return row
 
@@ -286,21 +389,41 @@ def _cell(value) -> str:
     return "-" if value is None else str(value)
 
 
+def _kernel_name(row: Row) -> str:
+    """'attention.compile_specs:attention_fwd_bf16_d64': the module below the default package, then the spec."""
+    return f"{row.module.removeprefix(DEFAULT_PACKAGE + '.')}:{row.kernel}"
+
+
+def hot_loop_summary(rows: list[Row]) -> list[str]:
+    """The lines under the table, one per open target: sm_90 hot builds with a wgmma narrower than n64
+    (and which shapes), and hot builds that spill inside an innermost loop (and how many STL/LDL)."""
+    narrow = [
+        f"{_kernel_name(row)} ({', '.join(narrow_shapes(row.hgmma_shapes))})"
+        for row in rows
+        if row.hot and row.arch == 90 and narrow_shapes(row.hgmma_shapes)
+    ]
+    in_loops = [f"{_kernel_name(row)} sm_{row.arch} ({row.loop_spills})" for row in rows if row.hot and row.loop_spills]
+    return [
+        f"- sm_90 hot builds with wgmma narrower than n{NARROW_WGMMA_N}: {'; '.join(narrow) or 'none'}",
+        f"- hot builds with STL/LDL inside an innermost loop: {'; '.join(in_loops) or 'none'}",
+    ]
+
+
 def markdown_table(rows: list[Row]) -> str:
     header = (
-        "| kernel | arch | dtype / config | warps/stages | registers | spill st/ld | stack/local B "
-        "| shared B | HGMMA | HMMA | instructions | status |"
+        "| kernel | arch | dtype / config | warps/stages | registers | spill st/ld | loop spills | stack/local B "
+        "| shared B | HGMMA | wgmma | HMMA | instructions | status |"
     )
     lines = [header, "|" + "---|" * header.count(" | ") + "---|"]
     for row in rows:
-        short_module = row.module.removeprefix(DEFAULT_PACKAGE + ".")
         spills = f"{_cell(row.spill_stores)}/{_cell(row.spill_loads)}"
         memory = f"{_cell(row.stack_bytes)}/{_cell(row.local_bytes)}"
         status = row.status if not row.error else f"error: {row.error}".replace("|", "\\|").replace("\n", " ")
         cells = [
-            f"{short_module}:{row.kernel}", "-" if row.arch is None else f"sm_{row.arch}", row.config,
-            f"{row.num_warps}/{row.num_stages}", _cell(row.registers), spills, memory, _cell(row.shared_bytes),
-            _cell(row.hgmma), _cell(row.hmma), _cell(row.instructions), status,
+            _kernel_name(row), "-" if row.arch is None else f"sm_{row.arch}", row.config,
+            f"{row.num_warps}/{row.num_stages}", _cell(row.registers), spills, _cell(row.loop_spills), memory,
+            _cell(row.shared_bytes), _cell(row.hgmma), format_shapes(row.hgmma_shapes), _cell(row.hmma),
+            _cell(row.instructions), status,
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -321,12 +444,15 @@ def markdown_report(rows: list[Row], tools: str) -> str:
         "the JIT gives at launch to the pointers and strides a spec declares aligned (vectorized, pipelined loads).",
         "Registers are per thread. Spill st/ld count STL/LDL (local-memory) instructions in the SASS;",
         "stack/local are bytes per thread; shared is dynamic (requested by Triton) plus static bytes per block.",
-        "HGMMA is sm_90 warpgroup MMA (wgmma), HMMA warp MMA (mma.sync); counts are static, not executed.",
-        "Any spill in a spec marked hot fails CI.",
+        "Loop spills count the STL/LDL inside innermost loops (found from backward branches in the SASS): those",
+        "run once per MMA step, the others once per outer iteration or once per program.",
+        "HGMMA is sm_90 warpgroup MMA (wgmma), with its MxNxK shapes under wgmma (widest N first), HMMA warp MMA",
+        "(mma.sync); counts are static, not executed. Any spill in a spec marked hot fails CI.",
         "",
     ]
-    body = markdown_table(rows) if rows else "No kernel module exposes `compile_specs()` yet."
-    return "\n".join([*intro, body, ""])
+    if not rows:
+        return "\n".join([*intro, "No kernel module exposes `compile_specs()` yet.", ""])
+    return "\n".join([*intro, markdown_table(rows), "", *hot_loop_summary(rows), ""])
 
 
 def exit_status(rows: list[Row], allow_spills: bool) -> int:
@@ -348,7 +474,8 @@ def explain_failures(rows: list[Row], allow_spills: bool) -> None:
             print(
                 f"{verdict} {where} [{row.config}, {row.num_warps} warps]: spills in a hot kernel "
                 f"({row.spill_stores} STL / {row.spill_loads} LDL, stack {row.stack_bytes} B, local "
-                f"{row.local_bytes} B, {row.registers} registers): use a smaller tile or more warps",
+                f"{row.local_bytes} B, {row.registers} registers; {row.loop_spills} of the STL/LDL inside an innermost "
+                "loop): use a smaller tile or more warps",
                 file=sys.stderr,
             )
 
