@@ -10,6 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import qwenlong.integrations.hf_attention as hf_attention  # noqa: E402
+from benchmarks.work.counting import counting, interpreter_active  # noqa: E402
 
 CONFIGS = {
     "qwen2": transformers.Qwen2Config,
@@ -76,7 +77,38 @@ def test_padded_batch_matches_sdpa(family, monkeypatch):
 def test_registration_is_idempotent():
     hf_attention.register()
     hf_attention.register()
-    assert transformers.AttentionInterface._global_mapping["qwenlong"] is hf_attention.qwenlong_attention_forward
+    mapping = transformers.AttentionInterface._global_mapping
+    assert mapping["qwenlong"] is hf_attention.qwenlong_attention_forward
+    assert mapping["qwenlong_atomic"] is hf_attention.qwenlong_atomic_attention_forward
+
+
+@pytest.mark.skipif(not interpreter_active(), reason="counts kernel launches under TRITON_INTERPRET=1")
+def test_nondeterministic_attention_runs_the_atomic_backward(monkeypatch):
+    """apply_qwenlong(deterministic_attention=False) switches the model to "qwenlong_atomic": the same
+    logits and gradients as "qwenlong" (to fp32 rounding), with no dq kernel in the backward."""
+    from qwenlong.integrations.hf import apply_qwenlong
+
+    monkeypatch.setenv("QWENLONG_BACKEND", "triton")
+    ours, _ = _models("qwen2")
+    atomic = copy.deepcopy(ours)
+    apply_qwenlong(ours, fused_loss=False)
+    apply_qwenlong(atomic, fused_loss=False, deterministic_attention=False)
+    lengths = [9, 4, 11]
+    gen = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(0, 128, (1, sum(lengths)), generator=gen)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    weights = torch.randn(1, sum(lengths), 128, generator=gen)
+    logits, kernels = {}, {}
+    for name, model in (("deterministic", ours), ("atomic", atomic)):
+        with counting(torch_ops=False) as work:
+            logits[name] = model(input_ids=input_ids, position_ids=position_ids).logits
+            (logits[name] * weights).sum().backward()
+        kernels[name] = set(work.by_kernel)
+    assert {"_attn_bwd_dq", "_attn_bwd_dkdv"} <= kernels["deterministic"]
+    assert "_attn_bwd_dkdv" in kernels["atomic"] and "_attn_bwd_dq" not in kernels["atomic"]
+    torch.testing.assert_close(logits["atomic"], logits["deterministic"], atol=0, rtol=0)  # same forward
+    for (name, p_atomic), p_ours in zip(atomic.named_parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(p_atomic.grad, p_ours.grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_greedy_generation_with_cache_matches_sdpa(monkeypatch):

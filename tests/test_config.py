@@ -147,6 +147,14 @@ def test_bad_values_name_the_key(path, value, message):
         config_from_dict(with_change(path, value))
 
 
+def test_atomic_attention_under_sequence_parallel_is_refused():
+    data = with_change("model.attention", "qwenlong_atomic")
+    assert config_from_dict(data).model.attention == "qwenlong_atomic"
+    apply_override(data, "distributed.sp_size=2")
+    with pytest.raises(ConfigError, match=r"^model\.attention: 'qwenlong_atomic' has no sequence-parallel form"):
+        config_from_dict(data)
+
+
 def test_float16_under_deepspeed_is_refused():
     data = with_change("distributed.deepspeed_stage", 2)
     config_from_dict(data)  # bfloat16 (the default) is fine

@@ -13,8 +13,8 @@ flash-attn's ``False``: changing the import must not quietly make gradients run-
 dependent (RL log-prob recomputation and our tests rely on bitwise reproducibility); code that
 wants flash-attn's faster behaviour passes ``deterministic=False``, as transformers' own
 flash-attention path does unless ``FLASH_ATTENTION_DETERMINISTIC=1``. Our transformers
-integration (``attn_implementation="qwenlong"``) calls :func:`~.varlen.varlen_attention`
-directly with its deterministic default, whatever that variable says.
+integration ignores that variable: ``attn_implementation="qwenlong"`` is deterministic,
+``"qwenlong_atomic"`` the atomic backward.
 """
 
 from __future__ import annotations

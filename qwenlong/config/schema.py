@@ -31,7 +31,7 @@ class ModelConfig:
     name: str | None = None
     tiny: TinyModelConfig | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    attention: Literal["qwenlong", "sdpa", "eager"] = "qwenlong"
+    attention: Literal["qwenlong", "qwenlong_atomic", "sdpa", "eager"] = "qwenlong"
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:

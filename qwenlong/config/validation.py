@@ -117,6 +117,9 @@ def _validate_values(cfg: Config) -> None:
         _check(_get(cfg, path) > 0, path, f"expected > 0, got {_get(cfg, path)}")
     for path in ("sft.weight_decay", "rl.weight_decay", "rl.overlong.penalty_factor"):
         _check(_get(cfg, path) >= 0, path, f"expected >= 0, got {_get(cfg, path)}")
+    _check(cfg.model.attention != "qwenlong_atomic" or cfg.distributed.sp_size == 1, "model.attention",
+           "'qwenlong_atomic' has no sequence-parallel form (distributed.sp_size > 1 runs the deterministic "
+           "Ulysses attention): use 'qwenlong'")
     tiny = cfg.model.tiny
     if tiny is not None:
         for key in _TINY_SIZES:

@@ -14,9 +14,16 @@ transformers' flash-attention path does:
 
 The mask builder registered beside it is transformers' own flash-attention one, which hands
 the attention function the 2-D padding mask (or ``None``) instead of a 4-D matrix.
+
+Two names, one function: ``"qwenlong"`` runs the deterministic backward (bitwise reproducible and
+packing-invariant), ``"qwenlong_atomic"`` the faster one that adds dq with fp32 atomics
+(``varlen_attention(deterministic=False)``, as flash-attn's default backward; see docs/attention.md).
+The forward is the same.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from transformers import AttentionInterface
@@ -25,6 +32,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from qwenlong.kernels.attention import varlen_attention
 
 NAME = "qwenlong"
+ATOMIC_NAME = "qwenlong_atomic"
 
 
 def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
@@ -63,10 +71,13 @@ def qwenlong_attention_forward(
     cu_seq_lens_k: torch.Tensor | None = None,
     max_length_q: int | None = None,
     max_length_k: int | None = None,
+    *,
+    deterministic: bool = True,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """query ``(batch, heads, q_len, d)``, key/value ``(batch, kv_heads, kv_len, d)`` ->
-    ``(batch, q_len, heads, d)`` and no attention weights."""
+    ``(batch, q_len, heads, d)`` and no attention weights. ``deterministic``: which backward
+    ``varlen_attention`` runs (``"qwenlong_atomic"`` registers this function with False)."""
     if dropout:
         raise ValueError(f"dropout must be 0: attention dropout is not supported by '{NAME}', got {dropout}")
     if softcap:
@@ -103,6 +114,7 @@ def qwenlong_attention_forward(
             softmax_scale=scaling,
             causal=causal,
             window_size=window,
+            deterministic=deterministic,
         )
         out = packed.new_zeros(batch * q_len, heads, head_dim).index_copy(0, q_index, packed)
         return out.view(batch, q_len, heads, head_dim), None
@@ -128,14 +140,20 @@ def qwenlong_attention_forward(
         softmax_scale=scaling,
         causal=causal,
         window_size=window,
+        deterministic=deterministic,
     )
     return out.view(batch, q_len, heads, head_dim), None
 
 
-def register(name: str = NAME) -> None:
-    """Register the attention function and its mask builder under ``name`` (idempotent)."""
-    AttentionInterface.register(name, qwenlong_attention_forward)
-    AttentionMaskInterface.register(name, flash_attention_mask)
+qwenlong_atomic_attention_forward = functools.partial(qwenlong_attention_forward, deterministic=False)
+
+
+def register() -> None:
+    """Register both attention functions and their mask builder as ``"qwenlong"`` and
+    ``"qwenlong_atomic"`` (idempotent)."""
+    for name, forward in ((NAME, qwenlong_attention_forward), (ATOMIC_NAME, qwenlong_atomic_attention_forward)):
+        AttentionInterface.register(name, forward)
+        AttentionMaskInterface.register(name, flash_attention_mask)
 
 
 register()

@@ -78,7 +78,7 @@ def build_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
 
     from qwenlong.integrations.hf import check_no_router_loss
 
-    if cfg.model.attention == "qwenlong":
+    if cfg.model.attention in ("qwenlong", "qwenlong_atomic"):
         from qwenlong.integrations.hf_attention import register
 
         register()
