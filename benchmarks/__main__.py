@@ -3,6 +3,7 @@
     python -m benchmarks                       # every benchmark at its full sizes (GPU, or CPU modes)
     python -m benchmarks --quick --out /tmp/b  # smoke sizes: about a minute on 2 CPU cores
     python -m benchmarks --only train-step rl-step
+    python -m benchmarks --only logprobs attention --budget 300  # no new row starts after 300 s in all
     python -m benchmarks --readme-table        # the README "Results" section, from the results files
 
 Each benchmark runs in this process, one after the other, and writes its own results files
@@ -28,6 +29,14 @@ BENCHMARKS = {
     "sequence-parallel": "benchmarks.bench_sequence_parallel",
     "work": "benchmarks.work",  # FLOPs / bytes the Triton kernels issue, counted under the interpreter (no GPU)
 }
+BUDGETED = ("attention", "logprobs")  # the benchmarks that take --budget (seconds after which no new row starts)
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME",
                         help=f"run only these: {', '.join(BENCHMARKS)}")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
+    parser.add_argument("--budget", type=_positive_seconds,
+                        help=f"seconds for {' and '.join(BUDGETED)} together: each gets an equal share of what is "
+                             "left when it starts (a share unspent passes on)")
     parser.add_argument("--readme-table", action="store_true",
                         help="print the README results section built from the results files in --out, run nothing")
 
@@ -70,8 +82,13 @@ def run(args: argparse.Namespace) -> int:
         print(readme_table(args.out), end="")
         return 0
     failed = []
-    for name in args.only or list(BENCHMARKS):
+    names = args.only or list(BENCHMARKS)
+    deadline = time.perf_counter() + (args.budget if args.budget is not None else float("inf"))
+    for index, name in enumerate(names):
         argv = (["--quick"] if args.quick else []) + ["--out", str(args.out)]
+        if args.budget is not None and name in BUDGETED:
+            budgeted_left = sum(other in BUDGETED for other in names[index:])
+            argv += ["--budget", f"{max(0.0, deadline - time.perf_counter()) / budgeted_left:.0f}"]
         print(f"\n=== {name}: {' '.join(argv)}", flush=True)
         start = time.perf_counter()
         try:

@@ -59,19 +59,20 @@ def make_inputs(tokens, dim, vocab, dtype, device, requires_grad, seed=0, valid=
     """hidden (T, d), weight (V, d), targets (T,): the first ``T - valid`` targets ignored (a prompt).
 
     ``peaked``: hidden = PEAK * w[target] / |w[target]|^2 + noise, so the target logit stands ~PEAK above
-    the rest, as in a trained model (random hidden states give near-uniform logits)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    weight = torch.randn(vocab, dim, generator=gen) / dim**0.5
-    targets = torch.randint(0, vocab, (tokens,), generator=gen)
-    hidden = torch.randn(tokens, dim, generator=gen) * 0.5
+    the rest, as in a trained model (random hidden states give near-uniform logits). Drawn on ``device``:
+    on the host, the 152K x 5120 weight alone takes seconds per draw, and every timed run draws afresh."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    weight = torch.randn(vocab, dim, generator=gen, device=device) / dim**0.5
+    targets = torch.randint(0, vocab, (tokens,), generator=gen, device=device)
+    hidden = torch.randn(tokens, dim, generator=gen, device=device) * 0.5
     if peaked:
         rows = weight[targets]
         hidden = hidden / dim**0.5 + PEAK * rows / rows.pow(2).sum(1, keepdim=True)
     if valid is not None:
         targets[: tokens - valid] = IGNORE
-    hidden = hidden.to(device, dtype).requires_grad_(requires_grad)
-    weight = weight.to(device, dtype).requires_grad_(requires_grad)
-    return hidden, weight, targets.to(device)
+    hidden = hidden.to(dtype).requires_grad_(requires_grad)
+    weight = weight.to(dtype).requires_grad_(requires_grad)
+    return hidden, weight, targets
 
 
 def policy_inputs(targets):
@@ -251,6 +252,7 @@ def run_speed(args) -> list[dict]:
     rows = []
     shape, batches = speed_shapes(args)
     dim, vocab = shape["d"], shape["V"]
+    deadline = time.perf_counter() + args.budget
     for op in OPS:
         for (variant, run), (batch, tokens, valid) in itertools.product(gpu_variants(op, args.device).items(),
                                                                           batches):
@@ -258,6 +260,8 @@ def run_speed(args) -> list[dict]:
                    "V": vocab, "dtype": str(shape["dtype"]).replace("torch.", "")}
             if isinstance(run, str):
                 row["status"] = run
+            elif time.perf_counter() > deadline:
+                row["status"] = f"{NOT_AVAILABLE}: the --budget of {args.budget:.0f} s was spent"
             else:
                 try:
                     row["peak MiB"], row["fwd+bwd ms"] = measure_speed(run, tokens, valid, shape)
@@ -353,6 +357,8 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, nargs="+", help="CPU: the T values")
     parser.add_argument("--backward-max-tokens", type=int, default=4096, help="CPU: largest T run with backward")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=float("inf"),
+                        help="speed mode: seconds after which no new row starts (the rest say so)")
     parser.add_argument("--speed", action="store_true",
                         help="CPU: run the GPU benchmark's code at tiny sizes (a smoke test of the script)")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
