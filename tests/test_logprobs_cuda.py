@@ -54,6 +54,44 @@ def test_backward_matches_chunked(dtype, with_entropy_grad):
         torch.testing.assert_close(g, e, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+TOKEN_CHUNK = 4096  # csrc/cuda/linear_logprobs.cu: kTokenChunk
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_several_token_chunks_match_chunked(dtype):
+    """Two full token chunks read in place and a partial third one from the padded copy."""
+    hidden, weight, targets = _problem(dtype, tokens=2 * TOKEN_CHUNK + 300, vocab=9000, dim=32, seed=3)
+    got = cuda_backend.forward(hidden, weight, targets, 1.0, -100, True, True)
+    expected = chunked.forward(hidden, weight, targets, 1.0, -100, True, True)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=TOL[dtype], rtol=TOL[dtype])
+    lse, entropy = expected[3], expected[1]
+    valid = targets != -100
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    grads = [torch.where(valid, torch.randn(targets.shape, device="cuda", generator=gen), 0.0) for _ in range(3)]
+    args = (hidden, weight, targets, lse, entropy, *grads, 1.0)
+    for g, e in zip(cuda_backend.backward(*args), chunked.backward(*args), strict=True):
+        torch.testing.assert_close(g, e, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("rows", [slice(0, 500), slice(1000, 1500), slice(TOKEN_CHUNK, None)])
+def test_a_token_does_not_depend_on_its_batch(rows):
+    """Rows computed inside a batch of two chunks (the first read in place, the second a padded copy) and
+    alone (one padded chunk, at other positions): bitwise the same statistics and d(hidden) rows, since
+    every GEMM has one shape."""
+    hidden, weight, targets = _problem(torch.bfloat16, tokens=TOKEN_CHUNK + 500, vocab=9000, dim=32, seed=6)
+    whole = cuda_backend.forward(hidden, weight, targets, 1.0, -100, True, True)
+    alone = cuda_backend.forward(hidden[rows], weight, targets[rows], 1.0, -100, True, True)
+    for w, a in zip(whole, alone, strict=True):
+        assert torch.equal(w[rows], a)
+    valid = targets != -100
+    grad_logp = torch.where(valid, torch.randn(targets.shape, device="cuda"), 0.0)
+    grad_whole, _ = cuda_backend.backward(hidden, weight, targets, whole[3], None, grad_logp, None, None, 1.0)
+    grad_alone, _ = cuda_backend.backward(hidden[rows], weight, targets[rows], alone[3], None, grad_logp[rows],
+                                          None, None, 1.0)  # fmt: skip
+    assert torch.equal(grad_whole[rows], grad_alone)
+
+
 def test_empty_batch():
     hidden, weight, _ = _problem(torch.float32, tokens=0)
     logp, entropy, mean_logp, lse = cuda_backend.forward(

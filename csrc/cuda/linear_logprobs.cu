@@ -1,19 +1,24 @@
 // Fused LM-head statistics on CUDA: cuBLAS GEMM per tile, fused epilogue per tile.
 //
-// Tokens are cut into chunks of kTokenChunk rows (the last one zero-padded, so every GEMM
-// has the same shape whatever the batch: a token's results do not depend on its batch), the
-// vocabulary into chunks of kVocabChunk at fixed offsets. For each (vocabulary, token) chunk:
+// Tokens are cut into chunks of kTokenChunk rows, the vocabulary into chunks of kVocabChunk at
+// fixed offsets. Full token chunks are read from hidden in place; only the last, partial one is
+// copied into a zero-padded buffer, so every GEMM has the same shape whatever the batch (a
+// token's results do not depend on its batch). The chunks are large (4096 x 8192) so the
+// gradient GEMMs have K = 4096 or 8192 and each fp32 gradient block is rewritten only once per
+// chunk of the other dimension. For each (vocabulary, token) chunk:
 //
 //   forward:  Z = H_c W_c^T / tau (fp32 out, fp32 accumulate), then one pass over each row
 //             of Z merges (max m, s = sum e^(z-m), a = sum e^(z-m)(z-m)) into the running
 //             per-token state, adds sum z and picks the target logit. At the end
 //             lse = m + log s, logp = z_t - lse, H = log s - a/s, mean_logp = sum z / V - lse.
 //             a is kept relative to the running max, so logits of 1e4 lose nothing.
-//   backward: recompute Z, overwrite it in place with the logit gradient
+//   backward: recompute Z; the epilogue writes the logit gradient in the inputs' dtype
 //             dz = g_mean/V - p (g_logp + g_mean + g_H (log p + H)) + g_logp [j = t],
-//             then dH_c += dZ W_c / tau and dW_c += dZ^T H_c / tau (cuBLAS, fp32 accumulators).
+//             (fp16/bf16: a second tile, the GEMM operand as it is; fp32: in place), then
+//             dH_c += dZ W_c / tau and dW_c += dZ^T H_c / tau (cuBLAS, fp32 accumulators).
 //
 // Every accumulation runs in a fixed order, so results are reproducible bit for bit.
+#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -26,8 +31,8 @@
 namespace qwenlong::cuda {
 namespace {
 
-constexpr int64_t kTokenChunk = 512;
-constexpr int64_t kVocabChunk = 16384;
+constexpr int64_t kTokenChunk = 4096;
+constexpr int64_t kVocabChunk = 8192;
 constexpr int kThreads = 256;
 
 // Softmax statistics of a set of logits, relative to their max.
@@ -103,17 +108,20 @@ __global__ void logits_stats_kernel(const float* __restrict__ tile, int64_t ld, 
   }
 }
 
-// One block per token row: overwrites the logits tile with d(outputs)/d(tempered logits).
-// Rows at or past `rows` are padding and get 0. entropy / grad_entropy / grad_mean may be null.
-__global__ void dlogits_kernel(float* __restrict__ tile, int64_t ld, int64_t columns, int64_t rows,
+// One block per token row: writes d(outputs)/d(tempered logits) of the logits tile into `out`
+// (same layout; `out` may be the tile itself). Rows at or past `rows` are padding and get 0.
+// entropy / grad_entropy / grad_mean may be null.
+template <typename scalar_t>
+__global__ void dlogits_kernel(const float* tile, scalar_t* out, int64_t ld, int64_t columns, int64_t rows,
                                const int64_t* __restrict__ targets, int64_t vocab_start,
                                const float* __restrict__ lse, const float* __restrict__ entropy,
                                const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy,
                                const float* __restrict__ grad_mean, float inv_vocab) {
   const int64_t row = blockIdx.x;
-  float* z = tile + row * ld;
+  const float* z = tile + row * ld;
+  scalar_t* dz_row = out + row * ld;
   if (row >= rows) {
-    for (int64_t j = threadIdx.x; j < columns; j += blockDim.x) z[j] = 0.0f;
+    for (int64_t j = threadIdx.x; j < columns; j += blockDim.x) dz_row[j] = static_cast<scalar_t>(0.0f);
     return;
   }
   const float g_logp = grad_logp[row];
@@ -127,7 +135,7 @@ __global__ void dlogits_kernel(float* __restrict__ tile, int64_t ld, int64_t col
     const float p = __expf(log_p);
     float dz = g_mean * inv_vocab - p * (g_logp + g_mean + g_entropy * (log_p + row_entropy));
     if (j == target) dz += g_logp;
-    z[j] = dz;
+    dz_row[j] = static_cast<scalar_t>(dz);
   }
 }
 
@@ -151,8 +159,8 @@ const void* rows_of(const torch::Tensor& matrix, int64_t row) {
   return static_cast<const char*>(matrix.data_ptr()) + row * matrix.stride(0) * matrix.element_size();
 }
 
-// hidden zero-padded to a multiple of kTokenChunk rows (contiguous), and the checked shapes.
-torch::Tensor padded_hidden(const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& targets) {
+// The argument checks both directions share.
+void check_inputs(const torch::Tensor& hidden, const torch::Tensor& weight, const torch::Tensor& targets) {
   TORCH_CHECK(hidden.is_cuda() && weight.device() == hidden.device() && targets.device() == hidden.device(),
               "hidden, weight and targets must be on one CUDA device");
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
@@ -160,20 +168,34 @@ torch::Tensor padded_hidden(const torch::Tensor& hidden, const torch::Tensor& we
   TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "hidden and weight must share a dtype");
   TORCH_CHECK(targets.dim() == 1 && targets.size(0) == hidden.size(0) && targets.scalar_type() == at::kLong,
               "targets must be int64 (T,)");
-  const int64_t tokens = hidden.size(0);
-  const int64_t padded = (tokens + kTokenChunk - 1) / kTokenChunk * kTokenChunk;
-  auto out = at::zeros({padded, hidden.size(1)}, hidden.options());
-  out.narrow(0, 0, tokens).copy_(hidden);
-  return out;
 }
+
+// The token chunks of a row-contiguous hidden: full chunks are read where they are, the last partial
+// one from a zero-padded copy of kTokenChunk rows.
+class TokenChunks {
+ public:
+  explicit TokenChunks(const torch::Tensor& hidden) : hidden_(hidden), tokens_(hidden.size(0)) {
+    const int64_t full = tokens_ / kTokenChunk * kTokenChunk;
+    if (full < tokens_) {
+      last_ = at::zeros({kTokenChunk, hidden.size(1)}, hidden.options());
+      last_.narrow(0, 0, tokens_ - full).copy_(hidden.narrow(0, full, tokens_ - full));
+    }
+  }
+  // The kTokenChunk rows starting at token t0 (a multiple of kTokenChunk).
+  const void* rows(int64_t t0) const { return t0 + kTokenChunk <= tokens_ ? rows_of(hidden_, t0) : last_.data_ptr(); }
+
+ private:
+  torch::Tensor hidden_, last_;
+  int64_t tokens_;
+};
 
 // Z = H_c W_c^T / tau for token chunk t0 and vocabulary chunk [v0, v0 + columns), into `tile`
 // (kTokenChunk x kVocabChunk, row-major; only the first `columns` columns are written).
-void logits_tile(const torch::Tensor& hidden, const torch::Tensor& weight, int64_t t0, int64_t v0, int64_t columns,
+void logits_tile(const TokenChunks& chunks, const torch::Tensor& weight, int64_t t0, int64_t v0, int64_t columns,
                  float inv_temperature, torch::Tensor& tile) {
-  const int64_t d = hidden.size(1);
+  const int64_t d = weight.size(1);
   gemm(CUBLAS_OP_T, CUBLAS_OP_N, columns, kTokenChunk, d, inv_temperature, rows_of(weight, v0), d,
-       rows_of(hidden, t0), d, 0.0f, tile.data_ptr<float>(), kVocabChunk, cublas_type(hidden.scalar_type()));
+       chunks.rows(t0), d, 0.0f, tile.data_ptr<float>(), kVocabChunk, cublas_type(weight.scalar_type()));
 }
 
 }  // namespace
@@ -183,8 +205,10 @@ std::vector<torch::Tensor> linear_logprobs_forward(const torch::Tensor& hidden_i
                                                    int64_t ignore_index) {
   const c10::cuda::CUDAGuard guard(hidden_in.device());
   const auto targets = targets_in.contiguous();
-  const auto hidden = padded_hidden(hidden_in, weight_in, targets);
+  check_inputs(hidden_in, weight_in, targets);
+  const auto hidden = hidden_in.contiguous();
   const auto weight = weight_in.contiguous();
+  const TokenChunks chunks(hidden);
   const int64_t tokens = targets.size(0), vocab = weight.size(0);
   const auto fp32 = hidden.options().dtype(at::kFloat);
   // running max, sum e^(z - m), sum e^(z - m)(z - m), sum z, target logit
@@ -196,7 +220,7 @@ std::vector<torch::Tensor> linear_logprobs_forward(const torch::Tensor& hidden_i
   for (int64_t v0 = 0; v0 < vocab; v0 += kVocabChunk) {
     const int64_t columns = std::min(kVocabChunk, vocab - v0);
     for (int64_t t0 = 0; t0 < tokens; t0 += kTokenChunk) {
-      logits_tile(hidden, weight, t0, v0, columns, inv_temperature, tile);
+      logits_tile(chunks, weight, t0, v0, columns, inv_temperature, tile);
       const int64_t rows = std::min(kTokenChunk, tokens - t0);
       float* s = stats.data_ptr<float>() + t0;
       const int64_t stride = stats.stride(0);
@@ -224,8 +248,10 @@ std::vector<torch::Tensor> linear_logprobs_backward(const torch::Tensor& hidden_
                                                     double temperature) {
   const c10::cuda::CUDAGuard guard(hidden_in.device());
   const auto targets = targets_in.contiguous();
-  const auto hidden = padded_hidden(hidden_in, weight_in, targets);
+  check_inputs(hidden_in, weight_in, targets);
+  const auto hidden = hidden_in.contiguous();
   const auto weight = weight_in.contiguous();
+  const TokenChunks chunks(hidden);
   const int64_t tokens = targets.size(0), vocab = weight.size(0), d = hidden.size(1);
   TORCH_CHECK(!grad_entropy_in || entropy_in, "grad_entropy needs entropy");
   const auto per_token = [&](const torch::Tensor& x, const char* name) {
@@ -243,26 +269,30 @@ std::vector<torch::Tensor> linear_logprobs_backward(const torch::Tensor& hidden_
   };
 
   const auto fp32 = hidden.options().dtype(at::kFloat);
-  auto grad_hidden = at::zeros({hidden.size(0), d}, fp32);  // padded rows, sliced at the end
+  const int64_t padded_tokens = (tokens + kTokenChunk - 1) / kTokenChunk * kTokenChunk;
+  auto grad_hidden = at::zeros({padded_tokens, d}, fp32);  // padded rows, sliced at the end
   auto grad_weight = at::zeros({vocab, d}, fp32);
   auto tile = at::empty({kTokenChunk, kVocabChunk}, fp32);
+  // the logit gradient in the inputs' dtype, the GEMMs' operand: fp32 inputs reuse the logits tile
+  auto dlogits = hidden.scalar_type() == at::kFloat ? tile : at::empty({kTokenChunk, kVocabChunk}, hidden.options());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const auto type = cublas_type(hidden.scalar_type());
   const float inv_temperature = static_cast<float>(1.0 / temperature);
   for (int64_t v0 = 0; v0 < vocab; v0 += kVocabChunk) {
     const int64_t columns = std::min(kVocabChunk, vocab - v0);
     for (int64_t t0 = 0; t0 < tokens; t0 += kTokenChunk) {
-      logits_tile(hidden, weight, t0, v0, columns, inv_temperature, tile);
-      dlogits_kernel<<<kTokenChunk, kThreads, 0, stream>>>(
-          tile.data_ptr<float>(), kVocabChunk, columns, std::min(kTokenChunk, tokens - t0),
-          targets.data_ptr<int64_t>() + t0, v0, at_row(lse, t0), at_row(entropy, t0), at_row(grad_logp, t0),
-          at_row(grad_entropy, t0), at_row(grad_mean, t0), static_cast<float>(1.0 / vocab));
+      logits_tile(chunks, weight, t0, v0, columns, inv_temperature, tile);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "dlogits_kernel", [&] {
+        dlogits_kernel<scalar_t><<<kTokenChunk, kThreads, 0, stream>>>(
+            tile.data_ptr<float>(), dlogits.data_ptr<scalar_t>(), kVocabChunk, columns,
+            std::min(kTokenChunk, tokens - t0), targets.data_ptr<int64_t>() + t0, v0, at_row(lse, t0),
+            at_row(entropy, t0), at_row(grad_logp, t0), at_row(grad_entropy, t0), at_row(grad_mean, t0),
+            static_cast<float>(1.0 / vocab));
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      // cuBLAS wants both operands in one type: the gradient tile goes down to the inputs' dtype
-      const auto dlogits = hidden.scalar_type() == at::kFloat ? tile : tile.to(hidden.scalar_type());
       gemm(CUBLAS_OP_N, CUBLAS_OP_N, d, kTokenChunk, columns, inv_temperature, rows_of(weight, v0), d,
            dlogits.data_ptr(), kVocabChunk, 1.0f, grad_hidden.data_ptr<float>() + t0 * d, d, type);
-      gemm(CUBLAS_OP_N, CUBLAS_OP_T, d, columns, kTokenChunk, inv_temperature, rows_of(hidden, t0), d,
+      gemm(CUBLAS_OP_N, CUBLAS_OP_T, d, columns, kTokenChunk, inv_temperature, chunks.rows(t0), d,
            dlogits.data_ptr(), kVocabChunk, 1.0f, grad_weight.data_ptr<float>() + v0 * d, d, type);
     }
   }

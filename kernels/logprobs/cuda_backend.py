@@ -1,10 +1,12 @@
 """The CUDA-extension backend of the fused LM-head statistics (``csrc/cuda/linear_logprobs.cu``).
 
-cuBLAS computes each fp32 logits tile (fp32 accumulation), and a fused epilogue consumes it
-in one pass: forward merges the running max, sum of exponentials, entropy term, logit sum
-and target logit; backward overwrites the tile with d(logits) in place before two more
-cuBLAS GEMMs form d(hidden) and d(weight). Same math and the same ``forward`` / ``backward``
-contract as :mod:`.chunked`, so :class:`.valid_rows.ValidRowStats` runs either.
+cuBLAS computes each fp32 logits tile of 4096 tokens x 8192 vocabulary entries (fp32
+accumulation), and a fused epilogue consumes it in one pass: forward merges the running max,
+sum of exponentials, entropy term, logit sum and target logit; backward writes d(logits) in the
+inputs' dtype, the operand of two more cuBLAS GEMMs that form d(hidden) and d(weight). Only the
+last token chunk is padded (a copy); every GEMM has the same shape, so a token's results do not
+depend on its batch. Same math and the same ``forward`` / ``backward`` contract as
+:mod:`.chunked`, so :class:`.valid_rows.ValidRowStats` runs either.
 """
 
 from __future__ import annotations
