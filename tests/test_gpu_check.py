@@ -1,0 +1,107 @@
+"""tools/gpu_check.sh, the one command for a lent GPU machine: its plan fits the device's 10-minute command
+limit, and what it packs fits what the device gives back (at most 8 files of at most 16 MiB, no deeper than
+two folders, plain names). Runs the script's --dry-run and its pack step on fake results (a few seconds)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "gpu_check.sh"
+DEVICE_COMMAND_LIMIT_S = 600
+DEVICE_FILES, DEVICE_FILE_BYTES = 8, 16 * 2**20
+STEPS = ["env", "wheels", "build", "gpu-tests", "bench", "pack"]
+
+
+def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def _plan(*args: str) -> tuple[dict[str, int], int, int]:
+    """(limit per step, kill-after seconds, the worst case the plan states) from --dry-run."""
+    proc = _run("--dry-run", *args)
+    assert proc.returncode == 0, proc.stderr
+    limits = {name: int(limit) for name, limit in re.findall(r"^step (\S+) +limit +(\d+) s", proc.stdout, re.M)}
+    kill_after = int(re.search(r"kill-after (\d+) s", proc.stdout).group(1))
+    worst = int(re.search(r"^worst case: (\d+) s", proc.stdout, re.M).group(1))
+    return limits, kill_after, worst
+
+
+@pytest.mark.parametrize("mode", [(), ("--quick",)])
+def test_plan_fits_the_device_command_limit(mode):
+    limits, kill_after, worst = _plan(*mode)
+    assert list(limits) == STEPS
+    assert all(limit > 0 for limit in limits.values()), limits
+    # every step spending its whole limit and its kill-after grace: still inside the command limit
+    assert worst == sum(limits.values()) + kill_after * len(limits)
+    assert worst < DEVICE_COMMAND_LIMIT_S, f"{mode}: the steps' limits add up to {worst} s"
+
+
+def test_quick_shrinks_every_step():
+    full, _, full_worst = _plan()
+    quick, _, quick_worst = _plan("--quick")
+    assert all(quick[step] <= full[step] for step in STEPS), (quick, full)
+    assert quick_worst < full_worst
+
+
+def test_unknown_step_is_refused_by_name():
+    proc = _run("--steps", "env,benchmark")
+    assert proc.returncode == 2
+    assert "--steps: unknown step 'benchmark'" in proc.stderr
+
+
+def _pack(tmp_path: Path, results: dict[str, bytes]) -> tuple[subprocess.CompletedProcess, Path]:
+    """Runs the pack step alone on ``results`` (paths under the scratch's results/ folder) into a fresh $OUT."""
+    scratch, out = tmp_path / "scratch", tmp_path / "out"
+    for name, content in results.items():
+        path = scratch / "results" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+    env = os.environ | {"GPU_CHECK_SCRATCH": str(scratch), "OUT": str(out)}
+    return _run("--steps", "pack", env=env), out
+
+
+def _assert_device_can_return(out: Path) -> list[Path]:
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert 0 < len(files) <= DEVICE_FILES, files
+    for path in files:
+        relative = path.relative_to(out)
+        assert len(relative.parts) <= 3, relative  # $OUT/a/b/file comes back, $OUT/a/b/c/file does not
+        assert all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for part in relative.parts), relative
+        assert path.stat().st_size <= DEVICE_FILE_BYTES, (relative, path.stat().st_size)
+    return files
+
+
+def test_pack_returns_every_result_in_few_files(tmp_path):
+    results = {f"bench/h200-2026-12-03-fake{i:02d}.{ext}": os.urandom(64) + f"result {i}".encode()
+               for i in range(20) for ext in ("json", "md")}
+    results["gpu-tests.xml"] = b"<testsuites/>"
+    proc, out = _pack(tmp_path, results)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    files = _assert_device_can_return(out)
+    assert {path.name for path in files} == {"results.tar.gz", "summary.txt", "gpu_check.log"}
+    with tarfile.open(out / "results.tar.gz") as archive:
+        packed = {member.name: archive.extractfile(member).read() for member in archive if member.isfile()}
+    for name, content in results.items():
+        assert packed[f"results/{name}"] == content, name
+    assert "logs/pack.log" in packed
+    assert re.search(r"^pack +\d+ +\d+ +ok ", (out / "summary.txt").read_text(), re.M)
+
+
+def test_pack_drops_plots_that_would_pass_the_file_size_limit(tmp_path):
+    results = {"bench/h200-2026-12-03-attention.png": os.urandom(DEVICE_FILE_BYTES + 2**20),  # incompressible
+               "bench/h200-2026-12-03-attention.json": b'{"rows": []}'}
+    proc, out = _pack(tmp_path, results)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_device_can_return(out)
+    with tarfile.open(out / "results.tar.gz") as archive:
+        names = archive.getnames()
+    assert "results/bench/h200-2026-12-03-attention.json" in names
+    assert not any(name.endswith(".png") for name in names)
