@@ -13,6 +13,7 @@ from qwenlong.kernels import linear_cross_entropy, linear_logprobs
 from qwenlong.kernels.logprobs import chunked
 from qwenlong.kernels.logprobs.compile_specs import compile_specs
 from qwenlong.kernels.logprobs.linear_logprobs import (
+    _combine_kernel,
     _dlogits_kernel,
     _forward_kernel,
     _grad_hidden_kernel,
@@ -231,10 +232,13 @@ def test_cross_entropy_bad_options(change):
 def test_compile_specs_match_kernel_signatures():
     specs = compile_specs()
     kernels = {_forward_kernel, _dlogits_kernel, _grad_hidden_kernel, _grad_weight_kernel}
-    assert {spec.fn for spec in specs} == kernels
+    assert {spec.fn for spec in specs} == kernels | {_combine_kernel}  # the slice merge: fp32 only, one build
     for kernel in kernels:  # every kernel built for every input dtype (its first argument holds that dtype)
         dtypes = {next(iter(spec.signature.values())) for spec in specs if spec.fn is kernel}
         assert dtypes == {"*bf16", "*fp16", "*fp32"}
+    combine = [(spec.constexprs["WITH_ENTROPY"], spec.constexprs["WITH_MEAN"]) for spec in specs
+               if spec.fn is _combine_kernel]
+    assert sorted(combine) == [(False, False), (False, True), (True, False), (True, True)]
     for spec in specs:
         assert list(spec.signature) == list(spec.fn.arg_names), spec.name
         constexprs = {name for name, kind in spec.signature.items() if kind == "constexpr"}

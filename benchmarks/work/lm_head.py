@@ -77,14 +77,21 @@ def triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, *, with_entropy
         for key, value in amounts.items():
             out[key] += value
 
-    def forward(grid, rows):
-        """``grid`` programs over ``rows`` valid rows; programs past them read the count and return."""
+    def forward(launched_tiles, rows):
+        """``launched_tiles`` token tiles x vocabulary slices of programs over ``rows`` valid rows (programs
+        past them read the count and return), then the slice merge over the same positions."""
         bt = c["BLOCK_T_KEEP_LOGITS"] if grad_in_forward else c["BLOCK_T"]
         tiles = _ceil(rows, bt)
+        splits, _ = lp.vocab_slices(vocab, bv)
+        grid = launched_tiles * splits
+        partial_bytes = 4 * rows * splits * (3 + with_entropy + with_mean)  # max, sum, target (+ entropy, mean)
         add(programs=grid, bytes_loaded=8 * grid)
         add(flops=2 * tiles * bt * _up(vocab, bv) * _up(dim, bd),
-            bytes_loaded=16 * rows + _ceil(vocab, bv) * rows * dim * size + tiles * vocab * dim * size,
-            bytes_stored=4 * rows * (2 + with_entropy + with_mean) + grad_in_forward * tiles * bt * vocab * 4)
+            bytes_loaded=16 * rows * splits + _ceil(vocab, bv) * rows * dim * size + tiles * vocab * dim * size,
+            bytes_stored=partial_bytes + grad_in_forward * tiles * bt * vocab * 4)
+        merge_grid = _ceil(launched_tiles * bt, lp.COMBINE_BLOCK)
+        add(programs=merge_grid, bytes_loaded=8 * merge_grid + 8 * rows + partial_bytes,
+            bytes_stored=4 * rows * (2 + with_entropy + with_mean))
 
     if grad_in_forward:
         chunk_rows = min(lp.LOGITS_TOKEN_CHUNK, _up(num_tokens, bm))
@@ -126,6 +133,16 @@ def triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, *, with_entropy
                         + _ceil(cols, bm) * rows * dim * size + (token_start > 0) * cols * dim * 4,
                         bytes_stored=cols * dim * 4)
     return out
+
+
+def forward_busy_programs(num_valid, dim, vocab, dtype, grad_in_forward=False) -> int:
+    """Programs of one forward launch that have valid rows (token tiles x vocabulary slices): what keeps the
+    GPU's SMs busy when only a few rows are valid (132 SMs on an H100)."""
+    lp = kernel_module()
+    c = lp.block_config(dim, dtype)
+    rows = min(num_valid, lp.LOGITS_TOKEN_CHUNK) if grad_in_forward else num_valid
+    block_t = c["BLOCK_T_KEEP_LOGITS"] if grad_in_forward else c["BLOCK_T"]
+    return _ceil(rows, block_t) * lp.vocab_slices(vocab, c["BLOCK_V"])[0]
 
 
 def chunked_closed_form_flops(num_valid, dim, vocab, backward=True) -> int:
@@ -217,6 +234,8 @@ def closed_form_rows() -> list[dict]:
                          "d(weight) writes / element": _ceil(num_valid, min(_up(num_tokens, bm), (
                              lp.LOGITS_TOKEN_CHUNK if "grad in forward" in op else lp.TOKEN_CHUNK))),
                          "programs": work["programs"],
+                         "forward programs with rows / launch": forward_busy_programs(num_valid, dim, vocab, dtype,
+                                                                                      "grad in forward" in op),
                          "chunked torch FLOPs / 6TdV": chunked_closed_form_flops(num_valid, dim, vocab)
                          / floor["flops"]})
     return rows
@@ -253,6 +272,8 @@ def main(argv=None):
         "(once per vocabulary chunk / per token chunk of valid rows; the previous kernels did it per tile: "
         "V/128 = 1,188 and T/64 = 1,920 times at these shapes).",
         "RL-shaped: one long ignored prompt + responses; the same number of valid rows as the all-valid batch.",
+        "Forward programs with rows / launch: token tiles of valid rows x vocabulary slices (VOCAB_SPLITS); "
+        "without slices an RL batch's 4,096 valid rows were 32 programs, a quarter of an H100's 132 SMs.",
         "grad in forward: the scalar-loss option (linear_cross_entropy / grpo_loss grad_in_forward=True): the "
         "forward keeps each chunk's fp32 logits (LOGITS_TOKEN_CHUNK x V) and makes the gradients from them, "
         "6 T_valid d V FLOPs; loss.backward() only scales them.",

@@ -13,6 +13,8 @@ import torch
 
 from ..utils.compile_spec import CompileSpec
 from .linear_logprobs import (
+    COMBINE_BLOCK,
+    _combine_kernel,
     _dlogits_kernel,
     _forward_kernel,
     _grad_hidden_kernel,
@@ -26,8 +28,9 @@ TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "
 _INDEX = {"order_ptr": "*i64", "num_valid_ptr": "*i64"}
 _KERNELS = {
     "fwd": (_forward_kernel, "forward", {"targets_ptr": "*i64"} | _INDEX | dict.fromkeys(
-        ("logp_ptr", "entropy_ptr", "mean_logp_ptr", "lse_ptr", "logits_ptr"), "*fp32")
-        | {"token_start": "i32", "logits_stride": "i32", "V": "i32", "D": "i32", "inv_temperature": "fp32"},
+        ("partial_ptr", "logits_ptr"), "*fp32")
+        | dict.fromkeys(("token_start", "partial_stride", "logits_stride", "V", "D", "split_cols", "num_splits"), "i32")
+        | {"inv_temperature": "fp32"},
         ("WITH_ENTROPY", "WITH_MEAN", "STORE_LOGITS")),
     "dlogits": (_dlogits_kernel, "dlogits", {"targets_ptr": "*i64"} | _INDEX | dict.fromkeys(
         ("lse_ptr", "entropy_ptr", "grad_logp_ptr", "grad_entropy_ptr", "grad_mean_ptr", "logits_ptr"), "*fp32")
@@ -43,8 +46,9 @@ _KERNELS = {
 }
 
 
-# at d = 5120 and chunk strides of 8192 the JIT sees these integers divisible by 16 (pointers: 16-byte aligned)
-_ALIGNED = ("D", "chunk_stride")
+# at d = 5120 and chunk strides of 8192 the JIT sees these integers divisible by 16 (pointers: 16-byte aligned);
+# slices are whole vocabulary tiles
+_ALIGNED = ("D", "chunk_stride", "split_cols")
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -70,4 +74,20 @@ def compile_specs() -> list[CompileSpec]:
                     aligned=tuple(name for name in signature if name in _ALIGNED or signature[name].startswith("*")),
                     **launch,
                 ))
+    specs += [_combine_spec(with_entropy, with_mean) for with_entropy, with_mean in itertools.product((False, True),
+                                                                                                     repeat=2)]
     return specs
+
+
+def _combine_spec(with_entropy: bool, with_mean: bool) -> CompileSpec:
+    """The forward's slice merge: per-row fp32 arithmetic, no MMA, one build for every input dtype (launched
+    with the JIT's default warps and stages)."""
+    types = _INDEX | dict.fromkeys(("partial_ptr", "logp_ptr", "entropy_ptr", "mean_logp_ptr", "lse_ptr"), "*fp32")
+    types |= dict.fromkeys(("token_start", "partial_stride", "num_splits", "V"), "i32")
+    types |= dict.fromkeys(("WITH_ENTROPY", "WITH_MEAN", "BLOCK"), "constexpr")
+    signature = {name: types[name] for name in _combine_kernel.arg_names}
+    return CompileSpec(
+        name=f"logprobs_combine_entropy{int(with_entropy)}_mean{int(with_mean)}", fn=_combine_kernel,
+        signature=signature, constexprs={"WITH_ENTROPY": with_entropy, "WITH_MEAN": with_mean, "BLOCK": COMBINE_BLOCK},
+        hot=False, aligned=tuple(name for name in signature if name in _ALIGNED or signature[name].startswith("*")),
+    )

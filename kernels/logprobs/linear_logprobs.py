@@ -11,6 +11,13 @@ For hidden states ``h`` (T, d), head weight ``W`` (V, d), temperature ``tau`` an
 ``a`` is carried relative to the running max (``a <- e^(m - m') (a + (m - m') s)``), so
 the entropy never subtracts two numbers of the logits' size: logits of 1e4 stay accurate.
 
+The forward splits the vocabulary into at most ``VOCAB_SPLITS`` slices: one program per (token tile,
+slice) merges the statistics of its slice, and ``_combine_kernel`` merges the slices of each row in
+slice order. The grid fills the GPU even when few rows are valid (an RL batch's 4K response tokens
+are 32 tiles of 128: 32 programs without slices, 256 with), and programs run slice-fastest, so the
+ones resident together share a few hidden tiles and a few weight tiles in L2 instead of each
+streaming its own hidden rows.
+
 Only rows that count are computed. Rows whose target is ``ignore_index`` (in RL: every prompt
 token) are never loaded: the valid rows are listed first in ``order`` (a stable sort on the
 device) and ``num_valid`` stays a device tensor, so there is no host synchronisation. Every
@@ -55,6 +62,11 @@ TOKEN_CHUNK = 4096  # valid rows per backward chunk (dz buffer: TOKEN_CHUNK x VO
 VOCAB_CHUNK = 8192
 # valid rows per chunk when gradients are made in the forward (fp32 logits kept: LOGITS_TOKEN_CHUNK x V)
 LOGITS_TOKEN_CHUNK = 2048
+# vocabulary slices of the forward (a constant, so a row's merge order never depends on its batch)
+VOCAB_SPLITS = 8
+# fp32 partial statistics per (row, slice): max, sum of exponentials, entropy term, logit sum, target logit
+PARTIAL_STATS = 5
+COMBINE_BLOCK = 128  # rows per program of the slice merge
 # the backends launched from the host, by the name select_backend returns (Triton: the kernels below)
 HOST_BACKENDS = {"torch": chunked, "cuda": cuda_backend}
 
@@ -70,57 +82,147 @@ def _valid_rows(order_ptr, num_valid, start, BLOCK: tl.constexpr):
 
 @triton.jit
 def _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
-                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """fp32 (BLOCK_T, BLOCK_V) tile of h W^T / tau; masked rows and columns read as zero."""
+                 BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                 MASK_COLS: tl.constexpr = True):
+    """fp32 (BLOCK_T, BLOCK_V) tile of h W^T / tau; masked rows and columns read as zero (``MASK_COLS=False``:
+    every column exists, ``col_in`` is not read)."""
     acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dims = d0 + tl.arange(0, BLOCK_D)
         dim_in = dims < D
         h = tl.load(hidden_ptr + rows[:, None] * D + dims[None, :], mask=row_in[:, None] & dim_in[None, :], other=0.0)
-        w = tl.load(weight_ptr + cols[:, None] * D + dims[None, :], mask=col_in[:, None] & dim_in[None, :], other=0.0)
+        if MASK_COLS:
+            w_in = col_in[:, None] & dim_in[None, :]
+        else:
+            w_in = dim_in[None, :]
+        w = tl.load(weight_ptr + cols[:, None] * D + dims[None, :], mask=w_in, other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=PRECISION)
     return acc * inv_temperature
 
 
 @triton.jit
-def _forward_kernel(hidden_ptr, weight_ptr, targets_ptr, order_ptr, num_valid_ptr,
-                    logp_ptr, entropy_ptr, mean_logp_ptr, lse_ptr, logits_ptr, token_start, logits_stride,
-                    V, D, inv_temperature,
+def _forward_tile(running_max, sum_exp, shifted_sum, logit_sum, target_logit,
+                  hidden_ptr, weight_ptr, logits_ptr, rows, row_in, local_rows, target, D, logits_stride,
+                  inv_temperature, v0, num_cols,
+                  WITH_ENTROPY: tl.constexpr, WITH_MEAN: tl.constexpr, STORE_LOGITS: tl.constexpr,
+                  MASKED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Merges the logits tile of columns ``v0 + [0, BLOCK_V)`` into the running statistics. ``MASKED``: the
+    tile reaches past ``num_cols`` (a column mask on every step); else every column exists, and no mask
+    is built (the registers it takes push the 128 x 128 tile into spills)."""
+    cols = v0 + tl.arange(0, BLOCK_V)
+    col_in = cols < num_cols
+    z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
+                     BLOCK_T, BLOCK_V, BLOCK_D, PRECISION, MASKED)  # fmt: skip
+    if STORE_LOGITS:
+        if MASKED:
+            tl.store(logits_ptr + local_rows[:, None] * logits_stride + cols[None, :], z, mask=col_in[None, :])
+        else:
+            tl.store(logits_ptr + local_rows[:, None] * logits_stride + cols[None, :], z)
+    if MASKED:
+        z_max = tl.max(tl.where(col_in[None, :], z, -3.0e38), axis=1)
+    else:
+        z_max = tl.max(z, axis=1)
+    new_max = tl.maximum(running_max, z_max)
+    rescale = tl.exp(running_max - new_max)
+    shifted = z - new_max[:, None]
+    exps = tl.exp(shifted)
+    if MASKED:
+        exps = tl.where(col_in[None, :], exps, 0.0)
+    if WITH_ENTROPY:
+        shifted_sum = rescale * (shifted_sum + (running_max - new_max) * sum_exp) + tl.sum(exps * shifted, axis=1)
+    sum_exp = rescale * sum_exp + tl.sum(exps, axis=1)
+    if WITH_MEAN:  # masked-off columns have z = 0 (zero weight rows): nothing to mask
+        logit_sum += tl.sum(z, axis=1)
+    # the target's offset in the tile against a constant iota (no column vector held for the compare)
+    target_logit += tl.sum(tl.where(tl.arange(0, BLOCK_V)[None, :] == (target - v0)[:, None], z, 0.0), axis=1)
+    return new_max, sum_exp, shifted_sum, logit_sum, target_logit
+
+
+@triton.jit
+def _forward_kernel(hidden_ptr, weight_ptr, targets_ptr, order_ptr, num_valid_ptr, partial_ptr, logits_ptr,
+                    token_start, partial_stride, logits_stride, V, D, split_cols, num_splits, inv_temperature,
                     WITH_ENTROPY: tl.constexpr, WITH_MEAN: tl.constexpr, STORE_LOGITS: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One program per BLOCK_T valid rows (from position ``token_start`` of the compacted order): online
-    logsumexp, entropy and sums over every vocabulary tile. ``STORE_LOGITS`` also keeps the fp32 logits
-    of these rows in a (rows, logits_stride) chunk buffer, for gradients computed without a recompute."""
+    """One program per BLOCK_T valid rows (from position ``token_start`` of the compacted order) and
+    vocabulary slice ``[split * split_cols, (split + 1) * split_cols)``, slice index fastest: online
+    logsumexp, entropy and sums over the slice's tiles, stored as partial statistics
+    ``partial[stat, split, row]`` for :func:`_combine_kernel`. ``STORE_LOGITS`` also keeps the fp32
+    logits of these rows in a (rows, logits_stride) chunk buffer, for gradients computed without a recompute."""
+    split = tl.program_id(0) % num_splits  # one axis (no 65,535 limit on tiles), slice index fastest
+    tile = tl.program_id(0) // num_splits
     num_valid = tl.load(num_valid_ptr)
-    start = token_start + tl.program_id(0).to(tl.int64) * BLOCK_T
+    start = token_start + tile.to(tl.int64) * BLOCK_T
     if start >= num_valid:
         return
     rows, row_in = _valid_rows(order_ptr, num_valid, start, BLOCK_T)
-    local_rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    local_rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     target = tl.load(targets_ptr + rows, mask=row_in, other=0)
     running_max = tl.full((BLOCK_T,), -3.0e38, dtype=tl.float32)  # finite: (m - m') * 0 stays 0
     sum_exp = tl.zeros((BLOCK_T,), dtype=tl.float32)
     shifted_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_in = cols < V
-        z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
-                         BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)
-        if STORE_LOGITS:
-            tl.store(logits_ptr + local_rows[:, None] * logits_stride + cols[None, :], z, mask=col_in[None, :])
-        new_max = tl.maximum(running_max, tl.max(tl.where(col_in[None, :], z, -3.0e38), axis=1))
-        rescale = tl.exp(running_max - new_max)
-        shifted = z - new_max[:, None]
-        exps = tl.where(col_in[None, :], tl.exp(shifted), 0.0)
+    # the slice as a vocabulary of its own: columns, weight rows, kept logits and target relative to its start
+    vocab_start = split * split_cols  # int32, as the columns (an int64 loop bound makes every column int64)
+    slice_cols = tl.minimum(split_cols, V - vocab_start)
+    weight_ptr += vocab_start.to(tl.int64) * D
+    logits_ptr += vocab_start
+    target = (target - vocab_start).to(tl.int32)
+    # whole tiles without a column mask, then the slice's partial last tile (if any) with one
+    full_cols = slice_cols // BLOCK_V * BLOCK_V
+    stats = (running_max, sum_exp, shifted_sum, logit_sum, target_logit)
+    stage = (hidden_ptr, weight_ptr, logits_ptr, rows, row_in, local_rows, target, D, logits_stride, inv_temperature)
+    for v0 in range(0, full_cols, BLOCK_V):
+        stats = _forward_tile(*stats, *stage, v0, slice_cols, WITH_ENTROPY, WITH_MEAN, STORE_LOGITS, False,
+                              BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)  # fmt: skip
+    if full_cols < slice_cols:
+        stats = _forward_tile(*stats, *stage, full_cols, slice_cols, WITH_ENTROPY, WITH_MEAN, STORE_LOGITS, True,
+                              BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)  # fmt: skip
+    running_max, sum_exp, shifted_sum, logit_sum, target_logit = stats
+    out = partial_ptr + split * partial_stride + rows
+    plane = num_splits * partial_stride
+    tl.store(out, running_max, mask=row_in)
+    tl.store(out + plane, sum_exp, mask=row_in)
+    if WITH_ENTROPY:
+        tl.store(out + 2 * plane, shifted_sum, mask=row_in)
+    if WITH_MEAN:
+        tl.store(out + 3 * plane, logit_sum, mask=row_in)
+    tl.store(out + 4 * plane, target_logit, mask=row_in)
+
+
+@triton.jit
+def _combine_kernel(order_ptr, num_valid_ptr, partial_ptr, logp_ptr, entropy_ptr, mean_logp_ptr, lse_ptr,
+                    token_start, partial_stride, num_splits, V,
+                    WITH_ENTROPY: tl.constexpr, WITH_MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """Merges each row's partial statistics over the vocabulary slices, in slice order (moving both sides
+    to the larger max, as the forward does per tile), into logp, entropy, mean_logp and lse."""
+    num_valid = tl.load(num_valid_ptr)
+    start = token_start + tl.program_id(0).to(tl.int64) * BLOCK
+    if start >= num_valid:
+        return
+    rows, row_in = _valid_rows(order_ptr, num_valid, start, BLOCK)
+    plane = num_splits * partial_stride
+    running_max = tl.full((BLOCK,), -3.0e38, dtype=tl.float32)
+    sum_exp = tl.zeros((BLOCK,), dtype=tl.float32)
+    shifted_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    logit_sum = tl.zeros((BLOCK,), dtype=tl.float32)
+    target_logit = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(num_splits):
+        part = partial_ptr + split * partial_stride + rows
+        part_max = tl.load(part, mask=row_in, other=-3.0e38)
+        part_sum = tl.load(part + plane, mask=row_in, other=0.0)
+        new_max = tl.maximum(running_max, part_max)
+        rescale, part_rescale = tl.exp(running_max - new_max), tl.exp(part_max - new_max)
         if WITH_ENTROPY:
-            shifted_sum = rescale * (shifted_sum + (running_max - new_max) * sum_exp) + tl.sum(exps * shifted, axis=1)
-        sum_exp = rescale * sum_exp + tl.sum(exps, axis=1)
+            part_shifted = tl.load(part + 2 * plane, mask=row_in, other=0.0)
+            shifted_sum = (rescale * (shifted_sum + (running_max - new_max) * sum_exp)
+                           + part_rescale * (part_shifted + (part_max - new_max) * part_sum))
+        sum_exp = rescale * sum_exp + part_rescale * part_sum
         running_max = new_max
         if WITH_MEAN:
-            logit_sum += tl.sum(tl.where(col_in[None, :], z, 0.0), axis=1)
-        target_logit += tl.sum(tl.where(cols[None, :] == target[:, None], z, 0.0), axis=1)
+            logit_sum += tl.load(part + 3 * plane, mask=row_in, other=0.0)
+        target_logit += tl.load(part + 4 * plane, mask=row_in, other=0.0)
     log_sum_exp = tl.log(sum_exp)
     lse = running_max + log_sum_exp
     tl.store(lse_ptr + rows, lse, mask=row_in)
@@ -341,19 +443,36 @@ def _chunk_rows(num_tokens: int, limit: int, dim: int, dtype: torch.dtype) -> in
     return min(limit, triton.cdiv(num_tokens, block) * block)
 
 
+def vocab_slices(vocab: int, block_v: int) -> tuple[int, int]:
+    """``(slices, columns per slice)`` of the forward: at most VOCAB_SPLITS slices of whole BLOCK_V tiles,
+    none empty (a function of V only)."""
+    tiles = triton.cdiv(vocab, block_v)
+    split_cols = triton.cdiv(tiles, min(VOCAB_SPLITS, tiles)) * block_v
+    return triton.cdiv(vocab, split_cols), split_cols
+
+
 def _forward(hidden, weight, targets, order, num_valid, outputs, temperature, with_entropy, with_mean_logp,
              token_start=0, num_rows=None, logits=None):
     """Launch the forward kernel over ``num_rows`` positions of the compacted order from ``token_start``
-    (default: all), writing ``outputs = (logp, entropy, mean_logp, lse)`` and, if given, the chunk's logits."""
-    num_tokens, dim = hidden.shape
+    (default: all) and the slice merge, writing ``outputs = (logp, entropy, mean_logp, lse)`` and, if given,
+    the chunk's logits."""
+    (num_tokens, dim), vocab = hidden.shape, weight.shape[0]
     kind = "forward" if logits is None else "forward_keep_logits"
     constexprs, launch = launch_options(block_config(dim, hidden.dtype), kind)
-    grid = (triton.cdiv(num_tokens if num_rows is None else num_rows, constexprs["BLOCK_T"]),)
-    stored = (logits, logits.shape[1]) if logits is not None else (outputs[3], 0)  # lse: an unused placeholder
-    _forward_kernel[grid](
-        hidden, weight, targets, order, num_valid, *outputs, stored[0], token_start, stored[1],
-        weight.shape[0], dim, 1.0 / temperature,
-        WITH_ENTROPY=with_entropy, WITH_MEAN=with_mean_logp, STORE_LOGITS=logits is not None, **constexprs, **launch,
+    tiles = triton.cdiv(num_tokens if num_rows is None else num_rows, constexprs["BLOCK_T"])
+    num_splits, split_cols = vocab_slices(vocab, constexprs["BLOCK_V"])
+    positions = tiles * constexprs["BLOCK_T"]
+    # indexed by row (a chunk's rows lie anywhere in [0, T)); rows never visited are never read
+    partial = torch.empty((PARTIAL_STATS, num_splits, num_tokens), dtype=torch.float32, device=hidden.device)
+    stored = (logits, logits.shape[1]) if logits is not None else (partial, 0)  # partial: an unused placeholder
+    flags = {"WITH_ENTROPY": with_entropy, "WITH_MEAN": with_mean_logp}
+    _forward_kernel[(tiles * num_splits,)](
+        hidden, weight, targets, order, num_valid, partial, stored[0], token_start, num_tokens, stored[1],
+        vocab, dim, split_cols, num_splits, 1.0 / temperature,
+        **flags, STORE_LOGITS=logits is not None, **constexprs, **launch,
+    )
+    _combine_kernel[(triton.cdiv(positions, COMBINE_BLOCK),)](
+        order, num_valid, partial, *outputs, token_start, num_tokens, num_splits, vocab, **flags, BLOCK=COMBINE_BLOCK,
     )
 
 
