@@ -134,6 +134,40 @@ def test_sm90_tiles_match_reference(case, device, monkeypatch):
     assert len(asked) == 2, "forward and backward must pick their tiles from the device's table"
 
 
+def test_older_triton_keeps_the_32_row_dkdv_tile(device, monkeypatch):
+    """Before Triton 3.9 the sm_90 dk/dv kernel at head_dim 96-128 takes 32 query rows (the 64-row tile spills
+    with Triton 3.6): the launcher picks it, and it is right; other tiles and dtypes are unchanged."""
+    monkeypatch.setenv("QWENLONG_BACKEND", "triton")
+    newer = varlen_module._configs(128, torch.bfloat16, 90)
+    monkeypatch.setattr(varlen_module, "_triton_version", lambda: (3, 6))
+    older = varlen_module._configs(128, torch.bfloat16, 90)
+    assert (newer["dkdv"]["BLOCK_M"], older["dkdv"]["BLOCK_M"]) == (64, 32)
+    assert {name: cfg for name, cfg in older.items() if name != "dkdv"} == {
+        name: cfg for name, cfg in newer.items() if name != "dkdv"}
+    assert varlen_module._configs(128, torch.float32, 90) == varlen_module._configs(128, torch.float32, 80)
+    _use_tile_table(90, device, monkeypatch)
+    _check_accuracy([70, 129], [90, 200], 2, 2, 128, torch.bfloat16, True, (-1, -1), device)
+
+
+def test_views_descriptors_cannot_describe_are_copied(device, monkeypatch):
+    """The dk/dv kernel reads q and do through tensor descriptors (16-byte aligned base and strides): a view
+    at an odd offset of its storage is copied first; the gradients are the same bits as from aligned inputs."""
+    monkeypatch.setenv("QWENLONG_BACKEND", "triton")
+    q, k, v, do, cu_q, cu_k = _inputs([40, 23], [40, 23], 2, 1, 64, torch.bfloat16, device, seed=5)
+    storage = torch.empty(q.numel() + 1, dtype=q.dtype, device=device)
+    shifted = storage[1:].view(q.shape)  # 2 bytes past an aligned start
+    shifted.copy_(q.detach())
+    shifted.requires_grad_()
+    assert shifted.data_ptr() % 16 != 0 and varlen_module._describable(shifted) is not shifted
+    assert varlen_module._describable(q) is q
+    copy = varlen_module._describable(shifted)
+    assert copy.data_ptr() % 16 == 0 and torch.equal(copy, shifted)
+    aligned = _run(q, k, v, do, cu_q, cu_k, True, (-1, -1))
+    unaligned = _run(shifted, k, v, do, cu_q, cu_k, True, (-1, -1))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), aligned, unaligned, strict=True):
+        assert torch.equal(a, b), name
+
+
 # deterministic=False: dq added with fp32 atomics inside the dk/dv kernel. Tile table 80 is the interpreter's own;
 # 90 runs sm_90's atomic tiles (64x128 at d64, 32x128 at d128).
 ATOMIC_CASES = {

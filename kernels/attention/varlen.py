@@ -265,15 +265,34 @@ def _attn_bwd_delta(
 
 
 @triton.jit
+def _head_rows(src, group_head, start, length, stride_h, stride_t,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DESCRIBED: tl.constexpr):
+    """Rows ``[start, start + BLOCK_M)`` of query head ``group_head`` of a GQA group, zero past ``length`` and
+    ``HEAD_DIM``: ``DESCRIBED``, from a tensor descriptor ``[group, length, HEAD_DIM]``; else by masked loads
+    from ``src``, a pointer to the group's first head."""
+    if DESCRIBED:
+        rows = src.load([group_head, start, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        offs_m = tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        base = src + tl.cast(group_head, tl.int64) * stride_h + tl.cast(start, tl.int64) * stride_t
+        rows = tl.load(base + offs_m[:, None] * stride_t + dims[None, :],
+                       mask=((start + offs_m) < length)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    return rows
+
+
+@triton.jit
 def _dkdv_blocks(
-    dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, DQ_head, stride_qt, stride_dot, stride_dqt, cols,
+    dk, dv, k, v, q_src, do_src, group_head, Lse_head, Delta_head, DQ_head, stride_qh, stride_qt, stride_doh,
+    stride_dot, stride_dqt, cols,
     q_len, k_len, qk_scale, softmax_scale, window_left, window_right, lo, full_lo, full_hi, hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DESCRIBED: tl.constexpr,
 ):  # fmt: skip
-    """Adds the query blocks ``[lo, hi)`` of one query head to dk and dv (transposed scores: key-major); only
-    those outside ``[full_lo, full_hi)`` evaluate the mask. ``ATOMIC_DQ``: also adds this key block's share
-    of dq, ``scale ds k``, into the fp32 rows of ``DQ_head`` with atomics (the fifth GEMM)."""
+    """Adds the query blocks ``[lo, hi)`` of query head ``group_head`` (of ``q_src`` / ``do_src``) to dk and dv
+    (transposed scores: key-major); only those outside ``[full_lo, full_hi)`` evaluate the mask. ``ATOMIC_DQ``:
+    also adds this key block's share of dq, ``scale ds k``, into the fp32 rows of ``DQ_head`` with atomics (the
+    fifth GEMM)."""
     offs_m = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
@@ -281,20 +300,19 @@ def _dkdv_blocks(
         rows = start_m + offs_m
         row_ok = rows < q_len
         row_base = tl.cast(start_m, tl.int64)
-        qt = tl.load(Q_head + row_base * stride_qt + offs_m[None, :] * stride_qt + dims[:, None],
-                     mask=dim_ok[:, None] & row_ok[None, :], other=0.0)  # fmt: skip
-        do = tl.load(DO_head + row_base * stride_dot + offs_m[:, None] * stride_dot + dims[None, :],
-                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # fmt: skip
+        q = _head_rows(q_src, group_head, start_m, q_len, stride_qh, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D, DESCRIBED)
+        do = _head_rows(do_src, group_head, start_m, q_len, stride_doh, stride_dot, HEAD_DIM, BLOCK_M, BLOCK_D,
+                        DESCRIBED)  # fmt: skip
         lse_log2 = tl.load(Lse_head + rows, mask=row_ok, other=0.0) * LOG2E
         delta = tl.load(Delta_head + rows, mask=row_ok, other=0.0)
-        st = tl.dot(k, qt, input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M): s transposed, unscaled
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M): s transposed, unscaled
         pt = tl.math.exp2(st * qk_scale - lse_log2[None, :])
         if (start_m < full_lo) | (start_m >= full_hi):  # where, not -inf scores: rows with lse = -inf give 0
             pt = tl.where(_allowed(rows[None, :], cols[:, None], q_len, k_len, window_left, window_right), pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dst = (pt * (dpt - delta[None, :])).to(qt.dtype)
-        dk += tl.dot(dst, tl.trans(qt), input_precision=DOT_PRECISION)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dst, q, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:  # masked keys and rows have ds = 0 (pt is 0 there): they add nothing
             dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * softmax_scale  # (BLOCK_M, BLOCK_D)
             # relaxed: nothing reads dq before the kernel ends, so no ordering is needed, only atomicity
@@ -334,17 +352,29 @@ def _attn_bwd_dkdv(
     last_col = tl.minimum(first_col + BLOCK_N, k_len) - 1
     lo, full_lo, full_hi, hi = _query_ranges(first_col, last_col, q_len, k_len, window_left, window_right, BLOCK_M)
     q_base = tl.cast(q_start, tl.int64)
-    for head in range(kv_head * group, (kv_head + 1) * group):
-        head64 = tl.cast(head, tl.int64)
-        Q_head = Q + q_base * stride_qt + head64 * stride_qh
-        DO_head = DO + q_base * stride_dot + head64 * stride_doh
+    first_head = tl.cast(kv_head * group, tl.int64)
+    q_src = Q + q_base * stride_qt + first_head * stride_qh  # the group's first query head in this sequence
+    do_src = DO + q_base * stride_dot + first_head * stride_doh
+    DESCRIBED: tl.constexpr = DOT_PRECISION != "ieee"
+    if DESCRIBED:
+        # q and do of the group as [group, q_len, HEAD_DIM] (rows past q_len, dims past HEAD_DIM read as zero;
+        # a dimension may not be 0, and with q_len = 0 no block is read). On sm_90 the loads are TMA copies,
+        # which hold no per-element addresses in registers: the 64 x 128 tile fits without spills. fp32's FMA
+        # dots keep masked loads: the descriptors' lowering without TMA spills their tiles
+        rows_described = tl.maximum(q_len, 1)
+        q_src = tl.make_tensor_descriptor(q_src, shape=[group, rows_described, HEAD_DIM],
+                                          strides=[stride_qh, stride_qt, 1], block_shape=[1, BLOCK_M, BLOCK_D])
+        do_src = tl.make_tensor_descriptor(do_src, shape=[group, rows_described, HEAD_DIM],
+                                           strides=[stride_doh, stride_dot, 1], block_shape=[1, BLOCK_M, BLOCK_D])
+    for group_head in range(group):
+        head64 = first_head + group_head
         Lse_head = Lse + head64 * stride_lh + q_base
         Delta_head = Delta + head64 * stride_lh + q_base
         DQ_head = DQ + q_base * stride_dqt + head64 * stride_dqh
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Q_head, DO_head, Lse_head, Delta_head, DQ_head, stride_qt, stride_dot,
-                              stride_dqt, cols, q_len, k_len, qk_scale, softmax_scale, window_left, window_right,
-                              lo, full_lo, full_hi, hi, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION,
-                              ATOMIC_DQ)  # fmt: skip
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_src, do_src, group_head, Lse_head, Delta_head, DQ_head, stride_qh,
+                              stride_qt, stride_doh, stride_dot, stride_dqt, cols, q_len, k_len, qk_scale,
+                              softmax_scale, window_left, window_right, lo, full_lo, full_hi, hi, HEAD_DIM, BLOCK_M,
+                              BLOCK_D, DOT_PRECISION, ATOMIC_DQ, DESCRIBED)  # fmt: skip
 
     DK_tile = DK + col_base * stride_dkt + kv_head64 * stride_dkh
     DV_tile = DV + col_base * stride_dvt + kv_head64 * stride_dvh
@@ -440,17 +470,27 @@ TILES = {
         256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv_atomic": (16, 32, 8, 2)},
     },
     90: {  # wgmma (HGMMA)
-        # every wgmma N >= 64 at head_dim 64 but dkdv_atomic's dq (64 x 64 over two warpgroups: n32); at 128
-        # dkdv's scores are 128 x 32 (n32): 64 query rows spill
+        # every wgmma N >= 64 at head_dim 64 but dkdv_atomic's dq (64 x 64 over two warpgroups: n32)
         64: {"fwd": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2), "dkdv_atomic": (64, 128, 8, 2)},
-        # dkdv_atomic at 128: 32x128 with 2 stages (3 spill); its dq GEMM (32 query rows) runs on mma.sync. Computing
-        # dq^T = k^T ds^T instead puts it on wgmma (n32) but spills unless loads are not pipelined (1 stage)
-        128: {"fwd": (128, 64, 8, 2), "dkdv": (32, 128, 8, 3), "dq": (128, 64, 8, 2), "dkdv_atomic": (32, 128, 8, 2)},
+        # dkdv at 128: 64 query rows x 128 keys (n64 scores) fit because q and do arrive by TMA (descriptors hold no
+        # per-element addresses; with pointer loads this tile spilled and 32 rows, n32 scores, were the most).
+        # dkdv_atomic keeps 32x128 with 2 stages: its pointer atomics for dq take those registers back (64 rows
+        # spill); its dq GEMM (32 query rows) runs on mma.sync. Computing dq^T = k^T ds^T instead puts it on
+        # wgmma (n32) but spills unless loads are not pipelined (1 stage)
+        128: {"fwd": (128, 64, 8, 2), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2), "dkdv_atomic": (32, 128, 8, 2)},
         # dkdv: 64-key tiles spill at head_dim 256 (two 64x256 fp32 accumulators), so it keeps mma.sync
         256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (64, 32, 8, 2), "dkdv_atomic": (16, 32, 8, 2)},
     },
 }
 KERNELS = ("fwd", "dkdv", "dq", "dkdv_atomic")
+# Triton before 3.9 allocates registers worse for the 64-row dkdv tile at head_dim 96-128 on sm_90 (Triton 3.6:
+# 7 spills per MMA step, compiled offline): there the 32-row tile stays, spill-free with that compiler
+OLDER_TRITON_TILES = {90: {128: {"dkdv": (32, 128, 8, 2)}}}
+NEWER_TRITON = (3, 9)
+
+
+def _triton_version() -> tuple[int, int]:
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
 def tile_table(device: torch.device) -> int:
@@ -465,7 +505,10 @@ def _configs(head_dim: int, dtype: torch.dtype, table: int) -> dict[str, dict[st
     """Launch configs per kernel from ``TILES[table]`` for head_dim and dtype."""
     block_d = _block_d(head_dim)
     tiles = TILES[80 if dtype == torch.float32 else table]  # fp32 runs ieee dots: no wgmma to shape for
-    configs = tiles[min(size for size in tiles if size >= block_d)]
+    size = min(size for size in tiles if size >= block_d)
+    configs = tiles[size]
+    if dtype != torch.float32 and _triton_version() < NEWER_TRITON:
+        configs = {**configs, **OLDER_TRITON_TILES.get(table, {}).get(size, {})}
     if dtype == torch.float32:  # fp32 tiles take twice the registers
         configs = {name: (max(16, m // 2), max(16, n // 2), w, st) for name, (m, n, w, st) in configs.items()}
     return {
@@ -611,6 +654,31 @@ def _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window):
     return out, lse
 
 
+def _describable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or an aligned copy when a tensor descriptor cannot describe it: descriptors (TMA on sm_90) need a
+    16-byte aligned base and strides of whole 16-byte units (a view at an odd offset of its storage has not)."""
+    size = t.element_size()
+    if t.data_ptr() % 16 == 0 and all(stride * size % 16 == 0 for stride in t.stride()[:-1]):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for the descriptors a kernel makes on the device (on the current device, as the launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator() -> None:
+    """Kernels that make tensor descriptors on the device need global scratch (128 bytes per descriptor and
+    program on sm_90), which Triton asks of the allocator set in the launching thread's context; set PyTorch's
+    caching allocator where none is. Every launch checks: autograd runs backward in threads of its own, which
+    start without the caller's context."""
+    from triton.runtime import _allocation  # the default is a NullAllocator that raises at launch
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, scale, window, deterministic):
     """dq, dk, dv. ``deterministic``: the dkdv kernel, then the dq kernel (7 GEMMs per block pair, no atomics);
     else the dkdv kernel alone, adding dq into a zeroed fp32 buffer with atomics (5 GEMMs), cast at the end."""
@@ -632,9 +700,13 @@ def _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, sc
     cfg = cfgs["dkdv" if deterministic else "dkdv_atomic"]
     tile_seq, tile_block, tiles = _launch_tiles(plan, cfg, window, True, q.device)
     if tiles * kv_heads > 0:
+        q_read, do_read = _describable(q), _describable(do)  # the dkdv kernel reads q and do through descriptors
+        if q.is_cuda:
+            _ensure_scratch_allocator()
         _attn_bwd_dkdv[(tiles * kv_heads,)](
-            q, k, v, do, lse, delta, dk, dv, dq, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_block,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            q_read, k, v, do_read, lse, delta, dk, dv, dq, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_block,
+            q_read.stride(0), q_read.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            do_read.stride(0), do_read.stride(1),
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
             kv_heads, heads // kv_heads, *common,
             HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=precision, ATOMIC_DQ=not deterministic, **cfg,
