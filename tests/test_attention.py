@@ -149,21 +149,27 @@ def test_older_triton_keeps_the_32_row_dkdv_tile(device, monkeypatch):
     _check_accuracy([70, 129], [90, 200], 2, 2, 128, torch.bfloat16, True, (-1, -1), device)
 
 
+def _shifted(x: torch.Tensor) -> torch.Tensor:
+    """A leaf copy of ``x`` that starts 2 bytes past an aligned address of its storage."""
+    storage = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    shifted = storage[1:].view(x.shape)
+    shifted.copy_(x.detach())
+    return shifted.requires_grad_(x.requires_grad)
+
+
 def test_views_descriptors_cannot_describe_are_copied(device, monkeypatch):
-    """The dk/dv kernel reads q and do through tensor descriptors (16-byte aligned base and strides): a view
-    at an odd offset of its storage is copied first; the gradients are the same bits as from aligned inputs."""
+    """The kernels read k and v (forward, dq) and q and do (dk/dv) through tensor descriptors (16-byte aligned
+    base and strides): a view at an odd offset of its storage is copied first; the results are the same bits
+    as from aligned inputs."""
     monkeypatch.setenv("QWENLONG_BACKEND", "triton")
     q, k, v, do, cu_q, cu_k = _inputs([40, 23], [40, 23], 2, 1, 64, torch.bfloat16, device, seed=5)
-    storage = torch.empty(q.numel() + 1, dtype=q.dtype, device=device)
-    shifted = storage[1:].view(q.shape)  # 2 bytes past an aligned start
-    shifted.copy_(q.detach())
-    shifted.requires_grad_()
-    assert shifted.data_ptr() % 16 != 0 and varlen_module._describable(shifted) is not shifted
+    shifted = [_shifted(x) for x in (q, k, v, do)]
+    assert all(x.data_ptr() % 16 != 0 and varlen_module._describable(x) is not x for x in shifted)
     assert varlen_module._describable(q) is q
-    copy = varlen_module._describable(shifted)
-    assert copy.data_ptr() % 16 == 0 and torch.equal(copy, shifted)
+    copy = varlen_module._describable(shifted[0])
+    assert copy.data_ptr() % 16 == 0 and torch.equal(copy, shifted[0])
     aligned = _run(q, k, v, do, cu_q, cu_k, True, (-1, -1))
-    unaligned = _run(shifted, k, v, do, cu_q, cu_k, True, (-1, -1))
+    unaligned = _run(*shifted, cu_q, cu_k, True, (-1, -1))
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), aligned, unaligned, strict=True):
         assert torch.equal(a, b), name
 

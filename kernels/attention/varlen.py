@@ -158,24 +158,18 @@ def _tile(TileSeq, TileBlock, cu_seqlens_q, cu_seqlens_k, heads):
 
 @triton.jit
 def _fwd_blocks(
-    acc, row_sum, row_max, q, K_head, V_head, stride_kt, stride_vt, rows, q_len, k_len,
+    acc, row_sum, row_max, q, k_src, v_src, stride_kt, stride_vt, rows, q_len, k_len,
     qk_scale, window_left, window_right, start, end, full_lo, full_hi,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DESCRIBED: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the key blocks ``[start, end)``. ``MASKED``: blocks that may hold masked keys, the
     mask evaluated on those outside ``[full_lo, full_hi)`` (a row may see none of their keys; a branch, not
     a where on every block, which costs registers); else whole blocks every row sees."""
     offs_n = tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM  # BLOCK_D pads head dims that are not a power of two
     for start_n in range(start, end, BLOCK_N):
-        K_block = K_head + tl.cast(start_n, tl.int64) * stride_kt
-        V_block = V_head + tl.cast(start_n, tl.int64) * stride_vt
-        key_ok = (start_n + offs_n) < k_len
-        kt = tl.load(K_block + offs_n[None, :] * stride_kt + dims[:, None], mask=dim_ok[:, None] & key_ok[None, :],
-                     other=0.0)  # fmt: skip
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION)  # raw scores: the scale goes into exp2's argument
+        k = _head_rows(k_src, 0, start_n, k_len, 0, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D, DESCRIBED)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # raw scores: the scale goes into exp2's argument
         if MASKED:
             s = s * qk_scale
             if (start_n < full_lo) | (start_n >= full_hi):
@@ -191,8 +185,7 @@ def _fwd_blocks(
             p = tl.math.exp2(s * qk_scale - new_max[:, None])
             rescale = tl.math.exp2(row_max - new_max)
         row_sum = row_sum * rescale + tl.sum(p, 1)
-        v = tl.load(V_block + offs_n[:, None] * stride_vt + dims[None, :], mask=key_ok[:, None] & dim_ok[None, :],
-                    other=0.0)  # fmt: skip
+        v = _head_rows(v_src, 0, start_n, k_len, 0, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D, DESCRIBED)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         row_max = new_max
     return acc, row_sum, row_max
@@ -217,25 +210,26 @@ def _attn_fwd(
     row_base = tl.cast(q_start + first_row, tl.int64)
     Q_tile = Q + row_base * stride_qt + tl.cast(head, tl.int64) * stride_qh
     q = tl.load(Q_tile + offs_m[:, None] * stride_qt + dims[None, :], mask=tile_mask, other=0.0)
-    K_head = K + tl.cast(k_start, tl.int64) * stride_kt + tl.cast(kv_head, tl.int64) * stride_kh
-    V_head = V + tl.cast(k_start, tl.int64) * stride_vt + tl.cast(kv_head, tl.int64) * stride_vh
+    DESCRIBED: tl.constexpr = DOT_PRECISION != "ieee"
+    k_src, v_src = _kv_sources(K, V, k_start, k_len, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
+                               HEAD_DIM, BLOCK_N, BLOCK_D, DESCRIBED)  # fmt: skip
 
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of scale * s, in log2 units
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     last_row = tl.minimum(first_row + BLOCK_M, q_len) - 1
     lo, full_lo, full_hi, hi = _key_ranges(first_row, last_row, q_len, k_len, window_left, window_right, BLOCK_N)
-    stage = (q, K_head, V_head, stride_kt, stride_vt, rows, q_len, k_len, qk_scale, window_left, window_right)
+    stage = (q, k_src, v_src, stride_kt, stride_vt, rows, q_len, k_len, qk_scale, window_left, window_right)
     if DOT_PRECISION == "ieee":  # fp32's FMA dots: one loop, as a second one costs registers (spills)
         acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, lo, hi, full_lo, full_hi,
-                                            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION)  # fmt: skip
+                                            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, DESCRIBED)  # fmt: skip
     else:  # edge blocks: [lo, full_lo) on the window's left edge, [full_hi, hi) the diagonal and sequence end
         acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, lo, full_lo, 0, 0,
-                                            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION)  # fmt: skip
+                                            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, DESCRIBED)  # fmt: skip
         acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, full_lo, full_hi, full_lo, full_hi,
-                                            HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION)  # fmt: skip
+                                            HEAD_DIM, BLOCK_N, BLOCK_D, False, DOT_PRECISION, DESCRIBED)  # fmt: skip
         acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *stage, full_hi, hi, 0, 0,
-                                            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION)  # fmt: skip
+                                            HEAD_DIM, BLOCK_N, BLOCK_D, True, DOT_PRECISION, DESCRIBED)  # fmt: skip
 
     out = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     Out_tile = Out + row_base * stride_ot + tl.cast(head, tl.int64) * stride_oh
@@ -279,6 +273,22 @@ def _head_rows(src, group_head, start, length, stride_h, stride_t,
         rows = tl.load(base + offs_m[:, None] * stride_t + dims[None, :],
                        mask=((start + offs_m) < length)[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
     return rows
+
+
+@triton.jit
+def _kv_sources(K, V, k_start, k_len, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DESCRIBED: tl.constexpr):
+    """What :func:`_head_rows` reads one kv head's keys and values of a sequence from: ``DESCRIBED``, tensor
+    descriptors ``[1, k_len, HEAD_DIM]`` (see :func:`_attn_bwd_dkdv`); else pointers to their first row."""
+    k_src = K + tl.cast(k_start, tl.int64) * stride_kt + tl.cast(kv_head, tl.int64) * stride_kh
+    v_src = V + tl.cast(k_start, tl.int64) * stride_vt + tl.cast(kv_head, tl.int64) * stride_vh
+    if DESCRIBED:
+        keys = tl.maximum(k_len, 1)  # a descriptor dimension may not be 0
+        k_src = tl.make_tensor_descriptor(k_src, shape=[1, keys, HEAD_DIM], strides=[stride_kh, stride_kt, 1],
+                                          block_shape=[1, BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_src, shape=[1, keys, HEAD_DIM], strides=[stride_vh, stride_vt, 1],
+                                          block_shape=[1, BLOCK_N, BLOCK_D])
+    return k_src, v_src
 
 
 @triton.jit
@@ -385,28 +395,24 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _dq_blocks(
-    dq, q, do, lse_log2, delta, K_head, V_head, stride_kt, stride_vt, rows, q_len, k_len,
+    dq, q, do, lse_log2, delta, k_src, v_src, stride_kt, stride_vt, rows, q_len, k_len,
     qk_scale, window_left, window_right, lo, full_lo, full_hi, hi,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DESCRIBED: tl.constexpr,
 ):  # fmt: skip
     """Adds the key blocks ``[lo, hi)`` to dq; only those outside ``[full_lo, full_hi)`` evaluate the mask."""
     offs_n = tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
-        kv_mask = dim_ok[:, None] & ((start_n + offs_n)[None, :] < k_len)
-        kt = tl.load(K_head + tl.cast(start_n, tl.int64) * stride_kt + offs_n[None, :] * stride_kt + dims[:, None],
-                     mask=kv_mask, other=0.0)  # fmt: skip
-        vt = tl.load(V_head + tl.cast(start_n, tl.int64) * stride_vt + offs_n[None, :] * stride_vt + dims[:, None],
-                     mask=kv_mask, other=0.0)  # fmt: skip
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        k = _head_rows(k_src, 0, start_n, k_len, 0, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D, DESCRIBED)
+        v = _head_rows(v_src, 0, start_n, k_len, 0, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D, DESCRIBED)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         p = tl.math.exp2(s * qk_scale - lse_log2[:, None])
         if (start_n < full_lo) | (start_n >= full_hi):
             allowed = _allowed(rows[:, None], start_n + offs_n[None, :], q_len, k_len, window_left, window_right)
             p = tl.where(allowed, p, 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -435,14 +441,16 @@ def _attn_bwd_dq(
                  mask=tile_mask, other=0.0)  # fmt: skip
     lse_log2 = tl.load(Lse + head64 * stride_lh + row_base + offs_m, mask=rows < q_len, other=0.0) * LOG2E
     delta = tl.load(Delta + head64 * stride_lh + row_base + offs_m, mask=rows < q_len, other=0.0)
-    K_head = K + tl.cast(k_start, tl.int64) * stride_kt + tl.cast(kv_head, tl.int64) * stride_kh
-    V_head = V + tl.cast(k_start, tl.int64) * stride_vt + tl.cast(kv_head, tl.int64) * stride_vh
+    DESCRIBED: tl.constexpr = DOT_PRECISION != "ieee"
+    k_src, v_src = _kv_sources(K, V, k_start, k_len, kv_head, stride_kt, stride_kh, stride_vt, stride_vh,
+                               HEAD_DIM, BLOCK_N, BLOCK_D, DESCRIBED)  # fmt: skip
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     last_row = tl.minimum(first_row + BLOCK_M, q_len) - 1
     lo, full_lo, full_hi, hi = _key_ranges(first_row, last_row, q_len, k_len, window_left, window_right, BLOCK_N)
-    dq = _dq_blocks(dq, q, do, lse_log2, delta, K_head, V_head, stride_kt, stride_vt, rows, q_len, k_len, qk_scale,
-                    window_left, window_right, lo, full_lo, full_hi, hi, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION)  # fmt: skip
+    dq = _dq_blocks(dq, q, do, lse_log2, delta, k_src, v_src, stride_kt, stride_vt, rows, q_len, k_len, qk_scale,
+                    window_left, window_right, lo, full_lo, full_hi, hi, HEAD_DIM, BLOCK_N, BLOCK_D, DOT_PRECISION,
+                    DESCRIBED)  # fmt: skip
 
     DQ_tile = DQ + row_base * stride_dqt + head64 * stride_dqh
     tl.store(DQ_tile + offs_m[:, None] * stride_dqt + dims[None, :], (dq * softmax_scale).to(DQ.dtype.element_ty),
@@ -467,19 +475,23 @@ TILES = {
         64: {"fwd": (128, 64, 8, 3), "dkdv": (16, 64, 4, 3), "dq": (64, 32, 4, 3), "dkdv_atomic": (16, 64, 4, 3)},
         # dkdv_atomic at 128: 2 stages, as fp32's halved 16x32 tile spills on sm_90 with 3 (2 STL at 128 registers)
         128: {"fwd": (128, 32, 8, 3), "dkdv": (16, 64, 8, 3), "dq": (64, 32, 8, 3), "dkdv_atomic": (16, 64, 8, 2)},
-        256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (32, 16, 8, 2), "dkdv_atomic": (16, 32, 8, 2)},
+        # dq at 256: 32 x 32 (32 x 16 spills once with k and v read through descriptors)
+        256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (32, 32, 8, 2), "dkdv_atomic": (16, 32, 8, 2)},
     },
     90: {  # wgmma (HGMMA)
-        # every wgmma N >= 64 at head_dim 64 but dkdv_atomic's dq (64 x 64 over two warpgroups: n32)
-        64: {"fwd": (128, 64, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2), "dkdv_atomic": (64, 128, 8, 2)},
+        # k and v (fwd, dq) and q and do (dkdv) arrive by TMA: no per-element addresses in registers, which is
+        # what lets the fwd and dq tiles take 128 keys. Every wgmma N >= 64 at head_dim 64 but dkdv_atomic's dq
+        # (64 x 64 over two warpgroups: n32)
+        64: {"fwd": (128, 128, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (64, 128, 8, 2)},
         # dkdv at 128: 64 query rows x 128 keys (n64 scores) fit because q and do arrive by TMA (descriptors hold no
         # per-element addresses; with pointer loads this tile spilled and 32 rows, n32 scores, were the most).
         # dkdv_atomic keeps 32x128 with 2 stages: its pointer atomics for dq take those registers back (64 rows
         # spill); its dq GEMM (32 query rows) runs on mma.sync. Computing dq^T = k^T ds^T instead puts it on
         # wgmma (n32) but spills unless loads are not pipelined (1 stage)
-        128: {"fwd": (128, 64, 8, 2), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2), "dkdv_atomic": (32, 128, 8, 2)},
-        # dkdv: 64-key tiles spill at head_dim 256 (two 64x256 fp32 accumulators), so it keeps mma.sync
-        256: {"fwd": (64, 32, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (64, 32, 8, 2), "dkdv_atomic": (16, 32, 8, 2)},
+        128: {"fwd": (128, 128, 8, 2), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (32, 128, 8, 2)},
+        # dkdv: 64-key tiles spill at head_dim 256 (two 64x256 fp32 accumulators), so it keeps mma.sync; dq takes
+        # one warpgroup (64 x 64 on two would be n32) and 196 KB of shared memory, as fwd does
+        256: {"fwd": (128, 64, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (64, 64, 4, 2), "dkdv_atomic": (16, 32, 8, 2)},
     },
 }
 KERNELS = ("fwd", "dkdv", "dq", "dkdv_atomic")
@@ -637,23 +649,6 @@ def _launch_tiles(plan: BatchPlan, cfg: dict, window, over_keys: bool, device):
     return table[0], table[1], table.shape[1]
 
 
-def _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window):
-    total_q, heads, head_dim = q.shape
-    out = torch.empty_like(q)
-    lse = torch.empty(heads, total_q, device=q.device, dtype=torch.float32)
-    cfg = _configs(head_dim, q.dtype, tile_table(q.device))["fwd"]
-    tile_seq, tile_block, tiles = _launch_tiles(plan, cfg, window, False, q.device)
-    if tiles * heads > 0:
-        _attn_fwd[(tiles * heads,)](
-            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_block,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            out.stride(0), out.stride(1), lse.stride(0),
-            heads, heads // k.shape[1], scale * LOG2E.value, *window,
-            HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_dot_precision(q.dtype), **cfg,
-        )  # fmt: skip
-    return out, lse
-
-
 def _describable(t: torch.Tensor) -> torch.Tensor:
     """``t``, or an aligned copy when a tensor descriptor cannot describe it: descriptors (TMA on sm_90) need a
     16-byte aligned base and strides of whole 16-byte units (a view at an odd offset of its storage has not)."""
@@ -679,6 +674,32 @@ def _ensure_scratch_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
+def _described_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors a kernel is about to read through descriptors, each describable (:func:`_describable`), and
+    the scratch allocator those descriptors need on a GPU."""
+    if tensors[0].is_cuda:
+        _ensure_scratch_allocator()
+    return tuple(_describable(t) for t in tensors)
+
+
+def _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window):
+    total_q, heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(heads, total_q, device=q.device, dtype=torch.float32)
+    cfg = _configs(head_dim, q.dtype, tile_table(q.device))["fwd"]
+    tile_seq, tile_block, tiles = _launch_tiles(plan, cfg, window, False, q.device)
+    if tiles * heads > 0:
+        k, v = _described_inputs(k, v)
+        _attn_fwd[(tiles * heads,)](
+            q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_block,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), lse.stride(0),
+            heads, heads // k.shape[1], scale * LOG2E.value, *window,
+            HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), DOT_PRECISION=_dot_precision(q.dtype), **cfg,
+        )  # fmt: skip
+    return out, lse
+
+
 def _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, scale, window, deterministic):
     """dq, dk, dv. ``deterministic``: the dkdv kernel, then the dq kernel (7 GEMMs per block pair, no atomics);
     else the dkdv kernel alone, adding dq into a zeroed fp32 buffer with atomics (5 GEMMs), cast at the end."""
@@ -700,9 +721,7 @@ def _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, sc
     cfg = cfgs["dkdv" if deterministic else "dkdv_atomic"]
     tile_seq, tile_block, tiles = _launch_tiles(plan, cfg, window, True, q.device)
     if tiles * kv_heads > 0:
-        q_read, do_read = _describable(q), _describable(do)  # the dkdv kernel reads q and do through descriptors
-        if q.is_cuda:
-            _ensure_scratch_allocator()
+        q_read, do_read = _described_inputs(q, do)
         _attn_bwd_dkdv[(tiles * kv_heads,)](
             q_read, k, v, do_read, lse, delta, dk, dv, dq, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_block,
             q_read.stride(0), q_read.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -716,9 +735,11 @@ def _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, sc
     cfg = cfgs["dq"]
     tile_seq, tile_block, tiles = _launch_tiles(plan, cfg, window, False, q.device)
     if tiles * heads > 0:
+        k_read, v_read = _described_inputs(k, v)
         _attn_bwd_dq[(tiles * heads,)](
-            q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_block,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+            q, k_read, v_read, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, tile_seq, tile_block,
+            q.stride(0), q.stride(1), k_read.stride(0), k_read.stride(1), v_read.stride(0), v_read.stride(1),
+            do.stride(0), do.stride(1),
             dq.stride(0), dq.stride(1), lse.stride(0), heads, heads // kv_heads, *common,
             HEAD_DIM=head_dim, BLOCK_D=block_d, DOT_PRECISION=precision, **cfg,
         )  # fmt: skip
