@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not an installed package
 
 import qwenlong.integrations.hf_attention as hf_attention  # noqa: E402
 from benchmarks.work.counting import counting, interpreter_active  # noqa: E402
