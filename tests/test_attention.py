@@ -174,6 +174,35 @@ def test_views_descriptors_cannot_describe_are_copied(device, monkeypatch):
         assert torch.equal(a, b), name
 
 
+def test_scratch_allocator_is_set_where_none_is():
+    """Descriptors made on the device need Triton's scratch allocator, a per-context setting: the launchers set
+    PyTorch's where none is set (a new thread, as autograd's backward threads, starts without one) and leave a
+    caller's own alone."""
+    import threading
+
+    import triton
+    from triton.runtime import _allocation
+
+    token = _allocation._allocator.set(_allocation._NULL_ALLOCATOR)
+    try:
+        varlen_module._ensure_scratch_allocator()
+        assert _allocation._allocator.get() is varlen_module._scratch
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(_allocation._allocator.get()))
+        thread.start()
+        thread.join()
+        assert isinstance(seen[0], _allocation.NullAllocator)  # why every launch checks
+
+        def own(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8)
+
+        triton.set_allocator(own)
+        varlen_module._ensure_scratch_allocator()
+        assert _allocation._allocator.get() is own
+    finally:
+        _allocation._allocator.reset(token)
+
+
 # deterministic=False: dq added with fp32 atomics inside the dk/dv kernel. Tile table 80 is the interpreter's own;
 # 90 runs sm_90's atomic tiles (64x128 at d64, 32x128 at d128).
 ATOMIC_CASES = {
