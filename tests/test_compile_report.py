@@ -234,7 +234,7 @@ def test_parse_resource_usage():
 
 
 def test_count_sass_reads_predicated_instructions_and_skips_encodings():
-    counts = tool.count_sass(SASS)
+    counts = tool.count_sass(tool.parse_sass(SASS))
     assert counts == {"LDC": 1, "HMMA": 2, "HGMMA": 1, "STL": 1, "LDL": 1, "EXIT": 1}
 
 
@@ -318,7 +318,8 @@ def test_loops_come_from_backward_branches():
 
 def test_spills_inside_innermost_loops():
     nested, continue_loop = tool.parse_sass(SASS_WITH_LOOPS)
-    assert tool.count_sass(SASS_WITH_LOOPS)["STL"] == 5 and tool.count_sass(SASS_WITH_LOOPS)["LDL"] == 3
+    counts = tool.count_sass([nested, continue_loop])
+    assert counts["STL"] == 5 and counts["LDL"] == 3
     assert tool.innermost_loop_spills([nested]) == 2  # the STL.64 and LDL.LU of the inner loop
     assert tool.innermost_loop_spills([continue_loop]) == 1  # between the two back-edges, not after the last
     assert tool.innermost_loop_spills([nested, continue_loop]) == 3

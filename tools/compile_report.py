@@ -47,11 +47,10 @@ DEFAULT_PACKAGE = "qwenlong.kernels"
 ARCHS = (90, 80)
 TITLE = "# Compile report"
 
-# one SASS instruction line: "/*0a40*/   @!P0 HMMA.16816.F32.BF16 R4, ..." -> opcode "HMMA"
-_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?\w+\s+)?([A-Z][A-Z0-9_]*)")
 _FUNCTION_LINE = re.compile(r"^\s*Function (\S+):\s*$")
 _RESOURCE_FIELD = re.compile(r"([A-Z]+(?:\[\d+\])?):(\d+)")
-# a SASS instruction line split up: address, opcode, modifiers (".64x128x16.F32.BF16"), operands up to the ";"
+# a SASS instruction line ("/*0a40*/   @!P0 HMMA.16816.F32.BF16 R4, ...;") split up: address, opcode,
+# modifiers (".64x128x16.F32.BF16"), operands up to the ";"
 _SASS_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.\w+)*)\s*([^;]*);")
 _SASS_FUNCTION = re.compile(r"^\s*Function\s*:")  # "Function : _attn_fwd" in --dump-sass
 _HGMMA_SHAPE = re.compile(r"^\.(\d+)x(\d+)x(\d+)\b")
@@ -115,16 +114,6 @@ def parse_resource_usage(text: str) -> dict[str, dict[str, int]]:
     return usage
 
 
-def count_sass(text: str) -> dict[str, int]:
-    """Static instruction counts from ``cuobjdump --dump-sass`` output (opcode without modifiers)."""
-    counts: dict[str, int] = {}
-    for line in text.splitlines():
-        match = _SASS_LINE.match(line)
-        if match:
-            counts[match.group(1)] = counts.get(match.group(1), 0) + 1
-    return counts
-
-
 @dataclasses.dataclass(frozen=True)
 class SassInstruction:
     """One instruction of ``--dump-sass``: ``@P0 HGMMA.64x64x16.F32.BF16 R24, ...`` at ``/*3330*/``."""
@@ -149,6 +138,14 @@ def parse_sass(text: str) -> list[list[SassInstruction]]:
             address, opcode, modifiers, operands = match.groups()
             functions[-1].append(SassInstruction(int(address, 16), opcode, modifiers, operands.strip()))
     return functions
+
+
+def count_sass(functions: list[list[SassInstruction]]) -> dict[str, int]:
+    """Static instruction counts of parsed SASS (:func:`parse_sass`), by opcode without modifiers."""
+    counts: dict[str, int] = {}
+    for instruction in (i for function in functions for i in function):
+        counts[instruction.opcode] = counts.get(instruction.opcode, 0) + 1
+    return counts
 
 
 def hgmma_shapes(functions: list[list[SassInstruction]]) -> dict[str, int]:
@@ -280,7 +277,8 @@ def compile_row(module_name: str, index: int, arch: int) -> Row:
             cubin.write_bytes(compiled.asm["cubin"])
             usage = parse_resource_usage(_cuobjdump("--dump-resource-usage", cubin))
             sass_text = _cuobjdump("--dump-sass", cubin)
-        sass, functions = count_sass(sass_text), parse_sass(sass_text)
+        functions = parse_sass(sass_text)
+        sass = count_sass(functions)
         shapes, loop_spills = hgmma_shapes(functions), innermost_loop_spills(functions)  # SASS it cannot read: error
         kernel_usage = usage[compiled.metadata.name]
     except Exception as exc:  # a compile error is a result to report, not a crash
