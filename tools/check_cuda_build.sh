@@ -28,17 +28,9 @@ start=$SECONDS
 say() { echo "[check_cuda_build $((SECONDS - start))s] $*"; }
 fail() { echo "[check_cuda_build] FAILED: $*" >&2; exit 1; }
 
-# torch takes CUDA_HOME from nvcc's folder; a wrapper such as /usr/local/bin/nvcc makes that
-# /usr/local, where libcudart is missing and the link fails: find the toolkit that has it.
-if [ -z "${CUDA_HOME:-}" ]; then
-  command -v nvcc >/dev/null || fail "nvcc is not on PATH and CUDA_HOME is not set"
-  for candidate in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" /usr/local/cuda; do
-    if [ -e "$candidate/lib64/libcudart.so" ] || [ -e "$candidate/lib/libcudart.so" ]; then
-      CUDA_HOME=$candidate
-      break
-    fi
-  done
-fi
+# shellcheck source=tools/cuda_env.sh
+source "$ROOT/tools/cuda_env.sh"
+CUDA_HOME=$(find_cuda_home) || fail "nvcc is not on PATH and CUDA_HOME is not set, or its toolkit has no libcudart.so"
 [ -x "${CUDA_HOME:-}/bin/nvcc" ] || fail "no CUDA toolkit with bin/nvcc and libcudart.so found: set CUDA_HOME"
 export CUDA_HOME
 say "CUDA_HOME=$CUDA_HOME, $("$CUDA_HOME/bin/nvcc" --version | tail -1)"
@@ -76,10 +68,8 @@ fi
 say "$description"
 
 SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-for include in "$SITE"/nvidia/*/include; do
-  [ -d "$include" ] && CPATH="$include${CPATH:+:$CPATH}"
-done
-export CPATH=${CPATH:-}
+CPATH=$(cpath_with_torch_cuda_headers "$SITE")
+export CPATH
 
 SRC=$(mktemp -d /tmp/qwenlong-cuda-src.XXXXXX)
 trap 'rm -rf "$SRC"' EXIT

@@ -222,32 +222,16 @@ step_wheels() {
   note "$(ls "$SITE" | grep -c '\.dist-info$') wheels: $(ls "$SITE" | sed -n 's/\.dist-info$//p' | tr '\n' ' ')"
 }
 
-cuda_home() {  # the toolkit nvcc belongs to (a /usr/local/bin/nvcc wrapper would give /usr/local: no libcudart)
-  local candidate
-  [ -n "${CUDA_HOME:-}" ] && { echo "$CUDA_HOME"; return; }
-  for candidate in "$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")" /usr/local/cuda; do
-    if [ -e "$candidate/lib64/libcudart.so" ] || [ -e "$candidate/lib/libcudart.so" ] ||
-       [ -e "$candidate/targets/x86_64-linux/lib/libcudart.so" ]; then
-      echo "$candidate"
-      return
-    fi
-  done
-  dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")"
-}
-
 step_build() {
   local torch_cuda
   torch_cuda=$(python3 -c "import torch; print(torch.version.cuda or '')")
   if [ -n "$torch_cuda" ] && command -v nvcc >/dev/null; then
-    CUDA_HOME=$(cuda_home)
+    # shellcheck source=tools/cuda_env.sh
+    source "$ROOT/tools/cuda_env.sh"
+    CUDA_HOME=$(find_cuda_home) || { echo "no CUDA toolkit with libcudart.so for nvcc: set CUDA_HOME"; return 1; }
     export CUDA_HOME QWENLONG_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=$(nproc)
-    # cuBLAS and friends' headers ship inside the torch wheels (nvidia/*/include); a bare toolkit may lack them
-    local site include
-    site=$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")
-    for include in "$site"/nvidia/*/include; do
-      [ -d "$include" ] && CPATH="$include${CPATH:+:$CPATH}"
-    done
-    export CPATH=${CPATH:-}
+    CPATH=$(cpath_with_torch_cuda_headers "$(python3 -c "import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))")")
+    export CPATH
     echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS torch CUDA $torch_cuda"
     # --no-index and no version check: nothing can be reached from the machine, so pip must not try
     python3 -m pip install --disable-pip-version-check --no-index --no-deps --no-build-isolation --no-cache-dir \
@@ -317,7 +301,7 @@ step_pack() {
   note "results.tar.gz $((bytes / 1024)) KiB, $files files"
 }
 
-export -f note command_of gpu_test_files cuda_home step_env step_wheels step_build step_gpu_tests step_bench step_pack
+export -f note command_of gpu_test_files step_env step_wheels step_build step_gpu_tests step_bench step_pack
 
 # ----------------------------------------------------------------------------- running them
 declare -A STATUS SPENT USED_LIMIT NOTE
