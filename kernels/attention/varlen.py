@@ -480,14 +480,23 @@ TILES = {
     },
     90: {  # wgmma (HGMMA)
         # k and v (fwd, dq) and q and do (dkdv) arrive by TMA: no per-element addresses in registers, which is
-        # what lets the fwd and dq tiles take 128 keys. Every wgmma N >= 64 at head_dim 64 but dkdv_atomic's dq
-        # (64 x 64 over two warpgroups: n32)
-        64: {"fwd": (128, 128, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (64, 128, 8, 2)},
+        # what lets the fwd and dq tiles take 128 keys. Every wgmma N >= 64 at head_dim 64.
+        # dkdv_atomic at 64: 64 x 64 on one warpgroup (4 warps), every GEMM m64n64, dq's included (Triton 3.9: 248
+        # registers, no spills; Triton 3.6: 17 STL, none in the loop, where 64 x 128 had 13). The 64 x 128 tile on
+        # 8 warps splits dq's 64 x 64 result over its two warpgroups, m64n32, and so would dq^T = k^T ds^T (64 x 64
+        # again); 128 x 64 spills (80 STL, 75 in the loop), as 128 x 128 does (115). The cost: 64 keys per
+        # program add into each dq row twice as often as 128 keys did
+        64: {"fwd": (128, 128, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (64, 64, 4, 2)},
         # dkdv at 128: 64 query rows x 128 keys (n64 scores) fit because q and do arrive by TMA (descriptors hold no
         # per-element addresses; with pointer loads this tile spilled and 32 rows, n32 scores, were the most).
-        # dkdv_atomic keeps 32x128 with 2 stages: its pointer atomics for dq take those registers back (64 rows
-        # spill); its dq GEMM (32 query rows) runs on mma.sync. Computing dq^T = k^T ds^T instead puts it on
-        # wgmma (n32) but spills unless loads are not pipelined (1 stage)
+        # dkdv_atomic keeps 32x128 with 2 stages (240 registers, no spills; n32 scores, dq on mma.sync; Triton
+        # 3.6: 8 STL, none in the loop; kept over 1 stage, spill-free there, for its pipelined loads). The
+        # 64 x 128 tile has every wgmma N >= 64 (dq 64 x 128 over two warpgroups: m64n64) but its dq accumulator
+        # does not fit beside dk and dv (deterministic build: 250 registers). With Triton 3.9 and 2 stages it
+        # spills 56 STL (43 STL/LDL in the loop; Triton 3.6: 77, 59 in the loop), 22 with 1 stage, 46 even storing
+        # dq without atomics, 57 computing dq^T = k^T ds^T (both operands from shared memory), 38 with 64-bit row
+        # addresses computed in the loop and no mask (25 in the loop; 9 with 1 stage). 64 x 64 on 4 warps spills
+        # 69 (dq's 64 x 128 accumulator: 64 registers more)
         128: {"fwd": (128, 128, 8, 2), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (32, 128, 8, 2)},
         # dkdv: 64-key tiles spill at head_dim 256 (two 64x256 fp32 accumulators), so it keeps mma.sync; dq takes
         # one warpgroup (64 x 64 on two would be n32) and 196 KB of shared memory, as fwd does
