@@ -204,7 +204,7 @@ def test_scratch_allocator_is_set_where_none_is():
 
 
 # deterministic=False: dq added with fp32 atomics inside the dk/dv kernel. Tile table 80 is the interpreter's own;
-# 90 runs sm_90's atomic tiles (64x64 at d64, 32x128 at d128).
+# 90 runs sm_90's atomic tiles (64x128 at d64, 32x128 at d128).
 ATOMIC_CASES = {
     "bf16-d128-gqa2-causal-packed": ([37, 0, 1, 130, 64], None, 4, 2, 128, torch.bfloat16, True, (-1, -1), 80),
     "fp16-d64-gqa4-window-both-sides-q-shorter": (

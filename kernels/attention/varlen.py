@@ -480,13 +480,14 @@ TILES = {
     },
     90: {  # wgmma (HGMMA)
         # k and v (fwd, dq) and q and do (dkdv) arrive by TMA: no per-element addresses in registers, which is
-        # what lets the fwd and dq tiles take 128 keys. Every wgmma N >= 64 at head_dim 64.
-        # dkdv_atomic at 64: 64 x 64 on one warpgroup (4 warps), every GEMM m64n64, dq's included (Triton 3.9: 248
-        # registers, no spills; Triton 3.6: 17 STL, none in the loop, where 64 x 128 had 13). The 64 x 128 tile on
-        # 8 warps splits dq's 64 x 64 result over its two warpgroups, m64n32, and so would dq^T = k^T ds^T (64 x 64
-        # again); 128 x 64 spills (80 STL, 75 in the loop), as 128 x 128 does (115). The cost: 64 keys per
-        # program add into each dq row twice as often as 128 keys did
-        64: {"fwd": (128, 128, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (64, 64, 4, 2)},
+        # what lets the fwd and dq tiles take 128 keys. Every wgmma N >= 64 at head_dim 64 but dkdv_atomic's dq
+        # (64 x 64 over two warpgroups: n32; so would dq^T = k^T ds^T be).
+        # dkdv_atomic at 64 keeps 128 keys: 64 x 64 on one warpgroup (4 warps) has every GEMM m64n64 and fits
+        # (Triton 3.9: 248 registers, no spills), but each step adds the same 64 x 64 fp32 dq tile (16 KB of
+        # atomics) for half the GEMM work: 160 FLOP per atomic byte instead of 320, at which the reductions,
+        # not the tensor cores, would set the pace. One n32 GEMM in five costs less. A GPU should settle it.
+        # 128 x 64 spills (80 STL, 75 in the loop), as 128 x 128 does (115)
+        64: {"fwd": (128, 128, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (64, 128, 8, 2)},
         # dkdv at 128: 64 query rows x 128 keys (n64 scores) fit because q and do arrive by TMA (descriptors hold no
         # per-element addresses; with pointer loads this tile spilled and 32 rows, n32 scores, were the most).
         # dkdv_atomic keeps 32x128 with 2 stages (240 registers, no spills; n32 scores, dq on mma.sync; Triton
