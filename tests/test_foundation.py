@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +28,61 @@ def test_kernels_import_stays_in_its_layer():
     result = _run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"qwenlong.kernels pulled in: {result.stdout.strip()}"
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def _run_in_checkout(code: str, *options: str, pythonpath: Path | None = None) -> subprocess.CompletedProcess:
+    """``code`` run by a Python started in the checkout's root, which is first on its sys.path."""
+    env = {**os.environ, "PYTHONPATH": str(pythonpath) if pythonpath else ""}
+    return subprocess.run([sys.executable, *options, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=CHECKOUT, env=env)  # fmt: skip
+
+
+@pytest.mark.parametrize("ours_first", [True, False])
+def test_checkout_root_does_not_shadow_another_kernels_package(tmp_path, ours_first):
+    """Started in a checkout, ``import kernels`` gets the installed package of that name (transformers >= 5.25
+    imports one), submodules included, and ``qwenlong.kernels`` is still ours, whichever is imported first."""
+    other = tmp_path / "kernels"
+    other.mkdir()
+    (other / "__init__.py").write_text("ORIGIN = 'the other package'\n")
+    (other / "layers.py").write_text("from . import ORIGIN as PARENT\n")
+    imports = ["import qwenlong.kernels", "import kernels.layers"]
+    code = "; ".join(imports if ours_first else imports[::-1])
+    code += "; import kernels; print(kernels.ORIGIN, '|', kernels.layers.PARENT, '|', qwenlong.kernels.__file__)"
+    result = _run_in_checkout(code, pythonpath=tmp_path)
+    assert result.returncode == 0, result.stderr
+    origin, parent, ours = (part.strip() for part in result.stdout.split("|"))
+    assert origin == parent == "the other package"
+    assert Path(ours).resolve() == CHECKOUT / "kernels" / "__init__.py"
+
+
+def test_checkout_kernels_folder_is_not_a_top_level_package():
+    """With no other ``kernels`` installed (``-S``: no site-packages), that name from a checkout is an empty
+    namespace, as a folder without ``__init__.py`` would be (none of our ops under it, no file)."""
+    code = ("import kernels; print(getattr(kernels, '__file__', None), kernels.__path__)\n"
+            "from kernels import linear_logprobs")  # fmt: skip
+    result = _run_in_checkout(code, "-S")
+    assert result.stdout.split() == ["None", "[]"]
+    assert result.returncode != 0
+    assert "ImportError: cannot import name 'linear_logprobs' from 'kernels'" in result.stderr
+
+
+def test_transformers_imports_from_a_checkout():
+    """The real transformers, imported and run in a Python started in the checkout (where our kernels/ folder
+    would answer to the name of the package transformers >= 5.25 imports)."""
+    code = (
+        "import qwenlong.kernels, transformers\n"
+        "config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,\n"
+        "                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=64)\n"
+        "model = transformers.AutoModelForCausalLM.from_config(config)\n"
+        "import torch\n"
+        "print(tuple(model(torch.tensor([[1, 2, 3]])).logits.shape))\n"
+    )
+    result = _run_in_checkout(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1, 3, 64)"
 
 
 def test_import_qwenlong_is_cheap():
