@@ -57,6 +57,20 @@ def test_unknown_step_is_refused_by_name():
     assert "--steps: unknown step 'benchmark'" in proc.stderr
 
 
+def test_gpu_tests_step_leaves_the_kernel_tests_to_a_gpu():
+    """Without a GPU the step runs the gpu-marked tests (all skip) but not the kernel test files, which the
+    interpreter would spend minutes on, past the step's limit (the README's test command runs them anyway)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU runs the kernel tests natively")
+    proc = _run("--quick", "--steps", "gpu-tests")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    row = re.search(r"^gpu-tests +\d+ +\d+ +(\S+) +(.*)$", proc.stdout, re.M)
+    assert row and row.group(1) == "ok", proc.stdout[-2000:]
+    assert "kernels: 0 skipped (no GPU" in row.group(2)
+
+
 def _pack(tmp_path: Path, results: dict[str, bytes]) -> tuple[subprocess.CompletedProcess, Path]:
     """Runs the pack step alone on ``results`` (paths under the scratch's results/ folder) into a fresh $OUT."""
     scratch, out = tmp_path / "scratch", tmp_path / "out"
