@@ -110,7 +110,7 @@ command_of() {  # the step's main command, for the plan and the logs
     build) echo "QWENLONG_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 python3 -m pip install --no-deps" \
                 "--no-build-isolation -e . (CPU: QWENLONG_BUILD_CUDA=0 setup.py build_ext into \$SCRATCH)" ;;
     gpu-tests) echo "python3 -m pytest -m gpu --timeout=$PER_TEST_TIMEOUT $(gpu_test_files | tr '\n' ' ');" \
-                    "python3 -m pytest -n 8 ${KERNEL_TEST_FILES[*]} (the Triton kernels compiled for the GPU)" ;;
+                    "python3 -m pytest -n 8 ${KERNEL_TEST_FILES[*]} (the Triton kernels compiled for the GPU; where torch sees one)" ;;
     bench) echo "python3 -m benchmarks --only logprobs attention --budget <limit - $BENCH_RESERVE>" \
                 "$([ "$QUICK" = 1 ] && echo --quick)" ;;
     pack) echo "tar -czf \$OUT/results.tar.gz results logs" ;;

@@ -496,8 +496,9 @@ TILES = {
         # does not fit beside dk and dv (deterministic build: 250 registers). With Triton 3.9 and 2 stages it
         # spills 56 STL (43 STL/LDL in the loop; Triton 3.6: 77, 59 in the loop), 22 with 1 stage, 46 even storing
         # dq without atomics, 57 computing dq^T = k^T ds^T (both operands from shared memory), 38 with 64-bit row
-        # addresses computed in the loop and no mask (25 in the loop; 9 with 1 stage). 64 x 64 on 4 warps spills
-        # 69 (dq's 64 x 128 accumulator: 64 registers more)
+        # addresses computed in the loop and no mask (25 in the loop; 9 with 1 stage), 14 adding dq by a TMA
+        # reduction (descriptor atomic_add; 6 in the loop; 1 with 1 stage, which the interpreter cannot run).
+        # 64 x 64 on 4 warps spills 69 (dq's 64 x 128 accumulator: 64 registers more)
         128: {"fwd": (128, 128, 8, 2), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (32, 128, 8, 2)},
         # dkdv: 64-key tiles spill at head_dim 256 (two 64x256 fp32 accumulators), so it keeps mma.sync; dq takes
         # one warpgroup (64 x 64 on two would be n32) and 196 KB of shared memory, as fwd does
