@@ -4,6 +4,9 @@
 set here, at import time, before tests import qwenlong.kernels. The interpreter's bf16
 arithmetic is wrong (it computes on the raw uint16 bits); the fix from
 ``qwenlong.kernels.utils.interpreter`` is installed for the whole session.
+
+Where pytest-xdist is installed (the ``dev`` extra), a plain ``pytest`` spreads the tests over the
+machine's cores (at most ``MAX_AUTO_WORKERS``; ``-n N`` or ``-n 0`` chooses otherwise).
 """
 
 from __future__ import annotations
@@ -24,6 +27,32 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     install_bf16_fix()
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+# Each worker holds torch, transformers and the Triton interpreter, and the multi-process tests start
+# 2-4 ranks of their own: more workers than this would trade memory for little time.
+MAX_AUTO_WORKERS = 8
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """Without ``-n``, run on ``-n auto`` with work stealing (the test durations range from milliseconds to a
+    minute). Runs before xdist's own hook reads the option; not in xdist's workers, with ``--pdb`` or
+    ``--collect-only``, or without pytest-xdist."""
+    if not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput"):
+        return
+    option = config.option
+    if option.numprocesses is None and not option.usepdb and not option.collectonly:
+        option.numprocesses = "auto"
+        if option.dist == "no":
+            option.dist = "worksteal"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most ``MAX_AUTO_WORKERS`` (``PYTEST_XDIST_AUTO_NUM_WORKERS``
+    overrides both)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own implementation reads it
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
 
 
 def pytest_collection_modifyitems(config, items):

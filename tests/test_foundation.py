@@ -85,6 +85,29 @@ def test_transformers_imports_from_a_checkout():
     assert result.stdout.strip() == "(1, 3, 64)"
 
 
+def _pytest_in_checkout(*options: str) -> subprocess.CompletedProcess:
+    """A plain ``pytest`` on one cheap test of this file, started in the checkout's root."""
+    env = {name: value for name, value in os.environ.items()
+           if name not in ("PYTEST_ADDOPTS", "PYTEST_XDIST_AUTO_NUM_WORKERS")}  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "pytest", "tests/test_foundation.py::test_unknown_attribute_errors",
+                           "-p", "no:cacheprovider", *options], capture_output=True, text=True, timeout=300,
+                          cwd=CHECKOUT, env=env)  # fmt: skip
+
+
+def test_plain_pytest_spreads_over_the_cores():
+    """The README's ``pytest`` runs on one xdist worker per core (at most 8, so a big machine does not run out of
+    memory); ``-n 0`` keeps one process, and without the plugin the suite's set-up still loads."""
+    pytest.importorskip("xdist")
+    workers = max(1, min(len(os.sched_getaffinity(0)), 8))
+    spread = _pytest_in_checkout()
+    assert spread.returncode == 0, spread.stdout[-3000:] + spread.stderr[-3000:]
+    assert f"created: {workers}/{workers} worker" in spread.stdout, spread.stdout[-3000:]
+    for options in (["-n", "0"], ["-p", "no:xdist"]):
+        alone = _pytest_in_checkout(*options)
+        assert alone.returncode == 0 and "1 passed" in alone.stdout, (options, alone.stdout[-3000:] + alone.stderr)
+        assert "created:" not in alone.stdout, options
+
+
 def test_import_qwenlong_is_cheap():
     result = _run_python("import sys, qwenlong; print('torch' in sys.modules, 'transformers' in sys.modules)")
     assert result.returncode == 0, result.stderr

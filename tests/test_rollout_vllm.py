@@ -239,7 +239,7 @@ def test_update_weights_reaches_an_engine_in_its_own_process():
     runs on the model travel pickled, which vLLM allows with VLLM_ALLOW_INSECURE_SERIALIZATION=1."""
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
     result = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                             "-k", "test_update_weights_switches_to_the_new_weights"],
+                             "-p", "no:xdist", "-k", "test_update_weights_switches_to_the_new_weights"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout[-4000:]
 

@@ -262,7 +262,8 @@ step_gpu_tests() {
   mapfile -t files < <(gpu_test_files)
   python3 -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout="$PER_TEST_TIMEOUT")
   python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)  # Triton compiles one kernel per process at a time
-  python3 -m pytest -m gpu -q -rs "${timeout_flag[@]}" --junitxml="$RESULTS/gpu-tests.xml" "${files[@]}" 2>&1 |
+  # one process (-p no:xdist: tests/conftest.py would spread a plain pytest over the cores where xdist is installed)
+  python3 -m pytest -m gpu -q -rs -p no:xdist "${timeout_flag[@]}" --junitxml="$RESULTS/gpu-tests.xml" "${files[@]}" 2>&1 |
     tee "$SCRATCH/pytest.out"
   rc=${PIPESTATUS[0]}
   if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
