@@ -6,7 +6,7 @@ arithmetic is wrong (it computes on the raw uint16 bits); the fix from
 ``qwenlong.kernels.utils.interpreter`` is installed for the whole session.
 
 Where pytest-xdist is installed (the ``dev`` extra), a plain ``pytest`` spreads the tests over the
-machine's cores (at most ``MAX_AUTO_WORKERS``; ``-n N`` or ``-n 0`` chooses otherwise).
+machine's cores (``helpers.auto_test_workers``; ``-n N`` or ``-n 0`` chooses otherwise).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 
 import pytest
 import torch
-from helpers import free_tcp_port
+from helpers import auto_test_workers, free_tcp_port
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -27,9 +27,6 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
     install_bf16_fix()
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-# Each worker holds torch, transformers and the Triton interpreter, and the multi-process tests start
-# 2-4 ranks of their own: more workers than this would trade memory for little time.
-MAX_AUTO_WORKERS = 8
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -48,11 +45,10 @@ def pytest_cmdline_main(config):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: one worker per core, at most ``MAX_AUTO_WORKERS`` (``PYTEST_XDIST_AUTO_NUM_WORKERS``
-    overrides both)."""
+    """``-n auto``: ``helpers.auto_test_workers()``, unless ``PYTEST_XDIST_AUTO_NUM_WORKERS`` says otherwise."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None  # xdist's own implementation reads it
-    return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
+    return auto_test_workers()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,4 @@
-"""Helpers shared by several test files: gloo process groups on CPU and tiny Hugging Face models.
+"""Helpers shared by several test files: gloo process groups on CPU, tiny Hugging Face models, the xdist worker count.
 
 Plain functions, not fixtures (those live in ``conftest.py``): a module that the ranks of a process group
 import by name. ``torch.multiprocessing`` pickles a rank's entry point by reference, so the entry point
@@ -18,6 +18,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# Each xdist worker holds torch, transformers and the Triton interpreter, and the multi-process tests start
+# 2-4 ranks of their own: more workers than this would trade memory for little time.
+MAX_AUTO_WORKERS = 8
+
+
+def auto_test_workers() -> int:
+    """How many xdist workers a plain ``pytest`` starts: one per core this process may use, at most
+    ``MAX_AUTO_WORKERS``."""
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_AUTO_WORKERS))
 
 
 def free_tcp_port() -> int:

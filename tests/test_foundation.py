@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import auto_test_workers
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
@@ -98,7 +99,7 @@ def test_plain_pytest_spreads_over_the_cores():
     """The README's ``pytest`` runs on one xdist worker per core (at most 8, so a big machine does not run out of
     memory); ``-n 0`` keeps one process, and without the plugin the suite's set-up still loads."""
     pytest.importorskip("xdist")
-    workers = max(1, min(len(os.sched_getaffinity(0)), 8))
+    workers = auto_test_workers()
     spread = _pytest_in_checkout()
     assert spread.returncode == 0, spread.stdout[-3000:] + spread.stderr[-3000:]
     assert f"created: {workers}/{workers} worker" in spread.stdout, spread.stdout[-3000:]
