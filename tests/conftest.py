@@ -2,8 +2,8 @@
 
 ``TRITON_INTERPRET=1`` must be set before any ``@triton.jit`` function is defined, so it is
 set here, at import time, before tests import qwenlong.kernels. The interpreter's bf16
-arithmetic is wrong (it computes on the raw uint16 bits); the fix from
-``qwenlong.kernels.utils.interpreter`` is installed for the whole session.
+arithmetic is wrong (it computes on the raw uint16 bits) and it cannot run descriptor reductions; the fixes from
+``qwenlong.kernels.utils.interpreter`` are installed for the whole session.
 
 Where pytest-xdist is installed (the ``dev`` extra), a plain ``pytest`` spreads the tests over the
 machine's cores (``helpers.auto_test_workers``; ``-n N`` or ``-n 0`` chooses otherwise).
@@ -21,10 +21,10 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from qwenlong.kernels.utils.interpreter import install_bf16_fix  # noqa: E402
+from qwenlong.kernels.utils.interpreter import install_interpreter_fixes  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    install_bf16_fix()
+    install_interpreter_fixes()
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 

@@ -203,13 +203,16 @@ def test_scratch_allocator_is_set_where_none_is():
         _allocation._allocator.reset(token)
 
 
-# deterministic=False: dq added with fp32 atomics inside the dk/dv kernel. Tile table 80 is the interpreter's own;
+# deterministic=False: dq added with fp32 atomics inside the dk/dv kernel (bf16/fp16: by descriptor reductions,
+# run by the interpreter fix; fp32: by pointer atomics). Tile table 80 is the interpreter's own;
 # 90 runs sm_90's atomic tiles (64x128 at d64, 32x128 at d128).
 ATOMIC_CASES = {
     "bf16-d128-gqa2-causal-packed": ([37, 0, 1, 130, 64], None, 4, 2, 128, torch.bfloat16, True, (-1, -1), 80),
     "fp16-d64-gqa4-window-both-sides-q-shorter": (
         [20, 1, 90, 45], [70, 5, 90, 30], 4, 1, 64, torch.float16, False, (16, 8), 80),
     "fp32-d96-sliding-window-causal": ([40, 80, 3], [15, 130, 0], 2, 2, 96, torch.float32, True, (24, 0), 80),
+    # head_dim 96 in 128-wide tiles: dq rows 96 wide, the reduced blocks 128
+    "bf16-d96-gqa2-causal-packed": ([50, 3, 70], None, 4, 2, 96, torch.bfloat16, True, (-1, -1), 80),
     "sm90-bf16-d64-gqa2-causal-packed": ([150, 1, 0, 70], None, 2, 1, 64, torch.bfloat16, True, (-1, -1), 90),
     "sm90-fp16-d128-window-packed": ([70, 129, 33], [90, 200, 33], 4, 2, 128, torch.float16, False, (40, 20), 90),
     "sm90-fp16-d64-gqa4-window-q-shorter": (

@@ -170,9 +170,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
     args = parser.parse_args(argv)
     require_interpreter()
-    from qwenlong.kernels.utils.interpreter import install_bf16_fix
+    from qwenlong.kernels.utils.interpreter import install_interpreter_fixes
 
-    install_bf16_fix()
+    install_interpreter_fixes()
     heads, kv_heads, head_dim, dtype = 2, 1, 64, torch.bfloat16
     rows = []
     for batch, lengths in small_batches(args.quick).items():

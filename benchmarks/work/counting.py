@@ -151,9 +151,9 @@ def counting(torch_ops: bool = True):
     from triton.runtime import interpreter as interp
 
     # the bf16 fix wraps the same builder methods; install it first so restoring ours cannot drop it
-    from qwenlong.kernels.utils.interpreter import install_bf16_fix
+    from qwenlong.kernels.utils.interpreter import install_interpreter_fixes
 
-    install_bf16_fix()
+    install_interpreter_fixes()
     builder, executor = interp.InterpreterBuilder, interp.GridExecutor
     work = WorkCount()
     current: list[str | None] = [None]

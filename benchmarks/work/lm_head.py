@@ -247,9 +247,9 @@ def main(argv=None):
     parser.add_argument("--out", default=str(RESULTS_DIR), help="results directory")
     args = parser.parse_args(argv)
     require_interpreter()
-    from qwenlong.kernels.utils.interpreter import install_bf16_fix
+    from qwenlong.kernels.utils.interpreter import install_interpreter_fixes
 
-    install_bf16_fix()
+    install_interpreter_fixes()
     dim, vocab = 32, 300
     shapes = [(64, 64), (256, 64)] if args.quick else [(128, 128), (512, 128)]  # (T, T_valid): all valid, RL-shaped
     rows = []

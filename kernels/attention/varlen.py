@@ -47,8 +47,10 @@ four GEMMs: ``s^T = k q^T`` (recomputed), ``dv += p^T dO``, ``dp^T = v dO^T``, `
   one program, so gradients are bitwise reproducible and a sequence's are the same alone or packed.
 - ``deterministic=False`` (the ``ATOMIC_DQ`` build of the same dk/dv kernel): each program also
   computes its pair's share ``scale ds k`` (``BLOCK_M x d``, the fifth GEMM) for each query head of
-  its group and adds it into a zeroed fp32 ``(total_q, heads, d)`` buffer with ``tl.atomic_add``
-  (relaxed), on the rows of its own sequence only; masked keys and rows add 0. No dq kernel runs;
+  its group and adds it into a zeroed fp32 ``(total_q, heads, d)`` buffer, on the rows of its own
+  sequence only; masked keys and rows add 0. bf16/fp16 add the whole tile through a tensor
+  descriptor (``desc.atomic_add``: on sm_90 one TMA bulk reduction from shared memory, no
+  per-element addresses in registers), fp32 with ``tl.atomic_add`` (relaxed). No dq kernel runs;
   the buffer is cast to q's dtype at the end. 5 GEMMs, as FlashAttention 2/3's backward, at the cost
   of ``(key blocks seen) x d`` fp32 atomics per query row and head and a ``4 * total_q * heads * d``
   byte buffer. The order in which programs add into a row is whatever the GPU schedules, and fp32
@@ -301,8 +303,8 @@ def _dkdv_blocks(
 ):  # fmt: skip
     """Adds the query blocks ``[lo, hi)`` of query head ``group_head`` (of ``q_src`` / ``do_src``) to dk and dv
     (transposed scores: key-major); only those outside ``[full_lo, full_hi)`` evaluate the mask. ``ATOMIC_DQ``:
-    also adds this key block's share of dq, ``scale ds k``, into the fp32 rows of ``DQ_head`` with atomics (the
-    fifth GEMM)."""
+    also adds this key block's share of dq, ``scale ds k`` (the fifth GEMM), into fp32 dq rows: ``DESCRIBED``,
+    ``DQ_head`` is a descriptor of the group's rows (as ``q_src``); else a pointer to this head's, for atomics."""
     offs_m = tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
@@ -325,9 +327,11 @@ def _dkdv_blocks(
         dk += tl.dot(dst, q, input_precision=DOT_PRECISION)
         if ATOMIC_DQ:  # masked keys and rows have ds = 0 (pt is 0 there): they add nothing
             dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * softmax_scale  # (BLOCK_M, BLOCK_D)
-            # relaxed: nothing reads dq before the kernel ends, so no ordering is needed, only atomicity
-            tl.atomic_add(DQ_head + row_base * stride_dqt + offs_m[:, None] * stride_dqt + dims[None, :], dq,
-                          mask=row_ok[:, None] & dim_ok[None, :], sem="relaxed")  # fmt: skip
+            if DESCRIBED:  # a bulk reduction (TMA on sm_90): no per-element addresses; rows past q_len are dropped
+                DQ_head.atomic_add([group_head, start_m, 0], dq.reshape(1, BLOCK_M, BLOCK_D))
+            else:  # relaxed: nothing reads dq before the kernel ends, so no ordering is needed, only atomicity
+                tl.atomic_add(DQ_head + row_base * stride_dqt + offs_m[:, None] * stride_dqt + dims[None, :], dq,
+                              mask=row_ok[:, None] & dim_ok[None, :], sem="relaxed")  # fmt: skip
     return dk, dv
 
 
@@ -376,11 +380,18 @@ def _attn_bwd_dkdv(
                                           strides=[stride_qh, stride_qt, 1], block_shape=[1, BLOCK_M, BLOCK_D])
         do_src = tl.make_tensor_descriptor(do_src, shape=[group, rows_described, HEAD_DIM],
                                            strides=[stride_doh, stride_dot, 1], block_shape=[1, BLOCK_M, BLOCK_D])
+        if ATOMIC_DQ:  # the group's dq rows, the same way
+            dq_dst = tl.make_tensor_descriptor(DQ + q_base * stride_dqt + first_head * stride_dqh,
+                                               shape=[group, rows_described, HEAD_DIM],
+                                               strides=[stride_dqh, stride_dqt, 1], block_shape=[1, BLOCK_M, BLOCK_D])
     for group_head in range(group):
         head64 = first_head + group_head
         Lse_head = Lse + head64 * stride_lh + q_base
         Delta_head = Delta + head64 * stride_lh + q_base
-        DQ_head = DQ + q_base * stride_dqt + head64 * stride_dqh
+        if DESCRIBED and ATOMIC_DQ:
+            DQ_head = dq_dst
+        else:
+            DQ_head = DQ + q_base * stride_dqt + head64 * stride_dqh
         dk, dv = _dkdv_blocks(dk, dv, k, v, q_src, do_src, group_head, Lse_head, Delta_head, DQ_head, stride_qh,
                               stride_qt, stride_doh, stride_dot, stride_dqt, cols, q_len, k_len, qk_scale,
                               softmax_scale, window_left, window_right, lo, full_lo, full_hi, hi, HEAD_DIM, BLOCK_M,
@@ -482,23 +493,23 @@ TILES = {
         # k and v (fwd, dq) and q and do (dkdv) arrive by TMA: no per-element addresses in registers, which is
         # what lets the fwd and dq tiles take 128 keys. Every wgmma N >= 64 at head_dim 64 but dkdv_atomic's dq
         # (64 x 64 over two warpgroups: n32; so would dq^T = k^T ds^T be).
-        # dkdv_atomic at 64 keeps 128 keys: 64 x 64 on one warpgroup (4 warps) has every GEMM m64n64 and fits
-        # (Triton 3.9: 248 registers, no spills), but each step adds the same 64 x 64 fp32 dq tile (16 KB of
-        # atomics) for half the GEMM work: 160 FLOP per atomic byte instead of 320, at which the reductions,
-        # not the tensor cores, would set the pace. One n32 GEMM in five costs less. A GPU should settle it.
+        # dkdv_atomic at 64 keeps 128 keys (217 registers): 64 x 64 on one warpgroup (4 warps) has every GEMM
+        # m64n64 and fits (Triton 3.9: 212 registers, no spills), but each step adds the same 64 x 64 fp32 dq tile
+        # (16 KB reduced) for half the GEMM work: 160 FLOP per reduced byte instead of 320, at which the reductions,
+        # not the tensor cores, could set the pace. One n32 GEMM in five costs less. A GPU should settle it.
         # 128 x 64 spills (80 STL, 75 in the loop), as 128 x 128 does (115)
         64: {"fwd": (128, 128, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (64, 128, 8, 2)},
         # dkdv at 128: 64 query rows x 128 keys (n64 scores) fit because q and do arrive by TMA (descriptors hold no
         # per-element addresses; with pointer loads this tile spilled and 32 rows, n32 scores, were the most).
-        # dkdv_atomic keeps 32x128 with 2 stages (240 registers, no spills; n32 scores, dq on mma.sync; Triton
-        # 3.6: 8 STL, none in the loop; kept over 1 stage, spill-free there, for its pipelined loads). The
-        # 64 x 128 tile has every wgmma N >= 64 (dq 64 x 128 over two warpgroups: m64n64) but its dq accumulator
-        # does not fit beside dk and dv (deterministic build: 250 registers). With Triton 3.9 and 2 stages it
-        # spills 56 STL (43 STL/LDL in the loop; Triton 3.6: 77, 59 in the loop), 22 with 1 stage, 46 even storing
-        # dq without atomics, 57 computing dq^T = k^T ds^T (both operands from shared memory), 38 with 64-bit row
-        # addresses computed in the loop and no mask (25 in the loop; 9 with 1 stage), 14 adding dq by a TMA
-        # reduction (descriptor atomic_add; 6 in the loop; 1 with 1 stage, which the interpreter cannot run).
-        # 64 x 64 on 4 warps spills 69 (dq's 64 x 128 accumulator: 64 registers more)
+        # dkdv_atomic keeps 32x128 with 2 stages (n32 scores, dq on mma.sync; 214 registers with dq added by a TMA
+        # reduction, 240 with pointer atomics; Triton 3.6: 254, no spills, where pointer atomics spilled 8 STL).
+        # The 64 x 128 tile has every wgmma N >= 64 (dq 64 x 128 over two warpgroups: m64n64) but its dq
+        # accumulator barely fits beside dk and dv (deterministic build: 250 registers). With the TMA reduction
+        # it is spill-free (255 registers) only with 1 stage and dp^T issued before p is computed; 2 stages spill
+        # 11-20 STL (up to 13 in the loop), Triton 3.6 44 with 1 stage. With pointer atomics it spilled 56 STL,
+        # 46 storing dq without atomics, 57 computing dq^T = k^T ds^T. Giving up every pipelined load for two
+        # wider GEMMs in five is a trade a GPU should time; 3 stages of the 32-row tile fit now too (222
+        # registers; Triton 3.6: 4 STL outside the loop). 64 x 64 on 4 warps spilled 69 with pointer atomics
         128: {"fwd": (128, 128, 8, 2), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (32, 128, 8, 2)},
         # dkdv: 64-key tiles spill at head_dim 256 (two 64x256 fp32 accumulators), so it keeps mma.sync; dq takes
         # one warpgroup (64 x 64 on two would be n32) and 196 KB of shared memory, as fwd does

@@ -1,11 +1,16 @@
-"""A fix for bfloat16 arithmetic in Triton's CPU interpreter (``TRITON_INTERPRET=1``).
+"""Two fixes for Triton's CPU interpreter (``TRITON_INTERPRET=1``).
 
-The interpreter stores bf16 values as their raw ``uint16`` bits and hands those bits to
-numpy: ``a + b``, ``tl.dot``, ``tl.sum``, comparisons and ``tl.exp`` then compute on
-integers, not on the numbers they encode. :func:`install_bf16_fix` wraps the interpreter's
-arithmetic so that every bf16 operand is widened to fp32, the op runs in fp32, and a bf16
-result is rounded back (round-to-nearest-even, like the hardware). Pure data movement
-(loads, stores, ``where``, reshapes) already works on the bits and is left alone.
+- **bf16 arithmetic.** The interpreter stores bf16 values as their raw ``uint16`` bits and hands
+  those bits to numpy: ``a + b``, ``tl.dot``, ``tl.sum``, comparisons and ``tl.exp`` then compute
+  on integers, not on the numbers they encode. The fix wraps the interpreter's arithmetic so that
+  every bf16 operand is widened to fp32, the op runs in fp32, and a bf16 result is rounded back
+  (round-to-nearest-even, like the hardware). Pure data movement (loads, stores, ``where``,
+  reshapes) already works on the bits and is left alone.
+- **Descriptor reductions.** ``desc.atomic_add`` (and ``atomic_min``/``max``/``and``/``or``/``xor``),
+  a TMA bulk reduction on sm_90, has no interpreter implementation (``create_descriptor_reduce``
+  is missing). The fix adds one: a masked read-modify-write of the block, elements outside the
+  descriptor's shape left alone, as the hardware does. The interpreter runs programs one after
+  another, so the read-modify-write is atomic there.
 
 Only the interpreter is touched; compiled GPU kernels are unaffected.
 """
@@ -60,16 +65,17 @@ def _narrow(result, was_bf16: bool):
     return TensorHandle(fp32_to_bf16_bits(result.data), tl.bfloat16)
 
 
-def install_bf16_fix_when_interpreting() -> bool:
-    """Install the fix when ``TRITON_INTERPRET`` is on (``@triton.jit`` functions defined now will run
-    on the interpreter). Returns whether it is installed."""
+def install_interpreter_fixes_when_interpreting() -> bool:
+    """Install the fixes when ``TRITON_INTERPRET`` is on (``@triton.jit`` functions defined now will run
+    on the interpreter). Returns whether they are installed."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         return _INSTALLED
-    return install_bf16_fix()
+    return install_interpreter_fixes()
 
 
-def install_bf16_fix() -> bool:
-    """Patch the Triton interpreter so bf16 arithmetic computes on values, not bits.
+def install_interpreter_fixes() -> bool:
+    """Patch the Triton interpreter: bf16 arithmetic computes on values, not bits, and descriptor
+    reductions run.
 
     Idempotent. Returns True when the patch is (now) installed, False when Triton's
     interpreter module is not importable.
@@ -142,5 +148,32 @@ def install_bf16_fix() -> bool:
     interp.ReduceOps.min_max = reduction(interp.ReduceOps.min_max)
     interp.ScanOps.cumsum = reduction(interp.ScanOps.cumsum)
     interp.ScanOps.cumprod = reduction(interp.ScanOps.cumprod)
+    builder.create_descriptor_reduce = _descriptor_reduce
     _INSTALLED = True
     return True
+
+
+def _descriptor_reduce(self, kind, desc, value, indices):
+    """``InterpreterBuilder.create_descriptor_reduce``: combine ``value`` into the block of ``desc`` at
+    ``indices`` with the reduction ``kind``; elements outside the descriptor's shape are not touched."""
+    import triton.language as tl
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import TensorHandle
+
+    combine = {
+        ir.DESCRIPTOR_REDUCE_KIND.ADD: np.add,
+        ir.DESCRIPTOR_REDUCE_KIND.MIN: np.minimum,
+        ir.DESCRIPTOR_REDUCE_KIND.MAX: np.maximum,
+        ir.DESCRIPTOR_REDUCE_KIND.AND: np.bitwise_and,
+        ir.DESCRIPTOR_REDUCE_KIND.OR: np.bitwise_or,
+        ir.DESCRIPTOR_REDUCE_KIND.XOR: np.bitwise_xor,
+    }.get(kind)
+    if combine is None:
+        raise NotImplementedError(f"descriptor reduction {kind} is not supported by the interpreter")
+    ptrs, mask = desc.materialize_pointers(indices)
+    old = self.create_masked_load(ptrs, mask, None, cache_policy=None, is_volatile=False)
+    if old.dtype == tl.bfloat16:  # combine the values the bits encode, round the result back
+        new = fp32_to_bf16_bits(combine(bf16_bits_to_fp32(old.data), bf16_bits_to_fp32(value.data)))
+    else:
+        new = combine(old.data, value.data.astype(old.data.dtype))
+    self.create_masked_store(ptrs, TensorHandle(new.reshape(old.data.shape), old.dtype), mask, None)
