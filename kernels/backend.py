@@ -41,6 +41,15 @@ def requested_backend(override: str | None = None) -> str:
     return choice
 
 
+def tile_table(device: torch.device) -> int:
+    """Which tile table the Triton kernels use on ``device``: 90 on sm_90 (Hopper: wgmma and TMA), else 80
+    (every other GPU, and the CPU interpreter)."""
+    # ROCm builds report their own gfx versions as capabilities (MI300 is "9.4"): not sm_90
+    if device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] == 9:
+        return 90
+    return 80
+
+
 def select_backend(device: torch.device, override: str | None = None, has_cuda_op: bool = False) -> str:
     """Resolve the path an op takes for tensors on ``device``: 'triton', 'cuda' or 'torch'."""
     choice = requested_backend(override)

@@ -97,14 +97,6 @@ def test_matches_reference(backend, case, device, monkeypatch):
     _check_accuracy(lens_q, lens_k or lens_q, heads, kv_heads, head_dim, dtype, causal, window, device)
 
 
-@pytest.mark.parametrize("capability,table", [((9, 0), 90), ((8, 0), 80), ((8, 9), 80), ((10, 0), 80)])
-def test_tile_table_follows_the_gpu_generation(capability, table, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.version, "hip", None)
-    assert varlen_module.tile_table(torch.device("cuda", 0)) == table
-    assert varlen_module.tile_table(torch.device("cpu")) == 80  # the interpreter
-
-
 # The sm_90 tile table (wgmma-shaped tiles) under the interpreter: one case per row of TILES[90],
 # lengths that leave partial tiles at 128/64/32 rows, and the padded head_dim 96.
 SM90_CASES = {

@@ -179,3 +179,17 @@ def test_backend_selection(monkeypatch):
     monkeypatch.delenv(backend.ENV_VAR)
     expected = "triton" if backend.interpreter_enabled() else "torch"
     assert backend.select_backend(torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("capability,table", [((9, 0), 90), ((8, 0), 80), ((8, 9), 80), ((10, 0), 80)])
+def test_tile_table_follows_the_gpu_generation(capability, table, monkeypatch):
+    import torch
+
+    from qwenlong.kernels import backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert backend.tile_table(torch.device("cuda", 0)) == table
+    assert backend.tile_table(torch.device("cpu")) == 80  # the interpreter
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm reports gfx versions as capabilities
+    assert backend.tile_table(torch.device("cuda", 0)) == 80

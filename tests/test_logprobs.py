@@ -6,6 +6,8 @@ Both paths run: ``torch`` (the chunked PyTorch implementation, large T and V) an
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -332,3 +334,27 @@ def test_cross_entropy_gradients_in_forward(backend, reduction, label_smoothing,
         assert relative_error(got, want) < BWD_RTOL[torch.float32]
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(hidden, weight, targets, reduction="none", grad_in_forward=True)
+
+
+@pytest.mark.parametrize("table", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradients_in_forward_on_each_tile_table(table, dtype, device, monkeypatch):
+    """The forward that keeps its logits, with each GPU generation's tiles: sm_90's (90) stores 128-row tiles
+    through a tensor descriptor into a buffer whose rows are padded to 16 bytes (V = 301 is not), the others'
+    64-row tiles by pointer. 150 tokens make a partial last token tile, V = 301 three vocabulary slices, the
+    last one partial. Loss and gradients as the float64 reference."""
+    from qwenlong.kernels.backend import tile_table
+
+    kernels = importlib.import_module("qwenlong.kernels.logprobs.linear_logprobs")  # the package exports a function
+    if device == "cuda" and tile_table(torch.device(device)) != table:
+        pytest.skip(f"this GPU does not run tile table {table}")
+    monkeypatch.setenv("QWENLONG_BACKEND", "triton")
+    monkeypatch.setattr(kernels, "tile_table", lambda device: table)
+    hidden, weight, targets = make_inputs(150, 32, 301, dtype, seed=table, device=device)
+    loss = linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1, grad_in_forward=True)
+    ref = reference_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE, label_smoothing=0.1)
+    torch.testing.assert_close(loss.double(), ref, atol=FWD_ATOL[dtype], rtol=1e-4)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    for name, got, want in zip(("hidden", "weight"), grads, ref_grads, strict=True):
+        assert got.dtype == dtype and relative_error(got, want) < BWD_RTOL[dtype], name

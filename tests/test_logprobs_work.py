@@ -35,14 +35,17 @@ def test_ignored_rows_cost_no_gemm_work(monkeypatch, path, op):
         assert minimum <= rl_shaped.flops <= minimum * (64 / 40) * (384 / 300)
 
 
+@pytest.mark.parametrize("table", [80, 90])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(("op", "chunks"), [("logprobs+entropy", None), ("cross-entropy (label smoothing)", None),
                                              ("grpo_loss", (128, 256)), ("logprobs+entropy", (128, 256)),
                                              ("grpo_loss, grad in forward", None),
                                              ("cross-entropy, grad in forward", (128, 256))])
-def test_closed_form_equals_the_count(monkeypatch, op, chunks, dtype):
-    """FLOPs, bytes loaded and stored, and programs of the Triton kernels, with one or several chunks."""
+def test_closed_form_equals_the_count(monkeypatch, op, chunks, dtype, table):
+    """FLOPs, bytes loaded and stored, and programs of the Triton kernels, with one or several chunks, under
+    either tile table (sm_90's keeps the logits of 128-row tiles through a descriptor)."""
     kernels = lm_head.kernel_module()
+    monkeypatch.setattr(kernels, "tile_table", lambda device: table)
     if chunks:
         monkeypatch.setattr(kernels, "TOKEN_CHUNK", chunks[0])
         monkeypatch.setattr(kernels, "LOGITS_TOKEN_CHUNK", chunks[0])
@@ -53,7 +56,7 @@ def test_closed_form_equals_the_count(monkeypatch, op, chunks, dtype):
     in_forward = "grad in forward" in op
     expected = lm_head.triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, with_entropy=with_entropy,
                                           with_mean=with_mean, grad_entropy=grad_entropy, grad_mean=grad_mean,
-                                          grad_in_forward=in_forward)
+                                          grad_in_forward=in_forward, table=table)
     assert {key: getattr(work, key) for key in expected} == expected
     token_chunks = -(-num_tokens // kernels.TOKEN_CHUNK) if chunks else 1
     vocab_chunks = -(-vocab // kernels.VOCAB_CHUNK) if chunks else 1

@@ -34,6 +34,7 @@ from benchmarks.work.counting import count_work, require_interpreter
 IGNORE = -100
 BIG = {"T": 122_880, "d": 5120, "V": 152_064, "dtype": torch.bfloat16}
 RL_VALID = 8 * 512  # one 116K-token prompt + 8 responses of 512 tokens
+SM90 = 90  # the closed form's default tile table: an H100/H200's (kernels.backend.tile_table)
 # (op name, forward flags (entropy, mean), backward gradients (logp, entropy, mean))
 OPS = {
     "logprobs+entropy": ((True, False), (True, True, False)),
@@ -60,15 +61,16 @@ def _up(a: int, b: int) -> int:
 
 def triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, *, with_entropy=False, with_mean=False,
                        grad_entropy=False, grad_mean=False, needs_hidden=True, needs_weight=True,
-                       grad_in_forward=False) -> dict:
+                       grad_in_forward=False, table=SM90) -> dict:
     """FLOPs, bytes loaded / stored and programs of the Triton kernels (forward + backward), from the
-    tile and chunk sizes of :mod:`qwenlong.kernels.logprobs.linear_logprobs` (PyTorch ops not included).
+    tile and chunk sizes of :mod:`qwenlong.kernels.logprobs.linear_logprobs` (PyTorch ops not included)
+    under the tile table ``table`` (90: sm_90; 80: every other GPU and the interpreter).
 
     ``grad_in_forward``: the scalar-loss path (:func:`fused_linear_loss`): the forward runs per logits
     chunk and keeps the fp32 logits, dz is read from them (no recompute); the output-gradient flags
     are then the forward's."""
     lp = kernel_module()
-    c = lp.block_config(dim, dtype)
+    c = lp.block_config(dim, dtype, table)
     size = torch.tensor([], dtype=dtype).element_size()
     bt, bv, bd, bm, bn, bk = (c[k] for k in ("BLOCK_T", "BLOCK_V", "BLOCK_D", "BLOCK_M", "BLOCK_N", "BLOCK_K"))
     out = {"flops": 0, "bytes_loaded": 0, "bytes_stored": 0, "programs": 0}
@@ -135,11 +137,11 @@ def triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, *, with_entropy
     return out
 
 
-def forward_busy_programs(num_valid, dim, vocab, dtype, grad_in_forward=False) -> int:
+def forward_busy_programs(num_valid, dim, vocab, dtype, grad_in_forward=False, table=SM90) -> int:
     """Programs of one forward launch that have valid rows (token tiles x vocabulary slices): what keeps the
     GPU's SMs busy when only a few rows are valid (132 SMs on an H100)."""
     lp = kernel_module()
-    c = lp.block_config(dim, dtype)
+    c = lp.block_config(dim, dtype, table)
     rows = min(num_valid, lp.LOGITS_TOKEN_CHUNK) if grad_in_forward else num_valid
     block_t = c["BLOCK_T_KEEP_LOGITS"] if grad_in_forward else c["BLOCK_T"]
     return _ceil(rows, block_t) * lp.vocab_slices(vocab, c["BLOCK_V"])[0]
@@ -218,7 +220,8 @@ def closed_form_rows() -> list[dict]:
     rows = []
     dim, vocab, dtype = BIG["d"], BIG["V"], BIG["dtype"]
     lp = kernel_module()
-    bv, bm = lp.block_config(dim, dtype)["BLOCK_V"], lp.block_config(dim, dtype)["BLOCK_M"]
+    config = lp.block_config(dim, dtype, SM90)
+    bv, bm = config["BLOCK_V"], config["BLOCK_M"]
     for op, ((with_entropy, with_mean), (_, grad_entropy, grad_mean)) in OPS.items():
         for label, num_tokens, num_valid in (("all valid", RL_VALID, RL_VALID), ("RL-shaped", BIG["T"], RL_VALID),
                                              ("all valid", BIG["T"], BIG["T"])):
@@ -278,8 +281,9 @@ def main(argv=None):
         "forward keeps each chunk's fp32 logits (LOGITS_TOKEN_CHUNK x V) and makes the gradients from them, "
         "6 T_valid d V FLOPs; loss.backward() only scales them.",
         "Closed form (120K shapes): Triton kernels only, bf16, the tile and chunk sizes of "
-        "kernels/logprobs/linear_logprobs.py; equal to the interpreter's count at small shapes "
-        "(tests/test_logprobs_work.py).",
+        "kernels/logprobs/linear_logprobs.py for sm_90 (its tile table); equal to the interpreter's count at small "
+        "shapes with either tile table (tests/test_logprobs_work.py). The counted rows above run the interpreter's "
+        "own table (80).",
     ]
     setup = {"counted shapes": f"d={dim}, V={vocab}, bf16, (T, T_valid) in {shapes}",
              "closed form shapes": f"T={BIG['T']} (RL: {RL_VALID} valid) and all-valid, d={BIG['d']}, V={BIG['V']}",

@@ -90,7 +90,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import select_backend
+from ..backend import select_backend, tile_table
 from ..utils.checks import check_cu_seqlens, check_dim, check_same_device, check_tensor
 from .blockwise import BlockwiseAttention
 
@@ -525,14 +525,6 @@ NEWER_TRITON = (3, 9)
 
 def _triton_version() -> tuple[int, int]:
     return tuple(int(part) for part in triton.__version__.split(".")[:2])
-
-
-def tile_table(device: torch.device) -> int:
-    """Which ``TILES`` table the GPU of ``device`` uses: 90 on sm_90, else 80 (also the interpreter's)."""
-    # ROCm builds report their own gfx versions as capabilities (MI300 is "9.4"): not sm_90
-    if device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] == 9:
-        return 90
-    return 80
 
 
 def _configs(head_dim: int, dtype: torch.dtype, table: int) -> dict[str, dict[str, int]]:

@@ -1,7 +1,8 @@
 """The builds of the fused LM-head kernels that ``tools/compile_report.py`` compiles ahead of time.
 
 One spec per kernel x input dtype x constexpr flag combination the launcher in
-:mod:`.linear_logprobs` may pick (tiles depend on dtype only: the same for every d >= 32).
+:mod:`.linear_logprobs` may pick, per tile table where they differ (tiles depend on dtype and GPU
+generation only: the same for every d >= 32).
 fp32 inputs are marked not hot: training runs bf16, and fp32 has no tensor-core path here.
 """
 
@@ -24,12 +25,14 @@ from .linear_logprobs import (
 )
 
 TRITON_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+TILE_TABLES = (90, 80)  # sm_90, and every other GPU (kernels.backend.tile_table)
 # kernel -> (launch kind, argument types other than the hidden/weight pointers and constexprs, constexpr flags)
 _INDEX = {"order_ptr": "*i64", "num_valid_ptr": "*i64"}
 _KERNELS = {
     "fwd": (_forward_kernel, "forward", {"targets_ptr": "*i64"} | _INDEX | dict.fromkeys(
         ("partial_ptr", "logits_ptr"), "*fp32")
-        | dict.fromkeys(("token_start", "partial_stride", "logits_stride", "V", "D", "split_cols", "num_splits"), "i32")
+        | dict.fromkeys(("token_start", "partial_stride", "logits_rows", "logits_stride", "V", "D", "split_cols",
+                         "num_splits"), "i32")
         | {"inv_temperature": "fp32"},
         ("WITH_ENTROPY", "WITH_MEAN", "STORE_LOGITS")),
     "dlogits": (_dlogits_kernel, "dlogits", {"targets_ptr": "*i64"} | _INDEX | dict.fromkeys(
@@ -52,28 +55,32 @@ _ALIGNED = ("D", "chunk_stride", "split_cols")
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every build the launcher may pick: each kernel x input dtype x flag combination."""
+    """Every build the launcher may pick: each kernel x input dtype x flag combination, one spec per config the
+    tile tables give it (a config both tables share is one spec for both targets)."""
     specs = []
     for dtype, type_name in TRITON_DTYPES.items():
         for kind, (kernel, launch_kind, types, flags) in _KERNELS.items():
-            constexprs, launch = launch_options(block_config(4096, dtype), launch_kind)
+            constexprs, _ = launch_options(block_config(4096, dtype, 90), launch_kind)
             given = {"hidden_ptr": f"*{type_name}", "weight_ptr": f"*{type_name}"}
             given |= {name: kind_.format(dtype=type_name) for name, kind_ in types.items()}
             given |= dict.fromkeys((*flags, *constexprs), "constexpr")
             signature = {name: given[name] for name in kernel.arg_names}  # in the kernel's argument order
             for values in itertools.product((False, True), repeat=len(flags)):
-                if dict(zip(flags, values, strict=True)).get("STORE_LOGITS"):  # the forward keeping its logits
-                    constexprs, launch = launch_options(block_config(4096, dtype), "forward_keep_logits")
-                else:
-                    constexprs, launch = launch_options(block_config(4096, dtype), launch_kind)
+                flag_values = dict(zip(flags, values, strict=True))
+                launched_as = "forward_keep_logits" if flag_values.get("STORE_LOGITS") else launch_kind
+                archs_of_config = {}
+                for table in TILE_TABLES:
+                    constexprs, launch = launch_options(block_config(4096, dtype, table), launched_as)
+                    archs_of_config.setdefault(repr((constexprs, launch)), (constexprs, launch, []))[2].append(table)
                 suffix = "_".join(f"{flag.removeprefix('WITH_').split('_')[0].lower()}{int(v)}"
                                   for flag, v in zip(flags, values, strict=True))
-                specs.append(CompileSpec(
-                    name=f"logprobs_{kind}_{type_name}_{suffix}", fn=kernel, signature=signature,
-                    constexprs=dict(zip(flags, values, strict=True)) | constexprs, hot=dtype != torch.float32,
-                    aligned=tuple(name for name in signature if name in _ALIGNED or signature[name].startswith("*")),
-                    **launch,
-                ))
+                for constexprs, launch, archs in archs_of_config.values():
+                    specs.append(CompileSpec(
+                        name=f"logprobs_{kind}_{type_name}_{suffix}", fn=kernel, signature=signature,
+                        constexprs=flag_values | constexprs, hot=dtype != torch.float32, archs=tuple(archs),
+                        aligned=tuple(name for name in signature if name in _ALIGNED or signature[name].startswith("*")),
+                        **launch,
+                    ))
     specs += [_combine_spec(with_entropy, with_mean) for with_entropy, with_mean in itertools.product((False, True),
                                                                                                      repeat=2)]
     return specs

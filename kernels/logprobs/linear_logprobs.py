@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backend import select_backend
+from ..backend import select_backend, tile_table
 from ..utils.checks import FLOAT_DTYPES, check_same_device, check_tensor, tensor_checks_enabled
 from . import chunked, cuda_backend
 from .valid_rows import ValidRowStats
@@ -102,53 +102,56 @@ def _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temp
 
 @triton.jit
 def _forward_tile(running_max, sum_exp, shifted_sum, logit_sum, target_logit,
-                  hidden_ptr, weight_ptr, logits_ptr, rows, row_in, local_rows, target, D, logits_stride,
+                  hidden_ptr, weight_ptr, logits_dst, rows, row_in, local_rows, first_row, target, D, logits_stride,
                   inv_temperature, v0, num_cols,
                   WITH_ENTROPY: tl.constexpr, WITH_MEAN: tl.constexpr, STORE_LOGITS: tl.constexpr,
-                  MASKED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PRECISION: tl.constexpr):
+                  LOGITS_BY_DESCRIPTOR: tl.constexpr, MASKED: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Merges the logits tile of columns ``v0 + [0, BLOCK_V)`` into the running statistics. ``MASKED``: the
     tile reaches past ``num_cols`` (a column mask on every step); else every column exists, and no mask
-    is built (the registers it takes push the 128 x 128 tile into spills)."""
+    is built (the registers it takes push the 128 x 128 tile into spills). ``STORE_LOGITS``: also stores the
+    tile into ``logits_dst``, a tensor descriptor of the kept logits (``LOGITS_BY_DESCRIPTOR``) or a pointer."""
     cols = v0 + tl.arange(0, BLOCK_V)
     col_in = cols < num_cols
     z = _logits_tile(hidden_ptr, weight_ptr, rows, cols, row_in, col_in, D, inv_temperature,
                      BLOCK_T, BLOCK_V, BLOCK_D, PRECISION, MASKED)  # fmt: skip
     if STORE_LOGITS:
-        if MASKED:
-            tl.store(logits_ptr + local_rows[:, None] * logits_stride + cols[None, :], z, mask=col_in[None, :])
+        if LOGITS_BY_DESCRIPTOR:  # one TMA copy on sm_90; columns past the slice are dropped by it
+            logits_dst.store([first_row, v0], z)
+        elif MASKED:
+            tl.store(logits_dst + local_rows[:, None] * logits_stride + cols[None, :], z, mask=col_in[None, :])
         else:
-            tl.store(logits_ptr + local_rows[:, None] * logits_stride + cols[None, :], z)
-    if MASKED:
-        z_max = tl.max(tl.where(col_in[None, :], z, -3.0e38), axis=1)
-    else:
-        z_max = tl.max(z, axis=1)
-    new_max = tl.maximum(running_max, z_max)
+            tl.store(logits_dst + local_rows[:, None] * logits_stride + cols[None, :], z)
+    if WITH_MEAN:  # masked-off columns have z = 0 (zero weight rows): nothing to mask
+        logit_sum += tl.sum(z, axis=1)
+    # the target's offset in the tile against a constant iota (no column vector held for the compare); a
+    # target in a later slice may point past num_cols, where z is 0
+    target_logit += tl.sum(tl.where(tl.arange(0, BLOCK_V)[None, :] == (target - v0)[:, None], z, 0.0), axis=1)
+    if MASKED:  # columns past the end: a finite floor, whose exp is 0 (and 0 * shifted stays 0). One where, not
+        z = tl.where(col_in[None, :], z, -3.0e38)  # one for the max and one for the exps: 3 spills fewer at 128 rows
+    new_max = tl.maximum(running_max, tl.max(z, axis=1))
     rescale = tl.exp(running_max - new_max)
     shifted = z - new_max[:, None]
     exps = tl.exp(shifted)
-    if MASKED:
-        exps = tl.where(col_in[None, :], exps, 0.0)
     if WITH_ENTROPY:
         shifted_sum = rescale * (shifted_sum + (running_max - new_max) * sum_exp) + tl.sum(exps * shifted, axis=1)
     sum_exp = rescale * sum_exp + tl.sum(exps, axis=1)
-    if WITH_MEAN:  # masked-off columns have z = 0 (zero weight rows): nothing to mask
-        logit_sum += tl.sum(z, axis=1)
-    # the target's offset in the tile against a constant iota (no column vector held for the compare)
-    target_logit += tl.sum(tl.where(tl.arange(0, BLOCK_V)[None, :] == (target - v0)[:, None], z, 0.0), axis=1)
     return new_max, sum_exp, shifted_sum, logit_sum, target_logit
 
 
 @triton.jit
 def _forward_kernel(hidden_ptr, weight_ptr, targets_ptr, order_ptr, num_valid_ptr, partial_ptr, logits_ptr,
-                    token_start, partial_stride, logits_stride, V, D, split_cols, num_splits, inv_temperature,
-                    WITH_ENTROPY: tl.constexpr, WITH_MEAN: tl.constexpr, STORE_LOGITS: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+                    token_start, partial_stride, logits_rows, logits_stride, V, D, split_cols, num_splits,
+                    inv_temperature, WITH_ENTROPY: tl.constexpr, WITH_MEAN: tl.constexpr, STORE_LOGITS: tl.constexpr,
+                    LOGITS_BY_DESCRIPTOR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """One program per BLOCK_T valid rows (from position ``token_start`` of the compacted order) and
     vocabulary slice ``[split * split_cols, (split + 1) * split_cols)``, slice index fastest: online
     logsumexp, entropy and sums over the slice's tiles, stored as partial statistics
     ``partial[stat, split, row]`` for :func:`_combine_kernel`. ``STORE_LOGITS`` also keeps the fp32
-    logits of these rows in a (rows, logits_stride) chunk buffer, for gradients computed without a recompute."""
+    logits of these rows in a (logits_rows, logits_stride) chunk buffer, for gradients computed without a
+    recompute (``LOGITS_BY_DESCRIPTOR``: through a tensor descriptor, which on sm_90 stores each tile with one
+    TMA copy: no per-element addresses in registers, which lets this forward take 128 rows)."""
     split = tl.program_id(0) % num_splits  # one axis (no 65,535 limit on tiles), slice index fastest
     tile = tl.program_id(0) // num_splits
     num_valid = tl.load(num_valid_ptr)
@@ -172,13 +175,18 @@ def _forward_kernel(hidden_ptr, weight_ptr, targets_ptr, order_ptr, num_valid_pt
     # whole tiles without a column mask, then the slice's partial last tile (if any) with one
     full_cols = slice_cols // BLOCK_V * BLOCK_V
     stats = (running_max, sum_exp, shifted_sum, logit_sum, target_logit)
-    stage = (hidden_ptr, weight_ptr, logits_ptr, rows, row_in, local_rows, target, D, logits_stride, inv_temperature)
+    logits_dst = logits_ptr
+    if STORE_LOGITS and LOGITS_BY_DESCRIPTOR:
+        logits_dst = tl.make_tensor_descriptor(logits_ptr, shape=[logits_rows, slice_cols], strides=[logits_stride, 1],
+                                               block_shape=[BLOCK_T, BLOCK_V])  # fmt: skip
+    stage = (hidden_ptr, weight_ptr, logits_dst, rows, row_in, local_rows, tile * BLOCK_T, target, D, logits_stride,
+             inv_temperature)
     for v0 in range(0, full_cols, BLOCK_V):
-        stats = _forward_tile(*stats, *stage, v0, slice_cols, WITH_ENTROPY, WITH_MEAN, STORE_LOGITS, False,
-                              BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)  # fmt: skip
+        stats = _forward_tile(*stats, *stage, v0, slice_cols, WITH_ENTROPY, WITH_MEAN, STORE_LOGITS,
+                              LOGITS_BY_DESCRIPTOR, False, BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)  # fmt: skip
     if full_cols < slice_cols:
-        stats = _forward_tile(*stats, *stage, full_cols, slice_cols, WITH_ENTROPY, WITH_MEAN, STORE_LOGITS, True,
-                              BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)  # fmt: skip
+        stats = _forward_tile(*stats, *stage, full_cols, slice_cols, WITH_ENTROPY, WITH_MEAN, STORE_LOGITS,
+                              LOGITS_BY_DESCRIPTOR, True, BLOCK_T, BLOCK_V, BLOCK_D, PRECISION)  # fmt: skip
     running_max, sum_exp, shifted_sum, logit_sum, target_logit = stats
     out = partial_ptr + split * partial_stride + rows
     plane = num_splits * partial_stride
@@ -333,19 +341,24 @@ def _grad_weight_kernel(dlogits_ptr, hidden_ptr, order_ptr, num_valid_ptr, grad_
     tl.store(out, acc, mask=out_mask)
 
 
-def block_config(dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes and launch options for hidden size ``dim`` and input dtype (never a function of T).
+def block_config(dim: int, dtype: torch.dtype, table: int) -> dict:
+    """Tile sizes and launch options for hidden size ``dim``, input dtype and the GPU's tile table
+    (:func:`~qwenlong.kernels.backend.tile_table`; never a function of T).
 
     ``BLOCK_T / BLOCK_V / BLOCK_D`` tile the logits kernels, ``BLOCK_M / BLOCK_N / BLOCK_K`` the two
     gradient GEMMs. Chosen from the sm_90 compile report (HGMMA 64x128 with 8 warps, no spills with d a
-    multiple of 16): 128 token rows per logits tile halve the weight re-reads of 64, but the forward
-    that also stores its logits spills at 128 and keeps 64. fp32 inputs take FMA, not tensor cores,
-    and smaller tiles.
+    multiple of 16): 128 token rows per logits tile halve the weight re-reads of 64. The forward that
+    also stores its logits takes 128 rows on sm_90, where it stores them through a tensor descriptor
+    (TMA); elsewhere descriptors lower to per-element stores, which spill at 128 rows (279-389 STL on
+    sm_80) and even at 64 (40-44), so it keeps pointer stores and 64 rows. fp32 inputs take FMA, not
+    tensor cores, and smaller tiles.
     """
     wide = dtype == torch.float32
+    logits_by_descriptor = table == 90 and not wide
     return {
         "BLOCK_T": 64 if wide else 128,
-        "BLOCK_T_KEEP_LOGITS": 64,
+        "BLOCK_T_KEEP_LOGITS": 128 if logits_by_descriptor else 64,
+        "LOGITS_BY_DESCRIPTOR": logits_by_descriptor,
         "BLOCK_V": 64 if wide else 128,
         "BLOCK_D": 16 if wide else min(32, max(16, triton.next_power_of_2(dim))),
         "BLOCK_M": 64 if wide else 128,
@@ -368,7 +381,9 @@ def launch_options(config: dict, kernel: str) -> tuple[dict, dict]:
     else:
         constexprs = {k: config[k] for k in ("BLOCK_T", "BLOCK_V", "BLOCK_D", "PRECISION")}
         if kernel == "forward_keep_logits":
-            constexprs["BLOCK_T"] = config["BLOCK_T_KEEP_LOGITS"]
+            constexprs |= {"BLOCK_T": config["BLOCK_T_KEEP_LOGITS"], "LOGITS_BY_DESCRIPTOR": config["LOGITS_BY_DESCRIPTOR"]}
+        elif kernel == "forward":
+            constexprs["LOGITS_BY_DESCRIPTOR"] = False
         stages = config["backward_stages" if kernel == "dlogits" else "forward_stages"]
     return constexprs, {"num_warps": config["num_warps"], "num_stages": stages}
 
@@ -393,7 +408,7 @@ class _ChunkGradients:
         self.hidden, self.weight, self.order, self.num_valid = hidden, weight, order, num_valid
         num_tokens, dim = hidden.shape
         vocab = weight.shape[0]
-        self.config = block_config(dim, hidden.dtype)
+        self.config = _config_for(hidden)
         self.chunk_rows = chunk_rows
         self.chunk_cols = min(VOCAB_CHUNK, triton.cdiv(vocab, self.config["BLOCK_V"]) * self.config["BLOCK_V"])
         self.dlogits = torch.zeros((chunk_rows, self.chunk_cols), dtype=hidden.dtype, device=hidden.device)
@@ -411,7 +426,7 @@ class _ChunkGradients:
         tile, tile_launch = launch_options(self.config, "dlogits")
         gemm, gemm_launch = launch_options(self.config, "gemm")
         index = (self.order, self.num_valid)
-        stored = (logits, logits.shape[1]) if logits is not None else (lse, 0)  # lse: an unused placeholder
+        stored = (logits, logits.stride(0)) if logits is not None else (lse, 0)  # lse: an unused placeholder
         for vocab_start in range(0, vocab, self.chunk_cols):
             num_cols = min(self.chunk_cols, vocab - vocab_start)
             _dlogits_kernel[(self.chunk_rows // tile["BLOCK_T"], triton.cdiv(num_cols, tile["BLOCK_V"]))](
@@ -437,9 +452,14 @@ class _ChunkGradients:
         return grad_hidden, grad_weight
 
 
-def _chunk_rows(num_tokens: int, limit: int, dim: int, dtype: torch.dtype) -> int:
+def _config_for(hidden: torch.Tensor) -> dict:
+    """:func:`block_config` for ``hidden``'s width and dtype on its device's GPU generation."""
+    return block_config(hidden.shape[1], hidden.dtype, tile_table(hidden.device))
+
+
+def _chunk_rows(num_tokens: int, limit: int, config: dict) -> int:
     """Rows of a token chunk: ``limit``, or the whole batch rounded up to a GEMM tile when it is smaller."""
-    block = block_config(dim, dtype)["BLOCK_M"]
+    block = config["BLOCK_M"]
     return min(limit, triton.cdiv(num_tokens, block) * block)
 
 
@@ -458,16 +478,17 @@ def _forward(hidden, weight, targets, order, num_valid, outputs, temperature, wi
     the chunk's logits."""
     (num_tokens, dim), vocab = hidden.shape, weight.shape[0]
     kind = "forward" if logits is None else "forward_keep_logits"
-    constexprs, launch = launch_options(block_config(dim, hidden.dtype), kind)
+    constexprs, launch = launch_options(_config_for(hidden), kind)
     tiles = triton.cdiv(num_tokens if num_rows is None else num_rows, constexprs["BLOCK_T"])
     num_splits, split_cols = vocab_slices(vocab, constexprs["BLOCK_V"])
     positions = tiles * constexprs["BLOCK_T"]
     # indexed by row (a chunk's rows lie anywhere in [0, T)); rows never visited are never read
     partial = torch.empty((PARTIAL_STATS, num_splits, num_tokens), dtype=torch.float32, device=hidden.device)
-    stored = (logits, logits.shape[1]) if logits is not None else (partial, 0)  # partial: an unused placeholder
+    # partial: an unused placeholder
+    stored = (logits, logits.shape[0], logits.stride(0)) if logits is not None else (partial, 0, 0)
     flags = {"WITH_ENTROPY": with_entropy, "WITH_MEAN": with_mean_logp}
     _forward_kernel[(tiles * num_splits,)](
-        hidden, weight, targets, order, num_valid, partial, stored[0], token_start, num_tokens, stored[1],
+        hidden, weight, targets, order, num_valid, partial, stored[0], token_start, num_tokens, *stored[1:],
         vocab, dim, split_cols, num_splits, 1.0 / temperature,
         **flags, STORE_LOGITS=logits is not None, **constexprs, **launch,
     )
@@ -496,7 +517,7 @@ class _TritonLinearStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, grad_mean_logp):
         hidden, weight, targets, order, num_valid, lse, entropy = ctx.saved_tensors
-        chunk_rows = _chunk_rows(hidden.shape[0], TOKEN_CHUNK, hidden.shape[1], hidden.dtype)
+        chunk_rows = _chunk_rows(hidden.shape[0], TOKEN_CHUNK, _config_for(hidden))
         gradients = _ChunkGradients(hidden, weight, order, num_valid, chunk_rows, *ctx.needs_input_grad[:2])
         zeros = torch.zeros_like(lse)
         grads = [zeros if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy, grad_mean_logp)]
@@ -516,12 +537,13 @@ class _TritonFusedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp, token_loss):
-        (num_tokens, dim), vocab = hidden.shape, weight.shape[0]
+        num_tokens, vocab = hidden.shape[0], weight.shape[0]
         order, num_valid = compact_rows(targets, ignore_index)
         outputs = _zeros(num_tokens, hidden.device)
         grads = _zeros(num_tokens, hidden.device, 3)
-        chunk_rows = _chunk_rows(num_tokens, LOGITS_TOKEN_CHUNK, dim, hidden.dtype)
-        logits = torch.empty((chunk_rows, vocab), dtype=torch.float32, device=hidden.device)
+        chunk_rows = _chunk_rows(num_tokens, LOGITS_TOKEN_CHUNK, _config_for(hidden))
+        # rows padded to whole 16 bytes, as a tensor descriptor needs (the kernels use the first V columns)
+        logits = torch.empty((chunk_rows, triton.cdiv(vocab, 4) * 4), dtype=torch.float32, device=hidden.device)
         gradients = _ChunkGradients(hidden, weight, order, num_valid, chunk_rows, *ctx.needs_input_grad[:2])
         flags = {"WITH_ENTROPY_GRAD": with_entropy, "WITH_MEAN_GRAD": with_mean_logp}
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
