@@ -358,3 +358,22 @@ def test_gradients_in_forward_on_each_tile_table(table, dtype, device, monkeypat
     ref_grads = torch.autograd.grad(ref, (hidden, weight))
     for name, got, want in zip(("hidden", "weight"), grads, ref_grads, strict=True):
         assert got.dtype == dtype and relative_error(got, want) < BWD_RTOL[dtype], name
+
+
+@pytest.mark.gpu
+def test_host_count_reads_a_device_count_later():
+    """The count of valid rows the backward reads: copied in forward behind the kernel that makes it."""
+    from qwenlong.kernels.logprobs.linear_logprobs import HostCount, compact_rows
+
+    targets = torch.full((10_000,), IGNORE, device="cuda")
+    targets[1234:1300] = 7
+    _, num_valid = compact_rows(targets, IGNORE)
+    assert HostCount(num_valid).value() == 66
+
+
+def test_host_count_of_a_cpu_count():
+    from qwenlong.kernels.logprobs.linear_logprobs import HostCount, compact_rows
+
+    targets = torch.full((50,), IGNORE)
+    targets[::7] = 3
+    assert HostCount(compact_rows(targets, IGNORE)[1]).value() == 8

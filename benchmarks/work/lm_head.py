@@ -105,7 +105,9 @@ def triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, *, with_entropy
     chunk_cols = min(lp.VOCAB_CHUNK, _up(vocab, bv))
     per_row = 8 + 8 + 4 + 4 + 8 * grad_entropy + 4 * grad_mean  # order, target, lse, g_logp, (H, g_H), (g_mean)
     dh_tiles = _ceil(dim, bn)
-    for token_start in range(0, num_tokens, chunk_rows):
+    # grad in forward: the forward visits every token chunk (it cannot wait for the count of valid rows); the
+    # backward of the plain path only those with valid rows (it reads the count copied to the host in forward)
+    for token_start in range(0, num_tokens if grad_in_forward else num_valid, chunk_rows):
         rows = max(0, min(chunk_rows, num_valid - token_start))
         if grad_in_forward:
             forward(chunk_rows // c["BLOCK_T_KEEP_LOGITS"], rows)

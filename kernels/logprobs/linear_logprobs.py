@@ -502,12 +502,40 @@ def _zeros(num_tokens, device, count=4):
     return [torch.zeros((num_tokens,), dtype=torch.float32, device=device) for _ in range(count)]
 
 
+class HostCount:
+    """A device count (``compact_rows``' number of valid rows) copied to the host without waiting for it.
+
+    The copy is queued behind the kernel that makes the count; :meth:`value` reads it later (in backward),
+    when the GPU has long passed that point, so reading waits for nothing in practice: the host never
+    drains the GPU's queue, as ``.item()`` at the same place would."""
+
+    def __init__(self, count: torch.Tensor):
+        self._ready = None
+        if count.is_cuda:
+            self._host = torch.empty(count.shape, dtype=count.dtype, pin_memory=True)
+            self._host.copy_(count, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = count
+
+    def value(self) -> int:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return int(self._host)
+
+
 class _TritonLinearStats(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels: ``(logp, entropy | None, mean_logp | None)``."""
+    """Autograd wrapper of the Triton kernels: ``(logp, entropy | None, mean_logp | None)``.
+
+    The backward visits only the token chunks that hold valid rows (their count read through
+    :class:`HostCount`): an RL batch whose prompt is 97% of its rows launches the kernels of its
+    responses' chunks, not of every chunk of T."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp):
         order, num_valid = compact_rows(targets, ignore_index)
+        ctx.valid_rows = HostCount(num_valid)
         logp, entropy, mean_logp, lse = outputs = _zeros(hidden.shape[0], hidden.device)
         _forward(hidden, weight, targets, order, num_valid, outputs, temperature, with_entropy, with_mean_logp)
         ctx.save_for_backward(hidden, weight, targets, order, num_valid, lse, entropy)
@@ -522,7 +550,7 @@ class _TritonLinearStats(torch.autograd.Function):
         zeros = torch.zeros_like(lse)
         grads = [zeros if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy, grad_mean_logp)]
         flags = {"WITH_ENTROPY_GRAD": grad_entropy is not None, "WITH_MEAN_GRAD": grad_mean_logp is not None}
-        for token_start in range(0, hidden.shape[0], chunk_rows):
+        for token_start in range(0, ctx.valid_rows.value(), chunk_rows):  # the valid rows come first in `order`
             gradients.add_chunk(token_start, targets, lse, entropy, grads, flags, 1.0 / ctx.temperature)
         return *gradients.result(), None, None, None, None, None
 
