@@ -505,9 +505,10 @@ def _zeros(num_tokens, device, count=4):
 class HostCount:
     """A device count (``compact_rows``' number of valid rows) copied to the host without waiting for it.
 
-    The copy is queued behind the kernel that makes the count; :meth:`value` reads it later (in backward),
-    when the GPU has long passed that point, so reading waits for nothing in practice: the host never
-    drains the GPU's queue, as ``.item()`` at the same place would."""
+    The copy is queued behind the kernel that makes the count; :meth:`value` reads it later (in backward).
+    If the host is still ahead of the GPU then, it waits only until the GPU has made the count, which comes
+    before the LM head's forward GEMMs in the queue: the GPU still has those to run and never runs dry, as it
+    would after ``.item()`` (which drains the whole queue at once)."""
 
     def __init__(self, count: torch.Tensor):
         self._ready = None
