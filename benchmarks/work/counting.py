@@ -150,7 +150,7 @@ def counting(torch_ops: bool = True):
     require_interpreter()
     from triton.runtime import interpreter as interp
 
-    # the bf16 fix wraps the same builder methods; install it first so restoring ours cannot drop it
+    # the interpreter fixes wrap the same builder methods; install them first so restoring ours cannot drop them
     from qwenlong.kernels.utils.interpreter import install_interpreter_fixes
 
     install_interpreter_fixes()
