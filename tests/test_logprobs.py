@@ -377,3 +377,25 @@ def test_host_count_of_a_cpu_count():
     targets = torch.full((50,), IGNORE)
     targets[::7] = 3
     assert HostCount(compact_rows(targets, IGNORE)[1]).value() == 8
+
+
+@pytest.mark.parametrize("valid", [100, 0])
+def test_gradients_in_forward_stop_after_the_valid_chunks(valid, device, monkeypatch):
+    """An ignored 300-row prompt, then ``valid`` response rows, in 64-row chunks: the chunks past the valid rows
+    are skipped and loss and gradients are still the float64 reference's (0 and zero gradients without any)."""
+    kernels = importlib.import_module("qwenlong.kernels.logprobs.linear_logprobs")
+    monkeypatch.setenv("QWENLONG_BACKEND", "triton")
+    monkeypatch.setattr(kernels, "LOGITS_TOKEN_CHUNK", 64)
+    hidden, weight, targets = make_inputs(300 + valid, 16, 200, torch.float32, seed=valid, ignore_frac=0.0,
+                                          device=device)
+    targets[:300] = IGNORE
+    loss = linear_cross_entropy(hidden, weight, targets, reduction="sum", grad_in_forward=True)
+    ref = reference_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE, reduction="sum")
+    torch.testing.assert_close(loss.double(), ref, atol=1e-4, rtol=1e-5)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    ref_grads = torch.autograd.grad(ref, (hidden, weight), allow_unused=True, materialize_grads=True)
+    for name, got, want in zip(("hidden", "weight"), grads, ref_grads, strict=True):
+        if valid:
+            assert relative_error(got, want) < BWD_RTOL[torch.float32], name
+        else:
+            assert torch.equal(got, torch.zeros_like(got)), name

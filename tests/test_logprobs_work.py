@@ -61,22 +61,27 @@ def test_closed_form_equals_the_count(monkeypatch, op, chunks, dtype, table):
     token_chunks = -(-num_tokens // kernels.TOKEN_CHUNK) if chunks else 1
     valid_chunks = -(-num_valid // kernels.TOKEN_CHUNK) if chunks else 1
     vocab_chunks = -(-vocab // kernels.VOCAB_CHUNK) if chunks else 1
-    # a forward is two launches (the sliced forward and its merge), a vocabulary chunk of backward three; the
-    # grad-in-forward path visits every token chunk, the plain path's backward only those with valid rows
-    visited = token_chunks if in_forward else valid_chunks
-    assert work.launches == visited * (2 * in_forward + 3 * vocab_chunks) + 2 * (not in_forward)
+    # a forward is two launches (the sliced forward and its merge), a vocabulary chunk of backward three; both
+    # paths visit only the token chunks with valid rows (of the 200 rows' token_chunks)
+    assert work.launches == valid_chunks * (2 * in_forward + 3 * vocab_chunks) + 2 * (not in_forward)
+    assert valid_chunks < token_chunks or not chunks
 
 
-def test_backward_launches_only_the_chunks_with_valid_rows(monkeypatch):
-    """With 64-row token chunks, 40 valid rows behind a 600-row ignored prompt: the backward launches the
-    kernels and programs of one chunk, as for the 40 rows alone (it visited all ten chunks before)."""
-    monkeypatch.setattr(lm_head.kernel_module(), "TOKEN_CHUNK", 64)
-    all_valid = _count(monkeypatch, "triton", "logprobs+entropy", 40, 40, 32, 300, torch.float32)
-    rl_shaped = _count(monkeypatch, "triton", "logprobs+entropy", 640, 40, 32, 300, torch.float32)
-    backward = ("_dlogits_kernel", "_grad_hidden_kernel", "_grad_weight_kernel")
-    assert [rl_shaped.by_kernel[name].launches for name in backward] == [1, 1, 1]
-    assert [rl_shaped.by_kernel[name].programs for name in backward] == [
-        all_valid.by_kernel[name].programs for name in backward
+@pytest.mark.parametrize("op", ["logprobs+entropy", "grpo_loss, grad in forward"])
+def test_only_the_chunks_with_valid_rows_run(monkeypatch, op):
+    """With 64-row token chunks, 40 valid rows behind a 600-row ignored prompt: the gradient kernels run once,
+    with the programs of the 40 rows alone (all ten chunks ran before), as does the grad-in-forward path's
+    chunked forward."""
+    kernels = lm_head.kernel_module()
+    monkeypatch.setattr(kernels, "TOKEN_CHUNK", 64)
+    monkeypatch.setattr(kernels, "LOGITS_TOKEN_CHUNK", 64)
+    all_valid = _count(monkeypatch, "triton", op, 40, 40, 32, 300, torch.float32)
+    rl_shaped = _count(monkeypatch, "triton", op, 640, 40, 32, 300, torch.float32)
+    chunked = ["_dlogits_kernel", "_grad_hidden_kernel", "_grad_weight_kernel"]
+    chunked += ["_forward_kernel", "_combine_kernel"] if "in forward" in op else []
+    assert [rl_shaped.by_kernel[name].launches for name in chunked] == [1] * len(chunked)
+    assert [rl_shaped.by_kernel[name].programs for name in chunked] == [
+        all_valid.by_kernel[name].programs for name in chunked
     ]
     assert rl_shaped.launches == all_valid.launches
 

@@ -511,7 +511,7 @@ class HostCount:
     would after ``.item()`` (which drains the whole queue at once)."""
 
     def __init__(self, count: torch.Tensor):
-        self._ready = None
+        self._ready, self._value = None, None
         if count.is_cuda:
             self._host = torch.empty(count.shape, dtype=count.dtype, pin_memory=True)
             self._host.copy_(count, non_blocking=True)
@@ -521,9 +521,11 @@ class HostCount:
             self._host = count
 
     def value(self) -> int:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return int(self._host)
+        if self._value is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            self._value = int(self._host)
+        return self._value
 
 
 class _TritonLinearStats(torch.autograd.Function):
@@ -559,9 +561,10 @@ class _TritonLinearStats(torch.autograd.Function):
 class _TritonFusedLoss(torch.autograd.Function):
     """``(loss, logp, entropy, mean_logp)``: a scalar loss with its gradients made in the forward.
 
-    Per LOGITS_TOKEN_CHUNK valid rows: the forward kernel computes the statistics and keeps the chunk's
-    fp32 logits; ``token_loss`` and autograd give the per-token output gradients; dz comes from the kept
-    logits (no recompute) and the GEMM kernels fold it into d(hidden), d(weight). Backward only scales them.
+    Per LOGITS_TOKEN_CHUNK valid rows (only the chunks that hold some): the forward kernel computes the
+    statistics and keeps the chunk's fp32 logits; ``token_loss`` and autograd give the per-token output
+    gradients; dz comes from the kept logits (no recompute) and the GEMM kernels fold it into d(hidden),
+    d(weight). Backward only scales them.
     """
 
     @staticmethod
@@ -576,7 +579,12 @@ class _TritonFusedLoss(torch.autograd.Function):
         gradients = _ChunkGradients(hidden, weight, order, num_valid, chunk_rows, *ctx.needs_input_grad[:2])
         flags = {"WITH_ENTROPY_GRAD": with_entropy, "WITH_MEAN_GRAD": with_mean_logp}
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        valid_rows = HostCount(num_valid)
         for token_start in range(0, num_tokens, chunk_rows):
+            # chunks past the valid rows (first in `order`) hold none: stop there. The count is read once the
+            # first chunk's work is queued, which the GPU runs while the host waits (if at all) for the count
+            if token_start > 0 and token_start >= valid_rows.value():
+                break
             _forward(hidden, weight, targets, order, num_valid, outputs, temperature, with_entropy, with_mean_logp,
                      token_start, chunk_rows, logits)
             rows = order[token_start : token_start + chunk_rows]
