@@ -5,7 +5,8 @@ V = 152,064, bf16 (``--quick``: T = 8K only), on two batches: every row valid, a
 (one long prompt whose targets are ignored + 8 responses of 512 tokens). Hidden states are drawn
 so the logits are peaked like a trained model's (the target takes about half the probability
 mass), not near-uniform: a gradient filter that skips small probabilities (CCE) then does its
-real work. Variants: our Triton kernels, our CUDA-extension backend (when built), our chunked
+real work. Variants: our Triton kernels (also with ``grad_in_forward``, the scalar losses' gradients made
+in the forward, measured last), our CUDA-extension backend (when built), our chunked
 PyTorch path, plain PyTorch on materialized logits, and where they import: Liger-Kernel (fused
 linear cross-entropy, its chunked GRPO loss), Cut Cross-Entropy, verl's ``linear_cross_entropy``
 (log-probs + entropy). A variant that cannot run an op is recorded as "not available" (with the
@@ -121,16 +122,20 @@ def materialized(op):
     return grpo
 
 
-def ours(backend, op):
+def ours(backend, op, grad_in_forward=False):
+    """Our op on ``backend``; ``grad_in_forward``: the scalar losses' gradients made in the forward."""
     from qwenlong.kernels import grpo_loss, linear_cross_entropy, linear_logprobs
+
+    if grad_in_forward and op == "logprobs+entropy":
+        return f"{NOT_AVAILABLE}: gradients in the forward need a scalar loss"
 
     def run(hidden, weight, targets):
         os.environ["QWENLONG_BACKEND"] = backend
         if op == "logprobs+entropy":
             return linear_logprobs(hidden, weight, targets, return_entropy=True)
         if op == "cross-entropy":
-            return linear_cross_entropy(hidden, weight, targets)
-        return grpo_loss(hidden, weight, targets, *policy_inputs(targets))[0]
+            return linear_cross_entropy(hidden, weight, targets, grad_in_forward=grad_in_forward)
+        return grpo_loss(hidden, weight, targets, *policy_inputs(targets), grad_in_forward=grad_in_forward)[0]
 
     return run
 
@@ -191,9 +196,9 @@ def gpu_variants(op, device="cuda"):
     from qwenlong.kernels.logprobs import cuda_backend
 
     on_gpu = device == "cuda"
+    no_triton = None if on_gpu or interpreter_enabled() else f"{NOT_AVAILABLE}: needs a GPU (or TRITON_INTERPRET=1)"
     return {
-        "fused triton (ours)": ours("triton", op) if on_gpu or interpreter_enabled()
-        else f"{NOT_AVAILABLE}: needs a GPU (or TRITON_INTERPRET=1)",
+        "fused triton (ours)": no_triton or ours("triton", op),
         "cuda extension (ours)": ours("cuda", op) if on_gpu and cuda_backend.available()
         else f"{NOT_AVAILABLE}: not built (or no GPU)",
         "chunked torch (ours)": ours("torch", op),
@@ -201,6 +206,8 @@ def gpu_variants(op, device="cuda"):
         "liger": liger(op),
         "cut cross-entropy": cut_cross_entropy(op),
         "verl linear_cross_entropy": verl(op),
+        # last, so that a spent --budget cuts it before the peers: the same kernels, one recompute fewer
+        "fused triton, grad in forward (ours)": no_triton or ours("triton", op, grad_in_forward=True),
     }
 
 

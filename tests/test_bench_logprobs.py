@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -31,3 +32,33 @@ def test_speed_mode_runs_every_op_and_batch_on_cpu(tmp_path):
     for row in result["rows"]:
         assert "status" not in row or row["status"].startswith(("not available", "OOM")), row
     assert any("RL-shaped batch" in note for note in result["notes"])
+
+
+def test_grad_in_forward_variant_runs_the_option(monkeypatch):
+    """The benchmark's grad-in-forward variant (under the interpreter, tiny shapes) gives the plain fused variant's
+    loss and gradients, for the scalar losses; log-probs + entropy has none."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))  # benchmarks/ is not an installed package
+    from benchmarks import bench_logprobs
+    from qwenlong.kernels.backend import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("runs the Triton kernels under TRITON_INTERPRET=1")
+    monkeypatch.setenv("QWENLONG_BACKEND", "triton")  # the variants set it: restored after the test
+    kernels = importlib.import_module("qwenlong.kernels.logprobs.linear_logprobs")
+    fused_calls, fused = [], kernels._TritonFusedLoss.apply
+    monkeypatch.setattr(kernels._TritonFusedLoss, "apply", lambda *args: fused_calls.append(1) or fused(*args))
+    assert bench_logprobs.gpu_variants("logprobs+entropy", "cpu")["fused triton, grad in forward (ours)"].startswith(
+        "not available")
+    for op in ("cross-entropy", "grpo_loss"):
+        variants = bench_logprobs.gpu_variants(op, "cpu")
+        hidden, weight, targets = bench_logprobs.make_inputs(48, 16, 200, torch.float32, "cpu", True, valid=20)
+        results = []
+        for name, made_in_forward in (("fused triton (ours)", 0), ("fused triton, grad in forward (ours)", 1)):
+            fused_calls.clear()
+            loss = variants[name](hidden, weight, targets)
+            assert len(fused_calls) == made_in_forward, name
+            results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
+        for plain, in_forward in zip(*results, strict=True):
+            torch.testing.assert_close(in_forward, plain, atol=1e-5, rtol=1e-4)
