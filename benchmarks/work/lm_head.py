@@ -106,8 +106,9 @@ def triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, *, with_entropy
     per_row = 8 + 8 + 4 + 4 + 8 * grad_entropy + 4 * grad_mean  # order, target, lse, g_logp, (H, g_H), (g_mean)
     dh_tiles = _ceil(dim, bn)
     # only the token chunks with valid rows (their count copied to the host behind the compaction); the
-    # grad-in-forward path always runs its first chunk, before it reads the count
-    for token_start in range(0, max(num_valid, chunk_rows if grad_in_forward else 0), chunk_rows):
+    # grad-in-forward path always runs its first chunk (if any), before it reads the count
+    visited_rows = max(num_valid, min(num_tokens, chunk_rows) if grad_in_forward else 0)
+    for token_start in range(0, visited_rows, chunk_rows):
         rows = max(0, min(chunk_rows, num_valid - token_start))
         if grad_in_forward:
             forward(chunk_rows // c["BLOCK_T_KEEP_LOGITS"], rows)
