@@ -15,11 +15,13 @@ from qwenlong.kernels import linear_cross_entropy, linear_logprobs
 from qwenlong.kernels.logprobs import chunked
 from qwenlong.kernels.logprobs.compile_specs import compile_specs
 from qwenlong.kernels.logprobs.linear_logprobs import (
+    HostCount,
     _combine_kernel,
     _dlogits_kernel,
     _forward_kernel,
     _grad_hidden_kernel,
     _grad_weight_kernel,
+    compact_rows,
     fused_linear_stats,
 )
 from qwenlong.kernels.logprobs.reference import (
@@ -29,6 +31,7 @@ from qwenlong.kernels.logprobs.reference import (
 )
 
 IGNORE = -100
+KERNELS = importlib.import_module("qwenlong.kernels.logprobs.linear_logprobs")  # the package exports a function
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # forward: absolute tolerance on log-probs / entropy; backward: max error relative to the largest gradient
 FWD_ATOL = {torch.float32: 1e-4, torch.bfloat16: 2e-3, torch.float16: 2e-3}
@@ -345,11 +348,10 @@ def test_gradients_in_forward_on_each_tile_table(table, dtype, device, monkeypat
     last one partial. Loss and gradients as the float64 reference."""
     from qwenlong.kernels.backend import tile_table
 
-    kernels = importlib.import_module("qwenlong.kernels.logprobs.linear_logprobs")  # the package exports a function
     if device == "cuda" and tile_table(torch.device(device)) != table:
         pytest.skip(f"this GPU does not run tile table {table}")
     monkeypatch.setenv("QWENLONG_BACKEND", "triton")
-    monkeypatch.setattr(kernels, "tile_table", lambda device: table)
+    monkeypatch.setattr(KERNELS, "tile_table", lambda device: table)
     hidden, weight, targets = make_inputs(150, 32, 301, dtype, seed=table, device=device)
     loss = linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1, grad_in_forward=True)
     ref = reference_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE, label_smoothing=0.1)
@@ -363,8 +365,6 @@ def test_gradients_in_forward_on_each_tile_table(table, dtype, device, monkeypat
 @pytest.mark.gpu
 def test_host_count_reads_a_device_count_later():
     """The count of valid rows the backward reads: copied in forward behind the kernel that makes it."""
-    from qwenlong.kernels.logprobs.linear_logprobs import HostCount, compact_rows
-
     targets = torch.full((10_000,), IGNORE, device="cuda")
     targets[1234:1300] = 7
     _, num_valid = compact_rows(targets, IGNORE)
@@ -372,8 +372,6 @@ def test_host_count_reads_a_device_count_later():
 
 
 def test_host_count_of_a_cpu_count():
-    from qwenlong.kernels.logprobs.linear_logprobs import HostCount, compact_rows
-
     targets = torch.full((50,), IGNORE)
     targets[::7] = 3
     assert HostCount(compact_rows(targets, IGNORE)[1]).value() == 8
@@ -383,9 +381,8 @@ def test_host_count_of_a_cpu_count():
 def test_gradients_in_forward_stop_after_the_valid_chunks(valid, device, monkeypatch):
     """An ignored 300-row prompt, then ``valid`` response rows, in 64-row chunks: the chunks past the valid rows
     are skipped and loss and gradients are still the float64 reference's (0 and zero gradients without any)."""
-    kernels = importlib.import_module("qwenlong.kernels.logprobs.linear_logprobs")
     monkeypatch.setenv("QWENLONG_BACKEND", "triton")
-    monkeypatch.setattr(kernels, "LOGITS_TOKEN_CHUNK", 64)
+    monkeypatch.setattr(KERNELS, "LOGITS_TOKEN_CHUNK", 64)
     hidden, weight, targets = make_inputs(300 + valid, 16, 200, torch.float32, seed=valid, ignore_frac=0.0,
                                           device=device)
     targets[:300] = IGNORE
