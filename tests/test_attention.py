@@ -126,19 +126,23 @@ def test_sm90_tiles_match_reference(case, device, monkeypatch):
     assert len(asked) == 2, "forward and backward must pick their tiles from the device's table"
 
 
-def test_older_triton_keeps_the_32_row_dkdv_tile(device, monkeypatch):
-    """Before Triton 3.9 the sm_90 dk/dv kernel at head_dim 96-128 takes 32 query rows (the 64-row tile spills
-    with Triton 3.6): the launcher picks it, and it is right; other tiles and dtypes are unchanged."""
+def test_older_triton_keeps_the_32_row_dkdv_tiles(device, monkeypatch):
+    """Before Triton 3.9 the sm_90 dk/dv kernel at head_dim 96-128 takes 32 query rows, deterministic and atomic
+    (their 64-row tiles spill with Triton 3.6): the launcher picks them, and they are right; other tiles and
+    dtypes are unchanged."""
     monkeypatch.setenv("QWENLONG_BACKEND", "triton")
     newer = varlen_module._configs(128, torch.bfloat16, 90)
     monkeypatch.setattr(varlen_module, "_triton_version", lambda: (3, 6))
     older = varlen_module._configs(128, torch.bfloat16, 90)
-    assert (newer["dkdv"]["BLOCK_M"], older["dkdv"]["BLOCK_M"]) == (64, 32)
-    assert {name: cfg for name, cfg in older.items() if name != "dkdv"} == {
-        name: cfg for name, cfg in newer.items() if name != "dkdv"}
+    dkdv = ("dkdv", "dkdv_atomic")
+    assert [(newer[name]["BLOCK_M"], older[name]["BLOCK_M"]) for name in dkdv] == [(64, 32), (64, 32)]
+    assert {name: cfg for name, cfg in older.items() if name not in dkdv} == {
+        name: cfg for name, cfg in newer.items() if name not in dkdv}
     assert varlen_module._configs(128, torch.float32, 90) == varlen_module._configs(128, torch.float32, 80)
     _use_tile_table(90, device, monkeypatch)
-    _check_accuracy([70, 129], [90, 200], 2, 2, 128, torch.bfloat16, True, (-1, -1), device)
+    for deterministic in (True, False):
+        _check_accuracy([70, 129], [90, 200], 2, 2, 128, torch.bfloat16, True, (-1, -1), device,
+                        deterministic=deterministic)  # fmt: skip
 
 
 def _shifted(x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +201,7 @@ def test_scratch_allocator_is_set_where_none_is():
 
 # deterministic=False: dq added with fp32 atomics inside the dk/dv kernel (bf16/fp16: by descriptor reductions,
 # run by the interpreter fix; fp32: by pointer atomics). Tile table 80 is the interpreter's own;
-# 90 runs sm_90's atomic tiles (64x128 at d64, 32x128 at d128).
+# 90 runs sm_90's atomic tiles (64x128 at d64-d128: dq in two 32-row halves).
 ATOMIC_CASES = {
     "bf16-d128-gqa2-causal-packed": ([37, 0, 1, 130, 64], None, 4, 2, 128, torch.bfloat16, True, (-1, -1), 80),
     "fp16-d64-gqa4-window-both-sides-q-shorter": (

@@ -35,9 +35,10 @@ Backward (recompute, nothing of size ``T x T`` is stored), with ``dO`` the outpu
     p_ij = exp(s_ij - lse_i),   dp_ij = dO_i . v_j,   ds_ij = p_ij (dp_ij - delta_i)
     dv_j = sum_i p_ij dO_i,     dk_j = scale sum_i ds_ij q_i,     dq_i = scale sum_j ds_ij k_j
 
-``dk``/``dv`` come from one program per (key block, kv head) that loops over the query heads of
-its group and the query blocks that see it. Per visited (query block, key block) pair it runs
-four GEMMs: ``s^T = k q^T`` (recomputed), ``dv += p^T dO``, ``dp^T = v dO^T``, ``dk += ds^T q``.
+``dk``/``dv`` come from one program per (key block, kv head) that runs one loop over the (query
+head, query block) pairs of its GQA group that see it (the loads stay pipelined across heads). Per
+visited (query block, key block) pair it runs four GEMMs: ``s^T = k q^T`` (recomputed),
+``dv += p^T dO``, ``dp^T = v dO^T``, ``dk += ds^T q``.
 ``dq`` needs ``ds`` summed over key blocks, which live in other programs; two backward paths:
 
 - ``deterministic=True`` (the default of :func:`varlen_attention` and of our
@@ -46,20 +47,20 @@ four GEMMs: ``s^T = k q^T`` (recomputed), ``dv += p^T dO``, ``dp^T = v dO^T``, `
   GEMMs, 7 in all (1.4x the 5-GEMM minimum), no atomics. Every sum runs in a fixed order inside
   one program, so gradients are bitwise reproducible and a sequence's are the same alone or packed.
 - ``deterministic=False`` (the ``ATOMIC_DQ`` build of the same dk/dv kernel): each program also
-  computes its pair's share ``scale ds k`` (``BLOCK_M x d``, the fifth GEMM) for each query head of
-  its group and adds it into a zeroed fp32 ``(total_q, heads, d)`` buffer, on the rows of its own
-  sequence only; masked keys and rows add 0. bf16/fp16 add the whole tile through a tensor
-  descriptor (``desc.atomic_add``: on sm_90 one TMA bulk reduction from shared memory, no
-  per-element addresses in registers), fp32 with ``tl.atomic_add`` (relaxed). No dq kernel runs;
-  the buffer is cast to q's dtype at the end. 5 GEMMs, as FlashAttention 2/3's backward, at the cost
-  of ``(key blocks seen) x d`` fp32 atomics per query row and head and a ``4 * total_q * heads * d``
-  byte buffer. The order in which programs add into a row is whatever the GPU schedules, and fp32
+  computes its pair's share ``scale ds k`` (``BLOCK_M x d``, the fifth GEMM, in GEMMs of at most 32
+  rows) for each query head of its group and adds it into a zeroed fp32 ``(total_q, heads, d)``
+  buffer, on the rows of its own sequence only; masked keys and rows add 0. bf16/fp16 add each
+  GEMM's rows through a tensor descriptor (``desc.atomic_add``: on sm_90 one TMA bulk reduction
+  from shared memory, no per-element addresses in registers), fp32 with ``tl.atomic_add``
+  (relaxed). No dq kernel runs; the buffer is cast to q's dtype at the end. 5 GEMMs, as
+  FlashAttention 2/3's backward, at the cost of ``(key blocks seen) x d`` fp32 atomics per query
+  row and head and a ``4 * total_q * heads * d`` byte buffer. The order in which programs add into a row is whatever the GPU schedules, and fp32
   addition is not associative: ``dq`` differs in its last bits from run to run and with what is
   packed beside a sequence (``dk``, ``dv`` and the forward stay deterministic). Use it when
   backward throughput matters more than bitwise reproducibility (benchmarks, exploratory runs);
   keep the default for training runs that must reproduce bit for bit (seed studies, resumed or
-  re-run RL steps), for debugging and for tests that compare runs. ``torch.use_deterministic_algorithms(True)`` selects the
-  deterministic path whatever is asked. The blockwise PyTorch path (CPU) has no atomics either way.
+  re-run RL steps), for debugging and for tests that compare runs.
+  ``torch.use_deterministic_algorithms(True)`` selects the deterministic path whatever is asked. The blockwise PyTorch path (CPU) has no atomics either way.
 
 Each kernel evaluates the mask only on the band's edge blocks (a branch: a second loop costs ~30
 registers there, which spills at head_dim 128).
@@ -294,29 +295,47 @@ def _kv_sources(K, V, k_start, k_len, kv_head, stride_kt, stride_kh, stride_vt, 
 
 
 @triton.jit
+def _add_dq(DQ_head, dst, k, group_head, start_m, q_len, stride_dqt, softmax_scale,
+            HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+            DESCRIBED: tl.constexpr):  # fmt: skip
+    """Adds ``scale ds k`` for query rows ``[start_m, start_m + ROWS)`` (``dst``: their ``ds^T``, key-major) into the
+    fp32 dq rows: ``DESCRIBED``, ``DQ_head`` is a descriptor of the group's rows, ``[1, ROWS, BLOCK_D]`` blocks; else
+    a pointer to this head's rows, for atomics. Masked keys and rows have ds = 0: they add nothing."""
+    dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * softmax_scale  # (ROWS, BLOCK_D)
+    if DESCRIBED:  # a bulk reduction (TMA on sm_90): no per-element addresses; rows past q_len are dropped
+        DQ_head.atomic_add([group_head, start_m, 0], dq.reshape(1, ROWS, BLOCK_D))
+    else:  # relaxed: nothing reads dq before the kernel ends, so no ordering is needed, only atomicity
+        offs = tl.arange(0, ROWS)
+        dims = tl.arange(0, BLOCK_D)
+        tl.atomic_add(DQ_head + tl.cast(start_m, tl.int64) * stride_dqt + offs[:, None] * stride_dqt + dims[None, :], dq,
+                      mask=((start_m + offs) < q_len)[:, None] & (dims < HEAD_DIM)[None, :], sem="relaxed")
+
+
+@triton.jit
 def _dkdv_blocks(
-    dk, dv, k, v, q_src, do_src, group_head, Lse_head, Delta_head, DQ_head, stride_qh, stride_qt, stride_doh,
-    stride_dot, stride_dqt, cols,
+    dk, dv, k, v, q_src, do_src, group, Lse_group, Delta_group, DQ_group, stride_qh, stride_qt, stride_doh,
+    stride_dot, stride_dqt, stride_dqh, stride_lh, cols,
     q_len, k_len, qk_scale, softmax_scale, window_left, window_right, lo, full_lo, full_hi, hi,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, DESCRIBED: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DQ_ROWS: tl.constexpr, DESCRIBED: tl.constexpr,
 ):  # fmt: skip
-    """Adds the query blocks ``[lo, hi)`` of query head ``group_head`` (of ``q_src`` / ``do_src``) to dk and dv
-    (transposed scores: key-major); only those outside ``[full_lo, full_hi)`` evaluate the mask. ``ATOMIC_DQ``:
-    also adds this key block's share of dq, ``scale ds k`` (the fifth GEMM), into fp32 dq rows: ``DESCRIBED``,
-    ``DQ_head`` is a descriptor of the group's rows (as ``q_src``); else a pointer to this head's, for atomics."""
-    offs_m = tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < HEAD_DIM
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + offs_m
+    """Adds the query blocks ``[lo, hi)`` of every query head of the GQA group (``q_src`` / ``do_src``; ``Lse_group``,
+    ``Delta_group``: the group's first head) to dk and dv (transposed scores: key-major); only blocks outside
+    ``[full_lo, full_hi)`` evaluate the mask. One loop over (head, block) pairs, not a loop per head: the loads
+    stay pipelined across heads, and the compiled loop holds fewer registers. ``ATOMIC_DQ``: also adds this key
+    block's share of dq (the fifth GEMM) into fp32 dq rows, ``DQ_ROWS`` query rows per GEMM (:func:`_add_dq`;
+    ``DQ_group``: a descriptor of the group's rows, or a pointer to its first head's)."""
+    span = tl.cdiv(hi - lo, BLOCK_M) * BLOCK_M  # query rows one head visits (none when hi <= lo)
+    for step in range(0, group * span, BLOCK_M):
+        group_head = step // span
+        start_m = lo + step - group_head * span
+        rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < q_len
-        row_base = tl.cast(start_m, tl.int64)
         q = _head_rows(q_src, group_head, start_m, q_len, stride_qh, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D, DESCRIBED)
         do = _head_rows(do_src, group_head, start_m, q_len, stride_doh, stride_dot, HEAD_DIM, BLOCK_M, BLOCK_D,
                         DESCRIBED)  # fmt: skip
-        lse_log2 = tl.load(Lse_head + rows, mask=row_ok, other=0.0) * LOG2E
-        delta = tl.load(Delta_head + rows, mask=row_ok, other=0.0)
+        lse_log2 = tl.load(Lse_group + group_head * stride_lh + rows, mask=row_ok, other=0.0) * LOG2E
+        delta = tl.load(Delta_group + group_head * stride_lh + rows, mask=row_ok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M): s transposed, unscaled
         pt = tl.math.exp2(st * qk_scale - lse_log2[None, :])
         if (start_m < full_lo) | (start_m >= full_hi):  # where, not -inf scores: rows with lse = -inf give 0
@@ -325,13 +344,18 @@ def _dkdv_blocks(
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dst = (pt * (dpt - delta[None, :])).to(q.dtype)
         dk += tl.dot(dst, q, input_precision=DOT_PRECISION)
-        if ATOMIC_DQ:  # masked keys and rows have ds = 0 (pt is 0 there): they add nothing
-            dq = tl.dot(tl.trans(dst), k, input_precision=DOT_PRECISION) * softmax_scale  # (BLOCK_M, BLOCK_D)
-            if DESCRIBED:  # a bulk reduction (TMA on sm_90): no per-element addresses; rows past q_len are dropped
-                DQ_head.atomic_add([group_head, start_m, 0], dq.reshape(1, BLOCK_M, BLOCK_D))
-            else:  # relaxed: nothing reads dq before the kernel ends, so no ordering is needed, only atomicity
-                tl.atomic_add(DQ_head + row_base * stride_dqt + offs_m[:, None] * stride_dqt + dims[None, :], dq,
-                              mask=row_ok[:, None] & dim_ok[None, :], sem="relaxed")  # fmt: skip
+        if ATOMIC_DQ:
+            DQ_head = DQ_group if DESCRIBED else DQ_group + tl.cast(group_head, tl.int64) * stride_dqh
+            if DQ_ROWS == BLOCK_M:
+                _add_dq(DQ_head, dst, k, group_head, start_m, q_len, stride_dqt, softmax_scale, HEAD_DIM, DQ_ROWS,
+                        BLOCK_D, DOT_PRECISION, DESCRIBED)  # fmt: skip
+            else:  # two halves: only half of dq's fp32 accumulator is live at a time
+                tl.static_assert(2 * DQ_ROWS == BLOCK_M)
+                first, second = tl.split(tl.permute(dst.reshape(dst.shape[0], 2, DQ_ROWS), (0, 2, 1)))
+                _add_dq(DQ_head, first, k, group_head, start_m, q_len, stride_dqt, softmax_scale, HEAD_DIM, DQ_ROWS,
+                        BLOCK_D, DOT_PRECISION, DESCRIBED)  # fmt: skip
+                _add_dq(DQ_head, second, k, group_head, start_m + DQ_ROWS, q_len, stride_dqt, softmax_scale, HEAD_DIM,
+                        DQ_ROWS, BLOCK_D, DOT_PRECISION, DESCRIBED)  # fmt: skip
     return dk, dv
 
 
@@ -370,6 +394,9 @@ def _attn_bwd_dkdv(
     q_src = Q + q_base * stride_qt + first_head * stride_qh  # the group's first query head in this sequence
     do_src = DO + q_base * stride_dot + first_head * stride_doh
     DESCRIBED: tl.constexpr = DOT_PRECISION != "ieee"
+    # dq (ATOMIC_DQ) in GEMMs of at most 32 query rows: a 64-row tile's 64 x d fp32 dq beside dk and dv spills
+    # (sm_90, head_dim 128), and two halves on mma.sync free its registers for pipelined loads
+    DQ_ROWS: tl.constexpr = min(BLOCK_M, 32)
     if DESCRIBED:
         # q and do of the group as [group, q_len, HEAD_DIM] (rows past q_len, dims past HEAD_DIM read as zero;
         # a dimension may not be 0, and with q_len = 0 no block is read). On sm_90 the loads are TMA copies,
@@ -383,19 +410,14 @@ def _attn_bwd_dkdv(
         if ATOMIC_DQ:  # the group's dq rows, the same way
             dq_dst = tl.make_tensor_descriptor(DQ + q_base * stride_dqt + first_head * stride_dqh,
                                                shape=[group, rows_described, HEAD_DIM],
-                                               strides=[stride_dqh, stride_dqt, 1], block_shape=[1, BLOCK_M, BLOCK_D])
-    for group_head in range(group):
-        head64 = first_head + group_head
-        Lse_head = Lse + head64 * stride_lh + q_base
-        Delta_head = Delta + head64 * stride_lh + q_base
-        if DESCRIBED and ATOMIC_DQ:
-            DQ_head = dq_dst
-        else:
-            DQ_head = DQ + q_base * stride_dqt + head64 * stride_dqh
-        dk, dv = _dkdv_blocks(dk, dv, k, v, q_src, do_src, group_head, Lse_head, Delta_head, DQ_head, stride_qh,
-                              stride_qt, stride_doh, stride_dot, stride_dqt, cols, q_len, k_len, qk_scale,
-                              softmax_scale, window_left, window_right, lo, full_lo, full_hi, hi, HEAD_DIM, BLOCK_M,
-                              BLOCK_D, DOT_PRECISION, ATOMIC_DQ, DESCRIBED)  # fmt: skip
+                                               strides=[stride_dqh, stride_dqt, 1], block_shape=[1, DQ_ROWS, BLOCK_D])
+    if not (DESCRIBED and ATOMIC_DQ):
+        dq_dst = DQ + q_base * stride_dqt + first_head * stride_dqh
+    dk, dv = _dkdv_blocks(dk, dv, k, v, q_src, do_src, group, Lse + first_head * stride_lh + q_base,
+                          Delta + first_head * stride_lh + q_base, dq_dst, stride_qh, stride_qt, stride_doh, stride_dot,
+                          stride_dqt, stride_dqh, stride_lh, cols, q_len, k_len, qk_scale, softmax_scale, window_left,
+                          window_right, lo, full_lo, full_hi, hi, HEAD_DIM, BLOCK_M, BLOCK_D, DOT_PRECISION, ATOMIC_DQ,
+                          DQ_ROWS, DESCRIBED)  # fmt: skip
 
     DK_tile = DK + col_base * stride_dkt + kv_head64 * stride_dkh
     DV_tile = DV + col_base * stride_dvt + kv_head64 * stride_dvh
@@ -491,35 +513,29 @@ TILES = {
     },
     90: {  # wgmma (HGMMA)
         # k and v (fwd, dq) and q and do (dkdv) arrive by TMA: no per-element addresses in registers, which is
-        # what lets the fwd and dq tiles take 128 keys. Every wgmma N >= 64 at head_dim 64 but dkdv_atomic's dq
-        # (64 x 64 over two warpgroups: n32; so would dq^T = k^T ds^T be).
-        # dkdv_atomic at 64 keeps 128 keys (217 registers): 64 x 64 on one warpgroup (4 warps) has every GEMM
-        # m64n64 and fits (Triton 3.9: 212 registers, no spills), but each step adds the same 64 x 64 fp32 dq tile
-        # (16 KB reduced) for half the GEMM work: 160 FLOP per reduced byte instead of 320, at which the reductions,
-        # not the tensor cores, could set the pace. One n32 GEMM in five costs less. A GPU should settle it.
-        # 128 x 64 spills (80 STL, 75 in the loop), as 128 x 128 does (115)
+        # what lets the fwd and dq tiles take 128 keys. Every wgmma is N >= 64 at head_dim 64-128.
+        # dkdv_atomic adds dq in two 32-row halves on mma.sync (DQ_ROWS in _attn_bwd_dkdv): at head_dim 64 a 64 x 64
+        # dq over two warpgroups would be m64n32, and at 96-128 the whole 64 x 128 fp32 dq beside dk and dv spills
+        # with 2 stages (9 STL, 7 in the loop; 1 stage fits, 252 registers, a candidate for a GPU to time).
+        # 64 x 64 on one warpgroup would reduce the same 16 KB dq tile for half the GEMM work; 128 x 64 and
+        # 128 x 128 spilled (80 and 115 STL)
         64: {"fwd": (128, 128, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (64, 128, 8, 2)},
         # dkdv at 128: 64 query rows x 128 keys (n64 scores) fit because q and do arrive by TMA (descriptors hold no
-        # per-element addresses; with pointer loads this tile spilled and 32 rows, n32 scores, were the most).
-        # dkdv_atomic keeps 32x128 with 2 stages (n32 scores, dq on mma.sync; 214 registers with dq added by a TMA
-        # reduction, 240 with pointer atomics; Triton 3.6: 254, no spills, where pointer atomics spilled 8 STL).
-        # The 64 x 128 tile has every wgmma N >= 64 (dq 64 x 128 over two warpgroups: m64n64) but its dq
-        # accumulator barely fits beside dk and dv (deterministic build: 250 registers). With the TMA reduction
-        # it is spill-free (255 registers) only with 1 stage and dp^T issued before p is computed; 2 stages spill
-        # 11-20 STL (up to 13 in the loop), Triton 3.6 44 with 1 stage. With pointer atomics it spilled 56 STL,
-        # 46 storing dq without atomics, 57 computing dq^T = k^T ds^T. Giving up every pipelined load for two
-        # wider GEMMs in five is a trade a GPU should time; 3 stages of the 32-row tile fit now too (222
-        # registers; Triton 3.6: 4 STL outside the loop). 64 x 64 on 4 warps spilled 69 with pointer atomics
-        128: {"fwd": (128, 128, 8, 2), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (32, 128, 8, 2)},
+        # per-element addresses; with pointer loads this tile spilled and 32 rows, n32 scores, were the most), and
+        # because one loop runs over the group's (head, block) pairs (a loop per head held 6 more registers, and
+        # the atomic build's 3 spills). The atomic build takes the same tile (251 registers); its 32-row tile (n32
+        # scores) stays for Triton before 3.9 (OLDER_TRITON_TILES)
+        128: {"fwd": (128, 128, 8, 2), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (64, 128, 8, 2)},
         # dkdv: 64-key tiles spill at head_dim 256 (two 64x256 fp32 accumulators), so it keeps mma.sync; dq takes
         # one warpgroup (64 x 64 on two would be n32) and 196 KB of shared memory, as fwd does
         256: {"fwd": (128, 64, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (64, 64, 4, 2), "dkdv_atomic": (16, 32, 8, 2)},
     },
 }
 KERNELS = ("fwd", "dkdv", "dq", "dkdv_atomic")
-# Triton before 3.9 allocates registers worse for the 64-row dkdv tile at head_dim 96-128 on sm_90 (Triton 3.6:
-# 7 spills per MMA step, compiled offline): there the 32-row tile stays, spill-free with that compiler
-OLDER_TRITON_TILES = {90: {128: {"dkdv": (32, 128, 8, 2)}}}
+# Triton before 3.9 allocates registers worse for the 64-row dkdv tiles at head_dim 96-128 on sm_90 (Triton 3.6,
+# compiled offline: 16 STL in the loop, the atomic build 11 outside it): there the 32-row tiles stay, spill-free
+# with that compiler
+OLDER_TRITON_TILES = {90: {128: {"dkdv": (32, 128, 8, 2), "dkdv_atomic": (32, 128, 8, 2)}}}
 NEWER_TRITON = (3, 9)
 
 
