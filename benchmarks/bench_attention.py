@@ -1,18 +1,20 @@
 """Packed variable-length attention: forward and backward speed and peak memory against the baselines.
 
 GPU (default; one command, under 8 minutes on one H100/H200): bf16, causal, 40 query heads, 8 kv
-heads, head_dim 128, at 8K, 32K and 128K total tokens as one document ("single") or documents of
-at most 8K tokens ("docs<=8K"), and the two RL-shaped batches ("rl-64k": one 64K document + 110 of
-512 tokens; "rl-32k": one 32K + 880 of 100). Variants: our Triton kernels (``varlen_attention``),
-FlashAttention 3 (``flash_attn_interface``) and 2 (``flash_attn``) varlen where installed, PyTorch
-SDPA with the flash and the cuDNN backends (SDPA has no packed form: one call per document, the way
-a padding-free trainer without varlen kernels would run it), FlexAttention with a document-causal
-block mask (mask build time reported apart; the first call per shape compiles), and a naive
-materialized attention up to 8K tokens. Forward and forward+backward are timed on fresh inputs
-(median; the number of timed runs adapts to the run time, 3 to ``--repeats``), backward = their
-difference. TFLOP/s count useful causal FLOPs only: forward ``4 d H sum n(n+1)/2``, backward 2.5x
-that. ``--budget`` (seconds, default 420) stops measuring new rows when spent (they say so): shapes
-run most informative first (docs<=8K at 32K, the RL batches, then the rest).
+heads, head_dim 128, at 8K, 32K and 128K total tokens as one document ("single") or documents of at
+most 8K tokens ("docs<=8K"), and the two RL-shaped batches ("rl-64k": one 64K document + 110 of 512
+tokens; "rl-32k": one 32K + 880 of 100). Variants: our Triton kernels (``varlen_attention``, with
+its deterministic default and with ``deterministic=False``, the atomic-dq backward comparable to
+FlashAttention's default one), FlashAttention 3 (``flash_attn_interface``) and 2 (``flash_attn``)
+varlen where installed, PyTorch SDPA with the flash and the cuDNN backends (SDPA has no packed form:
+one call per document, the way a padding-free trainer without varlen kernels would run it),
+FlexAttention with a document-causal block mask (mask build time reported apart; the first call per
+shape compiles), and a naive materialized attention up to 8K tokens. Forward and forward+backward
+are timed on fresh inputs (median; the number of timed runs adapts to the run time, 3 to
+``--repeats``), backward = their difference. TFLOP/s count useful causal FLOPs only: forward ``4 d H
+sum n(n+1)/2``, backward 2.5x that. ``--budget`` (seconds, default 420) stops measuring new rows
+when spent (they say so): shapes run most informative first (docs<=8K at 32K, the RL batches, then
+the rest).
 
 CPU (no GPU): our blockwise PyTorch path against naive materialized attention and SDPA
 (whatever CPU kernel it picks, one call per document), fp32, 4/2 heads, head_dim 64, at
@@ -92,10 +94,12 @@ def make_inputs(lengths, heads, kv_heads, head_dim, dtype, device, requires_grad
 # each returns run(q, k, v, cu, max_len) -> out (total, heads, head_dim), or None when unavailable
 
 
-def ours():
+def ours(deterministic: bool = True):
+    """Our varlen attention; ``deterministic=False`` runs the 5-GEMM backward that adds dq with fp32 atomics,
+    the comparable path to FlashAttention's backward (non-deterministic by default)."""
     from qwenlong.kernels import varlen_attention
 
-    return lambda q, k, v, cu, m: varlen_attention(q, k, v, cu, cu, m, m, causal=True)
+    return lambda q, k, v, cu, m: varlen_attention(q, k, v, cu, cu, m, m, causal=True, deterministic=deterministic)
 
 
 def sdpa_per_document(backend):
@@ -170,6 +174,15 @@ def naive():
     from qwenlong.kernels.attention import attention_reference
 
     return lambda q, k, v, cu, m: attention_reference(q, k, v, cu, cu, causal=True, dtype=q.dtype)[0]
+
+
+def gpu_variants() -> dict:
+    """What the GPU run measures, in this order (once --budget is spent, no further row starts)."""
+    return {"qwenlong (Triton)": ours(), "qwenlong (Triton, deterministic=False)": ours(deterministic=False),
+            "FlashAttention 3 varlen": flash_attn_3(), "FlashAttention 2 varlen": flash_attn(),
+            "SDPA cuDNN (per doc)": sdpa_per_document("CUDNN_ATTENTION"),
+            "SDPA flash (per doc)": sdpa_per_document("FLASH_ATTENTION"),
+            "FlexAttention (doc mask)": flex_document_mask(), "naive (materialized)": naive()}
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -285,11 +298,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()
     if gpu:
-        variants = {"qwenlong (Triton)": ours(), "FlashAttention 3 varlen": flash_attn_3(),
-                    "FlashAttention 2 varlen": flash_attn(),
-                    "SDPA cuDNN (per doc)": sdpa_per_document("CUDNN_ATTENTION"),
-                    "SDPA flash (per doc)": sdpa_per_document("FLASH_ATTENTION"),
-                    "FlexAttention (doc mask)": flex_document_mask(), "naive (materialized)": naive()}
+        variants = gpu_variants()
         shape, dtype, device = (HEADS, KV_HEADS, HEAD_DIM), torch.bfloat16, "cuda"
         totals, repeats, layouts = args.totals or list(TOTALS), args.repeats or 20, args.layouts or list(LAYOUTS)
         if args.quick:
@@ -314,7 +323,10 @@ def main(argv=None) -> int:
     notes = ["TFLOP/s count useful causal FLOPs: forward 4 H d sum n_i(n_i+1)/2, backward 2.5x that, fwd+bwd 3.5x; "
              "backward time = fwd+bwd - fwd",
              "cu_seqlens: one tensor per shape shared by every run, as by a model's layers (our tile table is "
-             "built from it once, in the warm-up)"] if gpu else []
+             "built from it once, in the warm-up)",
+             "FlashAttention's varlen backward adds dq with atomics (deterministic=False is its default): compare its "
+             "backward with our deterministic=False row; our default (deterministic=True) runs 7 GEMMs instead of 5 "
+             "and is bitwise reproducible"] if gpu else []
     metrics = ["fwd TFLOP/s", "bwd TFLOP/s", "peak MiB"] if gpu else ["fwd+bwd tokens/s", "peak MiB"]
     write_results("attention", "Packed varlen attention", rows, setup=setup, out_dir=args.out, env=environment(),
                   notes=notes, plot={"x": "total tokens", "series": ["variant", "layout"], "metrics": metrics})
