@@ -364,6 +364,12 @@ def _row(**fields):
         ({"spill_stores": 3}, "SPILLS (hot)"),
         ({"spill_loads": 1, "hot": False}, "spills"),
         ({"error": "CompilationError: boom"}, "error"),
+        ({"shared_bytes": 232_448}, "ok"),  # sm_90 (H100, H200): 227 KB a block at most
+        ({"shared_bytes": 232_449}, "SHARED > 227 KB"),
+        ({"shared_bytes": 232_449, "stack_bytes": 8}, "SHARED > 227 KB"),
+        ({"shared_bytes": 101_376, "arch": 80}, "ok"),  # sm_80 builds also run on sm_86/sm_89: 99 KB
+        ({"shared_bytes": 101_377, "arch": 80}, "SHARED > 99 KB"),
+        ({"shared_bytes": 200_000, "arch": None}, "ok"),
     ],
 )
 def test_status_of_one_build(fields, status):
@@ -378,6 +384,14 @@ def test_exit_status():
     assert tool.exit_status([ok, hot_spill], allow_spills=True) == 0
     assert tool.exit_status([ok, error], allow_spills=True) == 1
     assert tool.exit_status([], allow_spills=False) == 0
+    too_big = _row(shared_bytes=232_449, num_stages=3)
+    assert tool.exit_status([ok, too_big], allow_spills=True) == 1  # it would not launch: not a spill to allow
+
+
+def test_a_build_over_the_shared_memory_limit_is_explained(capsys):
+    tool.explain_failures([_row(), _row(kernel="fwd", shared_bytes=260_000, num_stages=3)], allow_spills=True)
+    err = capsys.readouterr().err
+    assert err.startswith("FAIL m:fwd on sm_90") and "260000 B of shared memory" in err and "232448 B" in err
 
 
 def test_check_detects_a_stale_report(tmp_path):

@@ -57,6 +57,10 @@ _HGMMA_SHAPE = re.compile(r"^\.(\d+)x(\d+)x(\d+)\b")
 _BRANCH_TARGET = re.compile(r"(0x[0-9a-f]+)\s*$")  # "0x4a50", "P6, 0x4a50", "UR4, 0x4a50": the target is last
 SPILL_OPCODES = ("STL", "LDL")
 NARROW_WGMMA_N = 64  # the open targets' bar: a narrower wgmma does too little work per instruction
+# The most shared memory one block may ask for on the GPUs that run each arch's builds: sm_90 (H100, H200,
+# H20) opts in to 227 KB; the sm_80 builds also serve sm_86 and sm_89 (A10, L40S, RTX 30/40), the smallest
+# at 99 KB (A100 allows 163 KB). A build over its limit compiles here but cannot launch there.
+SHARED_LIMIT_BYTES = {90: 227 * 1024, 80: 99 * 1024}
 
 
 @dataclasses.dataclass
@@ -89,9 +93,16 @@ class Row:
         return any(count for count in counts)
 
     @property
+    def over_shared_limit(self) -> bool:
+        limit = SHARED_LIMIT_BYTES.get(self.arch)
+        return limit is not None and self.shared_bytes is not None and self.shared_bytes > limit
+
+    @property
     def status(self) -> str:
         if self.error:
             return "error"
+        if self.over_shared_limit:
+            return f"SHARED > {SHARED_LIMIT_BYTES[self.arch] // 1024} KB"
         if self.spills:
             return "SPILLS (hot)" if self.hot else "spills"
         return "ok"
@@ -429,6 +440,7 @@ def markdown_table(rows: list[Row]) -> str:
 
 def markdown_report(rows: list[Row], tools: str) -> str:
     """The committed report: how it is made, the toolchain, then the table (deterministic: no dates)."""
+    limits = ", ".join(f"sm_{arch}: {limit} B" for arch, limit in SHARED_LIMIT_BYTES.items())
     intro = [
         TITLE,
         "",
@@ -445,7 +457,8 @@ def markdown_report(rows: list[Row], tools: str) -> str:
         "Loop spills count the STL/LDL inside innermost loops (found from backward branches in the SASS): those",
         "run once per MMA step, the others once per outer iteration or once per program.",
         "HGMMA is sm_90 warpgroup MMA (wgmma), with its MxNxK shapes under wgmma (widest N first), HMMA warp MMA",
-        "(mma.sync); counts are static, not executed. Any spill in a spec marked hot fails CI.",
+        "(mma.sync); counts are static, not executed. Any spill in a spec marked hot fails CI, as does shared",
+        f"memory over what the arch's GPUs let a block have ({limits}).",
         "",
     ]
     if not rows:
@@ -454,8 +467,9 @@ def markdown_report(rows: list[Row], tools: str) -> str:
 
 
 def exit_status(rows: list[Row], allow_spills: bool) -> int:
-    """1 when any build failed to compile, or spilled in a hot spec (unless spills are allowed)."""
-    if any(row.error for row in rows):
+    """1 when any build failed to compile, asks for more shared memory than its GPUs have, or spilled in a
+    hot spec (unless spills are allowed)."""
+    if any(row.error or row.over_shared_limit for row in rows):
         return 1
     if not allow_spills and any(row.spills and row.hot for row in rows):
         return 1
@@ -467,6 +481,13 @@ def explain_failures(rows: list[Row], allow_spills: bool) -> None:
         where = f"{row.module}:{row.kernel}" + ("" if row.arch is None else f" on sm_{row.arch}")
         if row.error:
             print(f"FAIL {where}: {row.error}", file=sys.stderr)
+        elif row.over_shared_limit:
+            print(
+                f"FAIL {where} [{row.config}, {row.num_warps} warps, {row.num_stages} stages]: {row.shared_bytes} B of "
+                f"shared memory per block, over the {SHARED_LIMIT_BYTES[row.arch]} B the GPUs of sm_{row.arch} builds "
+                "allow: it would not launch; use fewer stages or a smaller tile",
+                file=sys.stderr,
+            )
         elif row.spills and row.hot:
             verdict = "allowed by --allow-spills" if allow_spills else "FAIL"
             print(
