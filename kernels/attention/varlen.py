@@ -524,8 +524,9 @@ TILES = {
         # per-element addresses; with pointer loads this tile spilled and 32 rows, n32 scores, were the most), and
         # because one loop runs over the group's (head, block) pairs (a loop per head held 6 more registers, and
         # the atomic build's 3 spills). The atomic build takes the same tile (251 registers); its 32-row tile (n32
-        # scores) stays for Triton before 3.9 (OLDER_TRITON_TILES)
-        128: {"fwd": (128, 128, 8, 2), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (64, 128, 8, 2)},
+        # scores) stays for Triton before 3.9 (OLDER_TRITON_TILES). fwd takes 3 stages: 231,424 B of shared memory,
+        # 1 KB under sm_90's 227 KB (223 registers); dq's 3 stages would need 263,192 B, so it keeps 2
+        128: {"fwd": (128, 128, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (64, 128, 8, 2)},
         # dkdv: 64-key tiles spill at head_dim 256 (two 64x256 fp32 accumulators), so it keeps mma.sync; dq takes
         # one warpgroup (64 x 64 on two would be n32) and 196 KB of shared memory, as fwd does
         256: {"fwd": (128, 64, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (64, 64, 4, 2), "dkdv_atomic": (16, 32, 8, 2)},
