@@ -145,6 +145,20 @@ def test_older_triton_keeps_the_32_row_dkdv_tiles(device, monkeypatch):
                         deterministic=deterministic)  # fmt: skip
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_newer_triton_tiles_are_right_whatever_compiles_them(deterministic, device, monkeypatch):
+    """The 64-row sm_90 dk/dv tiles at head_dim 128 (the atomic build's dq in two 32-row halves), forced whatever
+    Triton is installed: on a GPU machine with an older Triton this is the only test that runs them (slower there,
+    with spills, but they must still be right)."""
+    monkeypatch.setenv("QWENLONG_BACKEND", "triton")
+    monkeypatch.setattr(varlen_module, "_triton_version", lambda: varlen_module.NEWER_TRITON)
+    name = "dkdv" if deterministic else "dkdv_atomic"
+    assert varlen_module._configs(128, torch.float16, 90)[name]["BLOCK_M"] == 64
+    _use_tile_table(90, device, monkeypatch)
+    _check_accuracy([70, 129, 33], [90, 200, 33], 4, 2, 128, torch.float16, True, (-1, -1), device,
+                    deterministic=deterministic)  # fmt: skip
+
+
 def _shifted(x: torch.Tensor) -> torch.Tensor:
     """A leaf copy of ``x`` that starts 2 bytes past an aligned address of its storage."""
     storage = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
