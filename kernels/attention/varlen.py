@@ -334,8 +334,9 @@ def _dkdv_blocks(
         q = _head_rows(q_src, group_head, start_m, q_len, stride_qh, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D, DESCRIBED)
         do = _head_rows(do_src, group_head, start_m, q_len, stride_doh, stride_dot, HEAD_DIM, BLOCK_M, BLOCK_D,
                         DESCRIBED)  # fmt: skip
-        lse_log2 = tl.load(Lse_group + group_head * stride_lh + rows, mask=row_ok, other=0.0) * LOG2E
-        delta = tl.load(Delta_group + group_head * stride_lh + rows, mask=row_ok, other=0.0)
+        head_offset = tl.cast(group_head, tl.int64) * stride_lh  # (heads, total_q): may pass 2**31 elements
+        lse_log2 = tl.load(Lse_group + head_offset + rows, mask=row_ok, other=0.0) * LOG2E
+        delta = tl.load(Delta_group + head_offset + rows, mask=row_ok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M): s transposed, unscaled
         pt = tl.math.exp2(st * qk_scale - lse_log2[None, :])
         if (start_m < full_lo) | (start_m >= full_hi):  # where, not -inf scores: rows with lse = -inf give 0
