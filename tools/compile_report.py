@@ -14,7 +14,8 @@ Triton's package):
 
 The table goes to stdout and to ``--output`` (markdown; by default docs/compile_report.md, the
 committed report, which only a full run writes), the rows optionally to ``--json``. The exit
-status is 1 on a compile error or on spills in a spec marked ``hot`` (unless ``--allow-spills``),
+status is 1 on a compile error, on a build asking for more shared memory per block than its GPUs
+have (``SHARED_LIMIT_BYTES``), or on spills in a spec marked ``hot`` (unless ``--allow-spills``),
 2 when ``--require-specs`` finds none, and 1 when ``--check`` finds the committed report out of date.
 
     python tools/compile_report.py                 # compile, print, write docs/compile_report.md

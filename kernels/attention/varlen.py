@@ -50,17 +50,18 @@ visited (query block, key block) pair it runs four GEMMs: ``s^T = k q^T`` (recom
   computes its pair's share ``scale ds k`` (``BLOCK_M x d``, the fifth GEMM, in GEMMs of at most 32
   rows) for each query head of its group and adds it into a zeroed fp32 ``(total_q, heads, d)``
   buffer, on the rows of its own sequence only; masked keys and rows add 0. bf16/fp16 add each
-  GEMM's rows through a tensor descriptor (``desc.atomic_add``: on sm_90 one TMA bulk reduction
-  from shared memory, no per-element addresses in registers), fp32 with ``tl.atomic_add``
-  (relaxed). No dq kernel runs; the buffer is cast to q's dtype at the end. 5 GEMMs, as
-  FlashAttention 2/3's backward, at the cost of ``(key blocks seen) x d`` fp32 atomics per query
-  row and head and a ``4 * total_q * heads * d`` byte buffer. The order in which programs add into a row is whatever the GPU schedules, and fp32
-  addition is not associative: ``dq`` differs in its last bits from run to run and with what is
-  packed beside a sequence (``dk``, ``dv`` and the forward stay deterministic). Use it when
-  backward throughput matters more than bitwise reproducibility (benchmarks, exploratory runs);
-  keep the default for training runs that must reproduce bit for bit (seed studies, resumed or
-  re-run RL steps), for debugging and for tests that compare runs.
-  ``torch.use_deterministic_algorithms(True)`` selects the deterministic path whatever is asked. The blockwise PyTorch path (CPU) has no atomics either way.
+  GEMM's rows through a tensor descriptor (``desc.atomic_add``: on sm_90 one TMA bulk reduction from
+  shared memory, no per-element addresses in registers), fp32 with ``tl.atomic_add`` (relaxed). No
+  dq kernel runs; the buffer is cast to q's dtype at the end. 5 GEMMs, as FlashAttention 2/3's
+  backward, at the cost of ``(key blocks seen) x d`` fp32 atomics per query row and head and a
+  ``4 * total_q * heads * d`` byte buffer. The order in which programs add into a row is whatever the GPU
+  schedules, and fp32 addition is not associative: ``dq`` differs in its last bits from run to run
+  and with what is packed beside a sequence (``dk``, ``dv`` and the forward stay deterministic). Use
+  it when backward throughput matters more than bitwise reproducibility (benchmarks, exploratory
+  runs); keep the default for training runs that must reproduce bit for bit (seed studies, resumed
+  or re-run RL steps), for debugging and for tests that compare runs.
+  ``torch.use_deterministic_algorithms(True)`` selects the deterministic path whatever is asked. The
+  blockwise PyTorch path (CPU) has no atomics either way.
 
 Each kernel evaluates the mask only on the band's edge blocks (a branch: a second loop costs ~30
 registers there, which spills at head_dim 128).
@@ -529,7 +530,7 @@ TILES = {
         # 1 KB under sm_90's 227 KB (223 registers); dq's 3 stages would need 263,192 B, so it keeps 2
         128: {"fwd": (128, 128, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 128, 8, 2), "dkdv_atomic": (64, 128, 8, 2)},
         # dkdv: 64-key tiles spill at head_dim 256 (two 64x256 fp32 accumulators), so it keeps mma.sync; dq takes
-        # one warpgroup (64 x 64 on two would be n32) and 196 KB of shared memory, as fwd does
+        # one warpgroup (64 x 64 on two would be n32) and 193 KB of shared memory (197,648 B), as fwd does
         256: {"fwd": (128, 64, 8, 2), "dkdv": (16, 32, 8, 2), "dq": (64, 64, 4, 2), "dkdv_atomic": (16, 32, 8, 2)},
     },
 }
