@@ -233,6 +233,32 @@ def test_task_balanced_draws_equal_counts_per_task():
     assert plain_counts["big"] > 3 * plain_counts["small"]  # the knob changes what is drawn
 
 
+def test_task_balanced_draw_keeps_its_size_when_a_task_runs_short():
+    """A task with fewer prompts than its share gives them all; the others share the rest evenly."""
+    from collections import Counter
+
+    from qwenlong.curriculum import PromptSampler
+
+    tasks = ["tiny"] * 3 + ["small"] * 7 + ["big"] * 200 + ["huge"] * 300
+    sampler = PromptSampler(tasks, key="k", balanced=True)
+    for _ in range(3):
+        drawn = sampler.draw(64)
+        assert len(drawn) == len(set(drawn)) == 64
+        assert Counter(tasks[i] for i in drawn) == {"tiny": 3, "small": 7, "big": 27, "huge": 27}
+    # what ``exclude`` takes counts too: 2 of tiny's 3 are taken by an earlier round of the step
+    for _ in range(5):
+        drawn = sampler.draw(9, exclude={0, 1})
+        counts = Counter(tasks[i] for i in drawn)
+        assert len(set(drawn)) == 9 and not {0, 1} & set(drawn) and counts["tiny"] == 1
+        assert sorted(counts[t] for t in ("small", "big", "huge")) == [2, 3, 3]  # 8 shared as evenly as can be
+    # the last prompt outside ``exclude`` is found wherever the walk's cursor stands, across an epoch's end too
+    one_left = PromptSampler(["a"] * 3, key="k")
+    assert [one_left.draw(1, exclude={0, 1}) for _ in range(12)] == [[2]] * 12
+    # fewer than asked only when the phase has fewer prompts outside ``exclude``
+    assert sorted(PromptSampler(tasks[:10], key="k", balanced=True).draw(64, exclude={4})) == \
+        [i for i in range(10) if i != 4]
+
+
 class _ScriptedEngine:
     """Every response is the same two tokens: every group's rewards are equal (all 0, no answer)."""
 

@@ -7,7 +7,9 @@ the same prompt twice, even across dynamic-sampling rounds (``exclude``).
 
 Task-balanced (QwenLong-L1.5): every draw holds an equal number of prompts of each task (the
 example's ``data_source``); each task walks its own shuffled order, refilled when exhausted, so a
-small task repeats sooner than a large one; the assembled draw is shuffled.
+small task repeats sooner than a large one; the assembled draw is shuffled. A task with fewer
+prompts than its share (outside ``exclude``) gives all it has and the rest of its share goes to the
+other tasks, evenly: the draw keeps its size and still never holds a prompt twice.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ class _Stream:
         return order
 
     def next(self, skip) -> int | None:
-        """The next index not in ``skip`` (skipped indices are consumed); None when a whole epoch's worth
-        of indices in a row were skipped (nothing left to give this step)."""
-        for _ in range(self.size):
+        """The next index not in ``skip`` (skipped indices are consumed); None when every index is in
+        ``skip`` (nothing left to give this step)."""
+        # the rest of this epoch and a whole next one: every index comes up at least once
+        for _ in range(2 * self.size):
             if self.position == self.size:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
@@ -76,24 +79,36 @@ class PromptSampler:
     def tasks(self) -> list[str]:
         return list(self._members)
 
-    def _quotas(self, count: int, rng: random.Random) -> dict[str, int]:
-        names = list(self._members)
-        base, extra = divmod(count, len(names))
-        lucky = set(rng.sample(names, extra))  # the remainder goes to tasks chosen at random per draw
-        return {name: base + (name in lucky) for name in names}
+    def _quotas(self, count: int, available: dict[str, int], rng: random.Random) -> dict[str, int]:
+        """Equal shares of ``count`` (the remainder to tasks chosen at random per draw), none above what a
+        task has ``available``; what a task cannot give is shared again among the others."""
+        quotas = dict.fromkeys(self._members, 0)
+        left = min(count, sum(available.values()))
+        open_tasks = [name for name in self._members if available[name] > 0]
+        while left:  # each pass fills the request or caps at least one more task
+            base, extra = divmod(left, len(open_tasks))
+            lucky = set(rng.sample(open_tasks, extra))
+            for name in open_tasks:
+                give = min(base + (name in lucky), available[name] - quotas[name])
+                quotas[name] += give
+                left -= give
+            open_tasks = [name for name in open_tasks if quotas[name] < available[name]]
+        return quotas
 
     def draw(self, count: int, exclude: set[int] = frozenset()) -> list[int]:
         """Up to ``count`` prompt indices, none in ``exclude`` and none twice; fewer only when the phase
-        has fewer prompts outside ``exclude`` (per task when balanced)."""
+        has fewer than ``count`` prompts outside ``exclude``."""
         if count < 0:
             raise ValueError(f"count: expected >= 0, got {count}")
         rng = random.Random(f"{self.key}:draw{self.draws}")
         self.draws += 1
         drawn: list[int] = []
         taken = set(exclude)
-        for name, quota in self._quotas(count, rng).items():
-            members, stream = self._members[name], self._streams[name]
-            local_skip = {j for j, i in enumerate(members) if i in taken}
+        members_of = self._members
+        local_skips = {name: {j for j, i in enumerate(members) if i in taken} for name, members in members_of.items()}
+        available = {name: len(members) - len(local_skips[name]) for name, members in members_of.items()}
+        for name, quota in self._quotas(count, available, rng).items():
+            members, stream, local_skip = self._members[name], self._streams[name], local_skips[name]
             for _ in range(quota):
                 j = stream.next(local_skip)
                 if j is None:
