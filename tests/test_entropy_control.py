@@ -137,7 +137,8 @@ def _groups(seed: int, num_groups: int = 3, group_size: int = 4):
     return groups
 
 
-def _trainer(model, tmp_path, **entropy_control):
+def _trainer(model, tmp_path, rl=None, **entropy_control):
+    """A trainer for ``_groups``; ``rl``: further ``RLConfig`` fields."""
     from qwenlong.config import RLConfig
     from qwenlong.config.schema import EntropyControlConfig
     from qwenlong.curriculum import Phase
@@ -145,7 +146,7 @@ def _trainer(model, tmp_path, **entropy_control):
 
     cfg = RLConfig(group_size=4, gen_prompts_per_step=3, train_prompts_per_step=3, mini_batch_size=3, lr=3e-2,
                    grad_clip=1e9, temperature=0.8, entropy_control=EntropyControlConfig(**entropy_control),
-                   phases=[Phase("p", 64, 8, steps=1)])
+                   phases=[Phase("p", 64, 8, steps=1)], **(rl or {}))
     trainer = GRPOTrainer(model, engine=None, reward=None, cfg=cfg, decode=str, output_dir=tmp_path)
     trainer.backend.start(lr=cfg.lr, weight_decay=0.0, total_steps=10, warmup_steps=0, schedule="constant",
                           grad_clip=cfg.grad_clip)
@@ -193,11 +194,10 @@ def test_trainer_aepo_positive_only_trains_like_zeroed_negatives(tmp_path, torch
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), _tiny_model(1).parameters(), strict=True))
 
 
-def test_trainer_token_level_clipping_counts_match_float64_entropies(tmp_path, torch_backend):
+def _float64_entropies(model, groups):
+    """Each response's token entropies (float64, temperature 0.8) and whether its group advantage is < 0."""
     from qwenlong.algorithms import group_advantages
 
-    model = _tiny_model(2)
-    groups = _groups(5)
     advantages = group_advantages(torch.tensor([g.rewards for g in groups]))
     entropies, negative = [], []
     with torch.no_grad():
@@ -208,6 +208,13 @@ def test_trainer_token_level_clipping_counts_match_float64_entropies(tmp_path, t
                 logp = torch.log_softmax(logits, -1)
                 entropies.append(-(logp.exp() * logp).sum(-1))
                 negative.append(a < 0)
+    return entropies, negative
+
+
+def test_trainer_token_level_clipping_counts_match_float64_entropies(tmp_path, torch_backend):
+    model = _tiny_model(2)
+    groups = _groups(5)
+    entropies, negative = _float64_entropies(model, groups)
     tau = float(torch.cat([h for h, n in zip(entropies, negative, strict=True) if n]).median())
     dropped = sum(int((h > tau).sum()) for h, n in zip(entropies, negative, strict=True) if n)
     total = sum(len(h) for h in entropies)
@@ -217,6 +224,34 @@ def test_trainer_token_level_clipping_counts_match_float64_entropies(tmp_path, t
     assert metrics["entropy_control/tokens"] == total
     assert metrics["entropy_control/tokens_kept"] == total - dropped
     assert metrics["entropy_control/positive_only"] == 0.0  # AEPO is off
+
+
+def test_logged_metrics_average_over_the_tokens_left_in_the_loss(tmp_path, torch_backend):
+    """With tokens dropped unevenly across micro-batches, ``entropy_mean`` is the mean over the kept tokens."""
+    model = _tiny_model(2)
+    groups = _groups(5)
+    entropies, negative = _float64_entropies(model, groups)
+    tau = float(torch.cat([h for h, n in zip(entropies, negative, strict=True) if n]).median())
+    kept = torch.cat([h[h <= tau] if n else h for h, n in zip(entropies, negative, strict=True)])
+    # micro-batches of about two responses each: their kept fractions differ
+    trainer = _trainer(model, tmp_path, rl={"entropy_coef": 1e-3, "micro_batch_token_budget": 24}, tau_token=tau)
+    metrics = trainer.update(groups)
+    assert metrics["entropy_control/tokens_kept"] == len(kept) < sum(len(h) for h in entropies)
+    assert metrics["entropy_mean"] == pytest.approx(float(kept.mean()), rel=1e-5)
+
+
+def test_aepo_positive_reward_is_the_task_reward_not_the_length_shaped_one(tmp_path, torch_backend):
+    """A right answer at the length limit (overlong penalty -1: shaped reward 0) still counts as positive."""
+    groups = _groups(4)
+    for g in groups:
+        g.rewards = [r - 1.0 for r in g.task_rewards]  # every response at the limit: same advantages
+    trainer = _trainer(_tiny_model(1), tmp_path, entropy_low=0.0, entropy_high=0.1)
+    metrics = trainer.update(groups)
+    assert trainer.aepo_mode == "positive-only"
+    positive = (trainer._advantages(groups) > 0) & (torch.tensor([g.task_rewards for g in groups]) > 0)
+    lengths = torch.tensor([[len(r) for r in g.responses] for g in groups])
+    assert metrics["entropy_control/responses_kept"] == int(positive.sum()) > 0
+    assert metrics["entropy_control/tokens_kept"] == int(lengths[positive].sum())
 
 
 class _RandomEngine:

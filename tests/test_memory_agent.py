@@ -325,8 +325,9 @@ def test_memory_agent_trainer_trains_on_every_step(tokenizer, tmp_path, monkeypa
 
 def test_pipeline_memory_agent_stage_merges_and_evaluates(tmp_path, monkeypatch):
     """The pipeline's memory-agent stage on configs/tiny-l15.yaml cut small, after a stand-in for its phase:
-    the expert trains, the policy becomes the SCE merge of the phase's policy and the expert over RL's start,
-    and both answer as memory agents on documents past the window."""
+    the expert trains (its KL measured against RL's start, the reference the RL trainer hands it), the policy
+    becomes the SCE merge of the phase's policy and the expert over RL's start, and both answer as memory
+    agents on documents past the window."""
     from pathlib import Path
 
     from qwenlong.config import load_config
@@ -342,6 +343,8 @@ def test_pipeline_memory_agent_stage_merges_and_evaluates(tmp_path, monkeypatch)
              "data.synthetic.num_train=120", "rl.dynamic_sampling.enabled=false", "rl.group_size=2",
              "rl.memory_agent.steps=1", "rl.memory_agent.synthetic_documents=2", "rl.memory_agent.prompts_per_step=2",
              "rl.memory_agent.memory_tokens=8", "rl.memory_agent.answer_tokens=8", "rl.memory_agent.chunk_tokens=200",
+             # KL on, AEPO off (positive-only could leave no token in the loss, and no KL to log)
+             "rl.kl_coef=0.1", "rl.entropy_control.entropy_low=null", "rl.entropy_control.entropy_high=null",
              "output.export=none", f"output.dir={tmp_path}"]
     cfg = load_config(root / "configs" / "tiny-l15.yaml", small)
     run = Run(cfg)
@@ -353,11 +356,15 @@ def test_pipeline_memory_agent_stage_merges_and_evaluates(tmp_path, monkeypatch)
     phase_checkpoint = run.backend.save(tmp_path / "checkpoints" / "rl-long-docs-step000001", state={"step": 1})
     run.finish("rl:long-docs", phase_checkpoint)
 
-    memory_agent_stage(run, build_engine(run), build_reward(cfg))
+    rl_start = build.build_model(cfg, run.tokenizer).requires_grad_(False)  # no SFT: the model as built
+    memory_agent_stage(run, build_engine(run), build_reward(cfg), reference=rl_start)
     assert run.state["done"][-1] == "rl:memory-agent"
     assert set(run.state["agent_evals"]) == {"expert-agent", "merged-agent", "merged-full-context"}
+    # the first update starts from the phase's policy: against RL's start its KL is > 0 (against itself, 0)
+    [first_step] = run.logger.records("rl/memory-agent")
+    assert first_step["kl_mean"] > 1e-6
     checkpoints = tmp_path / "checkpoints"
-    base = build.build_model(cfg, run.tokenizer).state_dict()  # no SFT: RL started from the model as built
+    base = rl_start.state_dict()
     full = model_weights(phase_checkpoint)
     expert = model_weights(checkpoints / "rl-memory-agent-step000001")
     merged = model_weights(checkpoints / "memory-agent-merged")

@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import torch
+
 from qwenlong.agents.memory import MemoryAgent, MemoryAgentConfig, memory_agent_generate_fn, query_from_record
 from qwenlong.agents.rl import MemoryAgentTrainer
 from qwenlong.curriculum import Phase
@@ -123,11 +125,12 @@ def _evaluate(run: Any, label: str, records: list, agent: bool) -> float:
     return accuracy
 
 
-def memory_agent_stage(run: Any, engine: Any, reward: Any) -> None:
+def memory_agent_stage(run: Any, engine: Any, reward: Any, reference: torch.nn.Module | None = None) -> None:
     """Train the memory expert from the current policy, merge it back, evaluate on long documents.
 
     ``run``: the pipeline's ``Run``; ``engine`` and ``reward``: the RL trainer's (the agent drives the same
-    engine and reward).
+    engine and reward); ``reference``: the RL trainer's frozen KL reference (``rl.kl_reference: sft``: the
+    policy RL started from, not the one this stage starts from; None: the current policy).
     """
     cfg, stage = run.cfg, run.cfg.rl.memory_agent
     if run.done(STAGE):
@@ -148,7 +151,7 @@ def memory_agent_stage(run: Any, engine: Any, reward: Any) -> None:
                                  logger=run.logger, save_every_steps=cfg.output.save_every_steps,
                                  keep_checkpoints=cfg.output.keep_checkpoints, backend=run.backend,
                                  task_balanced=cfg.data.task_balanced, queries=queries, tokenizer=run.tokenizer,
-                                 agent_config=agent_config)
+                                 agent_config=agent_config, reference=reference)
     phase = Phase("memory-agent", max_input_tokens=2**62, max_output_tokens=stage.answer_tokens, steps=stage.steps)
     trainer.train_phase(phase, examples, resume=run.resume)
     long_documents = _records(run, "eval")

@@ -275,7 +275,7 @@ def _memory_agent(run: Run, trainer: GRPOTrainer, phase: Phase) -> None:
     if run.cfg.rl.memory_agent.enabled and phase.name == run.cfg.rl.memory_agent.after_phase:
         from qwenlong.pipeline.memory_agent_stage import STAGE, memory_agent_stage
 
-        memory_agent_stage(run, trainer.engine, trainer.reward)
+        memory_agent_stage(run, trainer.engine, trainer.reward, trainer.reference)
         export_finished_stage(run, STAGE)
 
 

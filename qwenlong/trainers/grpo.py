@@ -98,14 +98,14 @@ class RolloutBatch:
     engine_logprobs: list[list[float]]
     advantages: list[float]
     response_tokens: list[int]
-    rewards: list[float]  # each sequence's response reward (AEPO reads it)
+    rewards: list[float]  # each sequence's task reward, without overlong shaping (AEPO's positive-reward test)
 
     @classmethod
     def from_groups(cls, groups: Sequence[Group], advantages: torch.Tensor) -> RolloutBatch:
         """``advantages``: ``[len(groups), group_size]``, one per response."""
         batch = cls([], [], [], [], [], [])
         for g, group_adv in zip(groups, advantages.tolist(), strict=True):
-            batch.rewards += g.rewards
+            batch.rewards += g.task_rewards  # a right answer cut at the length limit still counts as positive
             for response, logprobs, a in zip(g.responses, g.engine_logprobs, group_adv, strict=True):
                 batch.sequences.append(g.example.prompt_ids + response)
                 batch.prompt_lengths.append(len(g.example.prompt_ids))
@@ -129,7 +129,8 @@ class GRPOTrainer:
     def __init__(self, model: torch.nn.Module, engine: RolloutEngine, reward: HybridReward, cfg: RLConfig, *,
                  decode, output_dir: str | Path, seed: int = 0, logger: MetricsLogger | None = None,
                  history: RewardHistory | None = None, save_every_steps: int = 0, keep_checkpoints: int = 0,
-                 backend: TrainingBackend | None = None, task_balanced: bool = False):
+                 backend: TrainingBackend | None = None, task_balanced: bool = False,
+                 reference: torch.nn.Module | None = None):
         self.model, self.engine, self.reward, self.cfg = model, engine, reward, cfg
         if backend is None:
             backend = TrainingBackend(model)
@@ -146,9 +147,11 @@ class GRPOTrainer:
         self._timings: dict[str, float] = {}  # this rank's generation and scoring seconds in the current step
         self.device = next(model.parameters()).device
         # KL is measured against a frozen policy: the one the RL run starts from (rl.kl_reference: sft)
-        # unless set_reference says otherwise, or each phase's starting policy (phase_start)
-        self.reference = None
-        self.set_reference()
+        # unless set_reference says otherwise, or each phase's starting policy (phase_start); ``reference``:
+        # one already frozen (a later trainer of the same run shares it), else the policy as it is now
+        self.reference = reference
+        if reference is None:
+            self.set_reference()
 
     def set_reference(self, checkpoint: str | Path | None = None) -> None:
         """Freeze the KL reference policy: the current policy, or the weights of a checkpoint folder."""
@@ -358,10 +361,11 @@ class GRPOTrainer:
                       else sum(count * m[key] for count, m in shares) / tokens) for key in local}
 
     def accumulate(self, batches: list[PackedBatch], num_tokens: int, num_sequences: int) -> dict[str, float]:
-        """Forward and backward of this rank's micro-batches (gradients accumulate); returns the loss and
-        the token-weighted loss metrics, each summed over every rank."""
+        """Forward and backward of this rank's micro-batches (gradients accumulate); returns the loss
+        (summed over every rank) and the loss metrics (means over every rank's tokens left in the loss)."""
         # summed on the device: one host sync per update, not one per micro-batch
         sums: dict[str, torch.Tensor] = {"loss": torch.zeros((), device=self.device)}
+        metric_tokens = torch.zeros((), device=self.device)  # the tokens the metrics average over (kept ones)
         with self.backend.output_weight(self.model) as weight:
             for batch in batches:
                 hidden, local = policy_hidden(self.model, batch, self.ctx.sp_group)
@@ -377,10 +381,13 @@ class GRPOTrainer:
                                           num_tokens=normalizer)
                 self.backend.backward(loss)
                 sums["loss"] += loss.detach()
-                share = local.mask.sum() / max(1, num_tokens)  # token-weighted average of local means
+                # the metrics are means over ``mask``: weighted by its tokens, divided by all ranks' count below
+                metric_tokens += mask.sum()
                 for key, value in metrics.items():  # every rank sums the same keys (no loss tokens: empty means)
-                    sums[key] = sums.get(key, 0.0) + value.detach() * share
-        return self.ctx.sum({key: float(value) for key, value in sums.items()})
+                    sums[key] = sums.get(key, 0.0) + value.detach() * mask.sum()
+        totals = self.ctx.sum({"metric_tokens": float(metric_tokens), **{key: float(v) for key, v in sums.items()}})
+        count = max(1.0, totals.pop("metric_tokens"))
+        return {key: value if key == "loss" else value / count for key, value in totals.items()}
 
     def _optimizer_step(self, batches: list[PackedBatch], num_tokens: int, num_sequences: int) -> dict[str, float]:
         metrics = self.accumulate(batches, num_tokens, num_sequences)
@@ -388,6 +395,11 @@ class GRPOTrainer:
         return {"loss": metrics.pop("loss"), "grad_norm": grad_norm, "lr": self.backend.lr, **metrics}
 
     # ------------------------------------------------------------------ phases
+
+    def _sync_engine(self) -> None:
+        """Give the policy's weights to an engine that holds its own copy (vLLM); HF generates with the policy."""
+        if getattr(self.engine, "model", None) is not self.model:
+            self.engine.update_weights(self.backend.full_parameters())
 
     def _checkpoint_name(self, phase: Phase, step: int) -> str:
         return f"rl-{phase.name}-step{step:06d}"
@@ -426,6 +438,7 @@ class GRPOTrainer:
             self.history = RewardHistory.from_json(state["history"])
             sampler.load_state_dict(state["sampler"])
             self.aepo_mode = state.get("aepo_mode", self.aepo_mode)
+            self._sync_engine()  # an engine with its own copy still holds the weights the phase started from
         history = []
         stage = f"rl/{phase.name}"
         with tqdm(total=steps, initial=step, desc=f"rl {phase.name}", unit="step", dynamic_ncols=True,
@@ -436,8 +449,7 @@ class GRPOTrainer:
                 t1 = time.perf_counter()
                 if groups:
                     metrics.update(self.update(groups))
-                    if getattr(self.engine, "model", None) is not self.model:  # the engine holds its own copy
-                        self.engine.update_weights(self.backend.full_parameters())
+                    self._sync_engine()
                 t2 = time.perf_counter()
                 step += 1
                 tokens = sum(len(g.example.prompt_ids) + len(r) for g in groups for r in g.responses)
