@@ -130,6 +130,7 @@ def with_change(path: str, value):
         ("rl.top_p", 1.5, r"^rl\.top_p: expected in \(0, 1\]"),
         ("rl.group_size", 0, r"^rl\.group_size: expected >= 1"),
         ("rollout.kv_cache_memory_bytes", 0, r"^rollout\.kv_cache_memory_bytes: expected > 0 or null, got 0"),
+        ("rollout.sleep_between_phases", True, r"^rollout\.sleep_between_phases: only the vllm engine sleeps"),
         ("rl.clip_low", -0.1, r"^rl\.clip_low: expected >= 0"),
         ("distributed.deepspeed_stage", 4, r"^distributed\.deepspeed_stage: expected 0, 1, 2 or 3"),
         ("rl.mini_batch_size", 48, r"^rl\.mini_batch_size: must divide"),

@@ -142,6 +142,27 @@ def test_sft_teacher_accuracy_falls_linearly_with_document_length():
     assert all(constant(r) == reference_response(r) for r in records[:50])
 
 
+def test_tiny_model_on_training_files_takes_its_tokenizer_and_sft_traces_from_them(tmp_path):
+    """model.tiny with data.train_files and no data.tokenizer: the demo tokenizer learns the files' text and SFT
+    trains on the files' own responses, whether or not a synthetic section is there too (for the eval split)."""
+    from qwenlong.config import load_config
+    from qwenlong.data import reference_response, write_jsonl
+    from qwenlong.pipeline import build
+
+    records = build.synthetic_records(load_config(TINY, ["data.synthetic.task=arithmetic"]), "train")[:60]
+    write_jsonl(records, tmp_path / "train.jsonl")
+    for synthetic in ([], ["data.synthetic=null"]):
+        cfg = load_config(TINY, [*synthetic, f"data.train_files=[{tmp_path / 'train.jsonl'}]", "sft.max_seq_len=4096",
+                                 "sft.token_budget=4096",
+                                 "data.synthetic.teacher_accuracy=0.0" if not synthetic else "seed=0"])
+        tokenizer = build.build_tokenizer(cfg, tmp_path / f"out{len(synthetic)}")
+        text = reference_response(records[0])
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+        respond = build.sft_teacher(cfg)
+        assert [respond(r) for r in records] == [reference_response(r) for r in records]
+        assert len(build.sft_training_examples(cfg, tokenizer)) == len(records)
+
+
 def test_phase_seconds_count_a_resumed_step_once_and_mark_what_was_not_logged():
     from qwenlong.pipeline.report import phase_seconds
 

@@ -11,7 +11,11 @@ from qwenlong.curriculum import Phase, RetrospectiveSampling
 
 @dataclass
 class TinyModelConfig:
-    """A randomly initialised Qwen2-architecture model built from this config (CPU demos, tests)."""
+    """A randomly initialised Qwen2-architecture model built from this config (CPU demos, tests).
+
+    ``vocab_size``: the size the demo tokenizer is trained to (when ``data.tokenizer`` is not given); BPE stops
+    early on a small corpus, and the model takes the tokenizer's real size (``qwenlong plan`` reads this one).
+    """
 
     vocab_size: int = 512
     hidden_size: int = 64
@@ -47,9 +51,10 @@ class SyntheticDataConfig:
     ``num_distractor_facts`` is the difficulty knob (facts that are not asked about);
     ``distractor_values`` says whether their values are answer words too (``shared``: the reader must
     bind the asked key to its value) or never are (``other``: see ``qwenlong.data.SyntheticConfig``).
-    ``teacher_accuracy``: the fraction of warm-up SFT traces that are right; the others go wrong as
-    ``teacher_error`` says (``evidence``: follow a distractor throughout; ``conclusion``: quote the right
-    evidence, then answer a distractor's value), as some traces of a distilling teacher do
+    ``teacher_accuracy``: the fraction of warm-up SFT traces that are right, among the records a teacher can
+    get wrong (a record without a distractor of another value, or a misread number, is always right); the
+    others go wrong as ``teacher_error`` says (``evidence``: follow a distractor throughout; ``conclusion``:
+    quote the right evidence, then answer a distractor's value), as some traces of a distilling teacher do
     (``qwenlong.data.synthetic.teacher_response``). With ``teacher_accuracy_shortest`` set, the
     teacher's accuracy falls linearly with document length, from that value at the shortest
     documents to ``teacher_accuracy`` at the longest (a teacher that loses track in long inputs).
@@ -116,7 +121,8 @@ class SFTConfig:
 
 @dataclass
 class DynamicSamplingConfig:
-    """DAPO: drop groups whose rewards are all equal, regenerate up to ``max_rounds`` times.
+    """DAPO: drop groups whose rewards are all equal and generate again: at most ``max_rounds`` generation
+    rounds per step, the first included.
 
     ``on_exhausted``: when the rounds (or the phase's unused prompts) run out before the batch is full,
     ``train`` on the groups kept (counted in the step's ``dynamic_sampling/exhausted``) or ``error``.
@@ -144,7 +150,8 @@ class EntropyControlConfig:
     exceeds ``tau_token`` (token level) or their response's mean token entropy exceeds ``tau_sequence``
     (sequence level); None turns a level off. AEPO (both bounds set): when the step's batch entropy (mean over
     responses of their mean token entropy) rises above ``entropy_high``, only responses with a positive
-    advantage (and, with ``positive_reward``, a positive reward) train, until it falls below ``entropy_low``.
+    advantage (and, with ``positive_reward``, a positive task reward: the overlong penalty does not count) train,
+    until it falls below ``entropy_low``.
     Entropies are the fused kernel's, at the sampling temperature, of the policy that generated the rollouts.
     A dropped token's loss term is 0; the loss's denominators do not change.
     """
@@ -273,8 +280,8 @@ class RewardConfig:
     judge_endpoint: str | None = None
     judge_model: str | None = None
     judge_api_key_env: str | None = None  # name of the environment variable holding the key
-    judge_timeout_s: float = 60.0
-    judge_concurrency: int = 16
+    judge_timeout_s: float = 60.0  # openai judge only (the local judge runs in-process, one batch at a time)
+    judge_concurrency: int = 16  # openai judge only
 
     def __post_init__(self) -> None:
         if self.judge == "openai" and self.judge_endpoint is None:
@@ -308,11 +315,17 @@ class RolloutConfig:
     # trainer's GPUs); vLLM's sleep mode needs CUDA, so a CPU build runs without it (and says so once)
     sleep_between_phases: bool | None = None
 
+    def __post_init__(self) -> None:
+        if self.sleep_between_phases and self.engine != "vllm":
+            raise ValueError(f"sleep_between_phases: only the vllm engine sleeps (engine: {self.engine} generates "
+                             "with the policy itself)")
+
 
 @dataclass
 class EvalConfig:
     """Held-out evaluation (method.md section 5): before training, after SFT, after each RL phase and
-    every ``every_steps`` RL steps (0: never within a phase).
+    every ``every_steps`` RL steps of the curriculum's phases (0: never within a phase; the memory-agent
+    stage is evaluated as an agent before and after its merge instead).
 
     Each benchmark (the held-out examples' ``data_source``) is scored separately; the reported number is
     the macro average over benchmarks. ``judge``: the evaluation's own judge (the paper's is a large

@@ -27,8 +27,8 @@ class Phase:
         max_output_tokens: response limit while generating in this phase.
         steps: number of RL steps; exactly one of ``steps`` and ``epochs`` is set.
         epochs: passes over the phase's data.
-        data: data sources of this phase (files or dataset names); empty means the run's
-            training data, filtered to the phase's input range.
+        data: the ``data_source`` names of the run's training examples this phase reads (the files
+            are the run's ``data.train_files``); empty: all of them, filtered to the phase's input range.
         min_input_tokens: prompts shorter than this are left out of the phase's own data; None
             (the default): one more than the previous phase's ``max_input_tokens`` (0 for the first
             phase), so the phase reads only the prompts no earlier phase could (``input_floors``).

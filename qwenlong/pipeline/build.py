@@ -54,7 +54,8 @@ def load_split(cfg: Config, split: str, tokenizer: Any = None) -> list[DocQAReco
 
 
 def build_tokenizer(cfg: Config, output_dir: Path) -> Any:
-    """The model's tokenizer; for a tiny model on synthetic data, a small BPE trained on it."""
+    """The model's tokenizer; for a tiny model without one (no ``data.tokenizer``), a small BPE trained on the
+    run's training data."""
     if cfg.data.tokenizer is not None or cfg.model.name is not None:
         from transformers import AutoTokenizer
 
@@ -65,7 +66,8 @@ def build_tokenizer(cfg: Config, output_dir: Path) -> Any:
             from transformers import PreTrainedTokenizerFast
 
             return PreTrainedTokenizerFast.from_pretrained(str(saved))
-        corpus = [record_prompt(r) + reference_response(r) for r in synthetic_records(cfg, "train")[:400]]
+        # trained on the run's training data (its files, else the synthetic task)
+        corpus = [record_prompt(r) + reference_response(r) for r in load_split(cfg, "train")[:400]]
         tokenizer = train_demo_tokenizer(corpus, vocab_size=cfg.model.tiny.vocab_size)
         tokenizer.save_pretrained(str(saved))
     return tokenizer
@@ -136,7 +138,7 @@ def sft_teacher(cfg: Config) -> Callable[[DocQARecord], str]:
     teacher, whose accuracy may fall linearly with document length (``teacher_accuracy_shortest`` at the
     shortest documents, ``teacher_accuracy`` at the longest)."""
     synth = cfg.data.synthetic
-    if synth is None or cfg.data.sft_files:
+    if synth is None or cfg.data.sft_files or cfg.data.train_files:  # SFT reads files: their own responses
         return reference_response
     shortest = synth.teacher_accuracy if synth.teacher_accuracy_shortest is None else synth.teacher_accuracy_shortest
     span = max(synth.max_document_tokens - synth.min_document_tokens, 1)
