@@ -7,7 +7,13 @@ import os
 import pytest
 import torch
 
-from qwenlong.state.checkpoint import STATE_FILE, latest_checkpoint, prune_checkpoints
+from qwenlong.state.checkpoint import (
+    STATE_FILE,
+    checkpoint_problem,
+    latest_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 
 
 def make(directory, name, mtime, complete=True):
@@ -79,3 +85,55 @@ def test_a_checkpoint_that_cannot_be_deleted_stays_with_a_warning(tmp_path, monk
         deleted = prune_checkpoints(tmp_path / "sft-step000002", keep=1)
     assert [p.name for p in deleted] == ["sft-step000001"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft-step000000", "sft-step000002"]
+
+
+def _saved(directory, name):
+    return save_checkpoint(directory / name, model=torch.nn.Linear(3, 2), state={"step": name})
+
+
+def test_newest_is_the_order_of_the_saves_not_the_file_times(tmp_path):
+    """A run folder copied without its file times (cp -r): the times say nothing, the recorded order does."""
+    folders = [_saved(tmp_path, f"sft-step{step:06d}") for step in (10, 20, 30)]
+    for age, folder in enumerate(reversed(folders)):  # the newest save now looks the oldest
+        os.utime(folder / STATE_FILE, ns=(age * 10**9, age * 10**9))
+    assert latest_checkpoint(tmp_path, prefix="sft-") == folders[-1]
+    assert prune_checkpoints(folders[-1], keep=2) == [folders[0]]
+    # saved again under an existing name (a resumed run redoing a step): that one is now the newest
+    again = _saved(tmp_path, "sft-step000020")
+    assert latest_checkpoint(tmp_path, prefix="sft-") == again
+
+
+def test_a_checkpoint_is_never_deleted_under_its_name_while_replaced(tmp_path, monkeypatch):
+    """Saving again under a checkpoint's name deletes the old one only after the new one is in place."""
+    import shutil
+
+    from qwenlong.state import checkpoint
+
+    path = _saved(tmp_path, "sft-step000001")
+    real_rmtree = shutil.rmtree
+    deleted = []
+
+    def rmtree(target, *args, **kwargs):
+        deleted.append(target)
+        assert target != path and (path / STATE_FILE).exists(), "the name holds no checkpoint during a delete"
+        real_rmtree(target, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    _saved(tmp_path, "sft-step000001")
+    assert deleted and sorted(p.name for p in tmp_path.iterdir()) == ["sft-step000001"]
+    # a run killed between the two renames leaves the replaced folder: the next prune clears it
+    (tmp_path / "sft-step000001.replaced").mkdir()
+    _saved(tmp_path, "sft-step000002")
+    prune_checkpoints(tmp_path / "sft-step000002", keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sft-step000001", "sft-step000002"]
+
+
+def test_a_truncated_file_in_a_subfolder_is_found(tmp_path):
+    """DeepSpeed keeps its shards in a folder of their own: a shard cut short is damage too."""
+    path = _saved(tmp_path, "rl-a-step000001")
+    (path / "deepspeed").mkdir()
+    torch.save({"shard": torch.randn(1000)}, path / "deepspeed" / "mp_rank_00_model_states.pt")
+    assert checkpoint_problem(path) is None
+    data = (path / "deepspeed" / "mp_rank_00_model_states.pt").read_bytes()
+    (path / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(data[: len(data) // 2])
+    assert "mp_rank_00_model_states.pt" in checkpoint_problem(path)

@@ -179,6 +179,25 @@ def test_sft_resume_is_exact(tmp_path):
         assert torch.equal(p, q), name
 
 
+def test_sft_saves_its_last_step_once(tmp_path, monkeypatch):
+    """A last step that is also a save_every_steps step is written once (it was written twice, the second time
+    replacing the first under the same name)."""
+    cfg = SFTConfig(steps=4, lr=3e-3, token_budget=48, max_seq_len=64)
+    for every, expected in ((2, ["sft-step000002", "sft-step000004"]), (3, ["sft-step000003", "sft-step000004"]),
+                            (0, ["sft-step000004"])):
+        trainer = SFTTrainer(tiny_model(seed=3), random_pairs(20, seed=5), cfg, output_dir=tmp_path / str(every),
+                             save_every_steps=every)
+        saved = []
+
+        def save(path, *args, real_save=trainer.backend.save, saved=saved, **kwargs):
+            saved.append(path.name)
+            return real_save(path, *args, **kwargs)
+
+        monkeypatch.setattr(trainer.backend, "save", save)
+        trainer.train()
+        assert saved == expected, every
+
+
 def test_sft_keeps_the_newest_checkpoints(tmp_path):
     cfg = SFTConfig(steps=7, lr=3e-3, token_budget=48, max_seq_len=64)
     trainer = SFTTrainer(tiny_model(seed=3), random_pairs(20, seed=5), cfg, output_dir=tmp_path, save_every_steps=2,

@@ -31,7 +31,7 @@ from qwenlong.config import Config, load_config
 from qwenlong.export import export_model, parse_dtype, write_hf_folder
 from qwenlong.export.hf_folder import DEFAULT_MAX_SHARD_BYTES, DTYPE_NAMES
 from qwenlong.pipeline import build
-from qwenlong.state.checkpoint import STATE_FILE, latest_checkpoint, model_weights
+from qwenlong.state.checkpoint import STATE_FILE, latest_checkpoint, model_weights, save_order
 
 EXPORT_DIR = "export"
 INFO_FILE = "qwenlong.json"
@@ -373,4 +373,4 @@ def _default_checkpoint(run_dir: Path, cfg: Config, record: dict[str, Any], stag
     newest = [c for c in (stage_checkpoint(run_dir, s) for s in run_stages(cfg)) if c is not None]
     if not newest:
         raise ValueError(f"--run: {run_dir} has no checkpoint yet")
-    return max(newest, key=lambda c: (c / STATE_FILE).stat().st_mtime_ns)
+    return max(newest, key=save_order)

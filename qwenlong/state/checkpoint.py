@@ -6,7 +6,10 @@ written to a temporary folder and renamed into place, so a run killed mid-save n
 half checkpoint behind; ``latest_checkpoint`` finds the newest complete one whose files are intact
 (a damaged newest one, say a file truncated by a full disk, is passed over with a warning). Checkpoints
 whose names differ only in a trailing step number (``sft-step000010``, ``sft-step000020``) form a
-series, of which ``prune_checkpoints`` keeps the newest few.
+series, of which ``prune_checkpoints`` keeps the newest few. "Newest" is the order of the saves, which
+each checkpoint records (``save_order``: one more than any other in its folder), so a run folder
+copied without its file times resumes from the right checkpoint; checkpoints written before the order
+was recorded fall back to their state file's write time.
 
 Everything is read back with ``torch.load(weights_only=True)``: the RNG states are stored as tensors
 and plain Python values, so loading a checkpoint never runs code from it. JSON files (the state, the
@@ -33,6 +36,8 @@ STATE_FILE = "state.json"
 MODEL_FILE = "model.pt"
 TRAINER_FILE = "trainer.pt"
 STAGING_SUFFIX = ".tmp"
+ORDER_FILE = "save_order"  # the checkpoint's place among its folder's saves (an integer, as text)
+REPLACED_SUFFIX = ".replaced"  # a checkpoint of the same name being replaced, deleted once the new one is in place
 
 
 class CheckpointError(RuntimeError):
@@ -114,18 +119,40 @@ def staging_dir(path: str | Path) -> Path:
 
 def write_checkpoint(folder: Path, model_state: dict, optimizer_state: dict | None, scheduler_state: dict | None,
                      state: dict[str, Any]) -> None:
+    """Write a checkpoint's files into its staging ``folder`` (next to the checkpoints it joins)."""
     torch.save(model_state, folder / MODEL_FILE)
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()},
                folder / TRAINER_FILE)
+    order = 1 + max((save_order(p)[0] for p in folder.parent.iterdir() if p != folder and p.is_dir()), default=0)
+    (folder / ORDER_FILE).write_text(str(order), encoding="utf-8")
     write_json(folder / STATE_FILE, state)
 
 
+def save_order(path: Path) -> tuple[int, int]:
+    """Sort key of a checkpoint folder, oldest first: the order its save recorded (0 for a checkpoint from
+    before the order was recorded, or not a checkpoint), then its state file's write time."""
+    try:
+        order = int((path / ORDER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        order = 0
+    try:
+        written = (path / STATE_FILE).stat().st_mtime_ns
+    except OSError:
+        written = 0
+    return order, written
+
+
 def commit_checkpoint(tmp: Path, path: str | Path) -> Path:
-    """Rename a fully written staging folder into place."""
+    """Rename a fully written staging folder into place. A checkpoint already there under that name is
+    renamed aside first and deleted after: the run is without a checkpoint of that name for two renames,
+    not for the deletion of a whole folder."""
     path = Path(path)
+    replaced = path.with_name(path.name + REPLACED_SUFFIX)
     if path.exists():
-        shutil.rmtree(path)
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(path, replaced)
     os.replace(tmp, path)
+    shutil.rmtree(replaced, ignore_errors=True)
     return path
 
 
@@ -161,10 +188,10 @@ def load_checkpoint(path: str | Path, *, model: torch.nn.Module | None, optimize
     return read_json(path / STATE_FILE)
 
 
-def _by_write_time(folders: list[Path]) -> list[Path]:
+def _oldest_first(folders: list[Path]) -> list[Path]:
     """The complete checkpoints among ``folders`` (committed, with a state file), oldest first."""
     complete = [p for p in folders if p.is_dir() and not p.name.endswith(STAGING_SUFFIX) and (p / STATE_FILE).exists()]
-    return sorted(complete, key=lambda p: (p / STATE_FILE).stat().st_mtime_ns)
+    return sorted(complete, key=save_order)
 
 
 def complete_checkpoints(directory: str | Path, prefix: str = "") -> list[Path]:
@@ -175,7 +202,7 @@ def complete_checkpoints(directory: str | Path, prefix: str = "") -> list[Path]:
     if not directory.is_dir():
         return []
     name = re.compile(re.escape(prefix) + r"step\d+")
-    return _by_write_time([p for p in directory.iterdir() if name.fullmatch(p.name)])
+    return _oldest_first([p for p in directory.iterdir() if name.fullmatch(p.name)])
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
@@ -194,7 +221,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
     for required in (MODEL_FILE, TRAINER_FILE):
         if not (path / required).is_file():
             return f"{path / required} is missing"
-    for file in sorted(path.glob("*.pt")):
+    for file in sorted(path.rglob("*.pt")):  # DeepSpeed's shards too, in their own folder
         try:
             size = file.stat().st_size
             with zipfile.ZipFile(file) as archive:
@@ -207,7 +234,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
 
 
 def latest_checkpoint(directory: str | Path, prefix: str = "") -> Path | None:
-    """The most recently written intact checkpoint of the series ``prefix`` (named ``{prefix}step{N}``)
+    """The most recently saved intact checkpoint of the series ``prefix`` (named ``{prefix}step{N}``)
     under ``directory``. A newer checkpoint whose files are damaged (``checkpoint_problem``) is passed
     over with a warning, so a run resumes from the previous kept one instead of failing or, worse,
     starting over."""
@@ -223,7 +250,8 @@ def latest_checkpoint(directory: str | Path, prefix: str = "") -> Path | None:
 def prune_checkpoints(path: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` checkpoints of ``path``'s series (its siblings named like it
     up to a trailing step number), and the series' leftovers of killed runs (folders without a state
-    file, staging folders); ``keep`` 0 deletes nothing. Call it between saves. Returns the deleted paths.
+    file, staging folders, checkpoints being replaced); ``keep`` 0 deletes nothing. Call it between saves.
+    Returns the deleted paths.
 
     A checkpoint's state file goes first, so a run killed mid-delete leaves an incomplete folder
     that ``latest_checkpoint`` never picks. A folder that cannot be deleted stays, with a warning:
@@ -234,9 +262,10 @@ def prune_checkpoints(path: str | Path, keep: int) -> list[Path]:
     series = re.sub(r"\d+$", "", path.name)
     if keep == 0 or series == path.name:
         return []
-    member = re.compile(re.escape(series) + r"\d+(" + re.escape(STAGING_SUFFIX) + ")?")
+    leftovers = "|".join(re.escape(suffix) for suffix in (STAGING_SUFFIX, REPLACED_SUFFIX))
+    member = re.compile(re.escape(series) + r"\d+(" + leftovers + ")?")
     members = [p for p in path.parent.iterdir() if p.is_dir() and member.fullmatch(p.name)]
-    complete = _by_write_time(members)
+    complete = _oldest_first(members)
     stale = complete[:-keep] + [p for p in members if p not in complete and p != path]
     deleted = []
     for p in stale:

@@ -138,9 +138,8 @@ class SFTTrainer:
                     self.logger.log("sft", self.step, metrics, flush=self.step == self.total_steps)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}")
                 bar.update(1)
-                if self.save_every_steps and self.step % self.save_every_steps == 0:
+                if (self.save_every_steps and self.step % self.save_every_steps == 0) or self.step == self.total_steps:
                     if self.ctx.is_main:
                         self.logger.flush("sft")  # a checkpoint never holds steps the log lacks
                     self.save()
-        self.save()
         return history
