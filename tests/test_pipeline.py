@@ -276,3 +276,32 @@ def test_min_input_tokens_decides_a_phase_own_prompts(tmp_path, monkeypatch, min
     assert f"| long-docs | {len(second)} ({floor}-360) |" in report
     if min_input_tokens == 0:
         assert "Retrospective sampling into long-docs: no candidates" in report
+
+
+def test_resume_keeps_the_retrospective_selection_a_finished_phase_trained_on(tmp_path, monkeypatch):
+    """A resumed run passes over its finished phases without choosing their carried prompts again: the reward
+    history has grown since (here the second phase solved every earlier prompt half the time, which would now
+    weigh them for carrying), and the record must keep what was trained on."""
+    from qwenlong.config import load_config
+    from qwenlong.pipeline import build
+    from qwenlong.pipeline.run import Run, _rl
+    from qwenlong.trainers import GRPOTrainer
+
+    overrides = [*SMALL, "sft.enabled=false", "eval.enabled=false", "output.export=none", f"output.dir={tmp_path}"]
+    run = Run(load_config(TINY, overrides))
+    examples = build.rl_examples(run.tokenizer, build.load_split(run.cfg, "train", run.tokenizer))
+    short = [e.id for e in examples if len(e.prompt_ids) <= 200]
+
+    def train_phase(self, phase, examples, **kwargs):
+        if phase.name == "long-docs":  # rollouts of every earlier prompt, half of them right
+            for example_id in short:
+                self.history.record(example_id, [1.0, 0.0], [5, 5], phase=phase.name)
+        return []
+
+    monkeypatch.setattr(GRPOTrainer, "train_phase", train_phase)
+    _rl(run)
+    recorded = run.state["carried"]["long-docs"]
+    assert short and all(d["mean_reward"] is None for d in recorded["decisions"])  # no rollouts when it started
+    resumed = Run(load_config(TINY, overrides), resume=True)
+    _rl(resumed)
+    assert resumed.state["carried"]["long-docs"] == recorded

@@ -237,6 +237,11 @@ def _rl(run: Run) -> None:
                           if not phase.data or e.data_source in phase.data]
         own = {e.id for e in phase_examples}
         run.state.setdefault("phase_data", {})[phase.name] = {"min_input_tokens": floors[index], "own": len(own)}
+        stage = f"rl:{phase.name}"
+        if run.done(stage):  # its retrospective selection is on record (the history has moved on since)
+            seen |= own
+            _memory_agent(run, trainer, phase)
+            continue
         carried = {}
         if index > 0:
             candidates = {i: prompt_len[i] for i in seen - own}
@@ -247,10 +252,6 @@ def _rl(run: Run) -> None:
             carried = selection.to_json()
             run.state["carried"][phase.name] = carried
         seen |= own
-        stage = f"rl:{phase.name}"
-        if run.done(stage):
-            _memory_agent(run, trainer, phase)
-            continue
         run.state.setdefault("phase_steps", {})[phase.name] = trainer.phase_steps(phase, len(phase_examples))
         run.save_state()
 
