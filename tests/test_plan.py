@@ -231,6 +231,24 @@ def test_the_32b_preset_fits_32_h100s_and_plans_without_torch():
     assert "torch" not in imported and "triton" not in imported  # why it answers in well under 2 s
 
 
+def test_train_time_counts_causal_attention_position_by_position():
+    """The plan's train time against FLOPs counted here: 2 per active parameter per token, and at position i of
+    a sequence 4 x heads x head_dim per layer for each of the i keys it sees (QK^T and PV), summed, x3 passes."""
+    from qwenlong.plan.timing import MFU, PROMPT_FRACTION, RESPONSE_FRACTION, measured_mfu
+
+    plan = make_plan(load_config(L1_32B, ["model.gradient_checkpointing=false"]), 32, "h100-80gb")
+    shape, s = plan.shape, plan.settings
+    [train] = [p for p in plan.parts if p.label == "train"]
+    mfu = measured_mfu() or MFU
+    for end in (0, 1):  # (slow, fast): the part's seconds are (fast, slow)
+        seq = int(PROMPT_FRACTION[end] * s.max_input + RESPONSE_FRACTION[end] * s.max_output)
+        keys_seen = seq * (seq + 1) // 2
+        flops = s.train_sequences * (2 * shape.active_params * seq
+                                     + 4 * shape.layers * shape.heads * shape.head_dim * keys_seen)
+        expected = 3 * flops / (s.world * plan.device.bf16_flops * mfu[end])
+        assert train.seconds[1 - end] == pytest.approx(expected, rel=1e-4)
+
+
 def test_a_budget_that_does_not_fit_gets_a_fix_that_does():
     cfg = load_config(L1_32B, ["rl.micro_batch_token_budget=80000"])
     plan = make_plan(cfg, 32, "h100-80gb")

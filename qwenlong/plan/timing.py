@@ -85,7 +85,7 @@ def step_time(shape: ModelShape, s: Settings, dev: Device, plan: MemoryPlan) -> 
         batch = per_engine if capacity is None else max(1, min(per_engine, int(capacity // (prompt + response))))
         steps = math.ceil(per_engine / batch) * response
         gen.append(steps * decode_step_seconds(shape, s, dev, batch, context, DECODE_BANDWIDTH[end]))
-        flops = forward_flops(shape, per_engine * prompt, prompt / 2)
+        flops = forward_flops(shape, per_engine * prompt, prompt)
         prefill.append(flops / (tp * dev.bf16_flops * PREFILL_MFU[end]))
     batch_note = (f"{engines} engine{'s' if engines > 1 else ''} of TP {tp}, {per_engine} sequences each, "
                   "batch up to the KV capacity"
@@ -95,7 +95,7 @@ def step_time(shape: ModelShape, s: Settings, dev: Device, plan: MemoryPlan) -> 
     train_time, logprob_time = [], []
     for end in (FAST, SLOW):
         seq = PROMPT_FRACTION[end] * s.max_input + RESPONSE_FRACTION[end] * s.max_output
-        fwd = forward_flops(shape, s.train_sequences * seq, seq / 2)
+        fwd = forward_flops(shape, s.train_sequences * seq, seq)
         passes = 4 if s.gradient_checkpointing else 3  # forward, backward (2x), recomputed forward
         rate = s.world * dev.bf16_flops * mfu[end]
         logprob_time.append(fwd / rate)
@@ -136,7 +136,7 @@ def step_time(shape: ModelShape, s: Settings, dev: Device, plan: MemoryPlan) -> 
 def throughput_at(shape: ModelShape, s: Settings, dev: Device, plan: MemoryPlan, seq_len: int = 120_000) -> list[str]:
     """Training and decode tokens/s at ``seq_len``-token sequences (the presets' longest inputs)."""
     mfu = measured_mfu() or MFU
-    per_token = forward_flops(shape, 1, seq_len / 2) * (4 if s.gradient_checkpointing else 3)
+    per_token = forward_flops(shape, 1, seq_len) * (4 if s.gradient_checkpointing else 3)
     lines = [f"train: {mfu[0] * dev.bf16_flops / per_token:,.0f}..{mfu[1] * dev.bf16_flops / per_token:,.0f} "
              f"tokens/s per GPU at {seq_len // 1000}K-token sequences (MFU {mfu[0]:.0%}..{mfu[1]:.0%})"]
     if s.engine == "vllm" and plan.kv_capacity_tokens:
