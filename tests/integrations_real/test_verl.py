@@ -122,8 +122,16 @@ def test_verl_agg_loss_modes_and_arguments_are_verls():
     loss_mat = torch.randn(5, 7, generator=generator, dtype=torch.float64)
     mask = torch.rand(5, 7, generator=generator) > 0.4
     mask[2] = False
+    settings = ({}, dict(loss_scale_factor=9), dict(dp_size=3, batch_num_tokens=40, global_batch_size=12,
+                                                     loss_scale_factor=9),
+                dict(dp_size=2, batch_num_tokens=torch.tensor(23.0, dtype=torch.float64),
+                     global_batch_size=torch.tensor(8.0, dtype=torch.float64)),
+                dict(dp_size=8, batch_num_tokens=150, global_batch_size=30, loss_scale_factor=4096))
+    ones = torch.ones(2, 4, dtype=torch.float64)  # the four tokens' sum per sequence, / 2 sequences, / 4 (horizon)
+    assert agg_loss(ones, ones, "seq-mean-token-sum-norm").item() == 1.0
+    assert qwenlong_verl.agg_loss(ones, ones, "seq-mean-token-sum-norm").item() == 1.0
     for agg in AGG_MODES:
-        for extra in ({}, dict(dp_size=3, batch_num_tokens=40, global_batch_size=12, loss_scale_factor=9)):
+        for extra in settings:
             torch.testing.assert_close(qwenlong_verl.agg_loss(loss_mat, mask, agg, **extra),
                                        agg_loss(loss_mat, mask, agg, **extra), rtol=1e-7, atol=1e-12)
         with pytest.raises(ValueError):
