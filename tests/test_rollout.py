@@ -138,6 +138,17 @@ def test_same_seed_same_rollouts_and_global_rng_untouched(model):
     assert [c.token_ids for g in other for c in g] != [c.token_ids for g in first for c in g]
 
 
+@pytest.mark.gpu
+def test_seeded_generation_on_a_gpu_leaves_its_generator_as_it_was():
+    """Sampling on a GPU draws from its generator, which the seed resets: the engine puts it back after."""
+    engine = HFGenerateEngine(tiny_qwen2(seed=0).cuda(), eos_token_id=EOS)
+    torch.cuda.manual_seed(7)
+    before = torch.cuda.get_rng_state()
+    first = engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, n=4, seed=123))
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    assert engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, n=4, seed=123)) == first
+
+
 def test_checkpoint_generation_defaults_do_not_change_sampling():
     policy = tiny_qwen2(seed=0)
     policy.generation_config.min_p = 0.99  # a shipped default that would make sampling greedy here

@@ -102,7 +102,7 @@ def build_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
                              max_position_embeddings=tiny.max_position_embeddings, rope_theta=tiny.rope_theta,
                              tie_word_embeddings=tiny.tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # manual_seed reseeds every GPU too
             torch.manual_seed(cfg.seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=cfg.model.attention)
     check_no_router_loss(model)  # the trainers' loss is the causal LM's alone

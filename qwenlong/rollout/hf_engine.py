@@ -115,7 +115,11 @@ class HFGenerateEngine(RolloutEngine):
         if self.generation_attention is not None:
             self.model.set_attn_implementation(self.generation_attention)
         try:
-            with torch.random.fork_rng(devices=[]):
+            # a seeded call leaves every generator it reseeds (CPU, and the model's GPU: sampling runs there) as it was
+            device = next(self.model.parameters()).device
+            cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+                if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
                 missing = self._missing_batches(-(-len(rows) // self.max_batch_size))
