@@ -101,6 +101,20 @@ def _state(folder) -> dict[str, torch.Tensor]:
     return state
 
 
+def test_sce_select_breaks_ties_by_position():
+    """Equal variances (here integer deltas, exact in float32 and float64): the first positions are kept, as
+    the reference's stable sort does, so CPU and GPU select alike."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randint(-2, 3, (6, 7), generator=generator).float()
+    models = [base + torch.randint(-1, 2, (6, 7), generator=generator).float() for _ in range(3)]
+    for select_topk in (0.1, 0.3, 0.5, 0.9):
+        torch.testing.assert_close(sce_merge_tensor(base, models, select_topk).double(),
+                                   direct_sce(base, models, select_topk))
+    # one model: no variance anywhere; a fraction of 0.3 keeps the first three of ten entries
+    merged = sce_merge_tensor(torch.zeros(10), [torch.arange(1.0, 11.0)], select_topk=0.3)
+    assert merged.tolist() == [1.0, 2.0, 3.0] + [0.0] * 7
+
+
 @pytest.mark.parametrize("select_topk", [1.0, 0.3])
 def test_streaming_sce_matches_direct_implementation(models, tmp_path, select_topk):
     out = tmp_path / "merged"

@@ -5,7 +5,8 @@ Given a base tensor ``b`` and M fine-tuned versions ``x_1..x_M`` of it, with del
 
 1. Select: keep, in every delta, only the entries where the deltas disagree most: the
    ``select_topk`` fraction of positions with the largest variance across the M models
-   (population variance, per position); the other entries of every delta become 0.
+   (population variance, per position; among equal variances the first positions, so the choice
+   is the same on every device); the other entries of every delta become 0.
 2. Calculate: one weight per model from its (selected) delta's magnitude,
    ``w_i = mean(d_i^2) / sum_j mean(d_j^2)`` (uniform when every delta is 0).
 3. Erase: per position, the majority sign is the sign of ``sum_i d_i`` (sign by summed mass);
@@ -27,7 +28,8 @@ import torch
 
 def sce_select_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
     """``[...]`` bool: the ``select_topk`` fraction of positions (``int(fraction * numel)``) whose deltas
-    vary most across models (``deltas``: ``[M, ...]``). All positions for a fraction of 1."""
+    vary most across models (``deltas``: ``[M, ...]``), ties to the first positions. All positions for a
+    fraction of 1."""
     if not 0.0 < select_topk <= 1.0:
         raise ValueError(f"select_topk: expected a fraction in (0, 1], got {select_topk}")
     if select_topk == 1.0:
@@ -35,8 +37,11 @@ def sce_select_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
     variance = deltas.var(dim=0, unbiased=False).flatten()
     k = int(select_topk * variance.numel())
     mask = torch.zeros(variance.numel(), dtype=torch.bool, device=deltas.device)
-    if k > 0:
-        mask[torch.topk(variance, k, sorted=False).indices] = True
+    if k > 0:  # all above the k-th largest variance, then positions equal to it in order up to k
+        threshold = torch.kthvalue(variance, variance.numel() - k + 1).values
+        mask = variance > threshold
+        ties = (variance == threshold).nonzero().flatten()
+        mask[ties[: k - int(mask.sum())]] = True
     return mask.view(deltas.shape[1:])
 
 
