@@ -14,6 +14,7 @@ from qwenlong.data import build_prompt
 from qwenlong.rewards import HybridReward, RewardItem, RuleConfig, compute_score, set_default_reward
 from qwenlong.rewards.judge import JudgeRequest, OpenAIJudge, judge_messages, make_judge, parse_verdict
 from qwenlong.rewards.judge.local_hf import LocalHFJudge
+from qwenlong.rewards.judge.prompt import quote
 from qwenlong.rewards.judge.server import ChatServer
 
 ALIASES = {"new york city": {"nyc", "the big apple"}, "42": {"forty-two"}}
@@ -228,6 +229,37 @@ def tiny_chat_model():
     return Qwen2ForCausalLM(config).eval(), tokenizer
 
 
+@pytest.mark.parametrize("pad,expected", [(0, 0), (None, 7), (3, 3)])
+def test_local_hf_judge_pads_with_token_zero(pad, expected):
+    import torch
+
+    class Tokenizer:
+        chat_template = "{{ messages }}"
+        pad_token_id, eos_token_id = pad, 7
+
+        def apply_chat_template(self, messages, **kwargs):
+            return {"input_ids": torch.tensor([[4, 5, 6]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+
+        def decode(self, ids, skip_special_tokens):
+            return f"tokens {ids.tolist()}"
+
+    class Model:
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, **kwargs):
+            self.calls.append(kwargs)
+            return torch.tensor([[4, 5, 6, 9, 8]])
+
+    model = Model()
+    assert LocalHFJudge(model, Tokenizer(), max_new_tokens=2).generate([{"role": "user", "content": "q"}]) == \
+        "tokens [9, 8]"
+    (call,) = model.calls
+    assert (call["pad_token_id"], call["max_new_tokens"], call["do_sample"]) == (expected, 2, False)
+
+
 @pytest.mark.slow  # imports transformers' Qwen2 model
 def test_local_hf_judge_plumbing(tiny_chat_model, monkeypatch):
     import torch
@@ -274,6 +306,28 @@ def test_parse_verdict_reads_the_last_line_outside_quoted_answers():
     quoted = (INJECTION,)
     assert parse_verdict(f"Answer 1 says: {INJECTION}", quoted) is None
     assert parse_verdict(f"Answer 1 says: {INJECTION}\n[[NO]]", quoted) is False
+
+
+@pytest.mark.parametrize("prediction", ["YES", "NO", "S", "E", "]", "[", "[[", "]]"])
+def test_an_answer_inside_the_verdict_token_does_not_cut_it(prediction):
+    quoted = (quote(prediction), prediction)
+    assert parse_verdict("Both say yes.\n[[YES]]", quoted) is True
+    assert parse_verdict("They differ.\n[[NO]]", quoted) is False
+    echoed = f"Answer 1 is {prediction}.\n[[NO]]\n{prediction}\n"
+    assert parse_verdict(echoed, quoted) is False  # a line holding only the answer is skipped
+    with ChatServer(lambda messages, params: "Both answers say yes.\n[[YES]]") as yes:
+        judge = OpenAIJudge(yes.url, "yes", max_retries=0)
+        assert judge.verdicts_sync([JudgeRequest("q", "yes", prediction)]) == [True]
+
+
+def test_only_verdicts_inside_an_echoed_answer_are_ignored():
+    quoted = (INJECTION,)
+    assert parse_verdict(f"{INJECTION} [[NO]]", quoted) is False  # the judge's own token after the echo
+    assert parse_verdict(f"[[YES]] {INJECTION}", quoted) is True
+    assert parse_verdict(f"They differ.\n[[NO]]\n{INJECTION}", quoted) is False  # a line of echo only is skipped
+    assert parse_verdict(f"They differ.\n[[NO]]\n{INJECTION} or so", quoted) is None
+    assert parse_verdict(f"Same.\n[[YES]] or [[NO]]\n  {INJECTION}  \n", quoted) is None  # only echoes end it
+    assert parse_verdict("[[\nYES]]", ()) is None  # a token split over two lines is no verdict
 
 
 @pytest.mark.parametrize("reply", [

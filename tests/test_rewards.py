@@ -156,6 +156,37 @@ def test_extraction_helpers():
     assert normalize_answer("  The  Quick, Brown fox! ") == "quick brown fox"
 
 
+def test_the_answer_is_must_end_its_word():
+    text = "the answer is Paris. Note that the answer isn't Lyon."
+    assert extract_answer(text) == "Paris. Note that the answer isn't Lyon"
+    assert rule_score(FREE, f"<think>x</think> {text}", "Paris").score == 1.0
+    assert rule_score(FREE, f"<think>x</think> {text}", "Paris", RuleConfig.faithful()).score == 1.0
+    assert extract_answer("The answer isn't known. The answer isnt known either.") is None
+    assert extract_answer("the answer is\\boxed{5}.") == "5"  # a digit may follow "is"
+    assert extract_answer("So the answer is: 42.") == "42"
+
+
+def test_the_pronoun_i_is_not_a_choice():
+    assert extract_choice("Therefore, the answer is I think (C).") == "C"
+    assert rule_score(MC, "<think>x</think> Therefore, the answer is I think (C).", "C").score == 1.0
+    assert rule_score(MC, "<think>x</think> Therefore, the answer is I think (C).", "I").score == 0.0
+    assert extract_choice("The correct answer is I believe option (d), not (A)") == "D"
+    assert extract_choice("The correct answer is I think B") is None  # after the pronoun only "(X)" counts
+    assert extract_choice("The correct answer is (A). Well, the answer is I am not sure") == "A"
+    assert extract_choice("The correct answer is I.") == "I"  # a ninth option is still a letter
+    assert extract_choice("The correct answer is I") == "I"
+    assert extract_choice("The correct answer is (I) because") == "I"
+
+
+def test_lowercase_choices_in_parentheses():
+    assert extract_choice("The correct answer is (b).") == "B"
+    for gold in ("b", "B", "(b)", "The correct answer is (b)"):
+        assert rule_score(MC, "<think>x</think> The correct answer is (b).", gold).score == 1.0
+    assert rule_score(MC, "<think>x</think> The correct answer is (b).", "C").score == 0.0
+    assert extract_choice("the answer is a dog") is None  # a bare lowercase letter is still no choice
+    assert extract_choice("the answer is b") is None
+
+
 def test_numbers_match_is_symmetric_in_scale_rules():
     assert numbers_match(Fraction(1), Fraction(1000)) and numbers_match(Fraction(1000), Fraction(1))
     assert not numbers_match(Fraction(3), Fraction(1000))

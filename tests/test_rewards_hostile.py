@@ -192,6 +192,56 @@ def test_rules_default_and_release(answer, gold, default, release):
     assert rule_score(FREE, said(answer), gold, RuleConfig.faithful()).score == release
 
 
+@pytest.mark.parametrize("answer,gold,score,rejected", [
+    ("yes, there is no doubt", "yes", 1.0, None),  # "no" inside a clause is no answer
+    ("Yes; there was no other candidate", "yes", 1.0, None),
+    ("no, there is no yes here", "no", 1.0, None),
+    ("yes and no", "yes", 0.0, "yes_and_no"),
+    ("Yes. No.", "no", 0.0, "yes_and_no"),
+    ("yes no", "yes", 0.0, "yes_and_no"),
+    ("No, yes it is", "yes", 0.0, "yes_and_no"),
+    ("Yes/No", "no", 0.0, "yes_and_no"),
+    ("yes or no", "yes", 0.0, "yes_and_no"),
+    ("yes, but no", "no", 0.0, "yes_and_no"),
+    ("yes and no", "Yes and no.", 1.0, None),  # a gold that answers both allows both
+    ("yes and no", "Yes, it has no end", 0.0, "yes_and_no"),  # this gold answers "yes" only
+])
+def test_yes_and_no_guard_reads_the_answers_own_yes_and_no(answer, gold, score, rejected):
+    result = rule_score(FREE, said(answer), gold)
+    assert (result.score, result.rejected) == (score, rejected)
+
+
+def test_numpy_golds_are_golds():
+    import numpy as np
+
+    assert rule_score(NUM, said("5"), np.int64(5)).score == 1.0
+    assert rule_score(NUM, said("6"), np.int64(5)).score == 0.0
+    assert rule_score(NUM, said("2.5"), np.float32(2.5)).score == 1.0
+    assert rule_score(NUM, said("7"), np.array([5, 7])).score == 1.0
+    assert rule_score(NUM, said("7"), np.array(7)).score == 1.0  # a 0-d array
+    assert rule_score(FREE, said("Lutetia"), np.array(["Paris", "Lutetia"])).score == 1.0
+    assert rule_score(RuleKind.CHOICE, said("(C)"), np.str_("C")).score == 1.0
+    assert compute_score("docmath", said("5"), np.int64(5)) == 1.0
+    with pytest.raises(ValueError, match="ground_truth: expected text, a number or a list of them, got NoneType"):
+        rule_score(FREE, said("x"), None)
+
+    class RecordingJudge(Judge):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        async def _ask(self, session, messages):
+            self.seen.append(messages[-1]["content"])
+            return "[[YES]]"
+
+    judge = RecordingJudge()
+    results = HybridReward(judge).score([RewardItem("docmath", said("five"), np.int64(5), "How many?"),
+                                         RewardItem("hotpotqa", said("the capital"), np.array(["Paris", "Lutetia"]),
+                                                    "Which city?")])
+    assert [(r.score, r.rule_score, r.judge_score) for r in results] == [(1.0, 0.0, 1.0), (1.0, 0.0, 1.0)]
+    assert ['Answer 2: "5"' in judge.seen[0], 'Answer 2: "Paris"' in judge.seen[1]] == [True, True]
+
+
 def _release_sub_em(prediction: str, gold: str) -> float:
     """The release's rule written out independently: SQuAD normalization, containment either way."""
     def norm(text):

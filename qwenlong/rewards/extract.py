@@ -21,11 +21,15 @@ import re
 from bisect import bisect_left
 
 THINK_END = "</think>"
-_ANSWER_IS = re.compile(r"the answer is", re.IGNORECASE)
+# "is" must end its word ("the answer isn't X" states no answer); a digit may follow (``is\boxed{5}`` unwrapped)
+_ANSWER_IS = re.compile(r"the answer is(?![^\W\d_])", re.IGNORECASE)
 # End-of-turn markers some chat models print after the answer.
 _END_MARKERS = re.compile(r"<\|im_end\|>|<\|endoftext\|>|<｜Assistant｜>|<｜end▁of▁sentence｜>")
-# "(B)", "B", "B.", "option B"; a bare letter must not start a word ("the answer is a dog").
-_CHOICE = re.compile(r"(?i:the correct answer is|the answer is)\s*:?\s*(?i:option\s+)?(?:\(([A-Z])\)|([A-Z])(?![\w']))")
+# "(B)", "(b)", "B", "B.", "option B"; a bare letter is a capital that does not start a word ("the answer is
+# a dog") and is not the pronoun "I" starting a clause, after which a letter in parentheses within 40 characters
+# on the line is the answer ("the answer is I think (C)").
+_CHOICE = re.compile(r"(?i:the correct answer is|the answer is)\s*:?\s*(?i:option\s+)?"
+                     r"(?:(?:I\s+(?=[a-z])[^()\n]{0,40}?)?\(([A-Za-z])\)|(?!I\s+[a-z])([A-Z])(?![\w']))")
 
 # What strip_markdown computes, as regexes (quadratic on hostile input; kept as the specification).
 _EMPHASIS_REFERENCE = re.compile(r"(?<![\w\\])(__|_)(?=\S)(.+?)(?<=\S)\1(?!\w)")
@@ -181,12 +185,12 @@ def extract_answer(text: str) -> str | None:
 
 
 def extract_choice(text: str) -> str | None:
-    """The letter of the last "The correct answer is (X)" / "the answer is X"."""
+    """The letter (upper case) of the last "The correct answer is (X)" / "the answer is X"."""
     matches = list(_CHOICE.finditer(strip_markdown(text)))
     if not matches:
         return None
     last = matches[-1]
-    return last.group(1) or last.group(2)
+    return (last.group(1) or last.group(2)).upper()
 
 
 def gold_answer(ground_truth: str) -> str:

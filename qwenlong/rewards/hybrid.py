@@ -22,7 +22,7 @@ from typing import Any
 from qwenlong.data.sources import rule_kind
 from qwenlong.rewards.extract import gold_answer
 from qwenlong.rewards.judge.base import Judge, JudgeRequest
-from qwenlong.rewards.rules import RuleConfig, RuleResult, rule_config, rule_score
+from qwenlong.rewards.rules import RuleConfig, RuleResult, gold_list, rule_config, rule_score
 from qwenlong.rewards.stats import ALWAYS_LOGGED, ScoringStats
 
 
@@ -50,9 +50,7 @@ class RewardResult:
 
 
 def _first_gold(ground_truth: Any) -> str:
-    if isinstance(ground_truth, (str, int, float)):
-        return str(ground_truth)
-    return str(list(ground_truth)[0])
+    return str(gold_list(ground_truth)[0])
 
 
 class HybridReward:

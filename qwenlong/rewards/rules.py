@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from qwenlong.data.sources import RuleKind
 from qwenlong.rewards.extract import extract_answer, extract_choice, final_segment, gold_answer
@@ -30,7 +31,8 @@ class RuleConfig:
     max_length_ratio, length_slack: free-form containment on word boundaries (a plural or possessive
         "s" on the gold's last word allowed), and at most ``ratio * gold words + slack`` words, else
         the answer is too long (scores 0, never judged). None: the release's character containment.
-    refuse_yes_and_no: an answer holding both "yes" and "no" (and a gold that does not) scores 0.
+    refuse_yes_and_no: an answer that answers both "yes" and "no" (a clause opening with each, as in "yes
+        and no"; "yes, there is no doubt" answers "yes"), and a gold that does not, scores 0.
     min_part_ratio: an answer that is a strict part of a longer gold must hold this fraction of the
         gold's content words (words not in ``STOPWORDS``), and at least one ("of" for "University
         of Oxford" scores 0; "Obama" for "Barack Obama" scores 1). None: any part scores.
@@ -100,10 +102,24 @@ STOPWORDS = frozenset(
     "of in on at to for by with from and or as is was are were be been it its this that these those "
     "not into onto than then there their his her he she they them we you i my our your".split())
 _LIST_SEPARATORS = re.compile(r",\s|[;\n、，；]|\s/\s|\s(?:or|and|&)\s", re.IGNORECASE)
+_CLAUSE_BREAKS = re.compile(r"[^\w\s]+|\b(?:and|or|but)\b", re.IGNORECASE)
 
 
 def _list_items(text: str) -> int:
     return sum(1 for item in _LIST_SEPARATORS.split(text) if item.strip())
+
+
+def _verdict_words(text: str) -> set[str]:
+    """The "yes" / "no" an answer states: the run of them opening each clause (clauses split at
+    punctuation and "and" / "or" / "but"). "yes and no", "Yes. No." and "yes no" state both; "yes,
+    there is no doubt" states "yes" only."""
+    said = set()
+    for clause in _CLAUSE_BREAKS.split(text.lower()):
+        for word in clause.split():
+            if word not in ("yes", "no"):
+                break
+            said.add(word)
+    return said
 
 
 def _choice_letter(gold: str) -> str:
@@ -122,7 +138,8 @@ def _free_form(prediction: str, gold: str, config: RuleConfig) -> float | str:
     if config.max_length_ratio is None:
         return float(ref in pred or pred in ref)
     pred_words, ref_words = pred.split(), ref.split()
-    if config.refuse_yes_and_no and {"yes", "no"} <= set(pred_words) and not {"yes", "no"} <= set(ref_words):
+    both = {"yes", "no"}
+    if config.refuse_yes_and_no and _verdict_words(prediction) == both and _verdict_words(gold) != both:
         return "yes_and_no"
     if config.max_list_items is not None and _list_items(prediction) > max(config.max_list_items, _list_items(gold)):
         return "list"
@@ -140,9 +157,23 @@ def _free_form(prediction: str, gold: str, config: RuleConfig) -> float | str:
     return 1.0
 
 
+def gold_list(ground_truth: Any) -> list:
+    """The gold answer(s) as a list: one answer (text or a number, numpy's included) or a sequence or
+    numpy array of them; anything else is a ValueError."""
+    if hasattr(ground_truth, "tolist") and not isinstance(ground_truth, str):  # a numpy scalar or array
+        ground_truth = ground_truth.tolist()
+    if isinstance(ground_truth, (str, int, float)):
+        return [ground_truth]
+    try:
+        return list(ground_truth)
+    except TypeError:
+        raise ValueError(f"ground_truth: expected text, a number or a list of them, got "
+                         f"{type(ground_truth).__name__}") from None
+
+
 def _golds(kind: RuleKind, ground_truth: str | float | Sequence[str | float]) -> list:
     """The gold answers, checked and parsed once: letters, numbers (or text), or text."""
-    golds = [ground_truth] if isinstance(ground_truth, (str, int, float)) else list(ground_truth)
+    golds = gold_list(ground_truth)
     if not golds:
         raise ValueError("ground_truth: empty")
     if kind is RuleKind.CHOICE:

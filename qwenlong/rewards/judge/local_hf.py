@@ -64,9 +64,10 @@ class LocalHFJudge(Judge):
         ids = {k: v.to(self.model.device) for k, v in ids.items()}
         new_tokens = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
         extra = {"stopping_criteria": [_stop_when(stop)]} if stop is not None else {}
+        pad = self.tokenizer.pad_token_id  # 0 is a token id like any other
+        pad = self.tokenizer.eos_token_id if pad is None else pad
         with self._generate_lock, torch.no_grad():
-            out = self.model.generate(**ids, do_sample=False, max_new_tokens=new_tokens,
-                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id, **extra)
+            out = self.model.generate(**ids, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad, **extra)
         return self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
     async def _ask(self, session: Any, messages: list[dict[str, str]]) -> str:
