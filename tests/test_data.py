@@ -268,9 +268,29 @@ def test_verl_parquet_rows(tmp_path):
             want.id, want.data_source, want.document, want.question, want.answers)
         assert record_prompt(got) == record_prompt(want)
     row = to_verl_row(records[0])
-    assert row["reward_model"]["ground_truth"] == records[0].answer
+    assert len(records[0].answers) == 1 and row["reward_model"]["ground_truth"] == [records[0].answer]
     assert row["prompt"][0]["role"] == "user"
     assert row["extra_info"] == {"id": records[0].id, "question": records[0].question}
+
+
+def test_verl_rows_keep_every_answer(tmp_path):
+    from qwenlong.rewards import compute_score
+
+    records = [DocQARecord("m", "musique", "Doc.", "Who?", ("Barack Obama", "Obama", "the 44th president")),
+               DocQARecord("s", "hotpotqa", "Doc.", "Where?", ("Paris",))]
+    rows = [to_verl_row(r) for r in records]
+    assert [r["reward_model"]["ground_truth"] for r in rows] == [["Barack Obama", "Obama", "the 44th president"],
+                                                                 ["Paris"]]
+    write_parquet(records, tmp_path / "v.parquet", verl=True)  # one column type for one and several answers
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for path in (tmp_path / "v.parquet", tmp_path / "v.jsonl"):
+        loaded = load_records(path).records
+        assert [(r.id, r.data_source, r.question, r.answers) for r in loaded] == [
+            ("m", "musique", "Who?", ("Barack Obama", "Obama", "the 44th president")),
+            ("s", "hotpotqa", "Where?", ("Paris",))]
+    # what verl's reward path gets: the third answer alone scores
+    response = "<think>\nx\n</think>\n\nTherefore, the answer is the 44th president."
+    assert compute_score("musique", response, rows[0]["reward_model"]["ground_truth"], rows[0]["extra_info"]) == 1.0
 
 
 def test_verl_row_with_foreign_prompt_keeps_rendered_prompt(tmp_path):

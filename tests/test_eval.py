@@ -155,6 +155,17 @@ def test_judge_rescues_count_as_accurate(qwen):
     assert report.judge_metrics["yes"] == 1 and report.judge_metrics["no"] == 1
 
 
+def test_an_empty_benchmark_is_refused_before_generating(qwen):
+    records = list(generate_records(2, SyntheticConfig(task="retrieval", document_tokens=100), seed=3, tokenizer=qwen))
+    generate, seen = recording_oracle(records)
+    with pytest.raises(ValueError, match=r"no records for benchmark 'Empty', 'None either' \("):
+        evaluate({"Musique": records, "Empty": [], "None either": ()}, generate, qwen, progress=False)
+    assert seen == []  # nothing was generated
+    report = evaluate({"Musique": records}, generate, qwen, progress=False)  # without it: 100% over 2 items
+    assert [(b.name, b.num_items, b.accuracy) for b in report.benchmarks] == [("Musique", 2, 100.0)]
+    assert report.average == 100.0
+
+
 def test_generate_must_return_one_response_per_prompt(qwen):
     records = list(generate_records(2, SyntheticConfig(document_tokens=100), tokenizer=qwen))
     with pytest.raises(ValueError, match="generate"):
@@ -209,6 +220,48 @@ def test_openai_generate_gives_repeated_prompts_their_own_seeds():
         generate = openai_generate_fn(server.url, "policy", sampling=Sampling(max_new_tokens=8, seed=5))
         generate(["a", "a", "b", "a"])
     assert sorted(seen) == [("a", 5), ("a", 6), ("a", 7), ("b", 5)]
+
+
+def test_openai_generate_puts_the_servers_reasoning_back_in_think_tags():
+    """vLLM returns the thinking as message.reasoning (older servers: reasoning_content)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    messages = {
+        "new": {"role": "assistant", "content": "The answer is 4.", "reasoning": "2 + 2"},
+        "old": {"role": "assistant", "content": "The answer is 5.", "reasoning_content": "2 + 3"},
+        "both": {"role": "assistant", "content": "The answer is 6.", "reasoning": "3 + 3", "reasoning_content": None},
+        "none": {"role": "assistant", "content": "The answer is 7.", "reasoning": None},
+        "empty": {"role": "assistant", "content": None, "reasoning": "thinking only"},
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format, *args):
+            pass
+
+        def do_POST(self):
+            prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["messages"][-1]["content"]
+            body = json.dumps({"choices": [{"index": 0, "message": messages[prompt]}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        generate = openai_generate_fn(f"http://127.0.0.1:{httpd.server_address[1]}/v1", "policy")
+        responses = generate(["new", "old", "both", "none", "empty"])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert responses == ["<think>\n2 + 2\n</think>\n\nThe answer is 4.",
+                         "<think>\n2 + 3\n</think>\n\nThe answer is 5.",
+                         "<think>\n3 + 3\n</think>\n\nThe answer is 6.",
+                         "The answer is 7.",
+                         "<think>\nthinking only\n</think>\n\n"]
 
 
 @pytest.mark.slow

@@ -84,12 +84,14 @@ def record_from_verl_row(row: Mapping[str, Any], *, default_id: str) -> DocQARec
 def to_verl_row(record: DocQARecord) -> dict[str, Any]:
     """The record as a verl training row (the inverse of :func:`record_from_verl_row`).
 
-    ``extra_info.question`` reaches ``compute_score``, so the judge sees the question.
+    ``extra_info.question`` reaches ``compute_score``, so the judge sees the question. ``ground_truth`` is
+    the list of every gold answer (one or more): ``compute_score`` takes the best match over them, and a
+    column of one type stays one Parquet type.
     """
     from qwenlong.data.prompt import chat_messages, question_text, record_prompt
 
     return {"data_source": record.data_source, "prompt": chat_messages(record_prompt(record)),
-            "ability": "docqa", "reward_model": {"style": "rule", "ground_truth": record.answer},
+            "ability": "docqa", "reward_model": {"style": "rule", "ground_truth": list(record.answers)},
             "extra_info": {"id": record.id, "question": question_text(record)}}
 
 

@@ -90,8 +90,10 @@ def openai_generate_fn(base_url: str, model: str, *, api_key: str | None = None,
         response.raise_for_status()
         message = response.json()["choices"][0]["message"]
         # servers with a reasoning parser split the thinking off; put it back where the reward expects it
-        if message.get("reasoning_content"):
-            return f"<think>\n{message['reasoning_content']}\n</think>\n\n{message.get('content') or ''}"
+        # (vLLM names it "reasoning"; older vLLM and other servers "reasoning_content")
+        reasoning = message.get("reasoning") or message.get("reasoning_content")
+        if reasoning:
+            return f"<think>\n{reasoning}\n</think>\n\n{message.get('content') or ''}"
         return message.get("content") or ""
 
     async def batch(prompts: Sequence[str]) -> list[str]:

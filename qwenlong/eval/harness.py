@@ -85,7 +85,14 @@ def evaluate(datasets: Mapping[str, Sequence[DocQARecord]], generate: GenerateFn
     chat_template_in_budget: count the chat template's tokens against the budget too (the
         release counts the raw prompt only).
     samples_per_prompt: answers per item (k of avg@k); more than 1 needs sampled decoding.
+
+    A benchmark without records is a ValueError, raised before anything is generated: it has no
+    accuracy, and counting it as 0 would pull the average down.
     """
+    empty = [name for name, records in datasets.items() if not len(records)]
+    if empty:
+        raise ValueError(f"datasets: no records for benchmark {', '.join(map(repr, empty))} (an empty benchmark has "
+                         "no accuracy; leave it out)")
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
     if samples_per_prompt < 1:
@@ -122,10 +129,10 @@ def evaluate(datasets: Mapping[str, Sequence[DocQARecord]], generate: GenerateFn
                                            "rule_score": result.rule_score, "judge_score": result.judge_score,
                                            "input_tokens": fit.num_tokens, "response": response})
             bar.update(len(batch))
-        count, answers = max(len(records), 1), max(len(records) * samples_per_prompt, 1)
+        answers = len(records) * samples_per_prompt
         report.benchmarks.append(BenchmarkResult(name, len(records), 100.0 * accurate / answers,
                                                  100.0 * rule_accurate / answers, rescued, truncated,
-                                                 input_tokens / count, samples_per_prompt))
+                                                 input_tokens / len(records), samples_per_prompt))
     bar.close()
     report.judge_metrics = reward.metrics()
     return report
