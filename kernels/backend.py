@@ -72,5 +72,6 @@ def select_backend(device: torch.device, override: str | None = None, has_cuda_o
         from qwenlong import _C
 
         if _C.cuda is None:
-            raise RuntimeError(f"backend 'cuda' requested but qwenlong._C._cuda is unavailable: {_C.cuda_error}")
+            raise RuntimeError(f"backend 'cuda' requested but the CUDA extension qwenlong._C._cuda is not built "
+                               f"(importing it failed with {_C.cuda_error})")
     return choice

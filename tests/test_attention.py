@@ -370,3 +370,17 @@ def test_compile_specs_cover_every_kernel_build():
                     assert (spec.num_warps, spec.num_stages) == (config["num_warps"], config["num_stages"])
                     assert (spec.constexprs["BLOCK_M"], spec.constexprs["BLOCK_N"]) == (
                         config["BLOCK_M"], config["BLOCK_N"])  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused(backend, device, monkeypatch):
+    """The attention backward is not differentiable again: differentiating a gradient taken with
+    create_graph=True raises, naming varlen_attention (the Triton path silently dropped the second derivative,
+    the blockwise path raised an unrelated in-place error). A single backward is untouched."""
+    monkeypatch.setenv("QWENLONG_BACKEND", backend)
+    q, k, v, do, cu_q, cu_k = _inputs([5, 3], [5, 3], 2, 1, 8, torch.float32, device, seed=7)
+    out = varlen_attention(q, k, v, cu_q, cu_k, 5, 5)
+    (dq,) = torch.autograd.grad(out, q, do, create_graph=True)
+    with pytest.raises(RuntimeError, match="varlen_attention does not support double backward"):
+        torch.autograd.grad((dq**2).sum() + q.sum(), (q, k, v), allow_unused=True)
+    assert torch.equal(dq.detach(), torch.autograd.grad(varlen_attention(q, k, v, cu_q, cu_k, 5, 5), q, do)[0])

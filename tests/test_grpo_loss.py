@@ -271,3 +271,68 @@ def test_gradients_in_forward_match_the_reference(backend, option_index, dtype):
     assert set(metrics) == set(plain_metrics)
     for name, value in metrics.items():
         torch.testing.assert_close(value, plain_metrics[name], atol=tol, rtol=tol)
+
+
+def _misread_cases():
+    good, _ = _bad_cases()
+    targets, mask = good["targets"], good["mask"]
+    assert mask.any() and not mask.all()
+    ignored_at_loss_token = targets.clone()
+    ignored_at_loss_token[mask.nonzero()[0, 0]] = IGNORE
+    half = mask.float()
+    half[mask.nonzero()[0, 0]] = 0.5
+    per_token = torch.full(mask.shape, 4.0)
+    per_token[mask.nonzero()[0, 0]] = 0.0
+    return good, [
+        ("targets", dict(targets=targets[:1])),  # broadcast to every token before
+        ("targets", dict(targets=targets.float())),
+        ("targets .* where mask is set", dict(targets=ignored_at_loss_token)),  # counted as logp = 0 before
+        ("mask must hold only 0 and 1", dict(mask=half)),  # counted as 1 before
+        ("mask must hold only 0 and 1", dict(mask=torch.where(mask, float("nan"), 0.0))),
+        ("num_tokens must be > 0 at every token where mask is set", dict(num_tokens=per_token)),  # NaN before
+    ]
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+@pytest.mark.parametrize("case", range(6))
+def test_inputs_it_would_misread_are_refused(backend, case, grad_in_forward):
+    """Targets that are not one int per token, an ignored target at a loss token, a mask that is not 0/1 and a
+    per-token num_tokens of 0 at a loss token: each a ValueError naming the argument (they were silently
+    broadcast, counted as logp = 0, counted as 1, or gave NaN). A 0/1 float mask is the bool mask."""
+    good, cases = _misread_cases()
+    message, change = cases[case]
+    with pytest.raises(ValueError, match=message):
+        grpo_loss(**(good | change), grad_in_forward=grad_in_forward)
+    as_bool = grpo_loss(**good, grad_in_forward=grad_in_forward)[0]
+    as_float = grpo_loss(**(good | {"mask": good["mask"].float()}), grad_in_forward=grad_in_forward)[0]
+    assert torch.equal(as_bool, as_float)
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_fp16_gradients_in_forward_under_a_loss_scale(backend, grad_in_forward):
+    """fp16 under a GradScaler-style scale of 65536 (inf in fp16), with hidden states and weight of 2**-16, so
+    both gradients (2**-20 and below) are under fp16's normal range (2**-14) until scaled: both as the float64
+    reference's (grad_in_forward gave NaN before)."""
+    args, kwargs = make_grpo_inputs(40, 16, 300, torch.float32, seed=41, options={"kl_coef": 0.05})
+    hidden, weight = (args[0].detach() * 2**-16).half(), (args[1].detach() * 2**-16).half()
+    targets, advantages, old, mask = args[2:]
+    exact = [t.double().requires_grad_() for t in (hidden, weight)]
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    loss, _ = grpo_loss(hidden, weight, targets, advantages, old, mask, **kwargs, grad_in_forward=grad_in_forward)
+    grads = torch.autograd.grad(loss * 65536.0, (hidden, weight))
+    ref = reference_grpo_loss(*exact, targets, advantages, old, mask, **kwargs)
+    ref_grads = torch.autograd.grad(ref * 65536.0, exact)
+    for name, got, want in zip(("hidden", "weight"), grads, ref_grads, strict=True):
+        assert got.dtype == torch.float16 and torch.isfinite(got).all(), name
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 2e-3, name
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_double_backward_is_refused(backend, grad_in_forward):
+    """grpo_loss's gradient is not differentiable again: differentiating it raises, naming the fused LM head."""
+    args, kwargs = make_grpo_inputs(8, 16, 40, torch.float32, seed=43, options={"entropy_coef": 0.01})
+    hidden, weight = args[:2]
+    with pytest.raises(RuntimeError, match="fused LM head .* does not support double backward"):
+        (first,) = torch.autograd.grad(grpo_loss(*args, **kwargs, grad_in_forward=grad_in_forward)[0], hidden,
+                                       create_graph=True)
+        torch.autograd.grad((first**2).sum() + hidden.sum() + weight.sum(), (hidden, weight))

@@ -396,3 +396,114 @@ def test_gradients_in_forward_stop_after_the_valid_chunks(valid, device, monkeyp
             assert relative_error(got, want) < BWD_RTOL[torch.float32], name
         else:
             assert torch.equal(got, torch.zeros_like(got)), name
+
+
+@pytest.mark.parametrize("scale", [65536.0, 32768.0])
+def test_fp16_gradients_in_forward_under_a_loss_scale(backend, scale, device):
+    """fp16 with a GradScaler-style scale: ``(loss * scale).backward()`` on the loss whose gradients were made in
+    the forward. Hidden states and weight of 2**-16 put the unscaled gradients (2**-20 and below) under fp16's
+    normal range (2**-14): kept in fp16 they lost their low bits before the scale was applied (32768: 5% off),
+    and 65536 itself is inf in fp16 (NaN gradients). Both gradients as the float64 reference's (5e-4 now)."""
+    hidden, weight, targets = make_inputs(20, 16, 130, torch.float32, seed=97, device=device)
+    hidden = (hidden.detach() * 2**-16).half().requires_grad_()
+    weight = (weight.detach() * 2**-16).half().requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, targets, grad_in_forward=True)
+    grads = torch.autograd.grad(loss * scale, (hidden, weight))
+    exact = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+    ref = reference_linear_cross_entropy(*exact, targets, ignore_index=IGNORE)
+    ref_grads = torch.autograd.grad(ref * scale, exact)
+    torch.testing.assert_close(loss.double(), ref, atol=FWD_ATOL[torch.float16], rtol=1e-4)
+    for name, got, want in zip(("hidden", "weight"), grads, ref_grads, strict=True):
+        assert got.dtype == torch.float16 and torch.isfinite(got).all(), name
+        assert relative_error(got, want) < 2e-3, name
+
+
+def _double_backward(make_loss, inputs):
+    """A gradient taken with create_graph=True, differentiated again (a gradient penalty)."""
+    (first,) = torch.autograd.grad(make_loss(), inputs[:1], create_graph=True)
+    penalty = (first.float() ** 2).sum() + sum(x.float().sum() for x in inputs)
+    return torch.autograd.grad(penalty, inputs)
+
+
+@pytest.mark.parametrize("op", ["logprobs", "entropy", "cross_entropy", "cross_entropy_grad_in_forward"])
+def test_double_backward_is_refused(backend, op, device):
+    """The fused LM head's backward is not differentiable again: differentiating its gradient raises, naming
+    the op (before: a wrong or silently missing second derivative, or an unrelated in-place error)."""
+    hidden, weight, targets = make_inputs(6, 16, 40, torch.float32, seed=98, device=device)
+    losses = {
+        "logprobs": lambda: linear_logprobs(hidden, weight, targets).sum(),
+        "entropy": lambda: linear_logprobs(hidden, weight, targets, return_entropy=True)[1].sum(),
+        "cross_entropy": lambda: linear_cross_entropy(hidden, weight, targets),
+        "cross_entropy_grad_in_forward": lambda: linear_cross_entropy(hidden, weight, targets, grad_in_forward=True),
+    }
+    with pytest.raises(RuntimeError, match="fused LM head .* does not support double backward"):
+        _double_backward(losses[op], (hidden, weight))
+    (plain,) = torch.autograd.grad(losses[op](), hidden)  # a single backward is untouched
+    assert torch.isfinite(plain).all()
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_zero_tokens(backend, grad_in_forward, device):
+    """T = 0: empty log-probs and entropies, a 0 loss and zero gradients, on both paths (the Triton path raised
+    'range() arg 3 must not be zero')."""
+    _, weight, _ = make_inputs(1, 16, 40, torch.float32, seed=99, device=device)
+    hidden = torch.zeros((0, 16), device=device, requires_grad=True)
+    targets = torch.zeros((0,), dtype=torch.int64, device=device)
+    logp, entropy = linear_logprobs(hidden, weight, targets, return_entropy=True)
+    assert logp.shape == entropy.shape == (0,)
+    grads = torch.autograd.grad((logp + entropy).sum(), (hidden, weight))
+    for reduction in ("mean", "sum"):
+        loss = linear_cross_entropy(hidden, weight, targets, reduction=reduction, grad_in_forward=grad_in_forward)
+        assert loss.item() == 0.0
+        grads += torch.autograd.grad(loss, (hidden, weight))
+    for grad, like in zip(grads, (hidden, weight) * 3, strict=True):
+        assert grad.shape == like.shape and torch.equal(grad, torch.zeros_like(like))
+
+
+def _bad_scalars():
+    return [
+        ("temperature", dict(temperature=float("inf"))),  # was uniform log-probs, -log V
+        ("temperature", dict(temperature=1e-40)),  # 1 / temperature is inf in fp32: was NaN
+        ("temperature", dict(temperature=float("nan"))),
+        ("temperature", dict(temperature="1.0")),
+        ("ignore_index", dict(ignore_index=1.5)),  # was truncated to 1
+        ("ignore_index", dict(ignore_index=-100.0)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_scalars())))
+def test_bad_scalar_arguments_name_the_argument(backend, case):
+    name, change = _bad_scalars()[case]
+    _, good = _bad_inputs()
+    with pytest.raises(ValueError, match=name):
+        linear_logprobs(**(good | change))
+    if name == "ignore_index":
+        for grad_in_forward in (False, True):
+            with pytest.raises(ValueError, match=name):
+                linear_cross_entropy(**good, **change, grad_in_forward=grad_in_forward)
+    assert linear_logprobs(**good, temperature=1e-30).isfinite().all()  # the smallest temperatures still run
+
+
+def test_cuda_backend_without_the_extension_says_it_is_not_built(monkeypatch):
+    """``QWENLONG_BACKEND=cuda`` for the log-prob ops on a GPU whose ``qwenlong._C._cuda`` did not load: the error
+    says the extension is not built and shows why it did not import (it said the op had no CUDA path); one built
+    without the log-prob ops says that. The GPU is stood in for by the device the backend is chosen for."""
+    import types
+
+    from qwenlong import _C
+    from qwenlong.kernels import backend
+
+    def on_a_gpu(device, override=None, has_cuda_op=False):
+        return backend.select_backend(torch.device("cuda"), override, has_cuda_op)
+
+    monkeypatch.setattr(KERNELS, "select_backend", on_a_gpu)
+    monkeypatch.setenv("QWENLONG_BACKEND", "cuda")
+    _, good = _bad_inputs()
+    monkeypatch.setattr(_C, "cuda", None)
+    monkeypatch.setattr(_C, "cuda_error", "ImportError: libcudart.so.12: cannot open shared object file")
+    for call in (linear_logprobs, linear_cross_entropy):
+        with pytest.raises(RuntimeError, match=r"not built .*ImportError: libcudart\.so\.12"):
+            call(**good)
+    monkeypatch.setattr(_C, "cuda", types.SimpleNamespace())
+    with pytest.raises(RuntimeError, match="built without the log-prob ops"):
+        linear_logprobs(**good)

@@ -354,3 +354,22 @@ def test_sequence_parallel_two_ranks(free_port):
 @pytest.mark.distributed
 def test_sequence_parallel_four_ranks(free_port):
     spawn(_four_ranks, 4, free_port, preload=PRELOAD)
+
+
+@pytest.mark.parametrize("num_tokens", [-2, 38, 2.5, True])
+def test_sp_logprobs_num_tokens_must_fit_the_gathered_tokens(num_tokens, monkeypatch):
+    """``num_tokens`` cuts the gathered log-probs to the real tokens: an int in [0, gathered]. -2 dropped the last
+    two tokens and 38 (of 37 gathered, a group of one) returned 37 without a word; both now a ValueError naming
+    it. The bounds themselves are kept."""
+    from qwenlong.kernels import gather_per_token, sp_linear_logprobs
+
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")
+    _, batch, weight = _lm_batch(seed=12)
+    total = batch["labels"].shape[0]
+    assert total == 37
+    with pytest.raises(ValueError, match=r"num_tokens must be an int in \[0, 37\]"):
+        sp_linear_logprobs(batch["hidden"], weight, batch["labels"], num_tokens=num_tokens, return_entropy=True)
+    with pytest.raises(ValueError, match="num_tokens"):
+        gather_per_token(batch["labels"], num_tokens=num_tokens)
+    for count in (0, total):
+        assert sp_linear_logprobs(batch["hidden"], weight, batch["labels"], num_tokens=count).shape == (count,)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..utils.autograd import once_differentiable
+
 BLOCK_Q = 128
 BLOCK_K = 256
 
@@ -125,6 +127,7 @@ class BlockwiseAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable("varlen_attention")
     def backward(ctx, do, _dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         scale, left, right = ctx.args

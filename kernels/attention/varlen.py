@@ -93,6 +93,7 @@ import triton
 import triton.language as tl
 
 from ..backend import select_backend, tile_table
+from ..utils.autograd import once_differentiable
 from ..utils.checks import check_cu_seqlens, check_dim, check_same_device, check_tensor
 from .blockwise import BlockwiseAttention
 
@@ -792,6 +793,7 @@ class TritonVarlenAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable("varlen_attention")
     def backward(ctx, do, _dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         do = do if do.stride(-1) == 1 and do.stride(0) < MAX_TOKEN_STRIDE else do.contiguous()

@@ -28,13 +28,28 @@ def _check_per_token(name, value, num_tokens, device, dtypes=FLOAT_DTYPES):
         raise ValueError(f"{name} is on {value.device} but hidden is on {device}")
 
 
-def _check_grpo_args(hidden, advantages, old_logprobs, mask, ref_logprobs, clip_low, clip_high, dual_clip,
+def _check_grpo_args(hidden, targets, advantages, old_logprobs, mask, ref_logprobs, clip_low, clip_high, dual_clip,
                      kl_coef, num_tokens):
+    """Shapes, dtypes and options always; checks that read tensor values (the mask's 0/1 values, the targets at
+    loss tokens, a per-token ``num_tokens``) on CPU tensors and, on a GPU, only with ``QWENLONG_CHECK_TENSORS=1``
+    (:func:`tensor_checks_enabled`: reading a value back waits for the device)."""
     check_tensor("hidden", hidden, ndim=2)
     count, device = hidden.shape[0], hidden.device
+    _check_per_token("targets", targets, count, device, dtypes=(torch.int32, torch.int64))
     _check_per_token("advantages", advantages, count, device)
     _check_per_token("old_logprobs", old_logprobs, count, device)
     _check_per_token("mask", mask, count, device, dtypes=(torch.bool, *FLOAT_DTYPES))
+    if mask.dtype != torch.bool and tensor_checks_enabled(mask):
+        bad = (mask != 0) & (mask != 1)  # NaN too
+        if bool(bad.any()):
+            raise ValueError(f"mask must hold only 0 and 1 (it selects loss tokens; it does not weight them), "
+                             f"got {mask[bad][:4].tolist()}")
+    if tensor_checks_enabled(targets):
+        ignored = (mask != 0) & (targets == IGNORE_INDEX)
+        if bool(ignored.any()):
+            rows = ignored.nonzero()[:4, 0].tolist()
+            raise ValueError(f"targets must not be ignore_index ({IGNORE_INDEX}) where mask is set (a loss token "
+                             f"needs a target), got it at rows {rows}")
     if ref_logprobs is not None:
         _check_per_token("ref_logprobs", ref_logprobs, count, device)
     elif kl_coef != 0:
@@ -47,6 +62,11 @@ def _check_grpo_args(hidden, advantages, old_logprobs, mask, ref_logprobs, clip_
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
     if isinstance(num_tokens, torch.Tensor) and num_tokens.dim() > 0:
         _check_per_token("num_tokens", num_tokens, count, device, dtypes=(torch.int32, torch.int64, *FLOAT_DTYPES))
+        if tensor_checks_enabled(num_tokens):
+            bad = (mask != 0) & ~(num_tokens > 0)  # NaN fails > 0 too
+            if bool(bad.any()):
+                raise ValueError(f"num_tokens must be > 0 at every token where mask is set, got "
+                                 f"{num_tokens[bad][:4].tolist()}")
     elif num_tokens is not None and (not isinstance(num_tokens, torch.Tensor) or tensor_checks_enabled(num_tokens)):
         if not float(num_tokens) > 0:  # reads a tensor's value: on a GPU only when checks are asked for
             raise ValueError(f"num_tokens must be > 0, got {num_tokens}")
@@ -57,7 +77,8 @@ def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, ref_lo
               grad_in_forward=False):
     """Clipped-surrogate GRPO loss with optional dual clip, k3 KL and entropy bonus.
 
-    Per token (``mask`` selects response tokens; all per-token arguments are ``(T,)``):
+    Per token (``mask``, bool or 0/1 floats, selects the loss tokens, whose ``targets`` must not be -100; all
+    per-token arguments are ``(T,)``, ``targets`` int):
     ``l_t = pg_t + kl_coef * k3(ref_t, logp_t) - entropy_coef * H_t`` with ``pg_t`` from
     :func:`policy_loss_per_token`. The loss is ``sum_t mask_t * l_t / n_t`` (see
     :func:`aggregate_tokens`): ``num_tokens=None`` is the local token mean, a number is the
@@ -72,7 +93,7 @@ def grpo_loss(hidden, weight, targets, advantages, old_logprobs, mask, *, ref_lo
     (6 instead of 8 T_valid d V FLOPs, an fp32 logits chunk of memory; see :func:`fused_linear_loss`);
     ``loss.backward()`` then only scales them.
     """
-    _check_grpo_args(hidden, advantages, old_logprobs, mask, ref_logprobs, clip_low, clip_high, dual_clip,
+    _check_grpo_args(hidden, targets, advantages, old_logprobs, mask, ref_logprobs, clip_low, clip_high, dual_clip,
                      kl_coef, num_tokens)
     with_entropy = entropy_coef != 0
     active = mask != 0

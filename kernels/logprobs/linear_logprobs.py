@@ -49,11 +49,15 @@ interpreter is on.
 
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 import triton
 import triton.language as tl
 
 from ..backend import select_backend, tile_table
+from ..utils.autograd import once_differentiable
 from ..utils.checks import FLOAT_DTYPES, check_same_device, check_tensor, tensor_checks_enabled
 from . import chunked, cuda_backend
 from .valid_rows import ValidRowStats
@@ -69,6 +73,9 @@ PARTIAL_STATS = 5
 COMBINE_BLOCK = 128  # rows per program of the slice merge
 # the backends launched from the host, by the name select_backend returns (Triton: the kernels below)
 HOST_BACKENDS = {"torch": chunked, "cuda": cuda_backend}
+# named when a double backward is refused
+LM_HEAD_OPS = "the fused LM head (linear_logprobs, linear_cross_entropy, grpo_loss)"
+FP32_MAX = torch.finfo(torch.float32).max  # the largest 1 / temperature the kernels' fp32 scale holds
 
 
 @triton.jit
@@ -445,10 +452,11 @@ class _ChunkGradients:
                     self.chunk_cols, self.chunk_rows, ACCUMULATE=token_start > 0, **gemm, **gemm_launch,
                 )
 
-    def result(self):
-        """``(grad_hidden | None, grad_weight | None)`` in the input dtype."""
-        grad_hidden = None if self.grad_hidden is None else self.grad_hidden.to(self.hidden.dtype)
-        grad_weight = None if self.grad_weight is None else self.grad_weight.to(self.weight.dtype)
+    def result(self, dtype=None):
+        """``(grad_hidden | None, grad_weight | None)`` in ``dtype`` (default: the input dtype)."""
+        dtype = self.hidden.dtype if dtype is None else dtype
+        grad_hidden = None if self.grad_hidden is None else self.grad_hidden.to(dtype)
+        grad_weight = None if self.grad_weight is None else self.grad_weight.to(dtype)
         return grad_hidden, grad_weight
 
 
@@ -458,9 +466,10 @@ def _config_for(hidden: torch.Tensor) -> dict:
 
 
 def _chunk_rows(num_tokens: int, limit: int, config: dict) -> int:
-    """Rows of a token chunk: ``limit``, or the whole batch rounded up to a GEMM tile when it is smaller."""
+    """Rows of a token chunk: ``limit``, or the whole batch rounded up to a GEMM tile when it is smaller (one
+    tile for an empty batch: a chunk is never empty, so ``range(0, T, chunk_rows)`` always has a step)."""
     block = config["BLOCK_M"]
-    return min(limit, triton.cdiv(num_tokens, block) * block)
+    return min(limit, max(1, triton.cdiv(num_tokens, block)) * block)
 
 
 def vocab_slices(vocab: int, block_v: int) -> tuple[int, int]:
@@ -477,6 +486,8 @@ def _forward(hidden, weight, targets, order, num_valid, outputs, temperature, wi
     (default: all) and the slice merge, writing ``outputs = (logp, entropy, mean_logp, lse)`` and, if given,
     the chunk's logits."""
     (num_tokens, dim), vocab = hidden.shape, weight.shape[0]
+    if num_tokens == 0:  # no rows: nothing to launch (the outputs are empty)
+        return
     kind = "forward" if logits is None else "forward_keep_logits"
     constexprs, launch = launch_options(_config_for(hidden), kind)
     tiles = triton.cdiv(num_tokens if num_rows is None else num_rows, constexprs["BLOCK_T"])
@@ -546,6 +557,7 @@ class _TritonLinearStats(torch.autograd.Function):
         return logp, entropy if with_entropy else None, mean_logp if with_mean_logp else None
 
     @staticmethod
+    @once_differentiable(LM_HEAD_OPS)
     def backward(ctx, grad_logp, grad_entropy, grad_mean_logp):
         hidden, weight, targets, order, num_valid, lse, entropy = ctx.saved_tensors
         chunk_rows = _chunk_rows(hidden.shape[0], TOKEN_CHUNK, _config_for(hidden))
@@ -565,6 +577,11 @@ class _TritonFusedLoss(torch.autograd.Function):
     statistics and keeps the chunk's fp32 logits; ``token_loss`` and autograd give the per-token output
     gradients; dz comes from the kept logits (no recompute) and the GEMM kernels fold it into d(hidden),
     d(weight). Backward only scales them.
+
+    fp16 inputs keep these gradients in fp32 until backward has scaled them: a GradScaler's scale (65536 is
+    inf in fp16) multiplies them in fp32 and the product is rounded to fp16 once, so gradients of 2**-20, which
+    the scale brings into fp16's range, are not first rounded to fp16 subnormals (or 0). bf16 (fp32's range)
+    keeps them in bf16. (dz itself is stored in the input dtype, as on the recomputing path.)
     """
 
     @staticmethod
@@ -601,23 +618,51 @@ class _TritonFusedLoss(torch.autograd.Function):
             loss += chunk_loss.detach()
             gradients.add_chunk(token_start, targets, outputs[3], outputs[1], grads, flags, 1.0 / temperature,
                                 logits)
-        results = gradients.result()
+        results = gradients.result(torch.float32 if hidden.dtype == torch.float16 else None)
         ctx.save_for_backward(*(g for g in results if g is not None))
         ctx.has_grads = [g is not None for g in results]
+        ctx.input_dtype = hidden.dtype
         logp, entropy, mean_logp, _ = outputs
         ctx.mark_non_differentiable(logp, entropy, mean_logp)
         return loss, logp, entropy if with_entropy else None, mean_logp if with_mean_logp else None
 
     @staticmethod
+    @once_differentiable(LM_HEAD_OPS)
     def backward(ctx, grad_loss, *_):
         saved = iter(ctx.saved_tensors)
-        grad_hidden, grad_weight = [(g := next(saved)) * grad_loss.to(g.dtype) if has else None
+        # in the saved dtype (fp32 for fp16 inputs), rounded to the input dtype once
+        grad_hidden, grad_weight = [((g := next(saved)) * grad_loss.to(g.dtype)).to(ctx.input_dtype) if has else None
                                     for has in ctx.has_grads]
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
+def _checked_temperature(temperature) -> float:
+    """``temperature`` as a float: finite, > 0, and with a reciprocal that fits in fp32 (the kernels scale the
+    logits by ``1 / temperature`` in fp32: inf gives uniform log-probs, 1e-40 an infinite scale and NaN)."""
+    try:
+        value = math.nan if isinstance(temperature, (str, bytes)) else float(temperature)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one element
+        value = math.nan
+    if not (math.isfinite(value) and value > 0 and 1.0 / value <= FP32_MAX):
+        raise ValueError(f"temperature must be a finite number > 0 whose reciprocal fits in fp32 "
+                         f"(>= {1.0 / FP32_MAX:.4g}), got {temperature!r}")
+    return value
+
+
+def _checked_ignore_index(ignore_index) -> int:
+    """``ignore_index`` as an int; a float (1.5) or a bool is refused, not truncated."""
+    try:
+        value = None if isinstance(ignore_index, bool) else operator.index(ignore_index)
+    except TypeError:
+        value = None
+    if value is None:
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    return value
+
+
 def check_logprob_inputs(hidden, weight, targets, temperature, ignore_index):
-    """Validate the shared inputs of the fused LM-head ops (ValueError naming the argument).
+    """Validate the shared inputs of the fused LM-head ops (ValueError naming the argument); returns
+    ``(temperature, ignore_index)`` as a float and an int.
 
     The target range check reads tensor data: it runs on CPU tensors and, on a GPU, only when
     ``QWENLONG_CHECK_TENSORS=1`` (see :func:`tensor_checks_enabled`), so the hot path never waits
@@ -635,14 +680,25 @@ def check_logprob_inputs(hidden, weight, targets, temperature, ignore_index):
         raise ValueError(f"targets must have one entry per token ({hidden.shape[0]}), got {tuple(targets.shape)}")
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one vocabulary row, got shape (0, d)")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    temperature, ignore_index = _checked_temperature(temperature), _checked_ignore_index(ignore_index)
     if tensor_checks_enabled(targets):
         in_use = targets != ignore_index
         bad = in_use & ((targets < 0) | (targets >= weight.shape[0]))
         if bool(bad.any()):
             raise ValueError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}, "
                              f"got {targets[bad][:4].tolist()}")
+    return temperature, ignore_index
+
+
+def logprob_backend(device: torch.device) -> str:
+    """The path of the fused LM-head ops on ``device`` (:func:`select_backend`; these ops have a CUDA-extension
+    path). ``QWENLONG_BACKEND=cuda`` without the extension says that it is not built and why it did not load;
+    an extension built without the log-prob ops says so."""
+    backend = select_backend(device, has_cuda_op=True)
+    if backend == "cuda" and not cuda_backend.available():
+        raise RuntimeError("backend 'cuda' requested but the CUDA extension qwenlong._C._cuda was built without the "
+                           "log-prob ops (no linear_logprobs_forward): rebuild it")
+    return backend
 
 
 def fused_linear_stats(hidden, weight, targets, temperature=1.0, ignore_index=-100,
@@ -651,11 +707,11 @@ def fused_linear_stats(hidden, weight, targets, temperature=1.0, ignore_index=-1
 
     All outputs are 0 (and pass no gradient) at rows whose target is ``ignore_index``.
     """
-    check_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
+    temperature, ignore_index = check_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.to(torch.int64).contiguous()
-    args = (hidden, weight, targets, float(temperature), int(ignore_index), bool(with_entropy), bool(with_mean_logp))
+    args = (hidden, weight, targets, temperature, ignore_index, bool(with_entropy), bool(with_mean_logp))
     # QWENLONG_BACKEND=cuda picks the CUDA-extension epilogue (cuBLAS tiles) where it was built
-    backend = select_backend(hidden.device, has_cuda_op=cuda_backend.available())
+    backend = logprob_backend(hidden.device)
     if backend == "triton":
         return _TritonLinearStats.apply(*args)
     return ValidRowStats.apply(*args, HOST_BACKENDS[backend])
@@ -687,11 +743,11 @@ def fused_linear_loss(hidden, weight, targets, token_loss, temperature=1.0, igno
     backward issue 6 T_valid d V FLOPs instead of 8, and ``loss.backward()`` only scales the stored
     gradients. The chunked PyTorch path computes the same through autograd (one recompute).
     """
-    check_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
+    temperature, ignore_index = check_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.to(torch.int64).contiguous()
-    backend = select_backend(hidden.device, has_cuda_op=cuda_backend.available())
+    backend = logprob_backend(hidden.device)
     if backend == "triton":
-        return _TritonFusedLoss.apply(hidden, weight, targets, float(temperature), int(ignore_index),
+        return _TritonFusedLoss.apply(hidden, weight, targets, temperature, ignore_index,
                                       bool(with_entropy), bool(with_mean_logp), token_loss)
     logp, entropy, mean_logp = fused_linear_stats(hidden, weight, targets, temperature, ignore_index, with_entropy,
                                                   with_mean_logp)

@@ -67,7 +67,8 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate_tokens(per_token: torch.Tensor, mask: torch.Tensor, num_tokens=None) -> torch.Tensor:
-    """``sum_t mask_t * per_token_t / n_t``: the loss reduction over tokens.
+    """``sum_t mask_t * per_token_t / n_t``: the loss reduction over tokens. ``mask`` is bool or holds 0s and 1s
+    (it selects tokens; any nonzero value counts as 1: :func:`grpo_loss` refuses other values).
 
     ``num_tokens``:
     - None: ``n_t = sum(mask)`` (local token mean; an empty mask gives 0);

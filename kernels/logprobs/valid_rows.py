@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..utils.autograd import once_differentiable
+
 
 class ValidRowStats(torch.autograd.Function):
     """``(logp, entropy | None, mean_logp | None)`` per token; ``impl``'s backward recomputes the tiles."""
@@ -29,6 +31,7 @@ class ValidRowStats(torch.autograd.Function):
         return logp, entropy, mean_logp
 
     @staticmethod
+    @once_differentiable("the fused LM head (linear_logprobs, linear_cross_entropy, grpo_loss)")
     def backward(ctx, grad_logp, grad_entropy, grad_mean_logp):
         hidden, weight, targets, rows, lse, entropy = ctx.saved_tensors
 

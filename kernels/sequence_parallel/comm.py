@@ -23,6 +23,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..utils.autograd import once_differentiable
+
 
 def group_size(group) -> int:
     """Ranks in ``group``; without an initialized process group, a single process is a group of one."""
@@ -67,6 +69,7 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(x, group, scatter_dim, gather_dim)
 
     @staticmethod
+    @once_differentiable("all_to_all")
     def backward(ctx, grad):
         return _all_to_all(grad, ctx.group, ctx.gather_dim, ctx.scatter_dim), None, None, None
 

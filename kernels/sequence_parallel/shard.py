@@ -11,6 +11,7 @@ label of a rank's last token is the first token of the next rank's shard.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +114,19 @@ def gather_per_token(x: torch.Tensor, group=None, num_tokens: int | None = None)
     """All ranks' shards of a per-token tensor, concatenated in token order, padding dropped.
 
     Only per-token values travel (log-probs, entropies: ``(local_tokens,)``), never hidden
-    states or logits. Differentiable; the result is replicated on every rank.
+    states or logits. Differentiable; the result is replicated on every rank. ``num_tokens`` (the real
+    tokens, before padding) must be an int in ``[0, group size * local_tokens]``.
     """
+    if num_tokens is not None:
+        local = x.shape[0] if x.dim() > 0 else 0
+        gathered = group_size(group) * local
+        try:
+            count = None if isinstance(num_tokens, bool) else operator.index(num_tokens)
+        except TypeError:
+            count = None
+        if count is None or not 0 <= count <= gathered:
+            raise ValueError(f"num_tokens must be an int in [0, {gathered}] (the tokens gathered: group size "
+                             f"{group_size(group)} x {local} local tokens), got {num_tokens!r}")
+        num_tokens = count
     full = all_gather_tokens(x, group)
     return full if num_tokens is None else full[:num_tokens]

@@ -1,0 +1,47 @@
+"""``once_differentiable(op)``: marks an autograd Function's backward as not differentiable again.
+
+Like :func:`torch.autograd.function.once_differentiable`, which only looks at the incoming gradients: in
+``torch.autograd.grad(loss, h, create_graph=True)`` those are constants, so its gradient silently carries no
+second derivative (or a second backward fails with an unrelated message). Here, under ``create_graph=True``,
+the returned gradients hang off a node that raises, naming the op, when a second backward reaches it; its
+inputs are the incoming gradients and the saved tensors that require grad (the Function's inputs), so a second
+backward through those reaches it. A Function that saved none of its inputs raises at once under
+``create_graph=True``. A plain backward is untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def once_differentiable(op: str):
+    """Decorator of the ``backward`` of an autograd Function behind the op named ``op`` (named in the error)."""
+    message = (f"{op} does not support double backward (differentiating a gradient taken with create_graph=True): "
+               f"the gradients its backward returns are not differentiable again")
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():  # a plain backward (create_graph=False)
+                return outputs
+            inputs = [t for t in ctx.saved_tensors if t is not None and t.requires_grad]
+            if not inputs and any(ctx.needs_input_grad):
+                raise RuntimeError(message)
+            links = inputs + [g for g in grads if isinstance(g, torch.Tensor) and g.requires_grad]
+            if not links:
+                return outputs
+            single = not isinstance(outputs, tuple)
+            outputs = (outputs,) if single else outputs
+            # detached aliases that require grad, so that the node is recorded as their grad_fn
+            aliases = [value if value is None else value.detach().requires_grad_() for value in outputs]
+            error = torch._C._functions.DelayedError(message.encode(), len(aliases) + len(links))
+            outputs = tuple(error(*aliases, *links)[: len(aliases)])
+            return outputs[0] if single else outputs
+
+        return wrapper
+
+    return decorate
