@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,8 @@ from qwenlong.eval.generation import Sampling
 from qwenlong.rewards import HybridReward
 from qwenlong.rewards.judge import Judge
 from qwenlong.rewards.judge.server import ChatServer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def oracle(records, wrong_ids=(), paraphrase_ids=()):
@@ -350,6 +353,85 @@ def test_clopper_pearson_ends_leave_the_stated_tail():
         else:
             assert high == 1.0
     assert clopper_pearson(0, 9)[1] == pytest.approx(1 - 0.025 ** (1 / 9))  # 95%: 2.5% in the tail
+
+
+def test_binomial_tail_stays_exact_past_a_thousand_changed_items():
+    """The terms' factors overflow a float past m ~ 1030 (C(1100, 550) ~ 1e329): the tail is summed in log
+    space, equal to exact rational arithmetic at any m and to the plain sum where that one works."""
+    from fractions import Fraction
+    from math import comb
+
+    from qwenlong.eval.stats import binomial_tail, clopper_pearson, paired_gain
+
+    def exact(k: int, m: int, q: Fraction) -> float:
+        return float(sum(comb(m, i) * q**i * (1 - q) ** (m - i) for i in range(k + 1)))
+
+    got = paired_gain([0] * 600 + [1] * 500, [1] * 600 + [0] * 500)  # an OverflowError before
+    assert (got.improved, got.regressed) == (600, 500)
+    assert got.p_value == pytest.approx(2 * exact(500, 1100, Fraction(1, 2)), rel=1e-12)
+    assert 0 < got.ci_low < got.gain < got.ci_high
+    low, high = clopper_pearson(600, 1100)
+    assert 1 - binomial_tail(599, 1100, low) == pytest.approx(0.025, abs=1e-9)
+    assert binomial_tail(600, 1100, high) == pytest.approx(0.025, abs=1e-9)
+    for k, m, q in [(500, 1100, Fraction(1, 2)), (2400, 5000, Fraction(1, 2)), (1500, 3001, Fraction(1, 2)),
+                    (400, 2000, Fraction(3, 16)), (1700, 2000, Fraction(7, 8)), (0, 1500, Fraction(1, 1024))]:
+        assert binomial_tail(k, m, float(q)) == pytest.approx(exact(k, m, q), rel=1e-12), (k, m, q)
+    # where the plain sum worked (its terms far from underflow), the same value
+    for k, m, q in [(3, 10, 0.5), (40, 64, 0.3), (150, 300, 0.55), (500, 1000, 0.5), (10, 1000, 0.01),
+                    (990, 1000, 0.99), (5, 17, 0.123)]:
+        plain = sum(comb(m, i) * q**i * (1 - q) ** (m - i) for i in range(k + 1))
+        assert binomial_tail(k, m, q) == pytest.approx(plain, rel=1e-12), (k, m, q)
+    assert (binomial_tail(-1, 5, 0.3), binomial_tail(5, 5, 0.3), binomial_tail(2, 5, 0.0),
+            binomial_tail(2, 5, 1.0)) == (0.0, 1.0, 1.0, 0.0)
+
+
+def test_eval_argument_mistakes_are_one_line_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    import transformers
+
+    from qwenlong.cli import main
+    from qwenlong.pipeline import eval_command
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(eval_command, "_load_tokenizer", no_model)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_model)
+    mistakes = [([], "give exactly one of --model, --api-url or --synthetic"),
+                (["--data", "foo", "--model", str(tmp_path)], "--data: expected KEY=PATH"),
+                (["--data", "docmath", "--model", str(tmp_path)], "--data: expected KEY=PATH"),
+                (["--data-dir", str(tmp_path / "nowhere"), "--model", str(tmp_path)], "--data-dir: "),
+                (["--data", f"docmath={tmp_path / 'missing.jsonl'}", "--model", str(tmp_path)], "path: "),
+                (["--model", str(tmp_path)], "no data: "),
+                (["--api-url", "http://127.0.0.1:1/v1", "--data-dir", str(tmp_path)], "--api-model: "),
+                (["--run", str(tmp_path / "nowhere")], "--run: ")]
+    for args, message in mistakes:
+        capsys.readouterr()
+        assert main(["eval", *args]) == 2, args
+        error = capsys.readouterr().err
+        assert error.startswith(f"qwenlong eval: error: {message}") and error.count("\n") == 1, error
+
+
+def test_eval_of_a_run_on_benchmarks_writes_into_the_run(tmp_path, monkeypatch, qwen):
+    """``--run RUN --data-dir D``: results under RUN/eval/exported/<model>, as --help says (not results/eval)."""
+    from qwenlong.cli import main
+    from qwenlong.config import load_config, save_config
+    from qwenlong.eval import generation
+    from qwenlong.pipeline import eval_command
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config(ROOT / "configs" / "tiny.yaml"), run / "config.yaml")
+    records = list(generate_records(3, SyntheticConfig(task="retrieval", document_tokens=200), seed=3,
+                                    tokenizer=qwen))
+    (tmp_path / "docqa").mkdir()
+    write_jsonl(records, tmp_path / "docqa" / "hotpotqa.jsonl")
+    monkeypatch.setattr(eval_command, "_load_tokenizer", lambda path: qwen)
+    monkeypatch.setattr(generation, "openai_generate_fn", lambda *args, **kwargs: oracle(records))
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--run", str(run), "--api-url", "http://127.0.0.1:1/v1", "--api-model", "org/served",
+                 "--tokenizer", "qwen", "--data-dir", str(tmp_path / "docqa"), "--no-judge", "--no-progress"]) == 0
+    results = json.loads((run / "eval" / "exported" / "org_served" / "results.json").read_text())
+    assert results["average"] == 100.0 and not (tmp_path / "results").exists()
 
 
 def test_paired_gain_bad_input():

@@ -211,7 +211,7 @@ def test_eval_of_an_exported_stage_gives_the_reports_answers(tiny_run, tmp_path)
 
 
 @pytest.mark.slow
-def test_export_command_writes_any_checkpoint(tiny_run, tmp_path):
+def test_export_command_writes_any_checkpoint(tiny_run, tmp_path, capsys):
     from qwenlong.cli import main
     from qwenlong.pipeline.export import stage_checkpoint
 
@@ -232,8 +232,8 @@ def test_export_command_writes_any_checkpoint(tiny_run, tmp_path):
     sft = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sft").state_dict()
     live = transformers.AutoModelForCausalLM.from_pretrained(tiny_run / "export" / "sft").state_dict()
     assert sft.keys() == live.keys() and all(torch.equal(sft[name], live[name]) for name in live)
-    with pytest.raises(ValueError, match="--stage: the run has no stage 'mid-docs'; expected one of sft, "):
-        main(["export", "--run", str(tiny_run), "--stage", "mid-docs", "--out", str(tmp_path / "x")])
+    assert main(["export", "--run", str(tiny_run), "--stage", "mid-docs", "--out", str(tmp_path / "x")]) == 2
+    assert "--stage: the run has no stage 'mid-docs'; expected one of sft, " in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- output.export
@@ -318,6 +318,44 @@ def test_export_modes(tmp_path):
     export_finished_stage(run, "sft")
     export_final(run)
     assert not (run.dir / "export").exists() and "exports" not in run.state
+
+
+def test_export_counts_a_tied_weight_once_and_refuses_to_replace_the_run(tmp_path, capsys):
+    """``qwenlong export`` from a checkpoint: the card counts the parameters as the live model does (torch.load
+    gives the tied head a tensor of its own), and an ``--out`` that is, holds or lies in the run or the
+    checkpoint is refused in one line before anything is written; the user's other mistakes too."""
+    from qwenlong.cli import main
+
+    run = _stub_run(tmp_path / "run", "none")
+    checkpoint = run.dir / "checkpoints" / "sft-step000003"
+    parameters = sum(p.numel() for p in run.model.parameters())  # the tied head once
+    assert run.model.config.tie_word_embeddings
+    out = tmp_path / "sft"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert f"({parameters / 1e6:.2f}M parameters, random init)" in (out / "README.md").read_text()
+
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    refused = [(run.dir, "run folder"), (tmp_path, "run folder"), (run.dir / "checkpoints", "checkpoint"),
+               (checkpoint, "checkpoint"), (checkpoint / "m", "inside the checkpoint"),
+               (run.dir / "config.yaml", "file")]
+    for bad, why in refused:
+        capsys.readouterr()
+        assert main(["export", "--run", str(run.dir), "--stage", "sft", "--out", str(bad)]) == 2, bad
+        error = capsys.readouterr().err
+        assert error.startswith("qwenlong export: error: --out: ") and why in error and error.count("\n") == 1
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # nothing touched
+
+    mistakes = [([], "give --run (and optionally --stage) or --checkpoint"),
+                (["--run", str(tmp_path / "nowhere")], "--run: "),
+                (["--run", str(run.dir), "--stage", "mid-docs"], "--stage: the run has no stage 'mid-docs'"),
+                (["--checkpoint", str(run.dir)], "--checkpoint: "),
+                (["--run", str(run.dir), "--max-shard-size", "0"], "--max-shard-size: "),
+                (["--run", str(run.dir), "--max-shard-size", "nan"], "--max-shard-size: ")]
+    for args, message in mistakes:
+        capsys.readouterr()
+        assert main(["export", *args, "--out", str(tmp_path / "x")]) == 2, args
+        error = capsys.readouterr().err
+        assert error.startswith(f"qwenlong export: error: {message}") and error.count("\n") == 1, error
 
 
 # ---------------------------------------------------------------------- ZeRO-3

@@ -200,6 +200,69 @@ def test_length_table_splits_items_into_equal_thirds_by_input_length(tmp_path):
         assert row == f"| {label} | " + " | ".join(f"{e:.1f}" for e in expected) + " |"
 
 
+def test_rl_curves_follow_each_phase_from_the_last_step_of_the_one_before():
+    """Rows logged every 5 steps (output.log_every_steps=5, the phase's last step flushed): the second phase
+    starts after the first one's last step, not after as many steps as it has rows."""
+    from qwenlong.pipeline.report import phase_curves
+
+    rows = [{"stage": "rl/short", "step": s, "reward_mean": s / 10} for s in (5, 10, 12)]
+    rows += [{"stage": "rl/long", "step": 5, "reward_mean": 0.5}, {"stage": "rl/long", "step": 8}]  # no reward
+    rows += [{"stage": "rl/long", "step": 10, "reward_mean": 0.7}]
+    assert phase_curves(rows, ["short", "long", "never-ran"], "reward_mean") == [
+        ("short", [5, 10, 12], [0.5, 1.0, 1.2]), ("long", [17, 22], [0.5, 0.7]), ("never-ran", [], [])]
+
+
+def _report_run(tmp_path: Path, overrides: list[str]):
+    """What ``write_report`` reads of a ``Run``: the config, a metrics log, a record with two evaluations."""
+    from types import SimpleNamespace
+
+    from qwenlong.config import load_config
+    from qwenlong.eval import EvalReport
+    from qwenlong.trainers.metrics_log import MetricsLogger
+
+    cfg = load_config(TINY, [*overrides, f"output.dir={tmp_path}"])
+    logger = MetricsLogger(tmp_path)
+    if cfg.sft.enabled:
+        for step in (1, 2):
+            logger.log("sft", step, {"loss": 3.0 / step})
+    for phase in cfg.rl.phases:
+        for step in (1, 2):
+            logger.log(f"rl/{phase.name}", step, {"reward_mean": 0.5, "accuracy": 0.5, "response_tokens_mean": 9.0})
+    evals = {}
+    for label, accurate in (("untrained", [False, False, True]), ("after-long-docs", [True, False, True])):
+        rows = [{"benchmark": "b", "id": f"id{i}", "sample": 0, "input_tokens": 10 + i, "accurate": a}
+                for i, a in enumerate(accurate)]
+        EvalReport(benchmarks=[], predictions=rows).write(tmp_path / "eval" / label)
+        evals[label] = {"average": 100.0 * sum(accurate) / 3}
+    return SimpleNamespace(cfg=cfg, dir=tmp_path, logger=logger, state={"evals": evals, "carried": {}})
+
+
+def test_report_links_only_the_images_it_wrote_and_writes_its_files_atomically(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import qwenlong.state.checkpoint
+    from qwenlong.pipeline.report import write_report
+
+    renamed = []
+    replace = os.replace
+
+    def recording_replace(src, dst):
+        renamed.append(Path(dst).name)
+        replace(src, dst)
+
+    monkeypatch.setattr(qwenlong.state.checkpoint.os, "replace", recording_replace)
+    run = _report_run(tmp_path / "no-sft", ["sft.enabled=false"])
+    report = write_report(run).read_text()
+    assert "![RL curves](curves.png)" in report and (run.dir / "curves.png").is_file()
+    assert "sft_loss.png" not in report and not (run.dir / "sft_loss.png").exists()
+    # each written beside and renamed into place (an evaluation's files too)
+    assert {"gains.json", "report.md", "predictions.jsonl"} <= set(renamed)
+    assert json.loads((run.dir / "gains.json").read_text())[0]["improved"] == 1
+
+    run = _report_run(tmp_path / "sft", [])
+    report = write_report(run).read_text()
+    assert "![SFT loss](sft_loss.png)" in report and (run.dir / "sft_loss.png").is_file()
+
+
 def test_sft_probe_reads_the_answer_word_where_the_trace_writes_it(tmp_path):
     """tools/sft_probe.py: the probe positions hold the answer word (quote, then final answer), and a short
     SFT run logs fractions of the probed items."""

@@ -138,6 +138,46 @@ def test_resume_refuses_identity_changes_and_missing_folders(tmp_path):
         open_run_record(cfg, tmp_path, resume=True)
 
 
+def test_a_new_run_into_a_folder_holding_one_is_refused_in_one_line(tmp_path, capsys):
+    from qwenlong.cli import main
+
+    write_json(tmp_path / "pipeline.json", {"done": ["sft"], "evals": {}, "carried": {}})
+    cfg = load_config(TINY, [f"output.dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"output.dir: .* already holds a run; pass --resume"):
+        open_run_record(cfg, tmp_path, resume=False)
+    assert main(["sft", "--config", TINY, "--no-plan-check", f"output.dir={tmp_path}"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("qwenlong sft: error: output.dir: ") and error.count("\n") == 1, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline.json"]  # nothing written
+
+
+def test_config_and_eval_files_are_replaced_whole(tmp_path, monkeypatch):
+    """The run's config (saved again on --resume) and an evaluation's files (the report reads its
+    predictions back): a process killed mid-write leaves the old file whole and no temporary file."""
+    from qwenlong.config import save_config
+    from qwenlong.eval import EvalReport
+
+    cfg = load_config(TINY, [f"output.dir={tmp_path}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    old_report = EvalReport(benchmarks=[], predictions=[{"id": "a", "accurate": True}])
+    old_report.write(tmp_path / "eval")
+    saved = {p.name: p.read_text() for p in [tmp_path / "config.yaml", *(tmp_path / "eval").iterdir()]}
+
+    def killed(src, dst):
+        raise KeyboardInterrupt  # the process dies between writing the new file and renaming it
+
+    monkeypatch.setattr(os, "replace", killed)
+    other = load_config(TINY, [f"output.dir={tmp_path}", "output.save_every_steps=7"])
+    with pytest.raises(KeyboardInterrupt):
+        save_config(other, tmp_path / "config.yaml")
+    with pytest.raises(KeyboardInterrupt):
+        EvalReport(benchmarks=[], predictions=[{"id": str(i), "accurate": False} for i in range(1000)]).write(
+            tmp_path / "eval")
+    monkeypatch.undo()
+    assert {p.name: p.read_text() for p in [tmp_path / "config.yaml", *(tmp_path / "eval").iterdir()]} == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "eval"]
+
+
 def test_recorded_checkpoints_are_relative_to_the_run_folder(tmp_path):
     run = tmp_path / "run"
     path, _ = save(run / "checkpoints", "sft-step000003", 0, 3)

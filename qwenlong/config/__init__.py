@@ -73,5 +73,8 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (into a run directory or checkpoint)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    """Write the resolved config as YAML (into a run directory or checkpoint), atomically: a run killed while
+    its config is rewritten (``--resume`` saves it again) keeps the old one whole."""
+    from qwenlong.state.checkpoint import write_text  # imported here: loading a config needs no torch
+
+    write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -65,13 +65,15 @@ class EvalReport:
     def write(self, directory: str | os.PathLike) -> None:
         """``results.json``, ``results.md`` and ``predictions.jsonl`` (one line per answer, with ``id``,
         ``sample`` and ``accurate``: what paired comparisons between stages read) in ``directory``."""
+        from qwenlong.state.checkpoint import write_text
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "results.json").write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        (directory / "results.md").write_text(self.to_markdown())
-        with open(directory / "predictions.jsonl", "w", encoding="utf-8") as f:
-            for row in self.predictions:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        # each file whole or not replaced: the run's report reads predictions.jsonl back
+        write_text(directory / "predictions.jsonl",
+                   "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in self.predictions))
+        write_text(directory / "results.json", json.dumps(self.to_json(), indent=2) + "\n")
+        write_text(directory / "results.md", self.to_markdown())
 
 
 def evaluate(datasets: Mapping[str, Sequence[DocQARecord]], generate: GenerateFn, tokenizer: Any, *,

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from math import comb, sqrt
+from functools import lru_cache
+from math import exp, fsum, log, log1p, sqrt
 from statistics import NormalDist, stdev
 from typing import Any
 
@@ -49,9 +50,30 @@ class PairedGain:
         return asdict(self)
 
 
+@lru_cache(maxsize=16)
+def _log_binomial_coefficients(m: int) -> tuple[float, ...]:
+    """``log C(m, i)`` for ``i = 0..m``, from the exact integers (``math.log`` reads an int of any size)."""
+    logs, coefficient = [], 1
+    for i in range(m + 1):
+        logs.append(log(coefficient))
+        coefficient = coefficient * (m - i) // (i + 1)
+    return tuple(logs)
+
+
 def binomial_tail(k: int, m: int, q: float) -> float:
-    """``P(X <= k)`` for ``X ~ Binomial(m, q)``, summed exactly."""
-    return sum(comb(m, i) * q**i * (1 - q) ** (m - i) for i in range(0, min(k, m) + 1))
+    """``P(X <= k)`` for ``X ~ Binomial(m, q)``: each term ``C(m, i) q^i (1 - q)^(m - i)`` in log space, summed
+    after factoring out the largest (a term's factors overflow a float for ``m`` past about 1030, the term does
+    not)."""
+    if k < 0:
+        return 0.0
+    if k >= m or q <= 0.0:
+        return 1.0
+    if q >= 1.0:
+        return 0.0
+    log_q, log_rest = log(q), log1p(-q)
+    logs = [c + i * log_q + (m - i) * log_rest for i, c in enumerate(_log_binomial_coefficients(m)[:k + 1])]
+    largest = max(logs)
+    return exp(largest) * fsum(exp(x - largest) for x in logs)
 
 
 def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:

@@ -16,11 +16,13 @@ import argparse
 import os
 from typing import Any
 
+from qwenlong.config import ConfigError
 from qwenlong.eval.benchmarks import BENCHMARKS, find_benchmark_files, load_benchmark
 
 # the protocol flags' defaults outside a run's held-out split
 METHOD_PROTOCOL = {"max_input_tokens": 120_000, "temperature": 0.7, "top_p": 0.95, "seed": 0, "samples": 1,
-                   "batch_size": 8, "out": "results/eval"}
+                   "batch_size": 8}
+DEFAULT_OUT = "results/eval"  # --out without --run (with --run: RUN/eval/exported)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     judge.add_argument("--no-judge", action="store_true", help="score by rules alone")
     judge.add_argument("--faithful", action="store_true", help="the release's rules exactly (no length guard)")
 
-    parser.add_argument("--out", help="output directory, default results/eval (results.json, results.md, "
-                                      "predictions.jsonl)")
+    parser.add_argument("--out", help=f"output directory, default {DEFAULT_OUT} (with --run: RUN/eval/exported), "
+                                      "holding results.json, results.md, predictions.jsonl (per model with --run)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -83,12 +85,20 @@ def _has_cuda() -> bool:
 
 
 def _datasets(args: argparse.Namespace) -> dict[str, list[Any]]:
-    files = find_benchmark_files(args.data_dir) if args.data_dir else {}
-    for spec in args.data:
+    """The benchmarks ``--data`` / ``--data-dir`` name, read (before any model is loaded: a bad argument or
+    file is reported at once)."""
+    files = {}
+    for spec in args.data:  # checked first: a typo in --data is named whatever --data-dir holds
         key, sep, path = spec.partition("=")
         if not sep or key not in BENCHMARKS:
-            raise ValueError(f"--data: expected KEY=PATH with KEY in {sorted(BENCHMARKS)}, got {spec!r}")
+            raise ConfigError(f"--data: expected KEY=PATH with KEY in {sorted(BENCHMARKS)}, got {spec!r}")
         files[key] = path
+    if args.data_dir:
+        from pathlib import Path
+
+        if not Path(args.data_dir).is_dir():
+            raise ConfigError(f"--data-dir: {args.data_dir} is not a directory")
+        files = {**find_benchmark_files(args.data_dir), **files}
     ordered = [key for key in BENCHMARKS if key in files]  # the paper's column order
     return {BENCHMARKS[key].title: load_benchmark(key, files[key], limit=args.limit) for key in ordered}
 
@@ -141,15 +151,19 @@ def run(args: argparse.Namespace) -> int:
     if args.run is not None:
         return evaluate_run(args)
     _method_protocol(args)
+    out = args.out or DEFAULT_OUT
     if bool(args.model) + bool(args.api_url) + (args.synthetic is not None and not args.model) != 1:
-        raise ValueError("give exactly one of --model, --api-url or --synthetic (or --run)")
+        raise ConfigError("give exactly one of --model, --api-url or --synthetic (or --run)")
     if args.agent == "memory" and args.api_url:
-        raise ValueError("--agent memory: needs --model or --synthetic (the agent drives an in-process engine)")
+        raise ConfigError("--agent memory: needs --model or --synthetic (the agent drives an in-process engine)")
+    if args.api_url and not args.api_model:
+        raise ConfigError("--api-model: required with --api-url")
+    datasets = _datasets(args) if args.synthetic is None else {}  # read before the model loads
+    if args.synthetic is None and not datasets:
+        raise ConfigError("no data: give --data KEY=PATH, --data-dir DIR or --synthetic N")
     sampling = Sampling(max_new_tokens=args.max_new_tokens or (32 if args.synthetic else 10_000),
                         temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if args.api_url:
-        if not args.api_model:
-            raise ValueError("--api-model: required with --api-url")
         tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else load_qwen_tokenizer()
         generate = openai_generate_fn(args.api_url, args.api_model, api_key=args.api_key, sampling=sampling)
     elif args.model:
@@ -166,18 +180,17 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = train_demo_tokenizer(corpus, vocab_size=512)
         generate = _hf_generate(args, tiny_random_model(tokenizer, args.seed), tokenizer, sampling)
 
-    datasets = _synthetic(args, tokenizer) if args.synthetic is not None else _datasets(args)
-    if not datasets:
-        raise ValueError("no data: give --data KEY=PATH, --data-dir DIR or --synthetic N")
+    if args.synthetic is not None:
+        datasets = _synthetic(args, tokenizer)
     # the memory agent reads whole documents, however long: nothing is cut to a budget
     max_input_tokens = 2**62 if args.agent == "memory" else args.max_input_tokens
     report = evaluate(datasets, generate, tokenizer, reward=_reward(args), max_input_tokens=max_input_tokens,
                       batch_size=args.batch_size, progress=not args.no_progress, samples_per_prompt=args.samples)
-    report.write(args.out)
+    report.write(out)
     print(report.to_markdown())
     if report.judge_metrics:
         print("judge:", ", ".join(f"{k}={v}" for k, v in sorted(report.judge_metrics.items())))
-    print(f"wrote {args.out}/results.json, results.md, predictions.jsonl")
+    print(f"wrote {out}/results.json, results.md, predictions.jsonl")
     return 0
 
 
@@ -240,13 +253,16 @@ def evaluate_run(args: argparse.Namespace) -> int:
     )
 
     if args.synthetic is not None or args.agent != "none":
-        raise ValueError("--run: evaluates on the run's held-out split or on --data/--data-dir, "
-                         "not with --synthetic or --agent")
+        raise ConfigError("--run: evaluates on the run's held-out split or on --data/--data-dir, "
+                          "not with --synthetic or --agent")
     if args.model and args.api_url:
-        raise ValueError("give at most one of --model and --api-url with --run")
+        raise ConfigError("give at most one of --model and --api-url with --run")
+    if args.api_url and not args.api_model:
+        raise ConfigError("--api-model: required with --api-url")
     run_dir = Path(args.run)
     cfg, record = read_run(run_dir)
     heldout = not (args.data or args.data_dir)
+    datasets = None if heldout else _datasets(args)  # read before any model loads
     if heldout:
         given = {"max_input_tokens": args.max_input_tokens, "max_output_tokens": args.max_new_tokens,
                  "temperature": args.temperature, "top_p": args.top_p, "samples_per_prompt": args.samples}
@@ -256,16 +272,14 @@ def evaluate_run(args: argparse.Namespace) -> int:
     else:
         _method_protocol(args)
     if args.api_url:
-        if not args.api_model:
-            raise ValueError("--api-model: required with --api-url")
         models: list[tuple[str, Path | None]] = [(args.api_model.replace("/", "_"), None)]
     elif args.model:
         models = [(Path(args.model).name, Path(args.model))]
     else:
         models = [(folder.name, folder) for folder in exported_folders(run_dir)]
         if not models:
-            raise ValueError(f"--run: {run_dir} has no exported model (export/*/{INFO_FILE}); "
-                             f"write one with `qwenlong export --run {run_dir} --out {run_dir}/export/NAME`")
+            raise ConfigError(f"--run: {run_dir} has no exported model (export/*/{INFO_FILE}); "
+                              f"write one with `qwenlong export --run {run_dir} --out {run_dir}/export/NAME`")
     out_root = Path(args.out) if args.out else run_dir / "eval" / "exported"
     rows = []
     for name, folder in models:
@@ -286,7 +300,7 @@ def evaluate_run(args: argparse.Namespace) -> int:
             report = evaluate_heldout(cfg, tokenizer, generate, reward, progress=not args.no_progress,
                                       batch_size=args.batch_size)
         else:
-            report = evaluate(_datasets(args), generate, tokenizer, reward=_reward(args),
+            report = evaluate(datasets, generate, tokenizer, reward=_reward(args),
                               max_input_tokens=args.max_input_tokens, batch_size=args.batch_size,
                               progress=not args.no_progress, samples_per_prompt=args.samples)
         report.write(out_root / name)

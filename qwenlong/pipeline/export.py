@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qwenlong.config import Config, load_config
+from qwenlong.config import Config, ConfigError, load_config
 from qwenlong.export import export_model, parse_dtype, write_hf_folder
-from qwenlong.export.hf_folder import DEFAULT_MAX_SHARD_BYTES, DTYPE_NAMES
+from qwenlong.export.hf_folder import DEFAULT_MAX_SHARD_BYTES, DTYPE_NAMES, saved_names
+from qwenlong.integrations.hf_checkpoint import model_skeleton
 from qwenlong.pipeline import build
 from qwenlong.state.checkpoint import STATE_FILE, latest_checkpoint, model_weights, save_order
 
@@ -80,14 +82,14 @@ def resolve_stage(cfg: Config, name: str) -> str:
     for stage in run_stages(cfg):
         if name in (stage, stage_folder(stage), stage.partition(":")[2]):
             return stage
-    raise ValueError(f"--stage: the run has no stage {name!r}; expected one of {', '.join(run_stages(cfg))}")
+    raise ConfigError(f"--stage: the run has no stage {name!r}; expected one of {', '.join(run_stages(cfg))}")
 
 
 def checkpoint_stage(checkpoint: Path) -> tuple[str, int]:
     """(stage, step) a checkpoint folder was written at, from its state file."""
     path = checkpoint / STATE_FILE
     if not path.is_file():
-        raise ValueError(f"--checkpoint: {checkpoint} is not a complete checkpoint (no {STATE_FILE})")
+        raise ConfigError(f"--checkpoint: {checkpoint} is not a complete checkpoint (no {STATE_FILE})")
     state = json.loads(path.read_text(encoding="utf-8"))
     if state.get("stage") == "memory-agent-merge":
         return MEMORY_AGENT_STAGE, int(state.get("step", 0))
@@ -198,36 +200,64 @@ def _folder_files(cfg: Config, record: dict[str, Any], tokenizer: Any, *, run_di
             "extra_files": {INFO_FILE: json.dumps(info, indent=1) + "\n"}}
 
 
-def _weights_summary(weights: dict[str, torch.Tensor], dtype: torch.dtype | None) -> tuple[int, torch.dtype]:
-    unique = {id(t): t for t in weights.values()}.values()  # a tied weight once
+def _weights_summary(weights: dict[str, torch.Tensor], config: Any,
+                     dtype: torch.dtype | None) -> tuple[int, torch.dtype]:
+    """The number of parameters of the model of ``config`` that ``weights`` hold, a tied weight once as
+    ``model.parameters()`` counts it (which names are tied comes from the model: ``weights`` read back by
+    ``torch.load`` may give tied names tensors of their own), and the dtype they are saved in."""
+    skeleton = model_skeleton(config)
+    parameters = {name for name, _ in skeleton.named_parameters()}  # a tied parameter under its first name
+    unique = [weights[name] for name in saved_names(skeleton, weights) if name in parameters]
     floating = [t.dtype for t in unique if t.dtype.is_floating_point]
     return sum(t.numel() for t in unique), dtype or (floating[0] if floating else torch.float32)
+
+
+def _check_out(out: Path, run_dir: Path, checkpoint: Path) -> None:
+    """Refuse an ``--out`` that writing the folder would destroy the run or the checkpoint through: the folder
+    is replaced, so it must not be (or hold) the run folder or the checkpoint, nor lie inside the checkpoint."""
+    out, run_dir, checkpoint = out.resolve(), run_dir.resolve(), checkpoint.resolve()
+    for what, path in (("the run folder", run_dir), ("the checkpoint", checkpoint)):
+        if path == out or out in path.parents:
+            raise ConfigError(f"--out: {out} is or holds {what} {path}, which writing the model folder would "
+                              "replace; give a new folder (e.g. RUN/export/NAME)")
+    if checkpoint in out.parents:
+        raise ConfigError(f"--out: {out} lies inside the checkpoint {checkpoint}; give a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file, not a model folder")
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, run_dir: str | Path | None = None,
                       dtype: str | torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write the HF folder ``out`` from a checkpoint folder of a run (``run_dir``: default the folder holding
-    its ``checkpoints/``), reading ``model.pt`` one tensor at a time. ``dtype``: see ``parse_dtype``."""
+    its ``checkpoints/``), reading ``model.pt`` one tensor at a time. ``dtype``: see ``parse_dtype``.
+    ``out`` may not be (or hold) the run folder or the checkpoint: it is replaced."""
     checkpoint = Path(checkpoint)
-    run_dir = Path(run_dir) if run_dir is not None else checkpoint.resolve().parent.parent
-    cfg, record = read_run(run_dir)
     stage, step = checkpoint_stage(checkpoint)
+    if run_dir is None:
+        run_dir = checkpoint.resolve().parent.parent
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise ConfigError(f"--checkpoint: {checkpoint} is not in a run's checkpoints/ folder ({run_dir} holds "
+                              f"no {CONFIG_FILE}); give the run with --run")
+    run_dir = Path(run_dir)
+    _check_out(Path(out), run_dir, checkpoint)
+    cfg, record = read_run(run_dir)
     tokenizer = build.build_tokenizer(cfg, run_dir)
     newest = stage_checkpoint(run_dir, stage)
     finished = stage in trained_stages(record) and newest is not None and newest.resolve() == checkpoint.resolve()
     weights = model_weights(checkpoint, mmap=True)
     dtype = parse_dtype(dtype)
-    num_parameters, saved_dtype = _weights_summary(weights, dtype)
+    config = hf_model_config(cfg, tokenizer)
+    num_parameters, saved_dtype = _weights_summary(weights, config, dtype)
     files = _folder_files(cfg, record, tokenizer, run_dir=run_dir, stage=stage, step=step, checkpoint=checkpoint,
                           finished=finished, num_parameters=num_parameters, dtype=saved_dtype, out=Path(out))
-    return write_hf_folder(out, weights=weights, config=hf_model_config(cfg, tokenizer), tokenizer=tokenizer,
+    return write_hf_folder(out, weights=weights, config=config, tokenizer=tokenizer,
                            dtype=dtype, max_shard_bytes=max_shard_bytes, **files)
 
 
 def read_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
     """A run folder's config and record (an empty record for a run killed before its first stage ended)."""
     if not (run_dir / CONFIG_FILE).is_file():
-        raise ValueError(f"--run: {run_dir} holds no run ({CONFIG_FILE} is missing)")
+        raise ConfigError(f"--run: {run_dir} holds no run ({CONFIG_FILE} is missing)")
     record_path = run_dir / RECORD_FILE
     record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else {}
     return load_config(run_dir / CONFIG_FILE), record
@@ -350,15 +380,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.run is None and args.checkpoint is None:
-        raise ValueError("give --run (and optionally --stage) or --checkpoint")
+        raise ConfigError("give --run (and optionally --stage) or --checkpoint")
+    max_shard_bytes = int(args.max_shard_size * 1e9) if math.isfinite(args.max_shard_size) else 0
+    if max_shard_bytes < 1:
+        raise ConfigError(f"--max-shard-size: expected a size in GB of at least one byte, got {args.max_shard_size:g}")
     run_dir = Path(args.run) if args.run is not None else None
     if args.checkpoint is not None:
         checkpoint = Path(args.checkpoint)
     else:
         cfg, record = read_run(run_dir)
         checkpoint = _default_checkpoint(run_dir, cfg, record, args.stage)
-    out = export_checkpoint(checkpoint, args.out, run_dir=run_dir, dtype=args.dtype,
-                            max_shard_bytes=int(args.max_shard_size * 1e9))
+    out = export_checkpoint(checkpoint, args.out, run_dir=run_dir, dtype=args.dtype, max_shard_bytes=max_shard_bytes)
     info = export_info(out)
     print(f"wrote {out} ({info['stage']}, step {info['step']}, from {checkpoint})")
     return 0
@@ -368,9 +400,9 @@ def _default_checkpoint(run_dir: Path, cfg: Config, record: dict[str, Any], stag
     if stage is not None:
         found = stage_checkpoint(run_dir, resolve_stage(cfg, stage))
         if found is None:
-            raise ValueError(f"--stage: {stage} has no checkpoint in {run_dir / 'checkpoints'} (not started yet?)")
+            raise ConfigError(f"--stage: {stage} has no checkpoint in {run_dir / 'checkpoints'} (not started yet?)")
         return found
     newest = [c for c in (stage_checkpoint(run_dir, s) for s in run_stages(cfg)) if c is not None]
     if not newest:
-        raise ValueError(f"--run: {run_dir} has no checkpoint yet")
+        raise ConfigError(f"--run: {run_dir} has no checkpoint yet")
     return max(newest, key=save_order)

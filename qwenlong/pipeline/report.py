@@ -8,43 +8,61 @@ import json
 from pathlib import Path
 
 from qwenlong.eval.stats import PairedGain, paired_gain
+from qwenlong.state.checkpoint import write_json, write_text
+
+CURVES = ("curves.png", "RL curves")
+SFT_LOSS = ("sft_loss.png", "SFT loss")
 
 
-def _plot(run, path: Path) -> bool:
+def phase_curves(rows: list[dict], phase_names: list[str], key: str) -> list[tuple[str, list[int], list[float]]]:
+    """(phase, x, y) of ``key`` over the RL phases in order, x counting RL steps across them: a phase's steps
+    follow the last step of the phase before (rows are logged every ``output.log_every_steps`` steps, each
+    at its own step number, so the rows' count is not the steps')."""
+    curves, offset = [], 0
+    for name in phase_names:
+        phase_rows = [r for r in rows if r["stage"] == f"rl/{name}"]
+        with_key = [r for r in phase_rows if key in r]
+        curves.append((name, [offset + r["step"] for r in with_key], [r[key] for r in with_key]))
+        offset += max((r["step"] for r in phase_rows), default=0)
+    return curves
+
+
+def _plot(run, directory: Path) -> list[tuple[str, str]]:
+    """The RL curves and the SFT loss as PNGs in ``directory``, each drawn when it has rows to show (none
+    without matplotlib); returns (file, title) of those written."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return []
+    written = []
     rows = [r for r in run.logger.records() if r["stage"].startswith("rl/")]
-    if not rows:
-        return False
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    for ax, key, title in zip(axes, ("reward_mean", "accuracy", "response_tokens_mean"),
-                              ("reward (mean)", "accuracy of rollouts", "response tokens (mean)"), strict=True):
-        offset = 0
-        for phase in run.cfg.rl.phases:
-            phase_rows = [r for r in rows if r["stage"] == f"rl/{phase.name}" and key in r]
-            ax.plot([offset + r["step"] for r in phase_rows], [r[key] for r in phase_rows], label=phase.name)
-            offset += len(phase_rows)
-        ax.set_title(title)
-        ax.set_xlabel("RL step")
-        ax.legend()
-    sft = [r for r in run.logger.records("sft")]
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    if rows:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+        for ax, key, title in zip(axes, ("reward_mean", "accuracy", "response_tokens_mean"),
+                                  ("reward (mean)", "accuracy of rollouts", "response tokens (mean)"), strict=True):
+            for name, x, y in phase_curves(rows, [phase.name for phase in run.cfg.rl.phases], key):
+                ax.plot(x, y, label=name)
+            ax.set_title(title)
+            ax.set_xlabel("RL step")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(directory / CURVES[0], dpi=100)
+        plt.close(fig)
+        written.append(CURVES)
+    sft = [r for r in run.logger.records("sft") if "loss" in r]
     if sft:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.plot([r["step"] for r in sft], [r["loss"] for r in sft])
         ax.set_title("SFT loss")
         ax.set_xlabel("step")
         fig.tight_layout()
-        fig.savefig(path.with_name("sft_loss.png"), dpi=100)
+        fig.savefig(directory / SFT_LOSS[0], dpi=100)
         plt.close(fig)
-    return True
+        written.append(SFT_LOSS)
+    return written
 
 
 def compared_stages(labels: list[str]) -> list[tuple[str, str]]:
@@ -254,8 +272,8 @@ def write_report(run) -> Path:
     gains = stage_gains(run.dir, list(state["evals"]))
     if gains:
         lines += _gain_lines(gains, cfg.eval)
-        (run.dir / "gains.json").write_text(json.dumps(
-            [{"from": before, "to": after, **g.to_json()} for (before, after), g in gains.items()], indent=1) + "\n")
+        write_json(run.dir / "gains.json",
+                   [{"from": before, "to": after, **g.to_json()} for (before, after), g in gains.items()])
     lines += ["", "## RL phases", "", "Seconds summed over each phase's steps (rank 0); scoring overlaps generation, "
               "and score wait is the part it did not hide.", "",
               "| phase | own prompts (input tokens) | max output | steps | carried in | generate (s) | score (s) "
@@ -276,9 +294,9 @@ def write_report(run) -> Path:
         lines += ["", f"Retrospective sampling into {phase_name}: " +
                   (", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or
                    "no candidates (the phase's own data holds every earlier example)")]
-    if _plot(run, run.dir / "curves.png"):
-        lines += ["", "![RL curves](curves.png)", "", "![SFT loss](sft_loss.png)"]
+    for file, title in _plot(run, run.dir):  # only the images written: a run without SFT has no SFT loss
+        lines += ["", f"![{title}]({file})"]
     lines += l15_lines(run)
     path = run.dir / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(lines) + "\n")
     return path

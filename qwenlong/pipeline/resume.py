@@ -57,7 +57,7 @@ def open_run_record(cfg: Config, run_dir: str | Path, resume: bool) -> dict[str,
     record_path = run_dir / RECORD_FILE
     if not resume:
         if record_path.exists():
-            raise FileExistsError(f"output.dir: {run_dir} already holds a run; pass --resume or pick another dir")
+            raise ConfigError(f"output.dir: {run_dir} already holds a run; pass --resume or pick another dir")
         return {"done": [], "evals": {}, "carried": {}}
     if not run_dir.is_dir():
         raise ConfigError(f"output.dir: {run_dir} does not exist, so there is no run to resume "

@@ -14,7 +14,7 @@ was recorded fall back to their state file's write time.
 Everything is read back with ``torch.load(weights_only=True)``: the RNG states are stored as tensors
 and plain Python values, so loading a checkpoint never runs code from it. JSON files (the state, the
 pipeline's record) are written to a temporary file and renamed into place, so a kill mid-write
-leaves the old file, never half a new one.
+leaves the old file, never half a new one (``write_text``, which the run's other records use too).
 """
 
 from __future__ import annotations
@@ -75,19 +75,24 @@ def load_tensors(path: str | Path, mmap: bool = False) -> Any:
         raise CheckpointError(f"{path}: cannot be read ({type(error).__name__}: {_one_line(error)})") from error
 
 
-def write_json(path: str | Path, value: Any) -> None:
-    """Write ``value`` as JSON atomically: a temporary file beside ``path``, flushed, then renamed over it."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) atomically: a temporary file beside ``path``, flushed, then renamed over it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(value, indent=1))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # a full disk, an interrupt: the old file stays, and no temporary file is left
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Write ``value`` as JSON atomically (``write_text``)."""
+    write_text(path, json.dumps(value, indent=1))
 
 
 def read_json(path: str | Path) -> Any:
