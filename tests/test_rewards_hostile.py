@@ -39,6 +39,18 @@ FREE, NUM = RuleKind.FREE_FORM, RuleKind.NUMERIC
 BOUND_S = 5.0
 
 
+class RecordingJudge(Judge):
+    """Answers ``verdict`` to every question and keeps the questions it was asked."""
+
+    def __init__(self, verdict: str):
+        super().__init__()
+        self.verdict, self.seen = verdict, []
+
+    async def _ask(self, session, messages):
+        self.seen.append(messages[-1]["content"])
+        return self.verdict
+
+
 CONFIGS = {"default": RuleConfig(), "release": RuleConfig.faithful()}
 
 
@@ -225,16 +237,7 @@ def test_numpy_golds_are_golds():
     with pytest.raises(ValueError, match="ground_truth: expected text, a number or a list of them, got NoneType"):
         rule_score(FREE, said("x"), None)
 
-    class RecordingJudge(Judge):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        async def _ask(self, session, messages):
-            self.seen.append(messages[-1]["content"])
-            return "[[YES]]"
-
-    judge = RecordingJudge()
+    judge = RecordingJudge("[[YES]]")
     results = HybridReward(judge).score([RewardItem("docmath", said("five"), np.int64(5), "How many?"),
                                          RewardItem("hotpotqa", said("the capital"), np.array(["Paris", "Lutetia"]),
                                                     "Which city?")])
@@ -292,16 +295,7 @@ def test_rule_config_by_name():
 
 
 def test_rejected_answers_are_not_judged_but_parts_are():
-    class RecordingJudge(Judge):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        async def _ask(self, session, messages):
-            self.seen.append(messages[-1]["content"])
-            return "[[NO]]"
-
-    judge = RecordingJudge()
+    judge = RecordingJudge("[[NO]]")
     reward = HybridReward(judge)
     reward.score([RewardItem("hotpotqa", said(a), g, "Which?") for a, g in [
         ("Paris, London, Berlin", "Paris"), ("yes and no", "yes"), ("of", "University of Oxford")]])
