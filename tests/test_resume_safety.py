@@ -194,10 +194,11 @@ def test_recorded_checkpoints_are_relative_to_the_run_folder(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_moved_run_folder_resumes_from_its_own_checkpoints(tmp_path):
+def test_a_moved_run_folder_resumes_from_its_own_checkpoints(tmp_path, monkeypatch):
     """An SFT run, moved to another folder, then resumed for RL: the stage record points into the new folder."""
     from qwenlong.pipeline.run import Run, run_sft
 
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")  # the kernels' PyTorch paths: the interpreter is slow
     args = [*SMALL, "sft.steps=2", "eval.enabled=false", "output.tensorboard=false"]
     run_sft(load_config(TINY, [*args, f"output.dir={tmp_path / 'a'}"]))
     record = json.loads((tmp_path / "a" / "pipeline.json").read_text())
