@@ -382,9 +382,10 @@ class GRPOTrainer:
                 self.backend.backward(loss)
                 sums["loss"] += loss.detach()
                 # the metrics are means over ``mask``: weighted by its tokens, divided by all ranks' count below
-                metric_tokens += mask.sum()
+                kept = mask.sum()
+                metric_tokens += kept
                 for key, value in metrics.items():  # every rank sums the same keys (no loss tokens: empty means)
-                    sums[key] = sums.get(key, 0.0) + value.detach() * mask.sum()
+                    sums[key] = sums.get(key, 0.0) + value.detach() * kept
         totals = self.ctx.sum({"metric_tokens": float(metric_tokens), **{key: float(v) for key, v in sums.items()}})
         count = max(1.0, totals.pop("metric_tokens"))
         return {key: value if key == "loss" else value / count for key, value in totals.items()}
