@@ -151,7 +151,8 @@ def liger(op):
         if op == "grpo_loss":
             from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-            loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, epsilon_low=0.2, epsilon_high=0.28, temperature=1.0)
+            loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, epsilon_low=0.2, epsilon_high=0.28, temperature=1.0,
+                                               use_ref_model=False)
 
             def grpo(hidden, weight, targets):
                 advantages, old, mask = policy_inputs(targets)
@@ -197,17 +198,19 @@ def gpu_variants(op, device="cuda"):
 
     on_gpu = device == "cuda"
     no_triton = None if on_gpu or interpreter_enabled() else f"{NOT_AVAILABLE}: needs a GPU (or TRITON_INTERPRET=1)"
+    # in the order they are measured: a spent --budget cuts the last ones first (our PyTorch path, which exists
+    # for machines without a GPU, is last)
     return {
         "fused triton (ours)": no_triton or ours("triton", op),
-        "cuda extension (ours)": ours("cuda", op) if on_gpu and cuda_backend.available()
-        else f"{NOT_AVAILABLE}: not built (or no GPU)",
-        "chunked torch (ours)": ours("torch", op),
-        "materialized logits (torch)": materialized(op),
         "liger": liger(op),
         "cut cross-entropy": cut_cross_entropy(op),
         "verl linear_cross_entropy": verl(op),
-        # last, so that a spent --budget cuts it before the peers: the same kernels, one recompute fewer
+        "cuda extension (ours)": ours("cuda", op) if on_gpu and cuda_backend.available()
+        else f"{NOT_AVAILABLE}: not built (or no GPU)",
+        # the same kernels, one recompute fewer
         "fused triton, grad in forward (ours)": no_triton or ours("triton", op, grad_in_forward=True),
+        "materialized logits (torch)": materialized(op),
+        "chunked torch (ours)": ours("torch", op),
     }
 
 
@@ -255,14 +258,26 @@ def speed_shapes(args) -> tuple[dict, list[tuple[str, int, int]]]:
     return shape, batches
 
 
+BATCH_ORDER = ("all valid", "RL-shaped", "valid rows alone")
+
+
+def speed_plan(batches: list[tuple[str, int, int]]) -> list[tuple[str, tuple[str, int, int]]]:
+    """(op, batch) pairs in the order they are measured, most informative first, so that a spent --budget cuts
+    the least: every op at the smallest T (all valid rows, the RL-shaped batch, its valid rows alone; the RL
+    op, log-probs + entropy, first), then the larger T."""
+    smallest = min(tokens for label, tokens, _ in batches if label != "valid rows alone")
+    return sorted(itertools.product(OPS, batches), key=lambda pair: (
+        pair[1][1] > smallest, OPS.index(pair[0]), BATCH_ORDER.index(pair[1][0]), pair[1][1]))
+
+
 def run_speed(args) -> list[dict]:
     rows = []
     shape, batches = speed_shapes(args)
     dim, vocab = shape["d"], shape["V"]
     deadline = time.perf_counter() + args.budget
-    for op in OPS:
-        for (variant, run), (batch, tokens, valid) in itertools.product(gpu_variants(op, args.device).items(),
-                                                                          batches):
+    variants = {op: gpu_variants(op, args.device) for op in OPS}
+    for op, (batch, tokens, valid) in speed_plan(batches):
+        for variant, run in variants[op].items():
             row = {"op": op, "variant": variant, "batch": batch, "T": tokens, "T_valid": valid, "d": dim,
                    "V": vocab, "dtype": str(shape["dtype"]).replace("torch.", "")}
             if isinstance(run, str):

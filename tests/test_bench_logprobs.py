@@ -62,3 +62,20 @@ def test_grad_in_forward_variant_runs_the_option(monkeypatch):
             results.append((loss, *torch.autograd.grad(loss, (hidden, weight))))
         for plain, in_forward in zip(*results, strict=True):
             torch.testing.assert_close(in_forward, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_speed_plan_measures_the_smallest_batches_of_every_op_first():
+    """A spent --budget cuts the larger T: every (op, batch) at the smallest T comes before any at a larger T,
+    log-probs + entropy first, each op's all-valid batch before its RL-shaped one and that before its valid rows
+    alone; every pair is measured once."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_logprobs
+
+    batches = [("valid rows alone", 4096, 4096), ("all valid", 32768, 32768), ("RL-shaped", 32768, 4096),
+               ("all valid", 122880, 122880), ("RL-shaped", 122880, 4096)]
+    plan = bench_logprobs.speed_plan(batches)
+    assert sorted(plan) == sorted((op, batch) for op in bench_logprobs.OPS for batch in batches)
+    first = [(op, label) for op, (label, tokens, _) in plan[:9]]
+    assert first == [(op, label) for op in ("logprobs+entropy", "cross-entropy", "grpo_loss")
+                     for label in ("all valid", "RL-shaped", "valid rows alone")]
+    assert all(tokens == 122880 for _, (_, tokens, _) in plan[9:])

@@ -57,18 +57,23 @@ def test_unknown_step_is_refused_by_name():
     assert "--steps: unknown step 'benchmark'" in proc.stderr
 
 
-def test_gpu_tests_step_leaves_the_kernel_tests_to_a_gpu():
+def test_gpu_tests_step_leaves_the_kernel_tests_to_a_gpu(tmp_path):
     """Without a GPU the step runs the gpu-marked tests (all skip) but not the kernel test files, which the
     interpreter would spend minutes on, past the step's limit (the README's test command runs them anyway)."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU runs the kernel tests natively")
-    proc = _run("--quick", "--steps", "gpu-tests")
+    proc = _run("--quick", "--steps", "gpu-tests", env=os.environ | {"OUT": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     row = re.search(r"^gpu-tests +\d+ +\d+ +(\S+) +(.*)$", proc.stdout, re.M)
     assert row and row.group(1) == "ok", proc.stdout[-2000:]
     assert "kernels: 0 skipped (no GPU" in row.group(2)
+    # the step's own output comes back as it is written (a call cut at its limit still returns it), and the
+    # main log after every step
+    _assert_device_can_return(tmp_path)
+    assert "skipped" in (tmp_path / "gpu-tests.log").read_text()
+    assert "=== gpu-tests: ok in" in (tmp_path / "gpu_check.log").read_text()
 
 
 def _pack(tmp_path: Path, results: dict[str, bytes]) -> tuple[subprocess.CompletedProcess, Path]:

@@ -38,16 +38,22 @@ cd "$ROOT" || exit 1
 
 STEPS=(env wheels build gpu-tests bench pack)
 # seconds per step (bench: at most; it gets what is left of TOTAL_S before pack); quick | full
+# (a CPU rehearsal with the device's torch 2.11 + CUDA 13.0 built the extension in 98 s on 2 cores)
 declare -A LIMIT_QUICK=([env]=20 [wheels]=30 [build]=120 [gpu-tests]=60 [bench]=240 [pack]=20)
-declare -A LIMIT_FULL=([env]=30 [wheels]=40 [build]=180 [gpu-tests]=180 [bench]=480 [pack]=20)
-TOTAL_QUICK=330 TOTAL_FULL=540     # the device command limit is 600 s: 540 + 6 x KILL_AFTER stays under it
+declare -A LIMIT_FULL=([env]=20 [wheels]=30 [build]=150 [gpu-tests]=170 [bench]=480 [pack]=20)
+TOTAL_QUICK=330 TOTAL_FULL=550     # the device command limit is 600 s: 550 + 6 x KILL_AFTER stays under it
 # two benchmarks' start-up, the row in flight when the budget runs out (a FlexAttention compile: up to a
-# minute) and the writing; a benchmark killed by the step's timeout writes nothing
-BENCH_RESERVE_QUICK=30 BENCH_RESERVE_FULL=120
+# minute) and the writing; a benchmark killed by the step's timeout writes no results files, but the rows
+# it printed come back in $OUT/bench.log
+BENCH_RESERVE_QUICK=30 BENCH_RESERVE_FULL=75
 KILL_AFTER=5                       # SIGKILL this long after a step's SIGTERM
 PER_TEST_TIMEOUT=90                # pytest-timeout, seconds per GPU test
 PACK_MAX_BYTES=$((15 * 1024 * 1024))  # the device returns files of at most 16 MiB
 PEER_WHEELS=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1)  # what bench_logprobs compares against
+# verl's fused log-probs + entropy kernel, run as verl ships it, without verl's package imports (ray, hydra,
+# tensordict, ...): its kernel modules, device helpers and platform plugin, under empty package __init__ files
+VERL_WHEEL=verl==0.9.1
+VERL_KERNEL_FILES=('verl/utils/kernel/*' 'verl/utils/device.py' 'verl/plugin/*')
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "gpu_check: $*" >&2; exit 2; }
@@ -88,6 +94,15 @@ prepare() {
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "${PEER_WHEELS[@]}" || return 1
   # the device's copy of the tree may have no .git: the env step reads the commit from here
+  local download
+  download=$(mktemp -d)
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$download" "$VERL_WHEEL" || return 1
+  rm -rf .whl/verl-kernel && mkdir -p .whl/verl-kernel
+  unzip -q -o "$download"/verl-*.whl "${VERL_KERNEL_FILES[@]}" -d .whl/verl-kernel || return 1
+  : >.whl/verl-kernel/verl/__init__.py
+  : >.whl/verl-kernel/verl/utils/__init__.py
+  rm -rf "$download"
+  echo "verl kernel ($VERL_WHEEL): $(find .whl/verl-kernel -name '*.py' | wc -l) files in .whl/verl-kernel"
   { git log -1 --format='%H %cI %s'; echo "uncommitted changes at --prepare:"; git status --short; } >.whl/COMMIT
   for wheel in .whl/*.whl; do
     echo "$(du -k "$wheel" | cut -f1) KiB  $wheel"
@@ -143,7 +158,7 @@ if [ "$DRY_RUN" = 1 ]; then
     printf 'step %-9s limit %3d s  %s\n' "$step" "$limit" "$(command_of "$step")"
   done
   echo "worst case: $worst s (bench at its smallest: it gets what is left of ${TOTAL_S} s, at most ${LIMIT[bench]} s)"
-  echo "files back: results.tar.gz summary.txt gpu_check.log (the device takes at most 8)"
+  echo "files back: results.tar.gz summary.txt gpu_check.log gpu-tests.log bench.log (the device takes at most 8)"
   exit 0
 fi
 
@@ -212,8 +227,10 @@ step_wheels() {
     --upgrade --target "$SITE" \
     "$ROOT"/.whl/*.whl || return 1
   # the modules bench_logprobs imports; a failure here is reported, the benchmark says "not available"
-  for module in liger_kernel.transformers liger_kernel.chunked_loss cut_cross_entropy; do
-    if PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} python3 -c "import $module" 2>"$SCRATCH/import.err"; then
+  for module in liger_kernel.transformers liger_kernel.chunked_loss cut_cross_entropy \
+                verl.utils.kernel.linear_cross_entropy; do
+    if PYTHONPATH=$SITE:$ROOT/.whl/verl-kernel${PYTHONPATH:+:$PYTHONPATH} python3 -c "import $module" \
+      2>"$SCRATCH/import.err"; then
       echo "import $module: ok"
     else
       echo "import $module: FAILED: $(tail -1 "$SCRATCH/import.err")"
@@ -267,7 +284,8 @@ step_gpu_tests() {
     tee "$SCRATCH/pytest.out"
   rc=${PIPESTATUS[0]}
   if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-    python3 -m pytest -q -rs "${parallel[@]}" "${timeout_flag[@]}" --junitxml="$RESULTS/kernel-tests.xml" \
+    # -v: a line per test as it ends, so that a step cut by its limit still says which ran and how
+    python3 -m pytest -v -rfEs "${parallel[@]}" "${timeout_flag[@]}" --junitxml="$RESULTS/kernel-tests.xml" \
       "${KERNEL_TEST_FILES[@]}" 2>&1 | tee "$SCRATCH/kernel-pytest.out"
     kernel_rc=${PIPESTATUS[0]}
   else  # the interpreter would take minutes here, and the README's test command runs these files anyway
@@ -311,12 +329,14 @@ export -f note command_of gpu_test_files step_env step_wheels step_build step_gp
 
 # ----------------------------------------------------------------------------- running them
 declare -A STATUS SPENT USED_LIMIT NOTE
+LIVE_STEPS=" gpu-tests bench "  # their output is also written to $OUT/<step>.log as it comes
 run_step() {  # name limit: runs step_<name> under timeout, output to logs/<name>.log and the main log
-  local name=$1 limit=$2 log=$LOGS/$1.log begin=$SECONDS rc
+  local name=$1 limit=$2 log=$LOGS/$1.log begin=$SECONDS rc live=/dev/null
+  [[ $LIVE_STEPS == *" $name "* ]] && live=$OUT_DIR/$name.log
   say "=== $name: limit ${limit} s, log $log"
   echo "\$ $(command_of "$name")" >"$log"
-  timeout --kill-after="$KILL_AFTER" "$limit" bash -c "step_${name//-/_}" >>"$log" 2>&1 </dev/null
-  rc=$?
+  timeout --kill-after="$KILL_AFTER" "$limit" bash -c "step_${name//-/_}" 2>&1 </dev/null | tee -a "$log" >"$live"
+  rc=${PIPESTATUS[0]}
   SPENT[$name]=$((SECONDS - begin)) USED_LIMIT[$name]=$limit
   case $rc in
     0) STATUS[$name]=ok ;;
@@ -327,6 +347,7 @@ run_step() {  # name limit: runs step_<name> under timeout, output to logs/<name
   cat "$log" >>"$MAIN_LOG"
   tail -n 15 "$log"
   say "=== $name: ${STATUS[$name]} in ${SPENT[$name]} s"
+  tail -c "$PACK_MAX_BYTES" "$MAIN_LOG" >"$OUT_DIR/gpu_check.log"  # what is done so far comes back, whatever follows
 }
 
 skip_step() {
@@ -347,7 +368,7 @@ for step in "${STEPS[@]}"; do
       fi
       run_step wheels "${LIMIT[wheels]}"
       if [ "${STATUS[wheels]}" = ok ]; then
-        export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+        export PYTHONPATH=$SITE:$ROOT/.whl/verl-kernel${PYTHONPATH:+:$PYTHONPATH}
       fi ;;
     bench)
       left=$((TOTAL_S - SECONDS - LIMIT[pack]))
