@@ -131,6 +131,7 @@ def test_older_triton_keeps_the_32_row_dkdv_tiles(device, monkeypatch):
     (their 64-row tiles spill with Triton 3.6): the launcher picks them, and they are right; other tiles and
     dtypes are unchanged."""
     monkeypatch.setenv("QWENLONG_BACKEND", "triton")
+    monkeypatch.setattr(varlen_module, "_triton_version", lambda: (3, 9))  # whatever Triton runs the test
     newer = varlen_module._configs(128, torch.bfloat16, 90)
     monkeypatch.setattr(varlen_module, "_triton_version", lambda: (3, 6))
     older = varlen_module._configs(128, torch.bfloat16, 90)
@@ -193,10 +194,12 @@ def test_scratch_allocator_is_set_where_none_is():
     import triton
     from triton.runtime import _allocation
 
+    from qwenlong.kernels.utils import descriptors
+
     token = _allocation._allocator.set(_allocation._NULL_ALLOCATOR)
     try:
-        varlen_module._ensure_scratch_allocator()
-        assert _allocation._allocator.get() is varlen_module._scratch
+        descriptors.ensure_scratch_allocator(torch.device("cuda"))
+        assert _allocation._allocator.get() is descriptors.scratch
         seen = []
         thread = threading.Thread(target=lambda: seen.append(_allocation._allocator.get()))
         thread.start()
@@ -207,8 +210,11 @@ def test_scratch_allocator_is_set_where_none_is():
             return torch.empty(size, dtype=torch.int8)
 
         triton.set_allocator(own)
-        varlen_module._ensure_scratch_allocator()
+        descriptors.ensure_scratch_allocator(torch.device("cuda"))
         assert _allocation._allocator.get() is own
+        _allocation._allocator.set(_allocation._NULL_ALLOCATOR)
+        descriptors.ensure_scratch_allocator(torch.device("cpu"))  # the interpreter needs none
+        assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
     finally:
         _allocation._allocator.reset(token)
 

@@ -95,6 +95,7 @@ import triton.language as tl
 from ..backend import select_backend, tile_table
 from ..utils.autograd import once_differentiable
 from ..utils.checks import check_cu_seqlens, check_dim, check_same_device, check_tensor
+from ..utils.descriptors import ensure_scratch_allocator
 from .blockwise import BlockwiseAttention
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(x) = exp2(x * LOG2E); a constexpr so kernels read it too
@@ -692,27 +693,10 @@ def _describable(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global scratch for the descriptors a kernel makes on the device (on the current device, as the launch)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_scratch_allocator() -> None:
-    """Kernels that make tensor descriptors on the device need global scratch (128 bytes per descriptor and
-    program on sm_90), which Triton asks of the allocator set in the launching thread's context; set PyTorch's
-    caching allocator where none is. Every launch checks: autograd runs backward in threads of its own, which
-    start without the caller's context."""
-    from triton.runtime import _allocation  # the default is a NullAllocator that raises at launch
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
-
-
 def _described_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors a kernel is about to read through descriptors, each describable (:func:`_describable`), and
     the scratch allocator those descriptors need on a GPU."""
-    if tensors[0].is_cuda:
-        _ensure_scratch_allocator()
+    ensure_scratch_allocator(tensors[0].device)
     return tuple(_describable(t) for t in tensors)
 
 

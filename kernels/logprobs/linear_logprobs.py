@@ -59,6 +59,7 @@ import triton.language as tl
 from ..backend import select_backend, tile_table
 from ..utils.autograd import once_differentiable
 from ..utils.checks import FLOAT_DTYPES, check_same_device, check_tensor, tensor_checks_enabled
+from ..utils.descriptors import ensure_scratch_allocator
 from . import chunked, cuda_backend
 from .valid_rows import ValidRowStats
 
@@ -498,6 +499,8 @@ def _forward(hidden, weight, targets, order, num_valid, outputs, temperature, wi
     # partial: an unused placeholder
     stored = (logits, logits.shape[0], logits.stride(0)) if logits is not None else (partial, 0, 0)
     flags = {"WITH_ENTROPY": with_entropy, "WITH_MEAN": with_mean_logp}
+    if constexprs.get("LOGITS_BY_DESCRIPTOR"):  # the kept logits are stored through a descriptor made on the device
+        ensure_scratch_allocator(hidden.device)
     _forward_kernel[(tiles * num_splits,)](
         hidden, weight, targets, order, num_valid, partial, stored[0], token_start, num_tokens, *stored[1:],
         vocab, dim, split_cols, num_splits, 1.0 / temperature,
