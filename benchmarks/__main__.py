@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -91,11 +92,15 @@ def run(args: argparse.Namespace) -> int:
             argv += ["--budget", f"{max(0.0, deadline - time.perf_counter()) / budgeted_left:.0f}"]
         print(f"\n=== {name}: {' '.join(argv)}", flush=True)
         start = time.perf_counter()
+        environ = dict(os.environ)  # a benchmark's own settings (a kernel path, say) must not reach the next
         try:
             importlib.import_module(BENCHMARKS[name]).main(argv)
         except Exception:  # one broken benchmark must not hide the others' results
             traceback.print_exc()
             failed.append(name)
+        finally:
+            os.environ.clear()
+            os.environ.update(environ)
         print(f"=== {name}: {'FAILED' if name in failed else 'done'} in {time.perf_counter() - start:.1f} s",
               flush=True)
     if failed:

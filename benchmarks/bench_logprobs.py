@@ -42,6 +42,7 @@ from benchmarks.common import (
     RESULTS_DIR,
     PeakMemory,
     environment,
+    kernel_backend,
     memory_method,
     time_ms,
     write_results,
@@ -130,12 +131,12 @@ def ours(backend, op, grad_in_forward=False):
         return f"{NOT_AVAILABLE}: gradients in the forward need a scalar loss"
 
     def run(hidden, weight, targets):
-        os.environ["QWENLONG_BACKEND"] = backend
-        if op == "logprobs+entropy":
-            return linear_logprobs(hidden, weight, targets, return_entropy=True)
-        if op == "cross-entropy":
-            return linear_cross_entropy(hidden, weight, targets, grad_in_forward=grad_in_forward)
-        return grpo_loss(hidden, weight, targets, *policy_inputs(targets), grad_in_forward=grad_in_forward)[0]
+        with kernel_backend(backend):  # the backward runs the path its forward chose
+            if op == "logprobs+entropy":
+                return linear_logprobs(hidden, weight, targets, return_entropy=True)
+            if op == "cross-entropy":
+                return linear_cross_entropy(hidden, weight, targets, grad_in_forward=grad_in_forward)
+            return grpo_loss(hidden, weight, targets, *policy_inputs(targets), grad_in_forward=grad_in_forward)[0]
 
     return run
 

@@ -30,7 +30,8 @@ import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -100,6 +101,21 @@ def document_lengths(total: int, layout: str = "packed", seed: int = 0, shortest
 
 
 # ----------------------------------------------------------------------------- timing
+@contextmanager
+def kernel_backend(name: str) -> Iterator[None]:
+    """``QWENLONG_BACKEND=name`` inside the block, restored after it: a path chosen for one measurement must not
+    carry over to the next (a later benchmark in the same process would time the wrong kernels)."""
+    previous = os.environ.get("QWENLONG_BACKEND")
+    os.environ["QWENLONG_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("QWENLONG_BACKEND", None)
+        else:
+            os.environ["QWENLONG_BACKEND"] = previous
+
+
 def time_ms(run: Callable[..., object], *, setup: Callable[[], Sequence] | None = None, device: str = "cpu",
             warmup: int = 1, repeats: int = 5) -> float:
     """Median milliseconds of ``run(*setup())`` over ``repeats`` runs after ``warmup`` runs."""

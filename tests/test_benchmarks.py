@@ -19,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmarks/ is not an installed package
 
-from benchmarks.common import PeakMemory, card_slug, document_lengths, time_ms  # noqa: E402
+from benchmarks.common import PeakMemory, card_slug, document_lengths, kernel_backend, time_ms  # noqa: E402
 
 # bench name in the file name -> row keys every measured row must carry, and whether it draws a plot
 EXPECTED = {
@@ -146,3 +146,30 @@ def test_document_lengths():
     assert document_lengths(4096, "single") == [4096]
     with pytest.raises(ValueError, match="layout"):
         document_lengths(10, "diagonal")
+
+
+def test_a_benchmark_leaves_the_kernel_path_as_it_found_it(monkeypatch):
+    """A kernel path chosen for one measurement stays inside it: on a GPU run, the log-probs benchmark's last
+    variant (our PyTorch path) once set QWENLONG_BACKEND for the attention benchmark after it, which then
+    timed the blockwise PyTorch attention as ours (1.1 s instead of 4 ms)."""
+    import benchmarks.__main__ as runner
+    from benchmarks import bench_logprobs
+
+    monkeypatch.delenv("QWENLONG_BACKEND", raising=False)
+    with kernel_backend("torch"):
+        assert os.environ["QWENLONG_BACKEND"] == "torch"
+    assert "QWENLONG_BACKEND" not in os.environ
+    monkeypatch.setenv("QWENLONG_BACKEND", "auto")
+    hidden, weight, targets = bench_logprobs.make_inputs(12, 8, 40, torch.float32, "cpu", True, valid=5)
+    for op in bench_logprobs.OPS:
+        bench_logprobs.ours("torch", op)(hidden, weight, targets)
+        assert os.environ["QWENLONG_BACKEND"] == "auto", op
+
+    def sets_a_path(argv):
+        os.environ["QWENLONG_BACKEND"] = "torch"
+
+    monkeypatch.setitem(runner.BENCHMARKS, "fake", "fake_benchmark_module")
+    monkeypatch.setitem(sys.modules, "fake_benchmark_module", type(sys)("fake_benchmark_module"))
+    sys.modules["fake_benchmark_module"].main = sets_a_path
+    assert runner.main(["--only", "fake"]) == 0
+    assert os.environ["QWENLONG_BACKEND"] == "auto"

@@ -44,6 +44,16 @@ def test_plan_fits_the_device_command_limit(mode):
     assert worst < DEVICE_COMMAND_LIMIT_S, f"{mode}: the steps' limits add up to {worst} s"
 
 
+def test_gpu_tests_step_names_the_kernel_test_files():
+    """The steps run in ``bash -c``: the kernel test files reach the step there (once an array did not, and the
+    step ran the whole suite instead of the three files). The plan prints them as the step sees them."""
+    proc = _run("--dry-run")
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("step gpu-tests"))
+    kernel_part = line.split("-n 8", 1)[1]
+    for name in ("tests/test_attention.py", "tests/test_logprobs.py", "tests/test_grpo_loss.py"):
+        assert name in kernel_part and (ROOT / name).is_file(), line
+
+
 def test_quick_shrinks_every_step():
     full, _, full_worst = _plan()
     quick, _, quick_worst = _plan("--quick")

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, environment, write_results
+from benchmarks.common import RESULTS_DIR, environment, kernel_backend, write_results
 from benchmarks.work.counting import count_work, require_interpreter
 
 IGNORE = -100
@@ -197,15 +196,8 @@ def run_op(op: str, hidden, weight, targets) -> None:
 
 def measure(op, path, num_tokens, num_valid, dim, vocab, dtype) -> dict:
     hidden, weight, targets = _inputs(num_tokens, num_valid, dim, vocab, dtype)
-    previous = os.environ.get("QWENLONG_BACKEND")
-    os.environ["QWENLONG_BACKEND"] = path
-    try:
+    with kernel_backend(path):  # the next meter in this process (attention) counts its Triton kernels
         work = count_work(run_op, op, hidden, weight, targets)
-    finally:  # the next meter in this process (attention) counts its Triton kernels, not this path
-        if previous is None:
-            os.environ.pop("QWENLONG_BACKEND", None)
-        else:
-            os.environ["QWENLONG_BACKEND"] = previous
     kernels = [name for name in work.by_kernel if not name.startswith("aten.")]
     kernel_flops = sum(work.by_kernel[k].flops for k in kernels)
     size = hidden.element_size()
