@@ -503,7 +503,11 @@ def _block_d(head_dim: int) -> int:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, keyed on the padded head_dim (BLOCK_D) and the
 # GPU's tile table, never on sequence lengths: tiles that compile without register spills
-# (tools/compile_report.py, docs/compile_report.md), not yet timed on a GPU (benchmarks/bench_attention.py).
+# (tools/compile_report.py, docs/compile_report.md). Timed once (benchmarks/results/nvidia-h200-2026-12-04-attention.md:
+# an H200 with Triton 3.6, so dkdv's 32-row tiles below): bf16 head_dim 128, GQA 40/8, causal, documents <= 8K
+# packed to 32K: fwd 408 TFLOP/s, bwd 257 (cuDNN 520 / 313, FlashAttention-2 282 / 202); RL batch 64K + 110 x 512:
+# 498 / 280. The atomic backward (dkdv_atomic, 5 GEMMs) was slower than the deterministic 7-GEMM one there (218
+# against 257 TFLOP/s) with its 32-row tiles; the 64-row tiles Triton >= 3.9 takes are still to be timed.
 # sm_90 tiles are shaped for wgmma (HGMMA): Triton issues it for a dot whose result has a multiple
 # of 64 rows and of 8 columns, with warps in whole warpgroups (num_warps % 4 == 0). The rows are
 # BLOCK_M in fwd and dq and BLOCK_N in dkdv (its dots produce key-major tiles).
