@@ -22,8 +22,8 @@ CONFIGS = {
 }
 
 
-def _models(family: str):
-    """The same randomly initialised tiny model twice: with our attention and with sdpa."""
+def _models(family: str, device: str = "cpu"):
+    """The same randomly initialised tiny model twice, on ``device``: with our attention and with sdpa."""
     config = CONFIGS[family](
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -33,21 +33,21 @@ def _models(family: str):
     sdpa = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
     assert ours.config._attn_implementation == "qwenlong" and sdpa.config._attn_implementation == "sdpa"
     sdpa.load_state_dict(ours.state_dict())
-    return ours, sdpa
+    return ours.to(device), sdpa.to(device)
 
 
 @pytest.mark.parametrize(
     "family,backend", [("qwen2", "triton"), ("qwen2", "torch"), ("qwen3", "torch"), ("llama", "torch")]
 )
-def test_packed_batch_matches_sdpa_per_sequence(family, backend, monkeypatch):
+def test_packed_batch_matches_sdpa_per_sequence(family, backend, device, monkeypatch):
     """position_ids restarting per sequence: each packed sequence attends only to itself."""
     monkeypatch.setenv("QWENLONG_BACKEND", backend)
-    ours, sdpa = _models(family)
+    ours, sdpa = _models(family, device)
     lengths = [7, 12, 1, 5]
     gen = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(0, 128, (1, sum(lengths)), generator=gen)
-    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
-    weights = torch.randn(1, sum(lengths), 128, generator=gen)
+    input_ids = torch.randint(0, 128, (1, sum(lengths)), generator=gen).to(device)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    weights = torch.randn(1, sum(lengths), 128, generator=gen).to(device)
 
     packed_logits = ours(input_ids=input_ids, position_ids=position_ids).logits
     (packed_logits * weights).sum().backward()

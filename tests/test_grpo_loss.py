@@ -12,24 +12,25 @@ from qwenlong.kernels import grpo_loss
 from qwenlong.kernels.logprobs import grpo as grpo_module
 from qwenlong.kernels.logprobs.policy_math import aggregate_tokens, k3_kl, policy_loss_per_token
 from qwenlong.kernels.logprobs.reference import reference_grpo_loss, reference_linear_logprobs
+from qwenlong.kernels.utils.checks import CHECK_ENV_VAR
 
 IGNORE = -100
 
 
-def hand_case():
+def hand_case(device):
     """V = 2 and weight = I, so the logits are the hidden states: p(target 0) = 1/2, 3/4, 1/4."""
     ln3 = math.log(3.0)
-    hidden = torch.tensor([[0.0, 0.0], [ln3, 0.0], [0.0, ln3], [5.0, -5.0]], requires_grad=True)
-    weight = torch.eye(2, requires_grad=True)
-    targets = torch.tensor([0, 0, 0, IGNORE])
-    old = torch.full((4,), math.log(0.5))
-    advantages = torch.tensor([1.0, 2.0, -1.0, 7.0])
-    mask = torch.tensor([True, True, True, False])
+    hidden = torch.tensor([[0.0, 0.0], [ln3, 0.0], [0.0, ln3], [5.0, -5.0]], device=device, requires_grad=True)
+    weight = torch.eye(2, device=device, requires_grad=True)
+    targets = torch.tensor([0, 0, 0, IGNORE], device=device)
+    old = torch.full((4,), math.log(0.5), device=device)
+    advantages = torch.tensor([1.0, 2.0, -1.0, 7.0], device=device)
+    mask = torch.tensor([True, True, True, False], device=device)
     return hidden, weight, targets, advantages, old, mask
 
 
-def test_hand_computed_case(backend):
-    hidden, weight, targets, advantages, old, mask = hand_case()
+def test_hand_computed_case(backend, device):
+    hidden, weight, targets, advantages, old, mask = hand_case(device)
     # ratios 1, 1.5, 0.5. Token 2 is clipped high (-min(3, 1.28 * 2)), token 3 clipped low (-min(-0.5, -0.8)).
     loss, metrics = grpo_loss(hidden, weight, targets, advantages, old, mask)
     assert loss.item() == pytest.approx((-1.0 - 2.56 + 0.8) / 3, abs=1e-6)
@@ -39,12 +40,12 @@ def test_hand_computed_case(backend):
     assert "kl_mean" not in metrics and "entropy_mean" not in metrics
     # clipped tokens pass no gradient: only token 1 moves, d(-rho * A)/dz = -(onehot - p) = (-1/2, +1/2) / 3
     (grad_hidden,) = torch.autograd.grad(loss, hidden)
-    expected = torch.zeros(4, 2)
-    expected[0] = torch.tensor([-0.5, 0.5]) / 3
+    expected = torch.zeros(4, 2, device=device)
+    expected[0] = torch.tensor([-0.5, 0.5], device=device) / 3
     torch.testing.assert_close(grad_hidden, expected, atol=1e-6, rtol=0)
 
     # KL to a reference at p = 1/2 and an entropy bonus; the global count 6 replaces the local 3
-    ref = torch.full((4,), math.log(0.5))
+    ref = torch.full((4,), math.log(0.5), device=device)
     kl = [0.0, 2 / 3 - math.log(2 / 3) - 1, 2 - math.log(2) - 1]
     entropy = [math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))]
     entropy = [entropy[0], entropy[1], entropy[1]]
@@ -56,12 +57,12 @@ def test_hand_computed_case(backend):
     assert metrics["entropy_mean"].item() == pytest.approx(sum(entropy) / 3, abs=1e-6)
 
 
-def test_hand_computed_dual_clip(backend):
+def test_hand_computed_dual_clip(backend, device):
     """p = 1/4 against an old p of 1/16: ratio 4 on a negative advantage, loss 4, capped at 3 by dual clip."""
-    hidden = torch.tensor([[0.0, math.log(3.0)]])
-    weight = torch.eye(2)
-    args = (hidden, weight, torch.tensor([0]), torch.tensor([-1.0]), torch.tensor([math.log(1 / 16)]),
-            torch.tensor([1.0]))
+    hidden = torch.tensor([[0.0, math.log(3.0)]], device=device)
+    weight = torch.eye(2, device=device)
+    args = (hidden, weight, torch.tensor([0], device=device), torch.tensor([-1.0], device=device),
+            torch.tensor([math.log(1 / 16)], device=device), torch.tensor([1.0], device=device))
     assert grpo_loss(*args)[0].item() == pytest.approx(4.0, abs=1e-5)
     assert grpo_loss(*args, dual_clip=3.0)[0].item() == pytest.approx(3.0, abs=1e-6)
 
@@ -79,15 +80,16 @@ OPTIONS = [
 ]
 
 
-def make_grpo_inputs(num_tokens, dim, vocab, dtype, seed, options):
+def make_grpo_inputs(num_tokens, dim, vocab, dtype, seed, options, device="cpu"):
+    """Drawn on the CPU (the same values on every device), then every tensor moved to ``device``."""
     gen = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(num_tokens, dim, generator=gen).to(dtype).requires_grad_()
-    weight = (torch.randn(vocab, dim, generator=gen) / dim**0.5).to(dtype).requires_grad_()
+    hidden = torch.randn(num_tokens, dim, generator=gen).to(dtype)
+    weight = (torch.randn(vocab, dim, generator=gen) / dim**0.5).to(dtype)
     targets = torch.randint(0, vocab, (num_tokens,), generator=gen)
     mask = torch.rand(num_tokens, generator=gen) > 0.2
     targets[~mask & (torch.rand(num_tokens, generator=gen) > 0.5)] = IGNORE
     temperature = options.get("temperature", 1.0)
-    current = reference_linear_logprobs(hidden.detach(), weight.detach(), targets, temperature).float()
+    current = reference_linear_logprobs(hidden, weight, targets, temperature).float()
     # old and reference policies a little off the current one, so that some ratios clip on either side
     old = current + 0.3 * torch.randn(num_tokens, generator=gen)
     ref = current + 0.3 * torch.randn(num_tokens, generator=gen)
@@ -96,16 +98,18 @@ def make_grpo_inputs(num_tokens, dim, vocab, dtype, seed, options):
     if kwargs.get("num_tokens") == "per_sequence":  # 3 sequences: the mean of per-sequence token means
         seq_id = torch.arange(num_tokens) * 3 // num_tokens
         lengths = torch.zeros(3).index_add_(0, seq_id, mask.float())
-        kwargs["num_tokens"] = 3 * lengths[seq_id]
+        kwargs["num_tokens"] = (3 * lengths[seq_id]).to(device)
     if kwargs.get("kl_coef"):
-        kwargs["ref_logprobs"] = ref
-    return (hidden, weight, targets, advantages, old, mask), kwargs
+        kwargs["ref_logprobs"] = ref.to(device)
+    hidden, weight = hidden.to(device).requires_grad_(), weight.to(device).requires_grad_()
+    return (hidden, weight, *(t.to(device) for t in (targets, advantages, old, mask))), kwargs
 
 
 @pytest.mark.parametrize("option_index", range(len(OPTIONS)))
-def test_matches_reference_with_every_option(backend, option_index):
+def test_matches_reference_with_every_option(backend, option_index, device):
     shape = (300, 16, 2003) if backend == "torch" else (40, 16, 300)
-    args, kwargs = make_grpo_inputs(*shape, torch.float32, seed=option_index, options=OPTIONS[option_index])
+    args, kwargs = make_grpo_inputs(*shape, torch.float32, seed=option_index, options=OPTIONS[option_index],
+                                    device=device)
     hidden, weight = args[:2]
     loss, metrics = grpo_loss(*args, **kwargs)
     ref = reference_grpo_loss(*args, **kwargs)
@@ -119,9 +123,9 @@ def test_matches_reference_with_every_option(backend, option_index):
     assert ("entropy_mean" in metrics) == bool(kwargs.get("entropy_coef"))
 
 
-def test_metrics_match_reference(backend):
+def test_metrics_match_reference(backend, device):
     options = {"kl_coef": 0.1, "entropy_coef": 0.01, "temperature": 0.9}
-    args, kwargs = make_grpo_inputs(40, 16, 300, torch.float32, seed=17, options=options)
+    args, kwargs = make_grpo_inputs(40, 16, 300, torch.float32, seed=17, options=options, device=device)
     hidden, weight, targets, advantages, old, mask = args
     _, metrics = grpo_loss(*args, **kwargs)
     logp, entropy = reference_linear_logprobs(hidden, weight, targets, 0.9, return_entropy=True)
@@ -141,8 +145,8 @@ def test_metrics_match_reference(backend):
         assert metrics[name].item() == pytest.approx(value.item(), abs=1e-5), name
 
 
-def test_bf16_every_option_on(backend):
-    args, kwargs = make_grpo_inputs(40, 32, 700, torch.bfloat16, seed=23, options=OPTIONS[-1])
+def test_bf16_every_option_on(backend, device):
+    args, kwargs = make_grpo_inputs(40, 32, 700, torch.bfloat16, seed=23, options=OPTIONS[-1], device=device)
     hidden, weight = args[:2]
     loss, _ = grpo_loss(*args, **kwargs)
     ref = reference_grpo_loss(*args, **kwargs)
@@ -195,8 +199,8 @@ def test_policy_math_pieces():
     torch.testing.assert_close(aggregate_tokens(values, mask, 20), values[mask].sum() / 20)
 
 
-def _bad_cases():
-    args, _ = make_grpo_inputs(6, 8, 20, torch.float32, seed=1, options={})
+def _bad_cases(device="cpu"):
+    args, _ = make_grpo_inputs(6, 8, 20, torch.float32, seed=1, options={}, device=device)
     hidden, weight, targets, advantages, old, mask = (a.detach() for a in args)
     good = dict(hidden=hidden, weight=weight, targets=targets, advantages=advantages, old_logprobs=old, mask=mask)
     return good, [
@@ -210,7 +214,7 @@ def _bad_cases():
         ("clip_high", dict(clip_high=-0.1)),
         ("dual_clip", dict(dual_clip=0.5)),
         ("num_tokens", dict(num_tokens=0)),
-        ("num_tokens", dict(num_tokens=torch.ones(4))),
+        ("num_tokens", dict(num_tokens=torch.ones(4, device=device))),
         ("targets", dict(targets=targets + 100)),
     ]
 
@@ -223,11 +227,11 @@ def test_bad_input_names_the_argument(case):
         grpo_loss(**(good | change))
 
 
-def test_nan_and_inf_at_masked_positions_reach_nothing(backend):
+def test_nan_and_inf_at_masked_positions_reach_nothing(backend, device):
     """NaN / -inf old log-probs, advantages, reference log-probs and hidden rows where mask = 0 change
     neither the loss nor any gradient bit, and masked rows get exactly zero gradient."""
     options = {"kl_coef": 0.1, "entropy_coef": 0.01, "num_tokens": "per_sequence"}
-    args, kwargs = make_grpo_inputs(40, 16, 300, torch.float32, seed=29, options=options)
+    args, kwargs = make_grpo_inputs(40, 16, 300, torch.float32, seed=29, options=options, device=device)
     hidden, weight, targets, advantages, old, mask = args
     masked = ~mask
     assert masked.any() and mask.any()
@@ -253,10 +257,11 @@ def test_nan_and_inf_at_masked_positions_reach_nothing(backend):
 
 @pytest.mark.parametrize("option_index", [0, len(OPTIONS) - 1, len(OPTIONS) - 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gradients_in_forward_match_the_reference(backend, option_index, dtype):
+def test_gradients_in_forward_match_the_reference(backend, option_index, dtype, device):
     """grad_in_forward=True: same loss, metrics and gradients (hidden, weight) as the reference, and
     backward scales the stored gradients by the incoming one."""
-    args, kwargs = make_grpo_inputs(40, 16, 300, dtype, seed=31 + option_index, options=OPTIONS[option_index])
+    args, kwargs = make_grpo_inputs(40, 16, 300, dtype, seed=31 + option_index, options=OPTIONS[option_index],
+                                    device=device)
     hidden, weight = args[:2]
     loss, metrics = grpo_loss(*args, **kwargs, grad_in_forward=True)
     _, plain_metrics = grpo_loss(*args, **kwargs)
@@ -273,15 +278,15 @@ def test_gradients_in_forward_match_the_reference(backend, option_index, dtype):
         torch.testing.assert_close(value, plain_metrics[name], atol=tol, rtol=tol)
 
 
-def _misread_cases():
-    good, _ = _bad_cases()
+def _misread_cases(device):
+    good, _ = _bad_cases(device)
     targets, mask = good["targets"], good["mask"]
     assert mask.any() and not mask.all()
     ignored_at_loss_token = targets.clone()
     ignored_at_loss_token[mask.nonzero()[0, 0]] = IGNORE
     half = mask.float()
     half[mask.nonzero()[0, 0]] = 0.5
-    per_token = torch.full(mask.shape, 4.0)
+    per_token = torch.full(mask.shape, 4.0, device=device)
     per_token[mask.nonzero()[0, 0]] = 0.0
     return good, [
         ("targets", dict(targets=targets[:1])),  # broadcast to every token before
@@ -295,11 +300,12 @@ def _misread_cases():
 
 @pytest.mark.parametrize("grad_in_forward", [False, True])
 @pytest.mark.parametrize("case", range(6))
-def test_inputs_it_would_misread_are_refused(backend, case, grad_in_forward):
+def test_inputs_it_would_misread_are_refused(backend, case, grad_in_forward, device, monkeypatch):
     """Targets that are not one int per token, an ignored target at a loss token, a mask that is not 0/1 and a
     per-token num_tokens of 0 at a loss token: each a ValueError naming the argument (they were silently
     broadcast, counted as logp = 0, counted as 1, or gave NaN). A 0/1 float mask is the bool mask."""
-    good, cases = _misread_cases()
+    monkeypatch.setenv(CHECK_ENV_VAR, "1")  # on a GPU, the checks that read tensor values run only when asked for
+    good, cases = _misread_cases(device)
     message, change = cases[case]
     with pytest.raises(ValueError, match=message):
         grpo_loss(**(good | change), grad_in_forward=grad_in_forward)
@@ -309,11 +315,11 @@ def test_inputs_it_would_misread_are_refused(backend, case, grad_in_forward):
 
 
 @pytest.mark.parametrize("grad_in_forward", [False, True])
-def test_fp16_gradients_in_forward_under_a_loss_scale(backend, grad_in_forward):
+def test_fp16_gradients_in_forward_under_a_loss_scale(backend, grad_in_forward, device):
     """fp16 under a GradScaler-style scale of 65536 (inf in fp16), with hidden states and weight of 2**-16, so
     both gradients (2**-20 and below) are under fp16's normal range (2**-14) until scaled: both as the float64
     reference's (grad_in_forward gave NaN before)."""
-    args, kwargs = make_grpo_inputs(40, 16, 300, torch.float32, seed=41, options={"kl_coef": 0.05})
+    args, kwargs = make_grpo_inputs(40, 16, 300, torch.float32, seed=41, options={"kl_coef": 0.05}, device=device)
     hidden, weight = (args[0].detach() * 2**-16).half(), (args[1].detach() * 2**-16).half()
     targets, advantages, old, mask = args[2:]
     exact = [t.double().requires_grad_() for t in (hidden, weight)]
@@ -328,9 +334,10 @@ def test_fp16_gradients_in_forward_under_a_loss_scale(backend, grad_in_forward):
 
 
 @pytest.mark.parametrize("grad_in_forward", [False, True])
-def test_double_backward_is_refused(backend, grad_in_forward):
+def test_double_backward_is_refused(backend, grad_in_forward, device):
     """grpo_loss's gradient is not differentiable again: differentiating it raises, naming the fused LM head."""
-    args, kwargs = make_grpo_inputs(8, 16, 40, torch.float32, seed=43, options={"entropy_coef": 0.01})
+    args, kwargs = make_grpo_inputs(8, 16, 40, torch.float32, seed=43, options={"entropy_coef": 0.01},
+                                    device=device)
     hidden, weight = args[:2]
     with pytest.raises(RuntimeError, match="fused LM head .* does not support double backward"):
         (first,) = torch.autograd.grad(grpo_loss(*args, **kwargs, grad_in_forward=grad_in_forward)[0], hidden,

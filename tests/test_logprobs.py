@@ -29,6 +29,7 @@ from qwenlong.kernels.logprobs.reference import (
     reference_linear_logprobs,
     reference_log_softmax,
 )
+from qwenlong.kernels.utils.checks import CHECK_ENV_VAR
 
 IGNORE = -100
 KERNELS = importlib.import_module("qwenlong.kernels.logprobs.linear_logprobs")  # the package exports a function
@@ -135,7 +136,10 @@ def test_cross_entropy_matches_torch(backend, reduction, label_smoothing, device
     loss = linear_cross_entropy(hidden, weight, targets, IGNORE, reduction, label_smoothing)
     ref = reference_linear_cross_entropy(hidden, weight, targets, IGNORE, reduction, label_smoothing)
     torch.testing.assert_close(loss.double(), ref, atol=1e-4, rtol=1e-5)
-    upstream = torch.ones_like(ref) if reduction != "none" else torch.linspace(-1, 1, num_tokens).double()
+    if reduction != "none":
+        upstream = torch.ones_like(ref)
+    else:
+        upstream = torch.linspace(-1, 1, num_tokens, device=device).double()
     grads = torch.autograd.grad(loss, (hidden, weight), upstream.float())
     ref_grads = torch.autograd.grad(ref, (hidden, weight), upstream)
     for got, want in zip(grads, ref_grads, strict=True):
@@ -197,8 +201,8 @@ def test_chunk_boundaries_on_torch_path(monkeypatch):
         assert relative_error(got, want) < 1e-5
 
 
-def _bad_inputs():
-    hidden, weight, targets = make_inputs(6, 8, 20, torch.float32, seed=71, ignore_frac=0.0)
+def _bad_inputs(device="cpu"):
+    hidden, weight, targets = make_inputs(6, 8, 20, torch.float32, seed=71, ignore_frac=0.0, device=device)
     hidden, weight = hidden.detach(), weight.detach()
     out_of_range = targets.clone()
     out_of_range[2] = 20
@@ -220,8 +224,9 @@ def _bad_inputs():
 
 
 @pytest.mark.parametrize("case", range(11))
-def test_bad_input_names_the_argument(backend, case):
-    cases, good = _bad_inputs()
+def test_bad_input_names_the_argument(backend, case, device, monkeypatch):
+    monkeypatch.setenv(CHECK_ENV_VAR, "1")  # on a GPU, the target range check reads values only when asked for
+    cases, good = _bad_inputs(device)
     name, change = cases[case]
     with pytest.raises(ValueError, match=name):
         linear_logprobs(**(good | change))
@@ -352,8 +357,13 @@ def test_gradients_in_forward_on_each_tile_table(table, dtype, device, monkeypat
         pytest.skip(f"this GPU does not run tile table {table}")
     monkeypatch.setenv("QWENLONG_BACKEND", "triton")
     monkeypatch.setattr(KERNELS, "tile_table", lambda device: table)
+    # the descriptor store needs Triton's scratch allocator on a GPU (a launch without one raises there)
+    allocator_checks, ensure = [], KERNELS.ensure_scratch_allocator
+    monkeypatch.setattr(KERNELS, "ensure_scratch_allocator", lambda device: allocator_checks.append(device) or
+                        ensure(device))
     hidden, weight, targets = make_inputs(150, 32, 301, dtype, seed=table, device=device)
     loss = linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1, grad_in_forward=True)
+    assert bool(allocator_checks) == (table == 90)
     ref = reference_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE, label_smoothing=0.1)
     torch.testing.assert_close(loss.double(), ref, atol=FWD_ATOL[dtype], rtol=1e-4)
     grads = torch.autograd.grad(loss, (hidden, weight))
@@ -472,9 +482,9 @@ def _bad_scalars():
 
 
 @pytest.mark.parametrize("case", range(len(_bad_scalars())))
-def test_bad_scalar_arguments_name_the_argument(backend, case):
+def test_bad_scalar_arguments_name_the_argument(backend, case, device):
     name, change = _bad_scalars()[case]
-    _, good = _bad_inputs()
+    _, good = _bad_inputs(device)
     with pytest.raises(ValueError, match=name):
         linear_logprobs(**(good | change))
     if name == "ignore_index":
