@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "gpu_check.sh"
 DEVICE_COMMAND_LIMIT_S = 600
 DEVICE_FILES, DEVICE_FILE_BYTES = 8, 16 * 2**20
-STEPS = ["env", "wheels", "build", "gpu-tests", "bench", "pack"]
+STEPS = ["env", "wheels", "build", "gpu-tests", "tiles", "bench", "pack"]
 
 
 def _run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -134,3 +134,34 @@ def test_pack_drops_plots_that_would_pass_the_file_size_limit(tmp_path):
         names = archive.getnames()
     assert "results/bench/h200-2026-12-03-attention.json" in names
     assert not any(name.endswith(".png") for name in names)
+
+
+def test_tile_candidates_replace_one_kernel_and_are_checked(tmp_path):
+    """tools/attention_tiles.py: a candidate replaces one kernel's launch config and leaves the others as the
+    table has them; the smoke run (the interpreter, tiny shapes) times the table's tiles and a candidate, whose
+    outputs and gradients match the table's, and writes them as JSON."""
+    import json
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    import attention_tiles
+
+    from qwenlong.kernels.attention import varlen
+
+    base = varlen._configs(128, torch.bfloat16, 90)
+    for kernel, tile in attention_tiles.CANDIDATES:
+        assert kernel in base, kernel
+        patched = attention_tiles.with_tile(varlen, kernel, tile)(128, torch.bfloat16, 90)
+        assert patched[kernel] == dict(zip(attention_tiles.FIELDS, tile, strict=True))
+        assert {k: v for k, v in patched.items() if k != kernel} == {k: v for k, v in base.items() if k != kernel}
+    assert attention_tiles.with_tile(varlen, None, None)(128, torch.bfloat16, 90) == base
+    smoke = ["--tokens", "160", "--heads", "2", "--kv-heads", "1", "--head-dim", "32", "--repeats", "1", "--limit", "1"]
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "attention_tiles.py"), *smoke, "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "attention-tiles.json").read_text())["rows"]
+    assert [row["kernel"] for row in rows] == ["table", attention_tiles.CANDIDATES[0][0]]
+    assert all(row["status"] == "ok" and row["fwd ms"] > 0 and row["bwd ms"] > 0 for row in rows), rows
+    assert rows[1]["max rel error"] < 1e-5  # fp32 under the interpreter: another summation order only

@@ -36,18 +36,20 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 1
 
-STEPS=(env wheels build gpu-tests bench pack)
+STEPS=(env wheels build gpu-tests tiles bench pack)
 # seconds per step (bench: at most; it gets what is left of TOTAL_S before pack); quick | full
 # (on the H200 machine, 2026-12-04: env 13 s, the build 61 s, the gpu-marked tests 18 s, the three kernel test
 # files 35 s with -n 8 once compiled)
-declare -A LIMIT_QUICK=([env]=20 [wheels]=30 [build]=120 [gpu-tests]=60 [bench]=240 [pack]=20)
-declare -A LIMIT_FULL=([env]=20 [wheels]=45 [build]=150 [gpu-tests]=150 [bench]=480 [pack]=20)
-TOTAL_QUICK=330 TOTAL_FULL=550     # the device command limit is 600 s: 550 + 6 x KILL_AFTER stays under it
+declare -A LIMIT_QUICK=([env]=20 [wheels]=30 [build]=120 [gpu-tests]=60 [tiles]=30 [bench]=210 [pack]=20)
+declare -A LIMIT_FULL=([env]=20 [wheels]=45 [build]=150 [gpu-tests]=120 [tiles]=120 [bench]=480 [pack]=20)
+TOTAL_QUICK=330 TOTAL_FULL=550     # the device command limit is 600 s: 550 + 7 x KILL_AFTER stays under it
 # two benchmarks' start-up, the row in flight when the budget runs out (a FlexAttention compile: up to a
 # minute) and the writing; a benchmark killed by the step's timeout writes no results files, but the rows
 # it printed come back in $OUT/bench.log
 BENCH_RESERVE_QUICK=30 BENCH_RESERVE_FULL=75
 KILL_AFTER=5                       # SIGKILL this long after a step's SIGTERM
+# the tiles step: start-up and the candidate in flight (a compile)
+TILES_RESERVE_QUICK=10 TILES_RESERVE_FULL=30
 PER_TEST_TIMEOUT=90                # pytest-timeout, seconds per GPU test
 PACK_MAX_BYTES=$((15 * 1024 * 1024))  # the device returns files of at most 16 MiB
 PEER_WHEELS=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1)  # what bench_logprobs compares against
@@ -79,10 +81,10 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$QUICK" = 1 ]; then
-  MODE=quick TOTAL_S=$TOTAL_QUICK BENCH_RESERVE=$BENCH_RESERVE_QUICK
+  MODE=quick TOTAL_S=$TOTAL_QUICK BENCH_RESERVE=$BENCH_RESERVE_QUICK TILES_RESERVE=$TILES_RESERVE_QUICK
   declare -n LIMIT=LIMIT_QUICK
 else
-  MODE=full TOTAL_S=$TOTAL_FULL BENCH_RESERVE=$BENCH_RESERVE_FULL
+  MODE=full TOTAL_S=$TOTAL_FULL BENCH_RESERVE=$BENCH_RESERVE_FULL TILES_RESERVE=$TILES_RESERVE_FULL
   declare -n LIMIT=LIMIT_FULL
 fi
 
@@ -127,6 +129,8 @@ command_of() {  # the step's main command, for the plan and the logs
                 "--no-build-isolation -e . (CPU: QWENLONG_BUILD_CUDA=0 setup.py build_ext into \$SCRATCH)" ;;
     gpu-tests) echo "python3 -m pytest -m gpu --timeout=$PER_TEST_TIMEOUT $(gpu_test_files | tr '\n' ' ');" \
                     "python3 -m pytest -n 8 $(bash -c kernel_test_files) (the Triton kernels compiled for the GPU; where torch sees one)" ;;
+    tiles) echo "python3 tools/attention_tiles.py --budget <limit - $TILES_RESERVE> (the attention tile candidates" \
+                "against the table's; a smoke run without a GPU)" ;;
     bench) echo "python3 -m benchmarks --only logprobs attention --budget <limit - $BENCH_RESERVE>" \
                 "$([ "$QUICK" = 1 ] && echo --quick)" ;;
     pack) echo "tar -czf \$OUT/results.tar.gz results logs" ;;
@@ -161,7 +165,7 @@ if [ "$DRY_RUN" = 1 ]; then
     printf 'step %-9s limit %3d s  %s\n' "$step" "$limit" "$(command_of "$step")"
   done
   echo "worst case: $worst s (bench at its smallest: it gets what is left of ${TOTAL_S} s, at most ${LIMIT[bench]} s)"
-  echo "files back: results.tar.gz summary.txt gpu_check.log gpu-tests.log bench.log (the device takes at most 8)"
+  echo "files back: results.tar.gz summary.txt gpu_check.log gpu-tests.log tiles.log bench.log (the device takes at most 8)"
   exit 0
 fi
 
@@ -178,7 +182,7 @@ else
 fi
 mkdir -p "$OUT_DIR" || exit 1
 MAIN_LOG=$LOGS/gpu_check.log
-export ROOT MODE QUICK BENCH_RESERVE SCRATCH RESULTS LOGS SITE PER_TEST_TIMEOUT PACK_MAX_BYTES OUT_DIR PYTHONUNBUFFERED=1
+export ROOT MODE QUICK BENCH_RESERVE TILES_RESERVE SCRATCH RESULTS LOGS SITE PER_TEST_TIMEOUT PACK_MAX_BYTES OUT_DIR PYTHONUNBUFFERED=1
 
 say() { echo "[gpu_check $((SECONDS))s] $*" | tee -a "$MAIN_LOG"; }
 note() { echo "NOTE: $*"; }  # a step's one-line status detail for the summary (its last NOTE line counts)
@@ -317,6 +321,15 @@ step_bench() {
   return "$rc"
 }
 
+step_tiles() {
+  local smoke=()
+  python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" ||
+    smoke=(--tokens 160 --heads 2 --kv-heads 1 --head-dim 32 --repeats 1 --limit 1)  # the interpreter: plumbing only
+  python3 tools/attention_tiles.py --out "$RESULTS/tiles" --budget "$TILES_BUDGET" "${smoke[@]}" || return 1
+  note "$(grep -c '"status": "ok"' "$RESULTS/tiles/attention-tiles.json") of $(python3 -c "import json, sys
+print(len(json.load(open(sys.argv[1]))['rows']))" "$RESULTS/tiles/attention-tiles.json") tiles timed"
+}
+
 step_pack() {
   local archive=$OUT_DIR/results.tar.gz
   tar -czf "$archive" -C "$SCRATCH" results logs || return 1
@@ -332,11 +345,11 @@ step_pack() {
   note "results.tar.gz $((bytes / 1024)) KiB, $files files"
 }
 
-export -f note command_of step_env step_wheels step_build step_gpu_tests step_bench step_pack
+export -f note command_of step_env step_wheels step_build step_gpu_tests step_tiles step_bench step_pack
 
 # ----------------------------------------------------------------------------- running them
 declare -A STATUS SPENT USED_LIMIT NOTE
-LIVE_STEPS=" gpu-tests bench "  # their output is also written to $OUT/<step>.log as it comes
+LIVE_STEPS=" gpu-tests tiles bench "  # their output is also written to $OUT/<step>.log as it comes
 run_step() {  # name limit: runs step_<name> under timeout, output to logs/<name>.log and the main log
   local name=$1 limit=$2 log=$LOGS/$1.log begin=$SECONDS rc live=/dev/null
   [[ $LIVE_STEPS == *" $name "* ]] && live=$OUT_DIR/$name.log
@@ -387,6 +400,9 @@ for step in "${STEPS[@]}"; do
       fi
       export BENCH_BUDGET=$((limit - BENCH_RESERVE))
       run_step bench "$limit" ;;
+    tiles)
+      export TILES_BUDGET=$((LIMIT[tiles] - TILES_RESERVE))
+      run_step tiles "${LIMIT[tiles]}" ;;
     *) run_step "$step" "${LIMIT[$step]}" ;;
   esac
 done
