@@ -225,3 +225,20 @@ def test_descriptor_reductions_match_a_reference(kind, dtype):
         torch.testing.assert_close(buffer.double(), expected, rtol=1e-6, atol=1e-6)
     else:
         assert torch.equal(buffer, expected)
+
+
+def test_one_element_blocks_index_whatever_their_rank():
+    """A loop bound computed in a kernel is a one-element block; Triton before 3.9 converted it with ``int()`` of
+    the raw array, which numpy 2.4 refuses for a 1-d array: the fix reads any rank."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from qwenlong.kernels.utils.interpreter import _with_scalar_index
+
+    attrs = {}
+    scope = SimpleNamespace(set_attr=lambda obj, name, value: attrs.__setitem__(name, value))
+    _with_scalar_index(lambda tensor, scope: None)(object, scope)
+    for data in (np.array(7), np.array([7], dtype=np.int32), np.array([[7]], dtype=np.int64)):
+        block = SimpleNamespace(handle=SimpleNamespace(data=data))
+        assert attrs["__index__"](block) == 7 and isinstance(attrs["__index__"](block), int)

@@ -18,6 +18,7 @@ Only the interpreter is touched; compiled GPU kernels are unaffected.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 
 import numpy as np
@@ -74,8 +75,8 @@ def install_interpreter_fixes_when_interpreting() -> bool:
 
 
 def install_interpreter_fixes() -> bool:
-    """Patch the Triton interpreter: bf16 arithmetic computes on values, not bits, and descriptor
-    reductions run.
+    """Patch the Triton interpreter: bf16 arithmetic computes on values, not bits, descriptor
+    reductions run, and one-element blocks index (loop bounds) under numpy >= 2.4 on Triton before 3.9.
 
     Idempotent. Returns True when the patch is (now) installed, False when Triton's
     interpreter module is not importable.
@@ -149,8 +150,24 @@ def install_interpreter_fixes() -> bool:
     interp.ScanOps.cumsum = reduction(interp.ScanOps.cumsum)
     interp.ScanOps.cumprod = reduction(interp.ScanOps.cumprod)
     builder.create_descriptor_reduce = _descriptor_reduce
+    patch_tensor = getattr(interp, "_patch_lang_tensor", None)
+    if patch_tensor is not None:
+        interp._patch_lang_tensor = _with_scalar_index(patch_tensor)
     _INSTALLED = True
     return True
+
+
+def _with_scalar_index(patch_tensor):
+    """``_patch_lang_tensor`` whose ``tensor.__index__`` reads a one-element block of any rank: Triton before 3.9
+    takes ``int()`` of the raw array, which numpy 2.4 refuses for a 1-d array (a loop bound computed in a kernel,
+    ``range(start, end, BLOCK)``, failed with 'only 0-dimensional arrays can be converted to Python scalars')."""
+
+    @functools.wraps(patch_tensor)
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+
+    return patched
 
 
 def _descriptor_reduce(self, kind, desc, value, indices):
@@ -171,9 +188,12 @@ def _descriptor_reduce(self, kind, desc, value, indices):
     if combine is None:
         raise NotImplementedError(f"descriptor reduction {kind} is not supported by the interpreter")
     ptrs, mask = desc.materialize_pointers(indices)
-    old = self.create_masked_load(ptrs, mask, None, cache_policy=None, is_volatile=False)
+    # the cache arguments the interpreter ignores: one (cache_policy) from Triton 3.9, two before
+    load_cache = [None] * (len(inspect.signature(self.create_masked_load).parameters) - 4)
+    store_cache = [None] * (len(inspect.signature(self.create_masked_store).parameters) - 3)
+    old = self.create_masked_load(ptrs, mask, None, *load_cache, False)
     if old.dtype == tl.bfloat16:  # combine the values the bits encode, round the result back
         new = fp32_to_bf16_bits(combine(bf16_bits_to_fp32(old.data), bf16_bits_to_fp32(value.data)))
     else:
         new = combine(old.data, value.data.astype(old.data.dtype))
-    self.create_masked_store(ptrs, TensorHandle(new.reshape(old.data.shape), old.dtype), mask, None)
+    self.create_masked_store(ptrs, TensorHandle(new.reshape(old.data.shape), old.dtype), mask, *store_cache)
