@@ -199,8 +199,8 @@ def gpu_variants(op, device="cuda"):
 
     on_gpu = device == "cuda"
     no_triton = None if on_gpu or interpreter_enabled() else f"{NOT_AVAILABLE}: needs a GPU (or TRITON_INTERPRET=1)"
-    # in the order they are measured: a spent --budget cuts the last ones first (our PyTorch path, which exists
-    # for machines without a GPU, is last)
+    # in the order they are measured for each (op, batch) (SECONDARY_VARIANTS after all the others'; see
+    # measurement_order): a spent --budget cuts the last ones first
     return {
         "fused triton (ours)": no_triton or ours("triton", op),
         "liger": liger(op),
@@ -262,6 +262,11 @@ def speed_shapes(args) -> tuple[dict, list[tuple[str, int, int]]]:
 BATCH_ORDER = ("all valid", "RL-shaped", "valid rows alone")
 
 
+# measured after every other variant's rows: the materialized logits and our PyTorch path (which exists for
+# machines without a GPU) take seconds a run at T = 32K on an H200, the time of many fused rows
+SECONDARY_VARIANTS = ("materialized logits (torch)", "chunked torch (ours)")
+
+
 def speed_plan(batches: list[tuple[str, int, int]]) -> list[tuple[str, tuple[str, int, int]]]:
     """(op, batch) pairs in the order they are measured, most informative first, so that a spent --budget cuts
     the least: every op at the smallest T (all valid rows, the RL-shaped batch, its valid rows alone; the RL
@@ -271,33 +276,41 @@ def speed_plan(batches: list[tuple[str, int, int]]) -> list[tuple[str, tuple[str
         pair[1][1] > smallest, OPS.index(pair[0]), BATCH_ORDER.index(pair[1][0]), pair[1][1]))
 
 
+def measurement_order(variant_names: list[str], batches: list[tuple[str, int, int]]) -> list[tuple]:
+    """(op, batch, variant) in the order they are measured: the fused kernels and the peers over the whole
+    :func:`speed_plan`, then the secondary variants over it."""
+    plan = speed_plan(batches)
+    return [(op, batch, variant) for secondary in (False, True) for op, batch in plan for variant in variant_names
+            if (variant in SECONDARY_VARIANTS) == secondary]
+
+
 def run_speed(args) -> list[dict]:
     rows = []
     shape, batches = speed_shapes(args)
     dim, vocab = shape["d"], shape["V"]
     deadline = time.perf_counter() + args.budget
     variants = {op: gpu_variants(op, args.device) for op in OPS}
-    for op, (batch, tokens, valid) in speed_plan(batches):
-        for variant, run in variants[op].items():
-            row = {"op": op, "variant": variant, "batch": batch, "T": tokens, "T_valid": valid, "d": dim,
-                   "V": vocab, "dtype": str(shape["dtype"]).replace("torch.", "")}
-            if isinstance(run, str):
-                row["status"] = run
-            elif time.perf_counter() > deadline:
-                row["status"] = f"{NOT_AVAILABLE}: the --budget of {args.budget:.0f} s was spent"
-            else:
-                try:
-                    row["peak MiB"], row["fwd+bwd ms"] = measure_speed(run, tokens, valid, shape)
-                    row["useful TFLOP/s"] = round(6 * valid * dim * vocab / (row["fwd+bwd ms"] * 1e-3) / 1e12, 4)
-                    row["peak / logits tensor"] = round(row["peak MiB"] / (tokens * vocab * 2 / 2**20), 4)
-                except torch.OutOfMemoryError:
-                    row["status"] = OOM
-                except Exception as error:  # a baseline whose API moved: say why instead of a number
-                    row["status"] = f"{NOT_AVAILABLE}: {type(error).__name__}: {str(error)[:120]}"
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
-            rows.append(row)
-            print(row, flush=True)
+    for op, (batch, tokens, valid), variant in measurement_order(list(variants[OPS[0]]), batches):
+        run = variants[op][variant]
+        row = {"op": op, "variant": variant, "batch": batch, "T": tokens, "T_valid": valid, "d": dim,
+               "V": vocab, "dtype": str(shape["dtype"]).replace("torch.", "")}
+        if isinstance(run, str):
+            row["status"] = run
+        elif time.perf_counter() > deadline:
+            row["status"] = f"{NOT_AVAILABLE}: the --budget of {args.budget:.0f} s was spent"
+        else:
+            try:
+                row["peak MiB"], row["fwd+bwd ms"] = measure_speed(run, tokens, valid, shape)
+                row["useful TFLOP/s"] = round(6 * valid * dim * vocab / (row["fwd+bwd ms"] * 1e-3) / 1e12, 4)
+                row["peak / logits tensor"] = round(row["peak MiB"] / (tokens * vocab * 2 / 2**20), 4)
+            except torch.OutOfMemoryError:
+                row["status"] = OOM
+            except Exception as error:  # a baseline whose API moved: say why instead of a number
+                row["status"] = f"{NOT_AVAILABLE}: {type(error).__name__}: {str(error)[:120]}"
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(row, flush=True)
     return rows
 
 

@@ -79,3 +79,20 @@ def test_speed_plan_measures_the_smallest_batches_of_every_op_first():
     assert first == [(op, label) for op in ("logprobs+entropy", "cross-entropy", "grpo_loss")
                      for label in ("all valid", "RL-shaped", "valid rows alone")]
     assert all(tokens == 122880 for _, (_, tokens, _) in plan[9:])
+
+
+def test_secondary_variants_are_measured_after_every_other_row():
+    """The materialized logits and our PyTorch path (seconds a run at T = 32K on a GPU) come after the fused
+    kernels and the peers of every (op, batch), which keep the plan's order; every row is measured once."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_logprobs
+
+    batches = [("valid rows alone", 4096, 4096), ("all valid", 32768, 32768), ("RL-shaped", 32768, 4096)]
+    names = list(bench_logprobs.gpu_variants("cross-entropy", "cpu"))
+    order = bench_logprobs.measurement_order(names, batches)
+    assert sorted(order) == sorted((op, batch, name) for op, batch in bench_logprobs.speed_plan(batches)
+                                   for name in names)
+    secondary = [i for i, (_, _, name) in enumerate(order) if name in bench_logprobs.SECONDARY_VARIANTS]
+    assert secondary and min(secondary) == len(order) - len(secondary)
+    primary_pairs = [(op, batch) for op, batch, name in order if name == "fused triton (ours)"]
+    assert primary_pairs == bench_logprobs.speed_plan(batches)
