@@ -136,32 +136,41 @@ def test_pack_drops_plots_that_would_pass_the_file_size_limit(tmp_path):
     assert not any(name.endswith(".png") for name in names)
 
 
-def test_tile_candidates_replace_one_kernel_and_are_checked(tmp_path):
-    """tools/attention_tiles.py: a candidate replaces one kernel's launch config and leaves the others as the
-    table has them; the smoke run (the interpreter, tiny shapes) times the table's tiles and a candidate, whose
-    outputs and gradients match the table's, and writes them as JSON."""
+def test_tile_sweep_candidates_replace_part_of_one_config_and_are_checked(tmp_path):
+    """tools/tile_sweep.py: a candidate replaces part of one kernel's config and leaves the rest as the table has
+    it; the smoke run (the interpreter, tiny shapes) times the tables' configs and a candidate of each sweep,
+    whose outputs and gradients match the table's on the same inputs, and writes them as JSON."""
     import json
     import sys
 
     import torch
 
     sys.path.insert(0, str(ROOT / "tools"))
-    import attention_tiles
+    import tile_sweep
 
     from qwenlong.kernels.attention import varlen
 
     base = varlen._configs(128, torch.bfloat16, 90)
-    for kernel, tile in attention_tiles.CANDIDATES:
+    for kernel, _ in tile_sweep.ATTENTION_CANDIDATES:
         assert kernel in base, kernel
-        patched = attention_tiles.with_tile(varlen, kernel, tile)(128, torch.bfloat16, 90)
-        assert patched[kernel] == dict(zip(attention_tiles.FIELDS, tile, strict=True))
-        assert {k: v for k, v in patched.items() if k != kernel} == {k: v for k, v in base.items() if k != kernel}
-    assert attention_tiles.with_tile(varlen, None, None)(128, torch.bfloat16, 90) == base
-    smoke = ["--tokens", "160", "--heads", "2", "--kv-heads", "1", "--head-dim", "32", "--repeats", "1", "--limit", "1"]
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "attention_tiles.py"), *smoke, "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    args = type("Args", (), {"smoke": True})()
+    sweep = tile_sweep.attention_sweep(args, torch.device("cpu"), torch.float32)
+    kernel, tile = tile_sweep.ATTENTION_CANDIDATES[0]
+    with sweep.apply((kernel, tile)):
+        patched = varlen._configs(128, torch.bfloat16, 90)
+    assert patched[kernel] == dict(zip(tile_sweep.ATTENTION_FIELDS, tile, strict=True))
+    assert {k: v for k, v in patched.items() if k != kernel} == {k: v for k, v in base.items() if k != kernel}
+    assert varlen._configs(128, torch.bfloat16, 90) == base  # restored
+    lm_head = tile_sweep.lm_head_sweep(args, torch.device("cpu"), torch.float32)
+    table = lm_head.table()
+    assert all(set(candidate) <= set(table) for candidate in tile_sweep.LM_HEAD_CANDIDATES)  # no key nothing reads
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "tile_sweep.py"), "--smoke", "--limit", "1", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = json.loads((tmp_path / "attention-tiles.json").read_text())["rows"]
-    assert [row["kernel"] for row in rows] == ["table", attention_tiles.CANDIDATES[0][0]]
-    assert all(row["status"] == "ok" and row["fwd ms"] > 0 and row["bwd ms"] > 0 for row in rows), rows
-    assert rows[1]["max rel error"] < 1e-5  # fp32 under the interpreter: another summation order only
+    sweeps = json.loads((tmp_path / "tile-sweep.json").read_text())["sweeps"]
+    assert list(sweeps) == ["attention", "lm-head"]
+    for name, result in sweeps.items():
+        rows = result["rows"]
+        assert [row["candidate"] for row in rows][0] == "table" and len(rows) == 2, rows
+        assert all(row["status"] == "ok" and row["fwd ms"] > 0 and row["bwd ms"] > 0 for row in rows), rows
+        assert rows[1]["max rel error"] < 1e-4, (name, rows[1])  # fp32 under the interpreter: summation order only

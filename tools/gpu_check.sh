@@ -40,8 +40,8 @@ STEPS=(env wheels build gpu-tests tiles bench pack)
 # seconds per step (bench: at most; it gets what is left of TOTAL_S before pack); quick | full
 # (on the H200 machine, 2026-12-04: env 13 s, the build 61 s, the gpu-marked tests 18 s, the three kernel test
 # files 35 s with -n 8 once compiled)
-declare -A LIMIT_QUICK=([env]=20 [wheels]=30 [build]=120 [gpu-tests]=60 [tiles]=30 [bench]=210 [pack]=20)
-declare -A LIMIT_FULL=([env]=20 [wheels]=45 [build]=150 [gpu-tests]=120 [tiles]=120 [bench]=480 [pack]=20)
+declare -A LIMIT_QUICK=([env]=20 [wheels]=30 [build]=120 [gpu-tests]=60 [tiles]=40 [bench]=200 [pack]=20)
+declare -A LIMIT_FULL=([env]=20 [wheels]=45 [build]=150 [gpu-tests]=120 [tiles]=150 [bench]=480 [pack]=20)
 TOTAL_QUICK=330 TOTAL_FULL=550     # the device command limit is 600 s: 550 + 7 x KILL_AFTER stays under it
 # two benchmarks' start-up, the row in flight when the budget runs out (a FlexAttention compile: up to a
 # minute) and the writing; a benchmark killed by the step's timeout writes no results files, but the rows
@@ -129,8 +129,8 @@ command_of() {  # the step's main command, for the plan and the logs
                 "--no-build-isolation -e . (CPU: QWENLONG_BUILD_CUDA=0 setup.py build_ext into \$SCRATCH)" ;;
     gpu-tests) echo "python3 -m pytest -m gpu --timeout=$PER_TEST_TIMEOUT $(gpu_test_files | tr '\n' ' ');" \
                     "python3 -m pytest -n 8 $(bash -c kernel_test_files) (the Triton kernels compiled for the GPU; where torch sees one)" ;;
-    tiles) echo "python3 tools/attention_tiles.py --budget <limit - $TILES_RESERVE> (the attention tile candidates" \
-                "against the table's; a smoke run without a GPU)" ;;
+    tiles) echo "python3 tools/tile_sweep.py --budget <limit - $TILES_RESERVE> (attention and LM-head tile candidates" \
+                "against the tables'; a smoke run without a GPU)" ;;
     bench) echo "python3 -m benchmarks --only logprobs attention --budget <limit - $BENCH_RESERVE>" \
                 "$([ "$QUICK" = 1 ] && echo --quick)" ;;
     pack) echo "tar -czf \$OUT/results.tar.gz results logs" ;;
@@ -324,10 +324,11 @@ step_bench() {
 step_tiles() {
   local smoke=()
   python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" ||
-    smoke=(--tokens 160 --heads 2 --kv-heads 1 --head-dim 32 --repeats 1 --limit 1)  # the interpreter: plumbing only
-  python3 tools/attention_tiles.py --out "$RESULTS/tiles" --budget "$TILES_BUDGET" "${smoke[@]}" || return 1
-  note "$(grep -c '"status": "ok"' "$RESULTS/tiles/attention-tiles.json") of $(python3 -c "import json, sys
-print(len(json.load(open(sys.argv[1]))['rows']))" "$RESULTS/tiles/attention-tiles.json") tiles timed"
+    smoke=(--smoke --limit 1)  # the interpreter: plumbing only
+  python3 tools/tile_sweep.py --out "$RESULTS/tiles" --budget "$TILES_BUDGET" "${smoke[@]}" || return 1
+  note "$(python3 -c "import json, sys
+rows = [row for sweep in json.load(open(sys.argv[1]))['sweeps'].values() for row in sweep['rows']]
+print(sum(row['status'] == 'ok' for row in rows), 'of', len(rows), 'configs timed')" "$RESULTS/tiles/tile-sweep.json")"
 }
 
 step_pack() {
