@@ -18,7 +18,6 @@ Only the interpreter is touched; compiled GPU kernels are unaffected.
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 
 import numpy as np
@@ -188,12 +187,23 @@ def _descriptor_reduce(self, kind, desc, value, indices):
     if combine is None:
         raise NotImplementedError(f"descriptor reduction {kind} is not supported by the interpreter")
     ptrs, mask = desc.materialize_pointers(indices)
-    # the cache arguments the interpreter ignores: one (cache_policy) from Triton 3.9, two before
-    load_cache = [None] * (len(inspect.signature(self.create_masked_load).parameters) - 4)
-    store_cache = [None] * (len(inspect.signature(self.create_masked_store).parameters) - 3)
-    old = self.create_masked_load(ptrs, mask, None, *load_cache, False)
+    old = _with_cache_arguments(self.create_masked_load, (ptrs, mask, None), (False,))
     if old.dtype == tl.bfloat16:  # combine the values the bits encode, round the result back
         new = fp32_to_bf16_bits(combine(bf16_bits_to_fp32(old.data), bf16_bits_to_fp32(value.data)))
     else:
         new = combine(old.data, value.data.astype(old.data.dtype))
-    self.create_masked_store(ptrs, TensorHandle(new.reshape(old.data.shape), old.dtype), mask, *store_cache)
+    _with_cache_arguments(self.create_masked_store, (ptrs, TensorHandle(new.reshape(old.data.shape), old.dtype), mask))
+
+
+def _with_cache_arguments(method, leading: tuple, trailing: tuple = ()):
+    """``method(*leading, <cache arguments>, *trailing)`` for a masked load or store of the interpreter's builder,
+    whose cache arguments (ignored there) are one from Triton 3.9 (``cache_policy``) and two before it
+    (``cache_modifier, eviction_policy``). Tried in turn: a wrong count fails when the arguments are bound,
+    before anything is read or written (the signature itself can be a wrapper's, e.g. the work meter's)."""
+    for cache in ((None,), (None, None)):
+        try:
+            return method(*leading, *cache, *trailing)
+        except TypeError as error:
+            if "positional argument" not in str(error) or len(cache) == 2:
+                raise
+    raise AssertionError("unreachable")
