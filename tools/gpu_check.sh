@@ -173,6 +173,7 @@ fi
 unset TRITON_INTERPRET QWENLONG_BACKEND  # real kernels on a GPU; the benchmarks pick their CPU paths themselves
 SCRATCH=${GPU_CHECK_SCRATCH:-$(mktemp -d /tmp/gpu_check.XXXXXX)}
 RESULTS=$SCRATCH/results LOGS=$SCRATCH/logs SITE=$SCRATCH/site
+PEERS_PATH=$SITE:$ROOT/.whl/verl-kernel  # the peer wheels' install and verl's kernel files
 mkdir -p "$RESULTS" "$LOGS" || exit 1
 if [ -n "${OUT:-}" ]; then
   OUT_DIR=$OUT
@@ -182,7 +183,7 @@ else
 fi
 mkdir -p "$OUT_DIR" || exit 1
 MAIN_LOG=$LOGS/gpu_check.log
-export ROOT MODE QUICK BENCH_RESERVE TILES_RESERVE SCRATCH RESULTS LOGS SITE PER_TEST_TIMEOUT PACK_MAX_BYTES OUT_DIR PYTHONUNBUFFERED=1
+export ROOT MODE QUICK BENCH_RESERVE TILES_RESERVE SCRATCH RESULTS LOGS SITE PEERS_PATH PER_TEST_TIMEOUT PACK_MAX_BYTES OUT_DIR PYTHONUNBUFFERED=1
 
 say() { echo "[gpu_check $((SECONDS))s] $*" | tee -a "$MAIN_LOG"; }
 note() { echo "NOTE: $*"; }  # a step's one-line status detail for the summary (its last NOTE line counts)
@@ -235,7 +236,7 @@ step_wheels() {
     "$ROOT"/.whl/*.whl || return 1
   # the modules bench_logprobs imports; a failure here is reported, the benchmark says "not available"
   # one process for all (a python3 that imports torch and triton took ~7 s there: one each ran past 30 s)
-  PYTHONPATH=$SITE:$ROOT/.whl/verl-kernel${PYTHONPATH:+:$PYTHONPATH} python3 - <<'EOF'
+  PYTHONPATH=$PEERS_PATH${PYTHONPATH:+:$PYTHONPATH} python3 - <<'EOF'
 import importlib
 
 for module in ("liger_kernel.transformers", "liger_kernel.chunked_loss", "cut_cross_entropy",
@@ -390,7 +391,7 @@ for step in "${STEPS[@]}"; do
       run_step wheels "${LIMIT[wheels]}"
       # installed is enough (a step cut during its import checks left the benchmarks without their peers)
       if compgen -G "$SITE/*.dist-info" >/dev/null; then
-        export PYTHONPATH=$SITE:$ROOT/.whl/verl-kernel${PYTHONPATH:+:$PYTHONPATH}
+        export PYTHONPATH=$PEERS_PATH${PYTHONPATH:+:$PYTHONPATH}
       fi ;;
     bench)
       left=$((TOTAL_S - SECONDS - LIMIT[pack]))

@@ -198,12 +198,11 @@ def _descriptor_reduce(self, kind, desc, value, indices):
 def _with_cache_arguments(method, leading: tuple, trailing: tuple = ()):
     """``method(*leading, <cache arguments>, *trailing)`` for a masked load or store of the interpreter's builder,
     whose cache arguments (ignored there) are one from Triton 3.9 (``cache_policy``) and two before it
-    (``cache_modifier, eviction_policy``). Tried in turn: a wrong count fails when the arguments are bound,
-    before anything is read or written (the signature itself can be a wrapper's, e.g. the work meter's)."""
-    for cache in ((None,), (None, None)):
-        try:
-            return method(*leading, *cache, *trailing)
-        except TypeError as error:
-            if "positional argument" not in str(error) or len(cache) == 2:
-                raise
-    raise AssertionError("unreachable")
+    (``cache_modifier, eviction_policy``). A wrong count fails when the arguments are bound, before anything is
+    read or written, so the newer form is tried first (the signature itself can be a wrapper's, the work meter's)."""
+    try:
+        return method(*leading, None, *trailing)
+    except TypeError as error:
+        if "positional argument" not in str(error):
+            raise
+    return method(*leading, None, None, *trailing)
