@@ -29,6 +29,7 @@ def test_speed_mode_runs_every_op_and_batch_on_cpu(tmp_path):
         for batch in ("valid rows alone", "all valid", "RL-shaped")}
     for row in measured:
         assert row["fwd+bwd ms"] > 0 and row["useful TFLOP/s"] > 0 and row["peak MiB"] >= 0, row
+        assert row["extra MiB"] <= row["peak MiB"] and "extra / logits tensor" in row, row
     for row in result["rows"]:
         assert "status" not in row or row["status"].startswith(("not available", "OOM")), row
     assert any("RL-shaped batch" in note for note in result["notes"])

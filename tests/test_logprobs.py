@@ -10,6 +10,7 @@ import importlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwenlong.kernels import linear_cross_entropy, linear_logprobs
 from qwenlong.kernels.logprobs import chunked
@@ -199,6 +200,53 @@ def test_chunk_boundaries_on_torch_path(monkeypatch):
     ref_grads = torch.autograd.grad((ref_logp - 2 * ref_entropy).sum(), (hidden, weight))
     for got, want in zip(grads, ref_grads, strict=True):
         assert relative_error(got, want) < 1e-5
+
+
+class _LargestFloat32(TorchDispatchMode):
+    """Records the most elements of any fp32 tensor an op creates while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+                self.numel = max(self.numel, value.numel())
+        return out
+
+
+@pytest.mark.parametrize("grad_in_forward", (False, True))
+def test_gradients_summed_over_chunks(backend, grad_in_forward, device, monkeypatch):
+    """Several token chunks and several vocabulary chunks, bf16: d(hidden) and d(weight) match the float64
+    reference. The recomputing backward makes no fp32 buffer as large as the weight (each gradient is summed in
+    fp32 over one chunk of rows at a time and rounded to bf16 once); gradients in the forward keep a chunk's fp32
+    logits (LOGITS_TOKEN_CHUNK x V) by design."""
+    if grad_in_forward and backend == "torch":
+        pytest.skip("gradients in the forward are a Triton path")
+    if backend == "torch":
+        monkeypatch.setattr(chunked, "TOKEN_CHUNK", 64)
+        monkeypatch.setattr(chunked, "VOCAB_CHUNK", 256)
+    else:
+        monkeypatch.setattr(KERNELS, "TOKEN_CHUNK", 128)  # bf16's GEMM tiles are 128 rows
+        monkeypatch.setattr(KERNELS, "LOGITS_TOKEN_CHUNK", 128)
+        monkeypatch.setattr(KERNELS, "VOCAB_CHUNK", 256)
+    # ~240 valid rows; an fp32 V x d: 44,800 elements; the largest chunk sums: 256 x 64 (and 240 x 64)
+    num_tokens, dim, vocab = 300, 64, 700
+    hidden, weight, targets = make_inputs(num_tokens, dim, vocab, torch.bfloat16, seed=47, ignore_frac=0.2,
+                                          device=device)
+    largest = _LargestFloat32()
+    with largest:
+        loss = linear_cross_entropy(hidden, weight, targets, reduction="sum", grad_in_forward=grad_in_forward)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+    if not grad_in_forward:
+        assert 0 < largest.numel < vocab * dim // 2
+    ref = reference_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE, reduction="sum")
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    for name, got, want in zip(("hidden", "weight"), grads, ref_grads, strict=True):
+        assert got.dtype == torch.bfloat16, name
+        assert relative_error(got, want) < BWD_RTOL[torch.bfloat16], name
 
 
 def _bad_inputs(device="cpu"):

@@ -49,8 +49,8 @@ def test_backward_matches_chunked(dtype, with_entropy_grad):
     args = (hidden, weight, targets, lse, entropy, grads[0], grad_entropy, grads[2], 0.7)
     got = cuda_backend.backward(*args)
     expected = chunked.backward(*args)
-    for g, e in zip(got, expected, strict=True):
-        assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    for g, e, grad_dtype in zip(got, expected, (torch.float32, dtype), strict=True):  # d(weight): weight's dtype
+        assert g.dtype == e.dtype == grad_dtype and torch.isfinite(g).all()
         torch.testing.assert_close(g, e, atol=TOL[dtype], rtol=TOL[dtype])
 
 

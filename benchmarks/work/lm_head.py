@@ -71,6 +71,8 @@ def triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, *, with_entropy
     lp = kernel_module()
     c = lp.block_config(dim, dtype, table)
     size = torch.tensor([], dtype=dtype).element_size()
+    # the gradients' dtype: the inputs', but fp32 for fp16 made in the forward (kept unscaled until backward)
+    grad_size = 4 if grad_in_forward and dtype == torch.float16 else size
     bt, bv, bd, bm, bn, bk = (c[k] for k in ("BLOCK_T", "BLOCK_V", "BLOCK_D", "BLOCK_M", "BLOCK_N", "BLOCK_K"))
     out = {"flops": 0, "bytes_loaded": 0, "bytes_stored": 0, "programs": 0}
 
@@ -121,21 +123,25 @@ def triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, *, with_entropy
             else:  # dz from recomputed logits
                 add(flops=2 * active * bt * bv * _up(dim, bd),
                     bytes_loaded=_ceil(cols, bv) * rows * (dim * size + per_row) + _ceil(rows, bt) * cols * dim * size)
+            # each gradient is summed in fp32 and stored in grad_size at its last step: d(hidden) rows (at their
+            # own indices, read from `order`) at the last vocabulary chunk, d(weight) rows at the last token chunk
             if needs_hidden:
                 grid, active = chunk_rows // bm * dh_tiles, _ceil(rows, bm) * dh_tiles
+                final = vocab_start + chunk_cols >= vocab
                 add(programs=grid, bytes_loaded=8 * grid)
                 add(flops=2 * active * bm * bn * _up(cols, bk),
-                    bytes_loaded=dh_tiles * 8 * rows + dh_tiles * _ceil(rows, bm) * bm * cols * size
+                    bytes_loaded=final * dh_tiles * 8 * rows + dh_tiles * _ceil(rows, bm) * bm * cols * size
                     + _ceil(rows, bm) * cols * dim * size + (vocab_start > 0) * rows * dim * 4,
-                    bytes_stored=rows * dim * 4)
+                    bytes_stored=rows * dim * (grad_size if final else 4))
             if needs_weight:
                 grid = _ceil(cols, bm) * dh_tiles
+                final = token_start + chunk_rows >= num_valid
                 add(programs=grid, bytes_loaded=8 * grid)
                 if rows:
                     add(flops=2 * grid * bm * bn * _up(rows, bk),
                         bytes_loaded=grid * 8 * rows + dh_tiles * rows * cols * size
                         + _ceil(cols, bm) * rows * dim * size + (token_start > 0) * cols * dim * 4,
-                        bytes_stored=cols * dim * 4)
+                        bytes_stored=cols * dim * (grad_size if final else 4))
     return out
 
 

@@ -16,6 +16,9 @@
 //             dz = g_mean/V - p (g_logp + g_mean + g_H (log p + H)) + g_logp [j = t],
 //             (fp16/bf16: a second tile, the GEMM operand as it is; fp32: in place), then
 //             dH_c += dZ W_c / tau and dW_c += dZ^T H_c / tau (cuBLAS, fp32 accumulators).
+//             The vocabulary loop is the outer one, so a chunk's dW_c is complete after its token
+//             loop: it is summed in one fp32 chunk buffer and rounded into the weight's dtype then.
+//             Extra memory is fp32 dH (T x d) and a few chunk buffers, never an fp32 copy of W.
 //
 // Every accumulation runs in a fixed order, so results are reproducible bit for bit.
 #include <ATen/Dispatch.h>
@@ -271,7 +274,10 @@ std::vector<torch::Tensor> linear_logprobs_backward(const torch::Tensor& hidden_
   const auto fp32 = hidden.options().dtype(at::kFloat);
   const int64_t padded_tokens = (tokens + kTokenChunk - 1) / kTokenChunk * kTokenChunk;
   auto grad_hidden = at::zeros({padded_tokens, d}, fp32);  // padded rows, sliced at the end
-  auto grad_weight = at::zeros({vocab, d}, fp32);
+  // d(weight) in the weight's dtype; fp16 / bf16 sum each vocabulary chunk in an fp32 buffer first
+  const bool fp32_weight = weight.scalar_type() == at::kFloat;
+  auto grad_weight = fp32_weight ? at::zeros({vocab, d}, fp32) : at::empty({vocab, d}, weight.options());
+  auto weight_sum = fp32_weight ? torch::Tensor() : at::empty({kVocabChunk, d}, fp32);
   auto tile = at::empty({kTokenChunk, kVocabChunk}, fp32);
   // the logit gradient in the inputs' dtype, the GEMMs' operand: fp32 inputs reuse the logits tile
   auto dlogits = hidden.scalar_type() == at::kFloat ? tile : at::empty({kTokenChunk, kVocabChunk}, hidden.options());
@@ -280,6 +286,8 @@ std::vector<torch::Tensor> linear_logprobs_backward(const torch::Tensor& hidden_
   const float inv_temperature = static_cast<float>(1.0 / temperature);
   for (int64_t v0 = 0; v0 < vocab; v0 += kVocabChunk) {
     const int64_t columns = std::min(kVocabChunk, vocab - v0);
+    float* weight_rows = fp32_weight ? grad_weight.data_ptr<float>() + v0 * d : weight_sum.data_ptr<float>();
+    if (!fp32_weight) weight_sum.zero_();
     for (int64_t t0 = 0; t0 < tokens; t0 += kTokenChunk) {
       logits_tile(chunks, weight, t0, v0, columns, inv_temperature, tile);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "dlogits_kernel", [&] {
@@ -293,8 +301,9 @@ std::vector<torch::Tensor> linear_logprobs_backward(const torch::Tensor& hidden_
       gemm(CUBLAS_OP_N, CUBLAS_OP_N, d, kTokenChunk, columns, inv_temperature, rows_of(weight, v0), d,
            dlogits.data_ptr(), kVocabChunk, 1.0f, grad_hidden.data_ptr<float>() + t0 * d, d, type);
       gemm(CUBLAS_OP_N, CUBLAS_OP_T, d, columns, kTokenChunk, inv_temperature, chunks.rows(t0), d,
-           dlogits.data_ptr(), kVocabChunk, 1.0f, grad_weight.data_ptr<float>() + v0 * d, d, type);
+           dlogits.data_ptr(), kVocabChunk, 1.0f, weight_rows, d, type);
     }
+    if (!fp32_weight) grad_weight.narrow(0, v0, columns).copy_(weight_sum.narrow(0, 0, columns));
   }
   return {grad_hidden.narrow(0, 0, tokens), grad_weight};
 }

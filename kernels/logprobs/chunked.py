@@ -89,7 +89,11 @@ def forward(hidden, weight, targets, temperature, ignore_index, with_entropy, wi
 
 def backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature,
              needs_hidden=True, needs_weight=True):
-    """fp32 gradients of hidden and weight (None when not needed); output gradients must be 0 on ignored rows."""
+    """``(grad_hidden, grad_weight)``, None when not needed; output gradients must be 0 on ignored rows.
+
+    grad_hidden is fp32 (it sums over every vocabulary chunk); grad_weight comes in the weight's dtype: each
+    vocabulary chunk's rows are summed over the token chunks in an fp32 chunk buffer and rounded once, so no
+    fp32 copy of the whole weight is ever held."""
     vocab = weight.shape[0]
     inv_temperature = 1.0 / temperature
     targets, lse, grad_logp = _pad_rows(targets, -1), _pad_rows(lse), _pad_rows(grad_logp)
@@ -99,8 +103,9 @@ def backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, gra
         grad_mean_logp = _pad_rows(grad_mean_logp)
     grad_hidden = torch.zeros((targets.shape[0], hidden.shape[1]), dtype=torch.float32, device=hidden.device)
     grad_hidden = grad_hidden if needs_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
+    grad_weight = torch.empty_like(weight) if needs_weight else None
     for v_start, v_stop, weight_rows in _vocab_chunks(weight, inv_temperature):
+        weight_sum = torch.zeros(weight_rows.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
         for rows, hidden_rows in _token_chunks(hidden):
             log_probs = (hidden_rows @ weight_rows.T).sub_(lse[rows, None])
             probs = torch.exp(log_probs)
@@ -121,5 +126,7 @@ def backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, gra
             if needs_hidden:
                 grad_hidden[rows] += dlogits @ weight_rows  # weight_rows already carries 1/tau
             if needs_weight:
-                grad_weight[v_start:v_stop] += (dlogits.T @ hidden_rows).mul_(inv_temperature)
+                weight_sum += (dlogits.T @ hidden_rows).mul_(inv_temperature)
+        if needs_weight:
+            grad_weight[v_start:v_stop] = weight_sum
     return (grad_hidden[: hidden.shape[0]] if needs_hidden else None), grad_weight

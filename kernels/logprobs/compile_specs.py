@@ -40,11 +40,12 @@ _KERNELS = {
         | {"dlogits_ptr": "*{dtype}", "token_start": "i32", "vocab_start": "i32", "V": "i32", "D": "i32",
            "inv_temperature": "fp32", "chunk_stride": "i32", "logits_stride": "i32"},
         ("WITH_ENTROPY_GRAD", "WITH_MEAN_GRAD", "FROM_LOGITS")),
+    # out_ptr: the gradient in the input dtype (the last step's store; the other steps store fp32 partial sums)
     "grad_hidden": (_grad_hidden_kernel, "gemm", {"dlogits_ptr": "*{dtype}", "weight_ptr": "*{dtype}"} | _INDEX
-                    | {"grad_hidden_ptr": "*fp32", "token_start": "i32", "vocab_start": "i32", "num_cols": "i32",
-                       "D": "i32", "chunk_stride": "i32"}, ("ACCUMULATE",)),
+                    | {"sum_ptr": "*fp32", "out_ptr": "*{dtype}", "token_start": "i32", "vocab_start": "i32",
+                       "num_cols": "i32", "D": "i32", "chunk_stride": "i32"}, ("ACCUMULATE", "FINAL")),
     "grad_weight": (_grad_weight_kernel, "gemm", {"dlogits_ptr": "*{dtype}", "hidden_ptr": "*{dtype}"} | _INDEX
-                    | {"grad_weight_ptr": "*fp32", "token_start": "i32", "vocab_start": "i32", "num_cols": "i32",
+                    | {"sum_ptr": "*fp32", "out_ptr": "*{dtype}", "token_start": "i32", "num_cols": "i32",
                        "D": "i32", "chunk_stride": "i32", "chunk_rows": "i32"}, ("ACCUMULATE",)),
 }
 

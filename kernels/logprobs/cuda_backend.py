@@ -3,7 +3,8 @@
 cuBLAS computes each fp32 logits tile of 4096 tokens x 8192 vocabulary entries (fp32
 accumulation), and a fused epilogue consumes it in one pass: forward merges the running max,
 sum of exponentials, entropy term, logit sum and target logit; backward writes d(logits) in the
-inputs' dtype, the operand of two more cuBLAS GEMMs that form d(hidden) and d(weight). Only the
+inputs' dtype, the operand of two more cuBLAS GEMMs that form d(hidden) and d(weight) (fp32 sums; d(weight)
+is rounded to the weight's dtype one vocabulary chunk at a time, so no fp32 copy of the weight is held). Only the
 last token chunk is padded (a copy); every GEMM has the same shape, so a token's results do not
 depend on its batch. Same math and the same ``forward`` / ``backward`` contract as
 :mod:`.chunked`, so :class:`.valid_rows.ValidRowStats` runs either.
@@ -29,7 +30,8 @@ def forward(hidden, weight, targets, temperature, ignore_index, with_entropy, wi
 
 def backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, grad_mean_logp, temperature,
              needs_hidden=True, needs_weight=True):
-    """fp32 ``(grad_hidden, grad_weight)`` (None when not needed), as :func:`.chunked.backward`.
+    """``(grad_hidden, grad_weight)`` (None when not needed), as :func:`.chunked.backward`: fp32 d(hidden),
+    d(weight) in the weight's dtype.
 
     The extension always forms both gradients; output gradients must be 0 on ignored rows.
     """

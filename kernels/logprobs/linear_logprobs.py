@@ -32,15 +32,19 @@ Backward recomputes each logits tile once, in chunks of ``TOKEN_CHUNK`` valid ro
     dh[chunk rows] (+)= dz W[chunk cols],   dW[chunk cols] (+)= dz^T h[chunk rows]
 
 ``_dlogits_kernel`` writes dz once, in the input dtype, to a fixed-size chunk buffer; two GEMM
-kernels read it. d(hidden) rows are read and rewritten once per vocabulary chunk, d(weight)
-rows once per token chunk (not per tile), each in a fixed order, so both gradients are
-bitwise reproducible without atomics. Forward + backward issue 8 T_valid d V FLOPs (2 + 2 + 2 + 2).
+kernels read it. The vocabulary chunks are the outer loop: d(weight) rows are summed in fp32 over
+the token chunks in one chunk buffer and written in the weight's dtype at the last one, d(hidden)
+rows in an fp32 buffer of the valid rows (read and rewritten once per vocabulary chunk) and written
+at the last. Each sum runs in a fixed order, so both gradients are bitwise reproducible without
+atomics, and the extra memory is 4 T_valid d bytes plus chunk buffers, never an fp32 copy of the
+weight. Forward + backward issue 8 T_valid d V FLOPs (2 + 2 + 2 + 2).
 
 Scalar losses can skip the recompute (:func:`fused_linear_loss`, behind ``grad_in_forward`` of
 ``linear_cross_entropy`` and ``grpo_loss``): the forward runs per chunk of LOGITS_TOKEN_CHUNK valid
 rows, keeps that chunk's fp32 logits, takes the per-token output gradients from the loss through
 autograd and feeds dz from the kept logits to the same GEMM kernels: 6 T_valid d V FLOPs, for an
-fp32 LOGITS_TOKEN_CHUNK x V buffer of memory.
+fp32 LOGITS_TOKEN_CHUNK x V buffer of memory (and, its token chunks being the outer loop, fp32 sums of
+d(weight) when more than one chunk holds valid rows).
 Tile and chunk sizes depend on d and dtype only, never on T, and every row is computed
 independently of the others, so a token's outputs and hidden gradient are the same bits alone or
 inside any batch. CPU tensors take the chunked PyTorch path (:mod:`.chunked`) unless the Triton
@@ -293,16 +297,18 @@ def _dlogits_kernel(hidden_ptr, weight_ptr, targets_ptr, order_ptr, num_valid_pt
 
 
 @triton.jit
-def _grad_hidden_kernel(dlogits_ptr, weight_ptr, order_ptr, num_valid_ptr, grad_hidden_ptr,
+def _grad_hidden_kernel(dlogits_ptr, weight_ptr, order_ptr, num_valid_ptr, sum_ptr, out_ptr,
                         token_start, vocab_start, num_cols, D, chunk_stride,
-                        ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        ACCUMULATE: tl.constexpr, FINAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """dh[rows of the chunk, BLOCK_N dims] (+)= dz[chunk] @ W[chunk cols]: one read-modify-write per vocabulary chunk."""
+    """dh[rows of the chunk, BLOCK_N dims] (+)= dz[chunk] @ W[chunk cols]. ``sum_ptr``: the chunk's fp32 partial
+    sums (row i of the chunk at row i), read with ``ACCUMULATE``; the sum goes back there, or with ``FINAL`` (the
+    last vocabulary chunk) into d(hidden) itself (``out_ptr``, in its dtype) at the rows' own indices."""
     num_valid = tl.load(num_valid_ptr)
     if token_start + tl.program_id(0) * BLOCK_M >= num_valid:
         return
-    rows, row_in = _valid_rows(order_ptr, num_valid, token_start + tl.program_id(0).to(tl.int64) * BLOCK_M, BLOCK_M)
     local_rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = token_start + local_rows < num_valid
     dims = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dim_in = dims < D
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -313,19 +319,25 @@ def _grad_hidden_kernel(dlogits_ptr, weight_ptr, order_ptr, num_valid_ptr, grad_
         w = tl.load(weight_ptr + (vocab_start + ks)[:, None] * D + dims[None, :],
                     mask=k_in[:, None] & dim_in[None, :], other=0.0)
         acc = tl.dot(dz, w, acc, input_precision=PRECISION)
-    out = grad_hidden_ptr + rows[:, None] * D + dims[None, :]
     out_mask = row_in[:, None] & dim_in[None, :]
+    partial = sum_ptr + local_rows[:, None] * D + dims[None, :]
     if ACCUMULATE:
-        acc += tl.load(out, mask=out_mask, other=0.0)
-    tl.store(out, acc, mask=out_mask)
+        acc += tl.load(partial, mask=out_mask, other=0.0)
+    if FINAL:
+        rows = tl.load(order_ptr + token_start + local_rows, mask=row_in, other=0)
+        tl.store(out_ptr + rows[:, None] * D + dims[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(partial, acc, mask=out_mask)
 
 
 @triton.jit
-def _grad_weight_kernel(dlogits_ptr, hidden_ptr, order_ptr, num_valid_ptr, grad_weight_ptr,
-                        token_start, vocab_start, num_cols, D, chunk_stride, chunk_rows,
+def _grad_weight_kernel(dlogits_ptr, hidden_ptr, order_ptr, num_valid_ptr, sum_ptr, out_ptr,
+                        token_start, num_cols, D, chunk_stride, chunk_rows,
                         ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """dW[chunk cols, BLOCK_N dims] (+)= dz[chunk]^T @ h[valid rows of the chunk]: one read-modify-write per token chunk."""
+    """dW[chunk cols, BLOCK_N dims] (+)= dz[chunk]^T @ h[valid rows of the chunk]. ``sum_ptr`` (fp32 partial sums,
+    read with ``ACCUMULATE``) and ``out_ptr`` (the partial sums, or d(weight) in its dtype at the last token
+    chunk) both start at the chunk's first column."""
     num_rows = tl.minimum(tl.load(num_valid_ptr) - token_start, chunk_rows)
     if num_rows <= 0:
         return
@@ -342,11 +354,11 @@ def _grad_weight_kernel(dlogits_ptr, hidden_ptr, order_ptr, num_valid_ptr, grad_
                      mask=k_in[:, None] & col_in[None, :], other=0.0)
         h = tl.load(hidden_ptr + rows[:, None] * D + dims[None, :], mask=k_in[:, None] & dim_in[None, :], other=0.0)
         acc = tl.dot(tl.trans(dz), h, acc, input_precision=PRECISION)
-    out = grad_weight_ptr + (vocab_start + local_cols)[:, None] * D + dims[None, :]
+    offsets = local_cols[:, None] * D + dims[None, :]
     out_mask = col_in[:, None] & dim_in[None, :]
     if ACCUMULATE:
-        acc += tl.load(out, mask=out_mask, other=0.0)
-    tl.store(out, acc, mask=out_mask)
+        acc += tl.load(sum_ptr + offsets, mask=out_mask, other=0.0)
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def block_config(dim: int, dtype: torch.dtype, table: int) -> dict:
@@ -406,59 +418,69 @@ def compact_rows(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor
 
 
 class _ChunkGradients:
-    """d(hidden) and d(weight), accumulated one token chunk (of the compacted valid rows) at a time.
+    """d(hidden) and d(weight), made one (token chunk, vocabulary chunk) step at a time over the compacted valid rows.
 
-    Per chunk and vocabulary chunk: ``_dlogits_kernel`` writes dz once into a fixed (chunk_rows,
-    VOCAB_CHUNK) buffer in the input dtype, then the two GEMM kernels fold it into the fp32 gradients.
+    Per step, ``_dlogits_kernel`` writes dz once into a fixed (chunk_rows, VOCAB_CHUNK) buffer in the input dtype
+    and the two GEMM kernels fold it in. Each gradient is summed in fp32 over the chunks of the other dimension
+    and written in ``dtype`` once, at its last step: d(hidden) rows at the last vocabulary chunk, d(weight) rows at
+    the last token chunk. The fp32 partial sums are passed in by the loop that runs the steps (its order decides
+    which of them spans the whole dimension); a gradient made in a single step needs none.
     """
 
-    def __init__(self, hidden, weight, order, num_valid, chunk_rows, needs_hidden=True, needs_weight=True):
+    def __init__(self, hidden, weight, order, num_valid, chunk_rows, needs_hidden=True, needs_weight=True,
+                 dtype=None):
         self.hidden, self.weight, self.order, self.num_valid = hidden, weight, order, num_valid
-        num_tokens, dim = hidden.shape
-        vocab = weight.shape[0]
+        dtype = hidden.dtype if dtype is None else dtype
         self.config = _config_for(hidden)
         self.chunk_rows = chunk_rows
-        self.chunk_cols = min(VOCAB_CHUNK, triton.cdiv(vocab, self.config["BLOCK_V"]) * self.config["BLOCK_V"])
+        self.chunk_cols = min(VOCAB_CHUNK, triton.cdiv(weight.shape[0], self.config["BLOCK_V"]) * self.config["BLOCK_V"])
         self.dlogits = torch.zeros((chunk_rows, self.chunk_cols), dtype=hidden.dtype, device=hidden.device)
-        self.grad_hidden = self.grad_weight = None
-        if needs_hidden:
-            self.grad_hidden = torch.zeros((num_tokens, dim), dtype=torch.float32, device=hidden.device)
-        if needs_weight:
-            self.grad_weight = torch.zeros((vocab, dim), dtype=torch.float32, device=weight.device)
+        # zeros: ignored rows are never written
+        self.grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if needs_hidden else None
+        self.grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needs_weight else None
 
-    def add_chunk(self, token_start, targets, lse, entropy, grads, flags, inv_temperature, logits=None):
-        """Fold in the rows at positions [token_start, token_start + chunk_rows) of the compacted order.
-        ``grads``: fp32 (T,) output gradients (logp, entropy, mean_logp); ``logits``: the chunk's fp32 logits
-        kept by the forward (else they are recomputed)."""
+    @property
+    def vocab_starts(self) -> range:
+        return range(0, self.weight.shape[0], self.chunk_cols)
+
+    def partial_sums(self, rows: int, several_steps: bool) -> torch.Tensor | None:
+        """An fp32 (rows, d) buffer of partial sums, or None when the gradient is made in one step."""
+        if not several_steps:
+            return None
+        return torch.empty((rows, self.hidden.shape[1]), dtype=torch.float32, device=self.hidden.device)
+
+    def add(self, token_start, vocab_start, hidden_sums, weight_sums, last_token_chunk, targets, lse, entropy, grads,
+            flags, inv_temperature, logits=None):
+        """Fold in the rows at positions [token_start, token_start + chunk_rows) of the compacted order and the
+        vocabulary chunk at ``vocab_start``. ``hidden_sums`` / ``weight_sums``: fp32 partial sums of this token chunk's
+        rows / this vocabulary chunk's rows (each starting at the chunk's first row), or None when their gradient
+        is made in one step. ``grads``: fp32 (T,) output gradients (logp, entropy, mean_logp); ``logits``: the
+        chunk's fp32 logits kept by the forward (else they are recomputed)."""
         dim, vocab = self.hidden.shape[1], self.weight.shape[0]
         tile, tile_launch = launch_options(self.config, "dlogits")
         gemm, gemm_launch = launch_options(self.config, "gemm")
         index = (self.order, self.num_valid)
         stored = (logits, logits.stride(0)) if logits is not None else (lse, 0)  # lse: an unused placeholder
-        for vocab_start in range(0, vocab, self.chunk_cols):
-            num_cols = min(self.chunk_cols, vocab - vocab_start)
-            _dlogits_kernel[(self.chunk_rows // tile["BLOCK_T"], triton.cdiv(num_cols, tile["BLOCK_V"]))](
-                self.hidden, self.weight, targets, *index, lse, entropy, *grads, self.dlogits, stored[0],
-                token_start, vocab_start, vocab, dim, inv_temperature, self.chunk_cols, stored[1],
-                **flags, FROM_LOGITS=logits is not None, **tile, **tile_launch,
+        num_cols = min(self.chunk_cols, vocab - vocab_start)
+        _dlogits_kernel[(self.chunk_rows // tile["BLOCK_T"], triton.cdiv(num_cols, tile["BLOCK_V"]))](
+            self.hidden, self.weight, targets, *index, lse, entropy, *grads, self.dlogits, stored[0],
+            token_start, vocab_start, vocab, dim, inv_temperature, self.chunk_cols, stored[1],
+            **flags, FROM_LOGITS=logits is not None, **tile, **tile_launch,
+        )
+        if self.grad_hidden is not None:
+            last_vocab_chunk = vocab_start + self.chunk_cols >= vocab
+            sums = self.grad_hidden if hidden_sums is None else hidden_sums  # not read without partial sums
+            _grad_hidden_kernel[(self.chunk_rows // gemm["BLOCK_M"], triton.cdiv(dim, gemm["BLOCK_N"]))](
+                self.dlogits, self.weight, *index, sums, self.grad_hidden, token_start, vocab_start, num_cols, dim,
+                self.chunk_cols, ACCUMULATE=vocab_start > 0, FINAL=last_vocab_chunk, **gemm, **gemm_launch,
             )
-            if self.grad_hidden is not None:
-                _grad_hidden_kernel[(self.chunk_rows // gemm["BLOCK_M"], triton.cdiv(dim, gemm["BLOCK_N"]))](
-                    self.dlogits, self.weight, *index, self.grad_hidden, token_start, vocab_start, num_cols, dim,
-                    self.chunk_cols, ACCUMULATE=vocab_start > 0, **gemm, **gemm_launch,
-                )
-            if self.grad_weight is not None:
-                _grad_weight_kernel[(triton.cdiv(num_cols, gemm["BLOCK_M"]), triton.cdiv(dim, gemm["BLOCK_N"]))](
-                    self.dlogits, self.hidden, *index, self.grad_weight, token_start, vocab_start, num_cols, dim,
-                    self.chunk_cols, self.chunk_rows, ACCUMULATE=token_start > 0, **gemm, **gemm_launch,
-                )
-
-    def result(self, dtype=None):
-        """``(grad_hidden | None, grad_weight | None)`` in ``dtype`` (default: the input dtype)."""
-        dtype = self.hidden.dtype if dtype is None else dtype
-        grad_hidden = None if self.grad_hidden is None else self.grad_hidden.to(dtype)
-        grad_weight = None if self.grad_weight is None else self.grad_weight.to(dtype)
-        return grad_hidden, grad_weight
+        if self.grad_weight is not None:
+            final = self.grad_weight[vocab_start:]
+            sums = final if weight_sums is None else weight_sums
+            _grad_weight_kernel[(triton.cdiv(num_cols, gemm["BLOCK_M"]), triton.cdiv(dim, gemm["BLOCK_N"]))](
+                self.dlogits, self.hidden, *index, sums, final if last_token_chunk else sums, token_start, num_cols,
+                dim, self.chunk_cols, self.chunk_rows, ACCUMULATE=token_start > 0, **gemm, **gemm_launch,
+            )
 
 
 def _config_for(hidden: torch.Tensor) -> dict:
@@ -568,9 +590,17 @@ class _TritonLinearStats(torch.autograd.Function):
         zeros = torch.zeros_like(lse)
         grads = [zeros if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy, grad_mean_logp)]
         flags = {"WITH_ENTROPY_GRAD": grad_entropy is not None, "WITH_MEAN_GRAD": grad_mean_logp is not None}
-        for token_start in range(0, ctx.valid_rows.value(), chunk_rows):  # the valid rows come first in `order`
-            gradients.add_chunk(token_start, targets, lse, entropy, grads, flags, 1.0 / ctx.temperature)
-        return *gradients.result(), None, None, None, None, None
+        # vocabulary chunks outside, token chunks (only those with valid rows, which come first in `order`) inside:
+        # d(weight) needs fp32 sums of one vocabulary chunk only, d(hidden) of the valid rows
+        valid_rows = ctx.valid_rows.value()
+        hidden_sums = gradients.partial_sums(valid_rows, len(gradients.vocab_starts) > 1)
+        weight_sums = gradients.partial_sums(gradients.chunk_cols, valid_rows > chunk_rows)
+        for vocab_start in gradients.vocab_starts:
+            for token_start in range(0, valid_rows, chunk_rows):
+                gradients.add(token_start, vocab_start, None if hidden_sums is None else hidden_sums[token_start:],
+                              weight_sums, token_start + chunk_rows >= valid_rows, targets, lse, entropy, grads, flags,
+                              1.0 / ctx.temperature)
+        return gradients.grad_hidden, gradients.grad_weight, None, None, None, None, None
 
 
 class _TritonFusedLoss(torch.autograd.Function):
@@ -596,7 +626,13 @@ class _TritonFusedLoss(torch.autograd.Function):
         chunk_rows = _chunk_rows(num_tokens, LOGITS_TOKEN_CHUNK, _config_for(hidden))
         # rows padded to whole 16 bytes, as a tensor descriptor needs (the kernels use the first V columns)
         logits = torch.empty((chunk_rows, triton.cdiv(vocab, 4) * 4), dtype=torch.float32, device=hidden.device)
-        gradients = _ChunkGradients(hidden, weight, order, num_valid, chunk_rows, *ctx.needs_input_grad[:2])
+        # fp16 keeps its gradients in fp32 until backward has scaled them (see the class docstring)
+        gradients = _ChunkGradients(hidden, weight, order, num_valid, chunk_rows, *ctx.needs_input_grad[:2],
+                                    dtype=torch.float32 if hidden.dtype == torch.float16 else None)
+        # token chunks outside (each keeps its logits), vocabulary chunks inside: d(hidden) sums one token chunk's
+        # rows, d(weight) all of its rows when several token chunks hold valid rows
+        hidden_sums = gradients.partial_sums(chunk_rows, len(gradients.vocab_starts) > 1)
+        weight_sums = None
         flags = {"WITH_ENTROPY_GRAD": with_entropy, "WITH_MEAN_GRAD": with_mean_logp}
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         valid_rows = HostCount(num_valid)
@@ -619,9 +655,14 @@ class _TritonFusedLoss(torch.autograd.Function):
                     if grad is not None:
                         buffer.index_copy_(0, rows, torch.where(in_batch, grad, 0.0))
             loss += chunk_loss.detach()
-            gradients.add_chunk(token_start, targets, outputs[3], outputs[1], grads, flags, 1.0 / temperature,
-                                logits)
-        results = gradients.result(torch.float32 if hidden.dtype == torch.float16 else None)
+            last_token_chunk = token_start + chunk_rows >= valid_rows.value()
+            if weight_sums is None and not last_token_chunk:
+                weight_sums = gradients.partial_sums(weight.shape[0], True)
+            for vocab_start in gradients.vocab_starts:
+                gradients.add(token_start, vocab_start, hidden_sums,
+                              None if weight_sums is None else weight_sums[vocab_start:], last_token_chunk, targets,
+                              outputs[3], outputs[1], grads, flags, 1.0 / temperature, logits)
+        results = gradients.grad_hidden, gradients.grad_weight
         ctx.save_for_backward(*(g for g in results if g is not None))
         ctx.has_grads = [g is not None for g in results]
         ctx.input_dtype = hidden.dtype

@@ -21,10 +21,11 @@ class ValidRowStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp, impl):
         rows = (targets != ignore_index).nonzero()[:, 0]
-        outputs = impl.forward(hidden.index_select(0, rows), weight, targets.index_select(0, rows), temperature,
+        ctx.all_valid = rows.shape[0] == targets.shape[0]  # then nothing is gathered or scattered (no copies)
+        outputs = impl.forward(_gather(ctx, hidden, rows), weight, _gather(ctx, targets, rows), temperature,
                                ignore_index, with_entropy, with_mean_logp)
         logp, entropy, mean_logp, lse = (
-            None if out is None else out.new_zeros(hidden.shape[0]).index_copy_(0, rows, out) for out in outputs
+            None if out is None else _scatter(ctx, out, rows, hidden.shape[0]) for out in outputs
         )
         ctx.save_for_backward(hidden, weight, targets, rows, lse, entropy)
         ctx.temperature, ctx.impl = temperature, impl
@@ -36,17 +37,25 @@ class ValidRowStats(torch.autograd.Function):
         hidden, weight, targets, rows, lse, entropy = ctx.saved_tensors
 
         def valid_rows(values):
-            return None if values is None else values.index_select(0, rows).float()
+            return None if values is None else _gather(ctx, values, rows).float()
 
         grad_logp = valid_rows(grad_logp) if grad_logp is not None else lse.new_zeros(rows.shape[0])
-        hidden_rows, target_rows = hidden.index_select(0, rows), targets.index_select(0, rows)
+        hidden_rows, target_rows = _gather(ctx, hidden, rows), _gather(ctx, targets, rows)
         entropy_rows = valid_rows(entropy) if grad_entropy is not None else None
         needs_hidden, needs_weight = ctx.needs_input_grad[:2]
         grad_rows, grad_weight = ctx.impl.backward(hidden_rows, weight, target_rows, valid_rows(lse), entropy_rows,
                                                    grad_logp, valid_rows(grad_entropy), valid_rows(grad_mean_logp),
                                                    ctx.temperature, needs_hidden, needs_weight)
-        grad_hidden = None
-        if grad_rows is not None:
-            grad_hidden = hidden.new_zeros(hidden.shape).index_copy_(0, rows, grad_rows.to(hidden.dtype))
-        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_hidden = None if grad_rows is None else _scatter(ctx, grad_rows.to(hidden.dtype), rows, hidden.shape[0])
         return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def _gather(ctx, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The valid rows of ``values`` (``values`` itself when every row is valid)."""
+    return values if ctx.all_valid else values.index_select(0, rows)
+
+
+def _scatter(ctx, values: torch.Tensor, rows: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """``values`` of the valid rows put back at their rows, zeros elsewhere (``values`` itself when every row is
+    valid)."""
+    return values if ctx.all_valid else values.new_zeros((num_tokens, *values.shape[1:])).index_copy_(0, rows, values)

@@ -151,20 +151,20 @@ def layer_backward_extra_bytes(shape: ModelShape, b: int, sp: int, tokens: int, 
 
 
 def lm_head_workspace_bytes(shape: ModelShape, tokens: int, b: int, cuda: bool) -> int:
-    """The fused LM head's backward buffers (``qwenlong.kernels.logprobs``), both paths: fp32 d(hidden)
-    (T x d) and d(weight) (V x d) at once, then their casts to the input dtype, plus the logits chunk:
-    on CUDA (Triton) one TOKEN_CHUNK x VOCAB_CHUNK dz buffer in the input dtype (``linear_logprobs``);
-    on CPU (chunked PyTorch) the valid rows' hidden copy and fp32 tiles of its TOKEN_CHUNK x VOCAB_CHUNK
-    (logits, probabilities, weight and hidden rows, ``chunked``). Every token is counted as valid."""
+    """The fused LM head's backward buffers (``qwenlong.kernels.logprobs``), both paths: d(hidden) (T x d) and
+    d(weight) (V x d) in the input dtype, fp32 sums of d(hidden) (T x d) and of one vocabulary chunk's d(weight)
+    rows (VOCAB_CHUNK x d), plus the logits chunk: on CUDA (Triton) one TOKEN_CHUNK x VOCAB_CHUNK dz buffer in the
+    input dtype (``linear_logprobs``); on CPU (chunked PyTorch) fp32 tiles of its TOKEN_CHUNK x VOCAB_CHUNK
+    (logits, probabilities, weight and hidden rows, ``chunked``). Every token is counted as valid (nothing is
+    gathered then)."""
     h, v = shape.hidden, shape.vocab
-    grads = tokens * h * 4 + v * h * 4 + max(tokens * h * b, v * h * b) + 4 * 4 * tokens
+    module = "logprobs.linear_logprobs" if cuda else "logprobs.chunked"
+    rows = min(kernel_constant(module, "TOKEN_CHUNK"), tokens)
+    cols = min(kernel_constant(module, "VOCAB_CHUNK"), v)
+    grads = (tokens + v) * h * b + tokens * h * 4 + cols * h * 4 + 4 * 4 * tokens
     if cuda:
-        rows = min(kernel_constant("logprobs.linear_logprobs", "TOKEN_CHUNK"), tokens)
-        cols = min(kernel_constant("logprobs.linear_logprobs", "VOCAB_CHUNK"), v)
         return grads + rows * cols * b
-    rows = min(kernel_constant("logprobs.chunked", "TOKEN_CHUNK"), tokens)
-    cols = min(kernel_constant("logprobs.chunked", "VOCAB_CHUNK"), v)
-    return grads + tokens * h * b + 4 * (3 * rows * cols + cols * h + rows * h)
+    return grads + 4 * (3 * rows * cols + cols * h + rows * h)
 
 
 def attention_workspace_bytes(shape: ModelShape, tokens: int, b: int, sp: int, longest: int, cuda: bool) -> int:
