@@ -791,7 +791,9 @@ def fused_linear_loss(hidden, weight, targets, token_loss, temperature=1.0, igno
 
     On the Triton path the logits of each chunk are kept (fp32, ``LOGITS_TOKEN_CHUNK x V``), so forward +
     backward issue 6 T_valid d V FLOPs instead of 8, and ``loss.backward()`` only scales the stored
-    gradients. The chunked PyTorch path computes the same through autograd (one recompute).
+    gradients. The chunked PyTorch path and the CUDA extension (which ``auto`` picks on a GPU where it was
+    built) compute the same through autograd, with one recompute: ``QWENLONG_BACKEND=triton`` makes the
+    gradients in the forward on a GPU.
     """
     temperature, ignore_index = check_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.to(torch.int64).contiguous()
