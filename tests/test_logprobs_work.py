@@ -107,3 +107,19 @@ def test_forward_fills_the_gpu_on_an_rl_batch():
     rows = lm_head.closed_form_rows()
     rl = [row for row in rows if row["batch"] == "RL-shaped" and "grad in forward" not in row["op"]]
     assert rl and all(row["forward programs with rows / launch"] >= 132 for row in rl)
+
+
+@pytest.mark.parametrize("chunks", [None, (128, 256)])
+@pytest.mark.parametrize(("num_tokens", "num_valid"), [(200, 200), (500, 150), (300, 300)])
+def test_backward_memory_equals_its_closed_form(monkeypatch, chunks, num_tokens, num_valid):
+    """The recomputing backward holds, beyond its two gradients, exactly the closed form's buffers (counted storage,
+    one or several token and vocabulary chunks): fp32 sums of d(hidden) for the valid rows and of one vocabulary
+    chunk of d(weight), the dz chunk and a per-token vector."""
+    kernels = lm_head.kernel_module()
+    monkeypatch.setattr(kernels, "tile_table", lambda device: 80)
+    if chunks:
+        monkeypatch.setattr(kernels, "TOKEN_CHUNK", chunks[0])
+        monkeypatch.setattr(kernels, "VOCAB_CHUNK", chunks[1])
+    dim, vocab = 40, 700
+    held = lm_head.backward_held_bytes("triton", num_tokens, num_valid, dim, vocab, torch.bfloat16)
+    assert held == lm_head.backward_buffer_bytes(num_tokens, num_valid, dim, vocab, torch.bfloat16, table=80)

@@ -68,3 +68,20 @@ def test_torch_ops_count_flops_and_bytes_once():
     gathered = count_work(lambda: a.index_select(0, rows).t())  # a gather moves only its rows; a view is free
     assert gathered.bytes_stored == 2 * 16 * 4 and gathered.bytes_loaded == 2 * 16 * 4 + 2 * 8
     assert count_work(lambda: a @ b, torch_ops=False).flops == 0
+
+
+def test_peak_held_follows_storage_made_inside_the_block():
+    """Storage made in the block counts while a tensor holds it (a freed buffer's bytes are free again before the
+    next allocation); views of storage from before the block, and storage made inside kernel launches, do not."""
+    outside = torch.ones(1000)
+    with counting() as work:
+        first = torch.empty(1 << 18)  # 1 MiB
+        del first
+        second = torch.zeros(1 << 17)  # 0.5 MiB
+        view = outside[10:]
+        total = second + 1  # 0.5 MiB more
+        assert view.shape == (990,)
+    assert work.peak_held == 1 << 20
+    with counting() as work:
+        kept = [torch.zeros(1 << 16) for _ in range(3)]  # 3 x 256 KiB alive together
+    assert work.peak_held == 3 << 18 and len(kept) == 3 and total.numel() == 1 << 17

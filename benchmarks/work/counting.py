@@ -16,6 +16,11 @@ too, through a ``TorchDispatchMode``: FLOPs from PyTorch's own formulas
 tensor inputs once and writing its outputs once (views and ``empty`` cost nothing; gathers and
 scatters count only the rows they move). Pass ``torch_ops=False`` to count the kernels alone.
 
+The same mode follows the memory the block holds: ``peak_held`` is the most bytes of tensor storage made
+inside the block (by PyTorch ops outside kernel launches) that were alive at one time, outputs included;
+storage that existed before the block (inputs, and views of them) does not count. A storage is seen as
+freed at the first op after its last tensor is gone, as PyTorch's allocator would reuse it.
+
 ``by_kernel`` splits the numbers per ``@triton.jit`` function name and per PyTorch op
 (``aten.mm``, ...). A masked-off element costs nothing, as on the GPU (real hardware moves whole
 sectors, so this is a lower bound on traffic for scattered accesses).
@@ -27,7 +32,7 @@ API::
     work = count_work(fn, *args, **kwargs)   # WorkCount of everything fn launched and every torch op it ran
     with counting(torch_ops=False) as work:  # or around any block, kernels only
         ...
-    work.flops, work.bytes_loaded, work.bytes_stored, work.programs, work.launches, work.by_kernel
+    work.flops, work.bytes_loaded, work.bytes_stored, work.programs, work.launches, work.by_kernel, work.peak_held
 
 The interpreter must be on before the kernels are *defined* (``@triton.jit`` picks the
 interpreter at decoration time): set ``TRITON_INTERPRET=1`` before importing ``qwenlong.kernels``,
@@ -55,6 +60,7 @@ class WorkCount:
     bytes_stored: int = 0
     programs: int = 0
     launches: int = 0
+    peak_held: int = 0  # bytes: PyTorch ops only, the whole block (not split per kernel)
     by_kernel: dict[str, WorkCount] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -115,13 +121,37 @@ def _nbytes(tensors) -> int:
 
 def _torch_counter(work: WorkCount, paused: list[bool]):
     """A TorchDispatchMode adding every aten op's FLOPs and bytes to ``work`` (see the module docstring)."""
+    from torch.multiprocessing.reductions import StorageWeakRef
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.flop_counter import flop_registry
+
+    held: dict[int, tuple] = {}  # storage address -> (weak reference, bytes): storage made inside the block
+    held_bytes = [0]
+
+    def release_freed():
+        for address, (ref, nbytes) in list(held.items()):
+            if ref.expired():
+                del held[address]
+                held_bytes[0] -= nbytes
+
+    def hold_new(args, kwargs, out):
+        existing = {t.untyped_storage().data_ptr() for t in _tensors((args, kwargs))}
+        for t in _tensors(out):
+            storage = t.untyped_storage()
+            address = storage.data_ptr()
+            if storage.nbytes() and address not in existing and address not in held:
+                held[address] = (StorageWeakRef(storage), storage.nbytes())
+                held_bytes[0] += storage.nbytes()
+        work.peak_held = max(work.peak_held, held_bytes[0])
 
     class TorchOpCounter(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
+            if not paused[0]:
+                release_freed()  # before the op allocates: what died since the last op is free again
             out = func(*args, **kwargs)
+            if not paused[0]:
+                hold_new(args, kwargs, out)
             if paused[0] or func.is_view:
                 return out
             name = func.overloadpacket.__name__

@@ -28,7 +28,7 @@ import sys
 import torch
 
 from benchmarks.common import RESULTS_DIR, environment, kernel_backend, write_results
-from benchmarks.work.counting import count_work, require_interpreter
+from benchmarks.work.counting import count_work, counting, require_interpreter
 
 IGNORE = -100
 BIG = {"T": 122_880, "d": 5120, "V": 152_064, "dtype": torch.bfloat16}
@@ -145,6 +145,39 @@ def triton_closed_form(num_tokens, num_valid, dim, vocab, dtype, *, with_entropy
     return out
 
 
+def backward_buffer_bytes(num_tokens, num_valid, dim, vocab, dtype, table=SM90) -> int:
+    """Bytes the recomputing backward (:class:`_TritonLinearStats`) allocates beyond its two gradients (d(hidden),
+    d(weight) in the input dtype, which every implementation returns), all alive at its peak: the dz chunk
+    buffer, fp32 sums of d(hidden) for the valid rows when V spans several vocabulary chunks, fp32 sums of one
+    vocabulary chunk of d(weight) when the valid rows span several token chunks, and the fp32 zeros standing in
+    for an output gradient that is not given. Tested equal to the held bytes counted under the interpreter."""
+    lp = kernel_module()
+    c = lp.block_config(dim, dtype, table)
+    size = torch.tensor([], dtype=dtype).element_size()
+    chunk_rows = min(lp.TOKEN_CHUNK, max(1, _ceil(num_tokens, c["BLOCK_M"])) * c["BLOCK_M"])
+    chunk_cols = min(lp.VOCAB_CHUNK, _up(vocab, c["BLOCK_V"]))
+    held = 4 * num_tokens + chunk_rows * chunk_cols * size
+    if vocab > chunk_cols:
+        held += 4 * num_valid * dim
+    if num_valid > chunk_rows:
+        held += 4 * chunk_cols * dim
+    return held
+
+
+def backward_held_bytes(path, num_tokens, num_valid, dim, vocab, dtype) -> int:
+    """Counted: the most bytes the backward of log-probs + entropy holds at once beyond its two gradients (both
+    output gradients given, made before it; :mod:`benchmarks.work.counting` follows the storage)."""
+    from qwenlong.kernels import linear_logprobs
+
+    hidden, weight, targets = _inputs(num_tokens, num_valid, dim, vocab, dtype)
+    with kernel_backend(path):
+        logp, entropy = linear_logprobs(hidden, weight, targets, 0.9, return_entropy=True)
+        grad_outputs = torch.ones_like(logp), torch.full_like(entropy, -0.1)
+        with counting() as work:
+            grads = torch.autograd.grad((logp, entropy), (hidden, weight), grad_outputs)
+    return work.peak_held - sum(g.numel() * g.element_size() for g in grads)
+
+
 def forward_busy_programs(num_valid, dim, vocab, dtype, grad_in_forward=False, table=SM90) -> int:
     """Programs of one forward launch that have valid rows (token tiles x vocabulary slices): what keeps the
     GPU's SMs busy when only a few rows are valid (132 SMs on an H100)."""
@@ -242,6 +275,26 @@ def closed_form_rows() -> list[dict]:
                                                                                       "grad in forward" in op),
                          "chunked torch FLOPs / 6TdV": chunked_closed_form_flops(num_valid, dim, vocab)
                          / floor["flops"]})
+            if "grad in forward" not in op:  # the recomputing backward's buffers (see backward_buffer_bytes)
+                held = backward_buffer_bytes(num_tokens, num_valid, dim, vocab, dtype)
+                rows[-1] |= {"backward buffers GiB": held / 2**30,
+                             "backward buffers / bf16 logits": held / (2 * num_tokens * vocab)}
+    return rows
+
+
+def backward_memory_rows(shapes, dim, vocab) -> list[dict]:
+    """Counted backward memory beyond the gradients (log-probs + entropy), both paths, with the closed form."""
+    rows = []
+    for num_tokens, num_valid in shapes:
+        for path in ("triton", "torch"):
+            row = {"path": path, "T": num_tokens, "T_valid": num_valid, "d": dim, "V": vocab,
+                   "held beyond gradients (bytes)": backward_held_bytes(path, num_tokens, num_valid, dim, vocab,
+                                                                         torch.bfloat16)}
+            if path == "triton":
+                row["closed form (bytes)"] = backward_buffer_bytes(num_tokens, num_valid, dim, vocab, torch.bfloat16,
+                                                                   table=80)
+            rows.append(row)
+            print(row, flush=True)
     return rows
 
 
@@ -264,6 +317,7 @@ def main(argv=None):
                 rows.append(row)
                 print(row, flush=True)
     big = closed_form_rows()
+    memory = backward_memory_rows(shapes, dim, vocab)
     notes = [
         "FLOPs and bytes are issued work (tl.dot operand shapes, masked tl.load/tl.store bytes, PyTorch ops "
         "reading inputs and writing outputs once), not HBM traffic: loads served by L2 count too.",
@@ -284,6 +338,12 @@ def main(argv=None):
         "grad in forward: the scalar-loss option (linear_cross_entropy / grpo_loss grad_in_forward=True): the "
         "forward keeps each chunk's fp32 logits (LOGITS_TOKEN_CHUNK x V) and makes the gradients from them, "
         "6 T_valid d V FLOPs; loss.backward() only scales them.",
+        "Backward buffers: what the recomputing backward holds at once beyond d(hidden) and d(weight) (bf16, which "
+        "every implementation returns): fp32 sums of d(hidden) for the valid rows and of one 8,192-row vocabulary "
+        "chunk of d(weight), the dz chunk buffer and a per-token vector; counted at small shapes (the memory table, "
+        "equal to the closed form for the Triton path) and given by the closed form at 120K shapes. Before, the "
+        "backward summed d(hidden) of every row (4 T d bytes) and the whole d(weight) (4 V d) in fp32: 5.3 GiB "
+        "here, RL-shaped or not.",
         "Closed form (120K shapes): Triton kernels only, bf16, the tile and chunk sizes of "
         "kernels/logprobs/linear_logprobs.py for sm_90 (its tile table); equal to the interpreter's count at small "
         "shapes with either tile table (tests/test_logprobs_work.py). The counted rows above run the interpreter's "
@@ -293,7 +353,9 @@ def main(argv=None):
              "closed form shapes": f"T={BIG['T']} (RL: {RL_VALID} valid) and all-valid, d={BIG['d']}, V={BIG['V']}",
              "hook": "benchmarks/work/counting.py (Triton interpreter + TorchDispatchMode)"}
     write_results("work-lm-head", "LM-head work meter: issued work / the op's minimum", rows, setup=setup,
-                  out_dir=args.out, env=environment(), notes=notes, tables={"closed form at 120K shapes": big})
+                  out_dir=args.out, env=environment(), notes=notes,
+                  tables={"closed form at 120K shapes": big,
+                          "backward memory beyond the gradients (log-probs + entropy, counted)": memory})
     return 0
 
 
