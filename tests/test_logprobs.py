@@ -429,6 +429,36 @@ def test_host_count_reads_a_device_count_later():
     assert HostCount(num_valid).value() == 66
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(("num_tokens", "num_valid"), [(9000, 9000), (20_000, 3000)])
+def test_backward_memory_on_the_gpu_is_the_closed_form(monkeypatch, num_tokens, num_valid):
+    """Measured by the CUDA caching allocator, the recomputing Triton backward's peak beyond its two gradients is
+    the work meter's closed form (``benchmarks/work/lm_head.py``, counted on CPU), allocator rounding aside: all
+    valid over three token chunks, and an RL-shaped batch."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not an installed package
+    from benchmarks.work.lm_head import backward_buffer_bytes
+    from qwenlong.kernels.backend import tile_table
+
+    monkeypatch.setenv("QWENLONG_BACKEND", "triton")
+    dim, vocab = 256, 20_000  # three vocabulary chunks
+    hidden, weight, targets = make_inputs(num_tokens, dim, vocab, torch.bfloat16, seed=5, ignore_frac=0.0,
+                                          device="cuda")
+    targets[: num_tokens - num_valid] = IGNORE
+    logp, entropy = linear_logprobs(hidden, weight, targets, return_entropy=True)
+    grad_outputs = torch.ones_like(logp), torch.full_like(entropy, -0.1)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    grads = torch.autograd.grad((logp, entropy), (hidden, weight), grad_outputs)
+    torch.cuda.synchronize()
+    held = torch.cuda.max_memory_allocated() - before - sum(g.numel() * g.element_size() for g in grads)
+    expected = backward_buffer_bytes(num_tokens, num_valid, dim, vocab, torch.bfloat16, table=tile_table(hidden.device))
+    assert abs(held - expected) <= 0.01 * expected, (held, expected)
+
+
 def test_host_count_of_a_cpu_count():
     targets = torch.full((50,), IGNORE)
     targets[::7] = 3
