@@ -41,7 +41,7 @@ def _vocab_chunks(weight: torch.Tensor, inv_temperature: float):
     """Yield ``(start, stop, weight_rows)``: one vocabulary chunk's fp32 weight rows divided by tau."""
     for start in range(0, weight.shape[0], VOCAB_CHUNK):
         stop = min(start + VOCAB_CHUNK, weight.shape[0])
-        yield start, stop, weight[start:stop].float() * inv_temperature  # a copy even for fp32
+        yield start, stop, weight[start:stop].to(torch.float32, copy=True).mul_(inv_temperature)  # one copy
 
 
 def _target_columns(targets: torch.Tensor, v_start: int, v_stop: int):

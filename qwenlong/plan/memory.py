@@ -153,17 +153,18 @@ def layer_backward_extra_bytes(shape: ModelShape, b: int, sp: int, tokens: int, 
 def lm_head_workspace_bytes(shape: ModelShape, tokens: int, b: int, cuda: bool) -> int:
     """The fused LM head's backward buffers (``qwenlong.kernels.logprobs``), both paths: d(hidden) (T x d) and
     d(weight) (V x d) in the input dtype, fp32 sums of d(hidden) (T x d) and of one vocabulary chunk's d(weight)
-    rows (VOCAB_CHUNK x d), plus the logits chunk: on CUDA (Triton) one TOKEN_CHUNK x VOCAB_CHUNK dz buffer in the
-    input dtype (``linear_logprobs``); on CPU (chunked PyTorch) fp32 tiles of its TOKEN_CHUNK x VOCAB_CHUNK
-    (logits, probabilities, weight and hidden rows, ``chunked``). Every token is counted as valid (nothing is
-    gathered then)."""
+    rows (VOCAB_CHUNK x d), plus the logits chunk: on CUDA one TOKEN_CHUNK x VOCAB_CHUNK tile of fp32 logits and
+    one of dz in the input dtype (the CUDA extension, which ``auto`` takes where it was built, and whose chunks
+    are the Triton kernels' (``linear_logprobs``); those hold the dz tile only); on CPU (chunked PyTorch) fp32
+    tiles of its TOKEN_CHUNK x VOCAB_CHUNK (logits, probabilities, weight and hidden rows, ``chunked``). Every
+    token is counted as valid (nothing is gathered then)."""
     h, v = shape.hidden, shape.vocab
     module = "logprobs.linear_logprobs" if cuda else "logprobs.chunked"
     rows = min(kernel_constant(module, "TOKEN_CHUNK"), tokens)
     cols = min(kernel_constant(module, "VOCAB_CHUNK"), v)
     grads = (tokens + v) * h * b + tokens * h * 4 + cols * h * 4 + 4 * 4 * tokens
     if cuda:
-        return grads + rows * cols * b
+        return grads + rows * cols * (4 + b)
     return grads + 4 * (3 * rows * cols + cols * h + rows * h)
 
 
