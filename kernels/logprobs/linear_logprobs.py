@@ -443,10 +443,8 @@ class _ChunkGradients:
     def vocab_starts(self) -> range:
         return range(0, self.weight.shape[0], self.chunk_cols)
 
-    def partial_sums(self, rows: int, several_steps: bool) -> torch.Tensor | None:
-        """An fp32 (rows, d) buffer of partial sums, or None when the gradient is made in one step."""
-        if not several_steps:
-            return None
+    def partial_sums(self, rows: int) -> torch.Tensor:
+        """An fp32 (rows, d) buffer for the partial sums of a gradient made in several steps."""
         return torch.empty((rows, self.hidden.shape[1]), dtype=torch.float32, device=self.hidden.device)
 
     def add(self, token_start, vocab_start, hidden_sums, weight_sums, last_token_chunk, targets, lse, entropy, grads,
@@ -593,8 +591,8 @@ class _TritonLinearStats(torch.autograd.Function):
         # vocabulary chunks outside, token chunks (only those with valid rows, which come first in `order`) inside:
         # d(weight) needs fp32 sums of one vocabulary chunk only, d(hidden) of the valid rows
         valid_rows = ctx.valid_rows.value()
-        hidden_sums = gradients.partial_sums(valid_rows, len(gradients.vocab_starts) > 1)
-        weight_sums = gradients.partial_sums(gradients.chunk_cols, valid_rows > chunk_rows)
+        hidden_sums = gradients.partial_sums(valid_rows) if len(gradients.vocab_starts) > 1 else None
+        weight_sums = gradients.partial_sums(gradients.chunk_cols) if valid_rows > chunk_rows else None
         for vocab_start in gradients.vocab_starts:
             for token_start in range(0, valid_rows, chunk_rows):
                 gradients.add(token_start, vocab_start, None if hidden_sums is None else hidden_sums[token_start:],
@@ -631,8 +629,8 @@ class _TritonFusedLoss(torch.autograd.Function):
                                     dtype=torch.float32 if hidden.dtype == torch.float16 else None)
         # token chunks outside (each keeps its logits), vocabulary chunks inside: d(hidden) sums one token chunk's
         # rows, d(weight) all of its rows when several token chunks hold valid rows
-        hidden_sums = gradients.partial_sums(chunk_rows, len(gradients.vocab_starts) > 1)
-        weight_sums = None
+        hidden_sums = gradients.partial_sums(chunk_rows) if len(gradients.vocab_starts) > 1 else None
+        weight_sums = None  # made at the first token chunk when later ones hold valid rows too
         flags = {"WITH_ENTROPY_GRAD": with_entropy, "WITH_MEAN_GRAD": with_mean_logp}
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         valid_rows = HostCount(num_valid)
@@ -657,7 +655,7 @@ class _TritonFusedLoss(torch.autograd.Function):
             loss += chunk_loss.detach()
             last_token_chunk = token_start + chunk_rows >= valid_rows.value()
             if weight_sums is None and not last_token_chunk:
-                weight_sums = gradients.partial_sums(weight.shape[0], True)
+                weight_sums = gradients.partial_sums(weight.shape[0])
             for vocab_start in gradients.vocab_starts:
                 gradients.add(token_start, vocab_start, hidden_sums,
                               None if weight_sums is None else weight_sums[vocab_start:], last_token_chunk, targets,
