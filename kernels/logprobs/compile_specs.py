@@ -43,7 +43,8 @@ _KERNELS = {
     # out_ptr: the gradient in the input dtype (the last step's store; the other steps store fp32 partial sums)
     "grad_hidden": (_grad_hidden_kernel, "gemm", {"dlogits_ptr": "*{dtype}", "weight_ptr": "*{dtype}"} | _INDEX
                     | {"sum_ptr": "*fp32", "out_ptr": "*{dtype}", "token_start": "i32", "vocab_start": "i32",
-                       "num_cols": "i32", "D": "i32", "chunk_stride": "i32"}, ("ACCUMULATE", "FINAL")),
+                       "num_cols": "i32", "D": "i32", "chunk_stride": "i32", "chunk_rows": "i32"},
+                    ("ACCUMULATE", "FINAL")),
     "grad_weight": (_grad_weight_kernel, "gemm", {"dlogits_ptr": "*{dtype}", "hidden_ptr": "*{dtype}"} | _INDEX
                     | {"sum_ptr": "*fp32", "out_ptr": "*{dtype}", "token_start": "i32", "num_cols": "i32",
                        "D": "i32", "chunk_stride": "i32", "chunk_rows": "i32"}, ("ACCUMULATE",)),
@@ -61,7 +62,7 @@ def compile_specs() -> list[CompileSpec]:
     specs = []
     for dtype, type_name in TRITON_DTYPES.items():
         for kind, (kernel, launch_kind, types, flags) in _KERNELS.items():
-            constexprs, _ = launch_options(block_config(4096, dtype, 90), launch_kind)
+            constexprs, _ = _launch(kernel, block_config(4096, dtype, 90), launch_kind)
             given = {"hidden_ptr": f"*{type_name}", "weight_ptr": f"*{type_name}"}
             given |= {name: kind_.format(dtype=type_name) for name, kind_ in types.items()}
             given |= dict.fromkeys((*flags, *constexprs), "constexpr")
@@ -71,7 +72,7 @@ def compile_specs() -> list[CompileSpec]:
                 launched_as = "forward_keep_logits" if flag_values.get("STORE_LOGITS") else launch_kind
                 archs_of_config = {}
                 for table in TILE_TABLES:
-                    constexprs, launch = launch_options(block_config(4096, dtype, table), launched_as)
+                    constexprs, launch = _launch(kernel, block_config(4096, dtype, table), launched_as)
                     archs_of_config.setdefault(repr((constexprs, launch)), (constexprs, launch, []))[2].append(table)
                 suffix = "_".join(f"{flag.removeprefix('WITH_').split('_')[0].lower()}{int(v)}"
                                   for flag, v in zip(flags, values, strict=True))
@@ -85,6 +86,15 @@ def compile_specs() -> list[CompileSpec]:
     specs += [_combine_spec(with_entropy, with_mean) for with_entropy, with_mean in itertools.product((False, True),
                                                                                                      repeat=2)]
     return specs
+
+
+def _launch(kernel, config: dict, kind: str) -> tuple[dict, dict]:
+    """:func:`launch_options`, plus ``DESCRIBED`` where the kernel takes it: as the launcher sets it for d = 4096
+    (rows of whole 16 bytes), descriptors for tensor-core builds."""
+    constexprs, launch = launch_options(config, kind)
+    if "DESCRIBED" in kernel.arg_names:
+        constexprs["DESCRIBED"] = constexprs["PRECISION"] != "ieee"
+    return constexprs, launch
 
 
 def _combine_spec(with_entropy: bool, with_mean: bool) -> CompileSpec:

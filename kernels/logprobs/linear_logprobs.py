@@ -298,12 +298,14 @@ def _dlogits_kernel(hidden_ptr, weight_ptr, targets_ptr, order_ptr, num_valid_pt
 
 @triton.jit
 def _grad_hidden_kernel(dlogits_ptr, weight_ptr, order_ptr, num_valid_ptr, sum_ptr, out_ptr,
-                        token_start, vocab_start, num_cols, D, chunk_stride,
+                        token_start, vocab_start, num_cols, D, chunk_stride, chunk_rows,
                         ACCUMULATE: tl.constexpr, FINAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, DESCRIBED: tl.constexpr):
     """dh[rows of the chunk, BLOCK_N dims] (+)= dz[chunk] @ W[chunk cols]. ``sum_ptr``: the chunk's fp32 partial
     sums (row i of the chunk at row i), read with ``ACCUMULATE``; the sum goes back there, or with ``FINAL`` (the
-    last vocabulary chunk) into d(hidden) itself (``out_ptr``, in its dtype) at the rows' own indices."""
+    last vocabulary chunk) into d(hidden) itself (``out_ptr``, in its dtype) at the rows' own indices.
+    ``DESCRIBED``: both operands are read through tensor descriptors (TMA on sm_90), which read columns past the
+    chunk as zeros; else by masked loads."""
     num_valid = tl.load(num_valid_ptr)
     if token_start + tl.program_id(0) * BLOCK_M >= num_valid:
         return
@@ -311,13 +313,23 @@ def _grad_hidden_kernel(dlogits_ptr, weight_ptr, order_ptr, num_valid_ptr, sum_p
     row_in = token_start + local_rows < num_valid
     dims = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dim_in = dims < D
+    weight_ptr += vocab_start.to(tl.int64) * D  # the chunk's first weight row
+    if DESCRIBED:
+        dz_src = tl.make_tensor_descriptor(dlogits_ptr, shape=[chunk_rows, num_cols], strides=[chunk_stride, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        w_src = tl.make_tensor_descriptor(weight_ptr, shape=[num_cols, D], strides=[D, 1],
+                                          block_shape=[BLOCK_K, BLOCK_N])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, num_cols, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_in = ks < num_cols
-        dz = tl.load(dlogits_ptr + local_rows[:, None] * chunk_stride + ks[None, :], mask=k_in[None, :], other=0.0)
-        w = tl.load(weight_ptr + (vocab_start + ks)[:, None] * D + dims[None, :],
-                    mask=k_in[:, None] & dim_in[None, :], other=0.0)
+        if DESCRIBED:
+            dz = dz_src.load([tl.program_id(0) * BLOCK_M, k0])
+            w = w_src.load([k0, tl.program_id(1) * BLOCK_N])
+        else:
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_in = ks < num_cols
+            dz = tl.load(dlogits_ptr + local_rows[:, None] * chunk_stride + ks[None, :], mask=k_in[None, :],
+                         other=0.0)
+            w = tl.load(weight_ptr + ks[:, None] * D + dims[None, :], mask=k_in[:, None] & dim_in[None, :], other=0.0)
         acc = tl.dot(dz, w, acc, input_precision=PRECISION)
     out_mask = row_in[:, None] & dim_in[None, :]
     partial = sum_ptr + local_rows[:, None] * D + dims[None, :]
@@ -334,24 +346,31 @@ def _grad_hidden_kernel(dlogits_ptr, weight_ptr, order_ptr, num_valid_ptr, sum_p
 def _grad_weight_kernel(dlogits_ptr, hidden_ptr, order_ptr, num_valid_ptr, sum_ptr, out_ptr,
                         token_start, num_cols, D, chunk_stride, chunk_rows,
                         ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, DESCRIBED: tl.constexpr):
     """dW[chunk cols, BLOCK_N dims] (+)= dz[chunk]^T @ h[valid rows of the chunk]. ``sum_ptr`` (fp32 partial sums,
     read with ``ACCUMULATE``) and ``out_ptr`` (the partial sums, or d(weight) in its dtype at the last token
-    chunk) both start at the chunk's first column."""
-    num_rows = tl.minimum(tl.load(num_valid_ptr) - token_start, chunk_rows)
+    chunk) both start at the chunk's first column. ``DESCRIBED``: dz is read through a tensor descriptor of the
+    chunk's valid rows (TMA on sm_90; rows past them read as zeros); the hidden rows are gathered either way."""
+    num_rows = tl.minimum(tl.load(num_valid_ptr) - token_start, chunk_rows).to(tl.int32)  # int32: descriptor offsets
     if num_rows <= 0:
         return
     local_cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col_in = local_cols < num_cols
     dims = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     dim_in = dims < D
+    if DESCRIBED:
+        dz_src = tl.make_tensor_descriptor(dlogits_ptr, shape=[num_rows, num_cols], strides=[chunk_stride, 1],
+                                           block_shape=[BLOCK_K, BLOCK_M])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, num_rows, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_in = ks < num_rows
         rows = tl.load(order_ptr + token_start + ks, mask=k_in, other=0)
-        dz = tl.load(dlogits_ptr + ks[:, None] * chunk_stride + local_cols[None, :],
-                     mask=k_in[:, None] & col_in[None, :], other=0.0)
+        if DESCRIBED:
+            dz = dz_src.load([k0, tl.program_id(0) * BLOCK_M])
+        else:
+            dz = tl.load(dlogits_ptr + ks[:, None] * chunk_stride + local_cols[None, :],
+                         mask=k_in[:, None] & col_in[None, :], other=0.0)
         h = tl.load(hidden_ptr + rows[:, None] * D + dims[None, :], mask=k_in[:, None] & dim_in[None, :], other=0.0)
         acc = tl.dot(tl.trans(dz), h, acc, input_precision=PRECISION)
     offsets = local_cols[:, None] * D + dims[None, :]
@@ -435,6 +454,10 @@ class _ChunkGradients:
         self.chunk_rows = chunk_rows
         self.chunk_cols = min(VOCAB_CHUNK, triton.cdiv(weight.shape[0], self.config["BLOCK_V"]) * self.config["BLOCK_V"])
         self.dlogits = torch.zeros((chunk_rows, self.chunk_cols), dtype=hidden.dtype, device=hidden.device)
+        # tensor descriptors need rows of whole 16 bytes; fp32 inputs (FMA dots) keep masked loads
+        self.described = self.config["PRECISION"] != "ieee" and dim_bytes(hidden) % 16 == 0
+        if self.described:
+            ensure_scratch_allocator(hidden.device)
         # zeros: ignored rows are never written
         self.grad_hidden = torch.zeros(hidden.shape, dtype=dtype, device=hidden.device) if needs_hidden else None
         self.grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needs_weight else None
@@ -470,15 +493,22 @@ class _ChunkGradients:
             sums = self.grad_hidden if hidden_sums is None else hidden_sums  # not read without partial sums
             _grad_hidden_kernel[(self.chunk_rows // gemm["BLOCK_M"], triton.cdiv(dim, gemm["BLOCK_N"]))](
                 self.dlogits, self.weight, *index, sums, self.grad_hidden, token_start, vocab_start, num_cols, dim,
-                self.chunk_cols, ACCUMULATE=vocab_start > 0, FINAL=last_vocab_chunk, **gemm, **gemm_launch,
+                self.chunk_cols, self.chunk_rows, ACCUMULATE=vocab_start > 0, FINAL=last_vocab_chunk,
+                DESCRIBED=self.described, **gemm, **gemm_launch,
             )
         if self.grad_weight is not None:
             final = self.grad_weight[vocab_start:]
             sums = final if weight_sums is None else weight_sums
             _grad_weight_kernel[(triton.cdiv(num_cols, gemm["BLOCK_M"]), triton.cdiv(dim, gemm["BLOCK_N"]))](
                 self.dlogits, self.hidden, *index, sums, final if last_token_chunk else sums, token_start, num_cols,
-                dim, self.chunk_cols, self.chunk_rows, ACCUMULATE=token_start > 0, **gemm, **gemm_launch,
+                dim, self.chunk_cols, self.chunk_rows, ACCUMULATE=token_start > 0, DESCRIBED=self.described, **gemm,
+                **gemm_launch,
             )
+
+
+def dim_bytes(hidden: torch.Tensor) -> int:
+    """Bytes of one row of ``hidden`` (and of the weight)."""
+    return hidden.shape[1] * hidden.element_size()
 
 
 def _config_for(hidden: torch.Tensor) -> dict:
