@@ -62,8 +62,10 @@ def shapes_for(backend):
     return TORCH_SHAPES if backend == "torch" else TRITON_SHAPES
 
 
-def check_against_reference(num_tokens, dim, vocab, dtype, temperature, seed, device, weight_grad=True):
-    hidden, weight, targets = make_inputs(num_tokens, dim, vocab, dtype, seed, device=device)
+def check_against_reference(num_tokens, dim, vocab, dtype, temperature, seed, device, weight_grad=True, weight=None):
+    """``weight``: a given (V, d) weight instead of a fresh one."""
+    hidden, fresh, targets = make_inputs(num_tokens, dim, vocab, dtype, seed, device=device)
+    weight = fresh if weight is None else weight.detach()
     weight.requires_grad_(weight_grad)
     logp, entropy = linear_logprobs(hidden, weight, targets, temperature, return_entropy=True, ignore_index=IGNORE)
     ref_logp, ref_entropy = reference_linear_logprobs(hidden, weight, targets, temperature, True, IGNORE)
@@ -247,6 +249,25 @@ def test_gradients_summed_over_chunks(backend, grad_in_forward, device, monkeypa
     for name, got, want in zip(("hidden", "weight"), grads, ref_grads, strict=True):
         assert got.dtype == torch.bfloat16, name
         assert relative_error(got, want) < BWD_RTOL[torch.bfloat16], name
+
+
+def test_gradient_gemms_read_by_descriptor_only_where_one_fits(device, monkeypatch):
+    """The gradient GEMMs take tensor descriptors for bf16/fp16 weights whose base and rows are whole 16-byte units;
+    a weight view starting 2 bytes in, rows of 24 bytes, or fp32 keep masked loads, and each gives the
+    reference's gradients."""
+    config = KERNELS.block_config(64, torch.bfloat16, 80)
+    storage = torch.randn(701 * 64 + 1, device=device).to(torch.bfloat16)
+    aligned, shifted = storage[: 700 * 64].view(700, 64), storage[1 : 1 + 700 * 64].view(700, 64)
+    assert KERNELS.gemm_reads_by_descriptor(aligned, config)
+    assert not KERNELS.gemm_reads_by_descriptor(shifted, config)
+    assert not KERNELS.gemm_reads_by_descriptor(aligned[:, :12], KERNELS.block_config(12, torch.bfloat16, 80))
+    assert not KERNELS.gemm_reads_by_descriptor(aligned.float(), KERNELS.block_config(64, torch.float32, 80))
+    monkeypatch.setenv("QWENLONG_BACKEND", "triton")
+    chosen, choose = [], KERNELS.gemm_reads_by_descriptor
+    monkeypatch.setattr(KERNELS, "gemm_reads_by_descriptor", lambda *args: chosen.append(choose(*args)) or chosen[-1])
+    for weight in (aligned, shifted):  # the launcher's .contiguous() keeps a contiguous view where it starts
+        check_against_reference(37, 64, 700, torch.bfloat16, 1.0, seed=53, device=device, weight=weight)
+    assert chosen == [True, False]
 
 
 def _bad_inputs(device="cpu"):

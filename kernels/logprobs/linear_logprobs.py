@@ -457,8 +457,7 @@ class _ChunkGradients:
         self.chunk_rows = chunk_rows
         self.chunk_cols = min(VOCAB_CHUNK, triton.cdiv(weight.shape[0], self.config["BLOCK_V"]) * self.config["BLOCK_V"])
         self.dlogits = torch.zeros((chunk_rows, self.chunk_cols), dtype=hidden.dtype, device=hidden.device)
-        # tensor descriptors need rows of whole 16 bytes; fp32 inputs (FMA dots) keep masked loads
-        self.described = self.config["PRECISION"] != "ieee" and dim_bytes(hidden) % 16 == 0
+        self.described = gemm_reads_by_descriptor(weight, self.config)
         if self.described:
             ensure_scratch_allocator(hidden.device)
         # zeros: ignored rows are never written
@@ -509,9 +508,12 @@ class _ChunkGradients:
             )
 
 
-def dim_bytes(hidden: torch.Tensor) -> int:
-    """Bytes of one row of ``hidden`` (and of the weight)."""
-    return hidden.shape[1] * hidden.element_size()
+def gemm_reads_by_descriptor(weight: torch.Tensor, config: dict) -> bool:
+    """Whether the gradient GEMMs read dz and ``weight`` through tensor descriptors: tensor-core dtypes only (fp32
+    inputs take FMA dots, where descriptors buy nothing), and a descriptor needs a 16-byte aligned base and rows of
+    whole 16-byte units (a weight view can start anywhere: then masked loads)."""
+    row_bytes = weight.shape[1] * weight.element_size()
+    return config["PRECISION"] != "ieee" and row_bytes % 16 == 0 and weight.data_ptr() % 16 == 0
 
 
 def _config_for(hidden: torch.Tensor) -> dict:
