@@ -153,10 +153,9 @@ def backward_buffer_bytes(num_tokens, num_valid, dim, vocab, dtype, table=SM90) 
     for an output gradient that is not given. Tested equal to the held bytes counted under the interpreter."""
     lp = kernel_module()
     c = lp.block_config(dim, dtype, table)
-    size = torch.tensor([], dtype=dtype).element_size()
-    chunk_rows = min(lp.TOKEN_CHUNK, max(1, _ceil(num_tokens, c["BLOCK_M"])) * c["BLOCK_M"])
+    chunk_rows = lp._chunk_rows(num_tokens, lp.TOKEN_CHUNK, c)
     chunk_cols = min(lp.VOCAB_CHUNK, _up(vocab, c["BLOCK_V"]))
-    held = 4 * num_tokens + chunk_rows * chunk_cols * size
+    held = 4 * num_tokens + chunk_rows * chunk_cols * dtype.itemsize
     if vocab > chunk_cols:
         held += 4 * num_valid * dim
     if num_valid > chunk_rows:

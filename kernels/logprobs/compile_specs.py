@@ -21,6 +21,7 @@ from .linear_logprobs import (
     _grad_hidden_kernel,
     _grad_weight_kernel,
     block_config,
+    gemm_reads_by_descriptor,
     launch_options,
 )
 
@@ -62,7 +63,7 @@ def compile_specs() -> list[CompileSpec]:
     specs = []
     for dtype, type_name in TRITON_DTYPES.items():
         for kind, (kernel, launch_kind, types, flags) in _KERNELS.items():
-            constexprs, _ = _launch(kernel, block_config(4096, dtype, 90), launch_kind)
+            constexprs, _ = _launch(kernel, block_config(4096, dtype, 90), launch_kind, dtype)
             given = {"hidden_ptr": f"*{type_name}", "weight_ptr": f"*{type_name}"}
             given |= {name: kind_.format(dtype=type_name) for name, kind_ in types.items()}
             given |= dict.fromkeys((*flags, *constexprs), "constexpr")
@@ -72,7 +73,7 @@ def compile_specs() -> list[CompileSpec]:
                 launched_as = "forward_keep_logits" if flag_values.get("STORE_LOGITS") else launch_kind
                 archs_of_config = {}
                 for table in TILE_TABLES:
-                    constexprs, launch = _launch(kernel, block_config(4096, dtype, table), launched_as)
+                    constexprs, launch = _launch(kernel, block_config(4096, dtype, table), launched_as, dtype)
                     archs_of_config.setdefault(repr((constexprs, launch)), (constexprs, launch, []))[2].append(table)
                 suffix = "_".join(f"{flag.removeprefix('WITH_').split('_')[0].lower()}{int(v)}"
                                   for flag, v in zip(flags, values, strict=True))
@@ -88,12 +89,12 @@ def compile_specs() -> list[CompileSpec]:
     return specs
 
 
-def _launch(kernel, config: dict, kind: str) -> tuple[dict, dict]:
-    """:func:`launch_options`, plus ``DESCRIBED`` where the kernel takes it: as the launcher sets it for d = 4096
-    (rows of whole 16 bytes), descriptors for tensor-core builds."""
+def _launch(kernel, config: dict, kind: str, dtype: torch.dtype) -> tuple[dict, dict]:
+    """:func:`launch_options`, plus ``DESCRIBED`` where the kernel takes it, as the launcher sets it for an aligned
+    d = 4096 weight."""
     constexprs, launch = launch_options(config, kind)
     if "DESCRIBED" in kernel.arg_names:
-        constexprs["DESCRIBED"] = constexprs["PRECISION"] != "ieee"
+        constexprs["DESCRIBED"] = gemm_reads_by_descriptor(torch.empty((1, 4096), dtype=dtype, device="meta"), config)
     return constexprs, launch
 
 

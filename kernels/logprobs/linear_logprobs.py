@@ -457,6 +457,8 @@ class _ChunkGradients:
         self.chunk_rows = chunk_rows
         self.chunk_cols = min(VOCAB_CHUNK, triton.cdiv(weight.shape[0], self.config["BLOCK_V"]) * self.config["BLOCK_V"])
         self.dlogits = torch.zeros((chunk_rows, self.chunk_cols), dtype=hidden.dtype, device=hidden.device)
+        self.tile_options = launch_options(self.config, "dlogits")
+        self.gemm_options = launch_options(self.config, "gemm")
         self.described = gemm_reads_by_descriptor(weight, self.config)
         if self.described:
             ensure_scratch_allocator(hidden.device)
@@ -480,8 +482,7 @@ class _ChunkGradients:
         is made in one step. ``grads``: fp32 (T,) output gradients (logp, entropy, mean_logp); ``logits``: the
         chunk's fp32 logits kept by the forward (else they are recomputed)."""
         dim, vocab = self.hidden.shape[1], self.weight.shape[0]
-        tile, tile_launch = launch_options(self.config, "dlogits")
-        gemm, gemm_launch = launch_options(self.config, "gemm")
+        (tile, tile_launch), (gemm, gemm_launch) = self.tile_options, self.gemm_options
         index = (self.order, self.num_valid)
         stored = (logits, logits.stride(0)) if logits is not None else (lse, 0)  # lse: an unused placeholder
         num_cols = min(self.chunk_cols, vocab - vocab_start)
