@@ -240,6 +240,11 @@ def test_correct_free_form_answer_in_any_formatting_scores_one(words, wrap, uppe
     assert rule_score(FREE, said(wrap.format(shown)), gold).score == 1.0
 
 
+def test_an_article_before_a_gold_made_of_alternatives_is_no_extra_item():
+    """Found by the property above: the gold "or aa or aa" answered as "the or aa or aa" is not a longer list."""
+    assert rule_score(FREE, said("the or aa or aa"), "or aa or aa").score == 1.0
+
+
 @settings(max_examples=60, deadline=None)
 @given(value=st.decimals(min_value=-10**6, max_value=10**6, places=3, allow_nan=False, allow_infinity=False),
        style=st.sampled_from(["{:,}", "${:,}", "{} units", "approximately {}", "x = {}", "≈ {}", "**{}**"]))

@@ -106,7 +106,8 @@ _CLAUSE_BREAKS = re.compile(r"[^\w\s]+|\b(?:and|or|but)\b", re.IGNORECASE)
 
 
 def _list_items(text: str) -> int:
-    return sum(1 for item in _LIST_SEPARATORS.split(text) if item.strip())
+    """Items of an enumeration in ``text``; an article alone ("the or aa or aa") is no item."""
+    return sum(1 for item in _LIST_SEPARATORS.split(text) if item.strip().lower() not in ("", "a", "an", "the"))
 
 
 def _verdict_words(text: str) -> set[str]:
