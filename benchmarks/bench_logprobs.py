@@ -5,8 +5,8 @@ V = 152,064, bf16 (``--quick``: T = 8K only), on two batches: every row valid, a
 (one long prompt whose targets are ignored + 8 responses of 512 tokens). Hidden states are drawn
 so the logits are peaked like a trained model's (the target takes about half the probability
 mass), not near-uniform: a gradient filter that skips small probabilities (CCE) then does its
-real work. Variants: our Triton kernels (also with ``grad_in_forward``, the scalar losses' gradients made
-in the forward, measured last), our CUDA-extension backend (when built), our chunked
+real work. Variants: our Triton kernels and our CUDA-extension backend (when built), each also with
+``grad_in_forward`` (the scalar losses' gradients made in the forward, one recompute fewer), our chunked
 PyTorch path, plain PyTorch on materialized logits, and where they import: Liger-Kernel (fused
 linear cross-entropy, its chunked GRPO loss), Cut Cross-Entropy, verl's ``linear_cross_entropy``
 (log-probs + entropy). A variant that cannot run an op is recorded as "not available" (with the
@@ -16,8 +16,8 @@ that computes ignored rows is not credited for them.
 
 CPU (``--device cpu``): peak extra memory (``benchmarks.common.PeakMemory``) of the fused
 (chunked) path against the materialized logits at T = 2K, 4K and 16K, V = 152,064, d = 128,
-fp32 (with backward up to ``--backward-max-tokens``), one run each (its seconds reported
-too). The materialized variant is the leanest possible one: the logits tensor plus a
+fp32 (with backward up to ``--backward-max-tokens``, recomputing and with ``grad_in_forward``), one
+run each (its seconds reported too). The materialized variant is the leanest possible one: the logits tensor plus a
 row-chunked log-softmax (HF's loss would also allocate a second T x V copy), so the ratio is
 a lower bound. A second table times the chunked path on an RL-shaped batch against a batch of its
 valid rows alone (the time should follow the valid rows). ``--quick``: T = 256 and 512, V = 32,768.
@@ -199,6 +199,7 @@ def gpu_variants(op, device="cuda"):
 
     on_gpu = device == "cuda"
     no_triton = None if on_gpu or interpreter_enabled() else f"{NOT_AVAILABLE}: needs a GPU (or TRITON_INTERPRET=1)"
+    no_extension = None if on_gpu and cuda_backend.available() else f"{NOT_AVAILABLE}: not built (or no GPU)"
     # in the order they are measured for each (op, batch) (SECONDARY_VARIANTS after all the others'; see
     # measurement_order): a spent --budget cuts the last ones first
     return {
@@ -206,9 +207,9 @@ def gpu_variants(op, device="cuda"):
         "liger": liger(op),
         "cut cross-entropy": cut_cross_entropy(op),
         "verl linear_cross_entropy": verl(op),
-        "cuda extension (ours)": ours("cuda", op) if on_gpu and cuda_backend.available()
-        else f"{NOT_AVAILABLE}: not built (or no GPU)",
+        "cuda extension (ours)": no_extension or ours("cuda", op),
         # the same kernels, one recompute fewer
+        "cuda extension, grad in forward (ours)": no_extension or ours("cuda", op, grad_in_forward=True),
         "fused triton, grad in forward (ours)": no_triton or ours("triton", op, grad_in_forward=True),
         "materialized logits (torch)": materialized(op),
         "chunked torch (ours)": ours("torch", op),
@@ -338,11 +339,13 @@ def run_cpu(args) -> list[dict]:
     vocab, dim = (32_768 if args.quick else VOCAB), 128
     rows = []
     for tokens in args.tokens or ([256, 512] if args.quick else [2048, 4096, 16384]):
-        for variant in ("materialized logits (lean)", "fused chunked (ours)", "fused chunked (ours) +backward"):
+        for variant in ("materialized logits (lean)", "fused chunked (ours)", "fused chunked (ours) +backward",
+                        "fused chunked, grad in forward (ours) +backward"):
             backward = variant.endswith("+backward")
             if backward and tokens > args.backward_max_tokens:
                 continue
-            run = lean_materialized_cross_entropy if variant.startswith("materialized") else ours("torch", OPS[1])
+            run = (lean_materialized_cross_entropy if variant.startswith("materialized")
+                   else ours("torch", OPS[1], grad_in_forward="grad in forward" in variant))
             hidden, weight, targets = make_inputs(tokens, dim, vocab, torch.float32, "cpu", backward)
             with PeakMemory("cpu") as peak:
                 start = time.perf_counter()
@@ -381,6 +384,29 @@ def run_cpu_rl_shaped(args) -> list[dict]:
     return rows
 
 
+def run_cpu_grad_in_forward(args) -> list[dict]:
+    """Chunked path, cross-entropy fwd+bwd with one recompute and with the gradients made in the forward, at a
+    width where the GEMMs are most of the work (d = 1024); seconds are the median of 3 runs."""
+    os.environ["QWENLONG_BACKEND"] = "torch"
+    tokens, dim, vocab = (512, 1024, 8192) if args.quick else (2048, 1024, 32_768)
+    rows = []
+    for grad_in_forward in (False, True):
+        run = ours("torch", OPS[1], grad_in_forward=grad_in_forward)
+
+        def step(hidden, weight, targets, run=run):
+            run(hidden, weight, targets).backward()
+
+        seeds = itertools.count(1)
+        seconds = time_ms(step, device="cpu", warmup=1, repeats=3, setup=lambda seeds=seeds: make_inputs(
+            tokens, dim, vocab, torch.float32, "cpu", True, seed=next(seeds), peaked=True)) / 1e3
+        row = {"variant": "chunked torch, grad in forward (ours)" if grad_in_forward else "chunked torch (ours)",
+               "GEMM FLOPs": f"{6 if grad_in_forward else 8} T d V", "T": tokens, "d": dim, "V": vocab,
+               "fwd+bwd seconds": round(seconds, 3)}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def forward_memory_ratios(rows: list[dict]) -> list[str]:
     """Materialized over fused peak memory (forward) per T, as notes."""
     by_key = {(row["variant"], row["T"]): row["peak MiB"] for row in rows}
@@ -407,9 +433,14 @@ def main(argv=None):
     if args.device == "cpu" and not args.speed:
         rows = run_cpu(args)
         rl_rows = run_cpu_rl_shaped(args)
+        loss_rows = run_cpu_grad_in_forward(args)
         tables = {"RL-shaped batch vs its valid rows alone (chunked torch path, fwd+bwd, log-probs + entropy)":
-                  rl_rows}
-        notes = forward_memory_ratios(rows) + rl_shaped_vs_valid_rows(rl_rows, "fwd+bwd seconds")
+                  rl_rows,
+                  "gradients in the forward vs one recompute (chunked torch path, cross-entropy fwd+bwd)": loss_rows}
+        recompute, in_forward = (row["fwd+bwd seconds"] for row in loss_rows)
+        notes = forward_memory_ratios(rows) + rl_shaped_vs_valid_rows(rl_rows, "fwd+bwd seconds") + [
+            f"cross-entropy with its gradients made in the forward: {in_forward / recompute:.2f}x the time of the "
+            f"recomputing path (6 vs 8 T d V GEMM FLOPs: 0.75x; the recompute's exponentials go too)"]
         plot = {"x": "T", "series": ["variant"], "metrics": ["peak MiB", "tokens/s"]}
         setup = {"mode": "memory: one run per variant and T", "peak memory": memory_method("cpu")}
     else:

@@ -23,6 +23,7 @@ from qwenlong.kernels.logprobs.linear_logprobs import (
     _grad_hidden_kernel,
     _grad_weight_kernel,
     compact_rows,
+    fused_linear_loss,
     fused_linear_stats,
 )
 from qwenlong.kernels.logprobs.reference import (
@@ -224,12 +225,11 @@ def test_gradients_summed_over_chunks(backend, grad_in_forward, device, monkeypa
     """Several token chunks and several vocabulary chunks, bf16: d(hidden) and d(weight) match the float64
     reference. The recomputing backward makes no fp32 buffer as large as the weight (each gradient is summed in
     fp32 over one chunk of rows at a time and rounded to bf16 once); gradients in the forward keep a chunk's fp32
-    logits (LOGITS_TOKEN_CHUNK x V) by design."""
-    if grad_in_forward and backend == "torch":
-        pytest.skip("gradients in the forward are a Triton path")
+    logits (LOGITS_TOKEN_CHUNK x V, chunked.KEPT_ROWS x V) by design, and sum d(weight) in fp32 over the chunks."""
     if backend == "torch":
         monkeypatch.setattr(chunked, "TOKEN_CHUNK", 64)
         monkeypatch.setattr(chunked, "VOCAB_CHUNK", 256)
+        monkeypatch.setattr(chunked, "KEPT_ROWS", 128)
     else:
         monkeypatch.setattr(KERNELS, "TOKEN_CHUNK", 128)  # bf16's GEMM tiles are 128 rows
         monkeypatch.setattr(KERNELS, "LOGITS_TOKEN_CHUNK", 128)
@@ -249,6 +249,50 @@ def test_gradients_summed_over_chunks(backend, grad_in_forward, device, monkeypa
     for name, got, want in zip(("hidden", "weight"), grads, ref_grads, strict=True):
         assert got.dtype == torch.bfloat16, name
         assert relative_error(got, want) < BWD_RTOL[torch.bfloat16], name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_host_gradients_in_forward_are_the_recomputing_paths_bits(dtype, monkeypatch):
+    """The chunked PyTorch path with gradients made in the forward (kept logits, no recompute) over three chunks of
+    valid rows, the last one a partial tile, with entropy and mean log-prob terms and per-token weights: d(hidden)
+    and d(weight) are bitwise those of the recomputing backward, the statistics too, the loss as close as a sum
+    in another order; the forward holds no fp32 buffer beyond KEPT_ROWS x V but d(weight)'s fp32 sum."""
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")
+    monkeypatch.setattr(chunked, "TOKEN_CHUNK", 32)
+    monkeypatch.setattr(chunked, "VOCAB_CHUNK", 128)
+    monkeypatch.setattr(chunked, "KEPT_ROWS", 64)
+    num_tokens, dim, vocab = 200, 24, 300
+    hidden, weight, targets = make_inputs(num_tokens, dim, vocab, dtype, seed=61, ignore_frac=0.35)
+    num_valid = int((targets != IGNORE).sum())
+    assert 2 * 64 < num_valid < 3 * 64 and num_valid % 32
+    token_weights = torch.rand(num_tokens, generator=torch.Generator().manual_seed(62)) + 0.5
+
+    def token_loss(rows, logp, entropy, mean_logp):
+        return -token_weights[rows] * logp - 0.1 * entropy + 0.05 * mean_logp
+
+    largest = _LargestFloat32()
+    with largest:
+        loss, *stats = fused_linear_loss(hidden, weight, targets, token_loss, 0.9, IGNORE, with_entropy=True,
+                                         with_mean_logp=True)
+    assert largest.numel <= max(64 * vocab, vocab * dim)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    recomputed = fused_linear_stats(hidden, weight, targets, 0.9, IGNORE, with_entropy=True, with_mean_logp=True)
+    rows = torch.arange(num_tokens)
+    expected = torch.where(targets != IGNORE, token_loss(rows, *recomputed), 0.0).sum()
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=1e-6)
+    for name, got, want in zip(("logp", "entropy", "mean_logp"), stats, recomputed, strict=True):
+        assert torch.equal(got, want.detach()), name
+    for name, got, want in zip(("hidden", "weight"), grads, expected_grads, strict=True):
+        assert got.dtype == dtype and torch.equal(got, want), name
+        assert got.abs().max() > 0, name
+
+
+def test_kept_logits_too_small_for_the_rows_are_refused():
+    hidden, weight, targets = make_inputs(300, 8, 50, torch.float32, seed=63)
+    kept = chunked.kept_logits(100, 50, "cpu")
+    with pytest.raises(ValueError, match="kept_logits has 256 rows, too few for 300 tokens"):
+        chunked.forward(hidden, weight, targets, 1.0, IGNORE, False, False, kept_logits=kept)
 
 
 def test_gradient_gemms_read_by_descriptor_only_where_one_fits(device, monkeypatch):

@@ -117,3 +117,55 @@ def test_public_op_selects_the_cuda_backend(monkeypatch):
         results[backend] = (logp, entropy, *grads)
     for got, expected in zip(results["cuda"], results["torch"], strict=True):
         torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_logits_give_the_recomputing_paths_results(dtype):
+    """One token chunk with kept logits (V = 20,001: the buffer's rows padded to 20,004 columns): the forward's
+    statistics are the plain forward's and the buffer holds hidden @ weight.T / tau (the padded rows 0); the
+    backward that reads it instead of recomputing gives the recomputing backward's gradients, and with an fp32
+    grad_weight_sum adds d(weight) to it and returns that tensor."""
+    tokens, vocab = 700, 20_001
+    hidden, weight, targets = _problem(dtype, tokens=tokens, vocab=vocab, seed=8)
+    kept = cuda_backend.kept_logits(tokens, vocab, hidden.device)
+    assert kept.shape == (TOKEN_CHUNK, 20_004)
+    got = cuda_backend.forward(hidden, weight, targets, 0.7, -100, True, True, kept_logits=kept)
+    plain = cuda_backend.forward(hidden, weight, targets, 0.7, -100, True, True)
+    for name, g, p in zip(("logp", "entropy", "mean_logp", "lse"), got, plain, strict=True):
+        torch.testing.assert_close(g, p, atol=1e-5, rtol=1e-6, msg=name)
+    expected_logits = hidden.double() @ weight.double().T / 0.7
+    torch.testing.assert_close(kept[:tokens, :vocab].double(), expected_logits, atol=TOL[dtype] * 5, rtol=TOL[dtype])
+    assert torch.equal(kept[tokens:, :vocab], torch.zeros_like(kept[tokens:, :vocab]))
+    valid = targets != -100
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    grads = [torch.where(valid, torch.randn(targets.shape, device="cuda", generator=gen), 0.0) for _ in range(3)]
+    args = (hidden, weight, targets, plain[3], plain[1], *grads, 0.7)
+    recomputed = cuda_backend.backward(*args)
+    from_kept = cuda_backend.backward(*args, kept_logits=kept)
+    for g, e in zip(from_kept, recomputed, strict=True):  # bf16: a logit's last bit may round dz the other way
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e, atol=TOL[dtype] / 10, rtol=TOL[dtype] / 10)
+    weight_sum = torch.full(weight.shape, 0.5, device="cuda")
+    _, summed = cuda_backend.backward(*args, kept_logits=kept, grad_weight_sum=weight_sum)
+    assert summed is weight_sum
+    torch.testing.assert_close(summed, 0.5 + recomputed[1].float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradients_in_forward_through_the_extension(dtype, monkeypatch):
+    """linear_cross_entropy(grad_in_forward=True) on the extension: 2 x 4096 + 500 tokens, a sixth of them ignored,
+    so the valid rows take three kept-logits chunks and d(weight) an fp32 sum over them: loss and gradients as the
+    chunked PyTorch path's (which tests bit for bit against its recomputing backward)."""
+    from qwenlong.kernels import linear_cross_entropy
+
+    hidden, weight, targets = _problem(dtype, tokens=2 * TOKEN_CHUNK + 500, vocab=9000, dim=32, seed=10)
+    targets[1::6] = -100
+    results = {}
+    for backend in ("cuda", "torch"):
+        monkeypatch.setenv("QWENLONG_BACKEND", backend)
+        h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+        loss = linear_cross_entropy(h, w, targets, label_smoothing=0.1, grad_in_forward=True)
+        results[backend] = (loss, *torch.autograd.grad(loss * 2.0, (h, w)))
+    for name, got, expected in zip(("loss", "hidden", "weight"), results["cuda"], results["torch"], strict=True):
+        assert got.dtype == expected.dtype, name
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-3, msg=name)

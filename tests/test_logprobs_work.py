@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ i
 
 from benchmarks.work import lm_head  # noqa: E402
 from benchmarks.work.counting import count_work, interpreter_active  # noqa: E402
+from qwenlong.kernels.logprobs import chunked  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not interpreter_active(), reason="counts only under TRITON_INTERPRET=1")
 
@@ -33,6 +34,16 @@ def test_ignored_rows_cost_no_gemm_work(monkeypatch, path, op):
     if path == "triton":  # fwd + one recompute + two gradient GEMMs: 8 T_valid d V, up to tile padding
         minimum = 8 * 40 * 32 * 300
         assert minimum <= rl_shaped.flops <= minimum * (64 / 40) * (384 / 300)
+
+
+@pytest.mark.parametrize("op", ["cross-entropy", "cross-entropy, grad in forward", "grpo_loss, grad in forward"])
+def test_chunked_path_issues_its_closed_form(monkeypatch, op):
+    """The chunked PyTorch path's GEMM FLOPs, counted, are its closed form: 8 T_valid d V recomputing, 6 with the
+    gradients made in the forward (here over three chunks of kept logits), up to the padding of 256-row tiles."""
+    monkeypatch.setattr(chunked, "KEPT_ROWS", 256)
+    work = _count(monkeypatch, "torch", op, 900, 600, 32, 300, torch.float32)
+    expected = lm_head.chunked_closed_form_flops(600, 32, 300, grad_in_forward="grad in forward" in op)
+    assert work.flops == expected == 2 * 768 * 32 * 300 * (3 if "grad in forward" in op else 4)
 
 
 @pytest.mark.parametrize("table", [80, 90])

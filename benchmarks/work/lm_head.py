@@ -187,12 +187,14 @@ def forward_busy_programs(num_valid, dim, vocab, dtype, grad_in_forward=False, t
     return _ceil(rows, block_t) * lp.vocab_slices(vocab, c["BLOCK_V"])[0]
 
 
-def chunked_closed_form_flops(num_valid, dim, vocab, backward=True) -> int:
+def chunked_closed_form_flops(num_valid, dim, vocab, backward=True, grad_in_forward=False) -> int:
     """GEMM FLOPs of the chunked PyTorch path: valid rows in zero-padded TOKEN_CHUNK blocks, one pass
-    forward, three backward (recompute, d(hidden), d(weight))."""
+    forward, three backward (recompute, d(hidden), d(weight)), or two when the gradients are made in the forward
+    from kept logits (its KEPT_ROWS chunks are whole TOKEN_CHUNK blocks: the same padding)."""
     from qwenlong.kernels.logprobs import chunked
 
-    return 2 * _up(num_valid, chunked.TOKEN_CHUNK) * dim * vocab * (4 if backward else 1)
+    passes = 1 + (0 if not backward else 2 if grad_in_forward else 3)
+    return 2 * _up(num_valid, chunked.TOKEN_CHUNK) * dim * vocab * passes
 
 
 def minimum(num_tokens, num_valid, dim, vocab, size, outputs=1, grads_in=1) -> dict:
@@ -272,8 +274,8 @@ def closed_form_rows() -> list[dict]:
                          "programs": work["programs"],
                          "forward programs with rows / launch": forward_busy_programs(num_valid, dim, vocab, dtype,
                                                                                       "grad in forward" in op),
-                         "chunked torch FLOPs / 6TdV": chunked_closed_form_flops(num_valid, dim, vocab)
-                         / floor["flops"]})
+                         "chunked torch FLOPs / 6TdV": chunked_closed_form_flops(
+                             num_valid, dim, vocab, grad_in_forward="grad in forward" in op) / floor["flops"]})
             if "grad in forward" not in op:  # the recomputing backward's buffers (see backward_buffer_bytes)
                 held = backward_buffer_bytes(num_tokens, num_valid, dim, vocab, dtype)
                 rows[-1] |= {"backward buffers GiB": held / 2**30,

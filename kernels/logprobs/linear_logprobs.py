@@ -64,11 +64,11 @@ import triton
 import triton.language as tl
 
 from ..backend import requested_backend, select_backend, tile_table
-from ..utils.autograd import once_differentiable
+from ..utils.autograd import once_differentiable, token_loss_gradients
 from ..utils.checks import FLOAT_DTYPES, check_same_device, check_tensor, tensor_checks_enabled
 from ..utils.descriptors import ensure_scratch_allocator
 from . import chunked, cuda_backend
-from .valid_rows import ValidRowStats
+from .valid_rows import LM_HEAD_OPS, ValidRowLoss, ValidRowStats, scaled_gradients
 
 TOKEN_CHUNK = 4096  # valid rows per backward chunk (dz buffer: TOKEN_CHUNK x VOCAB_CHUNK in the input dtype)
 VOCAB_CHUNK = 8192
@@ -81,8 +81,6 @@ PARTIAL_STATS = 5
 COMBINE_BLOCK = 128  # rows per program of the slice merge
 # the backends launched from the host, by the name select_backend returns (Triton: the kernels below)
 HOST_BACKENDS = {"torch": chunked, "cuda": cuda_backend}
-# named when a double backward is refused
-LM_HEAD_OPS = "the fused LM head (linear_logprobs, linear_cross_entropy, grpo_loss)"
 FP32_MAX = torch.finfo(torch.float32).max  # the largest 1 / temperature the kernels' fp32 scale holds
 
 
@@ -679,16 +677,13 @@ class _TritonFusedLoss(torch.autograd.Function):
                      token_start, chunk_rows, logits)
             rows = order[token_start : token_start + chunk_rows]
             in_batch = torch.arange(token_start, token_start + rows.shape[0], device=rows.device) < num_valid
-            with torch.enable_grad():
-                wanted = (True, with_entropy, with_mean_logp)
-                stats = [out[rows].requires_grad_() if use else None for out, use in zip(outputs, wanted, strict=False)]
-                chunk_loss = torch.where(in_batch, token_loss(rows, *stats), 0.0).sum()
-                given = [(buffer, stat) for buffer, stat in zip(grads, stats, strict=True) if stat is not None]
-                per_row = torch.autograd.grad(chunk_loss, [stat for _, stat in given], allow_unused=True)
-                for (buffer, _), grad in zip(given, per_row, strict=True):
-                    if grad is not None:
-                        buffer.index_copy_(0, rows, torch.where(in_batch, grad, 0.0))
-            loss += chunk_loss.detach()
+            wanted = (True, with_entropy, with_mean_logp)
+            stats = [out[rows] if use else None for out, use in zip(outputs, wanted, strict=False)]
+            chunk_loss, chunk_grads = token_loss_gradients(token_loss, rows, stats, in_batch)
+            for buffer, grad in zip(grads, chunk_grads, strict=True):
+                if grad is not None:
+                    buffer.index_copy_(0, rows, grad)
+            loss += chunk_loss
             last_token_chunk = token_start + chunk_rows >= valid_rows.value()
             if weight_sums is None and not last_token_chunk:
                 weight_sums = gradients.partial_sums(weight.shape[0])
@@ -707,11 +702,7 @@ class _TritonFusedLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable(LM_HEAD_OPS)
     def backward(ctx, grad_loss, *_):
-        saved = iter(ctx.saved_tensors)
-        # in the saved dtype (fp32 for fp16 inputs), rounded to the input dtype once
-        grad_hidden, grad_weight = [((g := next(saved)) * grad_loss.to(g.dtype)).to(ctx.input_dtype) if has else None
-                                    for has in ctx.has_grads]
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return (*scaled_gradients(ctx, grad_loss), None, None, None, None, None, None)
 
 
 def _checked_temperature(temperature) -> float:
@@ -823,20 +814,15 @@ def fused_linear_loss(hidden, weight, targets, token_loss, temperature=1.0, igno
     whose result is discarded). Returns ``(loss, logp, entropy | None, mean_logp | None)``, the
     statistics detached.
 
-    On the Triton path the logits of each chunk are kept (fp32, ``LOGITS_TOKEN_CHUNK x V``), so forward +
+    The logits of each chunk of valid rows are kept in fp32 (Triton: ``LOGITS_TOKEN_CHUNK x V``; the CUDA
+    extension: its 4096-row token chunk x V; the chunked PyTorch path: ``chunked.KEPT_ROWS x V``), so forward +
     backward issue 6 T_valid d V FLOPs instead of 8, and ``loss.backward()`` only scales the stored
-    gradients. The chunked PyTorch path and the CUDA extension (which ``auto`` picks on a GPU where it was
-    built) compute the same through autograd, with one recompute: ``QWENLONG_BACKEND=triton`` makes the
-    gradients in the forward on a GPU.
+    gradients. With several chunks of valid rows, d(weight) is summed over them in an fp32 V x d buffer.
     """
     temperature, ignore_index = check_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.to(torch.int64).contiguous()
+    args = (hidden, weight, targets, temperature, ignore_index, bool(with_entropy), bool(with_mean_logp), token_loss)
     backend = logprob_backend(hidden.device)
     if backend == "triton":
-        return _TritonFusedLoss.apply(hidden, weight, targets, temperature, ignore_index,
-                                      bool(with_entropy), bool(with_mean_logp), token_loss)
-    logp, entropy, mean_logp = fused_linear_stats(hidden, weight, targets, temperature, ignore_index, with_entropy,
-                                                  with_mean_logp)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    loss = torch.where(targets != ignore_index, token_loss(rows, logp, entropy, mean_logp), 0.0).sum()
-    return loss, *(None if value is None else value.detach() for value in (logp, entropy, mean_logp))
+        return _TritonFusedLoss.apply(*args)
+    return ValidRowLoss.apply(*args, HOST_BACKENDS[backend])

@@ -1,4 +1,6 @@
-"""``once_differentiable(op)``: marks an autograd Function's backward as not differentiable again.
+"""Autograd helpers of the kernels' Functions.
+
+``once_differentiable(op)``: marks an autograd Function's backward as not differentiable again.
 
 Like :func:`torch.autograd.function.once_differentiable`, which only looks at the incoming gradients: in
 ``torch.autograd.grad(loss, h, create_graph=True)`` those are constants, so its gradient silently carries no
@@ -7,6 +9,9 @@ the returned gradients hang off a node that raises, naming the op, when a second
 inputs are the incoming gradients and the saved tensors that require grad (the Function's inputs), so a second
 backward through those reaches it. A Function that saved none of its inputs raises at once under
 ``create_graph=True``. A plain backward is untouched.
+
+``token_loss_gradients``: a chunk's loss and its gradient with respect to per-token statistics, for the ops that
+make their gradients in the forward.
 """
 
 from __future__ import annotations
@@ -45,3 +50,26 @@ def once_differentiable(op: str):
         return wrapper
 
     return decorate
+
+
+def token_loss_gradients(token_loss, rows, stats, keep=None):
+    """``(loss, grads)`` of ``loss = sum token_loss(rows, *stats)`` over the rows ``keep`` selects (all without it).
+
+    ``stats``: per-row tensors (None where not computed), taken as constants; ``grads`` holds d loss / d stat
+    for each of them (None where the stat is None, zeros where the loss does not use it), 0 on rows not kept.
+    ``loss`` is detached.
+    """
+    with torch.enable_grad():
+        inputs = [None if stat is None else stat.detach().requires_grad_() for stat in stats]
+        per_row = token_loss(rows, *inputs)
+        loss = (per_row if keep is None else torch.where(keep, per_row, 0.0)).sum()
+        given = [x for x in inputs if x is not None]
+        found = iter(torch.autograd.grad(loss, given, allow_unused=True))
+    grads = []
+    for x in inputs:
+        grad = None if x is None else next(found)
+        if x is not None:
+            grad = torch.zeros_like(x) if grad is None else grad
+            grad = grad if keep is None else torch.where(keep, grad, 0.0)
+        grads.append(grad)
+    return loss.detach(), grads
