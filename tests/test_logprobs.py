@@ -288,6 +288,26 @@ def test_host_gradients_in_forward_are_the_recomputing_paths_bits(dtype, monkeyp
         assert got.abs().max() > 0, name
 
 
+def test_gradients_in_forward_are_not_made_where_nothing_differentiates(backend, device, monkeypatch):
+    """Under torch.no_grad() (an evaluation) or with inputs that need no gradient, grad_in_forward runs the forward
+    alone: no gradient step launches, and the loss is the one made with gradients."""
+    hidden, weight, targets = make_inputs(40, 16, 150, torch.float32, seed=64, device=device)
+    with_grads = linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1, grad_in_forward=True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a gradient was made for a loss nothing differentiates")
+
+    monkeypatch.setattr(chunked, "backward", refuse)
+    monkeypatch.setattr(KERNELS, "_ChunkGradients", refuse)
+    with torch.no_grad():
+        evaluated = linear_cross_entropy(hidden, weight, targets, label_smoothing=0.1, grad_in_forward=True)
+    constants = linear_cross_entropy(hidden.detach(), weight.detach(), targets, label_smoothing=0.1,
+                                     grad_in_forward=True)
+    for loss in (evaluated, constants):
+        assert not loss.requires_grad
+        torch.testing.assert_close(loss, with_grads.detach(), atol=1e-6, rtol=1e-6)
+
+
 def test_kept_logits_too_small_for_the_rows_are_refused():
     hidden, weight, targets = make_inputs(300, 8, 50, torch.float32, seed=63)
     kept = chunked.kept_logits(100, 50, "cpu")

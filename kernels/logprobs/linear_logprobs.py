@@ -818,8 +818,15 @@ def fused_linear_loss(hidden, weight, targets, token_loss, temperature=1.0, igno
     extension: its 4096-row token chunk x V; the chunked PyTorch path: ``chunked.KEPT_ROWS x V``), so forward +
     backward issue 6 T_valid d V FLOPs instead of 8, and ``loss.backward()`` only scales the stored
     gradients. With several chunks of valid rows, d(weight) is summed over them in an fp32 V x d buffer.
+    Where nothing can differentiate the loss (``torch.no_grad()``, or neither ``hidden`` nor ``weight``
+    requires grad: an evaluation) no gradient is made and no logits are kept: the forward alone runs.
     """
     temperature, ignore_index = check_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        stats = fused_linear_stats(hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        loss = torch.where(targets != ignore_index, token_loss(rows, *stats), 0.0).sum()
+        return loss, *stats
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.to(torch.int64).contiguous()
     args = (hidden, weight, targets, temperature, ignore_index, bool(with_entropy), bool(with_mean_logp), token_loss)
     backend = logprob_backend(hidden.device)
