@@ -308,6 +308,64 @@ def test_gradients_in_forward_are_not_made_where_nothing_differentiates(backend,
         torch.testing.assert_close(loss, with_grads.detach(), atol=1e-6, rtol=1e-6)
 
 
+class _ExtensionOnChunked:
+    """Stands in for ``qwenlong._C.cuda`` on CPU: the extension's two log-prob entry points with its pybind
+    signatures, computed by the chunked path, the kept logits in the extension's buffer (a whole 4096-row token
+    chunk, rows padded to 4 columns), which it checks as the extension does."""
+
+    def linear_logprobs_forward(self, hidden, weight, targets, temperature, ignore_index, logits=None):
+        if logits is None:
+            return list(chunked.forward(hidden, weight, targets, temperature, ignore_index, True, True))
+        self._check(logits, hidden, weight)
+        kept = logits[: self._tiles(hidden), : weight.shape[0]]
+        return list(chunked.forward(hidden, weight, targets, temperature, ignore_index, True, True, kept_logits=kept))
+
+    def linear_logprobs_backward(self, hidden, weight, targets, lse, entropy, grad_logp, grad_entropy,
+                                 grad_mean_logp, temperature, logits=None, grad_weight_sum=None):
+        kept = None
+        if logits is not None:
+            self._check(logits, hidden, weight)
+            kept = logits[: self._tiles(hidden), : weight.shape[0]]
+        if grad_weight_sum is not None:
+            assert grad_weight_sum.dtype == torch.float32 and grad_weight_sum.shape == weight.shape
+        return list(chunked.backward(hidden, weight, targets, lse, entropy, grad_logp, grad_entropy, grad_mean_logp,
+                                     temperature, kept_logits=kept, grad_weight_sum=grad_weight_sum))
+
+    @staticmethod
+    def _tiles(hidden):  # the chunked path's rows: whole tiles
+        return -(-hidden.shape[0] // chunked.TOKEN_CHUNK) * chunked.TOKEN_CHUNK
+
+    @staticmethod
+    def _check(logits, hidden, weight):
+        assert hidden.shape[0] <= 4096 and logits.dtype == torch.float32
+        assert logits.shape == (4096, -(-weight.shape[0] // 4) * 4) and logits.stride() == (logits.shape[1], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradients_in_forward_drive_the_extension_in_token_chunks(dtype, monkeypatch):
+    """ValidRowLoss over the CUDA extension's interface (here computed by the chunked path): 4,700 valid rows go in
+    two calls of at most 4,096 rows with the extension's kept-logits buffer, d(weight) summed in fp32 across them;
+    loss, statistics and gradients as ValidRowLoss over the chunked path in its 1,024-row calls (bitwise: both cut
+    at whole 256-row tiles)."""
+    from qwenlong.kernels.logprobs import cuda_backend
+    from qwenlong.kernels.logprobs.valid_rows import ValidRowLoss
+
+    monkeypatch.setattr(cuda_backend._C, "cuda", _ExtensionOnChunked())
+    hidden, weight, targets = make_inputs(5000, 8, 50, dtype, seed=65, ignore_frac=0.06)
+    assert 4096 < int((targets != IGNORE).sum()) < 5000
+
+    def token_loss(rows, logp, entropy, mean_logp):
+        return -logp * (1.0 + (rows % 3)) - 0.1 * entropy
+
+    results = {}
+    for name, impl in (("cuda", cuda_backend), ("torch", chunked)):
+        loss, *stats = ValidRowLoss.apply(hidden, weight, targets, 1.0, IGNORE, True, False, token_loss, impl)
+        results[name] = (loss, *stats[:2], *torch.autograd.grad(loss, (hidden, weight)))
+    for what, got, expected in zip(("loss", "logp", "entropy", "hidden", "weight"), *results.values(), strict=True):
+        assert got.dtype == expected.dtype, what
+        torch.testing.assert_close(got, expected, atol=0, rtol=1e-6 if what == "loss" else 0, msg=what)
+
+
 def test_kept_logits_too_small_for_the_rows_are_refused():
     hidden, weight, targets = make_inputs(300, 8, 50, torch.float32, seed=63)
     kept = chunked.kept_logits(100, 50, "cpu")
