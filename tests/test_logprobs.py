@@ -366,6 +366,34 @@ def test_gradients_in_forward_drive_the_extension_in_token_chunks(dtype, monkeyp
         torch.testing.assert_close(got, expected, atol=0, rtol=1e-6 if what == "loss" else 0, msg=what)
 
 
+def test_bf16_gradients_in_forward_meet_the_scale_in_fp32(backend, device, monkeypatch):
+    """bf16 ``(loss / 3).backward()`` on a loss whose gradients were made in the forward (and stored in bf16):
+    every element is the gradient ``loss.backward()`` gives times 1/3, taken in fp32 and rounded once; the scale
+    is never rounded to bf16 first (bf16's 1/3 is 0.2% off: a bias on every element). Over three blocks of
+    ``scaled_gradients``' rows. (fp16 keeps fp32 gradients until scaled: the loss-scale test below.)"""
+    from qwenlong.kernels.logprobs import valid_rows
+
+    monkeypatch.setattr(valid_rows, "SCALE_ROWS", 16)
+    dtype = torch.bfloat16
+    hidden, weight, targets = make_inputs(40, 16, 150, dtype, seed=66, device=device)
+    whole = torch.autograd.grad(linear_cross_entropy(hidden, weight, targets, grad_in_forward=True), (hidden, weight))
+    third = torch.autograd.grad(linear_cross_entropy(hidden, weight, targets, grad_in_forward=True) / 3,
+                                (hidden, weight))
+    for name, got, unscaled in zip(("hidden", "weight"), third, whole, strict=True):
+        assert got.dtype == dtype, name
+        assert torch.equal(got, (unscaled.float() * torch.tensor(1 / 3)).to(dtype)), name
+
+
+def test_a_token_loss_that_ignores_the_statistics_gives_zero_gradients(backend, device):
+    """A token loss that uses none of the statistics (a constant per token): its gradients are zeros, not an
+    autograd error."""
+    hidden, weight, targets = make_inputs(30, 16, 100, torch.float32, seed=67, device=device)
+    loss, *_ = fused_linear_loss(hidden, weight, targets, lambda rows, logp, entropy, mean_logp: torch.ones_like(logp))
+    assert loss.item() == float((targets != IGNORE).sum())
+    for grad in torch.autograd.grad(loss, (hidden, weight), allow_unused=True, materialize_grads=True):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
 def test_kept_logits_too_small_for_the_rows_are_refused():
     hidden, weight, targets = make_inputs(300, 8, 50, torch.float32, seed=63)
     kept = chunked.kept_logits(100, 50, "cpu")

@@ -33,6 +33,7 @@
 #include <cublas_v2.h>
 
 #include <cfloat>
+#include <cstdint>
 
 #include "linear_logprobs.h"
 
@@ -207,14 +208,15 @@ void logits_tile(const TokenChunks& chunks, const torch::Tensor& weight, int64_t
        chunks.rows(t0), d, 0.0f, out, ld, cublas_type(weight.scalar_type()));
 }
 
-// The kept-logits buffer of gradients in the forward: fp32, kTokenChunk rows of at least `vocab` columns, a
-// leading dimension of whole 16 bytes (cuBLAS's fast paths), on hidden's device; the batch fits one chunk.
+// The kept-logits buffer of gradients in the forward: fp32, kTokenChunk rows of at least `vocab` columns that
+// do not overlap, each starting on 16 bytes (cuBLAS's fast paths), on hidden's device; the batch fits one chunk.
 void check_kept_logits(const torch::Tensor& logits, const torch::Tensor& hidden, int64_t vocab) {
   TORCH_CHECK(hidden.size(0) <= kTokenChunk, "with kept logits the rows must fit one token chunk (", kTokenChunk,
               "), got ", hidden.size(0));
   TORCH_CHECK(logits.device() == hidden.device() && logits.scalar_type() == at::kFloat && logits.dim() == 2 &&
                   logits.size(0) == kTokenChunk && logits.size(1) >= vocab && logits.stride(1) == 1 &&
-                  logits.stride(0) % 4 == 0,
+                  logits.stride(0) >= logits.size(1) && logits.stride(0) % 4 == 0 &&
+                  reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16 == 0,
               "logits must be fp32 (", kTokenChunk, ", >= ", vocab, ") with rows of whole 16 bytes, got ",
               logits.scalar_type(), " ", logits.sizes(), " strides ", logits.strides());
 }

@@ -811,7 +811,8 @@ def fused_linear_loss(hidden, weight, targets, token_loss, temperature=1.0, igno
     valid rows and their fp32 statistics (``entropy`` / ``mean_logp`` None unless asked for) and
     returns their per-token losses; it must be differentiable in the statistics, per token, and give
     finite values and derivatives wherever its inputs are finite (it may also be called on ignored rows,
-    whose result is discarded). Returns ``(loss, logp, entropy | None, mean_logp | None)``, the
+    whose result is discarded). Only ``hidden`` and ``weight`` get gradients: tensors ``token_loss`` captures
+    are taken as constants. Returns ``(loss, logp, entropy | None, mean_logp | None)``, the
     statistics detached.
 
     The logits of each chunk of valid rows are kept in fp32 (Triton: ``LOGITS_TOKEN_CHUNK x V``; the CUDA

@@ -55,16 +55,16 @@ def once_differentiable(op: str):
 def token_loss_gradients(token_loss, rows, stats, keep=None):
     """``(loss, grads)`` of ``loss = sum token_loss(rows, *stats)`` over the rows ``keep`` selects (all without it).
 
-    ``stats``: per-row tensors (None where not computed), taken as constants; ``grads`` holds d loss / d stat
-    for each of them (None where the stat is None, zeros where the loss does not use it), 0 on rows not kept.
-    ``loss`` is detached.
+    ``stats``: per-row tensors (None where not computed); ``grads`` holds d loss / d stat for each of them (None
+    where the stat is None, zeros where the loss does not use it), 0 on rows not kept. ``loss`` is detached;
+    tensors ``token_loss`` captures are constants here (no gradient reaches them).
     """
     with torch.enable_grad():
         inputs = [None if stat is None else stat.detach().requires_grad_() for stat in stats]
         per_row = token_loss(rows, *inputs)
         loss = (per_row if keep is None else torch.where(keep, per_row, 0.0)).sum()
         given = [x for x in inputs if x is not None]
-        found = iter(torch.autograd.grad(loss, given, allow_unused=True))
+        found = iter(torch.autograd.grad(loss, given, allow_unused=True) if loss.requires_grad else [None] * len(given))
     grads = []
     for x in inputs:
         grad = None if x is None else next(found)
