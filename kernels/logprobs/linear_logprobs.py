@@ -822,12 +822,12 @@ def fused_linear_loss(hidden, weight, targets, token_loss, temperature=1.0, igno
     Where nothing can differentiate the loss (``torch.no_grad()``, or neither ``hidden`` nor ``weight``
     requires grad: an evaluation) no gradient is made and no logits are kept: the forward alone runs.
     """
-    temperature, ignore_index = check_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
-    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):  # it checks the inputs
         stats = fused_linear_stats(hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         loss = torch.where(targets != ignore_index, token_loss(rows, *stats), 0.0).sum()
         return loss, *stats
+    temperature, ignore_index = check_logprob_inputs(hidden, weight, targets, temperature, ignore_index)
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.to(torch.int64).contiguous()
     args = (hidden, weight, targets, temperature, ignore_index, bool(with_entropy), bool(with_mean_logp), token_loss)
     backend = logprob_backend(hidden.device)

@@ -64,12 +64,12 @@ def token_loss_gradients(token_loss, rows, stats, keep=None):
         per_row = token_loss(rows, *inputs)
         loss = (per_row if keep is None else torch.where(keep, per_row, 0.0)).sum()
         given = [x for x in inputs if x is not None]
-        found = iter(torch.autograd.grad(loss, given, allow_unused=True) if loss.requires_grad else [None] * len(given))
+        found = torch.autograd.grad(loss, given, allow_unused=True) if loss.requires_grad else [None] * len(given)
+    by_input = dict(zip(map(id, given), found, strict=True))
     grads = []
     for x in inputs:
-        grad = None if x is None else next(found)
-        if x is not None:
-            grad = torch.zeros_like(x) if grad is None else grad
-            grad = grad if keep is None else torch.where(keep, grad, 0.0)
-        grads.append(grad)
+        grad = None if x is None else by_input[id(x)]
+        if x is not None and grad is None:  # the loss does not use this statistic
+            grad = torch.zeros_like(x)
+        grads.append(grad if grad is None or keep is None else torch.where(keep, grad, 0.0))
     return loss.detach(), grads
