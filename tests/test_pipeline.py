@@ -368,3 +368,40 @@ def test_resume_keeps_the_retrospective_selection_a_finished_phase_trained_on(tm
     resumed = Run(load_config(TINY, overrides), resume=True)
     _rl(resumed)
     assert resumed.state["carried"]["long-docs"] == recorded
+
+
+def test_a_run_resumed_between_two_phases_starts_the_next_in_the_aepo_mode_the_last_ended_in(tmp_path, monkeypatch):
+    """AEPO's mode goes on from one phase into the next. A run killed after a phase finished, before the next one
+    saved a checkpoint, has no checkpoint of that phase to read the mode from: the run's state must bring it."""
+    from qwenlong.config import load_config
+    from qwenlong.pipeline.run import Run, _rl
+    from qwenlong.trainers import GRPOTrainer
+
+    overrides = [*SMALL, "sft.enabled=false", "eval.enabled=false", "output.export=none", f"output.dir={tmp_path}"]
+    started_in: dict[str, str] = {}
+
+    class Killed(Exception):
+        pass
+
+    def train_phase(self, phase, examples, kill_in=None, **kwargs):
+        started_in[phase.name] = self.aepo_mode
+        if phase.name == "short-docs":
+            self.aepo_mode = "positive-only"  # the first phase's entropy ended above the band
+        if phase.name == kill_in:
+            raise Killed
+        return []
+
+    monkeypatch.setattr(GRPOTrainer, "train_phase", train_phase)
+    _rl(Run(load_config(TINY, overrides)))
+    assert started_in == {"short-docs": "all", "long-docs": "positive-only"}  # uninterrupted
+
+    started_in.clear()
+    killed = tmp_path / "killed"
+    overrides[-1] = f"output.dir={killed}"
+    monkeypatch.setattr(GRPOTrainer, "train_phase", lambda *a, **kw: train_phase(*a, kill_in="long-docs", **kw))
+    with pytest.raises(Killed):
+        _rl(Run(load_config(TINY, overrides)))
+    monkeypatch.setattr(GRPOTrainer, "train_phase", train_phase)
+    started_in.clear()
+    _rl(Run(load_config(TINY, overrides), resume=True))
+    assert started_in == {"long-docs": "positive-only"}  # the finished phase is passed over

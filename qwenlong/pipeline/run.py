@@ -217,7 +217,7 @@ def _rl(run: Run) -> None:
                           seed=cfg.seed, logger=run.logger, history=history,
                           save_every_steps=cfg.output.save_every_steps,
                           keep_checkpoints=cfg.output.keep_checkpoints, backend=run.backend,
-                          task_balanced=cfg.data.task_balanced)
+                          task_balanced=cfg.data.task_balanced, aepo_start_mode=run.state.get("aepo_mode", "all"))
     reference = _reference_checkpoint(run)
     # the policy now loaded is a resumed later one: the reference goes back to RL's start
     if cfg.rl.kl_coef > 0 and cfg.rl.kl_reference == "sft" and \
@@ -262,7 +262,9 @@ def _rl(run: Run) -> None:
 
         trainer.train_phase(phase, phase_examples, resume=run.resume,
                             extra_state={"carried": carried} if carried else None, after_step=evaluate_every)
-        run.state["history"] = trainer.history.to_json()
+        # what the next phase carries on with: the reward history and AEPO's mode (a run resumed between two
+        # phases starts the next one as the uninterrupted run would)
+        run.state["history"], run.state["aepo_mode"] = trainer.history.to_json(), trainer.aepo_mode
         run.finish(stage, latest_checkpoint(run.dir / "checkpoints", prefix=f"rl-{phase.name}-"))
         if cfg.eval.enabled and cfg.eval.after_each_phase:
             run.evaluate(f"after-{phase.name}")

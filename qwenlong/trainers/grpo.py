@@ -130,7 +130,7 @@ class GRPOTrainer:
                  decode, output_dir: str | Path, seed: int = 0, logger: MetricsLogger | None = None,
                  history: RewardHistory | None = None, save_every_steps: int = 0, keep_checkpoints: int = 0,
                  backend: TrainingBackend | None = None, task_balanced: bool = False,
-                 reference: torch.nn.Module | None = None):
+                 reference: torch.nn.Module | None = None, aepo_start_mode: str = "all"):
         self.model, self.engine, self.reward, self.cfg = model, engine, reward, cfg
         if backend is None:
             backend = TrainingBackend(model)
@@ -143,7 +143,9 @@ class GRPOTrainer:
         self.history = history if history is not None else RewardHistory()
         self.save_every_steps, self.keep_checkpoints = save_every_steps, keep_checkpoints
         self.task_balanced = task_balanced
-        self.aepo_mode = "all"  # AEPO's mode (rl.entropy_control), carried from step to step and in checkpoints
+        # AEPO's mode (rl.entropy_control), carried from step to step and phase to phase, in checkpoints, and
+        # given back by the caller (``aepo_start_mode``) when a run resumes at a phase that has no checkpoint yet
+        self.aepo_mode = aepo_start_mode
         self._timings: dict[str, float] = {}  # this rank's generation and scoring seconds in the current step
         self.device = next(model.parameters()).device
         # KL is measured against a frozen policy: the one the RL run starts from (rl.kl_reference: sft)
