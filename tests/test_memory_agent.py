@@ -95,9 +95,34 @@ def test_split_query():
     assert split_query(f"What is the code?\n\n{FORMAT_INSTRUCTION}") == ("What is the code?", FORMAT_INSTRUCTION)
     assert split_query("Which year? Answer with a number only.") == ("Which year?", "Answer with a number only.")
     assert split_query("Who wrote it?") == ("Who wrote it?", "")
+    assert split_query("Which year? Answer with a number. Respond with digits.") == (
+        "Which year?", "Answer with a number. Respond with digits.")
+    # a marker sentence followed by other text is part of the question: here the options of a choice question
+    options = "Which clause? Answer with the letter of the option.\n(A) Clause 4\n(B) Clause 7"
+    assert split_query(f"{options}\n\n{FORMAT_INSTRUCTION}") == (options, FORMAT_INSTRUCTION)
+    assert split_query("Which year? Answer with a number. The text is long.") == (
+        "Which year? Answer with a number. The text is long.", "")
+    # a question that opens with a marker stays the question
+    assert split_query(f"Answer with yes or no: is it red?\n{FORMAT_INSTRUCTION}") == (
+        "Answer with yes or no: is it red?", FORMAT_INSTRUCTION)
     # a marker inside a sentence is part of the question
     assert split_query("Is the reply formatted as 'answer with care'?") == (
         "Is the reply formatted as 'answer with care'?", "")
+
+
+def test_memory_steps_of_a_choice_question_see_its_options():
+    """A question whose own text says how to answer keeps the options that follow it in ``q_core``, the part
+    the memory steps read, whether the query comes from a record or from its rendered prompt."""
+    from qwenlong.agents import query_from_prompt
+    from qwenlong.data import DocQARecord
+    from qwenlong.data.prompt import question_text
+
+    record = DocQARecord("q1", "mc", "a long document", "Which clause limits liability? Answer with its letter.",
+                         ("A",), choices=("Clause 4", "Clause 7"))
+    for query in (query_from_record(record), query_from_prompt(build_prompt(record.document, question_text(record)))):
+        assert query.question.startswith("Which clause limits liability? Answer with its letter.\n(A) Clause 4")
+        assert query.instruction == FORMAT_INSTRUCTION
+        assert "(B) Clause 7" in memory_step_prompt(query, "", "", "chunk", 1, 2)
 
 
 def test_chunking(tokenizer):

@@ -137,21 +137,30 @@ class Trajectory:
 def split_query(query: str) -> tuple[str, str]:
     """``(q_core, q_inst)``: the question and its trailing format instruction.
 
-    The instruction starts at the first of ``FORMAT_MARKERS`` that opens a sentence or a line
-    (case-insensitive); a query without one has an empty instruction.
+    The instruction is the run of sentences at the end of the query that each open with one of
+    ``FORMAT_MARKERS`` (case-insensitive, at the start of a sentence or a line). A marker sentence with
+    anything but more marker sentences after it stays in the question: a multiple-choice question that says
+    "Answer with the letter." before its options keeps the options (the memory steps read ``q_core`` only).
+    A query without a marker sentence at its end has an empty instruction; the question is never left empty.
     """
     lowered = query.lower()
-    starts = []
+    starts = set()
     for marker in FORMAT_MARKERS:
         for match in re.finditer(re.escape(marker.lower()), lowered):
             before = query[:match.start()].rstrip(" ")
             if not before or before[-1] in ".?!:\n":
-                starts.append(match.start())
-                break
-    if not starts:
-        return query.strip(), ""
-    cut = min(starts)
+                starts.add(match.start())
+    cut = len(query)
+    for start in sorted(starts, reverse=True):
+        if _SENTENCE_BREAK.search(query[start:cut].strip()) or not query[:start].strip():
+            break  # this marker's sentence has other text after it, or it is all the question there is
+        cut = start
     return query[:cut].strip(), query[cut:].strip()
+
+
+# where one sentence ends and more text follows: a full stop, question or exclamation mark (and closing quotes or
+# brackets) before a space, or a line break
+_SENTENCE_BREAK = re.compile(r"[.?!][\"')\]]*\s+\S|\n\s*\S")
 
 
 def query_from_record(record: DocQARecord) -> AgentQuery:
