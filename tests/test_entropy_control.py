@@ -180,6 +180,7 @@ def test_trainer_aepo_positive_only_trains_like_zeroed_negatives(tmp_path, torch
     trainer = _trainer(model, tmp_path / "a", entropy_low=0.0, entropy_high=0.1)  # any real entropy is above
     metrics = trainer.update(groups)
     assert trainer.aepo_mode == "positive-only" and metrics["entropy_control/positive_only"] == 1.0
+    assert metrics["entropy_control/mode_switched"] == 1.0  # from "all"
     assert metrics["entropy_control/batch_entropy"] > 0.1
 
     plain = _trainer(baseline, tmp_path / "b")
@@ -308,12 +309,43 @@ def test_aepo_mode_is_checkpointed_and_resumed(tmp_path, torch_backend):
         return trainer.train_phase(cfg.phases[0], examples, resume=resume)
 
     [first] = run(1, resume=False, mode="positive-only")
-    assert first["entropy_control/positive_only"] == 1.0
+    assert first["entropy_control/positive_only"] == 1.0 and first["entropy_control/mode_switched"] == 0.0
     assert first["entropy_control/responses_kept"] == 4  # the two groups' rewarded responses
     assert first["task_reward/a"] == first["reward_mean"] == 0.5  # the per-task reward curve of the one task
     [second] = run(2, resume=True, mode="all")  # a fresh trainer: the checkpoint brings the mode back
     assert second["entropy_control/positive_only"] == 1.0
     assert second["entropy_control/responses_kept"] < second["entropy_control/responses"] == 8
+
+
+def test_report_l15_counts_steps_not_rows(tmp_path):
+    """With ``output.log_every_steps`` > 1 a logged row holds the means of several steps: the report's AEPO line
+    gives the same step counts, kept responses and mode switches as a run that logged every step."""
+    pytest.importorskip("matplotlib")
+    from types import SimpleNamespace
+
+    from qwenlong.config import Config, RLConfig
+    from qwenlong.config.schema import EntropyControlConfig
+    from qwenlong.pipeline.report import l15_lines
+    from qwenlong.trainers.metrics_log import MetricsLogger
+
+    # batch entropy, positive-only, mode switched, responses kept
+    steps = [(0.5, 0.0, 0.0, 8.0), (0.7, 1.0, 1.0, 3.0), (0.5, 1.0, 0.0, 4.0), (0.2, 0.0, 1.0, 8.0),
+             (0.3, 0.0, 0.0, 7.0)]
+    lines = []
+    for every in (1, 2, 3):
+        logger = MetricsLogger(tmp_path / str(every), every_steps=every)
+        for i, (entropy, positive, switched, kept) in enumerate(steps):
+            logger.log("rl/p", i + 1, {"entropy_control/batch_entropy": entropy,
+                                       "entropy_control/positive_only": positive,
+                                       "entropy_control/mode_switched": switched,
+                                       "entropy_control/responses_kept": kept, "entropy_control/responses": 8.0,
+                                       "entropy_control/tokens_kept": 3 * kept, "entropy_control/tokens": 24.0},
+                       flush=i + 1 == len(steps))
+        cfg = Config(rl=RLConfig(entropy_control=EntropyControlConfig(entropy_low=0.3, entropy_high=0.6)))
+        run = SimpleNamespace(cfg=cfg, dir=tmp_path / str(every), state={}, logger=logger)
+        [line] = [line for line in l15_lines(run) if line.startswith("AEPO")]
+        lines.append(line.split("; batch entropy")[0])
+    assert lines == ["AEPO positive-only in 2 of 5 steps (2 mode switches); responses kept 30 of 40"] * 3
 
 
 def test_report_l15_section(tmp_path):

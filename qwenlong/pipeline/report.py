@@ -4,6 +4,7 @@ accuracy and response length per step."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -205,10 +206,12 @@ def _l15_plot(run, rows: list[dict], path: Path) -> bool:
         return False
     ec = run.cfg.rl.entropy_control
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    # each row at its last step: a row holds `steps_in_row` steps (output.log_every_steps)
+    at = list(itertools.accumulate(r.get("steps_in_row", 1) for r in rows))
     for key in sorted({k for r in rows for k in r if k.startswith("task_reward/")}):
-        axes[0].plot([i for i, r in enumerate(rows) if key in r], [r[key] for r in rows if key in r],
+        axes[0].plot([at[i] for i, r in enumerate(rows) if key in r], [r[key] for r in rows if key in r],
                      label=key.split("/", 1)[1])
-    control = [(i, r) for i, r in enumerate(rows) if "entropy_control/batch_entropy" in r]
+    control = [(at[i], r) for i, r in enumerate(rows) if "entropy_control/batch_entropy" in r]
     axes[1].plot([i for i, _ in control], [r["entropy_control/batch_entropy"] for _, r in control], label="batch")
     if ec.aepo:
         for bound in (ec.entropy_low, ec.entropy_high):
@@ -241,13 +244,19 @@ def l15_lines(run) -> list[str]:
         return []
     lines = ["", "## QwenLong-L1.5: entropy control and the memory agent", ""]
     if control:
-        positive = sum(r["entropy_control/positive_only"] for r in control)
-        kept = sum(r["entropy_control/responses_kept"] for r in control)
-        total = sum(r["entropy_control/responses"] for r in control)
-        switches = sum(a["entropy_control/positive_only"] != b["entropy_control/positive_only"]
-                       for a, b in zip(control, control[1:], strict=False))
-        lines.append(f"AEPO positive-only in {positive:.0f} of {len(control)} steps ({switches} mode switches); "
-                     f"responses kept {kept:.0f} of {total:.0f}; batch entropy "
+        # a row holds `steps_in_row` steps (output.log_every_steps) and their means: weighted back into sums
+        def total(key: str) -> float:
+            return sum(r[key] * r.get("steps_in_row", 1) for r in control)
+
+        steps = sum(r.get("steps_in_row", 1) for r in control)
+        if all("entropy_control/mode_switched" in r for r in control):
+            switches = round(total("entropy_control/mode_switched"))
+        else:  # a run logged before the trainer counted switches: one row per step
+            switches = sum(a["entropy_control/positive_only"] != b["entropy_control/positive_only"]
+                           for a, b in zip(control, control[1:], strict=False))
+        lines.append(f"AEPO positive-only in {total('entropy_control/positive_only'):.0f} of {steps} steps "
+                     f"({switches} mode switches); responses kept {total('entropy_control/responses_kept'):.0f} of "
+                     f"{total('entropy_control/responses'):.0f}; batch entropy "
                      f"{control[0]['entropy_control/batch_entropy']:.2f} at the first step, "
                      f"{control[-1]['entropy_control/batch_entropy']:.2f} at the last.")
     if agent_steps:

@@ -331,6 +331,7 @@ class GRPOTrainer:
             local = [local[0] + float(mean[has_tokens].sum()), local[1] + float(has_tokens.sum())]
         shares = self.ctx.gather(local)[::self.ctx.sp_size]  # SP peers hold the same batches
         entropy = sum(s[0] for s in shares) / max(1.0, sum(s[1] for s in shares))
+        mode_before = self.aepo_mode
         if ec.aepo:
             self.aepo_mode = aepo_mode(self.aepo_mode, entropy, ec.entropy_low, ec.entropy_high)
         kept = [0.0, 0.0]
@@ -346,6 +347,7 @@ class GRPOTrainer:
                                if ec.positive_reward else None) for r, _ in minibatches]
         return {"entropy_control/batch_entropy": entropy,
                 "entropy_control/positive_only": float(self.aepo_mode == "positive-only"),
+                "entropy_control/mode_switched": float(self.aepo_mode != mode_before),
                 "entropy_control/responses_kept": float(sum(int(r.sum()) for r in responses)),
                 "entropy_control/responses": float(sum(len(r) for r in responses)),
                 "entropy_control/tokens_kept": kept[0], "entropy_control/tokens": kept[1]}
