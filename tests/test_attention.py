@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,6 +248,47 @@ def test_atomic_dq_backward_matches_reference(case, device, monkeypatch):
                     deterministic=False)  # fmt: skip
 
 
+@pytest.mark.parametrize("backend,deterministic", [("torch", True), ("triton", True), ("triton", False)])
+def test_gradients_through_lse(backend, deterministic, device, monkeypatch):
+    """A loss that reads lse as well as out (attention merged over parts of the keys by their lse) gets lse's
+    share of the gradients, against float64; and a loss of lse alone. Every query sees a key (a row that sees
+    none has lse = -inf, whose float64 reference gradient is NaN)."""
+    monkeypatch.setenv("QWENLONG_BACKEND", backend)
+    lens_q, lens_k = [9, 1, 20], [14, 3, 20]
+    q, k, v, do, cu_q, cu_k = _inputs(lens_q, lens_k, 4, 2, 32, torch.float32, device, seed=5)
+    dlse = torch.randn(4, sum(lens_q), generator=torch.Generator().manual_seed(6)).to(device)
+    flags = dict(causal=True, window_size=(6, 0), return_lse=True, deterministic=deterministic)
+    out, lse = varlen_attention(q, k, v, cu_q, cu_k, 20, 20, **flags)
+    ref_out, ref_lse = attention_reference(q, k, v, cu_q, cu_k, causal=True, window_size=(6, 0))
+    assert lse.requires_grad
+    for loss, ref_loss in (((out * do).sum() + (lse * dlse).sum(), (ref_out * do).sum() + (ref_lse * dlse).sum()),
+                           ((lse * dlse).sum(), (ref_lse * dlse).sum())):
+        ours = torch.autograd.grad(loss, (q, k, v), retain_graph=True)
+        expected = torch.autograd.grad(ref_loss, (q, k, v), retain_graph=True, allow_unused=True)
+        expected = [torch.zeros_like(x) if g is None else g for g, x in zip(expected, (q, k, v), strict=True)]
+        for name, a, b in zip(("dq", "dk", "dv"), ours, expected, strict=True):  # lse alone: dv = 0
+            torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    # merging two halves of the keys by their lse gives full attention's gradients
+    half = _cu([n // 2 for n in lens_k]).to(device)
+    rest = _cu([n - n // 2 for n in lens_k]).to(device)
+    first = torch.cat([k[s:s + n // 2] for s, n in zip(cu_k[:-1].tolist(), lens_k, strict=True)])
+    second = torch.cat([k[s + n // 2:s + n] for s, n in zip(cu_k[:-1].tolist(), lens_k, strict=True)])
+    values = [torch.cat([v[s:s + n // 2] for s, n in zip(cu_k[:-1].tolist(), lens_k, strict=True)]),
+              torch.cat([v[s + n // 2:s + n] for s, n in zip(cu_k[:-1].tolist(), lens_k, strict=True)])]
+    parts = [varlen_attention(q, kk, vv, cu_q, cu, 20, 20, causal=False, return_lse=True,
+                              deterministic=deterministic) for kk, vv, cu in ((first, values[0], half),
+                                                                               (second, values[1], rest))]
+    (o1, l1), (o2, l2) = parts
+    merged_lse = torch.logaddexp(l1, l2)
+    merged = (l1 - merged_lse).exp().T[..., None] * o1 + (l2 - merged_lse).exp().T[..., None] * o2
+    full = attention_reference(q, k, v, cu_q, cu_k, causal=False)[0]
+    ours = torch.autograd.grad((merged * do).sum(), (q, k, v))
+    expected = torch.autograd.grad((full * do).sum(), (q, k, v))
+    for name, a, b in zip(("dq", "dk", "dv"), ours, expected, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, n=name: f"merged {n}: {m}")
+
+
 def _random_case(seed: int):
     rng = random.Random(seed)
     batch = rng.randint(2, 4)
@@ -339,6 +381,12 @@ def _bad_inputs():
     yield "share a dtype", dict(k=k.half())
     yield "max_seqlen_q", dict(max_seqlen_q=5)
     yield "window_size", dict(window_size=(-2, 0))
+    yield "window_size", dict(window_size=None)
+    yield "window_size", dict(window_size=4)
+    yield "window_size", dict(window_size=(True, False))
+    yield "window_size", dict(window_size=(1, 2, 3))
+    yield "window_size", dict(window_size=(1.0, 0))
+    yield "cu_seqlens_q must be contiguous", dict(cu_seqlens_q=torch.stack([cu, cu], 1)[:, 0])
     yield "deterministic", dict(deterministic=0)
 
 
@@ -352,6 +400,15 @@ def test_bad_input_raises_value_error(message, override):
     args.update(override)
     with pytest.raises(ValueError, match=message):
         varlen_attention(**args)
+
+
+def test_window_size_takes_any_integers(monkeypatch):
+    """numpy integers (a window read from a config array) are ints: the same result as Python's."""
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")
+    q, k, v, _, cu_q, cu_k = _inputs([5, 9], [5, 9], 2, 2, 16, torch.float32, "cpu")
+    expected = varlen_attention(q, k, v, cu_q, cu_k, 9, 9, window_size=(2, 0))
+    assert torch.equal(varlen_attention(q, k, v, cu_q, cu_k, 9, 9, window_size=np.array([2, 0])), expected)
+    assert not torch.equal(varlen_attention(q, k, v, cu_q, cu_k, 9, 9), expected)  # the window counts
 
 
 def test_compile_specs_cover_every_kernel_build():

@@ -138,6 +138,31 @@ def _check_errors(group):
     with pytest.raises(ValueError, match=r"same length, got \[16, 15\]"):
         model(input_ids=shard["input_ids"][:, :local], position_ids=shard["position_ids"][:, :local])
 
+    # what Ulysses attention does not compute is refused, never dropped (Gemma's softcap, gpt-oss's sinks)
+    from qwenlong.integrations.hf_sequence_parallel import ulysses_attention_forward
+
+    q, kv = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8)
+    layout = {"sp_group": group, "cu_seq_lens_q": inputs["cu_seq_lens_q"], "max_length_q": 12}
+    for extra in ({"softcap": 30.0}, {"s_aux": torch.zeros(4)}):
+        with pytest.raises(ValueError, match=f"{next(iter(extra))} .*not supported by 'qwenlong_ulysses'"):
+            ulysses_attention_forward(model.model.layers[0].self_attn, q, kv, kv, None, **layout, **extra)
+
+
+def _check_autocast(group):
+    """Under autocast an HF model hands attention fp32 q/k (rotary) and a bf16 v: they run in one dtype, and the
+    loss stays within bf16 rounding of the fp32 run's."""
+    from qwenlong.integrations.hf import apply_qwenlong, shard_for_sequence_parallel
+
+    model = apply_qwenlong(_tiny_model("qwen2"), sequence_parallel_group=group)
+    input_ids, position_ids, labels = _packed_row(seed=4)
+    inputs = shard_for_sequence_parallel(input_ids, group, position_ids=position_ids, labels=labels)
+    expected = model(**inputs).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**inputs).loss
+    loss.backward()
+    _close(loss, expected, "loss under bf16 autocast", rtol=2e-2, atol=0)
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
 
 def _example(name: str):
     spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
@@ -160,6 +185,7 @@ def _two_ranks():
     _check_model_matches_unpatched(world, "qwen2", seed=1)
     _check_model_matches_unpatched(world, "llama", seed=2, kv_heads=1)  # GQA with kv_heads < P: KV heads repeated
     _check_errors(world)
+    _check_autocast(world)
     _check_example(world)
 
 

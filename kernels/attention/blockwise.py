@@ -78,7 +78,7 @@ def _forward_sequence(q, k, v, scale, left, right):
     return out, lse
 
 
-def _backward_sequence(do, q, k, v, out, lse, scale, left, right):
+def _backward_sequence(do, dlse, q, k, v, out, lse, scale, left, right):
     """Gradients of one sequence, recomputing the probabilities block by block from ``lse``."""
     q_len, k_len, kv_heads = q.shape[0], k.shape[0], k.shape[1]
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
@@ -90,6 +90,8 @@ def _backward_sequence(do, q, k, v, out, lse, scale, left, right):
         dob = _grouped(_fresh_fp32(do[q0:q1]), kv_heads)
         delta = (dob * _grouped(_fresh_fp32(out[q0:q1]), kv_heads)).sum(-1, keepdim=True)
         lse_b = lse[:, q0:q1].reshape(qb.shape[:3])[..., None]
+        if dlse is not None:  # d lse_i / d s_ij = p_ij
+            delta = delta - dlse[:, q0:q1].reshape(qb.shape[:3])[..., None]
         dqb = torch.zeros_like(qb)
         for k0 in _key_blocks(q0, q1, q_len, k_len, left, right):
             k1 = min(k0 + BLOCK_K, k_len)
@@ -123,18 +125,21 @@ class BlockwiseAttention(torch.autograd.Function):
             lse[:, qs:qe] = seq_lse
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.args = (scale, left, right)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an output no loss reads gets None
         return out, lse
 
     @staticmethod
     @once_differentiable("varlen_attention")
-    def backward(ctx, do, _dlse):
+    def backward(ctx, do, dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         scale, left, right = ctx.args
+        if do is None:  # a loss of lse alone
+            do = torch.zeros_like(out)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for (qs, qe), (ks, ke) in _sequences(cu_seqlens_q, cu_seqlens_k):
             grads = _backward_sequence(
-                do[qs:qe], q[qs:qe], k[ks:ke], v[ks:ke], out[qs:qe], lse[:, qs:qe], scale, left, right
+                do[qs:qe], None if dlse is None else dlse[:, qs:qe], q[qs:qe], k[ks:ke], v[ks:ke], out[qs:qe],
+                lse[:, qs:qe], scale, left, right
             )
             dq[qs:qe], dk[ks:ke], dv[ks:ke] = grads
         return dq, dk, dv, None, None, None, None, None

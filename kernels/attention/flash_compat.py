@@ -50,7 +50,10 @@ def flash_attn_varlen_func(
 
     Returns ``out``; with ``return_attn_probs=True`` returns ``(out, softmax_lse, None)``:
     FlashAttention's third item (the probabilities, documented there as for testing only and
-    not guaranteed correct) is not materialized. ``softmax_lse`` is fp32 ``(heads, total_q)``.
+    not guaranteed correct) is not materialized. ``softmax_lse`` is fp32 ``(heads, total_q)`` and
+    differentiable. One difference: a query row that sees no key (``causal`` with a query sequence longer than
+    its keys, or a window) gets ``softmax_lse = -inf``, the log of its empty sum, where FlashAttention 2's
+    kernels write ``+inf``; merging partial results by their lse (``logaddexp``) needs ``-inf`` there.
     """
     if dropout_p != 0.0:
         raise ValueError(f"dropout_p must be 0.0: attention dropout is not supported, got {dropout_p}")

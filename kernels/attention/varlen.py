@@ -31,7 +31,7 @@ without one (fp32, whose FMA dots hold more in registers, runs one loop with a b
 
 Backward (recompute, nothing of size ``T x T`` is stored), with ``dO`` the output gradient::
 
-    delta_i = dO_i . o_i
+    delta_i = dO_i . o_i - dlse_i                 (dlse: the gradient of a loss that also reads lse)
     p_ij = exp(s_ij - lse_i),   dp_ij = dO_i . v_j,   ds_ij = p_ij (dp_ij - delta_i)
     dv_j = sum_i p_ij dO_i,     dk_j = scale sum_i ds_ij q_i,     dq_i = scale sum_j ds_ij k_j
 
@@ -722,8 +722,8 @@ def _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window):
     return out, lse
 
 
-def _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, scale, window, deterministic):
-    """dq, dk, dv. ``deterministic``: the dkdv kernel, then the dq kernel (7 GEMMs per block pair, no atomics);
+def _triton_backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, scale, window, deterministic):
+    """dq, dk, dv (``dlse``: lse's gradient, or None). ``deterministic``: the dkdv kernel, then the dq kernel (7 GEMMs per block pair, no atomics);
     else the dkdv kernel alone, adding dq into a zeroed fp32 buffer with atomics (5 GEMMs), cast at the end."""
     total_q, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -739,6 +739,8 @@ def _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, plan, sc
             out, do, delta, total_q, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0),
             HEAD_DIM=head_dim, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=block_d,
         )  # fmt: skip
+    if dlse is not None:  # d lse_i / d s_ij = p_ij: ds_ij = p_ij (dp_ij - delta_i + dlse_i)
+        delta -= dlse
     common = (scale * LOG2E.value, scale, *window)
     cfg = cfgs["dkdv" if deterministic else "dkdv_atomic"]
     tile_seq, tile_block, tiles = _launch_tiles(plan, cfg, window, True, q.device)
@@ -777,23 +779,26 @@ class TritonVarlenAttention(torch.autograd.Function):
         out, lse = _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.args = (plan, scale, window, deterministic)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # an output no loss reads gets None: no zeros made, no work on them
         return out, lse
 
     @staticmethod
     @once_differentiable("varlen_attention")
-    def backward(ctx, do, _dlse):
+    def backward(ctx, do, dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        if do is None:  # a loss of lse alone
+            do = torch.zeros_like(out)
         do = do if do.stride(-1) == 1 and do.stride(0) < MAX_TOKEN_STRIDE else do.contiguous()
-        dq, dk, dv = _triton_backward(do, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
+        dq, dk, dv = _triton_backward(do, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public op
 
 
-def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softmax_scale):
-    """Checks on shapes, dtypes, devices and arguments: nothing here reads a tensor's contents."""
+def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softmax_scale) -> tuple[int, int]:
+    """Checks on shapes, dtypes, devices and arguments: nothing here reads a tensor's contents. Returns
+    ``window_size`` as two ints."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     check_tensor("q", q, ndim=3, dtypes=dtypes)
     check_tensor("k", k, ndim=3, dtypes=dtypes)
@@ -816,13 +821,15 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softmax_scal
             raise ValueError(f"{name} must have at least one element (batch + 1), got 0")
         if cu.device != device:
             raise ValueError(f"{name} is on {cu.device} but the data is on {device}")
+        if cu.numel() > 1 and cu.stride(0) != 1:  # the kernels index it as contiguous
+            raise ValueError(f"{name} must be contiguous, got a view with stride {cu.stride(0)}: pass "
+                             f"{name}.contiguous()")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must describe the same batch, got {cu_seqlens_q.numel()} "
             f"and {cu_seqlens_k.numel()} entries"
         )
-    if len(window_size) != 2 or not all(isinstance(w, int) and w >= -1 for w in window_size):
-        raise ValueError(f"window_size must be two ints >= -1 (-1: unbounded), got {window_size!r}")
+    window = _checked_window(window_size)
     if softmax_scale is not None:
         try:
             scale = math.nan if isinstance(softmax_scale, (str, bytes)) else float(softmax_scale)
@@ -831,6 +838,18 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softmax_scal
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"softmax_scale must be a finite number > 0 (or None: 1/sqrt(head_dim)), "
                              f"got {softmax_scale!r}")  # fmt: skip
+    return window
+
+
+def _checked_window(window_size) -> tuple[int, int]:
+    """``window_size`` as two Python ints >= -1: any pair of integers (numpy's too); a bool is refused, not 0/1."""
+    try:
+        left, right = (None if isinstance(w, (bool, np.bool_)) else operator.index(w) for w in window_size)
+    except (TypeError, ValueError):  # not a pair, or not integers
+        left = right = None
+    if left is None or right is None or left < -1 or right < -1:
+        raise ValueError(f"window_size must be two ints >= -1 (-1: unbounded), got {window_size!r}")
+    return left, right
 
 
 def _check_max_seqlen(name: str, given, longest: int) -> int:
@@ -865,7 +884,8 @@ def varlen_attention(
     ``(batch + 1,)``; ``softmax_scale`` a finite number > 0 (default ``1/sqrt(head_dim)``).
     Returns ``out`` (q's dtype, q's shape) and, with ``return_lse``, also the fp32
     log-sum-exp ``(heads, total_q)`` (``-inf`` for rows that see no key).
-    Differentiable in q, k and v. CUDA tensors run the Triton kernels, CPU tensors the
+    Differentiable in q, k and v, through ``out`` and ``lse`` both (a loss may read lse, as when
+    attention over parts of the keys is merged by their lse). CUDA tensors run the Triton kernels, CPU tensors the
     blockwise PyTorch implementation (or the kernels under ``TRITON_INTERPRET=1``).
     ``deterministic`` (default) runs the 7-GEMM backward: gradients are bitwise reproducible
     and independent of what is packed beside a sequence. ``deterministic=False`` runs the
@@ -876,7 +896,7 @@ def varlen_attention(
     the same tensors to every layer of a step, and do not edit them in place under
     ``torch.inference_mode`` (such tensors are re-read on every call).
     """
-    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softmax_scale)
+    window_size = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softmax_scale)
     if not isinstance(deterministic, bool):
         raise ValueError(f"deterministic must be a bool, got {deterministic!r}")
     # as PyTorch's own ops with a deterministic alternative: the global switch picks it

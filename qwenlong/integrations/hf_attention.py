@@ -54,6 +54,24 @@ def position_layout(position_ids: torch.Tensor, batch: int, length: int) -> tupl
     return cu_seqlens, int(cu_seqlens.diff().max())
 
 
+def refuse_unsupported(name: str, dropout: float, softcap: float | None, s_aux: torch.Tensor | None) -> None:
+    """What ``varlen_attention`` does not compute is refused by name, never dropped: attention dropout, logit
+    softcapping (Gemma 2/3) and attention sinks (``s_aux``, gpt-oss)."""
+    if dropout:
+        raise ValueError(f"dropout must be 0: attention dropout is not supported by '{name}', got {dropout}")
+    if softcap:
+        raise ValueError(f"softcap is not supported by '{name}', got {softcap}")
+    if s_aux is not None:
+        raise ValueError(f"s_aux (attention sinks) is not supported by '{name}'")
+
+
+def attention_dtype(query: torch.Tensor, value: torch.Tensor) -> torch.dtype:
+    """The one dtype q, k and v are run in: under autocast, rotary leaves q/k in fp32 while v comes in the
+    autocast dtype, which is taken; else v's."""
+    device_type = query.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else value.dtype
+
+
 def qwenlong_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -78,12 +96,7 @@ def qwenlong_attention_forward(
     """query ``(batch, heads, q_len, d)``, key/value ``(batch, kv_heads, kv_len, d)`` ->
     ``(batch, q_len, heads, d)`` and no attention weights. ``deterministic``: which backward
     ``varlen_attention`` runs (``"qwenlong_atomic"`` registers this function with False)."""
-    if dropout:
-        raise ValueError(f"dropout must be 0: attention dropout is not supported by '{NAME}', got {dropout}")
-    if softcap:
-        raise ValueError(f"softcap is not supported by '{NAME}', got {softcap}")
-    if s_aux is not None:
-        raise ValueError(f"s_aux (attention sinks) is not supported by '{NAME}'")
+    refuse_unsupported(NAME, dropout, softcap, s_aux)
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"attention_mask must be a 2-D padding mask for '{NAME}' (its mask builder gives one), "
@@ -92,9 +105,7 @@ def qwenlong_attention_forward(
     batch, heads, q_len, head_dim = query.shape
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     window = (sliding_window - 1, sliding_window - 1) if sliding_window else (-1, -1)  # as transformers' FA path
-    # Under autocast, rotary leaves q/k in fp32 while v is in the autocast dtype: one dtype for all three.
-    device_type = query.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else value.dtype
+    dtype = attention_dtype(query, value)
     q, k, v = (x.transpose(1, 2).to(dtype) for x in (query, key, value))  # (batch, length, heads, d)
 
     if attention_mask is not None:

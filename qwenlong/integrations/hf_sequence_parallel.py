@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import nn
 from transformers import AttentionInterface
 
-from qwenlong.integrations.hf_attention import position_layout
+from qwenlong.integrations.hf_attention import attention_dtype, position_layout, refuse_unsupported
 from qwenlong.kernels import (
     build_position_ids,
     next_token_labels,
@@ -65,20 +65,22 @@ def ulysses_attention_forward(
     scaling: float | None = None,
     dropout: float = 0.0,
     sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
     **kwargs,
 ):
     """transformers attention function: ``(1, heads, local_tokens, d)`` in, ``(1, local_tokens, heads, d)`` out."""
     if attention_mask is not None:
         raise ValueError("ulysses attention takes packed sequences described by cu_seqlens, not an attention_mask")
-    if dropout > 0.0:
-        raise ValueError(f"ulysses attention has no attention dropout, got dropout={dropout}")
+    refuse_unsupported(ATTENTION_NAME, dropout, softcap, s_aux)
     if query.shape[0] != 1:
         raise ValueError(f"packed sequences must come as a batch of one, got query shape {tuple(query.shape)}")
     if "sp_group" not in kwargs or "cu_seq_lens_q" not in kwargs:
         raise ValueError("ulysses attention needs sp_group and cu_seq_lens_q: call a model patched by "
                          "apply_qwenlong(model, sequence_parallel_group=...) or wrapped in SequenceParallelCausalLM")
-    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (local_tokens, heads, d)
+    window = (sliding_window - 1, sliding_window - 1) if sliding_window else (-1, -1)  # as hf_attention
+    dtype = attention_dtype(query, value)
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # (local_tokens, heads, d)
     out = ulysses_attention(
         q, k, v, kwargs["cu_seq_lens_q"], kwargs["max_length_q"], kwargs["sp_group"],
         causal=kwargs.get("is_causal", getattr(module, "is_causal", True)), softmax_scale=scaling, window_size=window,
