@@ -156,6 +156,20 @@ def test_atomic_attention_under_sequence_parallel_is_refused():
         config_from_dict(data)
 
 
+def test_kl_under_zero3_is_refused_when_the_config_loads():
+    """Before any stage runs (it was refused when RL built its reference, after SFT had run)."""
+    data = with_change("distributed.deepspeed_stage", 3)
+    config_from_dict(data)  # kl_coef 0 (the default) is fine
+    apply_override(data, "rl.kl_coef=0.001")
+    with pytest.raises(ConfigError, match=r"^rl\.kl_coef: a KL reference policy \(kl_coef 0.001\) under ZeRO-3"):
+        config_from_dict(data)
+    apply_override(data, "rl.enabled=false")
+    config_from_dict(data)  # no RL, no reference
+    apply_override(data, "rl.enabled=true")
+    apply_override(data, "distributed.deepspeed_stage=2")
+    config_from_dict(data)
+
+
 def test_float16_under_deepspeed_is_refused():
     data = with_change("distributed.deepspeed_stage", 2)
     config_from_dict(data)  # bfloat16 (the default) is fine

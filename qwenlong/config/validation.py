@@ -62,6 +62,9 @@ def validate(cfg: Config) -> Config:
            "parameter offload needs deepspeed_stage 3")
     _check(not dist.offload_optimizer or dist.deepspeed_stage > 0, "distributed.offload_optimizer",
            "optimizer offload needs deepspeed_stage 1, 2 or 3")
+    _check(not rl.enabled or rl.kl_coef == 0 or dist.deepspeed_stage < 3, "rl.kl_coef",
+           f"a KL reference policy (kl_coef {rl.kl_coef}) under ZeRO-3 would need its own partitioned engine: "
+           "use kl_coef 0 (the QwenLong-L1 recipe) or distributed.deepspeed_stage <= 2")
     _check(cfg.model.dtype != "float16" or dist.deepspeed_stage == 0, "model.dtype",
            "float16 under DeepSpeed would need loss scaling, which qwenlong does not configure: use bfloat16")
     _check(rl.gen_prompts_per_step >= rl.train_prompts_per_step or rl.dynamic_sampling.enabled,
