@@ -405,3 +405,21 @@ def test_a_run_resumed_between_two_phases_starts_the_next_in_the_aepo_mode_the_l
     started_in.clear()
     _rl(Run(load_config(TINY, overrides), resume=True))
     assert started_in == {"long-docs": "positive-only"}  # the finished phase is passed over
+
+
+def test_a_phase_naming_data_the_run_lacks_is_refused_before_any_stage(tmp_path, monkeypatch):
+    """A misspelt ``rl.phases.N.data`` source stops the run before evaluation and SFT (it used to fail when the
+    phase started, after the stages before it had run, saying the phase had no prompt in its range)."""
+    from qwenlong.config import ConfigError, load_config
+    from qwenlong.pipeline import run as pipeline
+
+    monkeypatch.setattr(pipeline, "_sft", lambda run: pytest.fail("SFT ran"))
+    overrides = [*SMALL, "eval.enabled=false", "output.export=none", f"output.dir={tmp_path / 'a'}",
+                 "rl.phases.1.data=[synthetic_copy, synthetic_cpy]"]
+    with pytest.raises(ConfigError, match=r"^rl\.phases\.1\.data: no training data from \['synthetic_cpy'\]; "
+                                          r"the training data's sources are \['synthetic_copy'\]"):
+        pipeline.run_pipeline(load_config(TINY, overrides))
+    # the right name passes the check (and reaches SFT)
+    overrides[-2:] = [f"output.dir={tmp_path / 'b'}", "rl.phases.1.data=[synthetic_copy]"]
+    with pytest.raises(pytest.fail.Exception, match="SFT ran"):
+        pipeline.run_pipeline(load_config(TINY, overrides))

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from qwenlong.config import Config, save_config
+from qwenlong.config import Config, ConfigError, save_config
 from qwenlong.curriculum import Phase, RewardHistory, examples_for_phase, input_floors, select_retrospective
 from qwenlong.distributed import build_backend, init_distributed, is_partitioned
 from qwenlong.eval import EvalReport, evaluate
@@ -296,12 +296,27 @@ def run_rl(cfg: Config, resume: bool = False) -> Run:
     return run
 
 
+def _check_phase_data(run: Run) -> None:
+    """Every data source an RL phase names (``rl.phases.N.data``) is in the training data: a misspelt one is
+    refused before any stage runs, not when its phase starts hours later with no prompts."""
+    cfg = run.cfg
+    if not cfg.rl.enabled or not any(phase.data for phase in cfg.rl.phases):
+        return
+    sources = {record.data_source for record in build.load_split(cfg, "train", run.tokenizer)}
+    for index, phase in enumerate(cfg.rl.phases):
+        unknown = sorted(set(phase.data) - sources)
+        if unknown:
+            raise ConfigError(f"rl.phases.{index}.data: no training data from {unknown}; the training data's "
+                              f"sources are {sorted(sources)}")
+
+
 def run_pipeline(cfg: Config, resume: bool = False) -> Run:
     """Untrained eval -> SFT -> eval -> RL phases (eval after each) -> report."""
     from qwenlong.pipeline.report import write_report
 
     start = time.time()
     run = Run(cfg, resume)
+    _check_phase_data(run)
     if cfg.eval.enabled and cfg.eval.before_training:
         run.evaluate("untrained")
     _sft(run)
