@@ -345,6 +345,23 @@ def test_export_counts_a_tied_weight_once_and_refuses_to_replace_the_run(tmp_pat
         assert error.startswith("qwenlong export: error: --out: ") and why in error and error.count("\n") == 1
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # nothing touched
 
+    # a non-empty folder qwenlong did not export (a user's files; the run's export/ of every stage) is replaced
+    # only with --overwrite; an earlier export is replaced
+    users, stages = tmp_path / "mine", run.dir / "export"
+    (users / "other_model").mkdir(parents=True)
+    (users / "notes.txt").write_text("keep me")
+    (stages / "sft").mkdir(parents=True)
+    (stages / "sft" / "qwenlong.json").write_text("{}")
+    for folder in (users, stages):
+        capsys.readouterr()
+        assert main(["export", "--run", str(run.dir), "--stage", "sft", "--out", str(folder)]) == 2
+        error = capsys.readouterr().err
+        assert "is not empty and holds no model exported by qwenlong" in error and error.count("\n") == 1
+    assert (users / "notes.txt").read_text() == "keep me" and (stages / "sft" / "qwenlong.json").is_file()
+    assert main(["export", "--run", str(run.dir), "--stage", "sft", "--out", str(out)]) == 0  # an earlier export
+    assert main(["export", "--run", str(run.dir), "--stage", "sft", "--out", str(users), "--overwrite"]) == 0
+    assert not (users / "notes.txt").exists() and (users / "qwenlong.json").is_file()
+
     mistakes = [([], "give --run (and optionally --stage) or --checkpoint"),
                 (["--run", str(tmp_path / "nowhere")], "--run: "),
                 (["--run", str(run.dir), "--stage", "mid-docs"], "--stage: the run has no stage 'mid-docs'"),

@@ -212,9 +212,11 @@ def _weights_summary(weights: dict[str, torch.Tensor], config: Any,
     return sum(t.numel() for t in unique), dtype or (floating[0] if floating else torch.float32)
 
 
-def _check_out(out: Path, run_dir: Path, checkpoint: Path) -> None:
+def _check_out(out: Path, run_dir: Path, checkpoint: Path, overwrite: bool) -> None:
     """Refuse an ``--out`` that writing the folder would destroy the run or the checkpoint through: the folder
-    is replaced, so it must not be (or hold) the run folder or the checkpoint, nor lie inside the checkpoint."""
+    is replaced, so it must not be (or hold) the run folder or the checkpoint, nor lie inside the checkpoint.
+    A non-empty folder is replaced only if it is a model qwenlong exported (it holds ``INFO_FILE``) or with
+    ``overwrite``: anything else in it (a user's files, the run's ``export/`` of every stage) would be lost."""
     out, run_dir, checkpoint = out.resolve(), run_dir.resolve(), checkpoint.resolve()
     for what, path in (("the run folder", run_dir), ("the checkpoint", checkpoint)):
         if path == out or out in path.parents:
@@ -224,13 +226,18 @@ def _check_out(out: Path, run_dir: Path, checkpoint: Path) -> None:
         raise ConfigError(f"--out: {out} lies inside the checkpoint {checkpoint}; give a folder outside it")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out: {out} is a file, not a model folder")
+    if out.is_dir() and not overwrite and not (out / INFO_FILE).is_file() and any(out.iterdir()):
+        raise ConfigError(f"--out: {out} is not empty and holds no model exported by qwenlong (no {INFO_FILE}); "
+                          "writing the model folder would delete what it holds: give a new folder, or --overwrite")
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, run_dir: str | Path | None = None,
-                      dtype: str | torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+                      dtype: str | torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                      overwrite: bool = False) -> Path:
     """Write the HF folder ``out`` from a checkpoint folder of a run (``run_dir``: default the folder holding
     its ``checkpoints/``), reading ``model.pt`` one tensor at a time. ``dtype``: see ``parse_dtype``.
-    ``out`` may not be (or hold) the run folder or the checkpoint: it is replaced."""
+    ``out`` may not be (or hold) the run folder or the checkpoint: it is replaced (a non-empty folder only if
+    qwenlong exported it, or with ``overwrite``)."""
     checkpoint = Path(checkpoint)
     stage, step = checkpoint_stage(checkpoint)
     if run_dir is None:
@@ -239,7 +246,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, run_dir: str |
             raise ConfigError(f"--checkpoint: {checkpoint} is not in a run's checkpoints/ folder ({run_dir} holds "
                               f"no {CONFIG_FILE}); give the run with --run")
     run_dir = Path(run_dir)
-    _check_out(Path(out), run_dir, checkpoint)
+    _check_out(Path(out), run_dir, checkpoint, overwrite)
     cfg, record = read_run(run_dir)
     tokenizer = build.build_tokenizer(cfg, run_dir)
     newest = stage_checkpoint(run_dir, stage)
@@ -294,7 +301,7 @@ def export_stage(run: Any, stage: str, *, live: bool) -> Path:
             try:
                 if checkpoint is None:
                     raise ValueError(f"stage {stage} has no checkpoint left to export")
-                export_checkpoint(checkpoint, out, run_dir=run.dir)
+                export_checkpoint(checkpoint, out, run_dir=run.dir, overwrite=True)  # the run's own export folder
             except Exception as error:  # every rank raises it, rather than the others waiting for rank 0
                 problem = f"{type(error).__name__}: {error}"
         problem = run.ctx.broadcast(problem)
@@ -372,7 +379,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--stage", help="sft, rl:<phase> or a phase's name: that stage's newest checkpoint "
                                        "(default: the newest checkpoint of the run)")
     which.add_argument("--checkpoint", help="a checkpoint folder (e.g. RUN/checkpoints/sft-step000100)")
-    parser.add_argument("--out", required=True, help="the HF model folder to write (replaced if it exists)")
+    parser.add_argument("--out", required=True, help="the HF model folder to write (a model exported before is "
+                                                     "replaced; any other non-empty folder only with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whatever it holds")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="weight dtype (default: as trained)")
     parser.add_argument("--max-shard-size", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9, metavar="GB",
                         help="largest safetensors file, in GB (default 5)")
@@ -390,7 +399,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg, record = read_run(run_dir)
         checkpoint = _default_checkpoint(run_dir, cfg, record, args.stage)
-    out = export_checkpoint(checkpoint, args.out, run_dir=run_dir, dtype=args.dtype, max_shard_bytes=max_shard_bytes)
+    out = export_checkpoint(checkpoint, args.out, run_dir=run_dir, dtype=args.dtype, max_shard_bytes=max_shard_bytes,
+                            overwrite=args.overwrite)
     info = export_info(out)
     print(f"wrote {out} ({info['stage']}, step {info['step']}, from {checkpoint})")
     return 0
