@@ -14,13 +14,15 @@ from functools import cache
 
 import torch
 
+from .utils.interpreter import interpreting
+
 BACKENDS = ("auto", "triton", "cuda", "torch")
 ENV_VAR = "QWENLONG_BACKEND"
 
 
 def interpreter_enabled() -> bool:
-    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``, read as Triton reads it)."""
+    return interpreting()
 
 
 @cache

@@ -181,6 +181,25 @@ def test_backend_selection(monkeypatch):
     assert backend.select_backend(torch.device("cpu")) == expected
 
 
+@pytest.mark.parametrize("value,interpreted", [("1", True), ("yes", True), ("false", False), ("off", False),
+                                               ("0", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(value, interpreted):
+    """``TRITON_INTERPRET=false`` means compiled kernels to Triton: CPU tensors must then take the PyTorch path
+    (they were sent to the GPU-compiled kernels, and every op failed with "0 active drivers")."""
+    pytest.importorskip("triton")
+    script = ("import torch\n"
+              "from qwenlong.kernels import linear_logprobs\n"
+              "from qwenlong.kernels.backend import interpreter_enabled, select_backend\n"
+              "h, w = torch.randn(3, 8), torch.randn(5, 8)\n"
+              "logp = linear_logprobs(h, w, torch.tensor([1, 2, 3]))\n"
+              "print(interpreter_enabled(), select_backend(torch.device('cpu')), bool(logp.isfinite().all()))\n")
+    env = {**os.environ, "TRITON_INTERPRET": value}
+    env.pop("QWENLONG_BACKEND", None)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [str(interpreted), "triton" if interpreted else "torch", "True"]
+
+
 @pytest.mark.parametrize("capability,table", [((9, 0), 90), ((8, 0), 80), ((8, 9), 80), ((10, 0), 80)])
 def test_tile_table_follows_the_gpu_generation(capability, table, monkeypatch):
     import torch

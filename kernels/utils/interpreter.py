@@ -18,7 +18,6 @@ Only the interpreter is touched; compiled GPU kernels are unaffected.
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 import torch
@@ -65,10 +64,20 @@ def _narrow(result, was_bf16: bool):
     return TensorHandle(fp32_to_bf16_bits(result.data), tl.bfloat16)
 
 
+def interpreting() -> bool:
+    """Whether ``@triton.jit`` functions run on Triton's CPU interpreter: ``TRITON_INTERPRET`` read as Triton
+    reads it (its knob: "1", "true", "on", "yes" are on; "0", "false", "off", "no" and unset are off)."""
+    try:
+        from triton import knobs
+    except ImportError:  # no Triton (or one without knobs): nothing is interpreted
+        return False
+    return bool(knobs.runtime.interpret)
+
+
 def install_interpreter_fixes_when_interpreting() -> bool:
     """Install the fixes when ``TRITON_INTERPRET`` is on (``@triton.jit`` functions defined now will run
     on the interpreter). Returns whether they are installed."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not interpreting():
         return _INSTALLED
     return install_interpreter_fixes()
 
