@@ -74,6 +74,57 @@ def test_bf16_fix_is_needed_and_works(seed):
     assert _worst_error("fixed", seed) < 0.04
 
 
+CAST_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    os.environ["TRITON_INTERPRET"] = "1"
+    if sys.argv[1] == "fixed":
+        from qwenlong.kernels.utils.interpreter import install_interpreter_fixes
+        install_interpreter_fixes()
+    import torch, triton
+    import triton.language as tl
+
+    @triton.jit
+    def casts(x_ptr, b_ptr, out_ptr, wide_ptr, N: tl.constexpr):
+        r = tl.arange(0, N)
+        x = tl.load(x_ptr + r)  # fp32
+        b = tl.load(b_ptr + r)  # bf16
+        tl.store(out_ptr + r, x.to(tl.bfloat16))  # an explicit conversion
+        tl.store(out_ptr + N + r, x)  # the one a store into a bf16 pointer makes
+        tl.store(out_ptr + 2 * N + r, r.to(tl.bfloat16))  # from an integer
+        tl.store(out_ptr + 3 * N + r, (r % 2 == 0).to(tl.bfloat16))  # from a bool
+        tl.store(out_ptr + 4 * N + r, tl.clamp(b, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL))
+        tl.store(wide_ptr + r, b.to(tl.float32))
+        tl.store(wide_ptr + N + r, b.to(tl.int32).to(tl.float32))  # to an integer: toward zero
+
+    torch.manual_seed(int(sys.argv[2]))
+    N = 64
+    x = torch.randn(N) * 100
+    b = (torch.randn(N) * 3).bfloat16()
+    out = torch.empty(5 * N, dtype=torch.bfloat16)
+    wide = torch.empty(2 * N)
+    casts[(1,)](x, b, out, wide, N)
+    r = torch.arange(N)
+    expected = torch.cat([x.bfloat16(), x.bfloat16(), r.bfloat16(), (r % 2 == 0).bfloat16(), b.clamp(-1, 1)])
+    print(torch.equal(out, expected) and torch.equal(wide, torch.cat([b.float(), b.float().trunc()])))
+    """
+)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bf16_conversions_round_to_nearest_even(seed):
+    """Conversions into bf16 (explicit, by a store, from integers and bools) and tl.clamp give the bits the GPU
+    gives (torch's round to nearest even); the unfixed interpreter truncates fp32 and writes integers as bits."""
+    def run(mode):
+        result = subprocess.run([sys.executable, "-c", CAST_SCRIPT, mode, str(seed)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout.split()[-1]
+
+    assert run("raw") == "False", "the unfixed interpreter converts to bf16 correctly: fix obsolete?"
+    assert run("fixed") == "True"
+
+
 def test_bit_conversions_round_trip():
     import numpy as np
     import torch

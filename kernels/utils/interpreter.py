@@ -1,11 +1,14 @@
 """Two fixes for Triton's CPU interpreter (``TRITON_INTERPRET=1``).
 
-- **bf16 arithmetic.** The interpreter stores bf16 values as their raw ``uint16`` bits and hands
-  those bits to numpy: ``a + b``, ``tl.dot``, ``tl.sum``, comparisons and ``tl.exp`` then compute
-  on integers, not on the numbers they encode. The fix wraps the interpreter's arithmetic so that
-  every bf16 operand is widened to fp32, the op runs in fp32, and a bf16 result is rounded back
-  (round-to-nearest-even, like the hardware). Pure data movement (loads, stores, ``where``,
-  reshapes) already works on the bits and is left alone.
+- **bf16 arithmetic and conversions.** The interpreter stores bf16 values as their raw ``uint16`` bits
+  and hands those bits to numpy: ``a + b``, ``tl.dot``, ``tl.sum``, comparisons, ``tl.exp`` and
+  ``tl.clamp`` then compute on integers, not on the numbers they encode, and a conversion to bf16
+  truncates (fp32) or writes an integer's value as bits. The fix wraps the interpreter's arithmetic
+  so that every bf16 operand is widened to fp32, the op runs in fp32, and a bf16 result is rounded
+  back (round-to-nearest-even, like the hardware); conversions to and from bf16 (``.to``, and the
+  one a store into a bf16 pointer makes) go through the values and round the same way. Pure data
+  movement (loads, stores of bf16 values, ``where``, reshapes) already works on the bits and is left
+  alone.
 - **Descriptor reductions.** ``desc.atomic_add`` (and ``atomic_min``/``max``/``and``/``or``/``xor``),
   a TMA bulk reduction on sm_90, has no interpreter implementation (``create_descriptor_reduce``
   is missing). The fix adds one: a masked read-modify-write of the block, elements outside the
@@ -119,8 +122,24 @@ def install_interpreter_fixes() -> bool:
 
     builder.unary_op = unary_op
 
-    for name in ("create_fma", "create_rsqrt", "create_erf"):
+    for name in ("create_fma", "create_rsqrt", "create_erf", "create_clampf"):
         setattr(builder, name, elementwise(getattr(builder, name)))
+
+    original_cast = builder.cast_impl  # every int / float conversion (create_fp_trunc, create_si_to_fp, ...)
+
+    def cast_impl(self, src, dst_type):
+        import triton.language as tl
+        from triton.runtime.interpreter import TensorHandle
+
+        to_bf16 = dst_type.scalar == tl.bfloat16
+        if not (_is_bf16(src) or to_bf16):
+            return original_cast(self, src, dst_type)
+        values = bf16_bits_to_fp32(src.data) if _is_bf16(src) else src.data  # the numbers, not the bits
+        if to_bf16:  # rounded to nearest even, as the hardware's cvt.rn (the interpreter truncated)
+            return TensorHandle(fp32_to_bf16_bits(values.astype(np.float32)).reshape(values.shape), tl.bfloat16)
+        return original_cast(self, TensorHandle(values, tl.float32), dst_type)
+
+    builder.cast_impl = cast_impl
 
     original_dot = builder.create_dot
 
