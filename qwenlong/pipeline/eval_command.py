@@ -13,7 +13,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from pathlib import Path
 from typing import Any
 
 from qwenlong.config import ConfigError
@@ -23,6 +25,10 @@ from qwenlong.eval.benchmarks import BENCHMARKS, find_benchmark_files, load_benc
 METHOD_PROTOCOL = {"max_input_tokens": 120_000, "temperature": 0.7, "top_p": 0.95, "seed": 0, "samples": 1,
                    "batch_size": 8}
 DEFAULT_OUT = "results/eval"  # --out without --run (with --run: RUN/eval/exported)
+# integer flags that must be >= 1 when given (dest -> flag)
+AT_LEAST_ONE = {"synthetic": "--synthetic", "limit": "--limit", "max_input_tokens": "--max-input-tokens",
+                "max_new_tokens": "--max-new-tokens", "samples": "--samples", "batch_size": "--batch-size",
+                "chunk_tokens": "--chunk-tokens", "memory_tokens": "--memory-tokens"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +90,57 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """The protocol and data flags' ranges, each named, before anything is read or loaded."""
+    for key, flag in AT_LEAST_ONE.items():
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: expected >= 1, got {value}")
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature: expected a finite number >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:  # NaN fails too
+        raise ConfigError(f"--top-p: expected a fraction in (0, 1], got {args.top_p}")
+
+
+def check_sampling(samples: int, temperature: float) -> None:
+    """As the config's eval.samples_per_prompt: several answers per item need sampling (once the defaults,
+    or the run's eval settings, fill the flags not given)."""
+    if samples > 1 and temperature == 0:
+        raise ConfigError(f"--samples {samples} with --temperature {temperature}: several answers per item need "
+                          "sampled decoding (--temperature > 0); greedy decoding repeats one answer")
+
+
+def check_model_path(flag: str, path: str) -> None:
+    """A ``--model`` / ``--tokenizer`` that cannot be a hub id is a local path: it must exist (transformers
+    would say "Repo id must be in the form ..."); a local model folder must hold ``config.json``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    local = Path(path)
+    if local.exists():
+        if flag == "--model" and not (local / "config.json").is_file():
+            raise ConfigError(f"--model: {path} is not a model folder (no config.json in it)")
+        return
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise ConfigError(f"{flag}: {path} does not exist") from None
+
+
+def output_folder(out: str | os.PathLike, flag: str = "--out") -> Path:
+    """``out``, made before any model loads: a path that cannot hold the results is named at once, not
+    after the whole evaluation has run."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag}: {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"{flag}: cannot create {out} ({error.strerror or error})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag}: {out} is not writable")
+    return out
+
+
 def _datasets(args: argparse.Namespace) -> dict[str, list[Any]]:
     """The benchmarks ``--data`` / ``--data-dir`` name, read (before any model is loaded: a bad argument or
     file is reported at once)."""
@@ -94,8 +151,6 @@ def _datasets(args: argparse.Namespace) -> dict[str, list[Any]]:
             raise ConfigError(f"--data: expected KEY=PATH with KEY in {sorted(BENCHMARKS)}, got {spec!r}")
         files[key] = path
     if args.data_dir:
-        from pathlib import Path
-
         if not Path(args.data_dir).is_dir():
             raise ConfigError(f"--data-dir: {args.data_dir} is not a directory")
         files = {**find_benchmark_files(args.data_dir), **files}
@@ -146,12 +201,13 @@ def run(args: argparse.Namespace) -> int:
     from qwenlong.eval.generation import Sampling, openai_generate_fn
     from qwenlong.eval.harness import evaluate
 
+    check_arguments(args)
     if args.run is None and args.model and not (args.data or args.data_dir or args.synthetic is not None):
         args.run = _exporting_run(args.model)  # a folder `qwenlong export` wrote: its run's held-out split
     if args.run is not None:
         return evaluate_run(args)
     _method_protocol(args)
-    out = args.out or DEFAULT_OUT
+    check_sampling(args.samples, args.temperature)
     if bool(args.model) + bool(args.api_url) + (args.synthetic is not None and not args.model) != 1:
         raise ConfigError("give exactly one of --model, --api-url or --synthetic (or --run)")
     if args.agent == "memory" and args.api_url:
@@ -161,8 +217,15 @@ def run(args: argparse.Namespace) -> int:
     datasets = _datasets(args) if args.synthetic is None else {}  # read before the model loads
     if args.synthetic is None and not datasets:
         raise ConfigError("no data: give --data KEY=PATH, --data-dir DIR or --synthetic N")
-    sampling = Sampling(max_new_tokens=args.max_new_tokens or (32 if args.synthetic else 10_000),
-                        temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    for flag, path in (("--model", args.model), ("--tokenizer", args.tokenizer)):
+        if path:
+            check_model_path(flag, path)
+    out = output_folder(args.out or DEFAULT_OUT)  # before the model loads: not after the evaluation
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = 32 if args.synthetic is not None else 10_000
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                        seed=args.seed)
     if args.api_url:
         tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else load_qwen_tokenizer()
         generate = openai_generate_fn(args.api_url, args.api_model, api_key=args.api_key, sampling=sampling)
@@ -238,7 +301,6 @@ def evaluate_run(args: argparse.Namespace) -> int:
     ran (its eval settings, seed, batching and reward; protocol flags given override them), so a stage's
     exported folder gives the report's answers again; otherwise on the benchmarks with the method's defaults."""
     import dataclasses
-    from pathlib import Path
 
     from qwenlong.eval.generation import Sampling, hf_generate_fn, openai_generate_fn
     from qwenlong.eval.harness import evaluate
@@ -267,24 +329,35 @@ def evaluate_run(args: argparse.Namespace) -> int:
         given = {"max_input_tokens": args.max_input_tokens, "max_output_tokens": args.max_new_tokens,
                  "temperature": args.temperature, "top_p": args.top_p, "samples_per_prompt": args.samples}
         protocol = dataclasses.replace(cfg.eval, **{k: v for k, v in given.items() if v is not None})
+        check_sampling(protocol.samples_per_prompt, protocol.temperature)
         cfg = dataclasses.replace(cfg, seed=cfg.seed if args.seed is None else args.seed, eval=protocol)
-        args.batch_size = args.batch_size or EVAL_BATCH_SIZE
+        if args.batch_size is None:
+            args.batch_size = EVAL_BATCH_SIZE
     else:
         _method_protocol(args)
+        check_sampling(args.samples, args.temperature)
     if args.api_url:
         models: list[tuple[str, Path | None]] = [(args.api_model.replace("/", "_"), None)]
     elif args.model:
+        check_model_path("--model", args.model)
         models = [(Path(args.model).name, Path(args.model))]
     else:
         models = [(folder.name, folder) for folder in exported_folders(run_dir)]
         if not models:
             raise ConfigError(f"--run: {run_dir} has no exported model (export/*/{INFO_FILE}); "
                               f"write one with `qwenlong export --run {run_dir} --out {run_dir}/export/NAME`")
-    out_root = Path(args.out) if args.out else run_dir / "eval" / "exported"
+    if args.tokenizer:
+        check_model_path("--tokenizer", args.tokenizer)
+    # each model's folder, before any model loads: not after the evaluations
+    out_root = output_folder(args.out if args.out else run_dir / "eval" / "exported")
+    for name, _ in models:
+        if (out_root / name).exists() and not (out_root / name).is_dir():
+            raise ConfigError(f"--out: {out_root / name} exists and is not a directory")
     rows = []
     for name, folder in models:
-        sampling = heldout_sampling(cfg) if heldout else Sampling(args.max_new_tokens or 10_000, args.temperature,
-                                                                  args.top_p, seed=args.seed)
+        sampling = heldout_sampling(cfg) if heldout else Sampling(
+            10_000 if args.max_new_tokens is None else args.max_new_tokens, args.temperature, args.top_p,
+            seed=args.seed)
         if folder is None:
             tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else build.build_tokenizer(cfg, run_dir)
             generate = openai_generate_fn(args.api_url, args.api_model, api_key=args.api_key, sampling=sampling)
