@@ -120,6 +120,11 @@ def apply_rotary_packed(
             raise ValueError(f"{name} must be contiguous in head_dim (stride 1), got strides {x.stride()}")
     if not (theta > 0):
         raise ValueError(f"theta must be positive, got {theta}")
+    # one tensor (or two views of it from the same element) as q and k would be rotated twice in place; views of
+    # a fused qkv projection start at different elements and are fine
+    if inplace and q.numel() and q.data_ptr() == k.data_ptr():
+        raise ValueError("q and k are the same memory: inplace=True would rotate it twice; pass inplace=False or "
+                         "separate tensors")
 
     inv_freq = rotary_inv_freq(head_dim, theta, device)
     rotate_ = _rotate_cuda_ if _uses_cuda_extension(device, backend) else _rotate_torch_

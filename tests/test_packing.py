@@ -185,7 +185,7 @@ def test_accepts_numpy_and_tensors():
         (lambda: packing.pack_by_token_budget([1.5, 2], 8), r"lengths must hold integers"),
         (lambda: packing.pack_by_token_budget([[1, 2]], 8), r"lengths must be 1-D"),
         (lambda: packing.balance_partitions([1, 2], 0), r"k must be a positive number of partitions, got 0"),
-        (lambda: packing.balance_partitions([1, -2], 2), r"weights\[1\] must be finite and non-negative"),
+        (lambda: packing.balance_partitions([1, -2], 2), r"lengths\[1\] is negative \(-2\)"),
         (lambda: packing.balance_partitions([1, 2], 2, cost="flops"), r"cost must be one of"),
         (lambda: packing.balance_partitions([1, 2], 2, cost="mixed"), r"attention_weight must be given"),
         (lambda: packing.balance_partitions([1], 2, cost="mixed", attention_weight=-1.0), r"attention_weight must"),
@@ -208,6 +208,9 @@ def test_reference_raises_the_same_messages(monkeypatch, use_reference):
         packing.balance_and_pack([-1, 9], 2, 8)
     with pytest.raises(ValueError, match=r"^k must be a positive number of partitions, got 0$"):
         packing.balance_and_pack([1], 0, 8)
+    for cost in ("tokens", "attention"):  # squared, a negative length passed as a real cost
+        with pytest.raises(ValueError, match=r"^lengths\[0\] is negative \(-5\)$"):
+            packing.balance_partitions([-5, 3], 2, cost=cost)
 
 
 # ---- cu_seqlens / position ids ------------------------------------------------------------
@@ -244,6 +247,9 @@ def test_builders_errors():
         packing.build_position_ids([1.0, 2.0])
     with pytest.raises(ValueError, match=r"more than int32 cu_seqlens can index"):
         packing.build_cu_seqlens([2**30, 2**30])
+    reversed_view = np.array([2, 1, 3])[::-1]  # negative strides, which torch tensors cannot have
+    assert packing.build_cu_seqlens(reversed_view).tolist() == [0, 3, 4, 6]
+    assert packing.build_position_ids(reversed_view).tolist() == [0, 1, 2, 0, 0, 1]
 
 
 # ---- values beyond what the index types hold: a ValueError naming the argument, before any work ----

@@ -95,6 +95,16 @@ def test_only_q_used_still_differentiates():
     torch.testing.assert_close(q.grad.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_inplace_refuses_one_tensor_as_q_and_k():
+    """It would be rotated twice; out of place it is rotated once for each output."""
+    x, _, position_ids = packed_batch([5, 7], 2, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="q and k are the same memory"):
+        apply_rotary_packed(x, x, position_ids, inplace=True)
+    q_out, k_out = apply_rotary_packed(x, x, position_ids)
+    torch.testing.assert_close(q_out.double(), reference_rotary(x, position_ids, THETA), atol=1e-5, rtol=1e-5)
+    assert torch.equal(q_out, k_out)
+
+
 def test_inplace_on_views_of_a_fused_projection():
     """q and k as strided views of one qkv tensor: rotated in place, v untouched, gradients flow."""
     total_heads, q_heads, k_heads, head_dim = 8, 4, 2, 32

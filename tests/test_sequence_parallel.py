@@ -328,6 +328,7 @@ def test_single_process_is_a_group_of_one(monkeypatch):
     from qwenlong.kernels import shard_packed_batch, sp_grpo_loss, sp_linear_logprobs, ulysses_attention
     from qwenlong.kernels.attention import varlen_attention
     from qwenlong.kernels.logprobs import grpo_loss, linear_logprobs
+    from qwenlong.kernels.sequence_parallel.shard import pad_cu_seqlens
 
     monkeypatch.setenv("QWENLONG_BACKEND", "torch")
     assert not dist.is_initialized()
@@ -344,6 +345,35 @@ def test_single_process_is_a_group_of_one(monkeypatch):
     assert torch.equal(loss, grpo_loss(batch["hidden"], weight, *inputs)[0])
     with pytest.raises(ValueError, match="num_tokens"):
         sp_grpo_loss(batch["hidden"], weight, *inputs, num_tokens=5)
+    # mistakes are named, not IndexError / AttributeError / ZeroDivisionError
+    with pytest.raises(ValueError, match="labels must have the packed tokens on dim 0"):
+        shard_packed_batch(cu, labels=torch.tensor(3))
+    with pytest.raises(ValueError, match="input_ids must be a torch.Tensor, got list"):
+        shard_packed_batch(cu, input_ids=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"multiple of kv_heads \(0\)"):
+        ulysses_attention(q, k[:, :0], v[:, :0], cu, max(LENGTHS))
+    with pytest.raises(ValueError, match="multiple must be an int >= 1, got 0"):
+        pad_cu_seqlens(cu, 0)
+
+
+def test_ulysses_reads_cu_seqlens_on_a_gpu_only_under_the_check_flag(monkeypatch):
+    """On a GPU a read of cu_seqlens waits for the device: Ulysses attention leaves it to varlen_attention's
+    plan (read once per batch), unless QWENLONG_CHECK_TENSORS=1; it ran once per layer and call."""
+    from qwenlong.kernels import ulysses_attention
+    from qwenlong.kernels.sequence_parallel import ulysses
+
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    q, k, v = torch.randn(3, 12, 2, 8).unbind()
+    reads = []
+    monkeypatch.setattr(ulysses, "check_cu_seqlens", lambda *args: reads.append(args))
+    monkeypatch.setattr(ulysses, "tensor_checks_enabled", lambda tensor: False)  # as a GPU tensor
+    for _ in range(3):
+        ulysses_attention(q, k, v, cu, 7)
+    assert reads == []
+    monkeypatch.setattr(ulysses, "tensor_checks_enabled", lambda tensor: True)  # CPU, or the flag on a GPU
+    ulysses_attention(q, k, v, cu, 7)
+    assert len(reads) == 1
 
 
 @pytest.mark.distributed

@@ -893,8 +893,10 @@ def varlen_attention(
     bits vary from run to run), unless ``torch.use_deterministic_algorithms(True)`` is on. The
     blockwise PyTorch path is deterministic either way.
     The contents of ``cu_seqlens_q/k`` are read (and checked) once per pair of tensors: pass
-    the same tensors to every layer of a step, and do not edit them in place under
-    ``torch.inference_mode`` (such tensors are re-read on every call).
+    the same tensors to every layer of a step, and edit them (if at all) with PyTorch ops, which
+    bump their version counter: writes PyTorch does not see (through ``.numpy()``, ``.data`` or
+    DLPack) leave the cached plan stale. Inference tensors have no counter and are re-read on
+    every call.
     """
     window_size = _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size, softmax_scale)
     if not isinstance(deterministic, bool):

@@ -61,7 +61,11 @@ def _as_int(name: str, value, high: int = _INT64.max) -> int:
 
 def partition_costs(lengths, cost: str = "tokens", attention_weight: float | None = None) -> np.ndarray:
     """Per-sequence float64 weights for balancing under ``cost`` (see the module docstring)."""
-    lengths = _as_lengths(lengths).astype(np.float64)
+    lengths = _as_lengths(lengths)
+    if lengths.size and lengths.min() < 0:  # a negative length squared would pass as a real cost
+        i = int(np.argmin(lengths))
+        raise ValueError(f"lengths[{i}] is negative ({int(lengths[i])})")
+    lengths = lengths.astype(np.float64)
     if cost not in COSTS:
         raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
     if (cost == "mixed") != (attention_weight is not None):

@@ -29,7 +29,8 @@ def _as_length_tensor(lengths, device) -> torch.Tensor:
         if array.dtype.kind == "u" and array.size and int(array.max()) > _INT32_MAX:  # .to(int64) could wrap
             first = int(np.argmax(array > _INT32_MAX))
             raise ValueError(f"lengths[{first}] is {int(array[first])} tokens, more than int32 can index")
-        lengths = torch.as_tensor(array.astype(np.int64) if array.dtype.kind in "uO" else array)
+        # a copy where numpy's strides have no torch form (a reversed view: negative strides)
+        lengths = torch.as_tensor(np.ascontiguousarray(array.astype(np.int64) if array.dtype.kind in "uO" else array))
     if lengths.dim() != 1:
         raise ValueError(f"lengths must be 1-D, got shape {tuple(lengths.shape)}")
     if lengths.numel() and (lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool):

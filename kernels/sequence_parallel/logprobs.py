@@ -36,7 +36,8 @@ def sp_linear_logprobs(
 
     ``hidden`` ``(local_tokens, d)`` and ``labels`` ``(local_tokens,)`` are this rank's shard;
     only the per-token fp32 results are all-gathered, then cut to ``num_tokens`` (the real
-    token count, dropping the sharding padding). Returns ``logp`` ``(num_tokens,)`` [, ``entropy``].
+    token count, dropping the sharding padding; None keeps every gathered token, padding included:
+    ``P * local_tokens``). Returns ``logp`` ``(num_tokens,)`` [, ``entropy``].
     """
     local = linear_logprobs(hidden, weight, labels, temperature=temperature, return_entropy=return_entropy,
                             ignore_index=ignore_index)

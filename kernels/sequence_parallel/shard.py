@@ -33,6 +33,8 @@ def next_token_labels(input_ids: torch.Tensor, cu_seqlens: torch.Tensor, ignore_
 
 def pad_cu_seqlens(cu_seqlens: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int]:
     """Append a padding sequence so the total is a multiple of ``multiple``. Returns ``(cu_seqlens, num_pad)``."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
     total = int(cu_seqlens[-1])
     num_pad = -total % multiple
     if num_pad == 0:
@@ -89,11 +91,14 @@ def shard_packed_batch(
     world, rank = group_size(group), group_rank(group)
     if not per_token:
         raise ValueError("shard_packed_batch needs at least one per-token tensor")
+    for name, tensor in per_token.items():
+        check_tensor(name, tensor)
+        if tensor.dim() == 0:
+            raise ValueError(f"{name} must have the packed tokens on dim 0, got a 0-d tensor")
     total = next(iter(per_token.values())).shape[0]
     check_cu_seqlens("cu_seqlens", cu_seqlens, total)
     for name, tensor in per_token.items():
-        check_tensor(name, tensor)
-        if tensor.dim() == 0 or tensor.shape[0] != total:
+        if tensor.shape[0] != total:
             raise ValueError(f"{name}.shape[0] must equal the number of packed tokens ({total}), got {tuple(tensor.shape)}")
     padded_cu, num_pad = pad_cu_seqlens(cu_seqlens, world)
     local = (total + num_pad) // world

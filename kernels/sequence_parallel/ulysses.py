@@ -21,7 +21,7 @@ import math
 import torch
 
 from ..attention import varlen_attention
-from ..utils.checks import check_cu_seqlens, check_same_device, check_tensor
+from ..utils.checks import check_cu_seqlens, check_same_device, check_tensor, tensor_checks_enabled
 from .comm import all_to_all, group_size
 
 
@@ -31,7 +31,7 @@ def kv_head_repeats(heads: int, kv_heads: int, world: int) -> int:
         raise ValueError(
             f"the number of attention heads ({heads}) must be divisible by the sequence-parallel size ({world})"
         )
-    if heads % kv_heads != 0:
+    if kv_heads < 1 or heads % kv_heads != 0:
         raise ValueError(f"the number of query heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
     return world // math.gcd(kv_heads, world)
 
@@ -72,7 +72,12 @@ def ulysses_attention(
     world = group_size(group)
     local_tokens, heads, _ = q.shape
     repeats = kv_head_repeats(heads, k.shape[1], world)
-    check_cu_seqlens("cu_seqlens", cu_seqlens, world * local_tokens)
+    # its contents are read on the host only where that costs no wait (CPU, or QWENLONG_CHECK_TENSORS=1): on a
+    # GPU varlen_attention validates them once per batch (its cached plan), not once per layer here
+    if tensor_checks_enabled(cu_seqlens):
+        check_cu_seqlens("cu_seqlens", cu_seqlens, world * local_tokens)
+    else:
+        check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,))
     if repeats > 1:
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
 
