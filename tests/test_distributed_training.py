@@ -99,6 +99,49 @@ def _check_plain_dp_grpo_update(tmp, budget: int):
     assert single[0]["engine_logprob_abs_diff_max"] > 0
 
 
+def _check_entropy_control_over_split_trajectories(tmp):
+    """Entropy control over two ranks whose micro-batches split responses of several sequences (memory-agent
+    trajectories): each response's mean entropy sums every rank's part, so the batch entropy, the response
+    counts and every token's keep decision are the single process's."""
+    from qwenlong.config.schema import EntropyControlConfig
+    from qwenlong.distributed import TrainingBackend
+    from qwenlong.trainers import GRPOTrainer
+    from qwenlong.trainers.grpo import RolloutBatch
+
+    ctx, _ = _context()
+    groups = _grpo_groups(seed=14)
+    results = {}
+    for name, backend_ctx in (("single", None), ("dp", ctx)):
+        model = tiny_model(seed=7)
+        control = EntropyControlConfig(tau_sequence=0.0, entropy_low=0.0, entropy_high=100.0)
+        trainer = GRPOTrainer(model, engine=None, reward=None, decode=str, output_dir=tmp,
+                              cfg=_rl_config(micro_batch_token_budget=24, entropy_control=control),
+                              backend=TrainingBackend(model, backend_ctx))
+        flat = RolloutBatch.from_groups(groups, trainer._advantages(groups))
+        # pairs of consecutive sequences as one response (trajectories of two steps) with the second's advantage
+        # and reward (a mix of signs here)
+        second = [i | 1 for i in range(len(flat.sequences))]
+        rollout = RolloutBatch(flat.sequences, flat.prompt_lengths, flat.engine_logprobs,
+                               [flat.advantages[i] for i in second], flat.response_tokens,
+                               [flat.rewards[i] for i in second], response_of=[i // 2 for i in second])
+        batches = trainer._micro_batches(rollout)
+        trainer._old_logprobs(batches)
+        metrics = trainer._entropy_control([(rollout, batches)])
+        keep = {i: values.tolist() for batch in batches for i, values in zip(
+            batch.sequence_ids, batch.token_values["loss_keep"].split(batch.cu_seqlens.diff().tolist()), strict=False)}
+        if backend_ctx is not None:  # every rank's sequences
+            keep = {i: k for share in ctx.gather(keep) for i, k in share.items()}
+            owned = ctx.gather({i // 2 for batch in batches for i in batch.sequence_ids})  # responses per rank
+            assert owned[0] & owned[1], "no response is split over the two ranks: the check tests nothing"
+        results[name] = (metrics, keep)
+    single, dp = results["single"], results["dp"]
+    assert single[0]["entropy_control/responses"] == len(rollout.sequences) // 2
+    for key, value in single[0].items():
+        assert dp[0][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert dp[1] == single[1]
+    assert 0 < single[0]["entropy_control/tokens_kept"] < single[0]["entropy_control/tokens"]
+
+
 # --- rollouts split over ranks ------------------------------------------------------------------------------
 
 
@@ -510,6 +553,7 @@ CHECKS: dict[str, Callable[[_RankState], None]] = {
     "rollouts-split-over-dp2": lambda s: _check_rollouts_split_and_gathered(s.own, sp_size=1),
     "rollouts-from-sp-rank-0": lambda s: _check_rollouts_split_and_gathered(s.own, sp_size=2),
     "dp-grpo-update-1-micro-batch": lambda s: _check_plain_dp_grpo_update(s.own, budget=1000),
+    "dp-entropy-control-split-trajectories": lambda s: _check_entropy_control_over_split_trajectories(s.own),
     "sp2-sft-and-grpo-steps": lambda s: _check_sequence_parallel_steps(s.own),
     "zero2-sft-weights-save-resume": lambda s: _check_deepspeed_sft(s.own, s.shared, stage=2),
     "zero3-sft-weights-save-resume": lambda s: _check_deepspeed_sft(s.own, s.shared, stage=3),

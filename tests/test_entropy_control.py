@@ -13,6 +13,7 @@ from qwenlong.algorithms.entropy_control import (
     aepo_mode,
     batch_entropy,
     negative_gradient_keep,
+    response_entropy_sums,
     response_mean_entropy,
 )
 from qwenlong.kernels import grpo_loss, linear_logprobs
@@ -34,6 +35,52 @@ def test_response_and_batch_entropy_by_hand():
     empty = response_mean_entropy(torch.tensor([5.0, 1.0]), torch.tensor([False, True]), torch.tensor([0, 1, 2]))
     assert empty.tolist() == [0.0, 1.0]
     assert float(batch_entropy(torch.empty(0))) == 0.0
+
+
+def test_responses_of_several_sequences_by_hand():
+    """A memory-agent trajectory is one response over its steps' sequences: sums over them, wherever packed."""
+    owners = torch.tensor([1, 1, 0])  # sequences 0 and 1 are parts of response 1
+    sums = response_entropy_sums(TOKEN_ENTROPY, MASK, CU_SEQLENS, owners, 3)
+    assert sums.tolist() == [pytest.approx([0.6, 1 + 2 + 0.5 + 3.5, 0.0]), [2.0, 4.0, 0.0]]
+    # another micro-batch holding a third part of response 1 adds in
+    more = response_entropy_sums(torch.tensor([0.0, 5.0]), torch.tensor([False, True]), torch.tensor([0, 2]),
+                                 torch.tensor([1]), 3)
+    assert (sums + more)[:, 1].tolist() == [12.0, 5.0]  # mean 12 / 5 over all of response 1's tokens
+    # a padding sequence past the owners is left out
+    padded = response_entropy_sums(TOKEN_ENTROPY, MASK, CU_SEQLENS, owners[:2], 2)
+    assert padded.tolist() == [[0.0, 7.0], [0.0, 4.0]]
+
+
+def test_trainer_takes_a_trajectory_as_one_response(tmp_path, torch_backend):
+    """The memory agent's steps of one trajectory share its mean entropy (sequence-level clipping drops all of a
+    negative trajectory or none) and count once in the batch entropy and the response counts."""
+    from qwenlong.trainers.grpo import RolloutBatch
+
+    trainer = _trainer(_tiny_model(5), tmp_path, tau_sequence=1.0, entropy_low=0.0, entropy_high=100.0)
+    # two trajectories of two steps each (responses 0 and 1), one of one step (response 2)
+    rollout = RolloutBatch([[1, 2, 3, 4], [5, 6, 7], [1, 2, 3], [4, 5, 6, 7], [2, 3, 4]], [2, 1, 1, 2, 1],
+                           [[-1.0] * 2, [-1.0] * 2, [-1.0] * 2, [-1.0] * 2, [-1.0] * 2],
+                           [-1.0, -1.0, -1.0, -1.0, 0.5], [2, 2, 2, 2, 2], [0.0] * 4 + [1.0],
+                           response_of=[0, 0, 1, 1, 2])
+    batches = [rollout.pack([0, 2]), rollout.pack([1, 3, 4])]  # each trajectory split over two micro-batches
+    # one entropy per step (every position): trajectory 0's steps 0.5 and 2.5, two loss tokens each (trajectory
+    # mean 1.5 > tau 1.0), trajectory 1's 0.9 and 0.9 (0.9 < 1.0), the one-step response 2's 3.0
+    step_entropy = {0: 0.5, 1: 2.5, 2: 0.9, 3: 0.9, 4: 3.0}
+    for batch in batches:
+        lengths = batch.cu_seqlens.diff().tolist()
+        batch.token_values["entropy"] = torch.tensor([step_entropy[i] for i, n in zip(batch.sequence_ids, lengths,
+                                                                                       strict=True) for _ in range(n)])
+    metrics = trainer._entropy_control([(rollout, batches)])
+    assert metrics["entropy_control/responses"] == 3.0
+    assert metrics["entropy_control/batch_entropy"] == pytest.approx((1.5 + 0.9 + 3.0) / 3)
+    keep = {i: values.tolist() for batch in batches
+            for i, values in zip(batch.sequence_ids, batch.token_values["loss_keep"].split(
+                batch.cu_seqlens.diff().tolist()), strict=True)}
+    mask = {i: m.tolist() for batch in batches
+            for i, m in zip(batch.sequence_ids, batch.mask.split(batch.cu_seqlens.diff().tolist()), strict=True)}
+    dropped = {i for i in keep if not any(k for k, m in zip(keep[i], mask[i], strict=True) if m)}
+    # both steps of trajectory 0 are dropped (the step of mean 0.5 too); trajectory 1 and the positive 2 stay
+    assert dropped == {0, 1}
 
 
 def _keep(tau_token, tau_sequence):

@@ -3,9 +3,11 @@
 Only the rollouts differ from plain GRPO: each drawn prompt's ``group_size`` trajectories come
 from :class:`~qwenlong.agents.memory.MemoryAgent` (chunk by chunk, then an answer), each trajectory
 is scored once from its final answer, and every step of every trajectory becomes one training
-sequence carrying the trajectory's group advantage. Advantages, entropy control, mini-batches,
-old log-probs, the fused loss (token-mean over all steps' tokens), checkpoints and resumption are
-the GRPO trainer's own.
+sequence carrying the trajectory's group advantage. The trajectory stays one response for entropy
+control: its mean token entropy covers every step's tokens (sequence-level clipping drops all of a
+negative trajectory or none of it) and it counts once in AEPO's batch entropy and kept responses.
+Advantages, entropy control, mini-batches, old log-probs, the fused loss (token-mean over all
+steps' tokens), checkpoints and resumption are the GRPO trainer's own.
 """
 
 from __future__ import annotations
@@ -112,4 +114,5 @@ class MemoryAgentTrainer(GRPOTrainer):
             [g.trajectories for g in groups], advantages)
         rewards = [r for g in groups for r in g.rewards]
         return RolloutBatch(sequences, prompt_lengths, response_values["engine_logprobs"], values["advantages"],
-                            values["response_tokens"], [rewards[t] for t in values["trajectory"]])
+                            values["response_tokens"], [rewards[t] for t in values["trajectory"]],
+                            response_of=values["trajectory"])

@@ -22,6 +22,9 @@ batch's responses of each response's mean token entropy. Against a target range
 - in between                    ->  the previous mode persists.
 
 The mode is chosen from the current batch's entropy and applied to that batch.
+
+A response is what one advantage belongs to: one sequence in GRPO, a whole trajectory (every policy
+call of it) for the memory agent, whose sequences :func:`response_entropy_sums` adds up.
 """
 
 from __future__ import annotations
@@ -43,11 +46,35 @@ def response_mean_entropy(token_entropy: torch.Tensor, mask: torch.Tensor, cu_se
     Returns:
         ``[B]`` float: ``sum_{t in b} m_t H_t / sum_{t in b} m_t`` (0 for a sequence without loss tokens).
     """
+    sequences = cu_seqlens.numel() - 1
+    owners = torch.arange(sequences, device=token_entropy.device)  # each sequence its own response
+    sums = response_entropy_sums(token_entropy, mask, cu_seqlens, owners, sequences)
+    return (sums[0] / sums[1].clamp(min=1)).to(token_entropy.dtype)
+
+
+def response_entropy_sums(token_entropy: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor,
+                          owners: torch.Tensor, num_responses: int) -> torch.Tensor:
+    """Entropy sums and loss-token counts of responses made of several packed sequences.
+
+    A memory-agent trajectory is one response whose generated tokens lie in several sequences (one per
+    policy call), which a step may pack into different micro-batches on different ranks: their sums add up,
+    and a response's mean entropy is ``sums[0] / sums[1]`` once every part is in.
+
+    Args:
+        token_entropy, mask: ``[total_tokens]`` as in :func:`response_mean_entropy`.
+        cu_seqlens: ``[B + 1]`` packed sequence offsets (sequences past ``len(owners)``, e.g. padding, are left out).
+        owners: ``[S]`` int, the response each of the first ``S <= B`` sequences is part of.
+        num_responses: how many responses the owners index.
+    Returns:
+        ``[2, num_responses]`` float64: each response's sum of ``m_t H_t`` and of ``m_t`` over these sequences.
+    """
     if mask.shape != token_entropy.shape:
         raise ValueError(f"mask: shape {tuple(mask.shape)} differs from token_entropy {tuple(token_entropy.shape)}")
-    weights = mask.to(token_entropy.dtype)
-    counts = segment_sum(weights, cu_seqlens)
-    return segment_sum(token_entropy * weights, cu_seqlens) / counts.clamp(min=1)
+    weights = mask.to(torch.float64)
+    parts = torch.stack([segment_sum(token_entropy.to(torch.float64) * weights, cu_seqlens),
+                         segment_sum(weights, cu_seqlens)])[:, :owners.numel()]
+    sums = torch.zeros(2, num_responses, dtype=torch.float64, device=token_entropy.device)
+    return sums.index_add_(1, owners.to(token_entropy.device), parts)
 
 
 def batch_entropy(response_entropy: torch.Tensor) -> torch.Tensor:

@@ -39,10 +39,9 @@ from qwenlong.algorithms import (
     group_accuracy_metrics,
     group_advantages,
     overlong_penalty,
-    segment_sum,
     task_normalized_advantages,
 )
-from qwenlong.algorithms.entropy_control import aepo_keep, aepo_mode, negative_gradient_keep, response_mean_entropy
+from qwenlong.algorithms.entropy_control import aepo_keep, aepo_mode, negative_gradient_keep, response_entropy_sums
 from qwenlong.config import RLConfig
 from qwenlong.curriculum import Phase, PromptSampler, RewardHistory
 from qwenlong.distributed.backend import TrainingBackend
@@ -99,6 +98,17 @@ class RolloutBatch:
     advantages: list[float]
     response_tokens: list[int]
     rewards: list[float]  # each sequence's task reward, without overlong shaping (AEPO's positive-reward test)
+    # the response each sequence is part of (a memory-agent trajectory's steps share one); None: its own
+    response_of: list[int] | None = None
+
+    @property
+    def owners(self) -> list[int]:
+        """The response of each sequence, as indices ``0 .. num_responses - 1``."""
+        return list(range(len(self.sequences))) if self.response_of is None else self.response_of
+
+    @property
+    def num_responses(self) -> int:
+        return max(self.owners, default=-1) + 1
 
     @classmethod
     def from_groups(cls, groups: Sequence[Group], advantages: torch.Tensor) -> RolloutBatch:
@@ -121,6 +131,17 @@ class RolloutBatch:
                               {"advantages": [self.advantages[i] for i in ids],
                                "response_tokens": [self.response_tokens[i] for i in ids],
                                "rewards": [self.rewards[i] for i in ids]}, sequence_ids=ids)
+
+
+def _response_values(rollout: RolloutBatch, with_rewards: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each response's advantage and (``with_rewards``) task reward: those of its first sequence (a trajectory's
+    steps all carry the trajectory's)."""
+    first = {}
+    for sequence, owner in enumerate(rollout.owners):
+        first.setdefault(owner, sequence)
+    index = [first[owner] for owner in range(rollout.num_responses)]
+    advantages = torch.tensor([rollout.advantages[i] for i in index])
+    return advantages, torch.tensor([rollout.rewards[i] for i in index]) if with_rewards else None
 
 
 class GRPOTrainer:
@@ -320,31 +341,45 @@ class GRPOTrainer:
     def _entropy_control(self, minibatches: list[tuple[RolloutBatch, list[PackedBatch]]]) -> dict[str, float]:
         """QwenLong-L1.5's negative-gradient clipping and AEPO (``rl.entropy_control``): the step's batch
         entropy (every rank's responses) sets AEPO's mode; each token's ``loss_keep`` token value says whether
-        it stays in the loss. The loss's denominators are unchanged: a dropped token's term is just 0."""
+        it stays in the loss. The loss's denominators are unchanged: a dropped token's term is just 0.
+
+        A response is what an advantage belongs to: one sequence in GRPO, a whole trajectory (every policy call
+        of it) for the memory agent, whose mean entropy then covers all its steps' tokens (summed over the
+        micro-batches and ranks they were packed into) and which counts once in the batch entropy."""
         ec = self.cfg.entropy_control
-        batches = [batch for _, bs in minibatches for batch in bs]
-        means, local = [], [0.0, 0.0]  # sum of responses' mean entropies, responses (with loss tokens)
-        for batch in batches:
-            mean = response_mean_entropy(batch.token_values["entropy"], batch.mask, batch.cu_seqlens)
-            has_tokens = segment_sum(batch.mask.float(), batch.cu_seqlens) > 0
-            means.append(mean)
-            local = [local[0] + float(mean[has_tokens].sum()), local[1] + float(has_tokens.sum())]
-        shares = self.ctx.gather(local)[::self.ctx.sp_size]  # SP peers hold the same batches
-        entropy = sum(s[0] for s in shares) / max(1.0, sum(s[1] for s in shares))
+        sums = []  # per mini-batch: [2, responses], entropy and loss tokens summed over every rank's micro-batches
+        for rollout, batches in minibatches:
+            local = torch.zeros(2, rollout.num_responses, dtype=torch.float64, device=self.device)
+            owners = torch.tensor(rollout.owners, dtype=torch.long, device=self.device)
+            for batch in batches:
+                local += response_entropy_sums(batch.token_values["entropy"], batch.mask, batch.cu_seqlens,
+                                               owners[batch.sequence_ids], rollout.num_responses)
+            shares = self.ctx.gather(local.tolist())[::self.ctx.sp_size]  # SP peers hold the same batches
+            sums.append(torch.tensor(shares, dtype=torch.float64, device=self.device).sum(0))
+        means = [s[0] / s[1].clamp(min=1) for s in sums]  # every response's mean token entropy
+        with_tokens = torch.cat([m[s[1] > 0] for m, s in zip(means, sums, strict=True)])
+        entropy = float(with_tokens.mean()) if with_tokens.numel() else 0.0
         mode_before = self.aepo_mode
         if ec.aepo:
             self.aepo_mode = aepo_mode(self.aepo_mode, entropy, ec.entropy_low, ec.entropy_high)
         kept = [0.0, 0.0]
-        for batch, mean in zip(batches, means, strict=True):
-            values = batch.token_values
-            keep = negative_gradient_keep(values["advantages"], values["entropy"],
-                                          broadcast_to_tokens(mean, batch.cu_seqlens), ec.tau_token, ec.tau_sequence)
-            keep &= aepo_keep(self.aepo_mode, values["advantages"], values["rewards"] if ec.positive_reward else None)
-            values["loss_keep"] = keep.float()
-            kept = [kept[0] + float((keep & batch.mask).sum()), kept[1] + float(batch.mask.sum())]
+        for (rollout, batches), mean in zip(minibatches, means, strict=True):
+            owners = torch.tensor(rollout.owners, dtype=torch.long, device=self.device)
+            for batch in batches:
+                values = batch.token_values
+                # the sequences' response means (0 for padding sequences past the real ones)
+                sequence_mean = torch.zeros(batch.cu_seqlens.numel() - 1, dtype=torch.float32, device=self.device)
+                sequence_mean[:len(batch.sequence_ids)] = mean[owners[batch.sequence_ids]].float()
+                keep = negative_gradient_keep(values["advantages"], values["entropy"],
+                                              broadcast_to_tokens(sequence_mean, batch.cu_seqlens), ec.tau_token,
+                                              ec.tau_sequence)
+                keep &= aepo_keep(self.aepo_mode, values["advantages"],
+                                  values["rewards"] if ec.positive_reward else None)
+                values["loss_keep"] = keep.float()
+                kept = [kept[0] + float((keep & batch.mask).sum()), kept[1] + float(batch.mask.sum())]
         kept = [sum(k) for k in zip(*self.ctx.gather(kept)[::self.ctx.sp_size], strict=True)]
-        responses = [aepo_keep(self.aepo_mode, torch.tensor(r.advantages), torch.tensor(r.rewards)
-                               if ec.positive_reward else None) for r, _ in minibatches]
+        responses = [aepo_keep(self.aepo_mode, *_response_values(rollout, ec.positive_reward))
+                     for rollout, _ in minibatches]
         return {"entropy_control/batch_entropy": entropy,
                 "entropy_control/positive_only": float(self.aepo_mode == "positive-only"),
                 "entropy_control/mode_switched": float(self.aepo_mode != mode_before),
