@@ -358,7 +358,11 @@ def test_export_counts_a_tied_weight_once_and_refuses_to_replace_the_run(tmp_pat
         error = capsys.readouterr().err
         assert "is not empty and holds no model exported by qwenlong" in error and error.count("\n") == 1
     assert (users / "notes.txt").read_text() == "keep me" and (stages / "sft" / "qwenlong.json").is_file()
+    capsys.readouterr()
     assert main(["export", "--run", str(run.dir), "--stage", "sft", "--out", str(out)]) == 0  # an earlier export
+    assert "write weights" in capsys.readouterr().err  # a bar over the tensors (minutes on a 30B model)
+    assert main(["export", "--run", str(run.dir), "--stage", "sft", "--out", str(out), "--no-progress"]) == 0
+    assert "write weights" not in capsys.readouterr().err
     assert main(["export", "--run", str(run.dir), "--stage", "sft", "--out", str(users), "--overwrite"]) == 0
     assert not (users / "notes.txt").exists() and (users / "qwenlong.json").is_file()
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from qwenlong.integrations.hf_checkpoint import CheckpointFormat
 from qwenlong.state.checkpoint import commit_checkpoint, staging_dir
@@ -80,7 +81,7 @@ def _plan_shards(entries: list[_Entry], max_shard_bytes: int) -> list[list[_Entr
     return shards
 
 
-def _write_shard(path: Path, entries: list[_Entry], weights: Mapping[str, torch.Tensor]) -> None:
+def _write_shard(path: Path, entries: list[_Entry], weights: Mapping[str, torch.Tensor], bar: tqdm) -> None:
     """One safetensors file: an 8-byte little-endian header length, the JSON header (padded with spaces
     to a multiple of 8 bytes), then each tensor's bytes, C-contiguous and little-endian, in header order."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}  # transformers reads "pt" as PyTorch weights
@@ -99,16 +100,17 @@ def _write_shard(path: Path, entries: list[_Entry], weights: Mapping[str, torch.
             if tensor.numel():
                 f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
             del tensor  # read (a memory-mapped tensor) and freed one at a time
+            bar.update(1)
 
 
 def write_safetensors(weights: Mapping[str, torch.Tensor], folder: str | Path, names: list[str] | None = None, *,
                       dtype: torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                      layouts: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+                      layouts: Mapping[str, torch.Tensor] | None = None, progress: bool = False) -> list[str]:
     """Write ``names`` of ``weights`` (default: all) into ``folder`` as ``model.safetensors``, or as numbered
     shards of at most ``max_shard_bytes`` with ``model.safetensors.index.json``; floating-point tensors are cast
     to ``dtype`` (None: kept). ``layouts``: tensors of the same names, shapes and dtypes (e.g. on the meta
-    device) that plan the shards instead of ``weights``, for weights built only when read. Returns the files
-    written."""
+    device) that plan the shards instead of ``weights``, for weights built only when read. ``progress``: a bar
+    over the tensors on stderr (a 30B model takes minutes). Returns the files written."""
     if sys.byteorder != "little":
         raise RuntimeError("write_safetensors: safetensors stores little-endian data; this machine is big-endian")
     if max_shard_bytes < 1:
@@ -122,12 +124,14 @@ def write_safetensors(weights: Mapping[str, torch.Tensor], folder: str | Path, n
             raise ValueError(f"weights: {name} has dtype {tensor.dtype}, which safetensors export does not support")
         entries.append(_Entry(name, tuple(tensor.shape), target, tensor.numel() * target.itemsize))
     shards = _plan_shards(entries, max_shard_bytes)
+    files = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
+    with tqdm(total=len(entries), desc="write weights", unit="tensor", dynamic_ncols=True,
+              disable=not progress) as bar:
+        for file, shard in zip(files, shards, strict=True):
+            _write_shard(folder / file, shard, weights, bar)
     if len(shards) == 1:
-        _write_shard(folder / "model.safetensors", shards[0], weights)
-        return ["model.safetensors"]
-    files = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    for file, shard in zip(files, shards, strict=True):
-        _write_shard(folder / file, shard, weights)
+        return files
     index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
              "weight_map": {e.name: file for file, shard in zip(files, shards, strict=True) for e in shard}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
@@ -155,11 +159,11 @@ def saved_names(skeleton: torch.nn.Module, weights: Mapping[str, torch.Tensor]) 
 def write_hf_folder(out: str | Path, *, weights: Mapping[str, torch.Tensor], config: Any, tokenizer: Any,
                     generation_config: Any = None, card: str | None = None,
                     extra_files: Mapping[str, str] | None = None, dtype: torch.dtype | str | None = None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = False) -> Path:
     """Write the HF folder ``out`` (replacing one already there): ``weights`` checked against the causal LM of
     ``config`` (a transformers ``PretrainedConfig``) and written as safetensors in ``dtype`` (None: the weights'
     own), the config, ``generation_config`` (a ``GenerationConfig``), the tokenizer, ``card`` as README.md and
-    ``extra_files`` (name -> text). Returns ``out``."""
+    ``extra_files`` (name -> text). ``progress``: a bar over the tensors written. Returns ``out``."""
     out = Path(out)
     dtype = parse_dtype(dtype)
     checkpoint_format = CheckpointFormat(config)
@@ -168,7 +172,8 @@ def write_hf_folder(out: str | Path, *, weights: Mapping[str, torch.Tensor], con
     saved_dtype = dtype or (floating[0] if floating else torch.float32)
     released = checkpoint_format.released_weights(weights, names)  # per expert where the model fuses them
     tmp = staging_dir(out)
-    write_safetensors(released, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes, layouts=released.layouts)
+    write_safetensors(released, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes, layouts=released.layouts,
+                      progress=progress)
     folder_config = copy.deepcopy(config)
     folder_config.architectures = [type(checkpoint_format.skeleton).__name__]
     folder_config.dtype = saved_dtype

@@ -233,11 +233,11 @@ def _check_out(out: Path, run_dir: Path, checkpoint: Path, overwrite: bool) -> N
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, run_dir: str | Path | None = None,
                       dtype: str | torch.dtype | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                      overwrite: bool = False) -> Path:
+                      overwrite: bool = False, progress: bool = False) -> Path:
     """Write the HF folder ``out`` from a checkpoint folder of a run (``run_dir``: default the folder holding
     its ``checkpoints/``), reading ``model.pt`` one tensor at a time. ``dtype``: see ``parse_dtype``.
     ``out`` may not be (or hold) the run folder or the checkpoint: it is replaced (a non-empty folder only if
-    qwenlong exported it, or with ``overwrite``)."""
+    qwenlong exported it, or with ``overwrite``). ``progress``: a bar over the tensors written."""
     checkpoint = Path(checkpoint)
     stage, step = checkpoint_stage(checkpoint)
     if run_dir is None:
@@ -258,7 +258,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, run_dir: str |
     files = _folder_files(cfg, record, tokenizer, run_dir=run_dir, stage=stage, step=step, checkpoint=checkpoint,
                           finished=finished, num_parameters=num_parameters, dtype=saved_dtype, out=Path(out))
     return write_hf_folder(out, weights=weights, config=config, tokenizer=tokenizer,
-                           dtype=dtype, max_shard_bytes=max_shard_bytes, **files)
+                           dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress, **files)
 
 
 def read_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
@@ -382,6 +382,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the HF model folder to write (a model exported before is "
                                                      "replaced; any other non-empty folder only with --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out whatever it holds")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="weight dtype (default: as trained)")
     parser.add_argument("--max-shard-size", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9, metavar="GB",
                         help="largest safetensors file, in GB (default 5)")
@@ -400,7 +401,7 @@ def run(args: argparse.Namespace) -> int:
         cfg, record = read_run(run_dir)
         checkpoint = _default_checkpoint(run_dir, cfg, record, args.stage)
     out = export_checkpoint(checkpoint, args.out, run_dir=run_dir, dtype=args.dtype, max_shard_bytes=max_shard_bytes,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, progress=not args.no_progress)
     info = export_info(out)
     print(f"wrote {out} ({info['stage']}, step {info['step']}, from {checkpoint})")
     return 0
