@@ -12,6 +12,8 @@ from pathlib import Path
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "env": ("qwenlong.env", "run", "print versions and which backends are available"),
     "plan": ("qwenlong.plan.cli", "run", "per-GPU memory, verdict and time per step of a config, before renting GPUs"),
+    "data-bins": ("qwenlong.pipeline.data_bins_command", "run",
+                  "pre-infer the base model on training data, bin each source by pass@k, draw equally from each bin"),
     "pipeline": ("qwenlong.pipeline.commands", "run_pipeline_command",
                  "warm-up SFT -> phased RL with retrospective sampling -> evaluation"),
     "sft": ("qwenlong.pipeline.commands", "run_sft_command", "warm-up SFT only"),

@@ -7,6 +7,7 @@ before any overlong penalty.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
@@ -29,7 +30,8 @@ def pass_at_k(num_correct: torch.Tensor, num_samples: int, k: int) -> torch.Tens
     if any(not 0 <= c <= num_samples for c in counts):
         raise ValueError(f"num_correct: expected values in [0, {num_samples}], got {counts}")
     total = math.comb(num_samples, k)
-    values = [1.0 - math.comb(num_samples - c, k) / total for c in counts]
+    # in exact fractions, rounded once: c/n for k = 1, and the value that lies nearest the true one
+    values = [float(1 - Fraction(math.comb(num_samples - c, k), total)) for c in counts]
     return torch.tensor(values, dtype=torch.float64).reshape(num_correct.shape)
 
 
