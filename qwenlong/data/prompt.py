@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from qwenlong.data.records import DocQARecord
@@ -69,12 +70,15 @@ def split_prompt(prompt: str) -> tuple[str, str] | None:
     return document, rest[: -len(_TAIL)]
 
 
-def chat_messages(prompt: str) -> list[dict[str, str]]:
-    """The prompt as a one-turn chat (the method uses no system prompt)."""
-    return [{"role": "user", "content": prompt}]
+def chat_messages(prompt: str | Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+    """The prompt as a chat: text as one user turn (the method uses no system prompt), a conversation
+    (MRCR's, see ``qwenlong.eval.chat``) as its own turns."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [{"role": m["role"], "content": m["content"]} for m in prompt]
 
 
-def apply_chat_template(tokenizer: Any, prompt: str, *, tokenize: bool = False) -> Any:
+def apply_chat_template(tokenizer: Any, prompt: str | Sequence[Mapping[str, str]], *, tokenize: bool = False) -> Any:
     """The prompt wrapped in the tokenizer's chat template, ready for generation.
 
     Returns text (``tokenize=False``) or a list of token ids.

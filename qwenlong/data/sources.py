@@ -16,11 +16,14 @@ class RuleKind(str, Enum):
     FREE_FORM = "free_form"
     NUMERIC = "numeric"
     CHOICE = "multiple_choice"
+    SIMILARITY = "similarity"  # MRCR: scored in evaluation only, by qwenlong.eval.scoring
 
 
 DATA_SOURCE_RULES: dict[str, RuleKind] = {
     "docmath": RuleKind.NUMERIC,
     "long_toc_choices": RuleKind.CHOICE,
+    "longbench_v2": RuleKind.CHOICE,
+    "mrcr": RuleKind.SIMILARITY,
     **{name: RuleKind.FREE_FORM for name in (
         "multihoprag", "musique", "frames", "2wikimqa", "2wikimultihopqa", "hotpotqa", "narrativeqa", "qasper")},
     "synthetic_copy": RuleKind.FREE_FORM,

@@ -1,4 +1,4 @@
-"""The seven DocQA benchmarks of method.md section 5, and how their files are found and read.
+"""The benchmarks of method.md section 5 and l15.md section 6, and how their files are found and read.
 
 Each benchmark is a DocQA file (JSONL or Parquet) that the user obtains from the
 benchmark's own release; we read the published field names directly
@@ -9,8 +9,16 @@ benchmark      data_source (rule)      expected rows
 =============  ======================  ===============================================================
 DocMath        docmath (numeric)       DocMath-Eval test rows: ``question``, ``paragraphs`` (list of
                                        str), ``ground_truth`` (number); the paper's 200-item subset
+LBV2           longbench_v2            LongBench v2 ``data.json`` (a JSON array; or its Parquet copy):
+               (multiple choice)       ``_id``, ``question``, ``choice_A`` .. ``choice_D``, ``answer``
+                                       (a letter), ``context``; ``domain``, ``difficulty``, ``length``
+                                       kept as metadata
 Frames         frames (free-form)      Frames test rows: ``Prompt``, ``Answer``, ``wiki_items``
                                        (list of {title, text}: the linked Wikipedia pages)
+MRCR           mrcr (similarity,       OpenAI MRCR Parquet (``2needle.parquet``, ...): ``prompt`` (JSON
+               qwenlong.eval.scoring)  text of the chat messages, the last the user's request),
+                                       ``answer``, ``random_string_to_prepend``; ``n_needles``,
+                                       ``desired_msg_index``, ``total_messages``, ``n_chars`` kept
 2WikiMQA       2wikimqa (free-form)    LongBench v1 ``2wikimqa.jsonl``: ``input``, ``context``,
 HotpotQA       hotpotqa (free-form)    ``answers`` (list), ``_id``; likewise ``hotpotqa.jsonl``,
 Musique        musique (free-form)     ``musique.jsonl``, ``narrativeqa.jsonl``, ``qasper.jsonl``
@@ -18,18 +26,30 @@ NarrativeQA    narrativeqa (free-form)
 Qasper         qasper (free-form)
 =============  ======================  ===============================================================
 
-Our own record rows (``id, data_source, document, question, answers``) and verl rows load too.
-A directory holding ``<key>.jsonl`` or ``<key>.parquet`` per benchmark (keys below) is found
-by :func:`find_benchmark_files`.
+Our own record rows (``id, data_source, document, question, answers``, with ``choices`` for LBV2)
+and verl rows load too. A directory holding ``<key>.jsonl``, ``<key>.parquet`` or ``<key>.json`` per
+benchmark (keys below) is found by :func:`find_benchmark_files`.
+
+LBV2 is asked in the method's prompt with its options lettered (A) to (D) and scored by the
+multiple-choice rule on the letter.
+An MRCR record is a conversation (:mod:`qwenlong.eval.chat`): its earlier turns stay turns, its
+request is the question. CorpusQA is not here: its release publishes no data file format yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from qwenlong.data import DocQARecord, load_records
+from qwenlong.data import DataError, DocQARecord, load_records, record_from_mapping
+from qwenlong.data.prompt import CHOICE_LETTERS
+from qwenlong.eval.chat import CHAT_HISTORY, chat_history, parse_messages
+from qwenlong.eval.scoring import MRCR_PREFIX, MRCR_SOURCE
 
 
 @dataclass(frozen=True)
@@ -41,7 +61,9 @@ class Benchmark:
 
 BENCHMARKS: dict[str, Benchmark] = {b.key: b for b in (
     Benchmark("docmath", "DocMath", "docmath"),
+    Benchmark("lbv2", "LBV2", "longbench_v2"),
     Benchmark("frames", "Frames", "frames"),
+    Benchmark("mrcr", "MRCR", MRCR_SOURCE),
     Benchmark("2wikimqa", "2Wiki", "2wikimqa"),
     Benchmark("hotpotqa", "HotpotQA", "hotpotqa"),
     Benchmark("musique", "Musique", "musique"),
@@ -69,5 +91,143 @@ def load_benchmark(key: str, path: str | os.PathLike, *, limit: int | None = Non
     """A benchmark's records, routed to the benchmark's rule whatever the rows say."""
     if key not in BENCHMARKS:
         raise ValueError(f"benchmark: unknown {key!r}; expected one of {sorted(BENCHMARKS)}")
-    return load_records(path, data_source=BENCHMARKS[key].data_source, skip_malformed=skip_malformed,
-                        limit=limit).records
+    if key == "mrcr":
+        return load_mrcr(path, limit=limit, skip_malformed=skip_malformed)
+    records = load_records(path, data_source=BENCHMARKS[key].data_source, skip_malformed=skip_malformed,
+                           limit=limit).records
+    return with_lettered_choices(path, records, skip_malformed) if key == "lbv2" else records
+
+
+def lettered_choices(record: DocQARecord) -> DocQARecord:
+    """A LongBench v2 record with its options as ``choices`` (the release names them ``choice_A`` ..
+    ``choice_D``) and its gold answer checked to be one of their letters; a record that already has
+    ``choices`` (our own rows) is only checked."""
+    metadata = dict(record.metadata)
+    choices = record.choices
+    if not choices:
+        letters = CHOICE_LETTERS[:4]
+        missing = [f"choice_{letter}" for letter in letters if not isinstance(metadata.get(f"choice_{letter}"), str)]
+        if missing:
+            raise ValueError(f"{', '.join(missing)}: missing or not text (LongBench v2 gives four options)")
+        choices = tuple(metadata.pop(f"choice_{letter}").strip() for letter in letters)
+    answer = record.answer.strip()
+    if len(record.answers) != 1 or answer not in CHOICE_LETTERS[:len(choices)]:
+        raise ValueError(f"answer: expected one letter of {CHOICE_LETTERS[:len(choices)]}, got {record.answers!r}")
+    return dataclasses.replace(record, choices=choices, answers=(answer,), metadata=metadata)
+
+
+def with_lettered_choices(path: str | os.PathLike, records: list[DocQARecord],
+                          skip_malformed: bool) -> list[DocQARecord]:
+    """:func:`lettered_choices` of each record; a bad one is a DataError naming the file and the record's
+    id, or skipped with ``skip_malformed``."""
+    out = []
+    for record in records:
+        try:
+            out.append(lettered_choices(record))
+        except ValueError as error:
+            if not skip_malformed:
+                raise DataError(f"{path}: record {record.id!r}: {error}") from None
+    return out
+
+
+def mrcr_record(row: Any, default_id: str) -> DocQARecord:
+    """One MRCR row as a chat record: the conversation's earlier turns in ``metadata["chat_history"]``,
+    its last turn (the user's request to reproduce one passage, prefixed) as the question, ``answer`` the
+    reference; the other fields (``random_string_to_prepend``, ``n_needles``, ...) kept as metadata.
+    Our own rows of such records (``write_jsonl`` / ``write_parquet``: a subset saved) load back."""
+    if not isinstance(row, Mapping):
+        raise ValueError(f"row: expected an object, got {type(row).__name__}")
+    if row.get("prompt") is None and "question" in row:
+        record = record_from_mapping(row, default_id=default_id, data_source=MRCR_SOURCE)
+        if chat_history(record) is None:
+            raise ValueError(f"metadata.{CHAT_HISTORY}: missing (an MRCR record is a conversation)")
+        _check_prefix(record.metadata.get(MRCR_PREFIX))
+        return record
+    *history, request = parse_messages(row.get("prompt"))
+    if request["role"] != "user" or not request["content"].strip():
+        raise ValueError(f"prompt: the last message must be the user's request, got a {request['role']} turn"
+                         f"{'' if request['content'].strip() else ' without text'}")
+    answer = row.get("answer")
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"answer: expected the reference text, got {str(answer)[:80]!r}")
+    _check_prefix(row.get(MRCR_PREFIX))
+    metadata = {k: v for k, v in row.items() if k not in ("id", "prompt", "answer")}
+    return DocQARecord(id=str(row.get("id", default_id)), data_source=MRCR_SOURCE, document="",
+                       question=request["content"], answers=(answer,),
+                       metadata={**metadata, CHAT_HISTORY: history})
+
+
+def _check_prefix(prefix: Any) -> None:
+    """MRCR scores 0 any answer not opening with this string: without it nothing can be scored."""
+    if not isinstance(prefix, str) or not prefix:
+        raise ValueError(f"{MRCR_PREFIX}: expected the string the answer must start with, got {prefix!r}")
+
+
+def load_mrcr(path: str | os.PathLike, *, limit: int | None = None,
+              skip_malformed: bool = False) -> list[DocQARecord]:
+    """MRCR's records from a ``.parquet`` file (the release's), ``.jsonl`` or ``.json``; a malformed row is a
+    DataError naming the file and row (0-based for Parquet and JSON arrays, the line for JSONL), or skipped
+    with ``skip_malformed``. Ids are ``<file stem>-<row>`` (the release has none)."""
+    path = Path(path)
+    records = []
+    for where, row in _rows(path):
+        if limit is not None and len(records) >= limit:
+            break
+        try:
+            if isinstance(row, ValueError):
+                raise row
+            records.append(mrcr_record(row, f"{path.stem}-{where.split()[-1]}"))
+        except ValueError as error:
+            if not skip_malformed:
+                raise DataError(f"{path}: {where}: {error}") from None
+    return records
+
+
+def _rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, row) of a data file, read as it goes (an MRCR row holds up to megabytes of chat); a JSONL line
+    that is not JSON arrives as its ValueError, so that only it is skipped."""
+    if not path.is_file():
+        raise DataError(f"path: {path} is not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _parquet_rows(path)
+        return
+    if suffix not in (".jsonl", ".json"):
+        raise DataError(f"path: unsupported file type {suffix!r} (expected .parquet, .jsonl or .json)")
+    with open(path, "rb") as f:
+        if suffix == ".json" and f.read(4096).lstrip().startswith(b"["):  # a JSON array, else JSON Lines
+            try:
+                rows = json.loads(path.read_bytes())
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise DataError(f"{path}: not a JSON array of rows ({error})") from None
+            yield from ((f"item {i}", row) for i, row in enumerate(rows))
+            return
+        f.seek(0)
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                yield f"line {lineno}", _json_line(line)
+
+
+def _json_line(line: bytes) -> Any:
+    """One JSON Lines row, or the ValueError saying why it is none."""
+    try:
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        return ValueError(f"not UTF-8 text (byte 0x{line[error.start]:02x} at offset {error.start})")
+    except json.JSONDecodeError as error:
+        return ValueError(f"invalid JSON: {error.msg}")
+
+
+def _parquet_rows(path: Path, batch_size: int = 16) -> Iterator[tuple[str, Any]]:
+    """A Parquet file's rows, a few at a time: the whole of MRCR's would take gigabytes as Python objects."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+            for item in batch.to_pylist():
+                yield f"row {row}", item
+                row += 1
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: not a readable Parquet file ({' '.join(str(error).split())[:300]})") from None

@@ -1,5 +1,5 @@
-"""Generate functions for the evaluation: prompts in (the method's template, already fitted
-to the input budget), response texts out. One per way of running a model:
+"""Generate functions for the evaluation: prompts in (the method's template, or a conversation's
+messages, already fitted to the input budget), response texts out. One per way of running a model:
 
 * :func:`hf_generate_fn`: an in-process HF model through the rollout engine (CPU or GPU);
 * :func:`openai_generate_fn`: any OpenAI-compatible server (``vllm serve``, SGLang, an API),
@@ -11,14 +11,17 @@ to the input budget), response texts out. One per way of running a model:
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from qwenlong.data import apply_chat_template
+from qwenlong.data.prompt import chat_messages
 
-GenerateFn = Callable[[Sequence[str]], list[str]]
+Prompt = str | list[dict[str, str]]  # one user turn's text, or chat messages (qwenlong.eval.chat)
+GenerateFn = Callable[[Sequence[Prompt]], list[str]]
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ def hf_generate_fn(model: Any, tokenizer: Any, sampling: Sampling = Sampling(), 
     params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                             top_p=sampling.top_p, seed=sampling.seed)
 
-    def generate(prompts: Sequence[str]) -> list[str]:
+    def generate(prompts: Sequence[Prompt]) -> list[str]:
         ids = [apply_chat_template(tokenizer, p, tokenize=True) for p in prompts]
         groups = engine.generate(ids, params)
         return [tokenizer.decode(group[0].token_ids, skip_special_tokens=True) for group in groups]
@@ -61,7 +64,7 @@ def sharded_generate_fn(generate: GenerateFn, rank: int, world_size: int,
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
 
-    def generate_share(prompts: Sequence[str]) -> list[str]:
+    def generate_share(prompts: Sequence[Prompt]) -> list[str]:
         shares = gather(generate(list(prompts[rank::world_size])))
         answers: list[str] = [""] * len(prompts)
         for owner, share in enumerate(shares):
@@ -80,8 +83,8 @@ def openai_generate_fn(base_url: str, model: str, *, api_key: str | None = None,
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
-    async def one(client: httpx.AsyncClient, semaphore: asyncio.Semaphore, prompt: str, repeat: int) -> str:
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}],
+    async def one(client: httpx.AsyncClient, semaphore: asyncio.Semaphore, prompt: Prompt, repeat: int) -> str:
+        body = {"model": model, "messages": chat_messages(prompt),
                 "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "top_p": sampling.top_p}
         if sampling.seed is not None:  # the same seed would give a repeated prompt the same answer
             body["seed"] = sampling.seed + repeat
@@ -96,14 +99,15 @@ def openai_generate_fn(base_url: str, model: str, *, api_key: str | None = None,
             return f"<think>\n{reasoning}\n</think>\n\n{message.get('content') or ''}"
         return message.get("content") or ""
 
-    async def batch(prompts: Sequence[str]) -> list[str]:
+    async def batch(prompts: Sequence[Prompt]) -> list[str]:
         semaphore = asyncio.Semaphore(max_concurrency)
         async with httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout) as client:
             seen: Counter[str] = Counter()
             calls = []
             for p in prompts:  # each call learns how often its prompt came before (avg@k repeats prompts)
-                calls.append(one(client, semaphore, p, seen[p]))
-                seen[p] += 1
+                key = p if isinstance(p, str) else json.dumps(p)
+                calls.append(one(client, semaphore, p, seen[key]))
+                seen[key] += 1
             return list(await asyncio.gather(*calls))
 
     return lambda prompts: run_sync(batch(prompts))

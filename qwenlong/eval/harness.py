@@ -1,8 +1,10 @@
 """The DocQA evaluation (method.md section 5): fit each input to 120K tokens by cutting the
-document in the middle, generate, score with max(rule, judge), report accuracy.
+document (a conversation's middle turns, see qwenlong.eval.chat) in the middle, generate, score with
+max(rule, judge) (MRCR by its similarity, see qwenlong.eval.scoring), report each benchmark's mean score.
 
-A response is accurate when its reward is 1.0. The average is the mean of the per-benchmark
-accuracies, as in the paper's table. With ``samples_per_prompt = k > 1`` each item is answered
+A response is accurate when its reward is 1.0; the rules and the judge score 0 or 1, so a DocQA
+benchmark's mean score is its accuracy (MRCR's is its mean similarity). The average is the mean of
+the per-benchmark scores, as in the paper's table. With ``samples_per_prompt = k > 1`` each item is answered
 k times and its accuracy is the mean over them (avg@k): sampled decoding's own noise shrinks by
 about sqrt(k), which the paired comparisons between stages need.
 """
@@ -18,18 +20,19 @@ from typing import Any
 
 from tqdm import tqdm
 
-from qwenlong.data import DocQARecord, apply_chat_template, count_tokens, fit_prompt_report
-from qwenlong.data.prompt import question_text
+from qwenlong.data import DocQARecord, apply_chat_template, count_tokens
+from qwenlong.eval.chat import fit_input
 from qwenlong.eval.generation import GenerateFn
-from qwenlong.rewards import HybridReward, RewardItem
+from qwenlong.eval.scoring import score_responses
+from qwenlong.rewards import HybridReward
 
 
 @dataclass
 class BenchmarkResult:
     name: str
     num_items: int
-    accuracy: float  # percent of answers whose reward is 1.0 (over every sample of every item)
-    rule_accuracy: float  # percent accurate by the rules alone
+    accuracy: float  # mean score in percent over every sample of every item (MRCR: similarity)
+    rule_accuracy: float  # the same by the rules alone
     judge_rescued: int  # answers the judge turned from wrong to right
     truncated: int  # inputs cut to the budget
     mean_input_tokens: float
@@ -111,19 +114,18 @@ def evaluate(datasets: Mapping[str, Sequence[DocQARecord]], generate: GenerateFn
         accurate = rule_accurate = rescued = truncated = input_tokens = 0
         for start in range(0, len(records), batch_size):
             batch = records[start:start + batch_size]
-            fitted = [fit_prompt_report(tokenizer, r, budget, chat=False) for r in batch]
+            fitted = [fit_input(tokenizer, r, budget) for r in batch]
             truncated += sum(f.truncated for f in fitted)
             input_tokens += sum(f.num_tokens for f in fitted)
             # sample j of every item, item by item: answers[i * k + j]
             asked = [(r, f, j) for r, f in zip(batch, fitted, strict=True) for j in range(samples_per_prompt)]
-            responses = generate([f.text for _, f, _ in asked])
+            responses = generate([f.prompt for _, f, _ in asked])
             if len(responses) != len(asked):
                 raise ValueError(f"generate: returned {len(responses)} responses for {len(asked)} prompts")
-            items = [RewardItem(r.data_source, response, list(r.answers), question_text(r))
-                     for (r, _, _), response in zip(asked, responses, strict=True)]
-            for (record, fit, sample), response, result in zip(asked, responses, reward.score(items), strict=True):
-                accurate += result.accurate
-                rule_accurate += result.rule_score == 1.0
+            results = score_responses(reward, [r for r, _, _ in asked], responses)
+            for (record, fit, sample), response, result in zip(asked, responses, results, strict=True):
+                accurate += result.score
+                rule_accurate += result.rule_score
                 rescued += result.accurate and result.rule_score < 1.0
                 report.predictions.append({"benchmark": name, "id": record.id, "sample": sample,
                                            "answers": list(record.answers), "accurate": bool(result.accurate),

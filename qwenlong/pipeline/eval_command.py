@@ -217,6 +217,9 @@ def run(args: argparse.Namespace) -> int:
     datasets = _datasets(args) if args.synthetic is None else {}  # read before the model loads
     if args.synthetic is None and not datasets:
         raise ConfigError("no data: give --data KEY=PATH, --data-dir DIR or --synthetic N")
+    if args.agent == "memory" and BENCHMARKS["mrcr"].title in datasets:
+        raise ConfigError("--agent memory: reads documents chunk by chunk; MRCR's input is a conversation "
+                          "(evaluate it without the agent)")
     for flag, path in (("--model", args.model), ("--tokenizer", args.tokenizer)):
         if path:
             check_model_path(flag, path)

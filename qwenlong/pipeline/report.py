@@ -81,7 +81,9 @@ def _predictions(run_dir: Path, label: str) -> list[dict]:
 
 
 def _item_scores(run_dir: Path, label: str) -> dict[tuple[str, str], float]:
-    """Each item's fraction of accurate answers (its correctness when it has one answer)."""
+    """Each item's fraction of accurate answers (its correctness when it has one answer). Accurate is reward 1.0:
+    an MRCR answer counts only when it matches whole (the paired tests need outcomes; the benchmark's own score,
+    the mean similarity, is in the evaluation's table)."""
     answers: dict[tuple[str, str], list[bool]] = {}
     for row in _predictions(run_dir, label):
         answers.setdefault((row["benchmark"], row["id"]), []).append(row["accurate"])

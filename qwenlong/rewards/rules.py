@@ -217,6 +217,9 @@ def _score(kind: RuleKind, segment: str, golds: list, config: RuleConfig) -> Rul
 def rule_score(kind: RuleKind, response: str, ground_truth: str | float | Sequence[str | float],
                config: RuleConfig = RuleConfig()) -> RuleResult:
     """Score one response against one or several gold answers (the best counts)."""
+    if kind is RuleKind.SIMILARITY:
+        raise ValueError("data_source: MRCR items are scored against their record's random prefix "
+                         "(qwenlong.eval.scoring), not by a reward rule")
     golds = _golds(kind, ground_truth)
     try:
         segment = final_segment(response, config.require_think)
