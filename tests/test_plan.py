@@ -260,7 +260,7 @@ def test_a_budget_that_does_not_fit_gets_a_fix_that_does():
 
 
 def test_sleep_between_phases_changes_the_training_peak():
-    # at the preset's 10000 tokens the awake engine still fits (78.7 GiB) since ZeRO-3's gradient partition was
+    # at the preset's 10000 tokens the awake engine still fits (77.9 GiB) since ZeRO-3's gradient partition was
     # measured in bf16, not fp32; 12000 tokens put it over
     state_on_gpu = ["distributed.offload_optimizer=false", "rl.micro_batch_token_budget=12000"]
     awake = make_plan(load_config(L1_32B, [*state_on_gpu, "rollout.sleep_between_phases=false"]), 32, "h100-80gb")
@@ -415,7 +415,7 @@ def test_pipeline_command_refuses_and_can_be_overridden(tmp_path, monkeypatch):
     from qwenlong.cli import main
     from qwenlong.pipeline import commands
 
-    monkeypatch.setattr("qwenlong.plan.preflight.this_device", lambda: GPUS["h100-80gb"])
+    monkeypatch.setattr("qwenlong.plan.preflight.this_device", lambda world: GPUS["h100-80gb"])
     monkeypatch.setenv("WORLD_SIZE", "32")
     with pytest.raises(SystemExit, match="qwenlong plan: does not fit"):
         main(["pipeline", "--config", str(L1_32B), "rl.micro_batch_token_budget=80000"])

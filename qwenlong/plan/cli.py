@@ -21,11 +21,16 @@ def default_gpus(sp_size: int, gpu: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the plan; exit status 0 when the run fits, 1 when it does not. A mistake in the arguments or the
+    config raises ``ConfigError`` naming it, which ``qwenlong`` prints in one line with exit status 2, so a
+    script can tell an error from a verdict."""
     from qwenlong.config import load_config
+    from qwenlong.plan.memory import check_world
     from qwenlong.plan.report import format_plan, make_plan
 
     cfg = load_config(args.config, args.overrides)
     gpus = args.gpus if args.gpus is not None else default_gpus(cfg.distributed.sp_size, args.gpu)
+    check_world(gpus, cfg.distributed.sp_size, argument="--gpus")
     plan = make_plan(cfg, gpus, args.gpu)
     print(format_plan(plan))
     return 0 if plan.fits else 1

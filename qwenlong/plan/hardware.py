@@ -32,15 +32,21 @@ GPUS: dict[str, Device] = {
 }
 
 
-def host_device() -> Device:
-    """This machine's CPU and RAM, for runs on ``cpu`` (the tiny presets): the memory is the RAM total."""
+def host_device(processes: int = 1) -> Device:
+    """This machine's CPU and RAM, for runs on ``cpu`` (the tiny presets). The ``processes`` of a run share the
+    RAM, each holding its own model, gradients and activations, so each is given ``1/processes`` of the total:
+    ``qwenlong plan --gpu cpu --gpus N`` and the pre-flight check of an N-process run (``preflight``) both
+    take this share, so they give the same verdict."""
+    if processes < 1:
+        raise ValueError(f"processes: must be >= 1, got {processes}")
     pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    return Device("cpu", pages * page_size, 20e9, 1e11, 10e9, 10e9, 10e9, gpus_per_node=1, cuda=False)
+    return Device("cpu", pages * page_size // processes, 20e9, 1e11, 10e9, 10e9, 10e9, gpus_per_node=1, cuda=False)
 
 
-def device(name: str) -> Device:
+def device(name: str, processes: int = 1) -> Device:
+    """The device kind ``name`` (a key of ``GPUS``, or ``cpu``: this host's RAM shared by ``processes``)."""
     if name == "cpu":
-        return host_device()
+        return host_device(processes)
     if name not in GPUS:
         raise ValueError(f"gpu: expected one of {', '.join(GPUS)} or cpu, got {name!r}")
     return GPUS[name]

@@ -1,18 +1,20 @@
 """Per-device memory of a run: what the trainer, the kernels and the rollout engine hold at their peaks.
 
 Two moments bound a step. *Training*: the policy's weights, gradients and optimizer state (as
-the ZeRO stage and offload settings place them), the activations of the largest micro-batch
-(per rank: the token budget; under Ulysses SP each rank holds its shard of every layer), the
-fused LM head's and attention's backward buffers, and whatever the rollout engine keeps while it
-is idle (all of it, unless it sleeps). *Generation*: the trainer's resident state plus the
-engine's share of the device (weights over TP and KV cache). Each line says where its number
-comes from; the assumptions are the module constants below.
+the ZeRO stage and offload settings place them), the KL reference's frozen copy (``rl.kl_coef > 0``),
+the activations of the largest micro-batch (per rank: the token budget; under Ulysses SP each rank
+holds its shard of every layer), the fused LM head's and attention's backward buffers, and whatever
+the rollout engine keeps while it is idle (all of it, unless it sleeps). *Generation*: the trainer's
+resident state plus the engine's share of the device (weights over TP and KV cache). Each line says
+where its number comes from; the assumptions are the module constants below. Only our attention
+kernels are modelled (:func:`check_attention` refuses the others by name).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qwenlong.config import ConfigError
 from qwenlong.config.schema import Config
 from qwenlong.plan.hardware import Device, GiB
 from qwenlong.plan.kernel_sizes import kernel_constant
@@ -27,6 +29,8 @@ CUDA_CONTEXT_BYTES = int(1.5 * GiB)  # CUDA context, cuBLAS/NCCL workspaces and 
 VLLM_ASLEEP_BYTES = 1 * GiB  # a sleeping vLLM engine keeps its CUDA graphs and context
 VLLM_RUNTIME_BYTES = 2 * GiB  # vLLM's activation and sampler reserve beside weights and KV cache
 FRAGMENTATION = 0.10  # of the transient (per micro-batch) allocations: the caching allocator's slack
+# the attention implementations whose memory the planner models: our varlen kernels (``qwenlong.kernels.attention``)
+MODELLED_ATTENTION = ("qwenlong", "qwenlong_atomic")
 
 
 @dataclass(frozen=True)
@@ -60,15 +64,25 @@ class Settings:
     train_sequences: int
     max_input: int
     max_output: int
+    attention: str = "qwenlong"  # model.attention
+    kl_reference: bool = False  # rl.kl_coef > 0: the trainer keeps a frozen copy of the policy
+    ppo_epochs: int = 1  # training passes over each step's batch (rl.ppo_epochs)
     notes: list[str] = field(default_factory=list)
 
 
+def check_world(world: int, sp_size: int, argument: str = "gpus") -> None:
+    """A run's device count must be at least 1 and a whole number of SP groups; else a ``ConfigError`` naming
+    ``argument`` (``--gpus`` on the command line), which ``qwenlong`` reports in one line with exit status 2."""
+    if world < 1:
+        raise ConfigError(f"{argument}: must be >= 1, got {world}")
+    if world % sp_size:
+        raise ConfigError(f"{argument}: {world} is not a multiple of distributed.sp_size ({sp_size}): "
+                          "the ranks form sequence-parallel groups of sp_size")
+
+
 def settings(cfg: Config, gpus: int, cuda: bool = True) -> Settings:
-    if gpus < 1:
-        raise ValueError(f"gpus: must be >= 1, got {gpus}")
     dist, rl, sft = cfg.distributed, cfg.rl, cfg.sft
-    if gpus % dist.sp_size:
-        raise ValueError(f"gpus: {gpus} is not a multiple of distributed.sp_size ({dist.sp_size})")
+    check_world(gpus, dist.sp_size)
     phases = rl.phases if rl.enabled else []
     longest = max((p.max_input_tokens + p.max_output_tokens for p in phases), default=0)
     max_input = max((p.max_input_tokens for p in phases), default=0)
@@ -87,8 +101,31 @@ def settings(cfg: Config, gpus: int, cuda: bool = True) -> Settings:
         sleep=colocated_vllm if sleep is None else (sleep and colocated_vllm),
         gen_sequences=rl.gen_prompts_per_step * rl.group_size,
         train_sequences=rl.train_prompts_per_step * rl.group_size,
-        max_input=max_input, max_output=max_output,
+        max_input=max_input, max_output=max_output, attention=cfg.model.attention,
+        kl_reference=rl.enabled and rl.kl_coef > 0, ppo_epochs=rl.ppo_epochs,
     )
+
+
+def check_attention(shape: ModelShape, s: Settings) -> None:
+    """Refuse, naming ``model.attention``, a run whose training attention the planner does not model: its numbers
+    would leave out what may be the largest allocation of all. ``eager`` (transformers' matmul-softmax-matmul)
+    materializes heads x T x T scores and probabilities in every layer over the whole packed row (its mask only
+    hides the other sequences' keys) and keeps the fp32 softmax output and the model-dtype probabilities for the
+    backward; ``sdpa`` runs whichever kernel PyTorch picks for the T x T block-diagonal mask transformers builds
+    over a packed row. Under Ulysses SP (``sp_size > 1``) every layer runs our attention whatever
+    ``model.attention`` says (``SequenceParallelCausalLM``), so the plan holds there."""
+    tokens = max(s.tokens_per_rank, s.sft_tokens_per_rank)
+    if s.sp > 1 or s.attention in MODELLED_ATTENTION or not tokens:
+        return
+    advice = "which qwenlong plan does not model; plan (and train) with model.attention=qwenlong"
+    if s.attention == "eager":
+        kept = shape.heads * tokens * tokens * (4 if s.dtype_bytes == 4 else 4 + s.dtype_bytes)
+        raise ConfigError(f"model.attention: 'eager' materializes heads x T x T attention probabilities in every "
+                          f"layer (one layer's at {tokens:,} tokens per micro-batch: {_gb(kept)} kept for its "
+                          f"backward), {advice}")
+    raise ConfigError(f"model.attention: {s.attention!r} runs the kernel PyTorch picks for the T x T block-diagonal "
+                      f"mask transformers builds over a packed row (the mask alone: {_gb(tokens * tokens)} at "
+                      f"{tokens:,} tokens), {advice}")
 
 
 # ----------------------------------------------------------------------------- activations
@@ -168,16 +205,21 @@ def lm_head_workspace_bytes(shape: ModelShape, tokens: int, b: int, cuda: bool) 
     return grads + 4 * (3 * rows * cols + cols * h + rows * h)
 
 
-def attention_workspace_bytes(shape: ModelShape, tokens: int, b: int, sp: int, longest: int, cuda: bool) -> int:
+def attention_workspace_bytes(shape: ModelShape, tokens: int, b: int, sp: int, longest: int, cuda: bool,
+                              atomic: bool = False) -> int:
     """One attention layer's backward buffers (``qwenlong.kernels.attention``) per rank: dq, dk, dv and the
     fp32 ``delta`` rows (Triton, one tile per program, nothing T x T); the CPU path also accumulates one
-    sequence's dq/dk/dv in fp32 and holds (heads x BLOCK_Q x BLOCK_K) fp32 score tiles."""
+    sequence's dq/dk/dv in fp32 and holds (heads x BLOCK_Q x BLOCK_K) fp32 score tiles. ``atomic``
+    (``model.attention: qwenlong_atomic``): the Triton backward adds dq into a zeroed fp32 buffer (tokens x
+    heads x head_dim) and casts it to the model dtype at the end, both alive at that cast (``_triton_backward``):
+    4 bytes per element more, except in an fp32 model, where the buffer is dq itself; the CPU path is the same
+    either way."""
     d = shape.head_dim
     q = shape.heads * d
     kv = (max(shape.kv_heads, sp) if sp > 1 else shape.kv_heads) * d
     buffers = tokens * ((q + 2 * kv) * b + 4 * shape.heads)
     if cuda:
-        return buffers
+        return buffers + (4 * tokens * q if atomic and b != 4 else 0)
     block_q = kernel_constant("attention.blockwise", "BLOCK_Q")
     block_k = kernel_constant("attention.blockwise", "BLOCK_K")
     sequence = min(longest, tokens * sp) if longest else tokens * sp
@@ -264,12 +306,26 @@ def state_lines(shape: ModelShape, s: Settings, cuda: bool = True, peak_at_head:
     return lines
 
 
+def reference_lines(shape: ModelShape, s: Settings) -> list[Line]:
+    """The KL reference policy (``rl.kl_coef > 0``), held at every moment of RL: ``GRPOTrainer.set_reference``
+    keeps ``TrainingBackend.frozen_copy()``, a deep copy of the policy module, so it lives where the policy's
+    weights do (the GPU; on a CPU run, the process's RAM), in the model dtype, whole: ZeRO stages 1-2 partition
+    gradients and optimizer state, not the module's weights, and neither offload setting moves the copy (ZeRO-3,
+    which could partition it, is refused with KL when the config loads). Its log-probs are one more no-grad
+    forward per step (:func:`qwenlong.plan.timing.step_time`). With ``rl.kl_reference: phase_start`` each phase's
+    new copy is made while the old one is still held, outside any micro-batch: not counted here."""
+    if not s.kl_reference:
+        return []
+    return [Line("KL reference weights", shape.params * s.dtype_bytes,
+                 f"frozen copy of the policy (rl.kl_coef > 0): {shape.params:,} parameters x {s.dtype_bytes} bytes")]
+
+
 def backward_peaks(shape: ModelShape, s: Settings, cuda: bool, t: int, longest: int) -> tuple[int, int]:
     """The backward's two working sets beyond what it holds throughout (bytes): the fused LM head's backward
     beside the final norm's saved tensors, and, once those are freed, one layer's backward (recomputed under
     checkpointing, its saved tensors included) at its own larger peak (:func:`layer_backward_extra_bytes`)."""
     b = s.dtype_bytes
-    attention = attention_workspace_bytes(shape, t, b, s.sp, longest, cuda)
+    attention = attention_workspace_bytes(shape, t, b, s.sp, longest, cuda, atomic=s.attention == "qwenlong_atomic")
     extra = layer_backward_extra_bytes(shape, b, s.sp, t, attention)
     layer = t * layer_activation_bytes(shape, b, s.sp) + extra if s.gradient_checkpointing else extra
     head = lm_head_workspace_bytes(shape, t, b, cuda) + t * shape.hidden * (4 + 2 * b)  # + the final norm's
@@ -337,6 +393,8 @@ def memory_plan(shape: ModelShape, s: Settings, dev: Device, tokens: int | None 
     longest = s.longest_sequence if stage == "rl" else s.sft_longest_sequence
     head, layer = backward_peaks(shape, s, cuda, tokens, longest)
     state = state_lines(shape, s, cuda, peak_at_head=head >= layer)
+    if stage == "rl":
+        state += reference_lines(shape, s)
     acts = activation_lines(shape, s, cuda, tokens, longest)
     engine, capacity = engine_lines(shape, s, dev) if stage == "rl" else ([], None)
     base = [Line("CUDA context and NCCL", CUDA_CONTEXT_BYTES, "measured typical")] if cuda else []

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwenlong.config import ConfigError
 from qwenlong.config.schema import ModelConfig
 
 
@@ -139,8 +140,42 @@ def known_model(name: str) -> ModelShape:
     for key, config in KNOWN_MODELS.items():
         if key.lower() == name.lower():
             return _shape(key, config)
-    raise ValueError(f"model.name: {name!r} is neither a local folder with a config.json nor a known architecture "
-                     f"({', '.join(sorted(KNOWN_MODELS))}); point model.name at a folder holding its config.json")
+    raise ConfigError(f"model.name: {name!r} is neither a local folder with a config.json nor a known architecture "
+                      f"({', '.join(sorted(KNOWN_MODELS))}); point model.name at a folder holding its config.json")
+
+
+# what a config.json must give (sizes >= 1) and may give (sizes, absent or null: the defaults of ``_shape``)
+_REQUIRED_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
+_OPTIONAL_SIZES = ("intermediate_size", "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
+                   "moe_intermediate_size")
+
+
+def local_model(path: Path) -> ModelShape:
+    """The shape in a local folder's ``config.json`` (its ``text_config`` for a multimodal model). A file the
+    planner cannot read a shape from (not JSON, a size missing or not a whole number, sizes that do not fit
+    together) is a ``ConfigError`` naming ``model.name`` and the file, not a traceback: it is the user's to fix."""
+    where = f"model.name: {path}"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConfigError(f"{where} is not a readable JSON file ({error})") from None
+    if isinstance(config, dict) and isinstance(config.get("text_config"), dict):
+        config = config["text_config"]
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: expected a JSON object of the model's sizes, got {type(config).__name__}")
+    for key in _REQUIRED_SIZES + _OPTIONAL_SIZES:
+        value = config.get(key)
+        if value is None and key in _OPTIONAL_SIZES:
+            continue
+        if value is None:
+            raise ConfigError(f"{where} has no {key} (the planner needs {', '.join(_REQUIRED_SIZES)})")
+        if type(value) is not int or (value < 1 and key in _REQUIRED_SIZES) or value < 0:
+            raise ConfigError(f"{where}: {key} must be a whole number{' >= 1' if key in _REQUIRED_SIZES else ''}, "
+                              f"got {value!r}")
+    try:
+        return _shape(str(path.parent), config)
+    except ValueError as error:  # ModelShape's checks: sizes that do not fit together
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def model_shape(cfg: ModelConfig) -> ModelShape:
@@ -153,6 +188,5 @@ def model_shape(cfg: ModelConfig) -> ModelShape:
                           vocab=t.vocab_size, tie_embeddings=t.tie_word_embeddings, qkv_bias=True)
     path = Path(cfg.name) / "config.json"
     if path.is_file():
-        config = json.loads(path.read_text())
-        return _shape(str(cfg.name), config.get("text_config", config))
+        return local_model(path)
     return known_model(cfg.name)

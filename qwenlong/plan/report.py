@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from qwenlong.config.schema import Config
 from qwenlong.plan.hardware import Device, GiB, device
-from qwenlong.plan.memory import MemoryPlan, Settings, memory_plan, settings
+from qwenlong.plan.memory import MemoryPlan, Settings, check_attention, check_world, memory_plan, settings
 from qwenlong.plan.models import ModelShape, model_shape
 from qwenlong.plan.placement import rollout_placement
 from qwenlong.plan.timing import Part, step_time, throughput_at
@@ -147,10 +147,14 @@ def _problems(shape: ModelShape, s: Settings, dev: Device, rl: MemoryPlan | None
 
 def make_plan(cfg: Config, gpus: int, gpu: str | Device = "h100-80gb") -> Plan:
     """The plan of ``cfg`` on ``gpus`` devices of kind ``gpu`` (a name of ``GPUS``, ``cpu`` for this machine's
-    RAM, or a ``Device``)."""
-    dev = gpu if isinstance(gpu, Device) else device(gpu)
+    RAM shared by the ``gpus`` processes, or a ``Device``). What cannot be planned (a device count that is no
+    whole number of SP groups, a model without a shape, an attention the planner does not model) raises a
+    ``ConfigError`` naming the setting."""
+    check_world(gpus, cfg.distributed.sp_size)
+    dev = gpu if isinstance(gpu, Device) else device(gpu, processes=gpus)
     shape = model_shape(cfg.model)
     s = settings(cfg, gpus, cuda=dev.cuda)
+    check_attention(shape, s)
     rl = memory_plan(shape, s, dev, stage="rl") if cfg.rl.enabled else None
     sft = memory_plan(shape, s, dev, stage="sft") if cfg.sft.enabled else None
     plan = Plan(shape, s, dev, rl, sft, _problems(shape, s, dev, rl, sft))

@@ -57,6 +57,13 @@ def forward_flops(shape: ModelShape, tokens: float, seq_len: float) -> float:
     return tokens * (2 * shape.active_params + attention)
 
 
+def train_passes(s: Settings) -> int:
+    """Forward-pass equivalents of one training pass over a micro-batch: forward, backward (two: d(input) and
+    d(weight)) and, with gradient checkpointing, the recomputed forward. ``GRPOTrainer.update`` runs it once per
+    epoch (``rl.ppo_epochs``) over each step's batch; the old (and reference) log-probs are computed once."""
+    return 4 if s.gradient_checkpointing else 3
+
+
 def decode_step_seconds(shape: ModelShape, s: Settings, dev: Device, batch: int, context: float,
                         bandwidth: float) -> float:
     weights = engine_weight_bytes(shape, s)
@@ -71,7 +78,7 @@ def decode_step_seconds(shape: ModelShape, s: Settings, dev: Device, batch: int,
 def step_time(shape: ModelShape, s: Settings, dev: Device, plan: MemoryPlan) -> tuple[list[Part], list[str]]:
     """The parts of one RL step (one generation round) and the assumptions behind them."""
     tp = s.tp if s.engine == "vllm" else 1
-    engines = s.world // tp
+    engines = max(s.world // tp, 1)  # a TP wider than the ranks is a problem of the verdict: time one engine
     per_engine = math.ceil(s.gen_sequences / engines)
     mfu = measured_mfu()
     mfu_note = "measured (benchmarks/results/)" if mfu else "stated bounds: no GPU result in benchmarks/results/"
@@ -93,20 +100,25 @@ def step_time(shape: ModelShape, s: Settings, dev: Device, plan: MemoryPlan) -> 
     parts.append(Part("generate: decode", (gen[0], gen[1]), batch_note))
     parts.append(Part("generate: prefill", (prefill[0], prefill[1]), f"prompt FLOPs at {PREFILL_MFU} MFU"))
     train_time, logprob_time = [], []
+    passes = train_passes(s)
     for end in (FAST, SLOW):
         seq = PROMPT_FRACTION[end] * s.max_input + RESPONSE_FRACTION[end] * s.max_output
         fwd = forward_flops(shape, s.train_sequences * seq, seq)
-        passes = 4 if s.gradient_checkpointing else 3  # forward, backward (2x), recomputed forward
         rate = s.world * dev.bf16_flops * mfu[end]
         logprob_time.append(fwd / rate)
-        train_time.append(passes * fwd / rate)
+        train_time.append(s.ppo_epochs * passes * fwd / rate)
     parts.append(Part("old log-probs", (logprob_time[0], logprob_time[1]), f"one forward, MFU {mfu} ({mfu_note})"))
+    if s.kl_reference:  # GRPOTrainer._old_logprobs: the reference's forward over the same batches
+        parts.append(Part("reference log-probs", (logprob_time[0], logprob_time[1]),
+                          f"one forward of the KL reference (rl.kl_coef > 0), MFU {mfu}"))
+    epochs = f" x {s.ppo_epochs} epochs (rl.ppo_epochs)" if s.ppo_epochs > 1 else ""
     parts.append(Part("train", (train_time[0], train_time[1]),
-                      f"forward + backward{' + recompute' if s.gradient_checkpointing else ''}, MFU {mfu}"))
+                      f"forward + backward{' + recompute' if s.gradient_checkpointing else ''}{epochs}, MFU {mfu}"))
     param_bytes = shape.params * s.dtype_bytes
-    if s.stage == 3:
+    if s.stage == 3:  # KL is refused under ZeRO-3: no reference forward to gather for
         micro = math.ceil(s.train_sequences * (s.max_input + s.max_output) / (s.tokens_per_rank * s.world))
-        gathers = micro * (4 if s.gradient_checkpointing else 3)
+        # the old log-probs' forward, then each epoch's passes (the backward's two FLOP passes share one gather)
+        gathers = micro * (1 + s.ppo_epochs * (passes - 1))
         link = dev.network_bytes_per_s if s.world > dev.gpus_per_node else dev.nvlink_bytes_per_s
         seconds = gathers * param_bytes / link
         if s.offload_params:
@@ -136,7 +148,7 @@ def step_time(shape: ModelShape, s: Settings, dev: Device, plan: MemoryPlan) -> 
 def throughput_at(shape: ModelShape, s: Settings, dev: Device, plan: MemoryPlan, seq_len: int = 120_000) -> list[str]:
     """Training and decode tokens/s at ``seq_len``-token sequences (the presets' longest inputs)."""
     mfu = measured_mfu() or MFU
-    per_token = forward_flops(shape, 1, seq_len) * (4 if s.gradient_checkpointing else 3)
+    per_token = forward_flops(shape, 1, seq_len) * train_passes(s)
     lines = [f"train: {mfu[0] * dev.bf16_flops / per_token:,.0f}..{mfu[1] * dev.bf16_flops / per_token:,.0f} "
              f"tokens/s per GPU at {seq_len // 1000}K-token sequences (MFU {mfu[0]:.0%}..{mfu[1]:.0%})"]
     if s.engine == "vllm" and plan.kv_capacity_tokens:
