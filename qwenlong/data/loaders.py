@@ -136,7 +136,24 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"item {index}", row
 
 
-def _parquet_rows(path: Path, batch_size: int = 1024) -> Iterator[tuple[str, Any]]:
+def file_rows(path: str | os.PathLike, parquet_batch: int = 1024) -> Iterable[tuple[str, Any]]:
+    """``(where, row)`` of a ``.jsonl`` / ``.json`` / ``.parquet`` data file, read as it goes (Parquet
+    ``parquet_batch`` rows at a time: fewer for rows of megabytes). A JSON Lines line that is not JSON arrives as
+    its ValueError, so that a caller can skip only it. A missing file or another type is a DataError at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"path: {path} is not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _jsonl_rows(path)
+    if suffix == ".json":
+        return _json_rows(path)
+    if suffix == ".parquet":
+        return _parquet_rows(path, parquet_batch)
+    raise DataError(f"path: unsupported file type {suffix!r} (expected .jsonl, .json or .parquet)")
+
+
+def _parquet_rows(path: Path, batch_size: int) -> Iterator[tuple[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -180,22 +197,12 @@ def load_records(path: str | os.PathLike, *, data_source: str | None = None,
     data source must be one a reward rule routes (``qwenlong.data.sources.rule_kind``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"path: {path} is not a file")
     if data_source is not None:
         try:
             _check_data_source(data_source)
         except ValueError as e:
             raise DataError(f"{path}: {e}") from None
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows: Iterable[tuple[str, Any]] = _jsonl_rows(path)
-    elif suffix == ".json":
-        rows = _json_rows(path)
-    elif suffix == ".parquet":
-        rows = _parquet_rows(path)
-    else:
-        raise DataError(f"path: unsupported file type {suffix!r} (expected .jsonl, .json or .parquet)")
+    rows = file_rows(path)
     result = LoadResult(records=[])
     for where, row in rows:
         if limit is not None and len(result.records) >= limit:

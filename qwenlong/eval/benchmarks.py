@@ -39,14 +39,14 @@ request is the question. CorpusQA is not here: its release publishes no data fil
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qwenlong.data import DataError, DocQARecord, load_records, record_from_mapping
+from qwenlong.data.loaders import file_rows
 from qwenlong.data.prompt import CHOICE_LETTERS
 from qwenlong.eval.chat import CHAT_HISTORY, chat_history, parse_messages
 from qwenlong.eval.scoring import MRCR_PREFIX, MRCR_SOURCE
@@ -170,7 +170,7 @@ def load_mrcr(path: str | os.PathLike, *, limit: int | None = None,
     with ``skip_malformed``. Ids are ``<file stem>-<row>`` (the release has none)."""
     path = Path(path)
     records = []
-    for where, row in _rows(path):
+    for where, row in file_rows(path, parquet_batch=16):  # an MRCR row holds up to megabytes of chat
         if limit is not None and len(records) >= limit:
             break
         try:
@@ -183,51 +183,3 @@ def load_mrcr(path: str | os.PathLike, *, limit: int | None = None,
     return records
 
 
-def _rows(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, row) of a data file, read as it goes (an MRCR row holds up to megabytes of chat); a JSONL line
-    that is not JSON arrives as its ValueError, so that only it is skipped."""
-    if not path.is_file():
-        raise DataError(f"path: {path} is not a file")
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        yield from _parquet_rows(path)
-        return
-    if suffix not in (".jsonl", ".json"):
-        raise DataError(f"path: unsupported file type {suffix!r} (expected .parquet, .jsonl or .json)")
-    with open(path, "rb") as f:
-        if suffix == ".json" and f.read(4096).lstrip().startswith(b"["):  # a JSON array, else JSON Lines
-            try:
-                rows = json.loads(path.read_bytes())
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise DataError(f"{path}: not a JSON array of rows ({error})") from None
-            yield from ((f"item {i}", row) for i, row in enumerate(rows))
-            return
-        f.seek(0)
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield f"line {lineno}", _json_line(line)
-
-
-def _json_line(line: bytes) -> Any:
-    """One JSON Lines row, or the ValueError saying why it is none."""
-    try:
-        return json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        return ValueError(f"not UTF-8 text (byte 0x{line[error.start]:02x} at offset {error.start})")
-    except json.JSONDecodeError as error:
-        return ValueError(f"invalid JSON: {error.msg}")
-
-
-def _parquet_rows(path: Path, batch_size: int = 16) -> Iterator[tuple[str, Any]]:
-    """A Parquet file's rows, a few at a time: the whole of MRCR's would take gigabytes as Python objects."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    row = 0
-    try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
-            for item in batch.to_pylist():
-                yield f"row {row}", item
-                row += 1
-    except (pa.ArrowException, OSError) as error:
-        raise DataError(f"{path}: not a readable Parquet file ({' '.join(str(error).split())[:300]})") from None

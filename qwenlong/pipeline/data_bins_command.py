@@ -23,7 +23,6 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -265,25 +264,10 @@ def _prompt_fn(args: argparse.Namespace, tokenizer: Any) -> Any:
     return lambda record: fit_prompt(tokenizer, record, args.max_input_tokens, chat=False)
 
 
-def write_lines(path: Path, lines: Iterable[str]) -> None:
-    """``lines`` written atomically, streamed (a training file can be gigabytes: no second copy in memory): a
-    temporary file beside ``path``, synced, then renamed over it, as ``qwenlong.state.checkpoint.write_text``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, an interrupt: the old file stays, and no temporary file is left
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
     from qwenlong.data import load_records
     from qwenlong.pipeline.eval_command import check_model_path, output_folder
-    from qwenlong.state.checkpoint import write_json
+    from qwenlong.state.checkpoint import write_json, write_lines
 
     check_arguments(args)
     cfg = _config(args)

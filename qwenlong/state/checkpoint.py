@@ -26,6 +26,7 @@ import re
 import shutil
 import warnings
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +78,17 @@ def load_tensors(path: str | Path, mmap: bool = False) -> Any:
 
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` (UTF-8) atomically: a temporary file beside ``path``, flushed, then renamed over it."""
+    write_lines(path, [text])
+
+
+def write_lines(path: str | Path, lines: Iterable[str]) -> None:
+    """Write ``lines`` (UTF-8) atomically as :func:`write_text`, streamed: a file of gigabytes needs no second
+    copy in memory."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.writelines(lines)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
