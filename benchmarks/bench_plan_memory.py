@@ -89,7 +89,7 @@ ZERO_SETUP = {
 PLAIN_NOTES = [
     "The planner counts every gradient at the backward's peak, as gradient accumulation over micro-batches holds "
     "them; this one-micro-batch step holds only the LM head's (and, checkpointed, the last layer's) there: most of "
-    "what remains of the error (small, no checkpointing: 62 of its 86 MiB).",
+    "what remains of the error (small, no checkpointing: 62 of its 78 MiB).",
     "Where the peak falls (an allocation trace of the step, TorchDispatchMode): checkpointed, in the last layer's "
     "backward of act * up (its recomputed saved tensors less the product, three intermediate-wide gradients); "
     "without checkpointing, in the fused LM head's backward beside every layer's saved tensors.",
