@@ -366,7 +366,8 @@ def test_aepo_mode_is_checkpointed_and_resumed(tmp_path, torch_backend):
 
 def test_report_l15_counts_steps_not_rows(tmp_path):
     """With ``output.log_every_steps`` > 1 a logged row holds the means of several steps: the report's AEPO line
-    gives the same step counts, kept responses and mode switches as a run that logged every step."""
+    gives the same step counts, kept responses and mode switches as a run that logged every step, also when some
+    steps trained nothing (and logged no entropy control)."""
     pytest.importorskip("matplotlib")
     from types import SimpleNamespace
 
@@ -379,20 +380,21 @@ def test_report_l15_counts_steps_not_rows(tmp_path):
     steps = [(0.5, 0.0, 0.0, 8.0), (0.7, 1.0, 1.0, 3.0), (0.5, 1.0, 0.0, 4.0), (0.2, 0.0, 1.0, 8.0),
              (0.3, 0.0, 0.0, 7.0)]
     lines = []
-    for every in (1, 2, 3):
+    for every in (1, 2, 3, 4):
         logger = MetricsLogger(tmp_path / str(every), every_steps=every)
         for i, (entropy, positive, switched, kept) in enumerate(steps):
-            logger.log("rl/p", i + 1, {"entropy_control/batch_entropy": entropy,
-                                       "entropy_control/positive_only": positive,
-                                       "entropy_control/mode_switched": switched,
-                                       "entropy_control/responses_kept": kept, "entropy_control/responses": 8.0,
-                                       "entropy_control/tokens_kept": 3 * kept, "entropy_control/tokens": 24.0},
-                       flush=i + 1 == len(steps))
+            logger.log("rl/p", 2 * i + 1, {"entropy_control/steps": 1.0, "entropy_control/batch_entropy": entropy,
+                                           "entropy_control/positive_only": positive,
+                                           "entropy_control/mode_switched": switched,
+                                           "entropy_control/responses_kept": kept, "entropy_control/responses": 8.0,
+                                           "entropy_control/tokens_kept": 3 * kept, "entropy_control/tokens": 24.0})
+            # a step that trained nothing (no group left after dynamic sampling) logs no entropy control
+            logger.log("rl/p", 2 * i + 2, {"groups_trained": 0}, flush=i + 1 == len(steps))
         cfg = Config(rl=RLConfig(entropy_control=EntropyControlConfig(entropy_low=0.3, entropy_high=0.6)))
         run = SimpleNamespace(cfg=cfg, dir=tmp_path / str(every), state={}, logger=logger)
         [line] = [line for line in l15_lines(run) if line.startswith("AEPO")]
         lines.append(line.split("; batch entropy")[0])
-    assert lines == ["AEPO positive-only in 2 of 5 steps (2 mode switches); responses kept 30 of 40"] * 3
+    assert lines == ["AEPO positive-only in 2 of 5 steps (2 mode switches); responses kept 30 of 40"] * 4
 
 
 def test_report_l15_section(tmp_path):

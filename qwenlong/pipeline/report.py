@@ -246,11 +246,15 @@ def l15_lines(run) -> list[str]:
         return []
     lines = ["", "## QwenLong-L1.5: entropy control and the memory agent", ""]
     if control:
-        # a row holds `steps_in_row` steps (output.log_every_steps) and their means: weighted back into sums
-        def total(key: str) -> float:
-            return sum(r[key] * r.get("steps_in_row", 1) for r in control)
+        # a row holds the means of several steps (output.log_every_steps): weighted back into sums by the steps
+        # that updated (entropy_control/steps; a step without groups logs no means), else by the row's steps
+        def weight(row: dict) -> float:
+            return row.get("entropy_control/steps", row.get("steps_in_row", 1))
 
-        steps = sum(r.get("steps_in_row", 1) for r in control)
+        def total(key: str) -> float:
+            return sum(r[key] * weight(r) for r in control)
+
+        steps = round(sum(weight(r) for r in control))
         if all("entropy_control/mode_switched" in r for r in control):
             switches = round(total("entropy_control/mode_switched"))
         else:  # a run logged before the trainer counted switches: one row per step

@@ -380,7 +380,8 @@ class GRPOTrainer:
         kept = [sum(k) for k in zip(*self.ctx.gather(kept)[::self.ctx.sp_size], strict=True)]
         responses = [aepo_keep(self.aepo_mode, *_response_values(rollout, ec.positive_reward))
                      for rollout, _ in minibatches]
-        return {"entropy_control/batch_entropy": entropy,
+        return {"entropy_control/steps": 1.0,  # summed over a logged row's steps: the steps the means cover
+                "entropy_control/batch_entropy": entropy,
                 "entropy_control/positive_only": float(self.aepo_mode == "positive-only"),
                 "entropy_control/mode_switched": float(self.aepo_mode != mode_before),
                 "entropy_control/responses_kept": float(sum(int(r.sum()) for r in responses)),

@@ -13,7 +13,8 @@ class MetricsLogger:
 
     With ``every_steps = N > 1`` (``output.log_every_steps``) a stage's steps are written one row per
     N steps: the mean of each number over those steps, except seconds (``time_*``) and counters
-    (``judge/*``, ``score/*``), which are summed so that a phase's totals add up, and ``steps_in_row``
+    (``judge/*``, ``score/*``, ``entropy_control/steps``), which are summed so that a phase's totals add up (a
+    mean covers the steps that logged its key), and ``steps_in_row``
     says how many steps the row holds. A
     row is also written at ``flush`` (the last step of a stage, a checkpoint).
     """
@@ -72,7 +73,9 @@ class MetricsLogger:
             self._writer.close()
 
 
-SUMMED = ("time_", "judge/", "score/")  # seconds and event counts add up over a row's steps
+# seconds and event counts add up over a row's steps; entropy_control/steps counts the steps that updated (a
+# step without groups logs no entropy_control/* means)
+SUMMED = ("time_", "judge/", "score/", "entropy_control/steps")
 
 
 def _combine(rows: list[dict[str, Any]]) -> dict[str, Any]:
