@@ -12,6 +12,7 @@ import pytest
 
 from qwenlong.data import (
     DataError,
+    DocQARecord,
     SyntheticConfig,
     fit_prompt_report,
     generate_records,
@@ -422,3 +423,25 @@ def test_saved_benchmarks_evaluate_as_a_runs_held_out_split(tmp_path, qwen):
     assert [(b.name, b.accuracy) for b in report.benchmarks] == [("longbench_v2", 50.0), ("mrcr", 100.0)]
     with pytest.raises(ValueError, match="MRCR items are scored against their record's random prefix"):
         rule_score(RuleKind.SIMILARITY, "x", "y")
+
+
+def test_a_conversation_fits_the_budget_with_the_chat_template_counted(qwen):
+    """With the chat template in the budget (the pipeline's held-out evaluation) every kept turn brings its role
+    markers: the templated conversation the model receives fits the budget, and uses most of it."""
+    from qwenlong.data import apply_chat_template
+    from qwenlong.eval import evaluate
+
+    chat = mrcr_chat(1, turns=40)  # 80 turns of history, then the request
+    record = DocQARecord(id="m", data_source="mrcr", document="", question=chat[-1]["content"], answers=("x",),
+                         metadata={CHAT_HISTORY: chat[:-1], "random_string_to_prepend": "Hx1Q7zB"})
+    seen = []
+
+    def generate(prompts):
+        seen.extend(len(apply_chat_template(qwen, p, tokenize=True)) for p in prompts)
+        return ["x"] * len(prompts)
+
+    for budget in (1000, 3000):
+        seen.clear()
+        evaluate({"mrcr": [record]}, generate, qwen, max_input_tokens=budget, chat_template_in_budget=True,
+                 progress=False)
+        assert budget - 64 <= seen[0] <= budget, (budget, seen)

@@ -15,11 +15,11 @@ token, and two turns of one speaker left side by side are joined so the turns st
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qwenlong.data import DocQARecord, fit_prompt_report
+from qwenlong.data import DocQARecord, apply_chat_template, fit_prompt_report
 from qwenlong.data.tokens import encode
 
 CHAT_HISTORY = "chat_history"  # metadata key of a record's turns before its question
@@ -67,14 +67,23 @@ class FittedInput:
     truncated: bool
 
 
-def fit_input(tokenizer: Any, record: DocQARecord, max_input_tokens: int) -> FittedInput:
+def fit_input(tokenizer: Any, record: DocQARecord, max_input_tokens: int,
+              template_tokens: int | None = None) -> FittedInput:
     """The record's input cut in the middle to ``max_input_tokens``: the method's prompt (its document
-    cut, see :func:`qwenlong.data.fit_prompt_report`) or, for a chat record, its conversation."""
+    cut, see :func:`qwenlong.data.fit_prompt_report`) or, for a chat record, its conversation.
+
+    ``template_tokens``: the chat template counts in the budget (None: it does not). A prompt, one user turn,
+    gets the budget less that many tokens (the template of one turn); a conversation, whose every turn adds
+    its own role markers, is measured with the template applied to all its turns."""
     history = chat_history(record)
     if history is None:
-        fitted = fit_prompt_report(tokenizer, record, max_input_tokens, chat=False)
+        fitted = fit_prompt_report(tokenizer, record, max_input_tokens - (template_tokens or 0), chat=False)
         return FittedInput(fitted.text, fitted.num_tokens, fitted.truncated)
-    return fit_chat(tokenizer, history, record.question, max_input_tokens)
+    length = None
+    if template_tokens is not None:
+        def length(messages: Sequence[Message]) -> int:
+            return len(encode(tokenizer, apply_chat_template(tokenizer, messages)))
+    return fit_chat(tokenizer, history, record.question, max_input_tokens, length)
 
 
 def _tokens(tokenizer: Any, messages: Sequence[Message]) -> int:
@@ -82,24 +91,46 @@ def _tokens(tokenizer: Any, messages: Sequence[Message]) -> int:
     return sum(len(encode(tokenizer, m["content"])) for m in messages)
 
 
-def fit_chat(tokenizer: Any, history: Sequence[Message], request: str, max_tokens: int) -> FittedInput:
-    """``history`` then the user's ``request``, at most ``max_tokens`` tokens: the history's middle
-    tokens dropped (first half and last half kept, as for a document), the request whole."""
+def fit_chat(tokenizer: Any, history: Sequence[Message], request: str, max_tokens: int,
+             length: Callable[[Sequence[Message]], int] | None = None) -> FittedInput:
+    """``history`` then the user's ``request``, at most ``max_tokens`` tokens by ``length`` (default: the
+    contents' tokens, as MRCR counts): the history's middle tokens dropped (first half and last half kept, as
+    for a document), the request whole."""
+    if length is None:
+        def length(messages: Sequence[Message]) -> int:
+            return _tokens(tokenizer, messages)
     messages = [*history, {"role": "user", "content": request}]
-    total = _tokens(tokenizer, messages)
+    total = length(messages)
     if total <= max_tokens:
         return FittedInput(messages, total, False)
     ids = [encode(tokenizer, m["content"]) for m in history]
-    keep = max_tokens - (total - sum(map(len, ids)))
-    # decoded pieces can re-encode to a few more tokens than were kept: shrink until the whole fits
-    while keep > 0:
+    history_tokens = sum(map(len, ids))
+    keep = max_tokens - (total - history_tokens)  # what the turns the cut drops took besides their contents
+    # decoded pieces can re-encode to a few more tokens than were kept, and dropped turns take their template
+    # markers along: step the kept history tokens by the miss until the whole fits closely
+    best = None
+    for _ in range(FIT_STEPS):
+        keep = min(keep, history_tokens - 1)
+        if keep <= 0:
+            break
         messages = [*_cut_middle(tokenizer, history, ids, keep), {"role": "user", "content": request}]
-        length = _tokens(tokenizer, messages)
-        if length <= max_tokens:
-            return FittedInput(messages, length, True)
-        keep -= length - max_tokens
+        size = length(messages)
+        if size > max_tokens:
+            keep -= size - max_tokens
+            continue
+        if best is None or size > best.num_tokens:
+            best = FittedInput(messages, size, True)
+        if max_tokens - size <= FIT_SLACK:
+            break
+        keep += max_tokens - size
+    if best is not None:
+        return best
     raise ValueError(f"max_input_tokens: {max_tokens} leaves no room for the conversation (its last request "
                      f"takes {len(encode(tokenizer, request))} tokens)")
+
+
+FIT_STEPS = 8  # tries of fit_chat's kept-token count
+FIT_SLACK = 16  # tokens under the budget a fitted conversation may stay
 
 
 def _pieces(ids: Sequence[list[int]], budget: int, from_end: bool) -> list[tuple[int, list[int]]]:

@@ -105,8 +105,7 @@ def evaluate(datasets: Mapping[str, Sequence[DocQARecord]], generate: GenerateFn
     reward = reward or HybridReward()
     # generate() applies the chat template itself, so prompts stay raw; the template's own
     # tokens are taken off the budget instead when they must count
-    template_tokens = count_tokens(tokenizer, apply_chat_template(tokenizer, "")) if chat_template_in_budget else 0
-    budget = max_input_tokens - template_tokens
+    template_tokens = count_tokens(tokenizer, apply_chat_template(tokenizer, "")) if chat_template_in_budget else None
     report = EvalReport(benchmarks=[])
     total = sum(len(records) for records in datasets.values())
     bar = tqdm(total=total, desc="eval", unit="item", disable=not progress)
@@ -114,7 +113,7 @@ def evaluate(datasets: Mapping[str, Sequence[DocQARecord]], generate: GenerateFn
         accurate = rule_accurate = rescued = truncated = input_tokens = 0
         for start in range(0, len(records), batch_size):
             batch = records[start:start + batch_size]
-            fitted = [fit_input(tokenizer, r, budget) for r in batch]
+            fitted = [fit_input(tokenizer, r, max_input_tokens, template_tokens) for r in batch]
             truncated += sum(f.truncated for f in fitted)
             input_tokens += sum(f.num_tokens for f in fitted)
             # sample j of every item, item by item: answers[i * k + j]
