@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qwenlong.curriculum.difficulty import (
+    DEFAULT_BINS,
     bin_index,
     bin_label,
     draw_counts,
@@ -51,6 +52,15 @@ def test_pass_at_k_equals_the_enumeration_of_every_k_subset():
         for c in range(n + 1):
             for k in range(1, n + 1):
                 assert pass_at_k(n, c, k) == float(enumerated_pass_at_k(n, c, k)), (n, c, k)
+
+
+def test_pass_at_k_between_the_ends_never_lands_in_an_end_bin():
+    """1 - C(32, 32) / C(64, 32) is 1 - 5e-19, which fp64 rounds to 1: the item is solved by some 32-subsets
+    of its answers, not all, so it belongs to the last inner bin, not to "always solved"."""
+    for n, c, k in ((64, 32, 32), (100, 45, 50), (64, 1, 1)):
+        value = pass_at_k(n, c, k)
+        assert 0.0 < value < 1.0 and 0 < bin_index(value) < DEFAULT_BINS - 1, (n, c, k, value)
+    assert pass_at_k(64, 33, 32) == 1.0 and pass_at_k(64, 0, 32) == 0.0  # the true ends stay exact
 
 
 def test_pass_at_k_agrees_with_the_rl_metric_and_its_special_cases():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from difflib import SequenceMatcher
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -103,11 +104,12 @@ def test_longbench_v2_bad_rows_name_the_file_the_item_and_the_field(tmp_path):
     path = tmp_path / "data.json"
     no_choice = lbv2_row(2)
     del no_choice["choice_C"]
-    rows = [lbv2_row(1), no_choice, lbv2_row(3, "E"), lbv2_row(4, "b")]
+    rows = [lbv2_row(1), no_choice, lbv2_row(3, "E"), lbv2_row(4, "b"), lbv2_row(6, "AB"), lbv2_row(7, "BCD")]
     write_lbv2(path, rows)
     with pytest.raises(DataError, match=r"data\.json: record '66f30002': choice_C: missing"):
         load_benchmark("lbv2", path)
-    loaded = load_benchmark("lbv2", path, skip_malformed=True)  # E is no option; "b" is a letter, not "B"
+    # E is no option; "b" is a letter, not "B"; "AB" and "BCD" are not one letter (substrings of "ABCD")
+    loaded = load_benchmark("lbv2", path, skip_malformed=True)
     assert [r.id for r in loaded] == ["66f30001"]
     write_lbv2(path, [lbv2_row(3, "E")])
     with pytest.raises(DataError, match=r"record '66f30003': answer: expected one letter of ABCD, got \('E',\)"):
@@ -445,3 +447,39 @@ def test_a_conversation_fits_the_budget_with_the_chat_template_counted(qwen):
         evaluate({"mrcr": [record]}, generate, qwen, max_input_tokens=budget, chat_template_in_budget=True,
                  progress=False)
         assert budget - 64 <= seen[0] <= budget, (budget, seen)
+
+
+def test_the_memory_agent_stage_leaves_conversations_out_of_its_evaluations(tmp_path, qwen):
+    """The L1.5 recipe's held-out files hold MRCR; the memory-agent stage evaluates its agent on them, and a
+    conversation has no document to read chunk by chunk (its message list crashed the agent after the stage's
+    training): it keeps the documents only."""
+    from types import SimpleNamespace
+
+    from qwenlong.config import load_config
+    from qwenlong.pipeline.memory_agent_stage import _records
+
+    write_lbv2(tmp_path / "data.json", [lbv2_row(1, "B"), lbv2_row(2, "C")])
+    write_mrcr(tmp_path / "2needle.parquet", [mrcr_row(0)])
+    records = load_benchmark("lbv2", tmp_path / "data.json") + load_benchmark("mrcr", tmp_path / "2needle.parquet")
+    write_parquet(records, tmp_path / "heldout.parquet")
+    config = Path(__file__).resolve().parents[1] / "configs" / "qwenlong-l1.5.yaml"
+    cfg = load_config(config, [f"data.eval_files=[{tmp_path / 'heldout.parquet'}]"])
+    run = SimpleNamespace(cfg=cfg, tokenizer=qwen)
+    assert [r.id for r in _records(run, "eval")] == [r.id for r in records[:2]]
+
+
+def test_a_source_only_evaluation_scores_is_refused_as_training_data(tmp_path):
+    """MRCR has no reward rule (its grade needs the record's prefix): in training files it is refused when the
+    data loads, not when the first step scores a batch it generated."""
+    from qwenlong.config import load_config
+    from qwenlong.pipeline import build
+
+    write_mrcr(tmp_path / "2needle.parquet", [mrcr_row(0)])
+    write_parquet(load_benchmark("mrcr", tmp_path / "2needle.parquet"), tmp_path / "mixed.parquet")
+    config = Path(__file__).resolve().parents[1] / "configs" / "qwenlong-l1.5.yaml"
+    cfg = load_config(config, [f"data.train_files=[{tmp_path / 'mixed.parquet'}]",
+                               f"data.eval_files=[{tmp_path / 'mixed.parquet'}]"])
+    with pytest.raises(DataError, match=r"data\.train_files: record '2needle-0' of data source 'mrcr' is scored by "
+                                        r"evaluation only"):
+        build.load_split(cfg, "train")
+    assert [r.id for r in build.load_split(cfg, "eval")] == ["2needle-0"]  # evaluation reads it

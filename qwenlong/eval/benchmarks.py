@@ -111,7 +111,7 @@ def lettered_choices(record: DocQARecord) -> DocQARecord:
             raise ValueError(f"{', '.join(missing)}: missing or not text (LongBench v2 gives four options)")
         choices = tuple(metadata.pop(f"choice_{letter}").strip() for letter in letters)
     answer = record.answer.strip()
-    if len(record.answers) != 1 or answer not in CHOICE_LETTERS[:len(choices)]:
+    if len(record.answers) != 1 or len(answer) != 1 or answer not in CHOICE_LETTERS[:len(choices)]:
         raise ValueError(f"answer: expected one letter of {CHOICE_LETTERS[:len(choices)]}, got {record.answers!r}")
     return dataclasses.replace(record, choices=choices, answers=(answer,), metadata=metadata)
 

@@ -11,6 +11,7 @@ import torch
 
 from qwenlong.config import Config
 from qwenlong.data import (
+    DataError,
     DocQARecord,
     SyntheticConfig,
     apply_chat_template,
@@ -22,6 +23,7 @@ from qwenlong.data import (
     train_demo_tokenizer,
 )
 from qwenlong.data.prompt import question_text
+from qwenlong.data.sources import RuleKind, rule_kind
 from qwenlong.trainers.grpo import PromptExample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,7 +49,14 @@ def load_split(cfg: Config, split: str, tokenizer: Any = None) -> list[DocQAReco
     files = {"train": cfg.data.train_files, "sft": cfg.data.sft_files or cfg.data.train_files,
              "eval": cfg.data.eval_files}[split]
     if files:
-        return [record for path in files for record in load_records(path)]
+        records = [record for path in files for record in load_records(path)]
+        if split != "eval":  # a source no reward scores (MRCR's similarity) fails at the first step, not here
+            for record in records:
+                if rule_kind(record.data_source) is RuleKind.SIMILARITY:
+                    raise DataError(f"data.{split}_files: record {record.id!r} of data source "
+                                    f"{record.data_source!r} is scored by evaluation only (no reward rule): "
+                                    "leave it out of training data")
+        return records
     if cfg.data.synthetic is None:
         raise ValueError(f"data: no {split} files and no synthetic data configured")
     return synthetic_records(cfg, "eval" if split == "eval" else "train", tokenizer)

@@ -35,6 +35,7 @@ from qwenlong.data import load_records
 from qwenlong.data.synthetic import make_two_chunk_record
 from qwenlong.distributed.zero import WholeWeights, checkpoint_weights, safetensors_weights
 from qwenlong.eval import evaluate
+from qwenlong.eval.chat import chat_history
 from qwenlong.eval.generation import hf_generate_fn, sharded_generate_fn
 from qwenlong.merge import merge_into_model, sce_merge_tensor
 from qwenlong.pipeline import build
@@ -54,8 +55,10 @@ def _records(run: Any, split: str) -> list:
         seed = cfg.data.synthetic.seed + (0 if split == "train" else 1_000_003)
         return [make_two_chunk_record(i, 2 * stage.chunk_tokens, seed, run.tokenizer)
                 for i in range(stage.synthetic_documents)]
+    # a conversation (MRCR's) has no document to read chunk by chunk: it stays out of this stage's agent / full
+    # context comparisons (the run's held-out evaluation scores it)
     if split == "eval":
-        return build.load_split(cfg, "eval", run.tokenizer)
+        return [r for r in build.load_split(cfg, "eval", run.tokenizer) if chat_history(r) is None]
     return [r for path in stage.data for r in load_records(path)] if stage.data else \
         build.load_split(cfg, "train", run.tokenizer)
 

@@ -32,6 +32,7 @@ generator seeded by (seed, source, bin): a source's draw does not depend on what
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -47,10 +48,14 @@ EDGE_SLACK = 1e-9
 def pass_at_k(n: int, c: int, k: int) -> float:
     """pass@k of one item from ``c`` accurate answers out of ``n`` samples: the RL metrics' unbiased estimator
     (``qwenlong.algorithms.metrics.pass_at_k``), ``1 - C(n-c, k) / C(n, k)``. Its ends are exact (c = 0 gives
-    1 - 1, fewer than k wrong answers 1 - 0), which the end bins rely on."""
+    1 - 1, fewer than k wrong answers 1 - 0), which the end bins rely on; a value between them that fp64 rounds
+    to an end (n = 64, k = 32, c = 32: 1 - 3e-23) is kept just inside it."""
     if not 0 <= c <= n:
         raise ValueError(f"c: expected 0 <= c <= n={n}, got {c}")
-    return float(metrics.pass_at_k(torch.tensor([c]), n, k)[0])
+    value = float(metrics.pass_at_k(torch.tensor([c]), n, k)[0])
+    if 0 < c and n - c >= k:  # solved by some k-subsets, not all: never an end bin, though 1 - 1e-23 rounds to 1
+        value = min(max(value, math.ulp(0.0)), math.nextafter(1.0, 0.0))
+    return value
 
 
 def check_num_bins(num_bins: int) -> None:
