@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -295,6 +296,24 @@ def test_command_bins_a_served_model_and_draws_again_without_generating(tmp_path
     error = capsys.readouterr().err
     assert error.startswith("qwenlong data-bins: error: --out: ") and "temperature=0.7" in error
     assert error.count("\n") == 1
+
+
+def test_command_warns_when_the_judge_fails(tmp_path, monkeypatch, capsys):
+    """A judge that cannot be reached (the documented recipe once served the base model on the judge's port)
+    leaves every answer to the rules: the run says so instead of binning by the rules silently."""
+    from qwenlong.eval import generation
+
+    records = list(generate_records(4, SyntheticConfig(task="mixed", document_tokens=64), seed=6))
+    write_jsonl(records, tmp_path / "train-in.jsonl")
+    monkeypatch.setattr(generation, "openai_generate_fn", lambda *a, **kw: oracle(records, {}))  # all wrong
+    args = ["--data", str(tmp_path / "train-in.jsonl"), "--api-url", "http://127.0.0.1:1/v1", "--api-model", "base",
+            "--samples", "2", "--out", str(tmp_path / "bins")]
+    assert bins_main(*args, "--judge-url", "http://127.0.0.1:1/v1", "--judge-model", "judge") == 0
+    error = capsys.readouterr().err
+    failed = re.search(r"warning: the judge failed on (\d+) of the (\d+) answers it was asked to judge", error)
+    assert failed and failed[1] == failed[2] != "0", error  # every answer it was asked about
+    assert bins_main(*args[:-1], str(tmp_path / "again"), "--no-judge") == 0
+    assert "judge failed" not in capsys.readouterr().err
 
 
 def test_command_argument_mistakes_are_one_line_before_anything_is_written(tmp_path, capsys):

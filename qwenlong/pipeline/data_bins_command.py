@@ -4,8 +4,8 @@ Pre-infers the base model on the training records (n answers per item, scored wi
 bins each data source's items by pass@k and draws equally from every bin; writes the drawn records as a
 training file that ``data.train_files`` can name. Examples::
 
-    qwenlong data-bins --config configs/qwenlong-l1.5.yaml --api-url http://127.0.0.1:8000/v1 \\
-        --api-model Qwen/Qwen3-30B-A3B-Thinking-2507 --out data/bins      # vllm serve the base model first
+    qwenlong data-bins --config configs/qwenlong-l1.5.yaml --api-url http://127.0.0.1:8002/v1 \\
+        --api-model Qwen/Qwen3-30B-A3B-Thinking-2507 --out data/bins  # vllm serve it on 8002 (8000: the judge)
     qwenlong data-bins --data data/docqa-rl.parquet --model /path/to/base --samples 8 --out data/bins
     qwenlong data-bins --config configs/tiny.yaml data.synthetic.num_train=32 --out /tmp/bins  # CPU smoke
 
@@ -264,6 +264,19 @@ def _prompt_fn(args: argparse.Namespace, tokenizer: Any) -> Any:
     return lambda record: fit_prompt(tokenizer, record, args.max_input_tokens, chat=False)
 
 
+def _report_judge(reward: Any) -> None:
+    """Say how often the judge failed: an answer it could not judge is scored by the rules alone (as in RL), and
+    a judge that always fails (e.g. the base model served on the judge's port) would bin by the rules silently."""
+    counters = reward.counters()
+    asked, failed = counters.get("judge/requests", 0), counters.get("judge/fallbacks", 0)
+    if failed:
+        reasons = ", ".join(f"{key.split('/')[-1]} {n}" for key, n in sorted(counters.items())
+                            if key.startswith("judge/failures/"))
+        print(f"qwenlong data-bins: warning: the judge failed on {failed} of the {asked} answers it was asked to "
+              f"judge ({reasons}); those are scored by the rules alone. Check the judge's endpoint and model (is "
+              "the base model served on the judge's port?)", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from qwenlong.data import load_records
     from qwenlong.pipeline.eval_command import check_model_path, output_folder
@@ -301,6 +314,7 @@ def run(args: argparse.Namespace) -> int:
         scores = pre_infer(records, _generate_fn(args, cfg, tokenizer), reward, results, samples=args.samples,
                            k=args.pass_k, prompt=_prompt_fn(args, tokenizer), batch_size=args.batch_size,
                            progress=not args.no_progress)
+        _report_judge(reward)
     short = [s for s in scores.values() if s.n < args.pass_k]
     if short:
         raise ConfigError(f"--pass-k {args.pass_k}: {results} holds items with only {short[0].n} answers "
