@@ -189,13 +189,36 @@ def test_sharded_generate_answers_each_prompt_once_in_order(num_prompts):
             return [f"answer to {p} by {rank}" for p in share]
         return generate
 
-    shares = [generate_on(rank)(prompts[rank::world]) for rank in range(world)]
+    blocks = [prompts[len(prompts) * r // world:len(prompts) * (r + 1) // world] for r in range(world)]
+    shares = [generate_on(rank)(blocks[rank]) for rank in range(world)]
+    owner = [r for r in range(world) for _ in blocks[r]]
     for rank in range(world):
         answers = sharded_generate_fn(generate_on(rank), rank, world, lambda mine: shares)(prompts)
-        assert answers == [f"answer to {p} by {i % world}" for i, p in enumerate(prompts)]
-        assert asked[rank] == prompts[rank::world]
+        assert answers == [f"answer to {p} by {owner[i]}" for i, p in enumerate(prompts)]
+        assert asked[rank] == blocks[rank]
     with pytest.raises(ValueError, match="rank"):
         sharded_generate_fn(generate_on(0), 3, world, lambda mine: shares)
+
+
+def test_sharded_samples_of_an_item_are_independent():
+    """k samples of an item sit side by side (as evaluate lays them out): split over ranks that seed alike, they
+    are still k draws, not one answer k times (dealt out round robin, two ranks got the same prompt list)."""
+    from qwenlong.data import SyntheticConfig, generate_records, record_prompt, train_demo_tokenizer
+    from qwenlong.data.synthetic import reference_response
+    from qwenlong.eval.generation import Sampling, hf_generate_fn
+    from qwenlong.pipeline.eval_command import tiny_random_model
+
+    records = list(generate_records(4, SyntheticConfig(task="mixed", document_tokens=64), seed=0))
+    tokenizer = train_demo_tokenizer([record_prompt(r) + reference_response(r) for r in records], vocab_size=512)
+    base = hf_generate_fn(tiny_random_model(tokenizer, 0), tokenizer,
+                          Sampling(max_new_tokens=12, temperature=1.0, top_p=1.0, seed=7))
+    world, k = 2, 2
+    prompts = [record_prompt(r) for r in records[:2] for _ in range(k)]
+    shares = []  # each rank answers its share with a generate seeded as every rank's is
+    for rank in range(world):
+        sharded_generate_fn(base, rank, world, lambda mine: shares.append(mine) or [mine] * world)(prompts)
+    answers = sharded_generate_fn(lambda share: None, 0, world, lambda mine: shares)(prompts)
+    assert all(answers[i * k] != answers[i * k + 1] for i in range(2)), answers
 
 
 def test_openai_generate_sends_protocol_sampling():

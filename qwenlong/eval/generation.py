@@ -58,18 +58,19 @@ def hf_generate_fn(model: Any, tokenizer: Any, sampling: Sampling = Sampling(), 
 
 def sharded_generate_fn(generate: GenerateFn, rank: int, world_size: int,
                         gather: Callable[[Any], list[Any]]) -> GenerateFn:
-    """``generate`` with each call's prompts split over ``world_size`` ranks: rank r answers prompts
-    r, r + world_size, ..., and ``gather`` (every rank's object, in rank order) gives every rank all the
-    answers in prompt order. Every rank calls it together, with the same prompts."""
+    """``generate`` with each call's prompts split over ``world_size`` ranks in consecutive blocks (rank r
+    answers prompts ``len * r // world_size`` up to the next rank's first), and ``gather`` (every rank's object,
+    in rank order) gives every rank all the answers in prompt order. Every rank calls it together, with the same
+    prompts. Blocks, not every world_size-th prompt: an item's repeated samples sit side by side, so one rank
+    answers them in one call (dealt out, ranks could get the same prompt list and, seeded alike, give an item the
+    same answer k times)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
 
     def generate_share(prompts: Sequence[Prompt]) -> list[str]:
-        shares = gather(generate(list(prompts[rank::world_size])))
-        answers: list[str] = [""] * len(prompts)
-        for owner, share in enumerate(shares):
-            answers[owner::world_size] = share
-        return answers
+        start, stop = len(prompts) * rank // world_size, len(prompts) * (rank + 1) // world_size
+        shares = gather(generate(list(prompts[start:stop])))
+        return [answer for share in shares for answer in share]
 
     return generate_share
 
