@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -97,16 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """The flags' ranges and combinations, each named, before anything is read or loaded."""
-    for key, flag in AT_LEAST_ONE.items():
-        value = getattr(args, key)
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag}: expected >= 1, got {value}")
+    from qwenlong.pipeline.eval_command import check_ranges
+
+    check_ranges(args, AT_LEAST_ONE)
     if args.bins < 3:
         raise ConfigError(f"--bins: expected >= 3 (pass@k = 0, values between, pass@k = 1), got {args.bins}")
-    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ConfigError(f"--temperature: expected a finite number >= 0, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:  # NaN fails too
-        raise ConfigError(f"--top-p: expected a fraction in (0, 1], got {args.top_p}")
     if args.overrides and not args.config:
         raise ConfigError(f"{args.overrides[0]}: overrides need --config")
     if not (args.config or args.data):

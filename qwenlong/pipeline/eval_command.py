@@ -92,7 +92,13 @@ def _has_cuda() -> bool:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """The protocol and data flags' ranges, each named, before anything is read or loaded."""
-    for key, flag in AT_LEAST_ONE.items():
+    check_ranges(args, AT_LEAST_ONE)
+
+
+def check_ranges(args: argparse.Namespace, at_least_one: dict[str, str]) -> None:
+    """Sampling flags' ranges (``--temperature``, ``--top-p``) and the integer flags of ``at_least_one`` (dest ->
+    flag) that must be >= 1 when given; a ConfigError names the flag (shared with ``qwenlong data-bins``)."""
+    for key, flag in at_least_one.items():
         value = getattr(args, key)
         if value is not None and value < 1:
             raise ConfigError(f"{flag}: expected >= 1, got {value}")

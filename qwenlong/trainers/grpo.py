@@ -347,15 +347,17 @@ class GRPOTrainer:
         of it) for the memory agent, whose mean entropy then covers all its steps' tokens (summed over the
         micro-batches and ranks they were packed into) and which counts once in the batch entropy."""
         ec = self.cfg.entropy_control
-        sums = []  # per mini-batch: [2, responses], entropy and loss tokens summed over every rank's micro-batches
-        for rollout, batches in minibatches:
-            local = torch.zeros(2, rollout.num_responses, dtype=torch.float64, device=self.device)
-            owners = torch.tensor(rollout.owners, dtype=torch.long, device=self.device)
+        owners = [torch.tensor(rollout.owners, dtype=torch.long, device=self.device) for rollout, _ in minibatches]
+        local = []  # per mini-batch: [2, responses], entropy and loss tokens of this rank's micro-batches
+        for (rollout, batches), owner in zip(minibatches, owners, strict=True):
+            parts = torch.zeros(2, rollout.num_responses, dtype=torch.float64, device=self.device)
             for batch in batches:
-                local += response_entropy_sums(batch.token_values["entropy"], batch.mask, batch.cu_seqlens,
-                                               owners[batch.sequence_ids], rollout.num_responses)
-            shares = self.ctx.gather(local.tolist())[::self.ctx.sp_size]  # SP peers hold the same batches
-            sums.append(torch.tensor(shares, dtype=torch.float64, device=self.device).sum(0))
+                parts += response_entropy_sums(batch.token_values["entropy"], batch.mask, batch.cu_seqlens,
+                                               owner[batch.sequence_ids], rollout.num_responses)
+            local.append(parts.tolist())
+        shares = self.ctx.gather(local)[::self.ctx.sp_size]  # one exchange per step; SP peers hold the same batches
+        sums = [torch.tensor([share[i] for share in shares], dtype=torch.float64, device=self.device).sum(0)
+                for i in range(len(minibatches))]  # over every rank's micro-batches
         means = [s[0] / s[1].clamp(min=1) for s in sums]  # every response's mean token entropy
         with_tokens = torch.cat([m[s[1] > 0] for m, s in zip(means, sums, strict=True)])
         entropy = float(with_tokens.mean()) if with_tokens.numel() else 0.0
@@ -363,13 +365,12 @@ class GRPOTrainer:
         if ec.aepo:
             self.aepo_mode = aepo_mode(self.aepo_mode, entropy, ec.entropy_low, ec.entropy_high)
         kept = [0.0, 0.0]
-        for (rollout, batches), mean in zip(minibatches, means, strict=True):
-            owners = torch.tensor(rollout.owners, dtype=torch.long, device=self.device)
+        for (_, batches), owner, mean in zip(minibatches, owners, means, strict=True):
             for batch in batches:
                 values = batch.token_values
                 # the sequences' response means (0 for padding sequences past the real ones)
                 sequence_mean = torch.zeros(batch.cu_seqlens.numel() - 1, dtype=torch.float32, device=self.device)
-                sequence_mean[:len(batch.sequence_ids)] = mean[owners[batch.sequence_ids]].float()
+                sequence_mean[:len(batch.sequence_ids)] = mean[owner[batch.sequence_ids]].float()
                 keep = negative_gradient_keep(values["advantages"], values["entropy"],
                                               broadcast_to_tokens(sequence_mean, batch.cu_seqlens), ec.tau_token,
                                               ec.tau_sequence)
