@@ -139,6 +139,29 @@ def test_step_with_three_mini_batches_and_two_epochs_matches_reference(tmp_path)
         torch.testing.assert_close(p.detach().double(), q.detach(), rtol=1e-3, atol=2e-4, msg=name)
 
 
+def test_a_step_logs_the_mean_learning_rate_its_updates_used(tmp_path):
+    """Each update reads the rate before the optimizer steps (it logged the rate after: the schedule's next one,
+    so warm-up looked an update ahead)."""
+    cfg = RLConfig(group_size=2, gen_prompts_per_step=3, train_prompts_per_step=3, mini_batch_size=1,
+                   micro_batch_token_budget=20, lr=1e-3, phases=[Phase("p", 64, 8, steps=1)])
+    model = tiny_model(seed=2)
+    groups = make_groups(3, model, 1.0)
+    trainer = GRPOTrainer(model, engine=None, reward=None, cfg=cfg, decode=str, output_dir=tmp_path)
+    trainer.backend.start(lr=cfg.lr, weight_decay=0.0, total_steps=12, warmup_steps=6, schedule="cosine",
+                          grad_clip=1.0)
+    used = []
+    real_step = trainer.backend.optimizer.step
+
+    def step(*args, **kwargs):
+        used.append(trainer.backend.optimizer.param_groups[0]["lr"])
+        return real_step(*args, **kwargs)
+
+    trainer.backend.optimizer.step = step
+    logged = [trainer.update(groups)["lr"] for _ in range(2)]
+    assert len(used) == 6 and used[:3] == pytest.approx([cfg.lr / 6, 2 * cfg.lr / 6, 3 * cfg.lr / 6])
+    assert logged == pytest.approx([sum(used[:3]) / 3, sum(used[3:]) / 3])
+
+
 def test_old_logprobs_are_computed_once_before_any_update(tmp_path):
     """With one epoch and three mini-batches, today's fix shows as ratios != 1 after the first update."""
     cfg = RLConfig(group_size=4, gen_prompts_per_step=3, train_prompts_per_step=3, mini_batch_size=1,

@@ -206,3 +206,44 @@ def test_sft_keeps_the_newest_checkpoints(tmp_path):
     assert sorted(p.name for p in trainer.checkpoint_dir().iterdir()) == ["sft-step000006", "sft-step000007"]
     resumed = SFTTrainer(tiny_model(seed=99), random_pairs(20, seed=5), cfg, output_dir=tmp_path)
     assert resumed.resume() and resumed.step == 7
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_sft_epochs_train_every_example_exactly_that_many_times(tmp_path, epochs):
+    """``epochs: E`` is E passes over the data, even when an epoch's micro-batches are not a multiple of a step's:
+    the last step of an epoch is short (it took micro-batches of the next epoch, so some examples were trained
+    once more than the others: 1 epoch of 9 micro-batches at 4 per step saw 6 of 20 examples twice)."""
+    from collections import Counter
+
+    pairs = random_pairs(20, seed=3)
+    cfg = SFTConfig(epochs=epochs, lr=1e-3, token_budget=24, max_seq_len=24, grad_accum_steps=4)
+    trainer = SFTTrainer(tiny_model(), pairs, cfg, output_dir=tmp_path)
+    per_epoch = len(trainer._epoch_micro_batches(0))
+    assert per_epoch % cfg.grad_accum_steps, "the case needs an epoch that does not fill its last step"
+    assert trainer.total_steps == epochs * -(-per_epoch // cfg.grad_accum_steps)
+    seen = Counter(i for step in range(trainer.total_steps) for ids in trainer._step_micro_batches(step) for i in ids)
+    assert seen == dict.fromkeys(range(len(pairs)), epochs)
+    # every epoch is the whole data once, in its own shuffled order
+    steps_per_epoch = trainer.total_steps // epochs
+    for epoch in range(epochs):
+        steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+        assert [ids for step in steps for ids in trainer._step_micro_batches(step)] == \
+            trainer._epoch_micro_batches(epoch)
+
+
+def test_sft_logs_the_learning_rate_its_step_used(tmp_path):
+    """A step's logged ``lr`` is the one its update used (it was the next step's: warm-up looked a step ahead)."""
+    cfg = SFTConfig(steps=6, lr=1e-3, token_budget=48, max_seq_len=64, warmup_steps=4, lr_schedule="cosine")
+    trainer = SFTTrainer(tiny_model(), random_pairs(20, seed=5), cfg, output_dir=tmp_path)
+    used = []
+    real_step = trainer.backend.optimizer.step
+
+    def step(*args, **kwargs):
+        used.append(trainer.backend.optimizer.param_groups[0]["lr"])
+        return real_step(*args, **kwargs)
+
+    trainer.backend.optimizer.step = step
+    logged = [metrics["lr"] for metrics in trainer.train()]
+    assert logged == pytest.approx(used)
+    # warm-up from 1/4 of the rate, then the cosine from the full rate
+    assert logged[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])

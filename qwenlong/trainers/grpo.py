@@ -433,8 +433,9 @@ class GRPOTrainer:
 
     def _optimizer_step(self, batches: list[PackedBatch], num_tokens: int, num_sequences: int) -> dict[str, float]:
         metrics = self.accumulate(batches, num_tokens, num_sequences)
+        lr = self.backend.lr  # the rate this update uses: after the step the schedule has moved on
         grad_norm = self.backend.step()
-        return {"loss": metrics.pop("loss"), "grad_norm": grad_norm, "lr": self.backend.lr, **metrics}
+        return {"loss": metrics.pop("loss"), "grad_norm": grad_norm, "lr": lr, **metrics}
 
     # ------------------------------------------------------------------ phases
 

@@ -61,8 +61,10 @@ class SFTTrainer:
         self.device = next(model.parameters()).device
         self._packed: list[list[int]] | None = None
         self.batches_per_step = cfg.grad_accum_steps * self.ctx.dp_size  # over all data-parallel ranks
-        per_epoch = math.ceil(len(self._epoch_micro_batches(0)) / self.batches_per_step)
-        self.total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * per_epoch))
+        # an epoch's last step takes what is left of it (fewer micro-batches), so E epochs are E passes
+        self.steps_per_epoch = math.ceil(len(self._epoch_micro_batches(0)) / self.batches_per_step)
+        self.total_steps = (cfg.steps if cfg.steps is not None
+                            else max(1, math.ceil(cfg.epochs * self.steps_per_epoch)))
         self.backend.start(lr=cfg.lr, weight_decay=cfg.weight_decay, total_steps=self.total_steps,
                            warmup_steps=cfg.warmup_steps, schedule=cfg.lr_schedule, grad_clip=cfg.grad_clip)
         self.step = 0
@@ -76,12 +78,13 @@ class SFTTrainer:
         return batches
 
     def _step_micro_batches(self, step: int) -> list[list[int]]:
-        """The step's micro-batches over all data-parallel ranks; rank r trains on ``[r::dp_size]``."""
-        accum = self.batches_per_step
-        per_epoch = len(self._epoch_micro_batches(0))
-        epochs = {k: divmod(k, per_epoch) for k in range(step * accum, (step + 1) * accum)}
-        orders = {epoch: self._epoch_micro_batches(epoch) for epoch, _ in epochs.values()}
-        return [orders[epoch][index] for epoch, index in epochs.values()]
+        """The step's micro-batches over all data-parallel ranks; rank r trains on ``[r::dp_size]``.
+
+        Steps never straddle epochs: the last step of an epoch holds its remaining micro-batches (borrowing
+        from the next epoch trained some examples once more than the others)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        start = index * self.batches_per_step
+        return self._epoch_micro_batches(epoch)[start:start + self.batches_per_step]
 
     def _pack(self, indices: list[int]):
         pairs = [self.examples[i] for i in indices]
@@ -107,9 +110,10 @@ class SFTTrainer:
         self.model.train()
         metrics = self.accumulate(self._step_micro_batches(self.step))
         metrics.update(self.ctx.sum({"loss": metrics["loss"], "tokens": metrics["tokens"]}))
+        lr = self.backend.lr  # the rate this update uses: after the step the schedule has moved on
         grad_norm = self.backend.step()
         self.step += 1
-        return {"loss": metrics["loss"], "grad_norm": grad_norm, "lr": self.backend.lr,
+        return {"loss": metrics["loss"], "grad_norm": grad_norm, "lr": lr,
                 "tokens": metrics["tokens"], "target_tokens": metrics["target_tokens"]}
 
     def checkpoint_dir(self) -> Path:
