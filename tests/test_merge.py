@@ -115,6 +115,17 @@ def test_sce_select_breaks_ties_by_position():
     assert merged.tolist() == [1.0, 2.0, 3.0] + [0.0] * 7
 
 
+def test_sce_merges_scalar_tensors():
+    """A 0-dim parameter (a learned scale) merges like any tensor (its weights' flatten(1) raised IndexError)."""
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn((), generator=generator, dtype=torch.float64)
+    models = [base + torch.randn((), generator=generator, dtype=torch.float64) for _ in range(3)]
+    for select_topk in (1.0, 0.5):
+        merged = sce_merge_tensor(base, models, select_topk)
+        assert merged.shape == ()
+        torch.testing.assert_close(merged, direct_sce(base, models, select_topk))
+
+
 @pytest.mark.parametrize("select_topk", [1.0, 0.3])
 def test_streaming_sce_matches_direct_implementation(models, tmp_path, select_topk):
     out = tmp_path / "merged"
@@ -156,3 +167,35 @@ def test_merge_refuses_bad_inputs(models, tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         sce_merge_checkpoints(models["base"], [models["b"]], tmp_path / "full")
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+
+
+def test_inplace_merge_keeps_the_models_precision_over_a_bf16_base():
+    """The pipeline's in-place merge of an fp32 policy over the released bf16 weights (ZeRO-3 reads the base from
+    the safetensors as they are): the result is the fp32 merge, not one rounded to the base's bf16 (that rounding
+    is ~0.4% of a weight, far more than what RL moved it: the merge wiped out the fine-tuning)."""
+    from qwenlong.distributed.zero import WholeWeights
+    from qwenlong.merge import merge_into_model
+
+    model = _tiny(0)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for param in model.parameters():  # weights a bf16 file holds exactly
+            param.copy_(param.to(torch.bfloat16).float())
+    base = {name: tensor.to(torch.bfloat16) for name, tensor in model.state_dict().items()}
+    other = {name: tensor.float() + 1e-4 * torch.randn(tensor.shape, generator=generator)
+             for name, tensor in base.items()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1e-4 * torch.randn(param.shape, generator=generator))
+    own = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+
+    def sources():
+        return (WholeWeights(lambda name: tuple(base[name].shape), base.__getitem__),
+                [WholeWeights(lambda name: tuple(other[name].shape), other.__getitem__)])
+
+    merge_into_model(model, sources, lambda b, others: sce_merge_tensor(b, others, 0.5))
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32
+        expected = direct_sce(base[name], [other[name], own[name]], 0.5)
+        torch.testing.assert_close(tensor.double(), expected, rtol=1e-6, atol=1e-6,
+                                   msg=lambda text, name=name: f"{name}: {text}")

@@ -99,8 +99,14 @@ def merge_into_model(model: torch.nn.Module, open_sources: OpenSources | None, m
                 if sources is not None:
                     base, others = sources
                     device = tensor.device
-                    merged = merge(base.read(name).to(device), [*(o.read(name).to(device) for o in others),
-                                                                tensor.data])
+                    base_tensor = base.read(name).to(device)
+                    other_tensors = [o.read(name).to(device) for o in others]
+                    # the merge returns its base's dtype: a base read narrower than the model (bf16 files, an
+                    # fp32 model) would round every merged weight to bf16, wiping out deltas below its precision
+                    wide = base_tensor.dtype
+                    for t in (*other_tensors, tensor):
+                        wide = torch.promote_types(wide, t.dtype)
+                    merged = merge(base_tensor.to(wide), [*other_tensors, tensor.data])
                     tensor.data.copy_(merged)
     finally:
         if sources is not None:

@@ -47,7 +47,7 @@ def sce_select_mask(deltas: torch.Tensor, select_topk: float) -> torch.Tensor:
 
 def sce_weights(deltas: torch.Tensor) -> torch.Tensor:
     """``[M]`` per-model weights of this tensor: each delta's mean square, normalised to sum 1."""
-    energy = deltas.square().flatten(1).mean(dim=1)
+    energy = deltas.square().reshape(len(deltas), -1).mean(dim=1)  # reshape: a 0-dim tensor's deltas are [M]
     total = energy.sum()
     if total <= 0:
         return torch.full_like(energy, 1.0 / len(energy))
