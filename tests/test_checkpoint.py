@@ -137,3 +137,41 @@ def test_a_truncated_file_in_a_subfolder_is_found(tmp_path):
     data = (path / "deepspeed" / "mp_rank_00_model_states.pt").read_bytes()
     (path / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(data[: len(data) // 2])
     assert "mp_rank_00_model_states.pt" in checkpoint_problem(path)
+
+
+def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_good_one(tmp_path, monkeypatch):
+    """A machine that loses power right after a save (and the prune that follows it) must find the new checkpoint
+    whole: its files reach the disk before the rename commits it, and the rename before older ones are deleted.
+    (Nothing was synced: the page cache could still hold model.pt when keep=1 had deleted the last good one.)"""
+    from qwenlong.state import checkpoint
+
+    events = []
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, checkpoint.shutil.rmtree
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    def rmtree(path, *args, **kwargs):
+        events.append(("rmtree", str(path)))
+        real_rmtree(path, *args, **kwargs)
+
+    first = _saved(tmp_path, "sft-step000001")
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", rmtree)
+    second = _saved(tmp_path, "sft-step000002")
+    prune_checkpoints(second, keep=1)
+    assert not first.exists()
+
+    commit = events.index(("replace", str(second) + ".tmp", str(second)))
+    synced = {event[1] for event in events[:commit] if event[0] == "fsync"}
+    for name in ("model.pt", "trainer.pt", "save_order", STATE_FILE):  # small files: their atomic write's temporary
+        assert any(path == f"{second}.tmp/{name}" or path.startswith(f"{second}.tmp/.{name}.") for path in synced), name
+    assert f"{second}.tmp" in synced  # the folder's entries
+    deleted = events.index(("rmtree", str(first)))
+    assert ("fsync", str(tmp_path)) in events[commit:deleted]  # the rename itself, before the old one goes

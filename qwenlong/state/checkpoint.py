@@ -129,6 +129,24 @@ def staging_dir(path: str | Path) -> Path:
     return tmp
 
 
+def sync_folder(folder: str | Path) -> None:
+    """Flush ``folder``'s entries (files created or renamed in it) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: str | Path) -> None:
+    """Flush every file under ``folder`` (whichever rank or library wrote it), then the folders' entries."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        sync_folder(root)
+
+
 def write_checkpoint(folder: Path, model_state: dict, optimizer_state: dict | None, scheduler_state: dict | None,
                      state: dict[str, Any]) -> None:
     """Write a checkpoint's files into its staging ``folder`` (next to the checkpoints it joins)."""
@@ -136,7 +154,7 @@ def write_checkpoint(folder: Path, model_state: dict, optimizer_state: dict | No
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()},
                folder / TRAINER_FILE)
     order = 1 + max((save_order(p)[0] for p in folder.parent.iterdir() if p != folder and p.is_dir()), default=0)
-    (folder / ORDER_FILE).write_text(str(order), encoding="utf-8")
+    write_text(folder / ORDER_FILE, str(order))
     write_json(folder / STATE_FILE, state)
 
 
@@ -157,13 +175,17 @@ def save_order(path: Path) -> tuple[int, int]:
 def commit_checkpoint(tmp: Path, path: str | Path) -> Path:
     """Rename a fully written staging folder into place. A checkpoint already there under that name is
     renamed aside first and deleted after: the run is without a checkpoint of that name for two renames,
-    not for the deletion of a whole folder."""
+    not for the deletion of a whole folder. Its files are on disk before the rename makes it the checkpoint,
+    and the rename before anything older is deleted: a power loss right after a save (and the prune that
+    follows it) finds the new checkpoint whole, or the old one."""
     path = Path(path)
+    sync_tree(tmp)
     replaced = path.with_name(path.name + REPLACED_SUFFIX)
     if path.exists():
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(path, replaced)
     os.replace(tmp, path)
+    sync_folder(path.parent)
     shutil.rmtree(replaced, ignore_errors=True)
     return path
 
