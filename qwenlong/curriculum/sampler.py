@@ -3,7 +3,9 @@
 A phase walks a shuffled order of its prompts like a data loader: each prompt is drawn once per
 epoch, the order of epoch ``e`` is a fixed function of ``(key, e)``, and the cursor is part of the
 checkpoint, so a resumed run draws the prompts the uninterrupted one would. One step never holds
-the same prompt twice, even across dynamic-sampling rounds (``exclude``).
+the same prompt twice, even across dynamic-sampling rounds (``exclude``): a prompt the walk reaches
+while it is excluded (a draw that crosses into the next epoch, or a later round of the step) is owed
+and given first by the next draw that may take it, so no epoch loses it.
 
 Task-balanced (QwenLong-L1.5): every draw holds an equal number of prompts of each task (the
 example's ``data_source``); each task walks its own shuffled order, refilled when exhausted, so a
@@ -25,6 +27,7 @@ class _Stream:
     def __init__(self, size: int, key: str):
         self.size, self.key = size, key
         self.epoch, self.position = 0, 0
+        self.owed: list[int] = []  # reached while in ``skip``: given before the walk moves on
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> list[int]:
@@ -33,8 +36,13 @@ class _Stream:
         return order
 
     def next(self, skip) -> int | None:
-        """The next index not in ``skip`` (skipped indices are consumed); None when every index is in
-        ``skip`` (nothing left to give this step)."""
+        """The next index not in ``skip``: an owed one first, else the walk's; None when every index is in
+        ``skip`` (nothing left to give this step). Indices the walk passes in ``skip`` become owed (consuming
+        them would leave them out of their epoch)."""
+        for k, index in enumerate(self.owed):
+            if index not in skip:
+                del self.owed[k]
+                return index
         # the rest of this epoch and a whole next one: every index comes up at least once
         for _ in range(2 * self.size):
             if self.position == self.size:
@@ -44,13 +52,16 @@ class _Stream:
             self.position += 1
             if index not in skip:
                 return index
+            if index not in self.owed:  # owed twice only when skipped a whole epoch: once is enough
+                self.owed.append(index)
         return None
 
-    def state(self) -> list[int]:
-        return [self.epoch, self.position]
+    def state(self) -> list:
+        return [self.epoch, self.position, list(self.owed)]
 
-    def load(self, state: Sequence[int]) -> None:
+    def load(self, state: Sequence) -> None:
         self.epoch, self.position = int(state[0]), int(state[1])
+        self.owed = [int(i) for i in state[2]] if len(state) > 2 else []  # older checkpoints: nothing owed
         self._order = self._permutation(self.epoch)
 
 
