@@ -423,3 +423,32 @@ def test_a_phase_naming_data_the_run_lacks_is_refused_before_any_stage(tmp_path,
     overrides[-2:] = [f"output.dir={tmp_path / 'b'}", "rl.phases.1.data=[synthetic_copy]"]
     with pytest.raises(pytest.fail.Exception, match="SFT ran"):
         pipeline.run_pipeline(load_config(TINY, overrides))
+
+
+def test_records_sharing_an_id_are_refused_by_name(tmp_path):
+    """Reward history, retrospective carrying and evaluation results are kept by id: two verl files whose
+    ``extra_info.index`` both start at 0 gave records that shared a history (and one hid the other when carried).
+    They are refused naming the id and both files; the same rows with their own ids load."""
+    from qwenlong.config import load_config
+    from qwenlong.data import DataError
+    from qwenlong.pipeline import build
+
+    def verl_file(name: str, ids: list) -> Path:
+        rows = [{"prompt": [{"role": "user", "content": f"Q{i}?"}], "data_source": "docmath",
+                 "reward_model": {"ground_truth": "4"}, "extra_info": {"index": k, **({} if i is None else {"id": i})}}
+                for k, i in enumerate(ids)]
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return path
+
+    for files, error in [
+        ([verl_file("a.jsonl", [None, None]), verl_file("b.jsonl", [None])],
+         r"id '0' is in .*a\.jsonl and in .*b\.jsonl"),
+        ([verl_file("c.jsonl", ["x", "y", "x"])], r"id 'x' is in .*c\.jsonl and in .*c\.jsonl"),
+    ]:
+        for split in ("train", "eval"):
+            cfg = load_config(TINY, [f"data.{split}_files=[{','.join(map(str, files))}]"])
+            with pytest.raises(DataError, match=rf"data\.{split}_files: {error}"):
+                build.load_split(cfg, split)
+    cfg = load_config(TINY, [f"data.train_files=[{verl_file('d.jsonl', ['p', 'q'])},{verl_file('e.jsonl', ['r'])}]"])
+    assert [r.id for r in build.load_split(cfg, "train")] == ["p", "q", "r"]

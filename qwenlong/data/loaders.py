@@ -4,10 +4,11 @@ verl rows carry ``prompt`` (chat messages), ``data_source`` and
 ``reward_model.ground_truth``; their prompt is split back into document and question when it
 follows the method's template, else kept as a rendered prompt. A malformed row (wrong types, a line
 that is not UTF-8 or not JSON, nesting deeper than ``MAX_NESTING``, a blank or placeholder gold answer,
-a ``data_source`` no reward rule knows) raises :class:`DataError` naming the file and row (1-based
-line for JSONL, 0-based item or row for JSON arrays and Parquet), or, with ``skip_malformed=True``,
-is skipped and counted in :attr:`LoadResult.skipped`; the rows around it load either way. A file that
-cannot be read as a whole (a corrupt Parquet file) is a ``DataError`` naming it.
+a gold answer its reward rule cannot read or no option names, a ``data_source`` no reward rule knows)
+raises :class:`DataError` naming the file and row (1-based line for JSONL, 0-based item or row for JSON
+arrays and Parquet), or, with ``skip_malformed=True``, is skipped and counted in
+:attr:`LoadResult.skipped`; the rows around it load either way. A file that cannot be read as a whole (a
+corrupt Parquet file) is a ``DataError`` naming it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from qwenlong.data.prompt import split_prompt
 from qwenlong.data.records import DocQARecord, answer_tuple, metadata_mapping, record_from_mapping
-from qwenlong.data.sources import rule_kind
+from qwenlong.data.sources import RuleKind, rule_kind
 
 MAX_NESTING = 64  # lists and objects inside one another; real rows need a handful
 
@@ -70,8 +71,9 @@ def record_from_verl_row(row: Mapping[str, Any], *, default_id: str) -> DocQARec
     extra = metadata_mapping(row.get("extra_info"), key="extra_info")
     answers = answer_tuple(reward_model["ground_truth"])
     parts = split_prompt(prompt)
+    record_id = next((extra[key] for key in ("id", "index") if extra.get(key) is not None), default_id)
     return DocQARecord(
-        id=str(extra.get("id", extra.get("index", default_id))),
+        id=str(record_id),
         data_source=str(row["data_source"]),
         document=parts[0] if parts else "",
         question=parts[1] if parts else "",
@@ -109,10 +111,15 @@ def _parse_json(data: bytes) -> Any:
         raise ValueError(f"nested deeper than {MAX_NESTING} levels") from None
 
 
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte order mark: Windows editors and exports start files with it
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """Each line on its own (read as bytes: one line that is not UTF-8 spoils only itself)."""
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
+            if lineno == 1:
+                line = line.removeprefix(_BOM)
             if not line.strip():
                 continue
             try:
@@ -124,12 +131,12 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     """A .json file: a JSON array of rows, or JSON Lines under a .json name."""
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
+        head = f.read(4096).removeprefix(_BOM).lstrip()
     if not head.startswith(b"["):
         yield from _jsonl_rows(path)
         return
     try:
-        rows = _parse_json(path.read_bytes())
+        rows = _parse_json(path.read_bytes().removeprefix(_BOM))
     except ValueError as e:
         raise DataError(f"{path}: {e}") from None
     for index, row in enumerate(rows):
@@ -189,6 +196,16 @@ def _check_data_source(data_source: str) -> None:
     rule_kind(data_source)
 
 
+def _check_gold(record: DocQARecord) -> None:
+    """A ValueError when the reward's rule cannot read the record's gold answers, or no option's letter names
+    one (checked with the rule itself: a gold it cannot read raises at the first score, mid-run)."""
+    from qwenlong.rewards.rules import check_golds  # rewards reads data's source table: imported when called
+
+    kind = rule_kind(record.data_source)
+    if kind is not RuleKind.SIMILARITY:  # MRCR: scored by evaluation against its prefix, not by a rule
+        check_golds(kind, record.answers, len(record.choices))
+
+
 def load_records(path: str | os.PathLike, *, data_source: str | None = None,
                  skip_malformed: bool = False, limit: int | None = None) -> LoadResult:
     """Records from a ``.jsonl``/``.json`` or ``.parquet`` file (verl rows detected per row).
@@ -220,6 +237,10 @@ def load_records(path: str | os.PathLike, *, data_source: str | None = None,
                 record = record_from_mapping(row, default_id=default_id, data_source=data_source)
             if data_source is None:
                 _check_data_source(record.data_source)
+            # a caller that routes the rows itself (a benchmark loader) checks golds it reads options for
+            # (LongBench v2 gathers them from choice_A..D after loading)
+            if data_source is None or record.choices:
+                _check_gold(record)
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             # ValueError: a check of ours; the others: a row shaped in a way no check foresaw
             reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"

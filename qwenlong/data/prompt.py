@@ -9,17 +9,15 @@ with the answer-format instruction. The LLM judge recovers the question as the t
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qwenlong.data.records import DocQARecord
+from qwenlong.data.records import CHOICE_LETTERS, DocQARecord
 
 FORMAT_INSTRUCTION = 'Format your response as follows: "Therefore, the answer is (insert answer here)".'
 _HEAD = "Please read the following text and answer the question below.\n\n<text>\n"
 _MIDDLE = "\n</text>\n\n"
 _TAIL = "\n\n" + FORMAT_INSTRUCTION
-CHOICE_LETTERS = string.ascii_uppercase
 
 
 def build_prompt(document: str, question: str) -> str:
@@ -34,8 +32,6 @@ def question_text(record: DocQARecord) -> str:
         return extract_question(record.prompt)
     if not record.choices:
         return record.question
-    if len(record.choices) > len(CHOICE_LETTERS):
-        raise ValueError(f"choices: at most {len(CHOICE_LETTERS)} options, got {len(record.choices)}")
     options = "\n".join(f"({CHOICE_LETTERS[i]}) {c}" for i, c in enumerate(record.choices))
     return f"{record.question}\n{options}"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ _ANSWER_KEYS = ("answer", "answers", "ground_truth", "Answer", "gold")
 _DOCUMENT_KEYS = ("document", "context", "paragraphs", "wiki_items")
 # a gold answer that is blank or only dots ("...", "…") is a placeholder left in the data, not an answer
 _PLACEHOLDER_ANSWER = re.compile(r"[\s.\u2026]*")
+CHOICE_LETTERS = string.ascii_uppercase  # options are lettered in the prompt: at most 26
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class DocQARecord:
             raise ValueError(f"answers: must be a non-empty tuple of strings, got {self.answers!r}")
         if self.prompt is None and not self.question:
             raise ValueError("question: must be non-empty when no rendered prompt is given")
+        if len(self.choices) > len(CHOICE_LETTERS):
+            raise ValueError(f"choices: at most {len(CHOICE_LETTERS)} options (A-Z), got {len(self.choices)}")
 
     @property
     def answer(self) -> str:
@@ -84,6 +88,8 @@ def _document_text(value: Any) -> str:
     if isinstance(value, Sequence):
         parts = []
         for item in value:
+            if item is None:  # a null paragraph (Parquet lists hold them): nothing to read
+                continue
             if isinstance(item, Mapping):
                 parts.append("\n".join(str(item[k]) for k in ("title", "text") if item.get(k)))
             else:

@@ -67,8 +67,16 @@ def fit_prompt_report(tokenizer: Any, record: DocQARecord, max_input_tokens: int
     if total <= max_input_tokens:
         return FittedPrompt(full, total, False)
     if record.prompt is not None:
-        text = truncate_middle(tokenizer, full, max_input_tokens)
-        return FittedPrompt(text, count_tokens(tokenizer, text), True)
+        # a cut through a character or a merge can encode to more tokens than it kept: shrink until it fits
+        budget = max_input_tokens
+        while True:
+            text = truncate_middle(tokenizer, full, budget)
+            length = count_tokens(tokenizer, text)
+            if length <= max_input_tokens:
+                return FittedPrompt(text, length, True)
+            if budget == 0:  # nothing left to cut (the tokenizer adds tokens to an empty text)
+                raise ValueError(f"max_input_tokens: {max_input_tokens} is too small for any prompt")
+            budget = max(0, budget - (length - max_input_tokens))
     overhead = count_tokens(tokenizer, render(""))
     doc_budget = max_input_tokens - overhead
     if doc_budget <= 0:
@@ -80,7 +88,7 @@ def fit_prompt_report(tokenizer: Any, record: DocQARecord, max_input_tokens: int
         length = count_tokens(tokenizer, fitted)
         if length <= max_input_tokens:
             return FittedPrompt(fitted, length, True)
-        doc_budget -= length - max_input_tokens
+        doc_budget = max(0, doc_budget - (length - max_input_tokens))  # 0: the empty document, which fits
 
 
 def fit_prompt(tokenizer: Any, record: DocQARecord, max_input_tokens: int, *, chat: bool = True) -> str:

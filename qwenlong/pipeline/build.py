@@ -49,7 +49,16 @@ def load_split(cfg: Config, split: str, tokenizer: Any = None) -> list[DocQAReco
     files = {"train": cfg.data.train_files, "sft": cfg.data.sft_files or cfg.data.train_files,
              "eval": cfg.data.eval_files}[split]
     if files:
-        records = [record for path in files for record in load_records(path)]
+        records, where = [], {}
+        for path in files:
+            for record in load_records(path):
+                # reward history, retrospective carrying and evaluation results are kept by id: two records
+                # with one id would share them (verl's extra_info.index restarts at 0 in every file)
+                if record.id in where:
+                    raise DataError(f"data.{split}_files: id {record.id!r} is in {where[record.id]} and in {path}: "
+                                    "give every row its own id (extra_info.id in verl rows)")
+                where[record.id] = path
+                records.append(record)
         if split != "eval":  # a source no reward scores (MRCR's similarity) fails at the first step, not here
             for record in records:
                 if rule_kind(record.data_source) is RuleKind.SIMILARITY:

@@ -191,6 +191,21 @@ def _golds(kind: RuleKind, ground_truth: str | float | Sequence[str | float]) ->
     return parsed
 
 
+def check_golds(kind: RuleKind, ground_truth: Any, num_choices: int = 0) -> None:
+    """A ValueError (``answer: ...``) when the rule of ``kind`` cannot read the gold answers (it would raise at
+    the first score, mid-run), or, for a multiple-choice item with ``num_choices`` options, when a gold letter
+    names none of them (no response could ever score)."""
+    try:
+        golds = _golds(kind, ground_truth)
+    except ValueError as e:
+        raise ValueError(f"answer: {str(e).removeprefix('ground_truth: ')}") from None
+    if kind is RuleKind.CHOICE and num_choices:
+        last = chr(ord("A") + num_choices - 1)
+        for letter in golds:
+            if not "A" <= letter <= last:
+                raise ValueError(f"answer: {letter!r} names none of the {num_choices} options (A-{last})")
+
+
 def _score(kind: RuleKind, segment: str, golds: list, config: RuleConfig) -> RuleResult:
     if kind is RuleKind.CHOICE:
         letter = extract_choice(segment)
