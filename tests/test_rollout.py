@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import tiny_causal_lm
 
-from qwenlong.rollout import Completion, HFGenerateEngine, SamplingParams, logprob_mismatch
+from qwenlong.rollout import Completion, HFGenerateEngine, RolloutEngine, SamplingParams, logprob_mismatch
 
 transformers = pytest.importorskip("transformers")
 
@@ -265,3 +265,94 @@ def test_hf_engine_reports_each_group_once_its_batch_is_done(model):
     # batch 3 (rows 8-11) prompts 2 and 3
     assert [batches for _, _, batches in reports] == [1, 2, 3, 3]
     assert groups == HFGenerateEngine(model, eos_token_id=EOS, max_batch_size=4).generate(prompts, params)
+
+
+def test_unseeded_calls_draw_fresh_samples_from_the_global_generator(model):
+    """seed=None samples from torch's global generator and moves it on, as torch's own sampling does: two
+    unseeded calls must not repeat each other, and the global seed still reproduces them."""
+    engine = HFGenerateEngine(model, eos_token_id=EOS)
+    params = SamplingParams(max_new_tokens=8, n=4)
+    torch.manual_seed(11)
+    first, second = engine.generate(PROMPTS, params), engine.generate(PROMPTS, params)
+    assert [c.token_ids for g in first for c in g] != [c.token_ids for g in second for c in g]
+    torch.manual_seed(11)
+    assert engine.generate(PROMPTS, params) == first
+
+
+def test_update_weights_takes_a_tied_models_state_dict():
+    """A state dict names a tied weight under every owner (``lm_head.weight`` beside ``model.embed_tokens.weight``):
+    each name must be accepted, and generation must follow the new weights."""
+    policy = tiny_causal_lm(seed=0, vocab_size=48, max_positions=128, initializer_range=0.3,
+                            tie_word_embeddings=True).eval()
+    updated = tiny_causal_lm(seed=1, vocab_size=48, max_positions=128, initializer_range=0.3,
+                             tie_word_embeddings=True).eval()
+    assert "lm_head.weight" in updated.state_dict()
+    engine = HFGenerateEngine(policy, eos_token_id=EOS)
+    engine.update_weights(updated.state_dict().items())
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    expected = HFGenerateEngine(updated, eos_token_id=EOS).generate(PROMPTS, params)
+    assert engine.generate(PROMPTS, params) == expected
+
+
+@pytest.mark.parametrize("bad", [48, -1])
+def test_out_of_vocabulary_prompt_token_is_refused_by_name(model, bad):
+    """An id outside the embedding table fails in the embedding lookup (on a GPU, as a device-side assert that
+    poisons the CUDA context); the engine says which prompt and token instead."""
+    engine = HFGenerateEngine(model, eos_token_id=EOS)
+    with pytest.raises(ValueError, match=rf"prompts: prompt 1 has token id {bad}.*vocabulary of 48"):
+        engine.generate([[5, 6], [7, bad, 8]], SamplingParams(max_new_tokens=3))
+
+
+def test_nan_temperature_is_refused():
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(max_new_tokens=4, temperature=float("nan"))
+
+
+class PositionSeededEngine(RolloutEngine):
+    """Samples as vLLM does with a seed: prompt i's sample j depends only on the prompt and seed + i * n + j."""
+
+    def generate(self, prompts, params, on_complete=None):
+        def sample(prompt, seed):
+            rng = random.Random(f"{prompt}:{seed}")
+            tokens = [rng.randrange(1000) for _ in range(params.max_new_tokens)]
+            return Completion(tokens, [0.0] * len(tokens), "length")
+
+        return [[sample(p, params.seed + i * params.n + j) for j in range(params.n)] for i, p in enumerate(prompts)]
+
+    def update_weights(self, named_tensors):
+        pass
+
+
+def test_placed_engines_give_identical_prompts_their_own_samples():
+    """The memory agent's group is G identical prompts in one seeded call; placed over engines (every
+    num_engines-th pooled prompt to each), copies land on several engines at the same position: they must still
+    sample independently, or the group's trajectories repeat each other."""
+    import threading
+
+    from qwenlong.plan.placement import rollout_placement
+    from qwenlong.rollout.colocated import PlacedEngine
+
+    world = 2
+    placement = rollout_placement(world, 1)
+    slots, barrier, results = [None] * world, threading.Barrier(world), [None] * world
+
+    def rank_main(rank):
+        def gather(obj):
+            slots[rank] = obj
+            barrier.wait()
+            out = list(slots)
+            barrier.wait()
+            return out
+
+        engine = PlacedEngine(PositionSeededEngine(), placement, rank, gather)
+        prompts = [[10 + rank, 11]] * 4  # one query's group of 4 on each rank
+        results[rank] = engine.generate(prompts, SamplingParams(max_new_tokens=6, n=2, seed=9))
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for groups in results:
+        samples = [tuple(c.token_ids) for g in groups for c in g]
+        assert len(samples) == 8 and len(set(samples)) == 8

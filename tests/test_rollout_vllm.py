@@ -205,6 +205,27 @@ def test_eos_ends_a_completion_as_in_hf_generate(engine, policy):
     assert got[0][0].token_ids[-1] == eos and got[0][0].finish_reason == "stop"
 
 
+def test_end_of_sequence_ids_given_to_the_engine_end_completions_as_in_hf_generate(policy):
+    """The pipeline gives both engines the same end-of-sequence ids (the tokenizer's EOS and ``<|im_end|>``);
+    vLLM had only the model folder's generation config, so a chat turn's end that the config does not name
+    (a base model's) ran on to the length limit under vLLM while HF generate stopped there."""
+    folder, model, tokenizer = policy
+    free = hf_engine(model, tokenizer).generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.0))
+    tokens = free[0][0].token_ids
+    turn_end = next(t for i, t in enumerate(tokens) if i >= 3 and t not in tokens[:i])  # not in the config
+    eos_ids = [tokenizer.eos_token_id, turn_end]
+    reference = HFGenerateEngine(model, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
+    params = SamplingParams(max_new_tokens=12, temperature=0.0)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"))
+        env.setattr(torch, "set_num_threads", torch.set_num_threads)
+        engine = VLLMEngine(str(folder), dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+                            kv_cache_memory_bytes=32 << 20, eos_token_id=eos_ids)
+        got = engine.generate(PROMPTS, params)
+    assert_same_completions(got, reference.generate(PROMPTS, params), model, PROMPTS, 1.0)
+    assert got[0][0].token_ids[-1] == turn_end and got[0][0].finish_reason == "stop"
+
+
 @pytest.mark.parametrize("chunk_bytes", [1 << 30, 20_000], ids=["one-chunk", "q-and-k-in-different-chunks"])
 def test_update_weights_switches_to_the_new_weights(engine, policy, chunk_bytes):
     """Greedy tokens and log-probs become those of the new weights, also for a prompt whose prefix
@@ -310,3 +331,34 @@ def test_update_weights_of_a_moe_policy(tmp_path):
            f"t.check_moe_weight_sync({str(tmp_path)!r})"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_identical_prompts_in_one_call_sample_independently(engine, policy):
+    """The memory agent sends a group's trajectories as identical prompts (n=1 each) in one seeded call: each
+    request must draw its own samples, as HFGenerateEngine's rows do, or every trajectory of a group is the same
+    and its advantages all zero."""
+    prompt = PROMPTS[1]
+    groups = engine.generate([prompt] * 6, SamplingParams(max_new_tokens=12, temperature=1.0, seed=4))
+    assert len({tuple(g[0].token_ids) for g in groups}) > 1
+    # n > 1 too: two identical prompts' groups differ, and every sample still matches the trainer
+    groups = engine.generate([prompt] * 2, SamplingParams(max_new_tokens=12, temperature=1.0, n=3, seed=4))
+    assert [c.token_ids for c in groups[0]] != [c.token_ids for c in groups[1]]
+    assert engine_vs_trainer(policy[1], groups, [prompt] * 2, 1.0)["logprob_abs_diff_max"] < LOGPROB_ATOL
+    # still reproducible by the seed
+    again = engine.generate([prompt] * 2, SamplingParams(max_new_tokens=12, temperature=1.0, n=3, seed=4))
+    assert again == groups
+
+
+@pytest.mark.parametrize(("bad", "error"), [([], "prompts: every prompt needs at least one token"),
+                                            ([5] * 600, "maximum context length is 512")],
+                         ids=["empty", "longer-than-max-model-len"])
+def test_a_refused_prompt_leaves_no_request_behind(engine, policy, bad, error):
+    """vLLM refuses a prompt when its request is added: the requests this call added before it must not stay in
+    the engine, where the next call would meet their outputs."""
+    _, model, tokenizer = policy
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    with pytest.raises(Exception, match=error):
+        engine.generate([PROMPTS[0], PROMPTS[1], bad], params)
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+    assert_same_completions(engine.generate(PROMPTS, params), hf_engine(model, tokenizer).generate(PROMPTS, params),
+                            model, PROMPTS, 1.0)

@@ -159,7 +159,7 @@ def build_engine(run: Run) -> RolloutEngine:
             kwargs["distributed_executor_backend"] = "external_launcher"
         engine = VLLMEngine(str(save_policy_folder(run)), tensor_parallel_size=rollout.tensor_parallel_size,
                             gpu_memory_utilization=rollout.gpu_memory_utilization, dtype=run.cfg.model.dtype,
-                            seed=run.cfg.seed, sleep_mode=sleep, **kwargs)
+                            seed=run.cfg.seed, sleep_mode=sleep, eos_token_id=build.eos_ids(run.tokenizer), **kwargs)
         return colocate(engine, placement, ctx.rank, ctx.gather, sleep)
     return HFGenerateEngine(run.model, eos_token_id=build.eos_ids(run.tokenizer),
                             pad_token_id=run.tokenizer.pad_token_id, generation_attention=GENERATION_ATTENTION,

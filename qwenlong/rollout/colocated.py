@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -44,6 +45,11 @@ class PlacedEngine(RolloutEngine):
         pooled = [(rank, i, list(prompt)) for rank, share in enumerate(self.gather([list(p) for p in prompts]))
                   for i, prompt in enumerate(share)]
         mine = self.placement.share(pooled, self.engine_index)
+        if params.seed is not None:
+            # an engine seeds its requests from the seed by position (VLLMEngine: prompt i's sample j takes
+            # seed + i * n + j), so identical prompts dealt to two engines (a memory-agent group) would sample
+            # alike at the same position: each engine starts past the seeds of the engines before it
+            params = replace(params, seed=params.seed + self.engine_index * len(pooled) * params.n)
         groups = self.engine.generate([prompt for _, _, prompt in mine], params) if mine else []
         leader = self.placement.is_leader(self.rank)
         results = self.gather([((rank, i), group) for (rank, i, _), group in zip(mine, groups, strict=True)]

@@ -33,7 +33,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens: expected >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # NaN too
             raise ValueError(f"temperature: expected >= 0 (0 decodes greedily), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: expected 0 < top_p <= 1, got {self.top_p}")

@@ -106,6 +106,7 @@ class HFGenerateEngine(RolloutEngine):
                  on_complete: OnComplete | None = None) -> list[list[Completion]]:
         if any(len(prompt) == 0 for prompt in prompts):
             raise ValueError("prompts: every prompt needs at least one token")
+        self._check_vocabulary(prompts)
         # prompt i's samples are rows i*n .. i*n+n-1
         rows = [list(prompt) for prompt in prompts for _ in range(params.n)]
         was_training, own_defaults = self.model.training, self.model.generation_config
@@ -115,11 +116,12 @@ class HFGenerateEngine(RolloutEngine):
         if self.generation_attention is not None:
             self.model.set_attn_implementation(self.generation_attention)
         try:
-            # a seeded call leaves every generator it reseeds (CPU, and the model's GPU: sampling runs there) as it was
+            # a seeded call leaves every generator it reseeds (CPU, and the model's GPU: sampling runs there) as it was;
+            # an unseeded one draws from them and moves them on (restored, the next unseeded call would repeat it)
             device = next(self.model.parameters()).device
             cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
                 if device.type == "cuda" else []
-            with torch.random.fork_rng(devices=cuda):
+            with torch.random.fork_rng(devices=cuda, enabled=params.seed is not None):
                 if params.seed is not None:
                     torch.manual_seed(params.seed)
                 missing = self._missing_batches(-(-len(rows) // self.max_batch_size))
@@ -138,6 +140,19 @@ class HFGenerateEngine(RolloutEngine):
             if self.generation_attention is not None:
                 self.model.set_attn_implementation(own_attention)
         return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
+
+    def _check_vocabulary(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Refuses a token id outside the embedding table: the lookup would fail without naming the prompt (on a
+        GPU as a device-side assert that leaves the CUDA context unusable)."""
+        embeddings = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        vocab = getattr(embeddings, "num_embeddings", None)
+        if vocab is None:
+            return
+        for i, prompt in enumerate(prompts):
+            low, high = min(prompt), max(prompt)
+            if low < 0 or high >= vocab:
+                raise ValueError(f"prompts: prompt {i} has token id {low if low < 0 else high}, outside the model's "
+                                 f"vocabulary of {vocab}")
 
     def _missing_batches(self, count: int) -> int:
         """How many fewer batches than the busiest rank this rank has (0 unless ``synced``)."""
@@ -183,8 +198,9 @@ class HFGenerateEngine(RolloutEngine):
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        targets = dict(self.model.named_parameters())
-        targets.update(self.model.named_buffers())
+        # every name of a shared tensor (a tied LM head is ``lm_head.weight`` in a state dict too)
+        targets = dict(self.model.named_parameters(remove_duplicate=False))
+        targets.update(self.model.named_buffers(remove_duplicate=False))
         for name, tensor in named_tensors:
             if name not in targets:
                 raise ValueError(f"named_tensors: the model has no parameter or buffer {name!r}")

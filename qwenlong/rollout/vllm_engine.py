@@ -54,16 +54,21 @@ class VLLMEngine(RolloutEngine):
         gpu_memory_utilization: share of GPU memory vLLM may take (the trainer needs the rest).
         weight_chunk_bytes: most bytes of weights loaded per ``load_weights`` call in ``update_weights``.
         sleep_mode: build the engine so that it can ``sleep`` and ``wake_up`` (vLLM's sleep mode, CUDA only).
+        eos_token_id: end-of-sequence id(s) a completion also ends at (kept as its last token), besides those of
+            the model folder's generation config: the ids the HF engine is given, so both engines end a chat
+            turn alike (a base model's generation config may name ``<|endoftext|>`` but not ``<|im_end|>``).
         **engine_kwargs: passed on to ``vllm.LLM`` (e.g. ``max_model_len``, ``dtype``, ``seed``).
     """
 
     def __init__(
         self, model: str, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.6,
-        weight_chunk_bytes: int = 1 << 30, sleep_mode: bool = False, **engine_kwargs: Any
+        weight_chunk_bytes: int = 1 << 30, sleep_mode: bool = False, eos_token_id: int | Sequence[int] = (),
+        **engine_kwargs: Any
     ) -> None:
         if weight_chunk_bytes < 1:
             raise ValueError(f"weight_chunk_bytes: must be >= 1, got {weight_chunk_bytes}")
         self.weight_chunk_bytes = weight_chunk_bytes
+        self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         try:
             import vllm
         except ImportError as error:
@@ -87,26 +92,34 @@ class VLLMEngine(RolloutEngine):
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  on_complete: OnComplete | None = None) -> list[list[Completion]]:
-        sampling = self._vllm.SamplingParams(
-            n=params.n,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            max_tokens=params.max_new_tokens,
-            stop_token_ids=list(params.stop_token_ids),
-            logprobs=0,  # only the sampled token's log-prob
-            seed=params.seed,
-            # one output per prompt, once all n samples are done (as LLM.generate sets it)
-            output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
-        )
+        if any(len(prompt) == 0 for prompt in prompts):
+            raise ValueError("prompts: every prompt needs at least one token")
+
+        def sampling(i: int) -> Any:
+            # vLLM seeds each request's generator with its seed (sample j of n: seed + j), so one seed for all
+            # would give identical prompts (the memory agent's group of trajectories) identical samples: prompt i
+            # takes the seeds after those of the prompts before it
+            return self._vllm.SamplingParams(
+                n=params.n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                max_tokens=params.max_new_tokens,
+                stop_token_ids=list(dict.fromkeys([*self.eos_token_ids, *params.stop_token_ids])),
+                logprobs=0,  # only the sampled token's log-prob
+                seed=None if params.seed is None else params.seed + i * params.n,
+                # one output per prompt, once all n samples are done (as LLM.generate sets it)
+                output_kind=self._vllm.sampling_params.RequestOutputKind.FINAL_ONLY,
+            )
+
         # the engine's own loop (what LLM.generate runs inside), to report each group as it finishes
         engine = self.llm.llm_engine
         index = {}
-        for i, prompt in enumerate(prompts):
-            request_id = f"qwenlong-{next(self._request_ids)}"
-            engine.add_request(request_id, {"prompt_token_ids": list(prompt)}, sampling)
-            index[request_id] = i
         groups: list[list[Completion] | None] = [None] * len(prompts)
         try:
+            for i, prompt in enumerate(prompts):  # vLLM may refuse one (too long): the earlier ones are aborted
+                request_id = f"qwenlong-{next(self._request_ids)}"
+                engine.add_request(request_id, {"prompt_token_ids": list(prompt)}, sampling(i))
+                index[request_id] = i
             while engine.has_unfinished_requests():
                 for output in engine.step():
                     if output.finished:
