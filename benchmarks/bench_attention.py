@@ -246,6 +246,12 @@ def shapes(totals, layouts) -> list[tuple[str, list[int]]]:
     return sorted(out, key=lambda shape: shape[0] != "docs<=8K" or sum(shape[1]) != 32 * 1024)  # stable
 
 
+def failure_reason(exc: BaseException) -> str:
+    """``Type: first line of the message`` (100 characters at most), or the type alone when there is no message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:100]}" if lines else type(exc).__name__
+
+
 def bench(variants: dict, totals, layouts, heads: int, kv_heads: int, head_dim: int, dtype, device: str,
           repeats: int, budget: float = float("inf")) -> list[dict]:
     rows = []
@@ -276,8 +282,10 @@ def bench(variants: dict, totals, layouts, heads: int, kv_heads: int, head_dim: 
                 row["status"] = "ok"
             except torch.OutOfMemoryError:
                 row["status"] = OOM
-            except (RuntimeError, ValueError) as exc:  # e.g. an SDPA backend that does not support this GPU or shape
-                row["status"] = f"{NOT_AVAILABLE}: {str(exc).splitlines()[0][:100]}"
+            except Exception as exc:  # noqa: BLE001  the row's status, never the end of the benchmark: an SDPA
+                # backend that does not support this GPU or shape, a peer whose API moved (TypeError), a Triton
+                # kernel that does not fit (OutOfResources, no RuntimeError), an assert with no message
+                row["status"] = f"{NOT_AVAILABLE}: {failure_reason(exc)}"
             if device == "cuda":
                 torch.cuda.empty_cache()
             print(row, flush=True)

@@ -135,6 +135,7 @@ def time_ms(run: Callable[..., object], *, setup: Callable[[], Sequence] | None 
             begin = time.perf_counter()
             run(*args)
             elapsed = (time.perf_counter() - begin) * 1e3
+        del args  # freed before setup() makes the next run's inputs: never two runs' inputs at once
         if i >= warmup:
             times.append(elapsed)
     return statistics.median(times)

@@ -39,3 +39,30 @@ def test_deterministic_false_variant_runs_the_atomic_backward(monkeypatch):
         results.append((out, *grads))
     for default, atomic in zip(*results, strict=True):
         torch.testing.assert_close(atomic, default, atol=1e-5, rtol=1e-5)
+
+
+def test_a_row_that_fails_is_reported_and_the_others_still_run():
+    """One variant's failure is that row's status, whatever it raises (a peer's API that moved raises TypeError, a
+    Triton kernel that does not fit the GPU OutOfResources, an assert AssertionError, none of them a RuntimeError,
+    some with no message): it must not end the benchmark, which would then write no results at all."""
+    sys.path.insert(0, str(ROOT))
+    from triton.runtime.errors import OutOfResources
+
+    from benchmarks import bench_attention
+
+    def raising(error):
+        def run(q, k, v, cu, m):
+            raise error
+
+        return run
+
+    variants = {"moved API": raising(TypeError("flash_attn_varlen_func() got an unexpected keyword argument")),
+                "too big a tile": raising(OutOfResources(300_000, 232_448, "shared memory")),
+                "no message": raising(AssertionError()),
+                "naive (materialized)": bench_attention.naive()}
+    rows = bench_attention.bench(variants, [128], ["docs<=8K"], 2, 1, 16, torch.float32, "cpu", repeats=1)
+    status = {row["variant"]: row["status"] for row in rows}
+    assert status["naive (materialized)"] == "ok", rows
+    assert status["moved API"].startswith("not available: TypeError: flash_attn_varlen_func()"), rows
+    assert status["too big a tile"].startswith("not available: OutOfResources"), rows
+    assert status["no message"] == "not available: AssertionError", rows

@@ -97,3 +97,27 @@ def test_secondary_variants_are_measured_after_every_other_row():
     assert secondary and min(secondary) == len(order) - len(secondary)
     primary_pairs = [(op, batch) for op, batch, name in order if name == "fused triton (ours)"]
     assert primary_pairs == bench_logprobs.speed_plan(batches)
+
+
+def test_time_ms_frees_each_runs_inputs_before_making_the_next():
+    """Each timed run's inputs (at T = 120K on the GPU: a 152K x 5120 weight, its gradient, the hidden states) are
+    freed before ``setup`` makes the next run's: else two runs' inputs live at once, and a row that fit in its
+    peak-memory run ran out of memory in its timed runs (reported OOM)."""
+    import weakref
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import time_ms
+
+    class Inputs(list):
+        pass
+
+    previous, alive_at_setup = [], []
+
+    def setup():
+        alive_at_setup.append(any(ref() is not None for ref in previous))
+        inputs = Inputs([1.0])
+        previous.append(weakref.ref(inputs))
+        return inputs
+
+    time_ms(lambda x: x * 2, setup=setup, warmup=1, repeats=3)
+    assert len(alive_at_setup) == 4 and not any(alive_at_setup), alive_at_setup

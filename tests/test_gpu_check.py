@@ -174,3 +174,52 @@ def test_tile_sweep_candidates_replace_part_of_one_config_and_are_checked(tmp_pa
         assert [row["candidate"] for row in rows][0] == "table" and len(rows) == 2, rows
         assert all(row["status"] == "ok" and row["fwd ms"] > 0 and row["bwd ms"] > 0 for row in rows), rows
         assert rows[1]["max rel error"] < 1e-4, (name, rows[1])  # fp32 under the interpreter: summation order only
+
+
+def test_a_failed_cuda_build_still_installs_the_triton_kernels(tmp_path):
+    """The build step's editable install is what makes qwenlong.kernels importable on the machine: when the CUDA
+    build fails, the step installs without the CUDA part (and still says FAILED), else the GPU tests and both
+    benchmarks of the lease fail on the import. A fake nvcc and a python3 that says torch is a CUDA build and
+    fails pip's CUDA build stand in for the GPU machine."""
+    import shutil
+
+    bin_dir, pip_log = tmp_path / "bin", tmp_path / "pip.log"
+    bin_dir.mkdir()
+    (bin_dir / "nvcc").write_text("#!/bin/sh\necho 'fake nvcc'\n")
+    (bin_dir / "python3").write_text(f"""#!/usr/bin/env bash
+if [ "$1" = -c ] && [[ $2 == *"torch.version.cuda or ''"* ]]; then echo 13.0; exit 0; fi
+if [ "$1 $2 $3" = "-m pip install" ]; then
+  echo "QWENLONG_BUILD_CUDA=${{QWENLONG_BUILD_CUDA:-}} $*" >>{pip_log}
+  [ "${{QWENLONG_BUILD_CUDA:-}}" = 1 ] && {{ echo 'fake: nvcc error'; exit 1; }}
+  exit 0
+fi
+exec {shutil.which("python3")} "$@"
+""")
+    for fake in ("nvcc", "python3"):
+        (bin_dir / fake).chmod(0o755)
+    env = os.environ | {"OUT": str(tmp_path / "out"), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                        "CUDA_HOME": str(tmp_path)}
+    proc = _run("--quick", "--steps", "build", env=env)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    installs = pip_log.read_text().splitlines()
+    assert len(installs) == 2 and all("-e " in line for line in installs), installs
+    assert installs[0].startswith("QWENLONG_BUILD_CUDA=1 ") and installs[1].startswith("QWENLONG_BUILD_CUDA=0 ")
+    row = re.search(r"^build +\d+ +\d+ +(FAILED rc=1) +(.*)$", proc.stdout, re.M)
+    assert row and "installed without the CUDA part" in row.group(2), proc.stdout[-2000:]
+
+
+def test_a_benchmark_that_crashes_leaves_the_other_its_results(tmp_path):
+    """The two benchmarks run in a process each: a crash in one (a segfault, an abort, or a CUDA error that
+    poisons the context, an illegal address or a device-side assert, fails every later op of the process) still
+    leaves the other its rows and results files, and the summary says which failed. Here logprobs aborts."""
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    (crash / "sitecustomize.py").write_text('import os, sys\nif "logprobs" in sys.argv:\n    os.abort()\n')
+    scratch = tmp_path / "scratch"
+    env = os.environ | {"OUT": str(tmp_path / "out"), "GPU_CHECK_SCRATCH": str(scratch),
+                        "PYTHONPATH": os.pathsep.join(filter(None, [str(crash), os.environ.get("PYTHONPATH")]))}
+    proc = _run("--quick", "--steps", "bench", env=env)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert list((scratch / "results" / "bench").glob("*-attention.json")), proc.stdout[-3000:]
+    row = re.search(r"^bench +\d+ +\d+ +(FAILED rc=\d+) +(.*)$", proc.stdout, re.M)
+    assert row and "logprobs FAILED" in row.group(2) and "attention done" in row.group(2), proc.stdout[-2000:]

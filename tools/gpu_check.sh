@@ -20,11 +20,17 @@
 #   env        nvidia-smi, python / torch / triton / transformers versions, the commit          -> logs/env.log
 #   wheels     .whl/*.whl (if any) installed with pip --target $SCRATCH/site, then on PYTHONPATH
 #   build      a CUDA torch and nvcc: QWENLONG_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip install --no-deps
-#              --no-build-isolation -e . (the editable install is what makes qwenlong.kernels importable);
+#              --no-build-isolation -e . (the editable install is what makes qwenlong.kernels importable: when
+#              the CUDA build fails or runs past the limit less BUILD_FALLBACK_RESERVE, the step installs
+#              without the CUDA part, so the Triton tests and benchmarks still run, and says FAILED);
 #              else (a CPU machine) the C++ part alone, built into the scratch folder, the tree untouched
-#   gpu-tests  python3 -m pytest -m gpu on the test files that carry the marker, a per-test timeout
-#   bench      python3 -m benchmarks --only logprobs attention --budget B, B = the step's limit less a
-#              reserve for start-up and the row in flight; the limit is what is left of the total
+#   gpu-tests  python3 -m pytest -m gpu on the test files that carry the marker, a per-test timeout; then the
+#              Triton kernel test files' other tests, compiled for the GPU (8 processes)
+#   tiles      tools/tile_sweep.py: the tile candidates the compile report left open, timed against the tables'
+#   bench      python3 -m benchmarks --only logprobs, then --only attention, a process each (a crash or a CUDA
+#              error in one leaves the other its results), --budget B between them: logprobs B/2, attention
+#              what is left; B = the step's limit less a reserve for start-up and the row in flight; the limit
+#              is what is left of the total
 #   pack       results/ and logs/ as $OUT/results.tar.gz (plots dropped if it would pass 15 MiB)
 # then a summary (step, limit, seconds, status) on stdout and in $OUT/summary.txt. Exit status 1 when a
 # step failed or timed out. Without $OUT (a local run) the files go to a folder named on stdout.
@@ -50,6 +56,8 @@ BENCH_RESERVE_QUICK=30 BENCH_RESERVE_FULL=75
 KILL_AFTER=5                       # SIGKILL this long after a step's SIGTERM
 # the tiles step: start-up and the candidate in flight (a compile)
 TILES_RESERVE_QUICK=10 TILES_RESERVE_FULL=30
+# the build step: the install without the CUDA part, when the CUDA build fails or runs past its limit less this
+BUILD_FALLBACK_RESERVE=30
 PER_TEST_TIMEOUT=90                # pytest-timeout, seconds per GPU test
 PACK_MAX_BYTES=$((15 * 1024 * 1024))  # the device returns files of at most 16 MiB
 PEER_WHEELS=(liger-kernel==0.8.5 cut-cross-entropy==25.1.1)  # what bench_logprobs compares against
@@ -128,11 +136,11 @@ command_of() {  # the step's main command, for the plan and the logs
     build) echo "QWENLONG_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 python3 -m pip install --no-deps" \
                 "--no-build-isolation -e . (CPU: QWENLONG_BUILD_CUDA=0 setup.py build_ext into \$SCRATCH)" ;;
     gpu-tests) echo "python3 -m pytest -m gpu --timeout=$PER_TEST_TIMEOUT $(gpu_test_files | tr '\n' ' ');" \
-                    "python3 -m pytest -n 8 $(bash -c kernel_test_files) (the Triton kernels compiled for the GPU; where torch sees one)" ;;
+                    "python3 -m pytest -m 'not gpu' -n 8 $(bash -c kernel_test_files) (the Triton kernels compiled for the GPU; where torch sees one)" ;;
     tiles) echo "python3 tools/tile_sweep.py --budget <limit - $TILES_RESERVE> (attention and LM-head tile candidates" \
                 "against the tables'; a smoke run without a GPU)" ;;
-    bench) echo "python3 -m benchmarks --only logprobs attention --budget <limit - $BENCH_RESERVE>" \
-                "$([ "$QUICK" = 1 ] && echo --quick)" ;;
+    bench) echo "python3 -m benchmarks --only logprobs, then --only attention (a process each), --budget <limit -" \
+                "$BENCH_RESERVE> between them $([ "$QUICK" = 1 ] && echo --quick)" ;;
     pack) echo "tar -czf \$OUT/results.tar.gz results logs" ;;
   esac
 }
@@ -183,7 +191,7 @@ else
 fi
 mkdir -p "$OUT_DIR" || exit 1
 MAIN_LOG=$LOGS/gpu_check.log
-export ROOT MODE QUICK BENCH_RESERVE TILES_RESERVE SCRATCH RESULTS LOGS SITE PEERS_PATH PER_TEST_TIMEOUT PACK_MAX_BYTES OUT_DIR PYTHONUNBUFFERED=1
+export ROOT MODE QUICK BENCH_RESERVE TILES_RESERVE BUILD_FALLBACK_RESERVE SCRATCH RESULTS LOGS SITE PEERS_PATH PER_TEST_TIMEOUT PACK_MAX_BYTES OUT_DIR PYTHONUNBUFFERED=1
 
 say() { echo "[gpu_check $((SECONDS))s] $*" | tee -a "$MAIN_LOG"; }
 note() { echo "NOTE: $*"; }  # a step's one-line status detail for the summary (its last NOTE line counts)
@@ -262,8 +270,24 @@ step_build() {
     export CPATH
     echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS torch CUDA $torch_cuda"
     # --no-index and no version check: nothing can be reached from the machine, so pip must not try
-    python3 -m pip install --disable-pip-version-check --no-index --no-deps --no-build-isolation --no-cache-dir \
-      -e "$ROOT" || return 1
+    local install=(python3 -m pip install --disable-pip-version-check --no-index --no-deps --no-build-isolation
+                   --no-cache-dir -e "$ROOT")
+    # the editable install is what makes qwenlong.kernels importable: a CUDA build that fails or runs long must
+    # not take the Triton tests and benchmarks down with it, so it gets what is left less the reserve in which
+    # the install without the CUDA part (the C++ host part, ~15 s) runs instead
+    local cuda_limit=$((STEP_LIMIT - SECONDS - BUILD_FALLBACK_RESERVE)) rc=0
+    cuda_limit=$((cuda_limit < 1 ? 1 : cuda_limit))  # (timeout 0 would mean no limit)
+    timeout --kill-after=5 "$cuda_limit" "${install[@]}" || rc=$?
+    if [ "$rc" != 0 ]; then
+      echo "the CUDA build failed (rc=$rc$([ "$rc" = 124 ] && echo ": past its $cuda_limit s")): installing without" \
+           "the CUDA part, so that qwenlong.kernels (the Triton kernels) still imports for the tests and benchmarks"
+      if QWENLONG_BUILD_CUDA=0 "${install[@]}" && python3 -c "import qwenlong.kernels"; then
+        note "CUDA build FAILED (rc=$rc): installed without the CUDA part (Triton kernels only)"
+      else
+        note "CUDA build FAILED (rc=$rc), and the install without the CUDA part too: qwenlong.kernels missing"
+      fi
+      return 1
+    fi
     python3 - <<'EOF' || return 1
 from qwenlong import _C
 
@@ -297,7 +321,8 @@ step_gpu_tests() {
   rc=${PIPESTATUS[0]}
   if python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     # -v: a line per test as it ends, so that a step cut by its limit still says which ran and how
-    python3 -m pytest -v -rfEs "${parallel[@]}" "${timeout_flag[@]}" --junitxml="$RESULTS/kernel-tests.xml" \
+    # -m "not gpu": the gpu-marked ones of these files ran just above
+    python3 -m pytest -v -rfEs -m "not gpu" "${parallel[@]}" "${timeout_flag[@]}" --junitxml="$RESULTS/kernel-tests.xml" \
       "${kernel_files[@]}" 2>&1 | tee "$SCRATCH/kernel-pytest.out"
     kernel_rc=${PIPESTATUS[0]}
   else  # the interpreter would take minutes here, and the README's test command runs these files anyway
@@ -312,11 +337,32 @@ step_gpu_tests() {
 }
 
 step_bench() {
-  local quick=() rc
+  # one process per benchmark: a crash, a hang or a CUDA error that poisons the context (an illegal address, a
+  # device-side assert: every later op of the process fails) in one leaves the other its rows and results files.
+  # logprobs: half the budget, and a limit of that and half the reserve (its last row, start-up, writing);
+  # attention: what is left of the budget, and of the step's limit less a little, so that its own limit ends it
+  local quick=() rc=0 name budget limit status begin=$SECONDS started
   [ "$QUICK" = 1 ] && quick=(--quick)
-  python3 -m benchmarks --only logprobs attention --out "$RESULTS/bench" --budget "$BENCH_BUDGET" "${quick[@]}" \
-    2>&1 | tee "$SCRATCH/bench.out"
-  rc=${PIPESTATUS[0]}
+  : >"$SCRATCH/bench.out"
+  for name in logprobs attention; do
+    if [ "$name" = logprobs ]; then
+      budget=$((BENCH_BUDGET / 2)) limit=$((BENCH_BUDGET / 2 + BENCH_RESERVE / 2))
+    else
+      budget=$((BENCH_BUDGET - (SECONDS - begin))) limit=$((STEP_LIMIT - SECONDS - 3))
+    fi
+    budget=$((budget < 1 ? 1 : budget)) limit=$((limit < 1 ? 1 : limit)) started=$SECONDS
+    timeout --kill-after=5 "$limit" python3 -m benchmarks --only "$name" --out "$RESULTS/bench" --budget "$budget" \
+      "${quick[@]}" 2>&1 | tee -a "$SCRATCH/bench.out"
+    status=${PIPESTATUS[0]}
+    if [ "$status" != 0 ]; then
+      rc=$status
+      # a process killed or crashed says nothing: say it here, in the form the note reads
+      grep -qE "^=== $name: (done|FAILED) in" "$SCRATCH/bench.out" ||
+        echo "=== $name: FAILED in $((SECONDS - started)) s (the process ended with rc=$status$(
+          [ "$status" = 124 ] || [ "$status" = 137 ] && echo ": past its limit of $limit s"))" |
+          tee -a "$SCRATCH/bench.out"
+    fi
+  done
   note "budget ${BENCH_BUDGET} s: $(sed -n 's/^=== \(.*\): \(done\|FAILED\) in \(.*\)$/\1 \2 \3/p' "$SCRATCH/bench.out" |
     paste -sd ';' | sed 's/;/; /g')"
   return "$rc"
@@ -357,7 +403,8 @@ run_step() {  # name limit: runs step_<name> under timeout, output to logs/<name
   [[ $LIVE_STEPS == *" $name "* ]] && live=$OUT_DIR/$name.log
   say "=== $name: limit ${limit} s, log $log"
   echo "\$ $(command_of "$name")" >"$log"
-  timeout --kill-after="$KILL_AFTER" "$limit" bash -c "step_${name//-/_}" 2>&1 </dev/null | tee -a "$log" >"$live"
+  STEP_LIMIT=$limit timeout --kill-after="$KILL_AFTER" "$limit" bash -c "step_${name//-/_}" 2>&1 </dev/null |
+    tee -a "$log" >"$live"
   rc=${PIPESTATUS[0]}
   SPENT[$name]=$((SECONDS - begin)) USED_LIMIT[$name]=$limit
   case $rc in
