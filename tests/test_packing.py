@@ -213,6 +213,23 @@ def test_reference_raises_the_same_messages(monkeypatch, use_reference):
             packing.balance_partitions([-5, 3], 2, cost=cost)
 
 
+@needs_host
+@pytest.mark.parametrize("bad", [float("nan"), -float("nan"), -1.0, float("inf"), -float("inf"), -1e-320])
+def test_extension_and_reference_name_bad_weights_alike(bad):
+    """The extension printed a NaN with its sign bit set as "-nan" where Python (and so the reference) says
+    "nan": the two paths must raise the same message for every weight they refuse."""
+    weights = [1.0, bad, 2.0]
+    messages = []
+    for call in (lambda: _C.host.balance_partitions(np.array(weights), 2),
+                 lambda: reference.balance_partitions(weights, 2),
+                 lambda: _C.host.balance_and_pack(np.array([1, 1, 1]), np.array(weights), 2, 4, True),
+                 lambda: reference.balance_and_pack([1, 1, 1], weights, 2, 4, True)):
+        with pytest.raises(ValueError, match=r"^weights\[1\] must be finite and non-negative, got ") as error:
+            call()
+        messages.append(str(error.value))
+    assert len(set(messages)) == 1, messages
+
+
 # ---- cu_seqlens / position ids ------------------------------------------------------------
 
 

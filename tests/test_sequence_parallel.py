@@ -403,3 +403,26 @@ def test_sp_logprobs_num_tokens_must_fit_the_gathered_tokens(num_tokens, monkeyp
         gather_per_token(batch["labels"], num_tokens=num_tokens)
     for count in (0, total):
         assert sp_linear_logprobs(batch["hidden"], weight, batch["labels"], num_tokens=count).shape == (count,)
+
+
+def test_context_sum_reduces_on_the_context_device(monkeypatch):
+    """``DistributedContext.sum`` built its tensor on the CPU whatever the context's device, and NCCL serves CUDA
+    tensors only ("No backend type associated with device type cpu"): every multi-GPU step died at its first
+    metrics sum. The reduce must run on ``ctx.device``. A fake collective that, like NCCL, takes one device
+    type (meta here, as this test needs no GPU) stops the call once it has seen the tensor."""
+    from qwenlong.distributed import context
+
+    class Reduced(Exception):
+        pass
+
+    device = torch.device("meta")
+
+    def one_device_all_reduce(tensor, *args, **kwargs):
+        if tensor.device != device:
+            raise RuntimeError(f"No backend type associated with device type {tensor.device.type}")
+        raise Reduced
+
+    monkeypatch.setattr(context.dist, "all_reduce", one_device_all_reduce)
+    ctx = context.DistributedContext(rank=0, world_size=2, device=device)
+    with pytest.raises(Reduced):
+        ctx.sum({"loss": 1.5, "tokens": 7.0})

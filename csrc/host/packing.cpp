@@ -139,8 +139,9 @@ Groups partition_karmarkar_karp(const double* weights, int64_t n, int64_t k) {
   check_k(k);
   for (int64_t i = 0; i < n; ++i)
     if (!(weights[i] >= 0.0) || std::isinf(weights[i]))
+      // std::to_string prints a NaN with its sign bit set as "-nan"; Python (the reference) says "nan"
       throw std::invalid_argument("weights[" + std::to_string(i) + "] must be finite and non-negative, got " +
-                                  std::to_string(weights[i]));
+                                  (std::isnan(weights[i]) ? std::string("nan") : std::to_string(weights[i])));
   Groups groups(k);
   if (k == 1) {  // every spread is 0: one group with everything
     groups[0].resize(n);

@@ -56,7 +56,8 @@ class DistributedContext:
         if self.world_size == 1 or not values:
             return values
         names = sorted(values)
-        total = torch.tensor([float(values[name]) for name in names], dtype=torch.float64)
+        # on the context's device: NCCL serves CUDA tensors only
+        total = torch.tensor([float(values[name]) for name in names], dtype=torch.float64, device=self.device)
         dist.all_reduce(total)
         return dict(zip(names, total.tolist(), strict=True))
 

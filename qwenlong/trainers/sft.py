@@ -102,7 +102,8 @@ class SFTTrainer:
                 loss = linear_cross_entropy(hidden, weight, local.targets, reduction="sum") / max(1, num_targets)
                 self.backend.backward(loss)
                 total += loss.detach()
-                tokens += local.num_tokens
+                if ids and self.ctx.sp_rank == 0:  # the packed tokens once per group: no shard padding, no
+                    tokens += batch.num_tokens         # placeholder batch of a rank without micro-batches
         return {"loss": float(total), "tokens": tokens, "target_tokens": num_targets}
 
     def train_step(self) -> dict[str, float]:
