@@ -34,6 +34,7 @@ from qwenlong.data.synthetic import TASKS
 
 # --- prompt -----------------------------------------------------------------------------------
 
+
 def test_prompt_matches_method_template_and_inverts():
     prompt = build_prompt("Doc line 1.\nDoc line 2.", "Who won?")
     assert prompt == (
@@ -96,7 +97,6 @@ def test_truncate_middle_text_and_fit_prompt(qwen):
         fit_prompt(qwen, record, 20)
 
 
-
 def test_fit_prompt_keeps_a_rendered_prompt_within_the_budget(qwen):
     """A record given as a rendered prompt is cut as a whole; decoding a cut that splits a character or a merge
     and encoding it again may give more tokens than the budget: the result must still fit."""
@@ -113,6 +113,7 @@ def test_fit_prompt_keeps_a_rendered_prompt_within_the_budget(qwen):
             assert fitted.num_tokens == count_tokens(qwen, fitted.text) <= budget, (budget, chat, text)
 
 # --- synthetic generator ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("length", [300, 4000])
@@ -317,7 +318,6 @@ def test_verl_row_with_foreign_prompt_keeps_rendered_prompt(tmp_path):
     assert record.prompt == "Q: 2+2?" and record_prompt(record) == "Q: 2+2?"
 
 
-
 def test_null_ids_and_null_paragraphs_are_absent_not_the_text_none(tmp_path):
     """A null id falls back to the row's default id (two rows with a null id must not share the id "None");
     a null paragraph of a paragraph list is left out (it is not the word "None" in the document)."""
@@ -328,6 +328,7 @@ def test_null_ids_and_null_paragraphs_are_absent_not_the_text_none(tmp_path):
     first, second, plain = load_records(path).records
     assert (first.id, second.id) == ("n-1", "n-2")
     assert plain.document == "p1\np2"
+
 
 def test_json_array_files_and_numeric_verl_ground_truth(tmp_path):
     rows = [{"prompt": build_prompt("Revenue was 5.", "What was revenue?"), "data_source": "docmath",
@@ -414,7 +415,6 @@ def test_a_malformed_row_names_file_line_and_field_and_can_be_skipped(tmp_path, 
     assert result.errors[0].startswith(f"{path}: line 2: {field}")
 
 
-
 CHOICE = {"question": "Which?", "choices": ["red", "blue", "green", "gold"], "answer": "B", "document": "d",
           "data_source": "long_toc_choices"}
 
@@ -427,20 +427,24 @@ CHOICE = {"question": "Which?", "choices": ["red", "blue", "green", "gold"], "an
     ({**VERL, "data_source": "long_toc_choices", "reward_model": {"ground_truth": "blue"}}, "answer"),
 ])
 def test_a_multiple_choice_row_whose_gold_no_response_can_match_is_a_row_error(tmp_path, bad, field):
-    from qwenlong.rewards import compute_score
+    """Training data loads with the reward's check of its golds (``check=check_record_answers``): a gold the rule
+    cannot read raised at the first reward, mid-run, and a letter past the options could never score."""
+    from qwenlong.rewards import check_record_answers, compute_score
 
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in [CHOICE, bad, VERL]) + "\n")
     with pytest.raises(DataError, match=rf"rows.jsonl: line 2: {field}"):
-        load_records(path)
-    result = load_records(path, skip_malformed=True)
+        load_records(path, check=check_record_answers)
+    result = load_records(path, skip_malformed=True, check=check_record_answers)
     assert [r.data_source for r in result] == ["long_toc_choices", "docmath"] and result.skipped == 1
     # the good rows score as the reward scores them; every gold form the choice rule reads still loads
     (good, _) = result
     assert compute_score(good.data_source, "<think>x</think>The correct answer is (B).", list(good.answers)) == 1.0
     forms = tmp_path / "forms.jsonl"
     forms.write_text("".join(json.dumps({**CHOICE, "answer": a}) + "\n" for a in ("b", "(B)", " D. ", ["A", "C"])))
-    assert [r.answers for r in load_records(forms)] == [("b",), ("(B)",), (" D. ",), ("A", "C")]
+    assert [r.answers for r in load_records(forms, check=check_record_answers)] == \
+        [("b",), ("(B)",), (" D. ",), ("A", "C")]
+
 
 def test_a_non_utf8_byte_spoils_only_its_own_line(tmp_path):
     path = tmp_path / "bytes.jsonl"
@@ -458,7 +462,6 @@ def test_a_non_utf8_byte_spoils_only_its_own_line(tmp_path):
         load_records(tmp_path / "array.json", skip_malformed=True)
 
 
-
 def test_a_utf8_byte_order_mark_at_the_start_of_a_file_is_not_a_bad_row(tmp_path):
     """Editors and spreadsheet exports on Windows start UTF-8 files with a byte order mark: it is not data."""
     bom = b"\xef\xbb\xbf"
@@ -472,6 +475,7 @@ def test_a_utf8_byte_order_mark_at_the_start_of_a_file_is_not_a_bad_row(tmp_path
     (tmp_path / "d.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" + bom + json.dumps(GOOD).encode() + b"\n")
     with pytest.raises(DataError, match=r"d.jsonl: line 2: invalid JSON"):
         load_records(tmp_path / "d.jsonl")
+
 
 @pytest.mark.parametrize("depth", [100, 100_000])
 def test_deep_nesting_is_a_row_error(tmp_path, depth):

@@ -4,11 +4,10 @@ verl rows carry ``prompt`` (chat messages), ``data_source`` and
 ``reward_model.ground_truth``; their prompt is split back into document and question when it
 follows the method's template, else kept as a rendered prompt. A malformed row (wrong types, a line
 that is not UTF-8 or not JSON, nesting deeper than ``MAX_NESTING``, a blank or placeholder gold answer,
-a gold answer its reward rule cannot read or no option names, a ``data_source`` no reward rule knows)
-raises :class:`DataError` naming the file and row (1-based line for JSONL, 0-based item or row for JSON
-arrays and Parquet), or, with ``skip_malformed=True``, is skipped and counted in
-:attr:`LoadResult.skipped`; the rows around it load either way. A file that cannot be read as a whole (a
-corrupt Parquet file) is a ``DataError`` naming it.
+a ``data_source`` no reward rule knows, a record the caller's ``check`` refuses) raises :class:`DataError`
+naming the file and row (1-based line for JSONL, 0-based item or row for JSON arrays and Parquet), or, with
+``skip_malformed=True``, is skipped and counted in :attr:`LoadResult.skipped`; the rows around it load
+either way. A file that cannot be read as a whole (a corrupt Parquet file) is a ``DataError`` naming it.
 """
 
 from __future__ import annotations
@@ -16,14 +15,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qwenlong.data.prompt import split_prompt
 from qwenlong.data.records import DocQARecord, answer_tuple, metadata_mapping, record_from_mapping
-from qwenlong.data.sources import RuleKind, rule_kind
+from qwenlong.data.sources import rule_kind
 
 MAX_NESTING = 64  # lists and objects inside one another; real rows need a handful
 
@@ -196,22 +195,14 @@ def _check_data_source(data_source: str) -> None:
     rule_kind(data_source)
 
 
-def _check_gold(record: DocQARecord) -> None:
-    """A ValueError when the reward's rule cannot read the record's gold answers, or no option's letter names
-    one (checked with the rule itself: a gold it cannot read raises at the first score, mid-run)."""
-    from qwenlong.rewards.rules import check_golds  # rewards reads data's source table: imported when called
-
-    kind = rule_kind(record.data_source)
-    if kind is not RuleKind.SIMILARITY:  # MRCR: scored by evaluation against its prefix, not by a rule
-        check_golds(kind, record.answers, len(record.choices))
-
-
-def load_records(path: str | os.PathLike, *, data_source: str | None = None,
-                 skip_malformed: bool = False, limit: int | None = None) -> LoadResult:
+def load_records(path: str | os.PathLike, *, data_source: str | None = None, skip_malformed: bool = False,
+                 limit: int | None = None, check: Callable[[DocQARecord], None] | None = None) -> LoadResult:
     """Records from a ``.jsonl``/``.json`` or ``.parquet`` file (verl rows detected per row).
 
     ``data_source`` overrides the rows' own (needed for benchmark files that lack one). Every row's
-    data source must be one a reward rule routes (``qwenlong.data.sources.rule_kind``).
+    data source must be one a reward rule routes (``qwenlong.data.sources.rule_kind``). ``check`` runs on
+    every record: a ValueError from it makes the row malformed (e.g. the reward's check of its gold answers,
+    ``qwenlong.rewards.check_record_answers``, which training data loads with).
     """
     path = Path(path)
     if data_source is not None:
@@ -237,10 +228,8 @@ def load_records(path: str | os.PathLike, *, data_source: str | None = None,
                 record = record_from_mapping(row, default_id=default_id, data_source=data_source)
             if data_source is None:
                 _check_data_source(record.data_source)
-            # a caller that routes the rows itself (a benchmark loader) checks golds it reads options for
-            # (LongBench v2 gathers them from choice_A..D after loading)
-            if data_source is None or record.choices:
-                _check_gold(record)
+            if check is not None:
+                check(record)
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as e:
             # ValueError: a check of ours; the others: a row shaped in a way no check foresaw
             reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"

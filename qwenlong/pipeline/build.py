@@ -24,6 +24,7 @@ from qwenlong.data import (
 )
 from qwenlong.data.prompt import question_text
 from qwenlong.data.sources import RuleKind, rule_kind
+from qwenlong.rewards import check_record_answers
 from qwenlong.trainers.grpo import PromptExample
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,13 +46,20 @@ def synthetic_records(cfg: Config, split: str, tokenizer: Any = None) -> list[Do
     return records
 
 
+def load_file(path: str | Path) -> list[DocQARecord]:
+    """A data file's records, each gold answer checked by its reward rule: a gold the reward cannot score (a
+    choice gold that is the option's text, a letter past the options) is a row error here, not a crash at the
+    first reward of a run."""
+    return load_records(path, check=check_record_answers).records
+
+
 def load_split(cfg: Config, split: str, tokenizer: Any = None) -> list[DocQARecord]:
     files = {"train": cfg.data.train_files, "sft": cfg.data.sft_files or cfg.data.train_files,
              "eval": cfg.data.eval_files}[split]
     if files:
         records, where = [], {}
         for path in files:
-            for record in load_records(path):
+            for record in load_file(path):
                 # reward history, retrospective carrying and evaluation results are kept by id: two records
                 # with one id would share them (verl's extra_info.index restarts at 0 in every file)
                 if record.id in where:

@@ -272,7 +272,7 @@ def _report_judge(reward: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qwenlong.data import load_records
+    from qwenlong.pipeline import build
     from qwenlong.pipeline.eval_command import check_model_path, output_folder
     from qwenlong.state.checkpoint import write_json, write_lines
 
@@ -283,12 +283,10 @@ def run(args: argparse.Namespace) -> int:
         if path:
             check_model_path(flag, path)
     files = args.data or (cfg.data.train_files if cfg is not None else [])
-    records = [record for path in files for record in load_records(path)]  # before any model loads
+    records = [record for path in files for record in build.load_file(path)]  # before any model loads
     out = output_folder(args.out)
     tokenizer = None
     if not files:  # the config's synthetic train split, made with the model's tokenizer as the run makes it
-        from qwenlong.pipeline import build
-
         tokenizer = _tokenizer(args, cfg, out)
         records = build.load_split(cfg, "train", tokenizer)
     if not records:

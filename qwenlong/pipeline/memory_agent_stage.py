@@ -31,7 +31,6 @@ import torch
 from qwenlong.agents.memory import MemoryAgent, MemoryAgentConfig, memory_agent_generate_fn, query_from_record
 from qwenlong.agents.rl import MemoryAgentTrainer
 from qwenlong.curriculum import Phase
-from qwenlong.data import load_records
 from qwenlong.data.synthetic import make_two_chunk_record
 from qwenlong.distributed.zero import WholeWeights, checkpoint_weights, safetensors_weights
 from qwenlong.eval import evaluate
@@ -59,7 +58,7 @@ def _records(run: Any, split: str) -> list:
     # context comparisons (the run's held-out evaluation scores it)
     if split == "eval":
         return [r for r in build.load_split(cfg, "eval", run.tokenizer) if chat_history(r) is None]
-    return [r for path in stage.data for r in load_records(path)] if stage.data else \
+    return [r for path in stage.data for r in build.load_file(path)] if stage.data else \
         build.load_split(cfg, "train", run.tokenizer)
 
 

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qwenlong.data.sources import RuleKind
+from qwenlong.data.records import DocQARecord
+from qwenlong.data.sources import RuleKind, rule_kind
 from qwenlong.rewards.extract import extract_answer, extract_choice, final_segment, gold_answer
 from qwenlong.rewards.normalize import contains_words, normalize_answer
 from qwenlong.rewards.numeric import numbers_match, parse_number
@@ -204,6 +205,14 @@ def check_golds(kind: RuleKind, ground_truth: Any, num_choices: int = 0) -> None
         for letter in golds:
             if not "A" <= letter <= last:
                 raise ValueError(f"answer: {letter!r} names none of the {num_choices} options (A-{last})")
+
+
+def check_record_answers(record: DocQARecord) -> None:
+    """``check_golds`` for a record (its data source's rule, its options): what training data loads with
+    (``load_records(check=...)``), so that a gold the reward cannot score is a row error, not a mid-run crash."""
+    kind = rule_kind(record.data_source)
+    if kind is not RuleKind.SIMILARITY:  # MRCR: scored by evaluation against its prefix, not by a rule
+        check_golds(kind, record.answers, len(record.choices))
 
 
 def _score(kind: RuleKind, segment: str, golds: list, config: RuleConfig) -> RuleResult:
