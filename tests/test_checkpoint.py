@@ -175,3 +175,51 @@ def test_a_checkpoint_is_on_disk_before_it_replaces_the_last_good_one(tmp_path, 
     assert f"{second}.tmp" in synced  # the folder's entries
     deleted = events.index(("rmtree", str(first)))
     assert ("fsync", str(tmp_path)) in events[commit:deleted]  # the rename itself, before the old one goes
+
+
+class _FakeCuda:
+    """CUDA's generators as torch.cuda shows them (one state per visible GPU, and the current GPU); unknown
+    devices raise IndexError, as ``torch.cuda.default_generators[idx]`` does."""
+
+    def __init__(self, monkeypatch, count: int, current: int):
+        self.states = [torch.tensor([100 + i], dtype=torch.uint8) for i in range(count)]
+        self.current = current
+
+        def index(device):
+            if device is None or device == "cuda":
+                return self.current
+            return device if isinstance(device, int) else torch.device(device).index
+
+        def get(device="cuda"):
+            return self.states[index(device)].clone()
+
+        def set_(state, device="cuda"):
+            self.states[index(device)] = state.clone()
+
+        def set_all(states):
+            for i, state in enumerate(states):
+                set_(state, i)
+
+        for name, value in {"is_available": lambda: True, "device_count": lambda: len(self.states),
+                            "current_device": lambda: self.current, "get_rng_state": get, "set_rng_state": set_,
+                            "get_rng_state_all": lambda: [s.clone() for s in self.states],
+                            "set_rng_state_all": set_all}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [((8, 3), (1, 0)), ((1, 0), (8, 3)), ((8, 3), (8, 3))])
+def test_cuda_rng_resumes_on_the_gpu_in_use_whatever_the_layout(monkeypatch, saved_on, resumed_on):
+    """A rank saved every visible GPU's generator and resumed them by index: resumed with another number of
+    visible GPUs (one per process under a per-rank CUDA_VISIBLE_DEVICES, all of them under plain torchrun)
+    ``set_rng_state_all`` raised IndexError, or set GPU 0 while the rank draws from GPU ``LOCAL_RANK``. The GPU
+    the process uses must continue the generator of the GPU it used when it saved. (count, current) pairs."""
+    from qwenlong.state.checkpoint import rng_state, set_rng_state
+
+    saving = _FakeCuda(monkeypatch, *saved_on)
+    saving.states[saving.current] = torch.tensor([42], dtype=torch.uint8)  # where the run's samples were drawn
+    state = rng_state()
+    resuming = _FakeCuda(monkeypatch, *resumed_on)
+    set_rng_state(state)
+    assert resuming.states[resuming.current].tolist() == [42]
+    if saved_on == resumed_on:  # the same layout: every GPU as it was
+        assert [s.tolist() for s in resuming.states] == [s.tolist() for s in saving.states]

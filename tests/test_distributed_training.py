@@ -662,3 +662,27 @@ def test_torchrun_sft_cli_matches_one_process(tmp_path, free_port):
     for run in ("one", "two"):
         steps = [line for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if '"sft"' in line]
         assert len(steps) == 3, run
+
+
+@pytest.mark.parametrize("local_rank", [None, "0"])  # plain `python -m qwenlong`, `torchrun --nproc-per-node 1`
+def test_one_process_on_a_gpu_machine_trains_on_the_gpu(monkeypatch, local_rank):
+    """A single process returned a CPU context wherever it ran, and ``Run`` moves the model to ``ctx.device``:
+    `qwenlong pipeline` on a GPU machine (the README's 32B recipe included) trained on the CPU. With CUDA there
+    (faked here: nothing is allocated), one process must take its GPU as a process of a multi-GPU run does."""
+    from qwenlong.config.schema import DistributedConfig
+    from qwenlong.distributed import context
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    if local_rank is not None:
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+    chosen = []
+    monkeypatch.setattr(context.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    ctx = context.init_distributed(DistributedConfig())
+    assert ctx.device == torch.device("cuda", 0) and chosen == [0]
+    assert (ctx.rank, ctx.world_size) == (0, 1)
+    # gloo asked for by name keeps a single process on the CPU, as it keeps several
+    assert context.init_distributed(DistributedConfig(backend="gloo")).device == torch.device("cpu")

@@ -411,6 +411,40 @@ def test_preflight_refuses_with_the_plans_reason_and_passes_tiny():
     assert preflight(load_config(L1_32B, ["model.name=someone/unknown"]), 32, GPUS["h100-80gb"]) is None
 
 
+def test_preflight_reads_this_ranks_gpu_without_a_cuda_context(monkeypatch):
+    """The check runs before ``init_distributed`` sets each rank's device, and read the *current* one:
+    ``mem_get_info()`` with no device creates a CUDA context on GPU 0 in every rank of a torchrun job (~0.5 GiB of
+    GPU 0 each, kept for the run) and measures GPU 0 for all. It must read ``LOCAL_RANK``'s GPU from its
+    properties, which need no context. CUDA is faked: each call records the device it was asked about."""
+    import torch
+
+    from qwenlong.plan.preflight import this_device
+
+    class Props:
+        name, total_memory = "NVIDIA H100 80GB HBM3", 79 * 2**30
+
+    asked = []
+
+    def props(device=None):
+        asked.append(("properties", device))
+        return Props()
+
+    def context_needed(*args, **kwargs):
+        asked.append(("context", args[0] if args else kwargs.get("device")))
+        return 0, Props.total_memory
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: props(device).name)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", context_needed)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    device = this_device(8)
+    assert device.memory_bytes == Props.total_memory and "h100" in device.name
+    on = [(kind, None if where is None else torch.device("cuda", where) if isinstance(where, int)
+           else torch.device(where)) for kind, where in asked]
+    assert on and all(entry == ("properties", torch.device("cuda", 3)) for entry in on), on
+
+
 def test_pipeline_command_refuses_and_can_be_overridden(tmp_path, monkeypatch):
     from qwenlong.cli import main
     from qwenlong.pipeline import commands

@@ -149,6 +149,29 @@ def test_seeded_generation_on_a_gpu_leaves_its_generator_as_it_was():
     assert engine.generate(PROMPTS, SamplingParams(max_new_tokens=8, n=4, seed=123)) == first
 
 
+def test_seeded_generation_leaves_every_gpu_generator_as_it_was(model, monkeypatch):
+    """``torch.manual_seed`` reseeds every GPU's generator, but the engine forked only the one of its model's first
+    parameter: a policy spread over GPUs (``device_map``: it samples on the LM head's GPU, not the embeddings') or
+    kept on the CPU left the other GPUs reseeded. Two GPUs are faked (their generators as 1-byte states)."""
+    gpus = [torch.tensor([11], dtype=torch.uint8), torch.tensor([22], dtype=torch.uint8)]
+
+    def index(device):
+        return 0 if device in (None, "cuda") else device if isinstance(device, int) else torch.device(device).index
+
+    def set_state(state, device="cuda"):
+        gpus[index(device)] = state.clone()
+
+    def seed_all(seed):
+        gpus[:] = [torch.tensor([seed % 256], dtype=torch.uint8) for _ in gpus]
+
+    for name, value in {"is_available": lambda: True, "device_count": lambda: len(gpus), "current_device": lambda: 0,
+                        "_is_in_bad_fork": lambda: False, "get_rng_state": lambda device="cuda": gpus[index(device)],
+                        "set_rng_state": set_state, "manual_seed_all": seed_all}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    HFGenerateEngine(model, eos_token_id=EOS).generate(PROMPTS, SamplingParams(max_new_tokens=4, n=2, seed=123))
+    assert [g.tolist() for g in gpus] == [[11], [22]]
+
+
 def test_checkpoint_generation_defaults_do_not_change_sampling():
     policy = tiny_qwen2(seed=0)
     policy.generation_config.min_p = 0.99  # a shipped default that would make sampling greedy here

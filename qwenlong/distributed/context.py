@@ -84,17 +84,21 @@ def init_distributed(cfg: DistributedConfig, timeout: timedelta = timedelta(minu
     from qwenlong.kernels import new_sequence_parallel_groups
 
     world_size = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
     if world_size == 1 and not dist.is_initialized():
         if cfg.sp_size > 1 or cfg.deepspeed_stage > 0:
             raise ValueError(f"distributed: sp_size={cfg.sp_size} / deepspeed_stage={cfg.deepspeed_stage} need "
                              "several processes: launch with torchrun, e.g. torchrun --nproc-per-node 2 -m qwenlong")
-        return DistributedContext()  # the model stays where it was built
+        if backend != "nccl":
+            return DistributedContext()
+        # no process group, but the run still goes to the GPU: Run moves the model to ctx.device
+        torch.cuda.set_device(local_rank)
+        return DistributedContext(local_rank=local_rank, device=torch.device("cuda", local_rank))
     if world_size % cfg.sp_size != 0:
         raise ValueError(f"distributed.sp_size: must divide the number of processes ({world_size}), got {cfg.sp_size}")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank)  # before any collective: NCCL's object collectives use the current device
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timeout)
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")

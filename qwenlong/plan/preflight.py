@@ -21,10 +21,12 @@ def this_device(world: int = 1) -> Device:
 
     if not torch.cuda.is_available():
         return host_device(world)
-    name = torch.cuda.get_device_name().lower()
+    # this runs before init_distributed sets the device: name this rank's GPU, and read its properties, which
+    # need no CUDA context (mem_get_info would create one on the current GPU, GPU 0, in every rank)
+    props = torch.cuda.get_device_properties(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+    name = props.name.lower()
     kind = next((GPUS[k] for k in GPUS if k.split("-")[0] in name), GPUS["h100-80gb"])
-    _, total = torch.cuda.mem_get_info()
-    return replace(kind, name=name, memory_bytes=total)
+    return replace(kind, name=name, memory_bytes=props.total_memory)
 
 
 def preflight(cfg: Config, world_size: int | None = None, device: Device | None = None) -> str | None:

@@ -116,11 +116,10 @@ class HFGenerateEngine(RolloutEngine):
         if self.generation_attention is not None:
             self.model.set_attn_implementation(self.generation_attention)
         try:
-            # a seeded call leaves every generator it reseeds (CPU, and the model's GPU: sampling runs there) as it was;
-            # an unseeded one draws from them and moves them on (restored, the next unseeded call would repeat it)
-            device = next(self.model.parameters()).device
-            cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
-                if device.type == "cuda" else []
+            # a seeded call leaves every generator it reseeds as it was: the CPU's and, as manual_seed reseeds them
+            # all, every GPU's (sampling runs on the LM head's, not necessarily the first parameter's); an unseeded
+            # call draws from them and moves them on (restored, the next unseeded call would repeat it)
+            cuda = range(torch.cuda.device_count()) if torch.cuda.is_available() else []
             with torch.random.fork_rng(devices=cuda, enabled=params.seed is not None):
                 if params.seed is not None:
                     torch.manual_seed(params.seed)

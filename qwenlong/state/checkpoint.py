@@ -52,7 +52,9 @@ def rng_state() -> dict[str, Any]:
             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            # the GPU this process draws from: a resume that sees other GPUs continues it on its own
+            "cuda_device": torch.cuda.current_device() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -62,7 +64,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          numpy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        _set_cuda_rng_state(state["cuda"], state.get("cuda_device"))
+
+
+def _set_cuda_rng_state(saved: list[torch.Tensor], used: int | None) -> None:
+    """Restore the GPU generators of ``rng_state``. By index only where the process sees the GPUs it saved
+    with and uses the same one: a rank resumed with another number of visible GPUs (all of them, or one per
+    process under CUDA_VISIBLE_DEVICES) gets the saved state of the GPU it drew from on the GPU it uses now."""
+    count, current = torch.cuda.device_count(), torch.cuda.current_device()
+    if len(saved) == count and used in (None, current):
+        torch.cuda.set_rng_state_all(saved)
+    elif used is not None and used < len(saved):
+        torch.cuda.set_rng_state(saved[used], current)
+    else:  # a checkpoint from before the GPU in use was recorded: the GPUs both layouts have
+        for index in range(min(len(saved), count)):
+            torch.cuda.set_rng_state(saved[index], index)
 
 
 def load_tensors(path: str | Path, mmap: bool = False) -> Any:
