@@ -269,6 +269,11 @@ def test_preset_with_override_from_file():
          r"^reward\.judge_endpoint: expected an http"),
         ("reward", {"judge": "openai", "judge_model": "m", "judge_endpoint": "http:///v1"},
          r"^reward\.judge_endpoint: expected an http"),
+        # the evaluation's own judge is checked as the training reward's is (it raised at the first evaluation)
+        ("eval.judge", {"judge": "openai", "judge_model": "m", "judge_endpoint": "http://h/v1", "judge_concurrency": 0},
+         r"^eval\.judge\.judge_concurrency: expected >= 1, got 0"),
+        ("eval.judge", {"judge": "openai", "judge_model": "m", "judge_endpoint": "http://h/v1", "judge_timeout_s": -5},
+         r"^eval\.judge\.judge_timeout_s: expected > 0, got -5"),
     ],
 )
 def test_out_of_range_and_unsafe_values_name_the_key(path, value, message):
@@ -319,3 +324,22 @@ def test_cli_config_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "rl.lr: expected a finite number, got nan" in lines[1]
     assert "output.dir: " in lines[2] and "never-ran does not exist" in lines[2]
     assert "missing.yaml: cannot read the config" in lines[3]
+
+
+def test_a_phase_may_not_take_the_memory_agent_stage_name():
+    """The memory-agent stage is recorded as ``rl:memory-agent`` and checkpointed as ``rl-memory-agent-stepN``, as a
+    phase named ``memory-agent`` is: with the stage on, whichever ran first marked the other done (the phase never
+    trained, or the expert was never trained and merged). Refused while the stage is on; the name is free without it."""
+    stage = ["rl.memory_agent.enabled=true", "rl.memory_agent.after_phase=a"]
+    with pytest.raises(ConfigError, match=r"^rl\.phases\.1\.name: 'memory-agent' is the memory-agent stage's"):
+        config_from_dict(MINIMAL, [*stage, "rl.phases.1.name=memory-agent"])
+    with pytest.raises(ConfigError, match=r"^rl\.phases\.0\.name: 'memory-agent' is the memory-agent stage's"):
+        config_from_dict(MINIMAL, [*stage[:1], "rl.memory_agent.after_phase=memory-agent",
+                                   "rl.phases.0.name=memory-agent"])
+    assert config_from_dict(MINIMAL, ["rl.phases.1.name=memory-agent"]).rl.phases[1].name == "memory-agent"
+    assert config_from_dict(MINIMAL, [*stage, "rl.phases.1.name=memory-agent-2"]).rl.memory_agent.enabled
+    pytest.importorskip("transformers")
+    from qwenlong.config.validation import MEMORY_AGENT_STAGE
+    from qwenlong.pipeline.memory_agent_stage import STAGE
+
+    assert STAGE == f"rl:{MEMORY_AGENT_STAGE}"  # the name validation reserves is the stage's

@@ -452,3 +452,156 @@ def test_records_sharing_an_id_are_refused_by_name(tmp_path):
                 build.load_split(cfg, split)
     cfg = load_config(TINY, [f"data.train_files=[{verl_file('d.jsonl', ['p', 'q'])},{verl_file('e.jsonl', ['r'])}]"])
     assert [r.id for r in build.load_split(cfg, "train")] == ["p", "q", "r"]
+
+
+def test_training_data_whose_gold_the_reward_cannot_score_is_refused_when_it_loads(tmp_path):
+    """A multiple-choice gold given as the option's text loaded, then the choice rule raised at the run's first
+    reward: the pipeline loads its files with the reward's check, so it is a row error naming file and line."""
+    from qwenlong.config import load_config
+    from qwenlong.data import DataError
+    from qwenlong.pipeline import build
+
+    rows = [{"question": "Which?", "choices": ["red", "blue"], "answer": answer, "document": "d",
+             "data_source": "long_toc_choices"} for answer in ("B", "blue")]
+    path = tmp_path / "choices.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = load_config(TINY, [f"data.train_files=[{path}]"])
+    with pytest.raises(DataError, match=r"choices\.jsonl: line 2: answer: a multiple-choice gold answer must be a "
+                                        r"letter, got 'blue'"):
+        build.load_split(cfg, "train")
+
+
+def test_a_run_killed_between_a_phase_and_its_evaluation_evaluates_it_on_resume(tmp_path, monkeypatch):
+    """The evaluation after a phase follows the phase's record: a run killed after the phase finished, before its
+    evaluation did, passed over the finished phase on resume and never evaluated it (the report lacked it)."""
+    from qwenlong.config import load_config
+    from qwenlong.pipeline.run import Run, _rl
+    from qwenlong.trainers import GRPOTrainer
+
+    overrides = [*SMALL, "sft.enabled=false", "eval.enabled=true", "output.export=none", f"output.dir={tmp_path}"]
+
+    class Killed(Exception):
+        pass
+
+    evaluated: list[tuple[str, str]] = []  # (label, phase the policy last trained in)
+    trained_in = {"last": None}
+
+    def train_phase(self, phase, examples, **kwargs):
+        trained_in["last"] = phase.name
+        return []
+
+    def evaluate(self, label, kill_at=None):
+        if self.done(f"eval:{label}"):
+            return 0.0
+        if label == kill_at:
+            raise Killed
+        evaluated.append((label, trained_in["last"]))
+        self.state["evals"][label] = {"average": 0.0}
+        self.finish(f"eval:{label}")
+        return 0.0
+
+    monkeypatch.setattr(GRPOTrainer, "train_phase", train_phase)
+    monkeypatch.setattr(Run, "evaluate", lambda self, label: evaluate(self, label, kill_at="after-short-docs"))
+    with pytest.raises(Killed):
+        _rl(Run(load_config(TINY, overrides)))
+    assert Run(load_config(TINY, overrides), resume=True).done("rl:short-docs")  # the phase's record was written
+
+    monkeypatch.setattr(Run, "evaluate", evaluate)
+    trained_in["last"] = "short-docs"  # the resumed run holds the finished phase's weights
+    _rl(Run(load_config(TINY, overrides), resume=True))
+    assert evaluated == [("after-short-docs", "short-docs"), ("after-long-docs", "long-docs")]
+
+
+def test_resuming_a_phase_with_other_prompts_than_its_checkpoint_trained_on_is_refused(tmp_path, monkeypatch):
+    """A phase's checkpoint holds its prompt sampler's place in the phase's prompt list. A run resumed mid-phase with
+    settings that change that list (its input budget here) went on silently, the sampler walking a different list
+    (other prompts, a broken epoch); it is refused. Resumed with the same settings, the phase goes on."""
+    from qwenlong.config import ConfigError, load_config
+    from qwenlong.pipeline.run import Run, _rl
+    from qwenlong.state.checkpoint import save_checkpoint
+    from qwenlong.trainers import GRPOTrainer
+
+    overrides = [*SMALL, "sft.enabled=false", "eval.enabled=false", "output.export=none", f"output.dir={tmp_path}"]
+
+    class Killed(Exception):
+        pass
+
+    trained: list[tuple[str, int]] = []
+
+    def killed_after_a_checkpoint(self, phase, examples, extra_state=None, **kwargs):
+        save_checkpoint(self.output_dir / "checkpoints" / f"rl-{phase.name}-step000001", model=self.model,
+                        state={"stage": "rl", "phase": phase.name, "step": 1, **(extra_state or {})})
+        raise Killed
+
+    monkeypatch.setattr(GRPOTrainer, "train_phase", killed_after_a_checkpoint)
+    with pytest.raises(Killed):
+        _rl(Run(load_config(TINY, overrides)))
+    monkeypatch.setattr(GRPOTrainer, "train_phase", lambda self, phase, examples, **kw: trained.append(
+        (phase.name, len(examples))) or [])
+    with pytest.raises(ConfigError, match=r"^--resume: phase short-docs: its prompts .*differ"):
+        _rl(Run(load_config(TINY, [*overrides, "rl.phases.0.max_input_tokens=150"]), resume=True))
+    assert trained == []
+    _rl(Run(load_config(TINY, overrides), resume=True))
+    assert [name for name, _ in trained] == ["short-docs", "long-docs"]
+
+
+def test_a_pipeline_resumed_after_the_sft_command_labels_evaluations_by_the_policy_they_score(tmp_path, monkeypatch):
+    """``qwenlong sft`` then ``qwenlong pipeline --resume`` on its folder: the pipeline's evaluation before training
+    scored the SFT policy (loaded as the last finished stage) and recorded it as ``untrained``."""
+    from qwenlong.config import load_config
+    from qwenlong.pipeline import run as pipeline
+
+    monkeypatch.setenv("QWENLONG_BACKEND", "torch")
+    overrides = [*SMALL, "sft.steps=1", "output.export=none", "output.tensorboard=false", f"output.dir={tmp_path}"]
+    pipeline.run_sft(load_config(TINY, [*overrides, "eval.enabled=false"]))
+    sft = torch.load(tmp_path / "checkpoints" / "sft-step000001" / "model.pt", weights_only=True)
+    evaluated: dict[str, bool] = {}  # label -> whether the policy held the SFT weights
+
+    def evaluate(self, label):
+        evaluated[label] = all(torch.equal(v, sft[k]) for k, v in self.model.state_dict().items())
+        return 0.0
+
+    monkeypatch.setattr(pipeline.Run, "evaluate", evaluate)
+    monkeypatch.setattr(pipeline, "_rl", lambda run: None)
+    import qwenlong.pipeline.report as report
+
+    monkeypatch.setattr(report, "write_report", lambda run: None)
+    pipeline.run_pipeline(load_config(TINY, overrides), resume=True)
+    assert evaluated == {"after-sft": True}
+
+
+def test_evaluating_without_held_out_data_is_refused_before_any_stage(tmp_path, monkeypatch):
+    """Training files, no ``data.eval_files`` and no synthetic section, evaluation on: the pipeline raised at its first
+    evaluation (here after SFT: nothing is evaluated before training), and ``qwenlong rl`` after its first phase."""
+    from qwenlong.config import ConfigError, load_config
+    from qwenlong.data import write_jsonl
+    from qwenlong.pipeline import build
+    from qwenlong.pipeline import run as pipeline
+
+    write_jsonl(build.synthetic_records(load_config(TINY, SMALL), "train"), tmp_path / "train.jsonl")
+    monkeypatch.setattr(pipeline, "_sft", lambda run: pytest.fail("SFT ran"))
+    monkeypatch.setattr(pipeline, "_rl", lambda run: pytest.fail("RL ran"))
+    overrides = [*SMALL, "data.synthetic=null", f"data.train_files=[{tmp_path / 'train.jsonl'}]",
+                 "eval.before_training=false", "output.export=none"]
+    for command, where in ((pipeline.run_pipeline, "a"), (pipeline.run_rl, "b")):
+        with pytest.raises(ConfigError, match=r"^data\.eval_files: evaluation is enabled but there is no held-out "
+                                              r"data .*eval\.enabled: false"):
+            command(load_config(TINY, [*overrides, f"output.dir={tmp_path / where}"]))
+    # without evaluation the stages run
+    with pytest.raises(pytest.fail.Exception, match="SFT ran"):
+        pipeline.run_pipeline(load_config(TINY, [*overrides, "eval.enabled=false", f"output.dir={tmp_path / 'c'}"]))
+
+
+def test_qwenlong_rl_refuses_a_phase_naming_data_the_run_lacks_before_training(tmp_path, monkeypatch):
+    """``qwenlong rl`` checks ``rl.phases.N.data`` as the pipeline does: it trained the phases before the misspelt one
+    and failed when that one started, saying it had no prompt in its range."""
+    from qwenlong.config import ConfigError, load_config
+    from qwenlong.pipeline import run as pipeline
+
+    monkeypatch.setattr(pipeline, "_rl", lambda run: pytest.fail("RL ran"))
+    overrides = [*SMALL, "eval.enabled=false", "output.export=none", "rl.phases.1.data=[synthetic_cpy]"]
+    with pytest.raises(ConfigError, match=r"^rl\.phases\.1\.data: no training data from \['synthetic_cpy'\]"):
+        pipeline.run_rl(load_config(TINY, [*overrides, f"output.dir={tmp_path / 'a'}"]))
+    overrides[-1] = "rl.phases.1.data=[synthetic_copy]"
+    with pytest.raises(pytest.fail.Exception, match="RL ran"):
+        pipeline.run_rl(load_config(TINY, [*overrides, f"output.dir={tmp_path / 'b'}"]))

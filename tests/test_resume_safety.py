@@ -208,3 +208,19 @@ def test_a_moved_run_folder_resumes_from_its_own_checkpoints(tmp_path, monkeypat
     saved = torch.load(tmp_path / "b" / "checkpoints" / "sft-step000002" / "model.pt", weights_only=True)
     for name, value in run.model.state_dict().items():
         assert torch.equal(value, saved[name]), name
+
+
+def test_a_new_run_into_a_folder_killed_in_its_first_stage_is_refused(tmp_path):
+    """A run killed before it recorded a stage leaves its config and checkpoints but no ``pipeline.json``: --resume
+    continues it, so a new run there must be refused too (it appended to the killed run's metrics and mixed its own
+    checkpoints with the killed run's)."""
+    from qwenlong.config import save_config
+
+    cfg = load_config(TINY, [f"output.dir={tmp_path}"])
+    save_config(cfg, tmp_path / "config.yaml")
+    (tmp_path / "checkpoints" / "sft-step000010").mkdir(parents=True)
+    assert open_run_record(cfg, tmp_path, resume=True)["done"] == []  # a run to resume
+    with pytest.raises(ConfigError, match=r"output.dir: .* already holds a run; pass --resume"):
+        open_run_record(cfg, tmp_path, resume=False)
+    (tmp_path / "fresh").mkdir()  # an empty folder (made beforehand, say) is no run
+    assert open_run_record(cfg, tmp_path / "fresh", resume=False)["done"] == []

@@ -91,14 +91,19 @@ def test_resumed_phase_gives_an_engine_with_its_own_weights_the_checkpoint(tmp_p
     alternating = SimpleNamespace(score=lambda items: [SimpleNamespace(score=float(i % 2 == 0))
                                                        for i in range(len(items))])
 
+    after = []
+
     def run(steps: int, resume: bool) -> list[bool]:
         cfg = RLConfig(group_size=4, gen_prompts_per_step=2, train_prompts_per_step=2, mini_batch_size=2, lr=1e-2,
                        phases=[Phase("p", 64, 3, steps=steps)])
         model = tiny_causal_lm(seed=3, vocab_size=37, max_positions=32, attention="qwenlong")
         engine = _EngineWithItsOwnWeights(model, vocab=37)
         GRPOTrainer(model, engine, alternating, cfg, decode=str, output_dir=tmp_path,
-                    save_every_steps=1).train_phase(cfg.phases[0], examples, resume=resume)
+                    save_every_steps=1).train_phase(cfg.phases[0], examples, resume=resume, after_step=after.append)
         return engine.in_sync
 
     assert run(2, resume=False) == [True, True]
     assert run(3, resume=True) == [True]  # the one step left, generated with the step-2 weights
+    # what follows a step (an in-phase evaluation) runs for the step the phase resumed from too: a run killed
+    # between step 2's checkpoint and its evaluation evaluates it on resume (the pipeline skips recorded ones)
+    assert after == [1, 2, 2, 3]

@@ -48,6 +48,11 @@ def validate(cfg: Config) -> Config:
         for path in paths:
             value = _get(cfg, path)
             _check(ok(value), path, f"expected {expected}, got {value}")
+    if cfg.eval.judge is not None:  # the evaluation's own judge, checked as the training reward's is
+        _check(cfg.eval.judge.judge_timeout_s > 0, "eval.judge.judge_timeout_s",
+               f"expected > 0, got {cfg.eval.judge.judge_timeout_s}")
+        _check(cfg.eval.judge.judge_concurrency >= 1, "eval.judge.judge_concurrency",
+               f"expected >= 1, got {cfg.eval.judge.judge_concurrency}")
     kv_bytes = cfg.rollout.kv_cache_memory_bytes
     _check(kv_bytes is None or kv_bytes > 0, "rollout.kv_cache_memory_bytes", f"expected > 0 or null, got {kv_bytes}")
     sft, rl, dist = cfg.sft, cfg.rl, cfg.distributed
@@ -88,6 +93,7 @@ def validate(cfg: Config) -> Config:
 # A phase name becomes part of checkpoint folder names and metric keys: a safe set of characters only
 # (no path separators, nothing a shell or a file system reads specially).
 _PHASE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MEMORY_AGENT_STAGE = "memory-agent"  # qwenlong.pipeline.memory_agent_stage.STAGE without "rl:" (no torch here)
 _TINY_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "max_position_embeddings")
 
@@ -146,6 +152,10 @@ def _validate_values(cfg: Config) -> None:
     for i, phase in enumerate(rl.phases):
         _check(bool(_PHASE_NAME.fullmatch(phase.name)), f"rl.phases.{i}.name",
                f"expected 1-64 letters, digits, '_', '.' or '-' starting with a letter or digit, got {phase.name!r}")
+        # the stage's record and checkpoints are named as a phase of this name would be (rl:memory-agent)
+        _check(not rl.memory_agent.enabled or phase.name != MEMORY_AGENT_STAGE, f"rl.phases.{i}.name",
+               f"{MEMORY_AGENT_STAGE!r} is the memory-agent stage's name (its record and checkpoints would be the "
+               "phase's): rename the phase")
         if i and phase.min_input_tokens is None:  # its own data starts past the previous phase's budget
             before = rl.phases[i - 1].max_input_tokens
             _check(phase.max_input_tokens > before, f"rl.phases.{i}.max_input_tokens",

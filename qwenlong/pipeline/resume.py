@@ -56,7 +56,8 @@ def open_run_record(cfg: Config, run_dir: str | Path, resume: bool) -> dict[str,
     run_dir = Path(run_dir)
     record_path = run_dir / RECORD_FILE
     if not resume:
-        if record_path.exists():
+        # a run killed in its first stage has its config but no record yet: --resume continues it, so it is a run
+        if record_path.exists() or (run_dir / CONFIG_FILE).exists():
             raise ConfigError(f"output.dir: {run_dir} already holds a run; pass --resume or pick another dir")
         return {"done": [], "evals": {}, "carried": {}}
     if not run_dir.is_dir():

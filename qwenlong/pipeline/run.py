@@ -11,6 +11,7 @@ report) while the others wait at barriers.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,11 @@ from qwenlong.distributed import build_backend, init_distributed, is_partitioned
 from qwenlong.eval import EvalReport, evaluate
 from qwenlong.eval.generation import Sampling, hf_generate_fn, sharded_generate_fn
 from qwenlong.pipeline import build
-from qwenlong.pipeline.export import export_final, export_finished_stage
+from qwenlong.pipeline.export import export_final, export_finished_stage, trained_stages
 from qwenlong.pipeline.resume import open_run_record, recorded_checkpoint, stored_checkpoint
 from qwenlong.rewards import HybridReward, make_reward
 from qwenlong.rollout import HFGenerateEngine, RolloutEngine
-from qwenlong.state.checkpoint import latest_checkpoint, write_json
+from qwenlong.state.checkpoint import STATE_FILE, latest_checkpoint, read_json, write_json
 from qwenlong.trainers import GRPOTrainer, SFTTrainer
 from qwenlong.trainers.metrics_log import MetricsLogger
 
@@ -240,7 +241,7 @@ def _rl(run: Run) -> None:
         stage = f"rl:{phase.name}"
         if run.done(stage):  # its retrospective selection is on record (the history has moved on since)
             seen |= own
-            _memory_agent(run, trainer, phase)
+            _after_phase(run, trainer, phase)
             continue
         carried = {}
         if index > 0:
@@ -252,6 +253,9 @@ def _rl(run: Run) -> None:
             carried = selection.to_json()
             run.state["carried"][phase.name] = carried
         seen |= own
+        prompts = _prompts_digest(phase_examples)
+        if run.resume:
+            _check_resumed_prompts(run, phase, prompts)
         run.state.setdefault("phase_steps", {})[phase.name] = trainer.phase_steps(phase, len(phase_examples))
         run.save_state()
 
@@ -261,15 +265,42 @@ def _rl(run: Run) -> None:
                 run.evaluate(f"{phase.name}-step{step}")
 
         trainer.train_phase(phase, phase_examples, resume=run.resume,
-                            extra_state={"carried": carried} if carried else None, after_step=evaluate_every)
+                            extra_state={"prompts": prompts, **({"carried": carried} if carried else {})},
+                            after_step=evaluate_every)
         # what the next phase carries on with: the reward history and AEPO's mode (a run resumed between two
         # phases starts the next one as the uninterrupted run would)
         run.state["history"], run.state["aepo_mode"] = trainer.history.to_json(), trainer.aepo_mode
         run.finish(stage, latest_checkpoint(run.dir / "checkpoints", prefix=f"rl-{phase.name}-"))
-        if cfg.eval.enabled and cfg.eval.after_each_phase:
-            run.evaluate(f"after-{phase.name}")
-        export_finished_stage(run, stage)
-        _memory_agent(run, trainer, phase)
+        _after_phase(run, trainer, phase)
+
+
+def _prompts_digest(examples: list) -> str:
+    """A phase's prompt list (ids in order: the sampler's checkpoint is a place in it), as a short digest."""
+    return hashlib.sha256("\n".join(e.id for e in examples).encode()).hexdigest()[:16]
+
+
+def _check_resumed_prompts(run: Run, phase: Phase, prompts: str) -> None:
+    """A phase resumed from its checkpoint goes on over the prompt list it started with: settings that change the
+    list (the phase's budgets or data, retrospective sampling) would have its sampler walk another one. Checkpoints
+    written before the digest was recorded are not checked."""
+    latest = latest_checkpoint(run.dir / "checkpoints", prefix=f"rl-{phase.name}-")
+    recorded = read_json(latest / STATE_FILE).get("prompts") if latest is not None else None
+    if recorded is not None and recorded != prompts:
+        raise ConfigError(f"--resume: phase {phase.name}: its prompts (input budgets, data, carried examples) differ "
+                          f"from those its checkpoint {latest.name} trained on; resume with the run's phase and "
+                          "retrospective settings, or start a new run")
+
+
+def _after_phase(run: Run, trainer: GRPOTrainer, phase: Phase) -> None:
+    """What follows a finished phase: its evaluation, its export, the memory-agent stage. A resumed run passes
+    through here for its finished phases too: a run killed between a phase's record and its evaluation evaluates
+    it then (the policy holds the phase's weights while it is the newest finished stage; each step is skipped
+    once recorded)."""
+    cfg, stage = run.cfg, f"rl:{phase.name}"
+    if cfg.eval.enabled and cfg.eval.after_each_phase and trained_stages(run.state)[-1] == stage:
+        run.evaluate(f"after-{phase.name}")
+    export_finished_stage(run, stage)
+    _memory_agent(run, trainer, phase)
 
 
 def _memory_agent(run: Run, trainer: GRPOTrainer, phase: Phase) -> None:
@@ -290,10 +321,24 @@ def run_sft(cfg: Config, resume: bool = False) -> Run:
 
 
 def run_rl(cfg: Config, resume: bool = False) -> Run:
+    _check_heldout_data(cfg, pipeline=False)
     run = Run(cfg, resume)
+    _check_phase_data(run)
     _rl(run)
     export_final(run)
     return run
+
+
+def _check_heldout_data(cfg: Config, pipeline: bool) -> None:
+    """A command that will evaluate has held-out data (``data.eval_files``, else the synthetic task's eval split):
+    without, it failed at its first evaluation, after SFT or a whole RL phase had run."""
+    ev = cfg.eval
+    if not ev.enabled or cfg.data.eval_files or cfg.data.synthetic is not None:
+        return
+    evaluates = cfg.rl.enabled and (ev.after_each_phase or ev.every_steps > 0 or cfg.rl.memory_agent.enabled)
+    if evaluates or (pipeline and (ev.before_training or cfg.sft.enabled)):
+        raise ConfigError("data.eval_files: evaluation is enabled but there is no held-out data (no eval_files and "
+                          "no synthetic section): give data.eval_files or set eval.enabled: false")
 
 
 def _check_phase_data(run: Run) -> None:
@@ -315,12 +360,15 @@ def run_pipeline(cfg: Config, resume: bool = False) -> Run:
     from qwenlong.pipeline.report import write_report
 
     start = time.time()
+    _check_heldout_data(cfg, pipeline=True)
     run = Run(cfg, resume)
     _check_phase_data(run)
-    if cfg.eval.enabled and cfg.eval.before_training:
+    # an evaluation is labelled by the policy it scores: a folder that ``qwenlong sft`` / ``rl`` trained holds no
+    # untrained policy to score, and after RL no SFT one
+    if cfg.eval.enabled and cfg.eval.before_training and not trained_stages(run.state):
         run.evaluate("untrained")
     _sft(run)
-    if cfg.eval.enabled and cfg.sft.enabled:
+    if cfg.eval.enabled and cfg.sft.enabled and trained_stages(run.state)[-1:] == ["sft"]:
         run.evaluate("after-sft")
     export_finished_stage(run, "sft")
     _rl(run)

@@ -459,7 +459,8 @@ class GRPOTrainer:
         """Run the phase's RL steps on ``examples`` (prompts that fit the phase).
 
         ``extra_state`` is stored in every checkpoint of the phase (e.g. the retrospectively carried
-        examples); ``after_step(step)`` runs after each step's checkpoint (e.g. an in-phase evaluation).
+        examples); ``after_step(step)`` runs after each step's checkpoint (e.g. an in-phase evaluation), and for the
+        step a resumed phase starts from (it skips what it recorded).
         """
         if not examples:
             raise ValueError(f"examples: phase {phase.name!r} has no prompt within {phase.max_input_tokens} tokens")
@@ -482,6 +483,8 @@ class GRPOTrainer:
             sampler.load_state_dict(state["sampler"])
             self.aepo_mode = state.get("aepo_mode", self.aepo_mode)
             self._sync_engine()  # an engine with its own copy still holds the weights the phase started from
+            if after_step is not None:  # a run killed between the checkpoint and what follows it (an evaluation)
+                after_step(step)
         history = []
         stage = f"rl/{phase.name}"
         with tqdm(total=steps, initial=step, desc=f"rl {phase.name}", unit="step", dynamic_ncols=True,
