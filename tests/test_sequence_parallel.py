@@ -426,3 +426,25 @@ def test_context_sum_reduces_on_the_context_device(monkeypatch):
     ctx = context.DistributedContext(rank=0, world_size=2, device=device)
     with pytest.raises(Reduced):
         ctx.sum({"loss": 1.5, "tokens": 7.0})
+
+
+def test_token_gather_runs_on_a_torch_without_all_gather_single(monkeypatch):
+    """``all_gather_single`` is torch 2.13's name for ``all_gather_into_tensor``; the package supports torch 2.8 on,
+    where only the old name exists (every SP step raised AttributeError there). A one-process gloo group runs the
+    gather both ways, and the gradient keeps the rank's own slice."""
+    from qwenlong.kernels.sequence_parallel.comm import _AllGatherTokens
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for drop_new_name in (False, True):
+            if drop_new_name:
+                monkeypatch.delattr(dist, "all_gather_single", raising=False)
+            x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+            out = _AllGatherTokens.apply(x, None)
+            torch.testing.assert_close(out, x, rtol=0, atol=0)
+            grad = torch.randn_like(out)
+            out.backward(grad)
+            torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()

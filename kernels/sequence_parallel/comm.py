@@ -88,8 +88,10 @@ class _AllGatherTokens(torch.autograd.Function):
         ctx.group = group
         world = group_size(group)
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        # torch 2.13 renamed all_gather_into_tensor (now its deprecated alias) all_gather_single; older ones lack it
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         with _collective("all_gather", group):
-            dist.all_gather_single(out, x.contiguous(), group=group)
+            gather(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
