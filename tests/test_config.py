@@ -113,9 +113,11 @@ def with_change(path: str, value):
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        ("rl.clip_hi", 0.3, r"^rl\.clip_hi: unknown key"),
-        ("rl.phases.1.max_input", 10, r"^rl\.phases\.1\.max_input: unknown key"),
-        ("sdf", {}, r"^sdf: unknown key"),
+        ("rl.clip_hi", 0.3, r"^rl\.clip_hi: unknown key \(did you mean rl\.clip_high\? allowed: "),
+        ("rl.phases.1.max_input", 10,
+         r"^rl\.phases\.1\.max_input: unknown key \(did you mean rl\.phases\.1\.max_input_tokens\? allowed: "),
+        ("sdf", {}, r"^sdf: unknown key \(did you mean sft\? allowed: "),
+        ("zzz", {}, r"^zzz: unknown key \(allowed: "),  # nothing close: no guess
         ("rl.phases.0.max_input_tokens", "20K", r"^rl\.phases\.0\.max_input_tokens: expected int, got str"),
         ("rl.group_size", 8.5, r"^rl\.group_size: expected int, got float"),
         ("rl.group_size", True, r"^rl\.group_size: expected int, got bool"),

@@ -9,6 +9,7 @@ can be built. Every error is a ``ConfigError`` whose message starts with the key
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Mapping
@@ -97,7 +98,9 @@ def build_dataclass(cls: type, value: Any, path: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in value:
         if key not in fields:
-            raise ConfigError(f"{prefix}{key}: unknown key (allowed: {', '.join(fields)})")
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f"did you mean {prefix}{close[0]}? " if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown key ({hint}allowed: {', '.join(fields)})")
     kwargs = {key: _build(hints[key], item, f"{prefix}{key}") for key, item in value.items()}
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
