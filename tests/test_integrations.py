@@ -137,6 +137,74 @@ def test_apply_qwenlong_without_fused_loss_returns_hf_loss():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_deepcopy_of_a_patched_model_runs_its_own_weights():
+    """A copy of a patched model (a reference / EMA model made by deepcopy, as TRL's create_reference_model does)
+    runs the copy's weights on every path, the plain forward and generate included, not the original's."""
+    original = apply_qwenlong(_tiny_model("qwen2"))
+    clone = copy.deepcopy(original)
+    with torch.no_grad():
+        for param in clone.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    unpatched = copy.deepcopy(clone)
+    unpatched.forward = type(unpatched).forward.__get__(unpatched)  # the class forward on the clone's weights
+    unpatched.set_attn_implementation("sdpa")
+    input_ids, attention_mask, labels = _padded_batch()
+    real = attention_mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(clone(input_ids=input_ids, attention_mask=attention_mask).logits[real],
+                                   unpatched(input_ids=input_ids, attention_mask=attention_mask).logits[real],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(clone(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss,
+                                   unpatched(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss,
+                                   rtol=1e-5, atol=1e-6)
+        prompt = input_ids[:1, :5]
+        kwargs = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": 4, "do_sample": False}
+        assert torch.equal(clone.generate(prompt, **kwargs), unpatched.generate(prompt, **kwargs))
+
+
+def test_router_loss_asked_for_per_call_is_refused():
+    """output_router_logits=True passed to one call: transformers adds router_aux_loss_coef x the load-balancing
+    loss to the loss; the fused loss cannot, so it refuses rather than return the loss without that term."""
+    reference = _tiny_model("qwen3_moe", router_aux_loss_coef=0.5)
+    patched = apply_qwenlong(copy.deepcopy(reference))
+    input_ids, attention_mask, labels = _padded_batch()
+    assert reference(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                     output_router_logits=True).aux_loss > 0
+    for fused_loss in (True, False):
+        apply_qwenlong(patched, fused_loss=fused_loss)
+        with pytest.raises(ValueError, match="output_router_logits"):
+            patched(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_router_logits=True,
+                    return_last_hidden_state=not fused_loss)
+    # asked for without labels (no loss to add it to) or turned off: allowed
+    patched(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_router_logits=False)
+    patched(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
+
+
+def test_return_dict_false_gives_a_tuple_as_transformers_does():
+    """return_dict=False (per call, or in the config) makes transformers' forward return a tuple, loss first;
+    the patched forward does the same instead of failing on the backbone's tuple."""
+    reference = _tiny_model("llama")
+    patched = apply_qwenlong(copy.deepcopy(reference))
+    input_ids, attention_mask, labels = _padded_batch()
+    expected = reference(input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=False)
+    assert isinstance(expected, tuple)
+    got = patched(input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=False)
+    assert isinstance(got, tuple)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    hidden = patched(input_ids=input_ids, attention_mask=attention_mask, return_last_hidden_state=True,
+                     use_cache=False, return_dict=False)
+    assert isinstance(hidden, tuple) and hidden[0].shape == (*input_ids.shape, reference.config.hidden_size)
+    patched.config.return_dict = False
+    got = patched(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert isinstance(got, tuple)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-6)
+    targets = torch.nn.functional.pad(input_ids[:, 1:], (0, 1), value=-100)
+    reference.config.return_dict = True
+    patched_on_dict = apply_qwenlong(copy.deepcopy(reference))
+    torch.testing.assert_close(token_logprobs(patched, input_ids, None, targets),  # token_logprobs needs no dict
+                               token_logprobs(patched_on_dict, input_ids, None, targets), rtol=0, atol=0)
+
+
 def test_token_logprobs_on_a_packed_row_match_each_sequence_alone():
     """Two sequences packed in one row (positions restart) give each sequence's own log-probs and entropies."""
     reference = _tiny_model("qwen2")

@@ -247,3 +247,16 @@ def test_sft_logs_the_learning_rate_its_step_used(tmp_path):
     assert logged == pytest.approx(used)
     # warm-up from 1/4 of the rate, then the cosine from the full rate
     assert logged[:5] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+
+
+def test_a_policy_whose_config_returns_tuples_trains_alike(tmp_path):
+    """A checkpoint's config may say ``return_dict: false`` (the decoder then returns tuples): the trainers read
+    the decoder's hidden states by name, so they ask for its output object (it crashed on a tuple)."""
+    cfg = SFTConfig(steps=2, lr=1e-3, token_budget=48, max_seq_len=64)
+    losses = {}
+    for return_dict in (True, False):
+        model = tiny_model(seed=4)
+        model.config.return_dict = return_dict
+        trainer = SFTTrainer(model, random_pairs(12, seed=6), cfg, output_dir=tmp_path / str(return_dict))
+        losses[return_dict] = [metrics["loss"] for metrics in trainer.train()]
+    assert losses[False] == losses[True]

@@ -64,7 +64,9 @@ class FusedCausalLMOutput(ModelOutput):
 
     loss: the causal-LM loss when labels were given; last_hidden_state: ``(batch, length, d)``
     when asked for with ``return_last_hidden_state=True``; cache / hidden_states / attentions
-    as the backbone returned them.
+    as the backbone returned them. With ``return_dict=False`` (per call or in the config) the
+    forward returns its ``to_tuple()`` instead, as transformers does: loss first when there is one.
+    A forward given labels refuses ``output_router_logits=True`` (see :func:`check_no_router_loss`).
     """
 
     loss: torch.Tensor | None = None
@@ -133,9 +135,23 @@ def _causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     return share if sequence_parallel_group is None else all_reduce_sum(share, sequence_parallel_group)
 
 
-def _patched_forward(original_forward, fused_loss: bool, sequence_parallel_group=None):
+def _check_no_router_loss_in_call(model: torch.nn.Module, kwargs: dict) -> None:
+    """The per-call form of :func:`check_no_router_loss`: ``output_router_logits=True`` passed to a forward given
+    labels makes transformers add the router's load-balancing loss, which our loss would drop."""
+    asked = kwargs.get("output_router_logits")
+    if asked is None:
+        asked = getattr(model.config, "output_router_logits", False)
+    if asked:
+        raise ValueError(f"output_router_logits=True: {type(model).__name__}'s loss would include the router's "
+                         "load-balancing loss, which a qwenlong-patched forward does not add; pass "
+                         "output_router_logits=False (or call the forward without labels)")
+
+
+def _patched_forward(fused_loss: bool, sequence_parallel_group=None):
     def forward(self, *args, labels=None, shift_labels=None, num_items_in_batch=None, return_last_hidden_state=False,
                 **kwargs):
+        # looked up on the instance, never captured: a deepcopy of the model rebinds it to the copy
+        original_forward = getattr(self, _ORIGINAL_FORWARD)
         if sequence_parallel_group is not None:
             if labels is not None:
                 raise ValueError("labels: a sequence-parallel rank holds a shard of the row, so labels shifted inside "
@@ -148,8 +164,14 @@ def _patched_forward(original_forward, fused_loss: bool, sequence_parallel_group
             return original_forward(*args, **{k: v for k, v in extra.items() if v is not None}, **kwargs)
         if len(args) > 5:
             raise ValueError("labels and later arguments must be passed by keyword to a qwenlong-patched forward")
+        if labels is not None or shift_labels is not None:
+            _check_no_router_loss_in_call(self, kwargs)
         kwargs.pop("logits_to_keep", None)  # no logits are made in this mode
-        outputs = getattr(self, self.base_model_prefix)(*args, **kwargs)
+        # transformers' can_return_tuple: per call, else the config's; the backbone always returns its dataclass
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        outputs = getattr(self, self.base_model_prefix)(*args, return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
         loss = None
         if wants_loss:
@@ -159,10 +181,11 @@ def _patched_forward(original_forward, fused_loss: bool, sequence_parallel_group
             logits = self.get_output_embeddings()(hidden)
             loss = self.loss_function(logits=logits, labels=labels, shift_labels=shift_labels,
                                       vocab_size=logits.shape[-1], num_items_in_batch=num_items_in_batch)
-        return FusedCausalLMOutput(
+        output = FusedCausalLMOutput(
             loss=loss, last_hidden_state=hidden, cache=getattr(outputs, "cache", None),
             hidden_states=outputs.hidden_states, attentions=outputs.attentions,
         )
+        return output if return_dict else output.to_tuple()
 
     return forward
 
@@ -196,7 +219,7 @@ def apply_qwenlong(model: torch.nn.Module, *, attention: bool = True, fused_loss
     original = getattr(model, _ORIGINAL_FORWARD, model.forward)
     setattr(model, _ORIGINAL_FORWARD, original)
     # keep the class forward's signature: generate() validates its model kwargs against it
-    forward = functools.wraps(type(model).forward)(_patched_forward(original, fused_loss, sequence_parallel_group))
+    forward = functools.wraps(type(model).forward)(_patched_forward(fused_loss, sequence_parallel_group))
     model.forward = types.MethodType(forward, model)
     return model
 
@@ -235,7 +258,7 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids
             model, weight, group, input_ids, position_ids, targets, temperature, return_entropy, ignore_index)
     hidden = model(input_ids=_as_rows(input_ids), position_ids=_as_rows(position_ids),
                    attention_mask=_as_rows(attention_mask),
-                   use_cache=False, return_last_hidden_state=True).last_hidden_state
+                   use_cache=False, return_last_hidden_state=True, return_dict=True).last_hidden_state
     result = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight, targets.reshape(-1),
                              temperature, return_entropy=return_entropy, ignore_index=ignore_index)
     if return_entropy:

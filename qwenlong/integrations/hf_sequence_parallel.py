@@ -119,7 +119,7 @@ class SequenceParallelCausalLM(nn.Module):
                              f"{tuple(input_ids.shape)} and {tuple(position_ids.shape)}")
         outputs = self.model.base_model(
             input_ids=input_ids[None], position_ids=position_ids[None], use_cache=False,
-            sp_group=self.group, cu_seq_lens_q=cu_seqlens, max_length_q=max_seqlen,
+            sp_group=self.group, cu_seq_lens_q=cu_seqlens, max_length_q=max_seqlen, return_dict=True,
         )
         return outputs.last_hidden_state[0]
 
@@ -232,7 +232,7 @@ def sequence_parallel_token_logprobs(model: torch.nn.Module, weight: torch.Tenso
                                position_ids=position_ids, labels=_packed_row("targets", targets))
     hidden = model(input_ids=shard["input_ids"][None], position_ids=shard["position_ids"][None],
                    cu_seq_lens_q=shard.cu_seqlens, max_length_q=shard.max_seqlen, use_cache=False,
-                   return_last_hidden_state=True).last_hidden_state[0]
+                   return_last_hidden_state=True, return_dict=True).last_hidden_state[0]
     result = sp_linear_logprobs(hidden.to(weight.dtype), weight, shard["labels"], group, num_tokens=shard.num_tokens,
                                 temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index)
     if return_entropy:

@@ -85,7 +85,7 @@ class QwenlongActor(Actor):
         valid = attention_mask.bool()
         positions = attention_mask.long().cumsum(-1) - 1
         hidden = self.model(input_ids=sequences[valid][None], position_ids=positions[valid][None], use_cache=False,
-                            return_last_hidden_state=True).last_hidden_state[0]
+                            return_last_hidden_state=True, return_dict=True).last_hidden_state[0]
         weight = lm_head_weight(self.model)
         if weight.dim() != 2 or weight.numel() == 0:
             raise ValueError("QwenlongActor: the LM head weight is partitioned (ZeRO-3); the fused log-probs need it "

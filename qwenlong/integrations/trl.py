@@ -146,7 +146,7 @@ class QwenlongGRPOTrainer(GRPOTrainer):
         attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
         with self.accelerator.autocast():
             hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                           return_last_hidden_state=True).last_hidden_state
+                           return_last_hidden_state=True, return_dict=True).last_hidden_state
         # position t predicts token t + 1: the completion is predicted by the positions just before it
         hidden = hidden[:, -completion_ids.shape[1] - 1 : -1]
         selected = mask.bool()

@@ -120,7 +120,8 @@ def forward_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     attention) recognise the sequence boundaries of a packed row.
     """
     decoder = getattr(model, model.base_model_prefix)
-    out = decoder(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False)
+    out = decoder(input_ids=batch.input_ids[None], position_ids=batch.position_ids[None], use_cache=False,
+                  return_dict=True)  # a config with return_dict: false would give a tuple
     return out.last_hidden_state[0]
 
 
