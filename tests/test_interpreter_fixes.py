@@ -293,3 +293,25 @@ def test_one_element_blocks_index_whatever_their_rank():
     for data in (np.array(7), np.array([7], dtype=np.int32), np.array([[7]], dtype=np.int64)):
         block = SimpleNamespace(handle=SimpleNamespace(data=data))
         assert attrs["__index__"](block) == 7 and isinstance(attrs["__index__"](block), int)
+
+
+def test_one_element_block_index_fix_takes_triton_3_4s_one_argument_patch():
+    """Triton 3.4 / 3.5 call ``_patch_lang_tensor(tensor)`` (3.6 added the patch scope): the package supports
+    3.4 on, and the fix's two-argument wrapper made the first interpreted kernel raise a TypeError there."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from qwenlong.kernels.utils.interpreter import _with_scalar_index
+
+    patched_by_triton = []
+
+    class Tensor:
+        pass
+
+    _with_scalar_index(lambda tensor: patched_by_triton.append(tensor))(Tensor)
+    assert patched_by_triton == [Tensor]
+    block = Tensor()
+    for data in (np.array(5), np.array([5], dtype=np.int32), np.array([[5]], dtype=np.int64)):
+        block.handle = SimpleNamespace(data=data)
+        assert block.__index__() == 5 and isinstance(block.__index__(), int)

@@ -448,3 +448,26 @@ def test_token_gather_runs_on_a_torch_without_all_gather_single(monkeypatch):
             torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
+
+
+def test_all_to_all_runs_where_gloo_has_no_list_form(monkeypatch):
+    """gloo gained the list-form ``all_to_all`` in torch 2.12 (older ones raise 'Backend gloo does not support
+    alltoall'; the package supports 2.8 on): the exchange goes through ``all_to_all_single``. A one-process gloo
+    group runs it, forward and backward, with the list form made to fail as old gloo does."""
+    from qwenlong.kernels.sequence_parallel.comm import _AllToAll
+
+    def old_gloo(*args, **kwargs):
+        raise RuntimeError("Backend gloo does not support alltoall")
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "all_to_all", old_gloo)
+        x = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
+        out = _AllToAll.apply(x, None, 1, 0)  # one rank: every chunk comes back to it
+        torch.testing.assert_close(out, x, rtol=0, atol=0)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()

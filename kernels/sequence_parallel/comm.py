@@ -55,11 +55,14 @@ def _all_to_all(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     world = group_size(group)
     if x.shape[scatter_dim] % world != 0:
         raise ValueError(f"all_to_all: x.shape[{scatter_dim}]={x.shape[scatter_dim]} is not divisible by the group size {world}")
-    sends = [chunk.contiguous() for chunk in x.chunk(world, dim=scatter_dim)]
-    receives = [torch.empty_like(chunk) for chunk in sends]
+    chunks = x.chunk(world, dim=scatter_dim)
+    # one flat buffer, chunk j for rank j: all_to_all_single runs on every backend (gloo's list-form all_to_all
+    # arrived in torch 2.12, and the package supports 2.8 on)
+    send = torch.cat([chunk.reshape(-1) for chunk in chunks])
+    receive = torch.empty_like(send)
     with _collective("all_to_all", group):
-        dist.all_to_all(receives, sends, group=group)
-    return torch.cat(receives, dim=gather_dim)
+        dist.all_to_all_single(receive, send, group=group)
+    return torch.cat(receive.view(world, *chunks[0].shape).unbind(0), dim=gather_dim)
 
 
 class _AllToAll(torch.autograd.Function):

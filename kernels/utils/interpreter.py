@@ -189,10 +189,17 @@ def _with_scalar_index(patch_tensor):
     takes ``int()`` of the raw array, which numpy 2.4 refuses for a 1-d array (a loop bound computed in a kernel,
     ``range(start, end, BLOCK)``, failed with 'only 0-dimensional arrays can be converted to Python scalars')."""
 
+    def index(self):
+        return int(self.handle.data.reshape(()))
+
     @functools.wraps(patch_tensor)
-    def patched(tensor, scope):
+    def patched(tensor, scope=None):
+        if scope is None:  # Triton 3.4 / 3.5: _patch_lang_tensor(tensor) sets the attributes itself
+            patch_tensor(tensor)
+            tensor.__index__ = index
+            return
         patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+        scope.set_attr(tensor, "__index__", index)
 
     return patched
 
