@@ -667,7 +667,8 @@ def test_fp16_gradients_in_forward_under_a_loss_scale(backend, scale, device):
     hidden, weight, targets = make_inputs(20, 16, 130, torch.float32, seed=97, device=device)
     hidden = (hidden.detach() * 2**-16).half().requires_grad_()
     weight = (weight.detach() * 2**-16).half().requires_grad_()
-    loss = linear_cross_entropy(hidden, weight, targets, grad_in_forward=True)
+    with pytest.warns(UserWarning, match="fp16 inputs with gradients made in the forward"):
+        loss = linear_cross_entropy(hidden, weight, targets, grad_in_forward=True)
     grads = torch.autograd.grad(loss * scale, (hidden, weight))
     exact = [t.detach().double().requires_grad_() for t in (hidden, weight)]
     ref = reference_linear_cross_entropy(*exact, targets, ignore_index=IGNORE)
@@ -676,6 +677,24 @@ def test_fp16_gradients_in_forward_under_a_loss_scale(backend, scale, device):
     for name, got, want in zip(("hidden", "weight"), grads, ref_grads, strict=True):
         assert got.dtype == torch.float16 and torch.isfinite(got).all(), name
         assert relative_error(got, want) < 2e-3, name
+
+
+def test_fp16_gradients_in_forward_warn_of_their_precision(backend, device):
+    """The logit gradients made in the forward come before any loss scale (about p / T_valid each) and the GEMMs
+    take them in the inputs' dtype: fp16 flushes most of a large vocabulary's to zero. A warning says so, for fp16
+    only, and only where gradients are made (bf16 has fp32's range; an evaluation makes none)."""
+    import warnings
+
+    hidden, weight, targets = make_inputs(8, 16, 40, torch.float32, seed=96, device=device)
+    for dtype, warns in ((torch.float16, True), (torch.bfloat16, False), (torch.float32, False)):
+        h, w = (t.detach().to(dtype).requires_grad_() for t in (hidden, weight))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            linear_cross_entropy(h, w, targets, grad_in_forward=True)
+            with torch.no_grad():
+                linear_cross_entropy(h, w, targets, grad_in_forward=True)
+        messages = [str(c.message) for c in caught if "gradients made in the forward" in str(c.message)]
+        assert len(messages) == warns, (dtype, messages)
 
 
 def _double_backward(make_loss, inputs):

@@ -166,6 +166,12 @@ def test_gradients_in_forward_through_the_extension(dtype, monkeypatch):
         h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
         loss = linear_cross_entropy(h, w, targets, label_smoothing=0.1, grad_in_forward=True)
         results[backend] = (loss, *torch.autograd.grad(loss * 2.0, (h, w)))
+    # the gradients are small (max |d hidden| ~2e-4, |d weight| ~2e-3: the mean over ~6,300 valid rows), so an absolute
+    # 2e-3 would pass zeros: atol is a share of the largest expected entry. The extension rounds dz to the inputs'
+    # dtype: emulated on CPU that costs 0.17% of the largest entry in bf16, 2.7% in fp16 (2/3 of dz's entries, ~1e-8,
+    # flush to 0 in fp16 before the loss scale is applied: a known precision limit of fp16 gradients in the forward)
+    share = {torch.bfloat16: 1e-2, torch.float16: 6e-2}[dtype]
     for name, got, expected in zip(("loss", "hidden", "weight"), results["cuda"], results["torch"], strict=True):
         assert got.dtype == expected.dtype, name
-        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-3, msg=name)
+        atol = 2e-3 if name == "loss" else share * expected.float().abs().max().item()
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=atol, msg=name)

@@ -62,7 +62,7 @@ void rotary_packed_(torch::Tensor x, const torch::Tensor& position_ids, const to
   TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat32 && inv_freq.is_contiguous() &&
                   inv_freq.numel() == head_dim / 2 && inv_freq.device() == x.device(),
               "inv_freq must be contiguous fp32 with head_dim / 2 entries on x's device");
-  if (total == 0 || x.size(1) == 0) return;
+  if (x.numel() == 0) return;  // also head_dim 0: threads_x would be 0 and 256 / threads_x divide by zero
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int half = static_cast<int>(head_dim / 2);
