@@ -786,3 +786,42 @@ def test_cuda_backend_without_the_extension_says_it_is_not_built(monkeypatch):
     monkeypatch.setattr(_C, "cuda", types.SimpleNamespace())
     with pytest.raises(RuntimeError, match="built without the log-prob ops"):
         linear_logprobs(**good)
+
+
+def test_triton_functions_launch_with_their_tensors_gpu_current(monkeypatch):
+    """Triton launches on the current device: a tensor on another GPU (one process driving a model spread over GPUs)
+    was read from the wrong one. Every Triton autograd Function's forward and backward makes its tensors' GPU
+    current (the first tensor argument's, else the saved tensors'); CPU tensors change nothing."""
+    from types import SimpleNamespace
+
+    from qwenlong.kernels.attention.varlen import TritonVarlenAttention
+    from qwenlong.kernels.logprobs.linear_logprobs import _TritonFusedLoss, _TritonLinearStats
+    from qwenlong.kernels.utils.autograd import on_tensor_device
+
+    entered = []
+
+    class Current:  # stands in for torch.cuda.device: records the device made current
+        def __init__(self, device):
+            entered.append(torch.device(device))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class OnSecondGPU(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "device", Current)
+    gpu_tensor = torch.zeros(2).as_subclass(OnSecondGPU)
+    method = on_tensor_device(lambda ctx, *args: len(args))
+    assert method(None, None, gpu_tensor, 3) == 3 and entered == [torch.device("cuda", 1)]
+    assert method(SimpleNamespace(saved_tensors=(None, gpu_tensor)), None, None) == 2  # a backward given no tensor
+    assert entered == [torch.device("cuda", 1)] * 2
+    assert method(None, torch.zeros(2)) == 1 and len(entered) == 2  # CPU: nothing made current
+    for function in (TritonVarlenAttention, _TritonLinearStats, _TritonFusedLoss):
+        for name in ("forward", "backward"):
+            assert getattr(getattr(function, name), "launches_on_tensor_device", False), (function.__name__, name)

@@ -93,7 +93,7 @@ import triton
 import triton.language as tl
 
 from ..backend import select_backend, tile_table
-from ..utils.autograd import once_differentiable
+from ..utils.autograd import on_tensor_device, once_differentiable
 from ..utils.checks import check_cu_seqlens, check_dim, check_same_device, check_tensor
 from ..utils.descriptors import ensure_scratch_allocator
 from .blockwise import BlockwiseAttention
@@ -774,6 +774,7 @@ class TritonVarlenAttention(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, out and lse; the backward recomputes the probabilities."""
 
     @staticmethod
+    @on_tensor_device
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window_left, window_right, deterministic):
         window = (window_left, window_right)
         out, lse = _triton_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, plan, scale, window)
@@ -784,6 +785,7 @@ class TritonVarlenAttention(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable("varlen_attention")
+    @on_tensor_device
     def backward(ctx, do, dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         if do is None:  # a loss of lse alone

@@ -65,7 +65,7 @@ import triton
 import triton.language as tl
 
 from ..backend import requested_backend, select_backend, tile_table
-from ..utils.autograd import once_differentiable, token_loss_gradients
+from ..utils.autograd import on_tensor_device, once_differentiable, token_loss_gradients
 from ..utils.checks import FLOAT_DTYPES, check_same_device, check_tensor, tensor_checks_enabled
 from ..utils.descriptors import ensure_scratch_allocator
 from . import chunked, cuda_backend
@@ -585,7 +585,7 @@ class HostCount:
             self._host = torch.empty(count.shape, dtype=count.dtype, pin_memory=True)
             self._host.copy_(count, non_blocking=True)
             self._ready = torch.cuda.Event()
-            self._ready.record()
+            self._ready.record(torch.cuda.current_stream(count.device))  # the copy's stream, on the count's GPU
         else:
             self._host = count
 
@@ -605,6 +605,7 @@ class _TritonLinearStats(torch.autograd.Function):
     responses' chunks, not of every chunk of T."""
 
     @staticmethod
+    @on_tensor_device
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp):
         order, num_valid = compact_rows(targets, ignore_index)
         ctx.valid_rows = HostCount(num_valid)
@@ -616,6 +617,7 @@ class _TritonLinearStats(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable(LM_HEAD_OPS)
+    @on_tensor_device
     def backward(ctx, grad_logp, grad_entropy, grad_mean_logp):
         hidden, weight, targets, order, num_valid, lse, entropy = ctx.saved_tensors
         chunk_rows = _chunk_rows(hidden.shape[0], TOKEN_CHUNK, _config_for(hidden))
@@ -651,6 +653,7 @@ class _TritonFusedLoss(torch.autograd.Function):
     """
 
     @staticmethod
+    @on_tensor_device
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, with_entropy, with_mean_logp, token_loss):
         num_tokens, vocab = hidden.shape[0], weight.shape[0]
         order, num_valid = compact_rows(targets, ignore_index)
@@ -702,6 +705,7 @@ class _TritonFusedLoss(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable(LM_HEAD_OPS)
+    @on_tensor_device
     def backward(ctx, grad_loss, *_):
         return (*scaled_gradients(ctx, grad_loss), None, None, None, None, None, None)
 

@@ -10,6 +10,8 @@ inputs are the incoming gradients and the saved tensors that require grad (the F
 backward through those reaches it. A Function that saved none of its inputs raises at once under
 ``create_graph=True``. A plain backward is untouched.
 
+``on_tensor_device``: runs a Triton Function's forward or backward with its tensors' GPU current.
+
 ``token_loss_gradients``: a chunk's loss and its gradient with respect to per-token statistics, for the ops that
 make their gradients in the forward.
 """
@@ -19,6 +21,26 @@ from __future__ import annotations
 import functools
 
 import torch
+
+
+def on_tensor_device(method):
+    """Decorator of an autograd Function's ``forward`` / ``backward`` that launches Triton kernels: they run with
+    the GPU of the first tensor argument (else of the saved tensors) current. Triton launches on the current
+    device and its stream, so a tensor on another GPU (one process driving a model spread over GPUs, as
+    ``device_map`` does) would be read from the wrong device; torchrun ranks set theirs and are unaffected."""
+
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)] or [
+            t for t in getattr(ctx, "saved_tensors", ()) if t is not None]
+        device = tensors[0].device if tensors else None
+        if device is None or device.type != "cuda":
+            return method(ctx, *args)
+        with torch.cuda.device(device):
+            return method(ctx, *args)
+
+    wrapper.launches_on_tensor_device = True
+    return wrapper
 
 
 def once_differentiable(op: str):
