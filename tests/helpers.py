@@ -1,4 +1,5 @@
-"""Helpers shared by several test files: gloo process groups on CPU, tiny Hugging Face models, the xdist worker count.
+"""Helpers shared by several test files: gloo process groups on CPU, ranks as threads, tiny Hugging Face models,
+the learning rates an optimizer stepped with, the xdist worker count.
 
 Plain functions, not fixtures (those live in ``conftest.py``): a module that the ranks of a process group
 import by name. ``torch.multiprocessing`` pickles a rank's entry point by reference, so the entry point
@@ -11,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
@@ -130,3 +132,37 @@ def assert_sft_step_matches_reference(trainer, model: torch.nn.Module, reference
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad.to(p.grad.dtype), rtol=1e-4, atol=1e-6, msg=name)
 
+
+def run_rank_threads(world: int, rank_main: Callable[[int, Callable], None], timeout_s: float = 60) -> None:
+    """``rank_main(rank, gather)`` on ``world`` threads, ``gather(obj)`` returning every rank's ``obj`` in rank
+    order (an all-gather, as a rank's context gives): for code that takes a gather function, no process group."""
+    slots, barrier = [None] * world, threading.Barrier(world)
+
+    def gather_for(rank: int) -> Callable:
+        def gather(obj):
+            slots[rank] = obj
+            barrier.wait()
+            out = list(slots)
+            barrier.wait()
+            return out
+
+        return gather
+
+    threads = [threading.Thread(target=rank_main, args=(rank, gather_for(rank))) for rank in range(world)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout_s)
+
+
+def record_learning_rates(optimizer: torch.optim.Optimizer) -> list[float]:
+    """The learning rate of each ``optimizer.step()`` from now on, as the step used it (its first group's)."""
+    used = []
+    real_step = optimizer.step
+
+    def step(*args, **kwargs):
+        used.append(optimizer.param_groups[0]["lr"])
+        return real_step(*args, **kwargs)
+
+    optimizer.step = step
+    return used

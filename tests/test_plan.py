@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import run_rank_threads
 
 from qwenlong.config import load_config
 from qwenlong.plan import make_plan, model_shape, rollout_placement
@@ -331,31 +331,20 @@ class RecordingEngine(RolloutEngine):
 def test_placed_engines_spread_prompts_over_engines_not_sp_ranks():
     world, tp, sp = 32, 4, 8
     placement = rollout_placement(world, tp, sp)
-    barrier, slots, results = threading.Barrier(world), [None] * world, [None] * world
+    results = [None] * world
     engines = [RecordingEngine() for _ in range(world)]
     # the trainer's hand-out: SP rank 0 of each data-parallel group holds prompts d::dp_size, the others none
     prompts = [[i, i + 1000] for i in range(40)]
     dp = world // sp
 
-    def rank_main(rank):
-        def gather(obj):
-            slots[rank] = obj
-            barrier.wait()
-            out = list(slots)
-            barrier.wait()
-            return out
-
+    def rank_main(rank, gather):
         mine = prompts[rank // sp::dp] if rank % sp == 0 else []
         reported = []
         engine = PlacedEngine(engines[rank], placement, rank, gather)
         groups = engine.generate(mine, SamplingParams(max_new_tokens=4, n=2), lambda i, g: reported.append(i))
         results[rank] = (mine, groups, reported)
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_rank_threads(world, rank_main)
     for mine, groups, reported in results:
         assert [g[0].token_ids for g in groups] == [list(reversed(p)) for p in mine] and len(groups) == len(mine)
         assert all(len(g) == 2 for g in groups) and reported == list(range(len(mine)))

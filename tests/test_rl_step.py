@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import tiny_causal_lm  # noqa: E402
+from helpers import record_learning_rates, tiny_causal_lm  # noqa: E402
 
 from qwenlong.config import RLConfig  # noqa: E402
 from qwenlong.curriculum import Phase  # noqa: E402
@@ -149,14 +149,7 @@ def test_a_step_logs_the_mean_learning_rate_its_updates_used(tmp_path):
     trainer = GRPOTrainer(model, engine=None, reward=None, cfg=cfg, decode=str, output_dir=tmp_path)
     trainer.backend.start(lr=cfg.lr, weight_decay=0.0, total_steps=12, warmup_steps=6, schedule="cosine",
                           grad_clip=1.0)
-    used = []
-    real_step = trainer.backend.optimizer.step
-
-    def step(*args, **kwargs):
-        used.append(trainer.backend.optimizer.param_groups[0]["lr"])
-        return real_step(*args, **kwargs)
-
-    trainer.backend.optimizer.step = step
+    used = record_learning_rates(trainer.backend.optimizer)
     logged = [trainer.update(groups)["lr"] for _ in range(2)]
     assert len(used) == 6 and used[:3] == pytest.approx([cfg.lr / 6, 2 * cfg.lr / 6, 3 * cfg.lr / 6])
     assert logged == pytest.approx([sum(used[:3]) / 3, sum(used[3:]) / 3])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import tiny_causal_lm
+from helpers import run_rank_threads, tiny_causal_lm
 
 from qwenlong.rollout import Completion, HFGenerateEngine, RolloutEngine, SamplingParams, logprob_mismatch
 
@@ -350,32 +350,19 @@ def test_placed_engines_give_identical_prompts_their_own_samples():
     """The memory agent's group is G identical prompts in one seeded call; placed over engines (every
     num_engines-th pooled prompt to each), copies land on several engines at the same position: they must still
     sample independently, or the group's trajectories repeat each other."""
-    import threading
-
     from qwenlong.plan.placement import rollout_placement
     from qwenlong.rollout.colocated import PlacedEngine
 
     world = 2
     placement = rollout_placement(world, 1)
-    slots, barrier, results = [None] * world, threading.Barrier(world), [None] * world
+    results = [None] * world
 
-    def rank_main(rank):
-        def gather(obj):
-            slots[rank] = obj
-            barrier.wait()
-            out = list(slots)
-            barrier.wait()
-            return out
-
+    def rank_main(rank, gather):
         engine = PlacedEngine(PositionSeededEngine(), placement, rank, gather)
         prompts = [[10 + rank, 11]] * 4  # one query's group of 4 on each rank
         results[rank] = engine.generate(prompts, SamplingParams(max_new_tokens=6, n=2, seed=9))
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    run_rank_threads(world, rank_main)
     for groups in results:
         samples = [tuple(c.token_ids) for g in groups for c in g]
         assert len(samples) == 8 and len(set(samples)) == 8

@@ -7,6 +7,7 @@ Process start-up dominates the cost, so each group runs many checks.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
@@ -434,20 +435,11 @@ def test_token_gather_runs_on_a_torch_without_all_gather_single(monkeypatch):
     gather both ways, and the gradient keeps the rank's own slice."""
     from qwenlong.kernels.sequence_parallel.comm import _AllGatherTokens
 
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    with one_process_group():
         for drop_new_name in (False, True):
             if drop_new_name:
                 monkeypatch.delattr(dist, "all_gather_single", raising=False)
-            x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-            out = _AllGatherTokens.apply(x, None)
-            torch.testing.assert_close(out, x, rtol=0, atol=0)
-            grad = torch.randn_like(out)
-            out.backward(grad)
-            torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
-    finally:
-        dist.destroy_process_group()
+            assert_identity_collective(lambda x: _AllGatherTokens.apply(x, None), (5, 3))
 
 
 def test_all_to_all_runs_where_gloo_has_no_list_form(monkeypatch):
@@ -459,15 +451,27 @@ def test_all_to_all_runs_where_gloo_has_no_list_form(monkeypatch):
     def old_gloo(*args, **kwargs):
         raise RuntimeError("Backend gloo does not support alltoall")
 
+    with one_process_group():
+        monkeypatch.setattr(dist, "all_to_all", old_gloo)
+        assert_identity_collective(lambda x: _AllToAll.apply(x, None, 1, 0), (6, 4, 3))  # every chunk comes back
+
+
+@contextlib.contextmanager
+def one_process_group():
+    """A gloo group of this process alone (its collectives run, a rank's share is the whole), destroyed after."""
     assert not dist.is_initialized()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        monkeypatch.setattr(dist, "all_to_all", old_gloo)
-        x = torch.randn(6, 4, 3, dtype=torch.float64, requires_grad=True)
-        out = _AllToAll.apply(x, None, 1, 0)  # one rank: every chunk comes back to it
-        torch.testing.assert_close(out, x, rtol=0, atol=0)
-        grad = torch.randn_like(out)
-        out.backward(grad)
-        torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def assert_identity_collective(collective, shape) -> None:
+    """On one rank a collective gives its input back, and its backward the incoming gradient."""
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    out = collective(x)
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import assert_sft_step_matches_reference, tiny_causal_lm  # noqa: E402
+from helpers import assert_sft_step_matches_reference, record_learning_rates, tiny_causal_lm  # noqa: E402
 
 from qwenlong.config import RLConfig, SFTConfig  # noqa: E402
 from qwenlong.curriculum import Phase  # noqa: E402
@@ -235,14 +235,7 @@ def test_sft_logs_the_learning_rate_its_step_used(tmp_path):
     """A step's logged ``lr`` is the one its update used (it was the next step's: warm-up looked a step ahead)."""
     cfg = SFTConfig(steps=6, lr=1e-3, token_budget=48, max_seq_len=64, warmup_steps=4, lr_schedule="cosine")
     trainer = SFTTrainer(tiny_model(), random_pairs(20, seed=5), cfg, output_dir=tmp_path)
-    used = []
-    real_step = trainer.backend.optimizer.step
-
-    def step(*args, **kwargs):
-        used.append(trainer.backend.optimizer.param_groups[0]["lr"])
-        return real_step(*args, **kwargs)
-
-    trainer.backend.optimizer.step = step
+    used = record_learning_rates(trainer.backend.optimizer)
     logged = [metrics["lr"] for metrics in trainer.train()]
     assert logged == pytest.approx(used)
     # warm-up from 1/4 of the rate, then the cosine from the full rate
