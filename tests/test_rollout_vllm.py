@@ -205,23 +205,35 @@ def test_eos_ends_a_completion_as_in_hf_generate(engine, policy):
     assert got[0][0].token_ids[-1] == eos and got[0][0].finish_reason == "stop"
 
 
-def test_end_of_sequence_ids_given_to_the_engine_end_completions_as_in_hf_generate(policy):
+def test_end_of_sequence_ids_given_to_the_engine_end_completions_as_in_hf_generate(tmp_path):
     """The pipeline gives both engines the same end-of-sequence ids (the tokenizer's EOS and ``<|im_end|>``);
     vLLM had only the model folder's generation config, so a chat turn's end that the config does not name
-    (a base model's) ran on to the length limit under vLLM while HF generate stopped there."""
-    folder, model, tokenizer = policy
+    (a base model's) ran on to the length limit under vLLM while HF generate stopped there. A second engine,
+    so in a process of its own (vLLM keeps process-wide state that this module's engine needs)."""
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_rollout_vllm as t; " \
+           f"t.check_end_of_sequence_ids({str(tmp_path)!r})"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def check_end_of_sequence_ids(folder: str) -> None:
+    """An engine given an end-of-sequence id the folder's generation config lacks ends there, as HF generate given
+    the same ids does (tokens, finish reasons, the id kept as the last token). Run in a process of its own."""
+    tokenizer = train_demo_tokenizer([f"the quick brown fox {i} jumps over the lazy dog" for i in range(50)],
+                                     vocab_size=300)
+    model = tiny_qwen2(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     free = hf_engine(model, tokenizer).generate(PROMPTS, SamplingParams(max_new_tokens=12, temperature=0.0))
     tokens = free[0][0].token_ids
     turn_end = next(t for i, t in enumerate(tokens) if i >= 3 and t not in tokens[:i])  # not in the config
     eos_ids = [tokenizer.eos_token_id, turn_end]
     reference = HFGenerateEngine(model, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id)
     params = SamplingParams(max_new_tokens=12, temperature=0.0)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"))
-        env.setattr(torch, "set_num_threads", torch.set_num_threads)
-        engine = VLLMEngine(str(folder), dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
-                            kv_cache_memory_bytes=32 << 20, eos_token_id=eos_ids)
-        got = engine.generate(PROMPTS, params)
+    engine = VLLMEngine(folder, dtype="float32", max_model_len=512, enforce_eager=True, seed=0,
+                        kv_cache_memory_bytes=32 << 20, eos_token_id=eos_ids)
+    got = engine.generate(PROMPTS, params)
     assert_same_completions(got, reference.generate(PROMPTS, params), model, PROMPTS, 1.0)
     assert got[0][0].token_ids[-1] == turn_end and got[0][0].finish_reason == "stop"
 
