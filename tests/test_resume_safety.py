@@ -121,7 +121,14 @@ def test_resume_refuses_identity_changes_and_missing_folders(tmp_path):
     write_json(tmp_path / "pipeline.json", {"done": ["sft"], "evals": {}, "carried": {}})
     # what the run learns from is fixed; how it is run and logged may change
     same = load_config(TINY, [f"output.dir={tmp_path}", "output.save_every_steps=7", "model.attention=sdpa"])
-    assert open_run_record(same, tmp_path, resume=True)["done"] == ["sft"]
+    said = []
+    assert open_run_record(same, tmp_path, resume=True, say=said.append)["done"] == ["sft"]
+    # the settings that differ are named (they apply from the resumed point on); none: nothing is said
+    assert said == ["--resume: settings that differ from the run's apply from here on: model.attention: "
+                    f"{cfg.model.attention!r} -> 'sdpa'; output.save_every_steps: {cfg.output.save_every_steps} -> 7"]
+    said.clear()
+    open_run_record(cfg, tmp_path, resume=True, say=said.append)
+    assert said == []
     other = load_config(TINY, [f"output.dir={tmp_path}", "seed=5", "data.synthetic.num_train=9",
                                "model.tiny.hidden_size=32"])
     with pytest.raises(ConfigError, match=r"--resume: .*seed: 0 -> 5; model.tiny.hidden_size: \d+ -> 32; "

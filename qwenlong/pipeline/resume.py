@@ -3,9 +3,11 @@
 A run folder holds its resolved ``config.yaml`` and ``pipeline.json`` (finished stages, evaluations, the
 last stage's checkpoint). ``--resume`` continues that run: a folder that does not exist or holds no run is
 an error, and so are overrides that would make it a different run (another seed, other data, another
-model), since the checkpoints it continues from were trained on what the folder's config says. Settings
-that do not change what is learned (output, logging, attention kernel, gradient checkpointing, the
-number of steps) may differ.
+model), since the checkpoints it continues from were trained on what the folder's config says; so is, for a
+phase resumed from its checkpoint, a change of its prompt list (``qwenlong.pipeline.run``). Other
+settings may differ (output, logging, kernels, step counts, and learning settings such as a lower
+``rl.lr`` after a divergence): they apply from the resumed point on, each one named on resume, and
+the folder's ``config.yaml`` is rewritten with them.
 
 Checkpoint paths are stored relative to the run folder, so a run folder that was moved or copied
 elsewhere resumes from its own checkpoints.
@@ -14,6 +16,7 @@ elsewhere resumes from its own checkpoints.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +44,25 @@ def _under(path: str, key: str) -> bool:
     return path == key or path.startswith(key + ".")
 
 
-def identity_changes(saved: dict, cfg: Config) -> list[str]:
-    """``key: saved -> new`` for each identity setting (``IDENTITY_KEYS``) on which ``cfg`` differs from the
-    run folder's saved config. A key that only one of them has (an older or newer schema) is not compared."""
+def setting_changes(saved: dict, cfg: Config, identity: bool = True) -> list[str]:
+    """``key: saved -> new`` for each setting on which ``cfg`` differs from the run folder's saved config: the
+    identity settings (``IDENTITY_KEYS``), or with ``identity=False`` all the others. A key that only one of
+    them has (an older or newer schema) is not compared."""
     old, new = _leaves(saved, ""), _leaves(config_to_dict(cfg), "")
     return [f"{key}: {old[key]!r} -> {new[key]!r}" for key in new
-            if key in old and any(_under(key, k) for k in IDENTITY_KEYS) and old[key] != new[key]]
+            if key in old and any(_under(key, k) for k in IDENTITY_KEYS) == identity and old[key] != new[key]]
 
 
-def open_run_record(cfg: Config, run_dir: str | Path, resume: bool) -> dict[str, Any]:
+def identity_changes(saved: dict, cfg: Config) -> list[str]:
+    """``setting_changes`` of the identity settings: what ``--resume`` refuses."""
+    return setting_changes(saved, cfg, identity=True)
+
+
+def open_run_record(cfg: Config, run_dir: str | Path, resume: bool,
+                    say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The run's record (``pipeline.json``) to continue, or a fresh one; raises when the folder cannot be
     started (``resume`` False and it holds a run) or resumed (``resume`` True and it holds no run, or
-    ``cfg`` changes the run's identity)."""
+    ``cfg`` changes the run's identity). ``say`` gets one line naming the other settings a resume changes."""
     run_dir = Path(run_dir)
     record_path = run_dir / RECORD_FILE
     if not resume:
@@ -74,6 +84,9 @@ def open_run_record(cfg: Config, run_dir: str | Path, resume: bool) -> dict[str,
     if changes:
         raise ConfigError(f"--resume: the overrides change what run {run_dir} is ({'; '.join(changes)}); "
                           "resume with its own settings or start a new run in another output.dir")
+    others = setting_changes(saved if isinstance(saved, dict) else {}, cfg, identity=False)
+    if others and say is not None:
+        say(f"--resume: settings that differ from the run's apply from here on: {'; '.join(others)}")
     if not record_path.exists():  # killed during the first stage: its checkpoints are all there is
         return {"done": [], "evals": {}, "carried": {}}
     record = read_json(record_path)

@@ -12,6 +12,7 @@ report) while the others wait at barriers.
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,8 @@ class Run:
         self.ctx = init_distributed(cfg.distributed)
         self.dir = Path(cfg.output.dir)
         self.state_path = self.dir / "pipeline.json"
-        self.state: dict[str, Any] = open_run_record(cfg, self.dir, resume)
+        self.state: dict[str, Any] = open_run_record(
+            cfg, self.dir, resume, say=(lambda line: print(line, file=sys.stderr)) if self.ctx.is_main else None)
         self.ctx.barrier()  # every rank has read the folder before rank 0 writes to it
         if self.ctx.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
