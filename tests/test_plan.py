@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import run_rank_threads
 
 from qwenlong.config import load_config
@@ -366,6 +367,22 @@ def test_sleep_between_rollouts_releases_and_takes_back():
     engine.generate([[3]], params)
     assert inner.calls == ["generate", "sleep(1)", "wake_up(weights)", "update_weights",
                            "wake_up(kv_cache)", "generate", "sleep(1)"]
+
+
+def test_sleep_between_rollouts_empties_the_trainers_cache_before_each_wake_up(monkeypatch):
+    """On a GPU the trainer's freed blocks stay reserved by PyTorch's caching allocator, which vLLM's wake-up
+    (its own allocations, outside that allocator) cannot use: without emptying the cache first it runs out of
+    memory however much the trainer has freed."""
+    inner = RecordingEngine()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: inner.calls.append("empty_cache"))
+    engine = SleepBetweenRollouts(inner)
+    params = SamplingParams(max_new_tokens=2)
+    engine.generate([[1, 2]], params)
+    engine.update_weights(iter([]))
+    engine.generate([[3]], params)
+    assert inner.calls == ["generate", "sleep(1)", "empty_cache", "wake_up(weights)", "update_weights",
+                           "empty_cache", "wake_up(kv_cache)", "generate", "sleep(1)"]
 
 
 def test_sleep_setting_decides_the_wrapping(caplog):

@@ -366,3 +366,55 @@ def test_placed_engines_give_identical_prompts_their_own_samples():
     for groups in results:
         samples = [tuple(c.token_ids) for g in groups for c in g]
         assert len(samples) == 8 and len(set(samples)) == 8
+
+
+def fake_vllm(monkeypatch) -> dict:
+    """A stand-in ``vllm`` whose ``LLM`` records the keyword arguments it was built with."""
+    import types
+
+    made: dict = {}
+
+    class LLM:
+        def __init__(self, **kwargs):
+            made.update(kwargs)
+            self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=None))
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
+    return made
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vllm_engines_of_a_gpu_world_sit_on_their_own_gpus(monkeypatch, tp):
+    """Under torchrun on GPUs every rank builds its own engine, which must sit on the rank's GPU (LOCAL_RANK).
+    vLLM's one-process executor takes the device index from its device config ("cuda": index 0), so every
+    rank of a TP-1 world would put its engine on GPU 0 (and make GPU 0 the rank's current device); only the
+    external launcher reads LOCAL_RANK."""
+    from qwenlong.rollout.vllm_engine import VLLMEngine
+
+    made = fake_vllm(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    VLLMEngine("some/model", tensor_parallel_size=tp)
+    assert made["distributed_executor_backend"] == "external_launcher"
+    VLLMEngine("some/model", tensor_parallel_size=tp, distributed_executor_backend="mp")  # the caller's choice
+    assert made["distributed_executor_backend"] == "mp"
+
+
+def test_vllm_engine_of_one_process_keeps_vllms_executor(monkeypatch):
+    """One process keeps vLLM's own executor; on CPU so does a TP-1 engine of a world (the CPU build's executor,
+    as the two-process vLLM pipeline test runs it), while a TP slice of ranks takes the external launcher."""
+    from qwenlong.rollout.vllm_engine import VLLMEngine
+
+    made = fake_vllm(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    VLLMEngine("some/model")
+    assert "distributed_executor_backend" not in made
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    VLLMEngine("some/model")
+    assert "distributed_executor_backend" not in made
+    VLLMEngine("some/model", tensor_parallel_size=2)
+    assert made["distributed_executor_backend"] == "external_launcher"

@@ -136,7 +136,9 @@ class DeepSpeedBackend(TrainingBackend):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if not self.zero3:
-            return {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+            # copies (the tensors are views of DeepSpeed's flat buffers), on the CPU: a clone on the GPU would be
+            # a second whole model there, on top of the partitions, gradients and rank 0's share of optimizer state
+            return {name: t.detach().to("cpu", copy=True) for name, t in self.model.state_dict().items()}
         return self._gathered_state_dict(keep=True)
 
     def main_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -343,9 +345,8 @@ def load_pretrained_partitioned(name: str, *, dtype: torch.dtype, attn_implement
     deepspeed = import_deepspeed()
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
     ds_config = deepspeed_config(cfg, grad_clip=0.0, bf16=dtype == torch.bfloat16)
-    # no random init: it would write into parameters already partitioned, and the checkpoint replaces it.
-    # zero.Init takes the dtype from the config's bf16 flag (an explicit dtype= is mangled on CPU)
-    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+    # no random init: it would write into parameters already partitioned, and the checkpoint replaces it
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=zero_init_dtype(dtype)):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(name), dtype=dtype,
                                                  attn_implementation=attn_implementation)
     model.tie_weights()  # skipped with the init, as from_pretrained ties after loading
@@ -359,6 +360,17 @@ def load_pretrained_partitioned(name: str, *, dtype: torch.dtype, attn_implement
     except ValueError as error:
         raise ValueError(f"model.name: {name}: {error}") from None
     return model
+
+
+def zero_init_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The ``dtype=`` for ``deepspeed.zero.Init`` that creates the parameters in ``dtype``. Given None it takes the
+    config's (bfloat16 with bf16 enabled, float16 with fp16, else float32: a float16 model would become float32,
+    twice its memory, as our config has no fp16 section). An explicit dtype is honoured only where the accelerator
+    has fp16 (zero.Init reads ``dtype or float16 if is_fp16_supported() else bfloat16 ...``), as CUDA's has;
+    elsewhere (DeepSpeed's CPU accelerator) it would become bfloat16, so there the config decides."""
+    from deepspeed.accelerator import get_accelerator
+
+    return dtype if get_accelerator().is_fp16_supported() else None
 
 
 @contextmanager

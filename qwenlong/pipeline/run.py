@@ -158,8 +158,6 @@ def build_engine(run: Run) -> RolloutEngine:
         sleep = sleep_between_phases(rollout.sleep_between_phases, "vllm", torch.cuda.is_available())
         kv_bytes = rollout.kv_cache_memory_bytes
         kwargs = {} if kv_bytes is None else {"kv_cache_memory_bytes": kv_bytes}
-        if ctx.world_size > 1 and rollout.tensor_parallel_size > 1:
-            kwargs["distributed_executor_backend"] = "external_launcher"
         engine = VLLMEngine(str(save_policy_folder(run)), tensor_parallel_size=rollout.tensor_parallel_size,
                             gpu_memory_utilization=rollout.gpu_memory_utilization, dtype=run.cfg.model.dtype,
                             seed=run.cfg.seed, sleep_mode=sleep, eos_token_id=build.eos_ids(run.tokenizer), **kwargs)

@@ -9,7 +9,7 @@ prompts' groups. So an SP group of 8 ranks on TP-4 engines runs two engines, not
 
 ``SleepBetweenRollouts``: vLLM's sleep mode (level 1: weights to CPU, KV cache dropped) after each
 ``generate``; new weights are loaded into the woken weights only, and the KV cache comes back just
-before the next ``generate``.
+before the next ``generate``. Each wake-up first empties PyTorch's cache of the memory the trainer freed.
 """
 
 from __future__ import annotations
@@ -73,6 +73,10 @@ class SleepBetweenRollouts(RolloutEngine):
     def _wake(self, *tags: str) -> None:
         tags = tuple(tag for tag in tags if tag in self.asleep)
         if tags:
+            if torch.cuda.is_available():
+                # the blocks the trainer freed stay reserved by PyTorch's caching allocator, out of reach of
+                # vLLM's own allocations: without this, waking up runs out of GPU memory
+                torch.cuda.empty_cache()
             self.engine.wake_up(tags=list(tags))
             self.asleep -= set(tags)
 

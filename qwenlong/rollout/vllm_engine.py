@@ -81,6 +81,14 @@ class VLLMEngine(RolloutEngine):
         engine_kwargs.setdefault("logprobs_mode", "processed_logprobs")
         if sleep_mode:
             engine_kwargs["enable_sleep_mode"] = True
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if world > 1 and (tensor_parallel_size > 1 or torch.cuda.is_available()):
+            # every rank of a torchrun world builds its engine (a TP slice of ranks, one engine, a worker per rank),
+            # which must sit on the rank's GPU: vLLM's one-process executor takes the device index from its device
+            # config ("cuda": GPU 0 on every rank, which it also makes the rank's current device) and its
+            # multiprocessing one starts workers on GPUs 0..tp-1; the external launcher uses LOCAL_RANK. (On CPU
+            # a TP-1 engine keeps vLLM's own executor, as tested with the CPU build.)
+            engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
         self.llm = vllm.LLM(
             model=model,
             tensor_parallel_size=tensor_parallel_size,
