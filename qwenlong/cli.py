@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sub.parse_intermixed_args(argv[1:])
     try:
         return int(getattr(module, runner)(args) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's choice, not a crash: one line, the shell's status for SIGINT
+        hint = (" (checkpoints so far are kept: the same command with --resume continues from the newest)"
+                if argv[0] in ("pipeline", "sft", "rl") else "")
+        print(f"qwenlong {argv[0]}: interrupted{hint}", file=sys.stderr)
+        return 130
     except (ValueError, RuntimeError) as error:
         # a bad config, data file or run folder is the user's to fix: one line naming it (the key path, the
         # file and row), exit status 2 as for bad arguments; any other error keeps its traceback

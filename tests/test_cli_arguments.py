@@ -292,3 +292,35 @@ def test_eval_max_new_tokens_given_is_used_default_otherwise(tmp_path, monkeypat
         with pytest.raises(Built):
             main(["eval", "--synthetic", "1", "--out", str(tmp_path / "out"), *extra])
     assert budgets == [5, 32]
+
+
+def _stub_stage(monkeypatch, tmp_path, stage: str, outcome) -> None:
+    """``qwenlong <stage>`` with the config load and the stage itself replaced (no model, no data)."""
+    import types
+
+    import qwenlong.pipeline.commands as commands
+    import qwenlong.pipeline.run as run_module
+
+    monkeypatch.setattr(commands, "_load", lambda args: object())
+
+    def fake(cfg, resume=False):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return types.SimpleNamespace(dir=tmp_path, ctx=types.SimpleNamespace(is_main=True))
+
+    monkeypatch.setattr(run_module, f"run_{stage}", fake)
+
+
+@pytest.mark.parametrize("stage", ["pipeline", "sft", "rl"])
+def test_ctrl_c_is_one_line_naming_resume_not_a_traceback(stage, tmp_path, monkeypatch, capsys):
+    _stub_stage(monkeypatch, tmp_path, stage, KeyboardInterrupt())
+    assert main([stage, "--config", "x.yaml"]) == 130
+    error = capsys.readouterr().err
+    assert error.startswith(f"qwenlong {stage}: interrupted") and "--resume" in error and error.count("\n") == 1, error
+
+
+@pytest.mark.parametrize("stage", ["sft", "rl"])
+def test_a_stage_says_where_its_results_are(stage, tmp_path, monkeypatch, capsys):
+    _stub_stage(monkeypatch, tmp_path, stage, None)
+    assert main([stage, "--config", "x.yaml"]) == 0
+    assert f"run folder: {tmp_path}" in capsys.readouterr().out

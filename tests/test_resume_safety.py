@@ -231,3 +231,23 @@ def test_a_new_run_into_a_folder_killed_in_its_first_stage_is_refused(tmp_path):
         open_run_record(cfg, tmp_path, resume=False)
     (tmp_path / "fresh").mkdir()  # an empty folder (made beforehand, say) is no run
     assert open_run_record(cfg, tmp_path / "fresh", resume=False)["done"] == []
+
+
+def test_a_run_that_stopped_at_bad_data_before_any_step_can_be_started_again(tmp_path, capsys):
+    """A run that failed on its data file had written its config and nothing else: a new run with the corrected
+    file was refused ('already holds a run'), and --resume refused the changed data, so the user had to delete
+    the folder. A config alone is no run; one with logged steps (or a checkpoint) still is."""
+    from qwenlong.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a", "document": "d", "data_source": "musique"}\n{"question": \n')
+    out = tmp_path / "run"
+    command = ["sft", "--config", TINY, "--no-plan-check", f"output.dir={out}", "sft.steps=1"]
+    assert main([*command, f"data.train_files=[{bad}]"]) == 2
+    assert "bad.jsonl: line 2: invalid JSON" in capsys.readouterr().err
+    assert (out / "config.yaml").is_file()
+    cfg = load_config(TINY, [f"output.dir={out}"])
+    assert open_run_record(cfg, out, resume=False)["done"] == []  # the corrected command may start here
+    (out / "metrics.jsonl").write_text('{"stage": "sft", "step": 1}\n')
+    with pytest.raises(ConfigError, match=r"output.dir: .* already holds a run; pass --resume"):
+        open_run_record(cfg, out, resume=False)

@@ -39,12 +39,16 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
 def run_sft_command(args: argparse.Namespace) -> int:
     from qwenlong.pipeline.run import run_sft
 
-    run_sft(_load(args), resume=args.resume)
+    run = run_sft(_load(args), resume=args.resume)
+    if run.ctx.is_main:  # where its checkpoints, exports and evaluations are
+        print(f"run folder: {run.dir} (checkpoints/, export/, eval/)")
     return 0
 
 
 def run_rl_command(args: argparse.Namespace) -> int:
     from qwenlong.pipeline.run import run_rl
 
-    run_rl(_load(args), resume=args.resume)
+    run = run_rl(_load(args), resume=args.resume)
+    if run.ctx.is_main:  # where its checkpoints, exports and evaluations are
+        print(f"run folder: {run.dir} (checkpoints/, export/, eval/)")
     return 0

@@ -391,7 +391,8 @@ def evaluate_run(args: argparse.Namespace) -> int:
         rows.append(f"| {name} | {report.average:.1f} | {'' if reported is None else f'{reported:.1f} ({label})'} |")
         print(f"{name}:\n{report.to_markdown()}")
     print("| model | accuracy (%) | the run's report |\n|---|---|---|\n" + "\n".join(rows))
-    print(f"wrote {out_root}/<model>/results.json, results.md, predictions.jsonl")
+    folders = ", ".join(str(out_root / name) for name, _ in models)
+    print(f"wrote results.json, results.md and predictions.jsonl in {folders}")
     return 0
 
 

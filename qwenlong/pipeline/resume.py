@@ -58,6 +58,17 @@ def identity_changes(saved: dict, cfg: Config) -> list[str]:
     return setting_changes(saved, cfg, identity=True)
 
 
+def _trained_before_its_record(run_dir: Path) -> bool:
+    """A run killed in its first stage: its config and what it trained (logged steps, checkpoints) but no record
+    yet; ``--resume`` continues it, so a new run may not write over it. A config alone (a run that stopped at a
+    bad data file before any step) is not one: the corrected command starts afresh in the folder."""
+    if not (run_dir / CONFIG_FILE).exists():
+        return False
+    checkpoints = run_dir / "checkpoints"
+    metrics = run_dir / "metrics.jsonl"
+    return (metrics.is_file() and metrics.stat().st_size > 0) or (checkpoints.is_dir() and any(checkpoints.iterdir()))
+
+
 def open_run_record(cfg: Config, run_dir: str | Path, resume: bool,
                     say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The run's record (``pipeline.json``) to continue, or a fresh one; raises when the folder cannot be
@@ -66,8 +77,7 @@ def open_run_record(cfg: Config, run_dir: str | Path, resume: bool,
     run_dir = Path(run_dir)
     record_path = run_dir / RECORD_FILE
     if not resume:
-        # a run killed in its first stage has its config but no record yet: --resume continues it, so it is a run
-        if record_path.exists() or (run_dir / CONFIG_FILE).exists():
+        if record_path.exists() or _trained_before_its_record(run_dir):
             raise ConfigError(f"output.dir: {run_dir} already holds a run; pass --resume or pick another dir")
         return {"done": [], "evals": {}, "carried": {}}
     if not run_dir.is_dir():
