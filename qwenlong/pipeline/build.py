@@ -65,14 +65,13 @@ def load_split(cfg: Config, split: str, tokenizer: Any = None) -> list[DocQAReco
                 if record.id in where:
                     raise DataError(f"data.{split}_files: id {record.id!r} is in {where[record.id]} and in {path}: "
                                     "give every row its own id (extra_info.id in verl rows)")
-                where[record.id] = path
-                records.append(record)
-        if split != "eval":  # a source no reward scores (MRCR's similarity) fails at the first step, not here
-            for record in records:
-                if rule_kind(record.data_source) is RuleKind.SIMILARITY:
+                # a source no reward scores (MRCR's similarity) would fail at the first step, not here
+                if split != "eval" and rule_kind(record.data_source) is RuleKind.SIMILARITY:
                     raise DataError(f"data.{split}_files: record {record.id!r} of data source "
                                     f"{record.data_source!r} is scored by evaluation only (no reward rule): "
                                     "leave it out of training data")
+                where[record.id] = path
+                records.append(record)
         return records
     if cfg.data.synthetic is None:
         raise ValueError(f"data: no {split} files and no synthetic data configured")

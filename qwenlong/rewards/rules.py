@@ -192,27 +192,22 @@ def _golds(kind: RuleKind, ground_truth: str | float | Sequence[str | float]) ->
     return parsed
 
 
-def check_golds(kind: RuleKind, ground_truth: Any, num_choices: int = 0) -> None:
-    """A ValueError (``answer: ...``) when the rule of ``kind`` cannot read the gold answers (it would raise at
-    the first score, mid-run), or, for a multiple-choice item with ``num_choices`` options, when a gold letter
-    names none of them (no response could ever score)."""
+def check_record_answers(record: DocQARecord) -> None:
+    """A ValueError (``answer: ...``) when the record's rule cannot read its gold answers (it would raise at the
+    first score, mid-run), or, for a multiple-choice record, when a gold letter names none of its options (no
+    response could ever score): what training data loads with (``load_records(check=...)``)."""
+    kind = rule_kind(record.data_source)
+    if kind is RuleKind.SIMILARITY:  # MRCR: scored by evaluation against its prefix, not by a rule
+        return
     try:
-        golds = _golds(kind, ground_truth)
+        golds = _golds(kind, record.answers)
     except ValueError as e:
         raise ValueError(f"answer: {str(e).removeprefix('ground_truth: ')}") from None
-    if kind is RuleKind.CHOICE and num_choices:
-        last = chr(ord("A") + num_choices - 1)
+    if kind is RuleKind.CHOICE and record.choices:
+        last = chr(ord("A") + len(record.choices) - 1)
         for letter in golds:
             if not "A" <= letter <= last:
-                raise ValueError(f"answer: {letter!r} names none of the {num_choices} options (A-{last})")
-
-
-def check_record_answers(record: DocQARecord) -> None:
-    """``check_golds`` for a record (its data source's rule, its options): what training data loads with
-    (``load_records(check=...)``), so that a gold the reward cannot score is a row error, not a mid-run crash."""
-    kind = rule_kind(record.data_source)
-    if kind is not RuleKind.SIMILARITY:  # MRCR: scored by evaluation against its prefix, not by a rule
-        check_golds(kind, record.answers, len(record.choices))
+                raise ValueError(f"answer: {letter!r} names none of the {len(record.choices)} options (A-{last})")
 
 
 def _score(kind: RuleKind, segment: str, golds: list, config: RuleConfig) -> RuleResult:

@@ -170,7 +170,7 @@ def write_checkpoint(folder: Path, model_state: dict, optimizer_state: dict | No
     torch.save({"optimizer": optimizer_state, "scheduler": scheduler_state, "rng": rng_state()},
                folder / TRAINER_FILE)
     order = 1 + max((save_order(p)[0] for p in folder.parent.iterdir() if p != folder and p.is_dir()), default=0)
-    write_text(folder / ORDER_FILE, str(order))
+    (folder / ORDER_FILE).write_text(str(order), encoding="utf-8")  # the staging folder is committed whole, synced
     write_json(folder / STATE_FILE, state)
 
 
